@@ -1,0 +1,108 @@
+"""The ``baton`` command: up, token, run, provision, migrate, model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from pathlib import Path
+
+SERVICES = ("gateway", "persister", "agent", "policy", "executor")
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from baton.up import Stack
+
+    return Stack(Path(args.data_dir), args.port).run()
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from baton.devtoken import make_token, secret_for
+
+    data_dir = Path(args.data_dir)
+    if not (data_dir / "jwt_secret").exists() and not args.create:
+        print(f"no secret in {data_dir}: run `baton up --data-dir {data_dir}` first", file=sys.stderr)
+        return 2
+    print(make_token(secret_for(data_dir), args.project, args.user, args.ttl))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"services.{args.service}.main")
+    module.main()
+    return 0
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from baton.provision import provision
+
+    for line in asyncio.run(
+        provision(
+            args.nats_url,
+            dedup_window_s=args.dedup_window,
+            replicas=args.replicas,
+            user=os.environ.get("BATON_NATS_USER", ""),
+            password=os.environ.get("BATON_NATS_PASSWORD", ""),
+        )
+    ):
+        print(line)
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from baton.migrate import migrate
+
+    applied = asyncio.run(migrate(args.database_url))
+    print("\n".join(f"applied {name}" for name in applied) or "schema up to date")
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from baton import offline_model
+
+    offline_model.main(args.rest)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baton", description="baton: a chat backend that never loses a message")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run everything on this machine")
+    up.add_argument("--port", type=int, default=8000, help="gateway HTTP port (0 = any free port)")
+    up.add_argument("--data-dir", default=".baton", help="where NATS, Postgres and secrets live")
+    up.set_defaults(func=_cmd_up)
+
+    tok = sub.add_parser("token", help="print a dev JWT for a data dir")
+    tok.add_argument("--data-dir", default=".baton")
+    tok.add_argument("--project", required=True)
+    tok.add_argument("--user", required=True)
+    tok.add_argument("--ttl", type=int, default=30 * 24 * 3600, help="seconds until it expires")
+    tok.add_argument("--create", action="store_true", help="create the secret if missing")
+    tok.set_defaults(func=_cmd_token)
+
+    run = sub.add_parser("run", help="run one service in the foreground")
+    run.add_argument("service", choices=SERVICES)
+    run.set_defaults(func=_cmd_run)
+
+    prov = sub.add_parser("provision", help="create streams, consumers and buckets")
+    prov.add_argument("--nats-url", default=os.environ.get("BATON_NATS_URL", "nats://127.0.0.1:4222"))
+    prov.add_argument("--dedup-window", type=float, default=120.0, help="seconds")
+    prov.add_argument("--replicas", type=int, default=1)
+    prov.set_defaults(func=_cmd_provision)
+
+    mig = sub.add_parser("migrate", help="apply database migrations")
+    mig.add_argument("--database-url", default=os.environ.get("BATON_DATABASE_URL", ""))
+    mig.set_defaults(func=_cmd_migrate)
+
+    model = sub.add_parser("model", help="run the offline Anthropic-compatible model server")
+    model.add_argument("rest", nargs=argparse.REMAINDER)
+    model.set_defaults(func=_cmd_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.func(args))

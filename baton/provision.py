@@ -1,0 +1,86 @@
+"""The admin step: create streams, consumers and buckets that services only bind to."""
+
+from __future__ import annotations
+
+import nats
+import nats.js.errors
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from shared import subjects
+
+DEFAULT_DEDUP_WINDOW_S = 120.0
+
+
+def stream_config(spec: subjects.StreamSpec, dedup_window_s: float, replicas: int) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.MEMORY if spec.memory else StorageType.FILE,
+        max_age=spec.max_age_s,
+        # The dedup window may not exceed max_age; ids older than it are the database's job.
+        duplicate_window=min(dedup_window_s, spec.max_age_s),
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+
+
+def consumer_config(spec: subjects.ConsumerSpec) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=spec.durable,
+        filter_subject=spec.filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait_s,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+    )
+
+
+async def provision(
+    nats_url: str,
+    dedup_window_s: float = DEFAULT_DEDUP_WINDOW_S,
+    replicas: int = 1,
+    user: str = "",
+    password: str = "",
+) -> list[str]:
+    """Create or update everything; safe to run again. Returns what it did, one line each."""
+    options: dict[str, object] = {"servers": [nats_url], "connect_timeout": 5}
+    if user:
+        options.update(user=user, password=password)
+    nc = await nats.connect(**options)  # type: ignore[arg-type]
+    done: list[str] = []
+    try:
+        js = nc.jetstream()
+        for spec in subjects.STREAMS:
+            cfg = stream_config(spec, dedup_window_s, replicas)
+            try:
+                await js.stream_info(spec.name)
+                await js.update_stream(cfg)
+                done.append(f"stream {spec.name} updated")
+            except nats.js.errors.NotFoundError:
+                await js.add_stream(cfg)
+                done.append(f"stream {spec.name} created")
+        for cspec in subjects.CONSUMERS:
+            await js.add_consumer(cspec.stream, consumer_config(cspec))
+            done.append(f"consumer {cspec.stream}/{cspec.durable} ready")
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=subjects.BUCKET_RUNS,
+                history=1,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            )
+        )
+        done.append(f"bucket {subjects.BUCKET_RUNS} ready")
+    finally:
+        await nc.close()
+    return done

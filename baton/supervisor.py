@@ -1,0 +1,144 @@
+"""Runs services as separate OS processes, restarts crashed ones with backoff, stops them by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+HEALTHY_AFTER_S = 30.0
+
+
+def service_env(
+    name: str,
+    *,
+    nats_url: str,
+    database_url: str,
+    metrics_port: int,
+    jwt_secret: str,
+    http_port: int = 0,
+    model_url: str = "",
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment one service process gets (everything else it reads has defaults)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "BATON_NATS_URL": nats_url,
+            "BATON_DATABASE_URL": database_url,
+            "BATON_METRICS_PORT": str(metrics_port),
+            "BATON_INSTANCE": name,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if name == "gateway":
+        env["GATEWAY_JWT_SECRET"] = jwt_secret
+        env["GATEWAY_HTTP_PORT"] = str(http_port)
+    if model_url:
+        # The offline model: the SDK reads these two, exactly as it would for the real API.
+        env["ANTHROPIC_BASE_URL"] = model_url
+        env["ANTHROPIC_API_KEY"] = env.get("ANTHROPIC_API_KEY") or "offline"
+    env.update(extra or {})
+    return env
+
+
+class Child:
+    """One supervised process; its pid is the only handle used to signal it."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self.next_start = 0.0
+
+    @classmethod
+    def service(cls, name: str, env: dict[str, str], log_dir: Path) -> Child:
+        return cls(name, [sys.executable, "-m", f"services.{name}"], env, log_dir / f"{name}.log")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # Own session: a terminal's Ctrl-C reaches the supervisor, which stops children in order.
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+
+class Supervisor:
+    """Keeps a set of children running until told to stop."""
+
+    def __init__(self, children: list[Child], say: Callable[[str], None] = print) -> None:
+        self.children = children
+        self.say = say
+        self.stopping = False
+
+    def start_all(self) -> None:
+        for child in self.children:
+            child.start()
+
+    def poll(self) -> None:
+        """Restart children that died, with a backoff that resets after a healthy stretch."""
+        now = time.monotonic()
+        for child in self.children:
+            code = child.exit_code()
+            if self.stopping or code is None:
+                continue
+            if child.next_start == 0.0:
+                ran = now - child.started_at
+                if ran > HEALTHY_AFTER_S:
+                    child.restarts = 0
+                delay = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
+                child.next_start = now + delay
+                self.say(f"{child.name} exited with code {code}; restarting in {delay:.1f}s")
+            elif now >= child.next_start:
+                child.restarts += 1
+                child.next_start = 0.0
+                child.start()
+                self.say(f"{child.name} restarted (pid {child.pid}, restart #{child.restarts})")
+
+    def stop_all(self, grace_s: float = 15.0) -> None:
+        """SIGTERM every child by pid, wait for the grace period, then SIGKILL what is left."""
+        self.stopping = True
+        for child in self.children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            if not child.wait(max(0.0, deadline - time.monotonic())):
+                self.say(f"{child.name} did not stop in {grace_s:.0f}s; killing pid {child.pid}")
+                child.signal(signal.SIGKILL)
+                child.wait(5.0)

@@ -1,0 +1,195 @@
+"""``baton up``: embedded NATS and Postgres, provisioning, migrations, five supervised services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+import asyncpg
+
+from baton import devtoken
+from baton.embedded import NatsServer, PostgresServer, free_port
+from baton.migrate import migrate
+from baton.provision import provision
+from baton.supervisor import Child, Supervisor, service_env
+
+SERVICES = ("persister", "policy", "agent", "executor", "gateway")
+DATABASE = "baton"
+
+
+async def ensure_database(admin_dsn: str, name: str) -> None:
+    con = await asyncpg.connect(admin_dsn)
+    try:
+        if not await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await con.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await con.close()
+
+
+def wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def say(line: str) -> None:
+    print(f"[baton] {line}", flush=True)
+
+
+class Stack:
+    """Everything on one machine, stopped in reverse order on SIGINT or SIGTERM."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port or free_port()
+        self.logs = self.data_dir / "logs"
+        self.stop_requested = False
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop_requested = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = devtoken.secret_for(self.data_dir)
+        nats = NatsServer(self.data_dir / "nats", log_file=self.logs / "nats.log")
+        pg = PostgresServer(self.data_dir / "postgres", log_file=self.logs / "postgres.log")
+        supervisor: Supervisor | None = None
+        model: Child | None = None
+        endpoints = self.data_dir / "endpoints.json"
+        try:
+            say(f"data dir {self.data_dir}")
+            nats.start()
+            say(f"NATS JetStream at {nats.url} (pid {nats.pid})")
+            pg.start()
+            say(f"Postgres at 127.0.0.1:{pg.port} (pid {pg.pid})")
+            asyncio.run(ensure_database(pg.dsn(), DATABASE))
+            dsn = pg.dsn(DATABASE)
+            for name in asyncio.run(migrate(dsn)):
+                say(f"migration {name} applied")
+            asyncio.run(provision(nats.url))
+            say("streams, consumers and buckets provisioned")
+
+            model_url = ""
+            if not os.environ.get("ANTHROPIC_API_KEY"):
+                model_port = free_port()
+                model_url = f"http://127.0.0.1:{model_port}"
+                model = Child(
+                    "offline-model",
+                    [sys.executable, "-m", "baton.offline_model", "--port", str(model_port)],
+                    dict(os.environ),
+                    self.logs / "offline-model.log",
+                )
+                model.start()
+                if not wait_http(f"{model_url}/healthz", 20):
+                    raise RuntimeError(f"offline model did not start; see {model.log_path}")
+                say(f"ANTHROPIC_API_KEY is not set: using the offline model at {model_url}")
+            else:
+                say("using the Anthropic API (ANTHROPIC_API_KEY is set)")
+
+            metrics = {name: free_port() for name in SERVICES}
+            children = [
+                Child.service(
+                    name,
+                    service_env(
+                        name,
+                        nats_url=nats.url,
+                        database_url=dsn,
+                        metrics_port=metrics[name],
+                        jwt_secret=secret,
+                        http_port=self.port,
+                        model_url=model_url,
+                    ),
+                    self.logs,
+                )
+                for name in SERVICES
+            ]
+            supervisor = Supervisor(children, say)
+            supervisor.start_all()
+            gateway = f"http://127.0.0.1:{self.port}"
+            if not wait_http(f"{gateway}/healthz", 30):
+                raise RuntimeError(f"gateway did not start; see {self.logs / 'gateway.log'}")
+            token = devtoken.make_token(secret, "demo", "alice")
+            info = {
+                "gateway": gateway,
+                "token": token,
+                "project": "demo",
+                "user": "alice",
+                "metrics": {n: f"http://127.0.0.1:{p}/metrics" for n, p in metrics.items()},
+                "nats": nats.url,
+                "database": dsn,
+                "model": model_url or "https://api.anthropic.com",
+                "pids": {c.name: c.pid for c in children},
+                "logs": str(self.logs),
+            }
+            endpoints.write_text(json.dumps(info, indent=2))
+            self._banner(info)
+            while not self.stop_requested:
+                supervisor.poll()
+                if model is not None and model.exit_code() is not None:
+                    say("offline model exited; restarting it")
+                    model.start()
+                time.sleep(0.2)
+            say("stopping")
+            return 0
+        except Exception as exc:
+            say(f"error: {exc}")
+            return 1
+        finally:
+            if supervisor is not None:
+                supervisor.stop_all()
+            if model is not None:
+                model.signal(signal.SIGTERM)
+                if not model.wait(5):
+                    model.signal(signal.SIGKILL)
+                    model.wait(5)
+            endpoints.unlink(missing_ok=True)
+            pg.stop()
+            nats.stop()
+            say("stopped; nothing left running")
+
+    def _banner(self, info: dict[str, object]) -> None:
+        gateway, token = info["gateway"], info["token"]
+        metrics = info["metrics"]
+        assert isinstance(metrics, dict)
+        print(
+            f"""
+baton is up.
+
+  gateway   {gateway}
+  token     {token}
+            (project "demo", user "alice"; more: baton token --data-dir {self.data_dir} --project P --user U)
+
+Try it:
+
+  curl -s -X POST {gateway}/api/chat \\
+    -H "Authorization: Bearer {token}" \\
+    -H "Content-Type: application/json" \\
+    -H "Idempotency-Key: $(date +%s%N)" \\
+    -d '{{"content": "Hello baton, what can you do?"}}'
+
+  # then, with the conversation_id it returns:
+  curl -s {gateway}/api/conversations/<conversation_id>/messages -H "Authorization: Bearer {token}"
+
+Metrics:
+"""
+            + "\n".join(f"  {name:<10}{url}" for name, url in metrics.items())
+            + f"\n\nEndpoints as JSON: {self.data_dir / 'endpoints.json'}\nLogs: {self.logs}\nCtrl-C stops everything.\n",
+            flush=True,
+        )

@@ -1,0 +1,5 @@
+"""Starts the agent: ``python -m services.agent``."""
+
+from services.agent.main import main
+
+main()

@@ -1,0 +1,19 @@
+"""Agent settings (env: AGENT_* or BATON_*; the SDK also reads ANTHROPIC_API_KEY/ANTHROPIC_BASE_URL)."""
+
+from __future__ import annotations
+
+from shared.config import BaseSettings, Secret, load
+
+
+class Settings(BaseSettings, kw_only=True, frozen=True):
+    model: str = "claude-haiku-4-5"
+    model_timeout_s: float = 10.0
+    max_tokens: int = 512
+    context_messages: int = 12
+    context_token_budget: int = 2000
+    anthropic_base_url: str = ""
+    anthropic_api_key: Secret = Secret("")
+
+
+def from_env() -> Settings:
+    return load(Settings, "AGENT")

@@ -1,0 +1,82 @@
+"""The agent's inbound edge: persisted user message → classification → agent.decision."""
+
+from __future__ import annotations
+
+import anthropic
+from nats.aio.msg import Msg
+
+from services.agent import core
+from services.agent.adapters import Classifier, History
+from services.agent.config import Settings
+from shared import messages as m
+from shared import subjects
+from shared.bus import Bus
+from shared.db import UNAVAILABLE
+from shared.metrics import ServiceMetrics
+
+
+class Handlers:
+    def __init__(
+        self,
+        bus: Bus,
+        history: History,
+        classifier: Classifier,
+        settings: Settings,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.bus = bus
+        self.history = history
+        self.classifier = classifier
+        self.settings = settings
+        self.fallbacks = metrics.counter(
+            "fallback_decisions_total", "Decisions made by rules instead of the model.", ("reason",)
+        )
+        self.model_seconds = metrics.histogram("model_seconds", "Classification call latency.")
+
+    async def user_message(self, e: m.UserMessagePersisted, _msg: Msg) -> str:
+        turns = await self._context(e)
+        transcript = core.render_transcript(
+            core.select_context(turns, self.settings.context_token_budget)
+        )
+        decision, reason = await self._classify(transcript)
+        if decision is None:
+            decision = core.fallback(e.content)
+            self.fallbacks.labels(reason.split(":")[0]).inc()
+        out = m.AgentDecision(
+            event_id=f"decision:{e.message_id}",
+            message_id=e.message_id,
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            causation_id=e.event_id,
+            user_id=e.user_id,
+            decision=decision,
+            fallback=bool(reason),
+            fallback_reason=reason[:500],
+        )
+        await self.bus.publish(
+            subjects.agent_decision(e.project_id, e.conversation_id), out, msg_id=out.event_id
+        )
+        return "fallback" if reason else "classified"
+
+    async def _context(self, e: m.UserMessagePersisted) -> list[core.Turn]:
+        try:
+            turns = await self.history.recent(
+                e.conversation_id, e.message_id, self.settings.context_messages
+            )
+        except UNAVAILABLE:
+            turns = []
+        # Degraded but moving: without history, the message itself is the context.
+        return turns or [core.Turn("user", e.content)]
+
+    async def _classify(self, transcript: str) -> tuple[m.Decision | None, str]:
+        try:
+            with self.model_seconds.time():
+                raw = await self.classifier.classify(transcript)
+        except anthropic.APIError as exc:
+            return None, f"model_error: {type(exc).__name__}"
+        if raw is None:
+            return None, "no_tool_use: model did not call the tool"
+        checked = core.validate(raw)
+        if isinstance(checked, str):
+            return None, f"invalid_output: {checked}"
+        return checked, ""

@@ -1,0 +1,101 @@
+"""What the executor talks to: the conversation read model (read-only) and the answer model."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anthropic
+import msgspec
+
+from services.executor import core
+from shared.messages import Usage
+
+HISTORY = """
+SELECT role, content FROM messages
+WHERE conversation_id = $1
+  AND seq <= (SELECT seq FROM messages WHERE id = $2)
+ORDER BY seq DESC
+LIMIT $3
+"""
+
+
+class History:
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def upto(self, conversation_id: str, message_id: str, limit: int) -> list[core.Turn]:
+        """The conversation as it stood at this message, oldest first."""
+        async with self.pool.acquire() as con:
+            rows = await con.fetch(HISTORY, uuid.UUID(conversation_id), uuid.UUID(message_id), limit)
+        return [core.Turn(r["role"], r["content"]) for r in reversed(rows)]
+
+
+class StreamOutcome(msgspec.Struct):
+    text: str
+    usage: Usage
+    stop_reason: str
+
+
+class StreamFailed(Exception):
+    """A model call that ended in an error, with what it had used until then."""
+
+    def __init__(self, cause: BaseException, usage: Usage) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.usage = usage
+
+
+class Model:
+    """Streams one answer; usage is tracked from the events so a cut stream still reports it."""
+
+    def __init__(self, client: anthropic.AsyncAnthropic) -> None:
+        self.client = client
+
+    async def stream(
+        self,
+        model: str,
+        system: list[dict[str, Any]],
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        on_text: Callable[[str], Awaitable[None]],
+    ) -> StreamOutcome:
+        counts = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0, "deltas": 0}
+        parts: list[str] = []
+        stop_reason = ""
+        try:
+            async with self.client.messages.stream(
+                model=model,
+                system=system,  # type: ignore[arg-type]
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+            ) as stream:
+                async for event in stream:
+                    if event.type == "message_start":
+                        u = event.message.usage
+                        counts["input"] = u.input_tokens
+                        counts["cache_read"] = u.cache_read_input_tokens or 0
+                        counts["cache_write"] = u.cache_creation_input_tokens or 0
+                        counts["output"] = u.output_tokens
+                    elif event.type == "content_block_delta" and event.delta.type == "text_delta":
+                        counts["deltas"] += 1
+                        parts.append(event.delta.text)
+                        await on_text(event.delta.text)
+                    elif event.type == "message_delta":
+                        counts["output"] = event.usage.output_tokens
+                        stop_reason = event.delta.stop_reason or ""
+        except Exception as exc:
+            # Tokens already streamed were generated and billed, even if the final count never came.
+            counts["output"] = max(counts["output"], counts["deltas"])
+            raise StreamFailed(exc, _usage(counts)) from exc
+        return StreamOutcome(text="".join(parts), usage=_usage(counts), stop_reason=stop_reason)
+
+
+def _usage(counts: dict[str, int]) -> Usage:
+    return Usage(
+        input_tokens=counts["input"],
+        output_tokens=counts["output"],
+        cache_read_tokens=counts["cache_read"],
+        cache_write_tokens=counts["cache_write"],
+    )

@@ -1,0 +1,21 @@
+"""Executor settings (env: EXECUTOR_* or BATON_*; the SDK also reads ANTHROPIC_API_KEY/ANTHROPIC_BASE_URL)."""
+
+from __future__ import annotations
+
+from shared.config import BaseSettings, Secret, load
+
+
+class Settings(BaseSettings, kw_only=True, frozen=True):
+    stall_timeout_s: float = 30.0
+    context_token_budget: int = 16000
+    context_messages: int = 50
+    coalesce_ms: float = 15.0
+    coalesce_chars: int = 48
+    system_prompt: str = "You are a helpful assistant. Answer clearly and concisely."
+    anthropic_base_url: str = ""
+    anthropic_api_key: Secret = Secret("")
+    concurrency: int = 32
+
+
+def from_env() -> Settings:
+    return load(Settings, "EXECUTOR")

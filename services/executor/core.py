@@ -1,0 +1,108 @@
+"""Pure executor logic: the prompt from history, delta coalescing, failure classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import msgspec
+
+from shared.messages import ErrorClass
+
+
+class Turn(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def build_messages(history: list[Turn], budget_tokens: int) -> list[dict[str, Any]]:
+    """Recent history that fits the budget, oldest dropped first, as alternating API turns.
+
+    The API wants turns that alternate and start with the user, so neighbours with the same
+    role are merged and a leading assistant turn is dropped.
+    """
+    kept: list[Turn] = []
+    used = 0
+    for turn in reversed(history):
+        cost = estimate_tokens(turn.content)
+        if kept and used + cost > budget_tokens:
+            break
+        kept.append(turn)
+        used += cost
+    kept.reverse()
+    merged: list[dict[str, Any]] = []
+    for turn in kept:
+        if merged and merged[-1]["role"] == turn.role:
+            merged[-1]["content"] += "\n\n" + turn.content
+        else:
+            merged.append({"role": turn.role, "content": turn.content})
+    while merged and merged[0]["role"] != "user":
+        merged.pop(0)
+    return merged
+
+
+def system_blocks(prompt: str) -> list[dict[str, Any]]:
+    """The stable prefix, marked for prompt caching so long conversations cost less."""
+    return [{"type": "text", "text": prompt, "cache_control": {"type": "ephemeral"}}]
+
+
+class Coalescer:
+    """Groups tiny deltas so a fast model does not flood the bus with one message per token."""
+
+    def __init__(self, max_chars: int, max_age_s: float) -> None:
+        self.max_chars = max_chars
+        self.max_age_s = max_age_s
+        self.buffer: list[str] = []
+        self.size = 0
+        self.first_at = 0.0
+
+    def add(self, text: str, now: float) -> str | None:
+        """Buffer ``text``; return the batch to publish when it is big or old enough."""
+        if not self.buffer:
+            self.first_at = now
+        self.buffer.append(text)
+        self.size += len(text)
+        if self.size >= self.max_chars or now - self.first_at >= self.max_age_s:
+            return self.flush()
+        return None
+
+    def flush(self) -> str | None:
+        if not self.buffer:
+            return None
+        out = "".join(self.buffer)
+        self.buffer.clear()
+        self.size = 0
+        return out
+
+
+def classify(exc: BaseException) -> ErrorClass:
+    """The failure class policy decides retries on."""
+    if isinstance(exc, anthropic.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, anthropic.APIConnectionError):
+        return "server_error"
+    if isinstance(exc, anthropic.APIStatusError):
+        if exc.status_code == 200:
+            # An error event mid-stream arrives with the 200 of the stream that carried it.
+            body = exc.body if isinstance(exc.body, dict) else {}
+            err = body.get("error", {}) if isinstance(body.get("error"), dict) else {}
+            kind = err.get("type", "")
+            if kind == "overloaded_error":
+                return "overloaded"
+            if kind == "rate_limit_error":
+                return "rate_limited"
+            return "cut_stream"
+        if exc.status_code == 429:
+            return "rate_limited"
+        if exc.status_code == 529:
+            return "overloaded"
+        if exc.status_code == 408:
+            return "timeout"
+        if exc.status_code >= 500:
+            return "server_error"
+        return "bad_request"
+    return "cut_stream"

@@ -1,0 +1,128 @@
+"""The executor's inbound edge: task → model stream → token deltas → result or classified failure."""
+
+from __future__ import annotations
+
+import time
+
+from nats.aio.msg import Msg
+
+from services.executor import core
+from services.executor.adapters import History, Model, StreamFailed
+from services.executor.config import Settings
+from shared import messages as m
+from shared import subjects
+from shared.bus import Bus
+from shared.metrics import ServiceMetrics
+
+
+class Handlers:
+    def __init__(
+        self, bus: Bus, history: History, model: Model, settings: Settings, metrics: ServiceMetrics
+    ) -> None:
+        self.bus = bus
+        self.history = history
+        self.model = model
+        self.settings = settings
+        self.tokens = metrics.counter(
+            "model_tokens_total", "Tokens used by model calls, by kind and model.", ("kind", "model")
+        )
+        self.errors = metrics.counter(
+            "model_errors_total", "Failed model calls, by error class.", ("error_class",)
+        )
+        self.model_seconds = metrics.histogram(
+            "model_seconds", "Duration of a model call, by model.", ("model",)
+        )
+        self.ttft = metrics.histogram(
+            "time_to_first_token_seconds", "Time from task start to the first token.", ("model",)
+        )
+
+    async def task(self, t: m.ExecTask, msg: Msg) -> str:
+        call_id = f"{t.task_id}#{msg.metadata.num_delivered}"
+        history = await self.history.upto(
+            t.conversation_id, t.message_id, self.settings.context_messages
+        )
+        prompt = core.build_messages(history, self.settings.context_token_budget)
+        if not prompt:
+            prompt = [{"role": "user", "content": "(empty message)"}]
+        p, c = t.project_id, t.conversation_id
+        coalescer = core.Coalescer(self.settings.coalesce_chars, self.settings.coalesce_ms / 1000)
+        seq = 0
+        started = time.perf_counter()
+
+        async def send(text: str) -> None:
+            nonlocal seq
+            seq += 1
+            delta = m.TokenDelta(
+                conversation_id=c, run_id=t.run_id, attempt=t.attempt, seq=seq, text=text
+            )
+            await self.bus.publish(
+                subjects.token_stream(p, c), delta, msg_id=f"delta:{call_id}:{seq}"
+            )
+
+        async def on_text(text: str) -> None:
+            if seq == 0 and not coalescer.buffer:
+                self.ttft.labels(t.model).observe(time.perf_counter() - started)
+            batch = coalescer.add(text, time.perf_counter())
+            if batch:
+                await send(batch)
+
+        try:
+            outcome = await self.model.stream(
+                t.model,
+                core.system_blocks(self.settings.system_prompt),
+                prompt,
+                t.max_tokens,
+                on_text,
+            )
+        except StreamFailed as exc:
+            error_class = core.classify(exc.cause)
+            self.errors.labels(error_class).inc()
+            self._count(t.model, exc.usage)
+            failed = m.ExecFailed(
+                event_id=f"failed:{call_id}",
+                message_id=t.message_id,
+                conversation_id=c,
+                project_id=p,
+                causation_id=t.event_id,
+                task_id=t.task_id,
+                call_id=call_id,
+                run_id=t.run_id,
+                attempt=t.attempt,
+                model=t.model,
+                error_class=error_class,
+                error=str(exc.cause)[:500],
+                usage=exc.usage,
+                prices=t.prices,
+            )
+            await self.bus.publish(subjects.exec_failed(p, c), failed, msg_id=failed.event_id)
+            return f"failed:{error_class}"
+        finally:
+            self.model_seconds.labels(t.model).observe(time.perf_counter() - started)
+        rest = coalescer.flush()
+        if rest:
+            await send(rest)
+        self._count(t.model, outcome.usage)
+        result = m.ExecResult(
+            event_id=f"result:{call_id}",
+            message_id=t.message_id,
+            conversation_id=c,
+            project_id=p,
+            causation_id=t.event_id,
+            task_id=t.task_id,
+            call_id=call_id,
+            run_id=t.run_id,
+            attempt=t.attempt,
+            model=t.model,
+            text=outcome.text,
+            usage=outcome.usage,
+            prices=t.prices,
+            stop_reason=outcome.stop_reason,
+        )
+        await self.bus.publish(subjects.exec_result(p, c), result, msg_id=result.event_id)
+        return "completed"
+
+    def _count(self, model: str, usage: m.Usage) -> None:
+        self.tokens.labels("input", model).inc(usage.input_tokens)
+        self.tokens.labels("output", model).inc(usage.output_tokens)
+        self.tokens.labels("cache_read", model).inc(usage.cache_read_tokens)
+        self.tokens.labels("cache_write", model).inc(usage.cache_write_tokens)

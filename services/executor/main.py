@@ -1,0 +1,52 @@
+"""Composition root of the executor: settings, model client, read model, bus, consumer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.executor import config
+from services.executor.adapters import History, Model
+from services.executor.handlers import Handlers
+from shared import logging, messages, model, runtime, subjects, tracing
+from shared.bus import Bus, Consumer, run_consumers
+from shared.db import create_pool
+from shared.metrics import ServiceMetrics, serve
+
+SERVICE = "executor"
+
+
+async def amain() -> None:
+    settings = config.from_env()
+    log = logging.setup(SERVICE, settings.log_level)
+    tracing.setup(SERVICE)
+    metrics = ServiceMetrics(SERVICE)
+    port = serve(settings.metrics_host, settings.metrics_port)
+    stop = asyncio.Event()
+    runtime.stop_on_signals(stop)
+    pool = await create_pool(str(settings.database_url), max_size=4)
+    client = model.client(
+        settings.anthropic_base_url, str(settings.anthropic_api_key), settings.stall_timeout_s
+    )
+    bus = await Bus.connect(settings, SERVICE, metrics, log)
+    h = Handlers(bus, History(pool), Model(client), settings, metrics)
+    consumer = Consumer(
+        bus,
+        subjects.EXECUTOR_TASKS,
+        messages.ExecTask,
+        h.task,
+        batch=settings.fetch_batch,
+        concurrency=settings.concurrency,
+    )
+    metrics.up.set(1)
+    log.info("started", metrics_port=port)
+    try:
+        await run_consumers([consumer], stop, settings.shutdown_grace_s)
+    finally:
+        await bus.close()
+        await pool.close()
+        await client.close()
+        log.info("stopped")
+
+
+def main() -> None:
+    runtime.run(amain)

@@ -1,0 +1,21 @@
+"""Gateway settings (env: GATEWAY_* or BATON_*)."""
+
+from __future__ import annotations
+
+from shared.config import BaseSettings, Secret, load
+
+
+class Settings(BaseSettings, kw_only=True, frozen=True):
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    jwt_secret: Secret = Secret("")
+    max_body_bytes: int = 64 * 1024
+    max_content_chars: int = 32_000
+    max_idempotency_key_chars: int = 255
+    publish_timeout_s: float = 3.0
+    sse_heartbeat_s: float = 15.0
+    sse_queue_size: int = 2048
+
+
+def from_env() -> Settings:
+    return load(Settings, "GATEWAY")

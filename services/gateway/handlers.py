@@ -1,0 +1,209 @@
+"""The gateway's HTTP edge: authenticate, validate, publish, answer; reads and pushes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import nats.errors
+from litestar import Request, Response, get, post
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from services.gateway import core
+from services.gateway.adapters import Hub, Publisher, PushEvent, ReadModel
+from services.gateway.config import Settings
+from shared import messages as m
+from shared.db import UNAVAILABLE
+from shared.metrics import ServiceMetrics
+
+
+class Api:
+    """Route handlers bound to the gateway's connections (one instance per process)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        reads: ReadModel,
+        hub: Hub,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.reads = reads
+        self.hub = hub
+        self.accepts = metrics.counter(
+            "accepted_total", "Chat messages accepted (202), by whether they were duplicates.", ("duplicate",)
+        )
+        self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
+
+    def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
+        return core.authenticate(request.headers.get("authorization"), str(self.settings.jwt_secret))
+
+    async def own(self, p: core.Principal, conversation_id: str) -> str:
+        """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
+        cid = core.parse_uuid(conversation_id, "conversation id")
+        try:
+            owner = await self.reads.owner(cid)
+        except UNAVAILABLE as exc:
+            raise core.ApiError(503, "database_unavailable", "conversation store unavailable") from exc
+        if owner != (p.project, p.user):
+            raise core.ApiError(404, "not_found", "conversation not found")
+        return cid
+
+    async def chat(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        p = self.principal(request)
+        key = core.check_idempotency_key(
+            request.headers.get("idempotency-key"), self.settings.max_idempotency_key_chars
+        )
+        req = core.parse_chat(await request.body(), self.settings.max_content_chars)
+        digest = core.content_hash(req.conversation_id, req.content)
+        message_id, conversation_id = core.ids_for(p, key, req.conversation_id)
+        if req.conversation_id is not None:
+            await self._may_post(p, req.conversation_id)
+        if key is not None:
+            stored = await self._stored(message_id)
+            if stored is not None:
+                return self._duplicate(stored, digest)
+        event = m.UserMessageAccepted(
+            event_id=message_id,
+            message_id=message_id,
+            conversation_id=conversation_id,
+            project_id=p.project,
+            user_id=p.user,
+            content=req.content,
+            content_hash=digest,
+            created_at=datetime.now(UTC),
+            idempotency_key=key,
+        )
+        try:
+            original, duplicate = await self.publisher.accept(event)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            # No PubAck, no 202: the client must retry (with its key, safely).
+            raise core.ApiError(
+                503, "broker_unavailable", "message not accepted, please retry", {"Retry-After": "1"}
+            ) from exc
+        if duplicate:
+            return self._duplicate(original, digest)
+        self.accepts.labels("false").inc()
+        return Response(core.accepted(original, False), status_code=202)
+
+    async def _may_post(self, p: core.Principal, conversation_id: str) -> None:
+        try:
+            owner = await self.reads.owner(conversation_id)
+        except UNAVAILABLE:
+            # Accepting beats refusing: the persister re-checks ownership before it writes.
+            return
+        if owner is not None and owner != (p.project, p.user):
+            raise core.ApiError(404, "not_found", "conversation not found")
+
+    async def _stored(self, message_id: str) -> m.UserMessageAccepted | None:
+        try:
+            return await self.reads.message(message_id)
+        except UNAVAILABLE:
+            return None
+
+    def _duplicate(self, original: m.UserMessageAccepted, digest: str) -> Response[Any]:
+        if original.content_hash != digest:
+            raise core.ApiError(
+                422,
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used with a different request body",
+            )
+        self.accepts.labels("true").inc()
+        return Response(
+            core.accepted(original, True),
+            status_code=202,
+            headers={"Idempotent-Replayed": "true"},
+        )
+
+    async def messages(self, request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
+        cid = await self.own(self.principal(request), conversation_id)
+        return {"conversation_id": cid, "messages": await self._read(self.reads.messages(cid))}
+
+    async def state(self, request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
+        cid = await self.own(self.principal(request), conversation_id)
+        return {"conversation_id": cid, "runs": await self._read(self.reads.runs(cid))}
+
+    async def usage(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        p = self.principal(request)
+        result: dict[str, Any] = await self._read(self.reads.usage(p.project))
+        return result
+
+    async def _read(self, query: Any) -> Any:
+        try:
+            return await query
+        except UNAVAILABLE as exc:
+            raise core.ApiError(503, "database_unavailable", "read model unavailable, retry") from exc
+
+    async def events(self, request: Request[Any, Any, Any], conversation_id: str) -> ServerSentEvent:
+        p = self.principal(request)
+        cid = core.parse_uuid(conversation_id, "conversation id")
+        # A conversation that is not stored yet may be the caller's brand-new one: allow it
+        # unless someone else owns it.
+        try:
+            owner = await self.reads.owner(cid)
+        except UNAVAILABLE:
+            owner = None
+        if owner is not None and owner != (p.project, p.user):
+            raise core.ApiError(404, "not_found", "conversation not found")
+        queue = self.hub.join(cid)
+        self.sse_connections.inc()
+        return ServerSentEvent(self._stream(cid, queue))
+
+    async def _stream(
+        self, cid: str, queue: asyncio.Queue[PushEvent | None]
+    ) -> AsyncGenerator[ServerSentEventMessage, None]:
+        try:
+            yield ServerSentEventMessage(comment="connected", retry_duration=1000)
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), self.settings.sse_heartbeat_s)
+                except TimeoutError:
+                    yield ServerSentEventMessage(comment="heartbeat")
+                    continue
+                if ev is None:
+                    return
+                yield ServerSentEventMessage(
+                    data=msgspec.json.encode(ev.data).decode(), event=ev.event, id=ev.id
+                )
+        finally:
+            self.hub.leave(cid, queue)
+
+
+def routes(api: Api) -> list[Any]:
+    """Litestar route handlers bound to one Api instance."""
+
+    @post("/api/chat", status_code=202, summary="Submit a chat message")
+    async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await api.chat(request)
+
+    @get("/api/conversations/{conversation_id:str}/messages", summary="Messages in order")
+    async def messages(request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
+        return await api.messages(request, conversation_id)
+
+    @get("/api/conversations/{conversation_id:str}/state", summary="Runs and verdicts")
+    async def state(request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
+        return await api.state(request, conversation_id)
+
+    @get("/api/conversations/{conversation_id:str}/events", summary="Server-Sent Events")
+    async def events(request: Request[Any, Any, Any], conversation_id: str) -> ServerSentEvent:
+        return await api.events(request, conversation_id)
+
+    @post(
+        "/api/conversations/{conversation_id:str}/runs/{run_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a run (not implemented yet: 501)",
+    )
+    async def cancel(request: Request[Any, Any, Any], conversation_id: str, run_id: str) -> None:
+        await api.own(api.principal(request), conversation_id)
+        raise core.ApiError(501, "not_implemented", "run cancellation is not implemented yet")
+
+    @get("/api/usage", summary="The caller's project token and cost totals")
+    async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        return await api.usage(request)
+
+    return [chat, messages, state, events, cancel, usage]

@@ -1,0 +1,142 @@
+"""Composition root of the gateway: settings, connections, the Litestar app, uvicorn, shutdown."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import uvicorn
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+
+from services.gateway import config, core
+from services.gateway.adapters import Hub, Publisher, ReadModel
+from services.gateway.handlers import Api, routes
+from shared import logging, runtime, tracing
+from shared.bus import Bus
+from shared.db import UNAVAILABLE, create_pool
+from shared.errors import ConfigError
+from shared.metrics import ServiceMetrics, serve
+
+SERVICE = "gateway"
+
+
+def error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"error": {"status": status, "code": code, "message": message}}
+
+
+def on_api_error(_: Request[Any, Any, Any], exc: core.ApiError) -> Response[Any]:
+    return Response(error_body(exc.status, exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+
+def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    code = codes.get(exc.status_code, "http_error")
+    return Response(error_body(exc.status_code, code, str(exc.detail)), status_code=exc.status_code)
+
+
+def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> Litestar:
+    @get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", include_in_schema=False)
+    async def readyz() -> Response[Any]:
+        checks = {"nats": "ok" if bus.nc.is_connected else "down", "database": "ok"}
+        try:
+            await reads.ping()
+        except UNAVAILABLE:
+            checks["database"] = "degraded"
+        # Accepting needs only NATS; a down database degrades reads, not submits.
+        status = 200 if checks["nats"] == "ok" else 503
+        return Response({"status": "ready" if status == 200 else "not_ready", "checks": checks}, status_code=status)
+
+    @get("/openapi.json", include_in_schema=False, media_type=MediaType.JSON)
+    async def openapi(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        schema: dict[str, Any] = request.app.openapi_schema.to_schema()
+        return schema
+
+    return Litestar(
+        route_handlers=[*routes(api), healthz, readyz, openapi],
+        exception_handlers={core.ApiError: on_api_error, HTTPException: on_http_error},
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="baton gateway", version="0.1.0", path="/schema"),
+        debug=False,
+    )
+
+
+class HttpMetrics:
+    """ASGI wrapper counting requests and latency by method, route and status."""
+
+    def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.requests = metrics.counter(
+            "http_requests_total", "HTTP requests, by method, route and status.", ("method", "route", "status")
+        )
+        self.latency = metrics.histogram(
+            "http_request_seconds", "HTTP request latency, by method and route.", ("method", "route")
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            handler = scope.get("route_handler")
+            route = next(iter(handler.paths), "other") if handler is not None else "unmatched"
+            method = scope.get("method", "")
+            self.requests.labels(method, route, str(status["code"])).inc()
+            self.latency.labels(method, route).observe(time.perf_counter() - started)
+
+
+async def amain() -> None:
+    settings = config.from_env()
+    log = logging.setup(SERVICE, settings.log_level)
+    if not str(settings.jwt_secret):
+        raise ConfigError("GATEWAY_JWT_SECRET (or BATON_JWT_SECRET) must be set")
+    tracing.setup(SERVICE)
+    metrics = ServiceMetrics(SERVICE)
+    metrics_port = serve(settings.metrics_host, settings.metrics_port)
+    pool = await create_pool(str(settings.database_url), max_size=10)
+    bus = await Bus.connect(settings, SERVICE, metrics, log)
+    reads = ReadModel(pool)
+    hub = Hub(bus, settings.sse_queue_size, log)
+    await hub.start()
+    api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics)
+    app = HttpMetrics(build_app(api, bus, reads, settings), metrics)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            loop="none",
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
+    metrics.up.set(1)
+    log.info("started", http_port=settings.http_port, metrics_port=metrics_port)
+    try:
+        await server.serve()
+    finally:
+        await hub.stop()
+        await bus.close()
+        await pool.close()
+        log.info("stopped")
+
+
+def main() -> None:
+    runtime.run(amain)

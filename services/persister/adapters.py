@@ -1,0 +1,281 @@
+"""The Postgres side of the persister: every write is one transaction guarded by unique keys."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from services.persister import core
+from shared import messages as m
+from shared.db import unavailable_is_transient
+from shared.errors import BadData
+
+
+class StoredReply(msgspec.Struct, frozen=True):
+    """The assistant message as stored (the first one written for the run wins)."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    project_id: str
+    user_id: str
+    reply_to: uuid.UUID
+    kind: m.ReplyKind
+    content: str
+    created_at: datetime
+    inserted: bool
+
+
+UPSERT_RUN = """
+INSERT INTO runs (run_id, message_id, conversation_id, project_id, user_id, status, status_rank,
+                  verdict, reason, model, executor, attempts, estimated_tokens)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+ON CONFLICT (run_id) DO UPDATE SET
+    status = CASE WHEN EXCLUDED.status_rank >= runs.status_rank
+                  THEN EXCLUDED.status ELSE runs.status END,
+    status_rank = GREATEST(runs.status_rank, EXCLUDED.status_rank),
+    verdict = COALESCE(NULLIF(EXCLUDED.verdict, ''), runs.verdict),
+    reason = COALESCE(NULLIF(EXCLUDED.reason, ''), runs.reason),
+    model = COALESCE(NULLIF(EXCLUDED.model, ''), runs.model),
+    executor = COALESCE(NULLIF(EXCLUDED.executor, ''), runs.executor),
+    attempts = GREATEST(runs.attempts, EXCLUDED.attempts),
+    estimated_tokens = GREATEST(runs.estimated_tokens, EXCLUDED.estimated_tokens),
+    updated_at = now()
+"""
+
+INSERT_REPLY = """
+INSERT INTO messages (id, conversation_id, project_id, user_id, role, kind, content, run_id,
+                      reply_to, created_at)
+SELECT $1, u.conversation_id, u.project_id, u.user_id, 'assistant', $2, $3, $4, u.id, now()
+FROM messages u WHERE u.id = $5
+ON CONFLICT DO NOTHING
+RETURNING id
+"""
+
+SELECT_REPLY = """
+SELECT id, conversation_id, project_id, user_id, reply_to, kind, content, created_at
+FROM messages WHERE run_id = $1 AND role = 'assistant'
+"""
+
+INSERT_USAGE = """
+INSERT INTO usage (call_id, task_id, run_id, attempt, project_id, model, outcome, input_tokens,
+                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (call_id) DO NOTHING
+RETURNING call_id
+"""
+
+ADD_PROJECT_USAGE = """
+INSERT INTO project_usage AS p (project_id, input_tokens, output_tokens, cache_read_tokens,
+                                cache_write_tokens, cost_usd, runs)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (project_id) DO UPDATE SET
+    input_tokens = p.input_tokens + EXCLUDED.input_tokens,
+    output_tokens = p.output_tokens + EXCLUDED.output_tokens,
+    cache_read_tokens = p.cache_read_tokens + EXCLUDED.cache_read_tokens,
+    cache_write_tokens = p.cache_write_tokens + EXCLUDED.cache_write_tokens,
+    cost_usd = p.cost_usd + EXCLUDED.cost_usd,
+    runs = p.runs + EXCLUDED.runs,
+    updated_at = now()
+"""
+
+
+class Store:
+    """Writes of the persister; the only code in baton that writes the database."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def insert_user_message(self, e: m.UserMessageAccepted) -> bool:
+        """Insert the message; False when it was already there (a redelivery)."""
+        conv = uuid.UUID(e.conversation_id)
+        async with unavailable_is_transient("insert user message"), self.pool.acquire() as con:
+            async with con.transaction():
+                owner = await con.fetchrow(
+                    "INSERT INTO conversations (id, project_id, user_id, created_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id "
+                    "RETURNING project_id, user_id",
+                    conv,
+                    e.project_id,
+                    e.user_id,
+                    e.created_at,
+                )
+                if (owner["project_id"], owner["user_id"]) != (e.project_id, e.user_id):
+                    raise BadData("conversation belongs to another project or user")
+                row = await con.fetchrow(
+                    "INSERT INTO messages (id, conversation_id, project_id, user_id, role, "
+                    "content, content_hash, idempotency_key, created_at) "
+                    "VALUES ($1, $2, $3, $4, 'user', $5, $6, $7, $8) "
+                    "ON CONFLICT (id) DO NOTHING RETURNING id",
+                    uuid.UUID(e.message_id),
+                    conv,
+                    e.project_id,
+                    e.user_id,
+                    e.content,
+                    e.content_hash,
+                    e.idempotency_key,
+                    e.created_at,
+                )
+                return row is not None
+
+    async def upsert_run(self, v: m.RunVerdict) -> None:
+        async with unavailable_is_transient("upsert run"), self.pool.acquire() as con:
+            await self._upsert_run(
+                con,
+                v.run_id,
+                v.message_id,
+                v.conversation_id,
+                v.project_id,
+                v.user_id,
+                v.status,
+                verdict=v.verdict,
+                reason=v.reason,
+                model=v.model,
+                executor=v.executor,
+                attempts=v.attempt,
+                estimated=v.estimated_tokens,
+            )
+
+    async def store_result(self, r: m.ExecResult) -> StoredReply:
+        """Usage of this call, the run's answer and the project totals, in one transaction."""
+        async with unavailable_is_transient("store result"), self.pool.acquire() as con:
+            async with con.transaction():
+                owner = await self._owner(con, r.message_id)
+                await self._add_usage(con, r.call_id, r, r.usage, r.prices, "completed")
+                stored = await self._insert_reply(con, r.run_id, r.message_id, "answer", r.text)
+                if stored.inserted:
+                    await con.execute(ADD_PROJECT_USAGE, r.project_id, 0, 0, 0, 0, 0, 1)
+                await self._upsert_run(
+                    con,
+                    r.run_id,
+                    r.message_id,
+                    r.conversation_id,
+                    r.project_id,
+                    owner,
+                    "completed",
+                    model=r.model,
+                    attempts=r.attempt,
+                )
+                return stored
+
+    async def store_failed_usage(self, f: m.ExecFailed) -> None:
+        """A failed or cut call still used tokens; they are counted once, like any other call."""
+        async with unavailable_is_transient("store failed usage"), self.pool.acquire() as con:
+            async with con.transaction():
+                await self._add_usage(con, f.call_id, f, f.usage, f.prices, f.error_class)
+
+    async def store_reply(self, p: m.PolicyReply) -> StoredReply:
+        async with unavailable_is_transient("store reply"), self.pool.acquire() as con:
+            async with con.transaction():
+                stored = await self._insert_reply(con, p.run_id, p.message_id, p.kind, p.text)
+                await self._upsert_run(
+                    con,
+                    p.run_id,
+                    p.message_id,
+                    p.conversation_id,
+                    p.project_id,
+                    p.user_id,
+                    p.status,
+                )
+                return stored
+
+    async def _owner(self, con: Any, message_id: str) -> str:
+        user = await con.fetchval("SELECT user_id FROM messages WHERE id = $1", uuid.UUID(message_id))
+        if user is None:
+            raise BadData(f"result for unknown message {message_id}")
+        return str(user)
+
+    async def _add_usage(
+        self,
+        con: Any,
+        call_id: str,
+        e: m.ExecResult | m.ExecFailed,
+        usage: m.Usage,
+        prices: m.Prices,
+        outcome: str,
+    ) -> None:
+        cost = usage.cost_usd(prices)
+        inserted = await con.fetchval(
+            INSERT_USAGE,
+            call_id,
+            e.task_id,
+            e.run_id,
+            e.attempt,
+            e.project_id,
+            e.model,
+            outcome,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+            cost,
+        )
+        if inserted is not None:
+            await con.execute(
+                ADD_PROJECT_USAGE,
+                e.project_id,
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_read_tokens,
+                usage.cache_write_tokens,
+                cost,
+                0,
+            )
+
+    async def _insert_reply(
+        self, con: Any, run_id: str, message_id: str, kind: m.ReplyKind, text: str
+    ) -> StoredReply:
+        new_id = core.assistant_message_id(run_id)
+        inserted = await con.fetchval(
+            INSERT_REPLY, new_id, kind, text, run_id, uuid.UUID(message_id)
+        )
+        row = await con.fetchrow(SELECT_REPLY, run_id)
+        if row is None:
+            raise BadData(f"reply for unknown message {message_id}")
+        return StoredReply(
+            id=row["id"],
+            conversation_id=row["conversation_id"],
+            project_id=row["project_id"],
+            user_id=row["user_id"],
+            reply_to=row["reply_to"],
+            kind=row["kind"],
+            content=row["content"],
+            created_at=row["created_at"],
+            inserted=inserted is not None,
+        )
+
+    async def _upsert_run(
+        self,
+        con: Any,
+        run_id: str,
+        message_id: str,
+        conversation_id: str,
+        project_id: str,
+        user_id: str,
+        status: str,
+        *,
+        verdict: str = "",
+        reason: str = "",
+        model: str = "",
+        executor: str = "",
+        attempts: int = 0,
+        estimated: int = 0,
+    ) -> None:
+        await con.execute(
+            UPSERT_RUN,
+            run_id,
+            uuid.UUID(message_id),
+            uuid.UUID(conversation_id),
+            project_id,
+            user_id,
+            status,
+            core.rank(status),
+            verdict,
+            reason,
+            model,
+            executor,
+            attempts,
+            estimated,
+        )

@@ -1,0 +1,48 @@
+"""Composition root of the persister: settings, logging, pool, bus, consumers, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.persister import config
+from services.persister.adapters import Store
+from services.persister.handlers import Handlers
+from shared import logging, messages, runtime, subjects, tracing
+from shared.bus import Bus, Consumer, run_consumers
+from shared.db import create_pool
+from shared.metrics import ServiceMetrics, serve
+
+SERVICE = "persister"
+
+
+async def amain() -> None:
+    settings = config.from_env()
+    log = logging.setup(SERVICE, settings.log_level)
+    tracing.setup(SERVICE)
+    metrics = ServiceMetrics(SERVICE)
+    port = serve(settings.metrics_host, settings.metrics_port)
+    stop = asyncio.Event()
+    runtime.stop_on_signals(stop)
+    pool = await create_pool(str(settings.database_url), max_size=settings.pool_size)
+    bus = await Bus.connect(settings, SERVICE, metrics, log)
+    h = Handlers(bus, Store(pool))
+    opts = {"batch": settings.fetch_batch, "concurrency": settings.concurrency}
+    consumers = [
+        Consumer(bus, subjects.PERSISTER_IN, messages.UserMessageAccepted, h.user_message, **opts),
+        Consumer(bus, subjects.PERSISTER_VERDICTS, messages.RunVerdict, h.verdict, **opts),
+        Consumer(bus, subjects.PERSISTER_REPLIES, messages.PolicyReply, h.reply, **opts),
+        Consumer(bus, subjects.PERSISTER_RESULTS, messages.ExecResult, h.result, **opts),
+        Consumer(bus, subjects.PERSISTER_FAILED, messages.ExecFailed, h.failed_usage, **opts),
+    ]
+    metrics.up.set(1)
+    log.info("started", metrics_port=port)
+    try:
+        await run_consumers(consumers, stop, settings.shutdown_grace_s)
+    finally:
+        await bus.close()
+        await pool.close()
+        log.info("stopped")
+
+
+def main() -> None:
+    runtime.run(amain)

@@ -1,0 +1,5 @@
+"""Starts the policy service: ``python -m services.policy``."""
+
+from services.policy.main import main
+
+main()

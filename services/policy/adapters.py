@@ -1,0 +1,46 @@
+"""Policy's state: run records in a JetStream KV bucket, created once and changed by compare-and-set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import nats.js.errors
+
+from services.policy.core import RunState
+from shared.errors import BadData, RetryLater
+
+_decoder = msgspec.json.Decoder(RunState)
+_encoder = msgspec.json.Encoder()
+
+
+class Runs:
+    """Create-only run records; every change names the revision it read (safe across replicas)."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+
+    async def create(self, state: RunState) -> tuple[RunState, bool]:
+        """Store a new run, or return the one a previous trigger created (and False)."""
+        try:
+            await self.kv.create(state.run_id, _encoder.encode(state))
+            return state, True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            existing, _ = await self.get(state.run_id)
+            return existing, False
+
+    async def get(self, run_id: str) -> tuple[RunState, int]:
+        try:
+            entry = await self.kv.get(run_id)
+        except nats.js.errors.KeyNotFoundError as exc:
+            raise BadData(f"no run {run_id}") from exc
+        if entry.value is None:
+            raise BadData(f"run {run_id} was deleted")
+        return _decoder.decode(entry.value), int(entry.revision or 0)
+
+    async def update(self, state: RunState, revision: int) -> None:
+        try:
+            await self.kv.update(state.run_id, _encoder.encode(state), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            # Another replica changed the run since we read it: read again and decide again.
+            raise RetryLater(f"run {state.run_id} changed concurrently", delay=0.05) from exc

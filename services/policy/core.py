@@ -1,0 +1,201 @@
+"""Pure policy: verdicts on agent advice, retries of failed attempts, the run state they move."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import msgspec
+
+from shared import messages as m
+
+CLARIFY_TEXT = (
+    "Could you tell me a little more about what you need? I want to be sure I answer the "
+    "right question."
+)
+REFUSAL_TEXT = "I can't help with that request."
+FAILURE_TEXT = (
+    "Sorry — I could not produce an answer this time ({error_class}). Your message is saved; "
+    "please try again in a moment."
+)
+RETRYABLE: frozenset[str] = frozenset(
+    {"rate_limited", "overloaded", "timeout", "cut_stream", "server_error"}
+)
+TERMINAL: frozenset[str] = frozenset({"completed", "refused", "clarified", "failed", "cancelled"})
+
+
+class Rules(msgspec.Struct, frozen=True, kw_only=True):
+    """The limits a verdict is checked against (a snapshot is stored with each run)."""
+
+    default_model: str
+    models: dict[str, m.Prices]
+    allowed_executors: frozenset[str] = frozenset({"chat", "code"})
+    default_executor: m.Executor = "chat"
+    max_attempts: int = 3
+    max_output_tokens: int = 4096
+    run_deadline_s: float = 300.0
+
+
+DEFAULT_PRICES: dict[str, m.Prices] = {
+    "claude-sonnet-4-5": m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
+    "claude-haiku-4-5": m.Prices(input=1.0, output=5.0, cache_read=0.1, cache_write=1.25),
+}
+
+
+class RunState(msgspec.Struct, kw_only=True):
+    """Policy's record of one run, kept in the runs bucket (created once per message)."""
+
+    run_id: str
+    message_id: str
+    conversation_id: str
+    project_id: str
+    user_id: str
+    status: m.RunStatus
+    verdict: m.Verdict
+    reason: str
+    model: str = ""
+    executor: m.Executor = "chat"
+    attempt: int = 0
+    max_tokens: int = 0
+    estimated_tokens: int = 0
+    prices: m.Prices = m.Prices()
+    deadline: datetime | None = None
+    reply_kind: m.ReplyKind | None = None
+    reply_text: str = ""
+
+
+def run_id_for(message_id: str) -> str:
+    """One run per user message, so a second trigger for the message finds the first run."""
+    return f"run-{message_id}"
+
+
+def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
+    """The verdict on the agent's advice; the advice itself is bounded, never obeyed blindly."""
+    d = e.decision
+    base = {
+        "run_id": run_id_for(e.message_id),
+        "message_id": e.message_id,
+        "conversation_id": e.conversation_id,
+        "project_id": e.project_id,
+        "user_id": e.user_id,
+        "estimated_tokens": d.estimated_tokens,
+    }
+    if d.action == "refuse":
+        return RunState(
+            **base,
+            status="refused",
+            verdict="stop",
+            reason="the request was classified as one baton does not serve",
+            reply_kind="refusal",
+            reply_text=REFUSAL_TEXT,
+        )
+    if d.action == "clarify" or d.ambiguous:
+        return RunState(
+            **base,
+            status="clarified",
+            verdict="clarify",
+            reason="the request is ambiguous",
+            reply_kind="clarify",
+            reply_text=CLARIFY_TEXT,
+        )
+    verdict: m.Verdict = "approve"
+    reasons = [f"intent={d.intent} complexity={d.complexity}"]
+    executor: m.Executor = d.executor
+    if executor not in rules.allowed_executors:
+        executor, verdict = rules.default_executor, "override"
+        reasons.append(f"executor {d.executor} not allowed; using {executor}")
+    model = rules.default_model
+    if d.model_hint and d.model_hint in rules.models:
+        model = d.model_hint
+    max_tokens = max(256, min(d.estimated_tokens * 2, rules.max_output_tokens))
+    return RunState(
+        **base,
+        status="running",
+        verdict=verdict,
+        reason="; ".join(reasons),
+        model=model,
+        executor=executor,
+        attempt=1,
+        max_tokens=max_tokens,
+        prices=rules.models.get(model, m.Prices()),
+        deadline=now + timedelta(seconds=rules.run_deadline_s),
+    )
+
+
+def on_failure(state: RunState, f: m.ExecFailed, rules: Rules, now: datetime) -> RunState | None:
+    """Retry or give up after a failed attempt; None when the report is stale or a repeat."""
+    if state.status in TERMINAL or f.attempt != state.attempt:
+        return None
+    if f.error_class in RETRYABLE and state.attempt < rules.max_attempts:
+        return msgspec.structs.replace(
+            state,
+            attempt=state.attempt + 1,
+            reason=f"retry after {f.error_class} on attempt {state.attempt}",
+            deadline=now + timedelta(seconds=rules.run_deadline_s),
+        )
+    return msgspec.structs.replace(
+        state,
+        status="failed",
+        verdict="stop",
+        reason=f"attempt {state.attempt} failed ({f.error_class}); no retry left",
+        reply_kind="failure",
+        reply_text=FAILURE_TEXT.format(error_class=f.error_class),
+    )
+
+
+def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunState | None:
+    """Close the run once its reply is stored; None when nothing changes."""
+    if state.status in TERMINAL and state.status == e.status:
+        return None
+    return msgspec.structs.replace(state, status=e.status)
+
+
+def task_for(state: RunState, deadline: datetime) -> m.ExecTask:
+    return m.ExecTask(
+        event_id=f"task:{state.run_id}:{state.attempt}",
+        message_id=state.message_id,
+        conversation_id=state.conversation_id,
+        project_id=state.project_id,
+        causation_id=f"decision:{state.message_id}",
+        task_id=f"task:{state.run_id}:{state.attempt}",
+        run_id=state.run_id,
+        attempt=state.attempt,
+        model=state.model,
+        executor=state.executor,
+        max_tokens=state.max_tokens,
+        prices=state.prices,
+        deadline=deadline,
+    )
+
+
+def verdict_event(state: RunState) -> m.RunVerdict:
+    return m.RunVerdict(
+        event_id=f"verdict:{state.run_id}:{state.attempt}:{state.status}",
+        message_id=state.message_id,
+        conversation_id=state.conversation_id,
+        project_id=state.project_id,
+        run_id=state.run_id,
+        user_id=state.user_id,
+        verdict=state.verdict,
+        status=state.status,
+        reason=state.reason,
+        model=state.model,
+        executor=state.executor,
+        attempt=state.attempt,
+        estimated_tokens=state.estimated_tokens,
+    )
+
+
+def reply_event(state: RunState) -> m.PolicyReply | None:
+    if state.reply_kind is None:
+        return None
+    return m.PolicyReply(
+        event_id=f"reply:{state.run_id}",
+        message_id=state.message_id,
+        conversation_id=state.conversation_id,
+        project_id=state.project_id,
+        run_id=state.run_id,
+        user_id=state.user_id,
+        kind=state.reply_kind,
+        text=state.reply_text,
+        status=state.status,
+    )

@@ -1,0 +1,61 @@
+"""Composition root of the policy service: settings, rules, runs bucket, bus, consumers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.policy import config, core
+from services.policy.adapters import Runs
+from services.policy.handlers import Handlers
+from shared import logging, messages, runtime, subjects, tracing
+from shared.bus import Bus, Consumer, run_consumers
+from shared.metrics import ServiceMetrics, serve
+
+SERVICE = "policy"
+
+
+def rules_from(settings: config.Settings) -> core.Rules:
+    return core.Rules(
+        default_model=settings.default_model,
+        models=core.DEFAULT_PRICES,
+        max_attempts=settings.max_attempts,
+        max_output_tokens=settings.max_output_tokens,
+        run_deadline_s=settings.run_deadline_s,
+    )
+
+
+async def amain() -> None:
+    settings = config.from_env()
+    log = logging.setup(SERVICE, settings.log_level)
+    tracing.setup(SERVICE)
+    metrics = ServiceMetrics(SERVICE)
+    port = serve(settings.metrics_host, settings.metrics_port)
+    stop = asyncio.Event()
+    runtime.stop_on_signals(stop)
+    bus = await Bus.connect(settings, SERVICE, metrics, log)
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    h = Handlers(bus, Runs(kv), rules_from(settings), metrics)
+    b, n = settings.fetch_batch, settings.concurrency
+    consumers = [
+        Consumer(bus, subjects.POLICY_DECISIONS, messages.AgentDecision, h.decision, batch=b, concurrency=n),
+        Consumer(bus, subjects.POLICY_FAILURES, messages.ExecFailed, h.failure, batch=b, concurrency=n),
+        Consumer(
+            bus,
+            subjects.POLICY_OUTCOMES,
+            messages.AssistantMessagePersisted,
+            h.reply_persisted,
+            batch=b,
+            concurrency=n,
+        ),
+    ]
+    metrics.up.set(1)
+    log.info("started", metrics_port=port)
+    try:
+        await run_consumers(consumers, stop, settings.shutdown_grace_s)
+    finally:
+        await bus.close()
+        log.info("stopped")
+
+
+def main() -> None:
+    runtime.run(amain)

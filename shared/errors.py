@@ -1,0 +1,50 @@
+"""The two error roots of every consumer.
+
+    BatonError
+    ├── BadData          never retried: terminated with a reason into the dead-letter stream
+    │   └── SchemaError  undecodable or schema-invalid payload, unknown version
+    └── Transient        retried later: nak with a bounded delay
+        ├── DependencyDown   database, broker or model not reachable right now
+        └── RetryLater       a handler asks for redelivery after ``delay`` seconds
+
+Anything else is a bug: logged with its traceback, redelivered until ``max_deliver`` bounds it.
+"""
+
+from __future__ import annotations
+
+
+class BatonError(Exception):
+    """Root of baton's own errors."""
+
+
+class BadData(BatonError):
+    """The message can never be handled; retrying would only repeat the failure."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SchemaError(BadData):
+    """The payload does not decode into the schema this consumer expects."""
+
+
+class Transient(BatonError):
+    """The message is fine but something it needs is not available now."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class DependencyDown(Transient):
+    """A dependency (database, broker, model) did not answer."""
+
+
+class RetryLater(Transient):
+    """The handler wants the message again after a while (e.g. waiting for an earlier event)."""
+
+
+class ConfigError(BatonError):
+    """A setting is missing or invalid; raised at start, never at run time."""

@@ -1,0 +1,200 @@
+"""Every event that crosses the bus, as msgspec Structs (new fields get defaults; types never change)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Intent = Literal["question", "code", "creative", "greeting", "other"]
+Complexity = Literal["low", "medium", "high"]
+Action = Literal["answer", "clarify", "refuse"]
+Executor = Literal["chat", "code"]
+Verdict = Literal["approve", "downgrade", "override", "clarify", "stop"]
+RunStatus = Literal["queued", "running", "completed", "refused", "clarified", "failed", "cancelled"]
+ReplyKind = Literal["answer", "refusal", "clarify", "failure"]
+ErrorClass = Literal[
+    "rate_limited", "overloaded", "timeout", "bad_request", "cut_stream", "cancelled", "server_error"
+]
+
+
+class Event(msgspec.Struct, kw_only=True, frozen=True):
+    """Ids that every event carries, so any hop can be traced and deduplicated."""
+
+    v: int = SCHEMA_VERSION
+    event_id: str
+    message_id: str
+    conversation_id: str
+    project_id: str
+    causation_id: str = ""
+
+
+class UserMessageAccepted(Event, kw_only=True, frozen=True):
+    """Published by the gateway on chat.in; the PubAck is the 202."""
+
+    user_id: str
+    content: str
+    content_hash: str
+    created_at: datetime
+    idempotency_key: str | None = None
+
+
+class UserMessagePersisted(UserMessageAccepted, kw_only=True, frozen=True):
+    """Published by the persister once the user message is committed."""
+
+
+class Decision(msgspec.Struct, kw_only=True, frozen=True):
+    """What the agent's model says a message needs; only advice, bounded by this schema."""
+
+    intent: Intent
+    complexity: Complexity
+    action: Action
+    executor: Executor
+    model_hint: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    estimated_tokens: Annotated[int, msgspec.Meta(ge=1, le=8192)]
+    ambiguous: bool = False
+
+
+class AgentDecision(Event, kw_only=True, frozen=True):
+    """Published by the agent on agent.decision."""
+
+    user_id: str
+    decision: Decision
+    fallback: bool = False
+    fallback_reason: str = ""
+
+
+class Prices(msgspec.Struct, kw_only=True, frozen=True):
+    """USD per million tokens, snapshotted into the task so billing never looks anything up."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cache_read: float = 0.0
+    cache_write: float = 0.0
+
+
+class Usage(msgspec.Struct, kw_only=True, frozen=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    def cost_usd(self, prices: Prices) -> float:
+        return (
+            self.input_tokens * prices.input
+            + self.output_tokens * prices.output
+            + self.cache_read_tokens * prices.cache_read
+            + self.cache_write_tokens * prices.cache_write
+        ) / 1_000_000
+
+
+class RunVerdict(Event, kw_only=True, frozen=True):
+    """Published by policy on policy.verdict: every verdict and status change of a run."""
+
+    run_id: str
+    user_id: str
+    verdict: Verdict
+    status: RunStatus
+    reason: str
+    model: str = ""
+    executor: str = ""
+    attempt: int = 0
+    estimated_tokens: int = 0
+
+
+class ExecTask(Event, kw_only=True, frozen=True):
+    """Published by policy alone on exec.task: one attempt at answering one message."""
+
+    task_id: str
+    run_id: str
+    attempt: int
+    model: str
+    executor: Executor
+    max_tokens: int
+    prices: Prices
+    deadline: datetime
+
+
+class ExecResult(Event, kw_only=True, frozen=True):
+    """Published by the executor on exec.result: the answer of one model call."""
+
+    task_id: str
+    call_id: str
+    run_id: str
+    attempt: int
+    model: str
+    text: str
+    usage: Usage
+    prices: Prices
+    stop_reason: str = ""
+
+
+class ExecFailed(Event, kw_only=True, frozen=True):
+    """Published by the executor on exec.failed: a classified failure, with partial usage."""
+
+    task_id: str
+    call_id: str
+    run_id: str
+    attempt: int
+    model: str
+    error_class: ErrorClass
+    error: str
+    usage: Usage
+    prices: Prices
+
+
+class PolicyReply(Event, kw_only=True, frozen=True):
+    """Published by policy on policy.reply: a refusal, clarifying question or failure notice."""
+
+    run_id: str
+    user_id: str
+    kind: ReplyKind
+    text: str
+    status: RunStatus
+
+
+class AssistantMessagePersisted(Event, kw_only=True, frozen=True):
+    """Published by the persister once an assistant message (any kind) is committed."""
+
+    run_id: str
+    reply_to: str
+    kind: ReplyKind
+    content: str
+    created_at: datetime
+    status: RunStatus
+    usage: Usage = Usage()
+
+
+class TokenDelta(msgspec.Struct, kw_only=True, frozen=True):
+    """Published by the executor on chat.stream: ordered pieces of an answer being written."""
+
+    v: int = SCHEMA_VERSION
+    conversation_id: str
+    run_id: str
+    attempt: int
+    seq: int
+    text: str
+
+
+class DeadLetter(msgspec.Struct, kw_only=True, frozen=True):
+    """What a poison message becomes: the original, untouched, and why it was refused."""
+
+    stream: str
+    consumer: str
+    subject: str
+    stream_seq: int
+    deliveries: int
+    reason: str
+    headers: dict[str, str]
+    payload: bytes
+    failed_at: datetime
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(value: msgspec.Struct) -> bytes:
+    return _encoder.encode(value)

@@ -1,0 +1,140 @@
+"""The one place where stream, subject, consumer and bucket names are spelled."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+# Subject tokens come from JWT claims and client ids; anything else could inject wildcards.
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def is_safe_token(value: str) -> bool:
+    """Whether a value may stand as one token of a NATS subject."""
+    return bool(TOKEN_RE.match(value))
+
+
+# ---- streams -------------------------------------------------------------------------------
+STREAM_CHAT_IN = "CHAT_IN"
+STREAM_PERSISTED = "CHAT_PERSISTED"
+STREAM_DECISIONS = "AGENT_DECISIONS"
+STREAM_POLICY = "POLICY"
+STREAM_TASKS = "EXEC_TASKS"
+STREAM_RESULTS = "EXEC_RESULTS"
+STREAM_TOKENS = "CHAT_STREAM"
+STREAM_DLQ = "DEAD_LETTERS"
+
+# ---- subjects ------------------------------------------------------------------------------
+
+
+def chat_in(project: str, conversation: str) -> str:
+    return f"chat.in.{project}.{conversation}"
+
+
+def persisted_user(project: str, conversation: str) -> str:
+    return f"chat.persisted.user.{project}.{conversation}"
+
+
+def persisted_assistant(project: str, conversation: str) -> str:
+    return f"chat.persisted.assistant.{project}.{conversation}"
+
+
+def agent_decision(project: str, conversation: str) -> str:
+    return f"agent.decision.{project}.{conversation}"
+
+
+def policy_verdict(project: str, conversation: str) -> str:
+    return f"policy.verdict.{project}.{conversation}"
+
+
+def policy_reply(project: str, conversation: str) -> str:
+    return f"policy.reply.{project}.{conversation}"
+
+
+def exec_task(project: str, conversation: str) -> str:
+    return f"exec.task.{project}.{conversation}"
+
+
+def exec_result(project: str, conversation: str) -> str:
+    return f"exec.result.{project}.{conversation}"
+
+
+def exec_failed(project: str, conversation: str) -> str:
+    return f"exec.failed.{project}.{conversation}"
+
+
+def token_stream(project: str, conversation: str) -> str:
+    return f"chat.stream.{project}.{conversation}"
+
+
+def dead_letter(stream: str, consumer: str) -> str:
+    return f"dlq.{stream}.{consumer}"
+
+
+# What the gateway listens to (one subscription each per process, fanned out in memory).
+PUSH_SUBJECTS = ("chat.persisted.>", "chat.stream.>", "policy.verdict.>")
+
+# ---- consumers -----------------------------------------------------------------------------
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True):
+    """A durable pull consumer that provisioning creates and a service binds to."""
+
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_s: float = 30.0
+    max_deliver: int = 20
+    max_ack_pending: int = 1000
+
+
+PERSISTER_IN = ConsumerSpec(STREAM_CHAT_IN, "persister-in", "chat.in.>")
+PERSISTER_VERDICTS = ConsumerSpec(STREAM_POLICY, "persister-verdicts", "policy.verdict.>")
+PERSISTER_REPLIES = ConsumerSpec(STREAM_POLICY, "persister-replies", "policy.reply.>")
+PERSISTER_RESULTS = ConsumerSpec(STREAM_RESULTS, "persister-results", "exec.result.>")
+PERSISTER_FAILED = ConsumerSpec(STREAM_RESULTS, "persister-failed", "exec.failed.>")
+AGENT_IN = ConsumerSpec(STREAM_PERSISTED, "agent", "chat.persisted.user.>", ack_wait_s=60.0)
+POLICY_DECISIONS = ConsumerSpec(STREAM_DECISIONS, "policy-decisions", "agent.decision.>")
+POLICY_OUTCOMES = ConsumerSpec(STREAM_PERSISTED, "policy-outcomes", "chat.persisted.assistant.>")
+POLICY_FAILURES = ConsumerSpec(STREAM_RESULTS, "policy-failures", "exec.failed.>")
+# In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
+EXECUTOR_TASKS = ConsumerSpec(STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
+
+CONSUMERS: tuple[ConsumerSpec, ...] = (
+    PERSISTER_IN,
+    PERSISTER_VERDICTS,
+    PERSISTER_REPLIES,
+    PERSISTER_RESULTS,
+    PERSISTER_FAILED,
+    AGENT_IN,
+    POLICY_DECISIONS,
+    POLICY_OUTCOMES,
+    POLICY_FAILURES,
+    EXECUTOR_TASKS,
+)
+
+
+class StreamSpec(msgspec.Struct, frozen=True):
+    """A stream that provisioning creates."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float = 7 * 24 * 3600.0
+    memory: bool = False
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec(STREAM_CHAT_IN, ("chat.in.>",)),
+    StreamSpec(STREAM_PERSISTED, ("chat.persisted.>",)),
+    StreamSpec(STREAM_DECISIONS, ("agent.decision.>",)),
+    StreamSpec(STREAM_POLICY, ("policy.>",)),
+    StreamSpec(STREAM_TASKS, ("exec.task.>",)),
+    StreamSpec(STREAM_RESULTS, ("exec.result.>", "exec.failed.>")),
+    # Token deltas only matter while a run streams and shortly after (resume).
+    StreamSpec(STREAM_TOKENS, ("chat.stream.>",), max_age_s=3600.0),
+    StreamSpec(STREAM_DLQ, ("dlq.>",), max_age_s=30 * 24 * 3600.0),
+)
+
+# ---- key-value buckets ---------------------------------------------------------------------
+BUCKET_RUNS = "baton_runs"
