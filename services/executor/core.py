@@ -79,9 +79,24 @@ class Coalescer:
         return out
 
 
+def _is_transport_timeout(exc: BaseException) -> bool:
+    """A read that stalls mid-stream surfaces as the HTTP library's timeout, not the SDK's.
+
+    The SDK's transport (httpx or its fork) is matched by class name, so an SDK upgrade that
+    swaps the transport does not silently turn stalls into cut streams.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        names = {cls.__name__ for cls in type(seen).__mro__}
+        if "TimeoutException" in names or isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def classify(exc: BaseException) -> ErrorClass:
     """The failure class policy decides retries on."""
-    if isinstance(exc, anthropic.APITimeoutError):
+    if isinstance(exc, anthropic.APITimeoutError) or _is_transport_timeout(exc):
         return "timeout"
     if isinstance(exc, anthropic.APIConnectionError):
         return "server_error"

@@ -6,7 +6,7 @@ from shared.config import BaseSettings, load
 
 
 class Settings(BaseSettings, kw_only=True, frozen=True):
-    default_model: str = "claude-sonnet-4-5"
+    default_model: str = "claude-sonnet-4-6"
     max_attempts: int = 3
     run_deadline_s: float = 300.0
     max_output_tokens: int = 4096

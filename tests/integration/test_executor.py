@@ -1,0 +1,112 @@
+"""The executor against real NATS, Postgres and the offline model: streams, results, failure classes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from baton.offline_model import OfflineModelProcess
+from services.executor.adapters import History, Model
+from services.executor.config import Settings
+from services.executor.handlers import Handlers
+from services.persister.adapters import Store
+from shared import messages as m
+from shared import model, subjects
+from shared.bus import Consumer
+from shared.db import create_pool
+from tests.integration.conftest import Infra
+from tests.support import connect_bus, decode_all, read_subject, running, service_metrics, user_event
+
+
+def _task(e: m.UserMessageAccepted) -> m.ExecTask:
+    run_id = f"run-{e.message_id}"
+    return m.ExecTask(
+        event_id=f"task:{run_id}:1",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        task_id=f"task:{run_id}:1",
+        run_id=run_id,
+        attempt=1,
+        model="claude-sonnet-4-6",
+        executor="chat",
+        max_tokens=512,
+        prices=m.Prices(input=3.0, output=15.0),
+        deadline=datetime.now(UTC) + timedelta(minutes=5),
+    )
+
+
+async def _execute(
+    infra: Infra, url: str, content: str, outcome_subject: str, **settings: Any
+) -> tuple[list[m.TokenDelta], list[Any]]:
+    bus = await connect_bus(infra.nats_url, "executor")
+    pool = await create_pool(infra.database_url)
+    e = user_event(content)
+    await Store(pool).insert_user_message(e)
+    cfg = Settings(**settings)
+    client = model.client(url, "test-key", cfg.stall_timeout_s)
+    h = Handlers(bus, History(pool), Model(client), cfg, service_metrics("executor"))
+    task = _task(e)
+    await bus.publish(subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id)
+    async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+        outcome = await read_subject(bus, subjects.STREAM_RESULTS, outcome_subject, 1)
+    deltas = decode_all(
+        await read_subject(bus, subjects.STREAM_TOKENS, "chat.stream.>", 0, settle=0), m.TokenDelta
+    )
+    await bus.close()
+    await pool.close()
+    await client.close()
+    kind = m.ExecResult if outcome_subject.startswith("exec.result") else m.ExecFailed
+    return deltas, decode_all(outcome, kind)
+
+
+async def test_a_streamed_answer_arrives_in_order_and_its_usage_matches_the_model(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    deltas, [result] = await _execute(
+        infra, offline_model.url, "Tell me about message queues", "exec.result.>", coalesce_chars=8
+    )
+    assert [d.seq for d in deltas] == list(range(1, len(deltas) + 1))
+    assert len(deltas) > 2
+    assert "".join(d.text for d in deltas) == result.text
+    stats = offline_model.stats()
+    assert result.usage == m.Usage(
+        input_tokens=stats["input_tokens"],
+        output_tokens=stats["output_tokens"],
+        cache_read_tokens=stats["cache_read_input_tokens"],
+        cache_write_tokens=stats["cache_creation_input_tokens"],
+    )
+    assert result.usage.cache_write_tokens > 0  # the system prompt is marked for caching
+    assert result.stop_reason == "end_turn"
+
+
+async def test_an_overloaded_model_is_reported_as_overloaded(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    offline_model.set_faults([{"kind": "529"}])
+    _, [failed] = await _execute(infra, offline_model.url, "hello", "exec.failed.>")
+    assert failed.error_class == "overloaded"
+    assert failed.usage == m.Usage()
+
+
+async def test_an_error_in_the_middle_of_a_stream_reports_the_tokens_already_sent(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    offline_model.set_faults([{"kind": "midstream_error", "after_tokens": 4}])
+    deltas, [failed] = await _execute(
+        infra, offline_model.url, "hello", "exec.failed.>", coalesce_chars=1
+    )
+    assert failed.error_class == "overloaded"
+    assert failed.usage.output_tokens == offline_model.stats()["output_tokens"] == 4
+    assert len(deltas) == 4
+
+
+async def test_a_stalled_stream_times_out(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    offline_model.set_faults([{"kind": "stall", "after_tokens": 2, "stall_seconds": 30}])
+    _, [failed] = await _execute(
+        infra, offline_model.url, "hello", "exec.failed.>", stall_timeout_s=1.0
+    )
+    assert failed.error_class == "timeout"
+    assert failed.usage.output_tokens == 2

@@ -1,0 +1,203 @@
+"""The persister against real NATS and Postgres: each write once, announced, poison dead-lettered."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import msgspec
+
+from services.persister.adapters import Store
+from services.persister.handlers import Handlers
+from shared import messages as m
+from shared import subjects
+from shared.bus import Consumer
+from shared.db import create_pool
+from tests.integration.conftest import Infra
+from tests.support import connect_bus, decode_all, eventually, read_subject, running, user_event
+
+
+async def _persister(infra: Infra):  # type: ignore[no-untyped-def]
+    bus = await connect_bus(infra.nats_url, "persister")
+    pool = await create_pool(infra.database_url)
+    h = Handlers(bus, Store(pool))
+    consumers = [
+        Consumer(bus, subjects.PERSISTER_IN, m.UserMessageAccepted, h.user_message),
+        Consumer(bus, subjects.PERSISTER_RESULTS, m.ExecResult, h.result),
+        Consumer(bus, subjects.PERSISTER_FAILED, m.ExecFailed, h.failed_usage),
+        Consumer(bus, subjects.PERSISTER_REPLIES, m.PolicyReply, h.reply),
+        Consumer(bus, subjects.PERSISTER_VERDICTS, m.RunVerdict, h.verdict),
+    ]
+    return bus, pool, consumers
+
+
+def _result(e: m.UserMessageAccepted, call: int, text: str = "the answer") -> m.ExecResult:
+    run_id = f"run-{e.message_id}"
+    return m.ExecResult(
+        event_id=f"result:{call}",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        task_id=f"task:{run_id}:1",
+        call_id=f"task:{run_id}:1#{call}",
+        run_id=run_id,
+        attempt=1,
+        model="claude-sonnet-4-6",
+        text=text,
+        usage=m.Usage(input_tokens=100, output_tokens=50, cache_read_tokens=10, cache_write_tokens=5),
+        prices=m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
+    )
+
+
+async def test_a_redelivered_user_message_is_stored_once_and_announced_once(infra: Infra) -> None:
+    bus, pool, consumers = await _persister(infra)
+    e = user_event()
+    subject = subjects.chat_in(e.project_id, e.conversation_id)
+    # Two publishes with distinct ids stand in for a redelivery after the dedup window.
+    await bus.publish(subject, e, msg_id=e.message_id)
+    await bus.publish(subject, e, msg_id=e.message_id + "-again")
+    async with running(*consumers):
+        found = await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
+    assert [p.message_id for p in decode_all(found, m.UserMessagePersisted)] == [e.message_id]
+    rows = await pool.fetch("SELECT id, content, role FROM messages")
+    assert [(str(r["id"]), r["content"], r["role"]) for r in rows] == [
+        (e.message_id, e.content, "user")
+    ]
+    await bus.close()
+    await pool.close()
+
+
+async def test_two_results_for_one_run_store_one_answer_and_count_both_calls(infra: Infra) -> None:
+    bus, pool, consumers = await _persister(infra)
+    e = user_event()
+    await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
+    first, second = _result(e, 1, "first answer"), _result(e, 2, "second answer")
+    async with running(*consumers):
+        await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
+        for r in (first, second, first):
+            await bus.publish(
+                subjects.exec_result(e.project_id, e.conversation_id), r, msg_id=r.call_id + str(uuid.uuid4())
+            )
+        found = await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1)
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 2 FROM usage"))
+    announced = decode_all(found, m.AssistantMessagePersisted)
+    assert [(a.content, a.status, a.kind) for a in announced] == [("first answer", "completed", "answer")]
+    replies = await pool.fetch("SELECT content FROM messages WHERE role = 'assistant'")
+    assert [r["content"] for r in replies] == ["first answer"]
+    totals = await pool.fetchrow("SELECT * FROM project_usage WHERE project_id = $1", e.project_id)
+    assert (totals["input_tokens"], totals["output_tokens"], totals["runs"]) == (200, 100, 1)
+    assert totals["cache_read_tokens"] == 20 and totals["cache_write_tokens"] == 10
+    expected_cost = 2 * first.usage.cost_usd(first.prices)
+    assert abs(float(totals["cost_usd"]) - expected_cost) < 1e-9
+    run = await pool.fetchrow("SELECT status, attempts FROM runs")
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    await bus.close()
+    await pool.close()
+
+
+async def test_a_late_verdict_never_moves_a_completed_run_backwards(infra: Infra) -> None:
+    bus, pool, consumers = await _persister(infra)
+    e = user_event()
+    run_id = f"run-{e.message_id}"
+    verdict = m.RunVerdict(
+        event_id="v1",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        run_id=run_id,
+        user_id=e.user_id,
+        verdict="approve",
+        status="running",
+        reason="intent=question",
+        model="claude-sonnet-4-6",
+        executor="chat",
+        attempt=1,
+        estimated_tokens=300,
+    )
+    async with running(*consumers):
+        await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
+        await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
+        r = _result(e, 1)
+        await bus.publish(subjects.exec_result(e.project_id, e.conversation_id), r, msg_id="r1")
+        await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1)
+        await bus.publish(subjects.policy_verdict(e.project_id, e.conversation_id), verdict, msg_id="v1")
+
+        async def verdict_stored() -> asyncpg.Record | None:
+            row = await pool.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+            return row if row is not None and row["verdict"] == "approve" else None
+
+        row = await eventually(verdict_stored)
+    assert (row["status"], row["reason"], row["estimated_tokens"]) == (
+        "completed",
+        "intent=question",
+        300,
+    )
+    await bus.close()
+    await pool.close()
+
+
+async def test_poison_and_foreign_conversation_messages_are_dead_lettered_with_reasons(
+    infra: Infra,
+) -> None:
+    bus, pool, consumers = await _persister(infra)
+    owner = user_event(user="alice")
+    intruder = user_event(user="mallory", conversation_id=owner.conversation_id)
+    subject = subjects.chat_in("p1", owner.conversation_id)
+    await bus.publish(subject, owner, msg_id=owner.message_id)
+    await bus.js.publish(subject, b"{not json", headers={"Nats-Msg-Id": "garbage"})
+    await bus.js.publish(subject, msgspec.json.encode({"v": 1}), headers={"Nats-Msg-Id": "partial"})
+    future = msgspec.structs.replace(user_event(), v=99)
+    await bus.publish(subject, future, msg_id="future")
+    await bus.publish(subject, intruder, msg_id=intruder.message_id)
+    async with running(*consumers):
+        letters = decode_all(
+            await read_subject(bus, subjects.STREAM_DLQ, "dlq.>", 4), m.DeadLetter
+        )
+    reasons = sorted(letter.reason.split(":")[0] for letter in letters)
+    assert reasons == [
+        "conversation belongs to another project or user",
+        "undecodable payload",
+        "undecodable payload",
+        "unknown schema version 99",
+    ]
+    assert {letter.payload for letter in letters} >= {b"{not json"}
+    assert all(letter.subject == subject and letter.deliveries == 1 for letter in letters)
+    stored = await pool.fetch("SELECT user_id FROM messages")
+    assert [r["user_id"] for r in stored] == ["alice"]
+    await bus.close()
+    await pool.close()
+
+
+async def test_a_failed_call_still_counts_its_partial_usage_once(infra: Infra) -> None:
+    bus, pool, consumers = await _persister(infra)
+    e = user_event()
+    run_id = f"run-{e.message_id}"
+    failed = m.ExecFailed(
+        event_id="f1",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        task_id=f"task:{run_id}:1",
+        call_id=f"task:{run_id}:1#1",
+        run_id=run_id,
+        attempt=1,
+        model="claude-sonnet-4-6",
+        error_class="cut_stream",
+        error="stream cut",
+        usage=m.Usage(input_tokens=40, output_tokens=7),
+        prices=m.Prices(input=3.0, output=15.0),
+    )
+    async with running(*consumers):
+        for i in range(3):
+            await bus.publish(
+                subjects.exec_failed(e.project_id, e.conversation_id), failed, msg_id=f"f{i}"
+            )
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 1 FROM usage"))
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT output_tokens = 7 FROM project_usage WHERE project_id = $1", e.project_id
+            )
+        )
+    assert await pool.fetchval("SELECT outcome FROM usage") == "cut_stream"
+    await bus.close()
+    await pool.close()

@@ -1,0 +1,139 @@
+"""Policy against real NATS: one run per message, tasks only on approval, retries it owns."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from services.policy import core
+from services.policy.adapters import Runs
+from services.policy.handlers import Handlers
+from services.policy.main import rules_from
+from services.policy.config import Settings
+from shared import messages as m
+from shared import subjects
+from shared.bus import Consumer
+from tests.integration.conftest import Infra
+from tests.support import connect_bus, decode_all, read_subject, running, service_metrics
+
+
+def _decision(action: m.Action = "answer", executor: str = "chat") -> m.AgentDecision:
+    return m.AgentDecision(
+        event_id="decision:1",
+        message_id="00000000-0000-0000-0000-000000000001",
+        conversation_id="00000000-0000-0000-0000-0000000000c1",
+        project_id="p1",
+        user_id="u1",
+        decision=m.Decision(
+            intent="question",
+            complexity="low",
+            action=action,
+            executor=executor,  # type: ignore[arg-type]
+            estimated_tokens=200,
+        ),
+    )
+
+
+async def _policy(infra: Infra, max_attempts: int = 2):  # type: ignore[no-untyped-def]
+    bus = await connect_bus(infra.nats_url, "policy")
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    rules = rules_from(Settings(max_attempts=max_attempts))
+    h = Handlers(bus, Runs(kv), rules, service_metrics("policy"))
+    consumers = [
+        Consumer(bus, subjects.POLICY_DECISIONS, m.AgentDecision, h.decision),
+        Consumer(bus, subjects.POLICY_FAILURES, m.ExecFailed, h.failure),
+        Consumer(bus, subjects.POLICY_OUTCOMES, m.AssistantMessagePersisted, h.reply_persisted),
+    ]
+    return bus, consumers
+
+
+def _failure(task: m.ExecTask, error_class: m.ErrorClass) -> m.ExecFailed:
+    return m.ExecFailed(
+        event_id=f"failed:{task.task_id}",
+        message_id=task.message_id,
+        conversation_id=task.conversation_id,
+        project_id=task.project_id,
+        task_id=task.task_id,
+        call_id=f"{task.task_id}#1",
+        run_id=task.run_id,
+        attempt=task.attempt,
+        model=task.model,
+        error_class=error_class,
+        error="boom",
+        usage=m.Usage(),
+        prices=task.prices,
+    )
+
+
+async def test_a_decision_delivered_three_times_makes_one_run_and_one_task(infra: Infra) -> None:
+    bus, consumers = await _policy(infra)
+    d = _decision()
+    subject = subjects.agent_decision(d.project_id, d.conversation_id)
+    for i in range(3):
+        await bus.publish(subject, d, msg_id=f"copy-{i}")
+    async with running(*consumers):
+        tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask)
+        verdicts = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.verdict.>", 1), m.RunVerdict
+        )
+    assert [(t.run_id, t.attempt, t.model, t.executor) for t in tasks] == [
+        (core.run_id_for(d.message_id), 1, "claude-sonnet-4-6", "chat")
+    ]
+    assert tasks[0].deadline > datetime.now(UTC)
+    assert [(v.verdict, v.status) for v in verdicts] == [("approve", "running")]
+    await bus.close()
+
+
+async def test_clarify_advice_becomes_a_reply_and_never_a_task(infra: Infra) -> None:
+    bus, consumers = await _policy(infra)
+    d = _decision(action="clarify")
+    await bus.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id="d")
+    async with running(*consumers):
+        replies = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
+        )
+        info = await bus.js.stream_info(subjects.STREAM_TASKS)
+    assert [(r.kind, r.status) for r in replies] == [("clarify", "clarified")]
+    assert info.state.messages == 0
+    await bus.close()
+
+
+async def test_retryable_failures_retry_until_attempts_run_out_then_a_failure_notice(
+    infra: Infra,
+) -> None:
+    bus, consumers = await _policy(infra, max_attempts=2)
+    d = _decision()
+    p, c = d.project_id, d.conversation_id
+    await bus.publish(subjects.agent_decision(p, c), d, msg_id="d")
+    async with running(*consumers):
+        first = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask)[0]
+        await bus.publish(subjects.exec_failed(p, c), _failure(first, "overloaded"), msg_id="f1")
+        tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
+        second = tasks[1]
+        # A stale copy of the first failure changes nothing.
+        await bus.publish(subjects.exec_failed(p, c), _failure(first, "overloaded"), msg_id="f1b")
+        await bus.publish(subjects.exec_failed(p, c), _failure(second, "timeout"), msg_id="f2")
+        replies = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
+        )
+        tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
+    assert [t.attempt for t in tasks] == [1, 2]
+    assert [(r.kind, r.status) for r in replies] == [("failure", "failed")]
+    assert "timeout" in replies[0].text
+    await bus.close()
+
+
+async def test_a_bad_request_is_not_retried(infra: Infra) -> None:
+    bus, consumers = await _policy(infra, max_attempts=3)
+    d = _decision()
+    p, c = d.project_id, d.conversation_id
+    await bus.publish(subjects.agent_decision(p, c), d, msg_id="d")
+    async with running(*consumers):
+        first = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask)[0]
+        await bus.publish(subjects.exec_failed(p, c), _failure(first, "bad_request"), msg_id="f1")
+        replies = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
+        )
+        info = await bus.js.stream_info(subjects.STREAM_TASKS)
+    assert replies[0].kind == "failure"
+    assert info.state.messages == 1
+    await bus.close()

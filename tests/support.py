@@ -1,0 +1,108 @@
+"""Test helpers shared by the integration and end-to-end tiers (real NATS, Postgres, model)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry
+
+from shared import messages as m
+from shared.bus import Bus, Consumer
+from shared.config import BaseSettings
+from shared.metrics import ServiceMetrics
+
+T = TypeVar("T")
+
+
+def service_metrics(service: str) -> ServiceMetrics:
+    """Metrics on a private registry, so one process can host many test services."""
+    return ServiceMetrics(service, registry=CollectorRegistry())
+
+
+async def connect_bus(nats_url: str, service: str = "test") -> Bus:
+    log = structlog.get_logger().bind(service=service)
+    return await Bus.connect(BaseSettings(nats_url=nats_url), service, service_metrics(service), log)
+
+
+@contextlib.asynccontextmanager
+async def running(*consumers: Consumer[Any]) -> AsyncIterator[None]:
+    """Run consumers in the background for the duration of the block."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(c.run(stop, grace_s=5)) for c in consumers]
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def read_subject(
+    bus: Bus, stream: str, subject: str, at_least: int, timeout: float = 15.0, settle: float = 0.3
+) -> list[Msg]:
+    """Everything in ``stream`` on ``subject`` once at least ``at_least`` messages are there."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    found: list[Msg] = []
+    while True:
+        sub = await bus.js.pull_subscribe(subject, stream=stream)
+        found = []
+        with contextlib.suppress(Exception):
+            while True:
+                batch = await sub.fetch(256, timeout=0.3)
+                found.extend(batch)
+        await sub.unsubscribe()
+        if len(found) >= at_least:
+            # A little longer, to catch copies that should not exist.
+            await asyncio.sleep(settle)
+            sub = await bus.js.pull_subscribe(subject, stream=stream)
+            found = []
+            with contextlib.suppress(Exception):
+                while True:
+                    found.extend(await sub.fetch(256, timeout=0.3))
+            await sub.unsubscribe()
+            return found
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"expected {at_least} on {subject}, found {len(found)}")
+        await asyncio.sleep(0.1)
+
+
+def decode_all(msgs: list[Msg], kind: type[T]) -> list[T]:
+    return [msgspec.json.decode(x.data, type=kind) for x in msgs]
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 15.0) -> T:
+    """Poll ``check`` until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def user_event(
+    content: str = "What is a JetStream consumer?",
+    project: str = "p1",
+    user: str = "u1",
+    conversation_id: str | None = None,
+) -> m.UserMessageAccepted:
+    mid = str(uuid.uuid4())
+    return m.UserMessageAccepted(
+        event_id=mid,
+        message_id=mid,
+        conversation_id=conversation_id or str(uuid.uuid4()),
+        project_id=project,
+        user_id=user,
+        content=content,
+        content_hash="h",
+        created_at=datetime.now(UTC),
+    )
