@@ -43,6 +43,9 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True):
     retry_after: int = 1
 
 
+Fault = FaultRule | None
+
+
 class ModelSettings(msgspec.Struct):
     """Pace, reply shape and initial faults of the offline model."""
 
@@ -294,10 +297,9 @@ def fill_schema(schema: Any, defs: dict[str, Any], name: str, ctx: _Ctx, depth: 
         for field, sub in (schema.get("properties") or {}).items():
             # Optional fields are filled only while shallow, which also ends recursive schemas.
             if field in required or (not _nullable(sub) and depth < 8):
-                default = isinstance(sub, dict) and "default" in sub and field not in required
-                out[field] = (
-                    sub["default"] if default else fill_schema(sub, defs, field, ctx, depth + 1)
-                )
+                keep = field not in required and isinstance(sub, dict) and "default" in sub
+                value = sub["default"] if keep else fill_schema(sub, defs, field, ctx, depth + 1)
+                out[field] = value
         return out
     if kind == "array":
         prefix = schema.get("prefixItems") or []
@@ -335,11 +337,8 @@ class _Stats:
         self.by_model: dict[str, dict[str, int]] = {}
 
     def bump(self, model: str | None, **deltas: int) -> None:
-        row = (
-            self.by_model.setdefault(model, dict.fromkeys([*self.totals, "errors"], 0))
-            if model
-            else {}
-        )
+        blank = dict.fromkeys([*self.totals, "errors"], 0)
+        row = self.by_model.setdefault(model, blank) if model else {}
         for key, n in deltas.items():
             self.totals[key] += n
             row[key] = row.get(key, 0) + n
@@ -389,23 +388,14 @@ class _State:
             schema = tool.get("input_schema") or {}
             defs = schema.get("$defs", {}) if isinstance(schema, dict) else {}
             value = fill_schema(schema, defs, tool["name"], _Ctx(user_text, rng))
-            block = {
-                "type": "tool_use",
-                "id": "toolu_" + uuid.uuid4().hex[:24],
-                "name": tool["name"],
-            }
+            tool_id = "toolu_" + uuid.uuid4().hex[:24]
+            block = {"type": "tool_use", "id": tool_id, "name": tool["name"], "input": value}
             text = msgspec.json.encode(value).decode()
             chunks = [text[i : i + 12] for i in range(0, len(text), 12)]
-            return _Plan(model, block | {"input": value}, chunks, "tool_use", usage)
+            return _Plan(model, block, chunks, "tool_use", usage)
         echo = [word[:40] for word in user_text.split()[:5]]
         if echo:
-            echo = [
-                "You",
-                "asked",
-                "about",
-                *echo[:-1],
-                (echo[-1].rstrip(".?!,;:") or "that") + ".",
-            ]
+            echo = ["You", "asked", "about", *echo[:-1], (echo[-1].rstrip(".?!,;:") or "it") + "."]
         target = max(1, settings.words_per_reply)
         words = (echo + [rng.choice(_WORDS) for _ in range(target)])[:target]
         chunks = [w + " " for w in words[:-1]] + [words[-1]]
@@ -456,10 +446,8 @@ async def _send_json(
 
 
 async def _frame(send: Send, event: str, data: dict[str, Any], more: bool = True) -> None:
-    body = b"event: %s\ndata: %s\n\n" % (
-        event.encode(),
-        msgspec.json.encode({"type": event} | data),
-    )
+    payload = msgspec.json.encode({"type": event} | data)
+    body = b"event: %s\ndata: %s\n\n" % (event.encode(), payload)
     await send({"type": "http.response.body", "body": body, "more_body": more})
 
 
@@ -493,9 +481,7 @@ async def _read_json(receive: Receive, limit: int) -> Any:
         raise _BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
-async def _stream(
-    state: _State, plan: _Plan, fault: FaultRule | None, watch: _Watch, send: Send
-) -> None:
+async def _stream(state: _State, plan: _Plan, fault: Fault, watch: _Watch, send: Send) -> None:
     settings, loop = state.settings, asyncio.get_running_loop()
     sent, done = 0, False
     try:
@@ -540,9 +526,7 @@ async def _stream(
             state.stats.error(plan.model, "client_disconnected")
 
 
-async def _reply(
-    state: _State, plan: _Plan, fault: FaultRule | None, watch: _Watch, send: Send
-) -> None:
+async def _reply(state: _State, plan: _Plan, fault: Fault, watch: _Watch, send: Send) -> None:
     tps = state.settings.tokens_per_second
     delay = state.settings.ttft_ms / 1000 + (len(plan.chunks) / tps if tps > 0 else 0)
     if await watch.sleep(delay + (fault.stall_seconds if fault else 0)):
@@ -631,9 +615,8 @@ def create_app(settings: ModelSettings) -> App:
             if (method, path) == ("POST", "/v1/messages"):
                 await _messages(state, receive, tracked)
             elif (method, path) == ("POST", "/v1/messages/count_tokens"):
-                body = _validate(
-                    await _read_json(receive, state.settings.max_body_bytes), _CountRequest
-                )
+                raw = await _read_json(receive, state.settings.max_body_bytes)
+                body = _validate(raw, _CountRequest)
                 await _send_json(tracked, 200, {"input_tokens": count_input_tokens(body)})
             else:
                 await _control(state, method, path, receive, tracked)
@@ -685,11 +668,9 @@ def main(argv: list[str] | None = None) -> None:
 class OfflineModelProcess:
     """Runs `python -m baton.offline_model` as a child process; a context manager for tests."""
 
-    def __init__(
-        self, settings: ModelSettings | None = None, startup_timeout: float = 15.0
-    ) -> None:
+    def __init__(self, settings: ModelSettings | None = None, timeout: float = 15.0) -> None:
         self.settings = settings or ModelSettings()
-        self._timeout = startup_timeout
+        self._timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self.port, self.url = 0, ""
@@ -706,20 +687,13 @@ class OfflineModelProcess:
 
         s, self._dir = self.settings, tempfile.mkdtemp(prefix="offline-model-")
         port_file = Path(self._dir) / "port"
-        args = [
-            "--port=0",
-            f"--port-file={port_file}",
-            f"--ttft-ms={s.ttft_ms}",
-            f"--seed={s.seed}",
-        ]
-        args += [
-            f"--tokens-per-second={s.tokens_per_second}",
-            f"--words-per-reply={s.words_per_reply}",
-        ]
+        args = [f"--port-file={port_file}", f"--ttft-ms={s.ttft_ms}", f"--seed={s.seed}"]
+        args += [f"--tokens-per-second={s.tokens_per_second}"]
+        args += [f"--words-per-reply={s.words_per_reply}"]
         # The repo root goes on PYTHONPATH so the child imports this same checkout.
         path = [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
         env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in path if p)}
-        cmd = [sys.executable, "-m", "baton.offline_model", *args]
+        cmd = [sys.executable, "-m", "baton.offline_model", "--port=0", *args]
         self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + self._timeout
         try:

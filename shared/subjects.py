@@ -12,7 +12,7 @@ TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def is_safe_token(value: str) -> bool:
     """Whether a value may stand as one token of a NATS subject."""
-    return bool(TOKEN_RE.match(value))
+    return TOKEN_RE.fullmatch(value) is not None
 
 
 # ---- streams -------------------------------------------------------------------------------

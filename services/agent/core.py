@@ -36,6 +36,7 @@ def tool_schema() -> dict[str, Any]:
     _, components = msgspec.json.schema_components([Decision], ref_template="#/$defs/{name}")
     schema: dict[str, Any] = dict(components["Decision"])
     schema.pop("title", None)
+    schema["additionalProperties"] = False
     return schema
 
 
@@ -69,6 +70,11 @@ def render_transcript(turns: list[Turn], max_chars_per_turn: int = 4000) -> str:
 
 def validate(raw: Any) -> Decision | str:
     """The model's tool input as a Decision, or the reason it is not one."""
+    if isinstance(raw, dict):
+        # Keys outside the schema are a sign the model is following someone else's instructions.
+        extra = sorted(str(k) for k in raw if k not in Decision.__struct_fields__)
+        if extra:
+            return f"invalid model output: unexpected fields {extra[:5]}"
     try:
         return msgspec.convert(raw, Decision)
     except msgspec.ValidationError as exc:

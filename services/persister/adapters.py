@@ -33,7 +33,9 @@ INSERT INTO runs (run_id, message_id, conversation_id, project_id, user_id, stat
                   verdict, reason, model, executor, attempts, estimated_tokens)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 ON CONFLICT (run_id) DO UPDATE SET
-    status = CASE WHEN EXCLUDED.status_rank >= runs.status_rank
+    -- Statuses only move forward, and a final status is never replaced by another.
+    status = CASE WHEN EXCLUDED.status_rank > runs.status_rank
+                       OR (EXCLUDED.status_rank = runs.status_rank AND runs.status_rank < 3)
                   THEN EXCLUDED.status ELSE runs.status END,
     status_rank = GREATEST(runs.status_rank, EXCLUDED.status_rank),
     verdict = COALESCE(NULLIF(EXCLUDED.verdict, ''), runs.verdict),

@@ -372,7 +372,7 @@ async def test_stalls_make_the_client_time_out(model: OfflineModelProcess) -> No
 
     started = time.monotonic()
     await asyncio.gather(mid_stream(), before_headers(), non_streaming())
-    assert 0.9 < time.monotonic() - started < 3
+    assert 0.9 < time.monotonic() - started < 5
     assert received == ["You ", "asked "]
     await sdk.close()
     stats = wait_for_stats(model, lambda s: s["output_tokens"] == 2)

@@ -45,7 +45,6 @@ def test_validate_turns_hostile_model_output_into_an_error_string(raw: Any) -> N
     assert isinstance(out, str) and out.startswith("invalid model output")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate accepts unknown keys")
 @pytest.mark.parametrize("extra", [{"approved": True}, {"model": "opus"}, {"note": INJECTION}])
 def test_validate_rejects_extra_keys(extra: dict) -> None:
     assert isinstance(validate({**GOOD, **extra}), str)
@@ -61,17 +60,11 @@ def test_validate_returns_a_decision_for_schema_valid_output(raw: dict) -> None:
 
 @pytest.mark.parametrize(
     ("content", "intent", "executor"),
-    [
-        ("please fix this Python function", "code", "code"),
-        ("```print(1)```", "code", "code"),
-        ("hello, is there a bug in my regex?", "code", "code"),
-        ("Hello there", "greeting", "chat"),
-        ("good morning!", "greeting", "chat"),
-        ("what is the capital of France?", "question", "chat"),
-        ("tell me a story", "other", "chat"),
-        ("debugging is fun", "other", "chat"),
-    ],
-)
+    [("please fix this Python function", "code", "code"), ("```print(1)```", "code", "code"),
+     ("hello, is there a bug in my regex?", "code", "code"), ("Hello there", "greeting", "chat"),
+     ("good morning!", "greeting", "chat"), ("what is 2+2?", "question", "chat"),
+     ("tell me a story", "other", "chat"), ("debugging is fun", "other", "chat")],
+)  # fmt: skip
 def test_fallback_detects_the_intent(content: str, intent: str, executor: str) -> None:
     d = fallback(content)
     assert (d.intent, d.executor, d.action, d.ambiguous, d.model_hint) == (
