@@ -123,8 +123,12 @@ class Stack:
             supervisor = Supervisor(children, say)
             supervisor.start_all()
             gateway = f"http://127.0.0.1:{self.port}"
-            if not wait_http(f"{gateway}/healthz", 30):
+            if not wait_http(f"{gateway}/readyz", 30):
                 raise RuntimeError(f"gateway did not start; see {self.logs / 'gateway.log'}")
+            for name, mport in metrics.items():
+                # A service serves /metrics once its settings loaded; the banner waits for all five.
+                if not wait_http(f"http://127.0.0.1:{mport}/metrics", 30):
+                    raise RuntimeError(f"{name} did not start; see {self.logs / (name + '.log')}")
             token = devtoken.make_token(secret, "demo", "alice")
             info = {
                 "gateway": gateway,
@@ -135,7 +139,12 @@ class Stack:
                 "nats": nats.url,
                 "database": dsn,
                 "model": model_url or "https://api.anthropic.com",
-                "pids": {c.name: c.pid for c in children},
+                "pids": {
+                    **{c.name: c.pid for c in children},
+                    "nats": nats.pid,
+                    "postgres": pg.pid,
+                    **({"offline-model": model.pid} if model is not None else {}),
+                },
                 "logs": str(self.logs),
             }
             endpoints.write_text(json.dumps(info, indent=2))

@@ -160,7 +160,8 @@ class Consumer(Generic[T]):
                     continue
                 try:
                     msgs = await sub.fetch(min(self.batch, free), timeout=1.0)
-                except nats.errors.TimeoutError:
+                except TimeoutError:
+                    # No message within the fetch window (nats' own and asyncio's timeouts alike).
                     continue
                 except (nats.errors.Error, OSError) as exc:
                     self.log.warning("fetch_failed", error=repr(exc))

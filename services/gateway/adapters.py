@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -170,11 +171,14 @@ class Hub:
             self.subs.append(await self.bus.nc.subscribe(subject, cb=self._on_msg))
 
     async def stop(self) -> None:
-        for sub in self.subs:
-            await sub.unsubscribe()
-        for queues in self.clients.values():
-            for q in queues:
-                q.put_nowait(None)
+        """End every client stream (they reconnect elsewhere with Last-Event-ID); idempotent."""
+        subs, self.subs = self.subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for queues in list(self.clients.values()):
+            for q in list(queues):
+                _close(q)
 
     def join(self, conversation_id: str) -> asyncio.Queue[PushEvent | None]:
         q: asyncio.Queue[PushEvent | None] = asyncio.Queue(self.queue_size)
@@ -207,6 +211,11 @@ class Hub:
             except asyncio.QueueFull:
                 # A client that cannot keep up is cut off; it resumes with Last-Event-ID.
                 self.leave(conversation_id, q)
-                while not q.empty():
-                    q.get_nowait()
-                q.put_nowait(None)
+                _close(q)
+
+
+def _close(q: asyncio.Queue[PushEvent | None]) -> None:
+    """Tell a client stream to end, dropping what it has not read yet."""
+    while not q.empty():
+        q.get_nowait()
+    q.put_nowait(None)

@@ -158,12 +158,12 @@ class Api:
         self, cid: str, queue: asyncio.Queue[PushEvent | None]
     ) -> AsyncGenerator[ServerSentEventMessage, None]:
         try:
-            yield ServerSentEventMessage(comment="connected", retry_duration=1000)
+            yield ServerSentEventMessage(data=None, comment="connected", retry=1000)
             while True:
                 try:
                     ev = await asyncio.wait_for(queue.get(), self.settings.sse_heartbeat_s)
                 except TimeoutError:
-                    yield ServerSentEventMessage(comment="heartbeat")
+                    yield ServerSentEventMessage(data=None, comment="heartbeat")
                     continue
                 if ev is None:
                     return

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -100,6 +102,18 @@ class HttpMetrics:
             self.latency.labels(method, route).observe(time.perf_counter() - started)
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn that ends push streams first, so shutdown does not wait on idle SSE clients."""
+
+    def __init__(self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self.before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await self.before_shutdown()
+        await super().shutdown(sockets)
+
+
 async def amain() -> None:
     settings = config.from_env()
     log = logging.setup(SERVICE, settings.log_level)
@@ -115,7 +129,7 @@ async def amain() -> None:
     await hub.start()
     api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics)
     app = HttpMetrics(build_app(api, bus, reads, settings), metrics)
-    server = uvicorn.Server(
+    server = GatewayServer(
         uvicorn.Config(
             app,
             host=settings.http_host,
@@ -125,8 +139,13 @@ async def amain() -> None:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
-        )
+        ),
+        hub.stop,
     )
+    # uvicorn re-raises the signal it caught once it has shut down; with a no-op handler in
+    # place that re-raise returns here, so the cleanup below runs and the process exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     metrics.up.set(1)
     log.info("started", http_port=settings.http_port, metrics_port=metrics_port)
     try:
