@@ -23,7 +23,9 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir)
     if not (data_dir / "jwt_secret").exists() and not args.create:
-        print(f"no secret in {data_dir}: run `baton up --data-dir {data_dir}` first", file=sys.stderr)
+        print(
+            f"no secret in {data_dir}: run `baton up --data-dir {data_dir}` first", file=sys.stderr
+        )
         return 2
     print(make_token(secret_for(data_dir), args.project, args.user, args.ttl))
     return 0
@@ -67,7 +69,9 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baton", description="baton: a chat backend that never loses a message")
+    p = argparse.ArgumentParser(
+        prog="baton", description="baton: a chat backend that never loses a message"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run everything on this machine")
@@ -88,7 +92,9 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     prov = sub.add_parser("provision", help="create streams, consumers and buckets")
-    prov.add_argument("--nats-url", default=os.environ.get("BATON_NATS_URL", "nats://127.0.0.1:4222"))
+    prov.add_argument(
+        "--nats-url", default=os.environ.get("BATON_NATS_URL", "nats://127.0.0.1:4222")
+    )
     prov.add_argument("--dedup-window", type=float, default=120.0, help="seconds")
     prov.add_argument("--replicas", type=int, default=1)
     prov.set_defaults(func=_cmd_provision)

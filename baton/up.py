@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import asyncpg
 
@@ -130,7 +131,7 @@ class Stack:
                 if not wait_http(f"http://127.0.0.1:{mport}/metrics", 30):
                     raise RuntimeError(f"{name} did not start; see {self.logs / (name + '.log')}")
             token = devtoken.make_token(secret, "demo", "alice")
-            info = {
+            info: dict[str, Any] = {
                 "gateway": gateway,
                 "token": token,
                 "project": "demo",
@@ -173,10 +174,9 @@ class Stack:
             nats.stop()
             say("stopped; nothing left running")
 
-    def _banner(self, info: dict[str, object]) -> None:
+    def _banner(self, info: dict[str, Any]) -> None:
         gateway, token = info["gateway"], info["token"]
-        metrics = info["metrics"]
-        assert isinstance(metrics, dict)
+        metrics: dict[str, str] = info["metrics"]
         print(
             f"""
 baton is up.

@@ -287,7 +287,9 @@ class Consumer(Generic[T]):
         await msg.term()
 
 
-async def run_consumers(consumers: list[Consumer[Any]], stop: asyncio.Event, grace_s: float) -> None:
+async def run_consumers(
+    consumers: list[Consumer[Any]], stop: asyncio.Event, grace_s: float
+) -> None:
     """Run consumers until stop; if one crashes, stop all so the supervisor restarts the process."""
     tasks = [asyncio.create_task(c.run(stop, grace_s)) for c in consumers]
     stopper = asyncio.create_task(stop.wait())

@@ -17,7 +17,13 @@ Verdict = Literal["approve", "downgrade", "override", "clarify", "stop"]
 RunStatus = Literal["queued", "running", "completed", "refused", "clarified", "failed", "cancelled"]
 ReplyKind = Literal["answer", "refusal", "clarify", "failure"]
 ErrorClass = Literal[
-    "rate_limited", "overloaded", "timeout", "bad_request", "cut_stream", "cancelled", "server_error"
+    "rate_limited",
+    "overloaded",
+    "timeout",
+    "bad_request",
+    "cut_stream",
+    "cancelled",
+    "server_error",
 ]
 
 

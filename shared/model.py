@@ -5,7 +5,9 @@ from __future__ import annotations
 import anthropic
 
 
-def client(base_url: str, api_key: str, timeout_s: float, connect_s: float = 5.0) -> anthropic.AsyncAnthropic:
+def client(
+    base_url: str, api_key: str, timeout_s: float, connect_s: float = 5.0
+) -> anthropic.AsyncAnthropic:
     """An ``AsyncAnthropic`` that never retries on its own: retries are policy's decision.
 
     Empty ``base_url``/``api_key`` leave the SDK to its own ``ANTHROPIC_*`` environment.

@@ -29,7 +29,9 @@ def service_metrics(service: str) -> ServiceMetrics:
 
 async def connect_bus(nats_url: str, service: str = "test") -> Bus:
     log = structlog.get_logger().bind(service=service)
-    return await Bus.connect(BaseSettings(nats_url=nats_url), service, service_metrics(service), log)
+    return await Bus.connect(
+        BaseSettings(nats_url=nats_url), service, service_metrics(service), log
+    )
 
 
 @contextlib.asynccontextmanager

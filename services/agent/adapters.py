@@ -26,9 +26,7 @@ class History:
 
     async def recent(self, conversation_id: str, message_id: str, limit: int) -> list[core.Turn]:
         async with self.pool.acquire() as con:
-            rows = await con.fetch(
-                RECENT, uuid.UUID(conversation_id), uuid.UUID(message_id), limit
-            )
+            rows = await con.fetch(RECENT, uuid.UUID(conversation_id), uuid.UUID(message_id), limit)
         return [core.Turn(r["role"], r["content"]) for r in reversed(rows)]
 
 
@@ -60,4 +58,3 @@ class Classifier:
             if block.type == "tool_use" and block.name == core.TOOL_NAME:
                 return block.input
         return None
-

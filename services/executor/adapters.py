@@ -28,7 +28,9 @@ class History:
     async def upto(self, conversation_id: str, message_id: str, limit: int) -> list[core.Turn]:
         """The conversation as it stood at this message, oldest first."""
         async with self.pool.acquire() as con:
-            rows = await con.fetch(HISTORY, uuid.UUID(conversation_id), uuid.UUID(message_id), limit)
+            rows = await con.fetch(
+                HISTORY, uuid.UUID(conversation_id), uuid.UUID(message_id), limit
+            )
         return [core.Turn(r["role"], r["content"]) for r in reversed(rows)]
 
 

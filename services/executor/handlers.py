@@ -24,7 +24,9 @@ class Handlers:
         self.model = model
         self.settings = settings
         self.tokens = metrics.counter(
-            "model_tokens_total", "Tokens used by model calls, by kind and model.", ("kind", "model")
+            "model_tokens_total",
+            "Tokens used by model calls, by kind and model.",
+            ("kind", "model"),
         )
         self.errors = metrics.counter(
             "model_errors_total", "Failed model calls, by error class.", ("error_class",)

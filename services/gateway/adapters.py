@@ -37,6 +37,8 @@ class Publisher:
         if not ack.duplicate:
             return e, False
         original = await self.bus.js.get_msg(subjects.STREAM_CHAT_IN, ack.seq)
+        if original.data is None:
+            raise LookupError(f"original of duplicate {e.message_id} is gone from the stream")
         return _accepted.decode(original.data), True
 
 

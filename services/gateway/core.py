@@ -111,7 +111,9 @@ def check_idempotency_key(key: str | None, max_chars: int) -> str | None:
     if key is None:
         return None
     if not key or len(key) > max_chars:
-        raise ApiError(400, "invalid_idempotency_key", f"Idempotency-Key must be 1..{max_chars} characters")
+        raise ApiError(
+            400, "invalid_idempotency_key", f"Idempotency-Key must be 1..{max_chars} characters"
+        )
     if not key.isprintable():
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be printable")
     return key
@@ -150,42 +152,58 @@ def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
     """A bus message as an SSE (event name, id, payload); None for what clients never see."""
     if subject.startswith("chat.stream."):
         d = msgspec.json.decode(data, type=m.TokenDelta)
-        return "token", f"tok:{d.run_id}:{d.attempt}:{d.seq}", {
-            "run_id": d.run_id,
-            "attempt": d.attempt,
-            "seq": d.seq,
-            "text": d.text,
-        }
+        return (
+            "token",
+            f"tok:{d.run_id}:{d.attempt}:{d.seq}",
+            {
+                "run_id": d.run_id,
+                "attempt": d.attempt,
+                "seq": d.seq,
+                "text": d.text,
+            },
+        )
     if subject.startswith("chat.persisted.user."):
         u = msgspec.json.decode(data, type=m.UserMessagePersisted)
-        return "message.created", f"msg:{u.message_id}", {
-            "id": u.message_id,
-            "conversation_id": u.conversation_id,
-            "role": "user",
-            "content": u.content,
-            "created_at": u.created_at.isoformat(),
-        }
+        return (
+            "message.created",
+            f"msg:{u.message_id}",
+            {
+                "id": u.message_id,
+                "conversation_id": u.conversation_id,
+                "role": "user",
+                "content": u.content,
+                "created_at": u.created_at.isoformat(),
+            },
+        )
     if subject.startswith("chat.persisted.assistant."):
         a = msgspec.json.decode(data, type=m.AssistantMessagePersisted)
-        return "message.completed", f"msg:{a.message_id}", {
-            "id": a.message_id,
-            "conversation_id": a.conversation_id,
-            "run_id": a.run_id,
-            "role": "assistant",
-            "kind": a.kind,
-            "status": a.status,
-            "content": a.content,
-            "created_at": a.created_at.isoformat(),
-        }
+        return (
+            "message.completed",
+            f"msg:{a.message_id}",
+            {
+                "id": a.message_id,
+                "conversation_id": a.conversation_id,
+                "run_id": a.run_id,
+                "role": "assistant",
+                "kind": a.kind,
+                "status": a.status,
+                "content": a.content,
+                "created_at": a.created_at.isoformat(),
+            },
+        )
     if subject.startswith("policy.verdict."):
         v = msgspec.json.decode(data, type=m.RunVerdict)
-        return "run.status", f"run:{v.run_id}:{v.attempt}:{v.status}", {
-            "run_id": v.run_id,
-            "message_id": v.message_id,
-            "status": v.status,
-            "verdict": v.verdict,
-            "reason": v.reason,
-            "attempt": v.attempt,
-            "model": v.model,
-        }
+        return (
+            "run.status",
+            f"run:{v.run_id}:{v.attempt}:{v.status}",
+            {
+                "run_id": v.run_id,
+                "message_id": v.message_id,
+                "status": v.status,
+                "verdict": v.verdict,
+                "reason": v.reason,
+                "attempt": v.attempt,
+                "model": v.model,
+            },
+        )
     return None

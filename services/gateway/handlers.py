@@ -36,12 +36,16 @@ class Api:
         self.reads = reads
         self.hub = hub
         self.accepts = metrics.counter(
-            "accepted_total", "Chat messages accepted (202), by whether they were duplicates.", ("duplicate",)
+            "accepted_total",
+            "Chat messages accepted (202), by whether they were duplicates.",
+            ("duplicate",),
         )
         self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
 
     def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
-        return core.authenticate(request.headers.get("authorization"), str(self.settings.jwt_secret))
+        return core.authenticate(
+            request.headers.get("authorization"), str(self.settings.jwt_secret)
+        )
 
     async def own(self, p: core.Principal, conversation_id: str) -> str:
         """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
@@ -49,7 +53,9 @@ class Api:
         try:
             owner = await self.reads.owner(cid)
         except UNAVAILABLE as exc:
-            raise core.ApiError(503, "database_unavailable", "conversation store unavailable") from exc
+            raise core.ApiError(
+                503, "database_unavailable", "conversation store unavailable"
+            ) from exc
         if owner != (p.project, p.user):
             raise core.ApiError(404, "not_found", "conversation not found")
         return cid
@@ -81,10 +87,21 @@ class Api:
         )
         try:
             original, duplicate = await self.publisher.accept(event)
+        except LookupError as exc:
+            # A duplicate whose original left the stream: the database answers once it is stored.
+            raise core.ApiError(
+                503,
+                "replay_pending",
+                "duplicate is still being stored, retry",
+                {"Retry-After": "1"},
+            ) from exc
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             # No PubAck, no 202: the client must retry (with its key, safely).
             raise core.ApiError(
-                503, "broker_unavailable", "message not accepted, please retry", {"Retry-After": "1"}
+                503,
+                "broker_unavailable",
+                "message not accepted, please retry",
+                {"Retry-After": "1"},
             ) from exc
         if duplicate:
             return self._duplicate(original, digest)
@@ -120,7 +137,9 @@ class Api:
             headers={"Idempotent-Replayed": "true"},
         )
 
-    async def messages(self, request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
+    async def messages(
+        self, request: Request[Any, Any, Any], conversation_id: str
+    ) -> dict[str, Any]:
         cid = await self.own(self.principal(request), conversation_id)
         return {"conversation_id": cid, "messages": await self._read(self.reads.messages(cid))}
 
@@ -137,9 +156,13 @@ class Api:
         try:
             return await query
         except UNAVAILABLE as exc:
-            raise core.ApiError(503, "database_unavailable", "read model unavailable, retry") from exc
+            raise core.ApiError(
+                503, "database_unavailable", "read model unavailable, retry"
+            ) from exc
 
-    async def events(self, request: Request[Any, Any, Any], conversation_id: str) -> ServerSentEvent:
+    async def events(
+        self, request: Request[Any, Any, Any], conversation_id: str
+    ) -> ServerSentEvent:
         p = self.principal(request)
         cid = core.parse_uuid(conversation_id, "conversation id")
         # A conversation that is not stored yet may be the caller's brand-new one: allow it

@@ -29,7 +29,9 @@ def error_body(status: int, code: str, message: str) -> dict[str, Any]:
 
 
 def on_api_error(_: Request[Any, Any, Any], exc: core.ApiError) -> Response[Any]:
-    return Response(error_body(exc.status, exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+    return Response(
+        error_body(exc.status, exc.code, exc.message), status_code=exc.status, headers=exc.headers
+    )
 
 
 def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -52,7 +54,10 @@ def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -
             checks["database"] = "degraded"
         # Accepting needs only NATS; a down database degrades reads, not submits.
         status = 200 if checks["nats"] == "ok" else 503
-        return Response({"status": "ready" if status == 200 else "not_ready", "checks": checks}, status_code=status)
+        return Response(
+            {"status": "ready" if status == 200 else "not_ready", "checks": checks},
+            status_code=status,
+        )
 
     @get("/openapi.json", include_in_schema=False, media_type=MediaType.JSON)
     async def openapi(request: Request[Any, Any, Any]) -> dict[str, Any]:
@@ -74,10 +79,14 @@ class HttpMetrics:
     def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
         self.app = app
         self.requests = metrics.counter(
-            "http_requests_total", "HTTP requests, by method, route and status.", ("method", "route", "status")
+            "http_requests_total",
+            "HTTP requests, by method, route and status.",
+            ("method", "route", "status"),
         )
         self.latency = metrics.histogram(
-            "http_request_seconds", "HTTP request latency, by method and route.", ("method", "route")
+            "http_request_seconds",
+            "HTTP request latency, by method and route.",
+            ("method", "route"),
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -105,7 +114,9 @@ class HttpMetrics:
 class GatewayServer(uvicorn.Server):
     """uvicorn that ends push streams first, so shutdown does not wait on idle SSE clients."""
 
-    def __init__(self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]
+    ) -> None:
         super().__init__(config)
         self.before_shutdown = before_shutdown
 

@@ -93,34 +93,37 @@ class Store:
     async def insert_user_message(self, e: m.UserMessageAccepted) -> bool:
         """Insert the message; False when it was already there (a redelivery)."""
         conv = uuid.UUID(e.conversation_id)
-        async with unavailable_is_transient("insert user message"), self.pool.acquire() as con:
-            async with con.transaction():
-                owner = await con.fetchrow(
-                    "INSERT INTO conversations (id, project_id, user_id, created_at) "
-                    "VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id "
-                    "RETURNING project_id, user_id",
-                    conv,
-                    e.project_id,
-                    e.user_id,
-                    e.created_at,
-                )
-                if (owner["project_id"], owner["user_id"]) != (e.project_id, e.user_id):
-                    raise BadData("conversation belongs to another project or user")
-                row = await con.fetchrow(
-                    "INSERT INTO messages (id, conversation_id, project_id, user_id, role, "
-                    "content, content_hash, idempotency_key, created_at) "
-                    "VALUES ($1, $2, $3, $4, 'user', $5, $6, $7, $8) "
-                    "ON CONFLICT (id) DO NOTHING RETURNING id",
-                    uuid.UUID(e.message_id),
-                    conv,
-                    e.project_id,
-                    e.user_id,
-                    e.content,
-                    e.content_hash,
-                    e.idempotency_key,
-                    e.created_at,
-                )
-                return row is not None
+        async with (
+            unavailable_is_transient("insert user message"),
+            self.pool.acquire() as con,
+            con.transaction(),
+        ):
+            owner = await con.fetchrow(
+                "INSERT INTO conversations (id, project_id, user_id, created_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id "
+                "RETURNING project_id, user_id",
+                conv,
+                e.project_id,
+                e.user_id,
+                e.created_at,
+            )
+            if (owner["project_id"], owner["user_id"]) != (e.project_id, e.user_id):
+                raise BadData("conversation belongs to another project or user")
+            row = await con.fetchrow(
+                "INSERT INTO messages (id, conversation_id, project_id, user_id, role, "
+                "content, content_hash, idempotency_key, created_at) "
+                "VALUES ($1, $2, $3, $4, 'user', $5, $6, $7, $8) "
+                "ON CONFLICT (id) DO NOTHING RETURNING id",
+                uuid.UUID(e.message_id),
+                conv,
+                e.project_id,
+                e.user_id,
+                e.content,
+                e.content_hash,
+                e.idempotency_key,
+                e.created_at,
+            )
+            return row is not None
 
     async def upsert_run(self, v: m.RunVerdict) -> None:
         async with unavailable_is_transient("upsert run"), self.pool.acquire() as con:
@@ -142,49 +145,60 @@ class Store:
 
     async def store_result(self, r: m.ExecResult) -> StoredReply:
         """Usage of this call, the run's answer and the project totals, in one transaction."""
-        async with unavailable_is_transient("store result"), self.pool.acquire() as con:
-            async with con.transaction():
-                owner = await self._owner(con, r.message_id)
-                await self._add_usage(con, r.call_id, r, r.usage, r.prices, "completed")
-                stored = await self._insert_reply(con, r.run_id, r.message_id, "answer", r.text)
-                if stored.inserted:
-                    await con.execute(ADD_PROJECT_USAGE, r.project_id, 0, 0, 0, 0, 0, 1)
-                await self._upsert_run(
-                    con,
-                    r.run_id,
-                    r.message_id,
-                    r.conversation_id,
-                    r.project_id,
-                    owner,
-                    "completed",
-                    model=r.model,
-                    attempts=r.attempt,
-                )
-                return stored
+        async with (
+            unavailable_is_transient("store result"),
+            self.pool.acquire() as con,
+            con.transaction(),
+        ):
+            owner = await self._owner(con, r.message_id)
+            await self._add_usage(con, r.call_id, r, r.usage, r.prices, "completed")
+            stored = await self._insert_reply(con, r.run_id, r.message_id, "answer", r.text)
+            if stored.inserted:
+                await con.execute(ADD_PROJECT_USAGE, r.project_id, 0, 0, 0, 0, 0, 1)
+            await self._upsert_run(
+                con,
+                r.run_id,
+                r.message_id,
+                r.conversation_id,
+                r.project_id,
+                owner,
+                "completed",
+                model=r.model,
+                attempts=r.attempt,
+            )
+            return stored
 
     async def store_failed_usage(self, f: m.ExecFailed) -> None:
         """A failed or cut call still used tokens; they are counted once, like any other call."""
-        async with unavailable_is_transient("store failed usage"), self.pool.acquire() as con:
-            async with con.transaction():
-                await self._add_usage(con, f.call_id, f, f.usage, f.prices, f.error_class)
+        async with (
+            unavailable_is_transient("store failed usage"),
+            self.pool.acquire() as con,
+            con.transaction(),
+        ):
+            await self._add_usage(con, f.call_id, f, f.usage, f.prices, f.error_class)
 
     async def store_reply(self, p: m.PolicyReply) -> StoredReply:
-        async with unavailable_is_transient("store reply"), self.pool.acquire() as con:
-            async with con.transaction():
-                stored = await self._insert_reply(con, p.run_id, p.message_id, p.kind, p.text)
-                await self._upsert_run(
-                    con,
-                    p.run_id,
-                    p.message_id,
-                    p.conversation_id,
-                    p.project_id,
-                    p.user_id,
-                    p.status,
-                )
-                return stored
+        async with (
+            unavailable_is_transient("store reply"),
+            self.pool.acquire() as con,
+            con.transaction(),
+        ):
+            stored = await self._insert_reply(con, p.run_id, p.message_id, p.kind, p.text)
+            await self._upsert_run(
+                con,
+                p.run_id,
+                p.message_id,
+                p.conversation_id,
+                p.project_id,
+                p.user_id,
+                p.status,
+            )
+            return stored
 
     async def _owner(self, con: Any, message_id: str) -> str:
-        user = await con.fetchval("SELECT user_id FROM messages WHERE id = $1", uuid.UUID(message_id))
+        user = await con.fetchval(
+            "SELECT user_id FROM messages WHERE id = $1", uuid.UUID(message_id)
+        )
         if user is None:
             raise BadData(f"result for unknown message {message_id}")
         return str(user)

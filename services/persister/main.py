@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from services.persister import config
 from services.persister.adapters import Store
@@ -27,7 +28,7 @@ async def amain() -> None:
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     h = Handlers(bus, Store(pool))
     opts = {"batch": settings.fetch_batch, "concurrency": settings.concurrency}
-    consumers = [
+    consumers: list[Consumer[Any]] = [
         Consumer(bus, subjects.PERSISTER_IN, messages.UserMessageAccepted, h.user_message, **opts),
         Consumer(bus, subjects.PERSISTER_VERDICTS, messages.RunVerdict, h.verdict, **opts),
         Consumer(bus, subjects.PERSISTER_REPLIES, messages.PolicyReply, h.reply, **opts),

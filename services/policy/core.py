@@ -71,17 +71,20 @@ def run_id_for(message_id: str) -> str:
 def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
     """The verdict on the agent's advice; the advice itself is bounded, never obeyed blindly."""
     d = e.decision
-    base = {
-        "run_id": run_id_for(e.message_id),
-        "message_id": e.message_id,
-        "conversation_id": e.conversation_id,
-        "project_id": e.project_id,
-        "user_id": e.user_id,
-        "estimated_tokens": d.estimated_tokens,
-    }
+    base = RunState(
+        run_id=run_id_for(e.message_id),
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        user_id=e.user_id,
+        estimated_tokens=d.estimated_tokens,
+        status="queued",
+        verdict="approve",
+        reason="",
+    )
     if d.action == "refuse":
-        return RunState(
-            **base,
+        return msgspec.structs.replace(
+            base,
             status="refused",
             verdict="stop",
             reason="the request was classified as one baton does not serve",
@@ -89,8 +92,8 @@ def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
             reply_text=REFUSAL_TEXT,
         )
     if d.action == "clarify" or d.ambiguous:
-        return RunState(
-            **base,
+        return msgspec.structs.replace(
+            base,
             status="clarified",
             verdict="clarify",
             reason="the request is ambiguous",
@@ -107,8 +110,8 @@ def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
     if d.model_hint and d.model_hint in rules.models:
         model = d.model_hint
     max_tokens = max(256, min(d.estimated_tokens * 2, rules.max_output_tokens))
-    return RunState(
-        **base,
+    return msgspec.structs.replace(
+        base,
         status="running",
         verdict=verdict,
         reason="; ".join(reasons),

@@ -23,7 +23,9 @@ class Handlers:
             "verdicts_total", "Verdicts on runs, by kind.", ("verdict",)
         )
         self.retries = metrics.counter(
-            "retries_total", "New attempts after an executor failure, by error class.", ("error_class",)
+            "retries_total",
+            "New attempts after an executor failure, by error class.",
+            ("error_class",),
         )
 
     async def decision(self, e: m.AgentDecision, _msg: Msg) -> str:

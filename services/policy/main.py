@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from services.policy import config, core
 from services.policy.adapters import Runs
@@ -36,9 +37,18 @@ async def amain() -> None:
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     h = Handlers(bus, Runs(kv), rules_from(settings), metrics)
     b, n = settings.fetch_batch, settings.concurrency
-    consumers = [
-        Consumer(bus, subjects.POLICY_DECISIONS, messages.AgentDecision, h.decision, batch=b, concurrency=n),
-        Consumer(bus, subjects.POLICY_FAILURES, messages.ExecFailed, h.failure, batch=b, concurrency=n),
+    consumers: list[Consumer[Any]] = [
+        Consumer(
+            bus,
+            subjects.POLICY_DECISIONS,
+            messages.AgentDecision,
+            h.decision,
+            batch=b,
+            concurrency=n,
+        ),
+        Consumer(
+            bus, subjects.POLICY_FAILURES, messages.ExecFailed, h.failure, batch=b, concurrency=n
+        ),
         Consumer(
             bus,
             subjects.POLICY_OUTCOMES,

@@ -14,7 +14,7 @@ import pytest
 from baton.devtoken import make_token
 from baton.embedded import NatsServer, free_port
 from baton.migrate import migrate
-from baton.offline_model import OfflineModelProcess, ModelSettings
+from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
 
@@ -45,9 +45,7 @@ class Pipeline(msgspec.Struct):
 
 
 @pytest.fixture
-def pipeline(
-    nats_server: NatsServer, database_url: str, tmp_path: Path
-) -> Iterator[Pipeline]:
+def pipeline(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iterator[Pipeline]:
     asyncio.run(provision(nats_server.url))
     asyncio.run(migrate(database_url))
     port = free_port()
@@ -79,7 +77,9 @@ def pipeline(
         finally:
             supervisor.stop_all(grace_s=10)
     for child in children:
-        assert child.exit_code() == 0, f"{child.name} exited with {child.exit_code()}\n{p.log_tail()}"
+        assert child.exit_code() == 0, (
+            f"{child.name} exited with {child.exit_code()}\n{p.log_tail()}"
+        )
 
 
 def _wait_healthy(url: str, timeout: float) -> None:

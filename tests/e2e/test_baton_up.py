@@ -101,7 +101,9 @@ def test_baton_up_answers_stops_cleanly_and_keeps_conversations(data_dir: Path) 
 
     again = Up(data_dir)
     try:
-        r = httpx.get(f"{again.info['gateway']}/api/conversations/{cid}/messages", headers=again.auth)
+        r = httpx.get(
+            f"{again.info['gateway']}/api/conversations/{cid}/messages", headers=again.auth
+        )
         assert r.status_code == 200
         assert r.json()["messages"] == first
     finally:

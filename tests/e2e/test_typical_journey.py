@@ -16,7 +16,14 @@ from tests.e2e.conftest import Pipeline
 pytestmark = pytest.mark.e2e
 
 
-async def _sse(client: httpx.AsyncClient, url: str, token: str, until_completed: int, out: list[dict[str, Any]], ready: asyncio.Event) -> None:
+async def _sse(
+    client: httpx.AsyncClient,
+    url: str,
+    token: str,
+    until_completed: int,
+    out: list[dict[str, Any]],
+    ready: asyncio.Event,
+) -> None:
     """Collect SSE events until ``until_completed`` message.completed events arrived."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     async with client.stream("GET", url, headers=headers, timeout=None) as resp:
@@ -53,7 +60,14 @@ async def _conversation(
     events: list[dict[str, Any]] = []
     ready = asyncio.Event()
     listener = asyncio.create_task(
-        _sse(client, f"{p.gateway}/api/conversations/{cid}/events", token, len(prompts), events, ready)
+        _sse(
+            client,
+            f"{p.gateway}/api/conversations/{cid}/events",
+            token,
+            len(prompts),
+            events,
+            ready,
+        )
     )
     await asyncio.wait_for(ready.wait(), 10)
     accepted = []
@@ -70,18 +84,42 @@ async def _conversation(
             assert not listener.done(), listener
             await asyncio.sleep(0.02)
     await asyncio.wait_for(listener, 30)
-    messages = (await client.get(f"{p.gateway}/api/conversations/{cid}/messages", headers=auth)).json()
+    messages = (
+        await client.get(f"{p.gateway}/api/conversations/{cid}/messages", headers=auth)
+    ).json()
     state = (await client.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)).json()
     usage = (await client.get(f"{p.gateway}/api/usage", headers=auth)).json()
-    return {"cid": cid, "accepted": accepted, "events": events, "messages": messages, "state": state, "usage": usage, "auth": auth}
+    return {
+        "cid": cid,
+        "accepted": accepted,
+        "events": events,
+        "messages": messages,
+        "state": state,
+        "usage": usage,
+        "auth": auth,
+    }
 
 
-async def test_two_projects_two_conversations_each_get_every_answer_once(pipeline: Pipeline) -> None:
+async def test_two_projects_two_conversations_each_get_every_answer_once(
+    pipeline: Pipeline,
+) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
         results = await asyncio.wait_for(
             asyncio.gather(
-                _conversation(client, pipeline, "acme", "alice", ["What is JetStream?", "And what is a consumer?"]),
-                _conversation(client, pipeline, "globex", "bob", ["Explain idempotency keys please", "Thanks! One more: what is a PubAck?"]),
+                _conversation(
+                    client,
+                    pipeline,
+                    "acme",
+                    "alice",
+                    ["What is JetStream?", "And what is a consumer?"],
+                ),
+                _conversation(
+                    client,
+                    pipeline,
+                    "globex",
+                    "bob",
+                    ["Explain idempotency keys please", "Thanks! One more: what is a PubAck?"],
+                ),
             ),
             60,
         )
@@ -96,7 +134,11 @@ async def test_two_projects_two_conversations_each_get_every_answer_once(pipelin
             # The streamed tokens, concatenated per run, are exactly the stored answers.
             for answer in answers:
                 tokens = sorted(
-                    (e["data"] for e in res["events"] if e["event"] == "token" and e["data"]["run_id"] == answer["run_id"]),
+                    (
+                        e["data"]
+                        for e in res["events"]
+                        if e["event"] == "token" and e["data"]["run_id"] == answer["run_id"]
+                    ),
                     key=lambda d: d["seq"],
                 )
                 assert tokens, "no tokens streamed"
@@ -108,7 +150,9 @@ async def test_two_projects_two_conversations_each_get_every_answer_once(pipelin
             statuses = {e["data"]["status"] for e in res["events"] if e["event"] == "run.status"}
             assert "running" in statuses
             runs = res["state"]["runs"]
-            assert [(r["status"], r["verdict"], r["attempts"]) for r in runs] == [("completed", "approve", 1)] * 2
+            assert [(r["status"], r["verdict"], r["attempts"]) for r in runs] == [
+                ("completed", "approve", 1)
+            ] * 2
             assert [r["run_id"] for r in runs] == [a["run_id"] for a in answers]
             usage = res["usage"]
             assert usage["runs"] == 2
@@ -128,7 +172,9 @@ async def test_two_projects_two_conversations_each_get_every_answer_once(pipelin
     assert stats["calls"] == 4
     con = await asyncpg.connect(pipeline.database_url)
     try:
-        row = await con.fetchrow("SELECT sum(output_tokens) AS o, sum(input_tokens) AS i, count(*) AS n FROM usage")
+        row = await con.fetchrow(
+            "SELECT sum(output_tokens) AS o, sum(input_tokens) AS i, count(*) AS n FROM usage"
+        )
         assert (row["n"], row["o"], row["i"]) == (4, stats["output_tokens"], stats["input_tokens"])
         assert await con.fetchval("SELECT count(*) FROM messages") == 8
     finally:

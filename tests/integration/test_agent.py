@@ -12,7 +12,14 @@ from shared import model, subjects
 from shared.bus import Consumer
 from shared.db import create_pool
 from tests.integration.conftest import Infra
-from tests.support import connect_bus, decode_all, read_subject, running, service_metrics, user_event
+from tests.support import (
+    connect_bus,
+    decode_all,
+    read_subject,
+    running,
+    service_metrics,
+    user_event,
+)
 
 
 async def _run_agent(infra: Infra, url: str, e: m.UserMessageAccepted) -> list[m.AgentDecision]:
@@ -29,7 +36,9 @@ async def _run_agent(infra: Infra, url: str, e: m.UserMessageAccepted) -> list[m
         service_metrics("agent"),
     )
     persisted = m.UserMessagePersisted(**{f: getattr(e, f) for f in e.__struct_fields__})
-    await bus.publish(subjects.persisted_user(e.project_id, e.conversation_id), persisted, msg_id="p")
+    await bus.publish(
+        subjects.persisted_user(e.project_id, e.conversation_id), persisted, msg_id="p"
+    )
     async with running(Consumer(bus, subjects.AGENT_IN, m.UserMessagePersisted, h.user_message)):
         found = await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1)
     await bus.close()

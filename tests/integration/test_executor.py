@@ -15,7 +15,14 @@ from shared import model, subjects
 from shared.bus import Consumer
 from shared.db import create_pool
 from tests.integration.conftest import Infra
-from tests.support import connect_bus, decode_all, read_subject, running, service_metrics, user_event
+from tests.support import (
+    connect_bus,
+    decode_all,
+    read_subject,
+    running,
+    service_metrics,
+    user_event,
+)
 
 
 def _task(e: m.UserMessageAccepted) -> m.ExecTask:
@@ -47,7 +54,9 @@ async def _execute(
     client = model.client(url, "test-key", cfg.stall_timeout_s)
     h = Handlers(bus, History(pool), Model(client), cfg, service_metrics("executor"))
     task = _task(e)
-    await bus.publish(subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id)
+    await bus.publish(
+        subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
+    )
     async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
         outcome = await read_subject(bus, subjects.STREAM_RESULTS, outcome_subject, 1)
     deltas = decode_all(
@@ -101,9 +110,7 @@ async def test_an_error_in_the_middle_of_a_stream_reports_the_tokens_already_sen
     assert len(deltas) == 4
 
 
-async def test_a_stalled_stream_times_out(
-    infra: Infra, offline_model: OfflineModelProcess
-) -> None:
+async def test_a_stalled_stream_times_out(infra: Infra, offline_model: OfflineModelProcess) -> None:
     offline_model.set_faults([{"kind": "stall", "after_tokens": 2, "stall_seconds": 30}])
     _, [failed] = await _execute(
         infra, offline_model.url, "hello", "exec.failed.>", stall_timeout_s=1.0

@@ -59,7 +59,10 @@ async def gateway(infra: Infra) -> AsyncIterator[Gateway]:
 
 
 async def _accepted(bus: Bus, at_least: int) -> list[m.UserMessageAccepted]:
-    return decode_all(await read_subject(bus, subjects.STREAM_CHAT_IN, "chat.in.>", at_least), m.UserMessageAccepted)
+    return decode_all(
+        await read_subject(bus, subjects.STREAM_CHAT_IN, "chat.in.>", at_least),
+        m.UserMessageAccepted,
+    )
 
 
 async def test_a_message_is_accepted_once_it_is_in_jetstream(gateway: Gateway) -> None:
@@ -80,9 +83,15 @@ async def test_a_message_is_accepted_once_it_is_in_jetstream(gateway: Gateway) -
         {},
         {"Authorization": "Basic abc"},
         {"Authorization": "Bearer not-a-jwt"},
-        {"Authorization": "Bearer " + jwt.encode({"sub": "u", "project": "p", "exp": 9999999999}, "wrong-secret")},
+        {
+            "Authorization": "Bearer "
+            + jwt.encode({"sub": "u", "project": "p", "exp": 9999999999}, "wrong-secret")
+        },
         {"Authorization": "Bearer " + jwt.encode({"sub": "u", "project": "p", "exp": 1}, SECRET)},
-        {"Authorization": "Bearer " + jwt.encode({"sub": "u", "project": "p.>", "exp": 9999999999}, SECRET)},
+        {
+            "Authorization": "Bearer "
+            + jwt.encode({"sub": "u", "project": "p.>", "exp": 9999999999}, SECRET)
+        },
         {"Authorization": "Bearer " + jwt.encode({"sub": "u", "project": "p"}, SECRET)},
     ],
     ids=["missing", "basic", "garbage", "wrong-secret", "expired", "wildcard-claim", "no-exp"],
@@ -152,7 +161,10 @@ async def test_a_retry_with_the_same_key_returns_the_original_message(gateway: G
 async def test_concurrent_submits_with_one_key_make_one_message(gateway: Gateway) -> None:
     headers = {**gateway.auth(), "Idempotency-Key": "burst"}
     replies = await asyncio.gather(
-        *(gateway.client.post("/api/chat", json={"content": "burst"}, headers=headers) for _ in range(20))
+        *(
+            gateway.client.post("/api/chat", json={"content": "burst"}, headers=headers)
+            for _ in range(20)
+        )
     )
     assert {r.status_code for r in replies} == {202}
     assert len({r.json()["message"]["id"] for r in replies}) == 1
@@ -170,10 +182,14 @@ async def test_the_same_key_with_another_body_is_refused(gateway: Gateway) -> No
 
 async def test_keys_are_scoped_per_user(gateway: Gateway) -> None:
     a = await gateway.client.post(
-        "/api/chat", json={"content": "x"}, headers={**gateway.auth(user="a"), "Idempotency-Key": "k"}
+        "/api/chat",
+        json={"content": "x"},
+        headers={**gateway.auth(user="a"), "Idempotency-Key": "k"},
     )
     b = await gateway.client.post(
-        "/api/chat", json={"content": "x"}, headers={**gateway.auth(user="b"), "Idempotency-Key": "k"}
+        "/api/chat",
+        json={"content": "x"},
+        headers={**gateway.auth(user="b"), "Idempotency-Key": "k"},
     )
     assert a.json()["message"]["id"] != b.json()["message"]["id"]
     assert b.json()["duplicate"] is False
@@ -185,7 +201,9 @@ async def test_a_key_over_255_characters_is_refused(gateway: Gateway) -> None:
     assert r.status_code == 400
 
 
-async def test_a_replay_after_the_message_is_stored_answers_from_the_database(gateway: Gateway) -> None:
+async def test_a_replay_after_the_message_is_stored_answers_from_the_database(
+    gateway: Gateway,
+) -> None:
     headers = {**gateway.auth(), "Idempotency-Key": "stored"}
     first = await gateway.client.post("/api/chat", json={"content": "kept"}, headers=headers)
     [event] = await _accepted(gateway.bus, 1)
@@ -214,7 +232,9 @@ async def test_other_users_and_projects_get_404_for_a_conversation(gateway: Gate
             "/api/chat", json={"content": "sneak", "conversation_id": cid}, headers=auth
         )
         assert post.status_code == 404
-    missing = await gateway.client.get(f"/api/conversations/{uuid.uuid4()}/messages", headers=gateway.auth())
+    missing = await gateway.client.get(
+        f"/api/conversations/{uuid.uuid4()}/messages", headers=gateway.auth()
+    )
     assert missing.status_code == 404
     bad = await gateway.client.get("/api/conversations/not-a-uuid/messages", headers=gateway.auth())
     assert bad.status_code == 422
@@ -224,7 +244,12 @@ async def test_usage_starts_at_zero_for_a_new_project(gateway: Gateway) -> None:
     r = await gateway.client.get("/api/usage", headers=gateway.auth(project="fresh"))
     assert r.status_code == 200
     body = r.json()
-    assert (body["input_tokens"], body["output_tokens"], body["runs"], body["cost_usd"]) == (0, 0, 0, 0.0)
+    assert (body["input_tokens"], body["output_tokens"], body["runs"], body["cost_usd"]) == (
+        0,
+        0,
+        0,
+        0.0,
+    )
 
 
 async def test_health_readiness_and_openapi(gateway: Gateway) -> None:
@@ -240,5 +265,3 @@ async def test_unknown_routes_and_methods_get_json_errors(gateway: Gateway) -> N
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = await gateway.client.get("/api/chat", headers=gateway.auth())
     assert r.status_code == 405
-
-

@@ -44,7 +44,9 @@ def _result(e: m.UserMessageAccepted, call: int, text: str = "the answer") -> m.
         attempt=1,
         model="claude-sonnet-4-6",
         text=text,
-        usage=m.Usage(input_tokens=100, output_tokens=50, cache_read_tokens=10, cache_write_tokens=5),
+        usage=m.Usage(
+            input_tokens=100, output_tokens=50, cache_read_tokens=10, cache_write_tokens=5
+        ),
         prices=m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
     )
 
@@ -76,12 +78,16 @@ async def test_two_results_for_one_run_store_one_answer_and_count_both_calls(inf
         await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
         for r in (first, second, first):
             await bus.publish(
-                subjects.exec_result(e.project_id, e.conversation_id), r, msg_id=r.call_id + str(uuid.uuid4())
+                subjects.exec_result(e.project_id, e.conversation_id),
+                r,
+                msg_id=r.call_id + str(uuid.uuid4()),
             )
         found = await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1)
         await eventually(lambda: pool.fetchval("SELECT count(*) = 2 FROM usage"))
     announced = decode_all(found, m.AssistantMessagePersisted)
-    assert [(a.content, a.status, a.kind) for a in announced] == [("first answer", "completed", "answer")]
+    assert [(a.content, a.status, a.kind) for a in announced] == [
+        ("first answer", "completed", "answer")
+    ]
     replies = await pool.fetch("SELECT content FROM messages WHERE role = 'assistant'")
     assert [r["content"] for r in replies] == ["first answer"]
     totals = await pool.fetchrow("SELECT * FROM project_usage WHERE project_id = $1", e.project_id)
@@ -120,7 +126,9 @@ async def test_a_late_verdict_never_moves_a_completed_run_backwards(infra: Infra
         r = _result(e, 1)
         await bus.publish(subjects.exec_result(e.project_id, e.conversation_id), r, msg_id="r1")
         await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1)
-        await bus.publish(subjects.policy_verdict(e.project_id, e.conversation_id), verdict, msg_id="v1")
+        await bus.publish(
+            subjects.policy_verdict(e.project_id, e.conversation_id), verdict, msg_id="v1"
+        )
 
         async def verdict_stored() -> asyncpg.Record | None:
             row = await pool.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
@@ -150,9 +158,7 @@ async def test_poison_and_foreign_conversation_messages_are_dead_lettered_with_r
     await bus.publish(subject, future, msg_id="future")
     await bus.publish(subject, intruder, msg_id=intruder.message_id)
     async with running(*consumers):
-        letters = decode_all(
-            await read_subject(bus, subjects.STREAM_DLQ, "dlq.>", 4), m.DeadLetter
-        )
+        letters = decode_all(await read_subject(bus, subjects.STREAM_DLQ, "dlq.>", 4), m.DeadLetter)
     reasons = sorted(letter.reason.split(":")[0] for letter in letters)
     assert reasons == [
         "conversation belongs to another project or user",

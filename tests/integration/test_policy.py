@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 from services.policy import core
 from services.policy.adapters import Runs
+from services.policy.config import Settings
 from services.policy.handlers import Handlers
 from services.policy.main import rules_from
-from services.policy.config import Settings
 from shared import messages as m
 from shared import subjects
 from shared.bus import Consumer
@@ -71,7 +71,9 @@ async def test_a_decision_delivered_three_times_makes_one_run_and_one_task(infra
     for i in range(3):
         await bus.publish(subject, d, msg_id=f"copy-{i}")
     async with running(*consumers):
-        tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask)
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )
         verdicts = decode_all(
             await read_subject(bus, subjects.STREAM_POLICY, "policy.verdict.>", 1), m.RunVerdict
         )
@@ -105,9 +107,13 @@ async def test_retryable_failures_retry_until_attempts_run_out_then_a_failure_no
     p, c = d.project_id, d.conversation_id
     await bus.publish(subjects.agent_decision(p, c), d, msg_id="d")
     async with running(*consumers):
-        first = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask)[0]
+        first = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )[0]
         await bus.publish(subjects.exec_failed(p, c), _failure(first, "overloaded"), msg_id="f1")
-        tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask
+        )
         second = tasks[1]
         # A stale copy of the first failure changes nothing.
         await bus.publish(subjects.exec_failed(p, c), _failure(first, "overloaded"), msg_id="f1b")
@@ -115,7 +121,9 @@ async def test_retryable_failures_retry_until_attempts_run_out_then_a_failure_no
         replies = decode_all(
             await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
         )
-        tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask
+        )
     assert [t.attempt for t in tasks] == [1, 2]
     assert [(r.kind, r.status) for r in replies] == [("failure", "failed")]
     assert "timeout" in replies[0].text
@@ -128,7 +136,9 @@ async def test_a_bad_request_is_not_retried(infra: Infra) -> None:
     p, c = d.project_id, d.conversation_id
     await bus.publish(subjects.agent_decision(p, c), d, msg_id="d")
     async with running(*consumers):
-        first = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask)[0]
+        first = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )[0]
         await bus.publish(subjects.exec_failed(p, c), _failure(first, "bad_request"), msg_id="f1")
         replies = decode_all(
             await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
