@@ -177,8 +177,9 @@ def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
         )
     if subject.startswith("chat.persisted.assistant."):
         a = msgspec.json.decode(data, type=m.AssistantMessagePersisted)
+        # Every run ends with exactly one of these two events: its answer or its failure notice.
         return (
-            "message.completed",
+            "run.failed" if a.kind == "failure" else "message.completed",
             f"msg:{a.message_id}",
             {
                 "id": a.message_id,

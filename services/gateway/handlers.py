@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import nats.errors
 from litestar import Request, Response, get, post
+from litestar.params import FromPath
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from services.gateway import core
@@ -205,15 +206,21 @@ def routes(api: Api) -> list[Any]:
         return await api.chat(request)
 
     @get("/api/conversations/{conversation_id:str}/messages", summary="Messages in order")
-    async def messages(request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
+    async def messages(
+        request: Request[Any, Any, Any], conversation_id: FromPath[str]
+    ) -> dict[str, Any]:
         return await api.messages(request, conversation_id)
 
     @get("/api/conversations/{conversation_id:str}/state", summary="Runs and verdicts")
-    async def state(request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
+    async def state(
+        request: Request[Any, Any, Any], conversation_id: FromPath[str]
+    ) -> dict[str, Any]:
         return await api.state(request, conversation_id)
 
     @get("/api/conversations/{conversation_id:str}/events", summary="Server-Sent Events")
-    async def events(request: Request[Any, Any, Any], conversation_id: str) -> ServerSentEvent:
+    async def events(
+        request: Request[Any, Any, Any], conversation_id: FromPath[str]
+    ) -> ServerSentEvent:
         return await api.events(request, conversation_id)
 
     @post(
@@ -221,7 +228,9 @@ def routes(api: Api) -> list[Any]:
         status_code=202,
         summary="Cancel a run (not implemented yet: 501)",
     )
-    async def cancel(request: Request[Any, Any, Any], conversation_id: str, run_id: str) -> None:
+    async def cancel(
+        request: Request[Any, Any, Any], conversation_id: FromPath[str], run_id: FromPath[str]
+    ) -> None:
         await api.own(api.principal(request), conversation_id)
         raise core.ApiError(501, "not_implemented", "run cancellation is not implemented yet")
 

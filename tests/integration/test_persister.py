@@ -151,13 +151,17 @@ async def test_poison_and_foreign_conversation_messages_are_dead_lettered_with_r
     owner = user_event(user="alice")
     intruder = user_event(user="mallory", conversation_id=owner.conversation_id)
     subject = subjects.chat_in("p1", owner.conversation_id)
-    await bus.publish(subject, owner, msg_id=owner.message_id)
-    await bus.js.publish(subject, b"{not json", headers={"Nats-Msg-Id": "garbage"})
-    await bus.js.publish(subject, msgspec.json.encode({"v": 1}), headers={"Nats-Msg-Id": "partial"})
-    future = msgspec.structs.replace(user_event(), v=99)
-    await bus.publish(subject, future, msg_id="future")
-    await bus.publish(subject, intruder, msg_id=intruder.message_id)
     async with running(*consumers):
+        # The owner's message is stored first; only then do the bad ones arrive.
+        await bus.publish(subject, owner, msg_id=owner.message_id)
+        await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
+        await bus.js.publish(subject, b"{not json", headers={"Nats-Msg-Id": "garbage"})
+        await bus.js.publish(
+            subject, msgspec.json.encode({"v": 1}), headers={"Nats-Msg-Id": "partial"}
+        )
+        future = msgspec.structs.replace(user_event(), v=99)
+        await bus.publish(subject, future, msg_id="future")
+        await bus.publish(subject, intruder, msg_id=intruder.message_id)
         letters = decode_all(await read_subject(bus, subjects.STREAM_DLQ, "dlq.>", 4), m.DeadLetter)
     reasons = sorted(letter.reason.split(":")[0] for letter in letters)
     assert reasons == [

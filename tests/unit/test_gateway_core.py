@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime
 
 import jwt
+import msgspec
 import pytest
 
 from services.gateway import core as gw
@@ -197,3 +198,9 @@ def test_push_event_maps_each_subject_family_to_its_sse_event(
 )
 def test_push_event_returns_none_for_subjects_clients_never_see(subject: str) -> None:
     assert gw.push_event(subject, encode(VERDICT)) is None
+
+
+def test_a_failure_notice_ends_the_run_with_run_failed_instead_of_message_completed() -> None:
+    failure = msgspec.structs.replace(ASSISTANT, kind="failure", status="failed")
+    name, _, payload = gw.push_event("chat.persisted.assistant.acme.c1", encode(failure))
+    assert (name, payload["kind"], payload["status"]) == ("run.failed", "failure", "failed")
