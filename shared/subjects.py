@@ -72,8 +72,14 @@ def dead_letter(stream: str, consumer: str) -> str:
     return f"dlq.{stream}.{consumer}"
 
 
+# Prefixes of the subject families the gateway pushes to clients.
+PREFIX_TOKENS = "chat.stream."
+PREFIX_PERSISTED_USER = "chat.persisted.user."
+PREFIX_PERSISTED_ASSISTANT = "chat.persisted.assistant."
+PREFIX_VERDICT = "policy.verdict."
+
 # What the gateway listens to (one subscription each per process, fanned out in memory).
-PUSH_SUBJECTS = ("chat.persisted.>", "chat.stream.>", "policy.verdict.>")
+PUSH_SUBJECTS = ("chat.persisted.>", PREFIX_TOKENS + ">", PREFIX_VERDICT + ">")
 
 # ---- consumers -----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import jwt
 import msgspec
 
 from shared import messages as m
+from shared import subjects
 from shared.subjects import is_safe_token
 
 # Ids derived from (project, user, Idempotency-Key) make a retried submit the same submit.
@@ -150,7 +151,7 @@ def accepted(e: m.UserMessageAccepted, duplicate: bool) -> ChatAccepted:
 
 def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | None:
     """A bus message as an SSE (event name, id, payload); None for what clients never see."""
-    if subject.startswith("chat.stream."):
+    if subject.startswith(subjects.PREFIX_TOKENS):
         d = msgspec.json.decode(data, type=m.TokenDelta)
         return (
             "token",
@@ -162,7 +163,7 @@ def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
                 "text": d.text,
             },
         )
-    if subject.startswith("chat.persisted.user."):
+    if subject.startswith(subjects.PREFIX_PERSISTED_USER):
         u = msgspec.json.decode(data, type=m.UserMessagePersisted)
         return (
             "message.created",
@@ -175,7 +176,7 @@ def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
                 "created_at": u.created_at.isoformat(),
             },
         )
-    if subject.startswith("chat.persisted.assistant."):
+    if subject.startswith(subjects.PREFIX_PERSISTED_ASSISTANT):
         a = msgspec.json.decode(data, type=m.AssistantMessagePersisted)
         # Every run ends with exactly one of these two events: its answer or its failure notice.
         return (
@@ -192,7 +193,7 @@ def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
                 "created_at": a.created_at.isoformat(),
             },
         )
-    if subject.startswith("policy.verdict."):
+    if subject.startswith(subjects.PREFIX_VERDICT):
         v = msgspec.json.decode(data, type=m.RunVerdict)
         return (
             "run.status",
