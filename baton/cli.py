@@ -47,6 +47,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             user=os.environ.get("BATON_NATS_USER", ""),
             password=os.environ.get("BATON_NATS_PASSWORD", ""),
+            ack_wait_s=args.ack_wait,
         )
     ):
         print(line)
@@ -97,6 +98,12 @@ def parser() -> argparse.ArgumentParser:
     )
     prov.add_argument("--dedup-window", type=float, default=120.0, help="seconds")
     prov.add_argument("--replicas", type=int, default=1)
+    prov.add_argument(
+        "--ack-wait",
+        type=float,
+        default=None,
+        help="seconds before an unacked message is redelivered",
+    )
     prov.set_defaults(func=_cmd_provision)
 
     mig = sub.add_parser("migrate", help="apply database migrations")

@@ -100,6 +100,8 @@ class _Request(_CountRequest, kw_only=True):
     stream: bool = False
 
 
+# A client may tag a call so the ledger (GET /_control/calls) can be reconciled call by call.
+CALL_ID_HEADER = "x-baton-call-id"
 _INPUT_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 # Reply vocabulary; the typographic and multi-byte entries make clients exercise UTF-8 handling.
 _WORDS = (
@@ -360,6 +362,7 @@ class _State:
         self.faults = [msgspec.structs.replace(f) for f in settings.faults]
         self.cache: set[bytes] = set()
         self.stats = _Stats()
+        self.ledger: dict[str, dict[str, Any]] = {}
 
     def take_fault(self, text: str) -> FaultRule | None:
         rule = next((r for r in self.faults if r.count != 0 and r.match in text), None)
@@ -481,7 +484,9 @@ async def _read_json(receive: Receive, limit: int) -> Any:
         raise _BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
-async def _stream(state: _State, plan: _Plan, fault: Fault, watch: _Watch, send: Send) -> None:
+async def _stream(
+    state: _State, plan: _Plan, fault: Fault, watch: _Watch, send: Send, entry: dict[str, Any]
+) -> None:
     settings, loop = state.settings, asyncio.get_running_loop()
     sent, done = 0, False
     try:
@@ -492,6 +497,7 @@ async def _stream(state: _State, plan: _Plan, fault: Fault, watch: _Watch, send:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await _frame(send, "message_start", {"message": _message(plan, True)})
         state.stats.bump(plan.model, **plan.usage)
+        entry.update(plan.usage)
         block = plan.tool | {"input": {}} if plan.tool else {"type": "text", "text": ""}
         await _frame(send, "content_block_start", {"index": 0, "content_block": block})
         await _frame(send, "ping", {})
@@ -522,22 +528,37 @@ async def _stream(state: _State, plan: _Plan, fault: Fault, watch: _Watch, send:
         done = True
     finally:
         state.stats.bump(plan.model, output_tokens=sent, completed=int(done))
+        entry["output_tokens"] = sent
+        entry["outcome"] = "completed" if done else fault.kind if fault else "client_disconnected"
         if not done and fault is None:
             state.stats.error(plan.model, "client_disconnected")
 
 
-async def _reply(state: _State, plan: _Plan, fault: Fault, watch: _Watch, send: Send) -> None:
+async def _reply(
+    state: _State, plan: _Plan, fault: Fault, watch: _Watch, send: Send, entry: dict[str, Any]
+) -> None:
     tps = state.settings.tokens_per_second
     delay = state.settings.ttft_ms / 1000 + (len(plan.chunks) / tps if tps > 0 else 0)
     if await watch.sleep(delay + (fault.stall_seconds if fault else 0)):
         if fault is None:
             state.stats.error(plan.model, "client_disconnected")
+        entry["outcome"] = fault.kind if fault else "client_disconnected"
         return
     await _send_json(send, 200, _message(plan, False))
     state.stats.bump(plan.model, **plan.usage, output_tokens=len(plan.chunks), completed=1)
+    entry.update(plan.usage, output_tokens=len(plan.chunks), outcome="completed")
 
 
-async def _messages(state: _State, receive: Receive, send: Send) -> None:
+def _ledger_entry(state: _State, call_id: str, model: str) -> dict[str, Any]:
+    """What one tagged call used, so a caller can reconcile its own bookkeeping call by call."""
+    entry: dict[str, Any] = dict.fromkeys((*_INPUT_KEYS, "output_tokens"), 0)
+    entry.update(model=model, outcome="open")
+    if call_id:
+        state.ledger[call_id] = entry
+    return entry
+
+
+async def _messages(state: _State, receive: Receive, send: Send, call_id: str = "") -> None:
     try:
         body = _validate(await _read_json(receive, state.settings.max_body_bytes), _Request)
     except _BadRequest as exc:
@@ -547,8 +568,10 @@ async def _messages(state: _State, receive: Receive, send: Send) -> None:
     model, user_text = body["model"], _last_user_text(body["messages"])
     state.stats.bump(model, calls=1)
     fault, streaming = state.take_fault(user_text), body.get("stream") is True
+    entry = _ledger_entry(state, call_id, model)
     if fault is not None:
         state.stats.error(model, fault.kind)
+        entry["outcome"] = fault.kind
         if fault.kind in _FAULT_ERRORS or (fault.kind == "midstream_error" and not streaming):
             status = 529 if fault.kind == "midstream_error" else int(fault.kind)
             extra = {"retry-after": str(fault.retry_after)} if status == 429 else {}
@@ -557,7 +580,7 @@ async def _messages(state: _State, receive: Receive, send: Send) -> None:
     watch = _Watch(receive)
     try:
         plan = state.plan(body, user_text)
-        await (_stream if streaming else _reply)(state, plan, fault, watch, send)
+        await (_stream if streaming else _reply)(state, plan, fault, watch, send, entry)
     finally:
         watch.close()
 
@@ -568,6 +591,8 @@ async def _control(state: _State, method: str, path: str, receive: Receive, send
         return await _send_json(send, 200, {"status": "ok"})
     if route == ("GET", "/_control/stats"):
         return await _send_json(send, 200, state.stats.snapshot())
+    if route == ("GET", "/_control/calls"):
+        return await _send_json(send, 200, {"calls": state.ledger})
     if route in (("POST", "/_control/faults"), ("POST", "/_control/settings")):
         raw = await _read_json(receive, state.settings.max_body_bytes)
         try:
@@ -587,7 +612,7 @@ async def _control(state: _State, method: str, path: str, receive: Receive, send
         return await _send_json(send, 200, state.settings)
     if route == ("POST", "/_control/reset"):
         state.stats.reset()
-        state.faults, state.cache = [], set()
+        state.faults, state.cache, state.ledger = [], set(), {}
         return await _send_json(send, 200, {"status": "reset"})
     raise _BadRequest(f"{method} {path} not found", 404, "not_found_error")
 
@@ -613,7 +638,8 @@ def create_app(settings: ModelSettings) -> App:
         method, path = scope["method"], scope["path"].rstrip("/") or "/"
         try:
             if (method, path) == ("POST", "/v1/messages"):
-                await _messages(state, receive, tracked)
+                call_id = dict(scope["headers"]).get(CALL_ID_HEADER.encode(), b"").decode()
+                await _messages(state, receive, tracked, call_id)
             elif (method, path) == ("POST", "/v1/messages/count_tokens"):
                 raw = await _read_json(receive, state.settings.max_body_bytes)
                 body = _validate(raw, _CountRequest)
@@ -736,6 +762,11 @@ class OfflineModelProcess:
 
         response = httpx.request(method, f"{self.url}{path}", json=payload, timeout=5)
         return response.raise_for_status().json()
+
+    def calls(self) -> dict[str, dict[str, Any]]:
+        """Per-call ledger of calls tagged with the ``x-baton-call-id`` header."""
+        result: dict[str, dict[str, Any]] = self._call("GET", "/_control/calls")["calls"]
+        return result
 
     def stats(self) -> dict[str, Any]:
         return dict(self._call("GET", "/_control/stats"))

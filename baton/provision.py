@@ -33,13 +33,13 @@ def stream_config(spec: subjects.StreamSpec, dedup_window_s: float, replicas: in
     )
 
 
-def consumer_config(spec: subjects.ConsumerSpec) -> ConsumerConfig:
+def consumer_config(spec: subjects.ConsumerSpec, ack_wait_s: float | None = None) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=spec.durable,
         filter_subject=spec.filter_subject,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
-        ack_wait=spec.ack_wait_s,
+        ack_wait=ack_wait_s or spec.ack_wait_s,
         max_deliver=spec.max_deliver,
         max_ack_pending=spec.max_ack_pending,
     )
@@ -51,6 +51,7 @@ async def provision(
     replicas: int = 1,
     user: str = "",
     password: str = "",
+    ack_wait_s: float | None = None,
 ) -> list[str]:
     """Create or update everything; safe to run again. Returns what it did, one line each."""
     options: dict[str, object] = {"servers": [nats_url], "connect_timeout": 5}
@@ -70,7 +71,7 @@ async def provision(
                 await js.add_stream(cfg)
                 done.append(f"stream {spec.name} created")
         for cspec in subjects.CONSUMERS:
-            await js.add_consumer(cspec.stream, consumer_config(cspec))
+            await js.add_consumer(cspec.stream, consumer_config(cspec, ack_wait_s))
             done.append(f"consumer {cspec.stream}/{cspec.durable} ready")
         await js.create_key_value(
             KeyValueConfig(

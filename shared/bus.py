@@ -146,6 +146,7 @@ class Consumer(Generic[T]):
         self.batch = batch
         self.concurrency = max(1, concurrency)
         self.inflight: dict[asyncio.Task[None], Msg] = {}
+        self.ack_wait_s = spec.ack_wait_s
         self.log = bus.log.bind(consumer=spec.durable)
 
     async def run(self, stop: asyncio.Event, grace_s: float = 20.0) -> None:
@@ -185,19 +186,31 @@ class Consumer(Generic[T]):
         # Services only bind: creating consumers is provisioning's job (and its permission).
         while True:
             try:
-                return await self.bus.js.pull_subscribe_bind(
+                sub = await self.bus.js.pull_subscribe_bind(
                     durable=self.spec.durable, stream=self.spec.stream
                 )
+                await self._learn_ack_wait()
+                return sub
             except (nats.errors.Error, OSError) as exc:
                 if stop.is_set():
                     raise
                 self.log.warning("bind_failed", error=str(exc))
                 await asyncio.sleep(1.0)
 
+    async def _learn_ack_wait(self) -> None:
+        # The provisioned ack_wait is the truth (operators may tune it); heartbeats follow it.
+        try:
+            info = await self.bus.js.consumer_info(self.spec.stream, self.spec.durable)
+        except (nats.errors.Error, OSError) as exc:
+            self.log.warning("consumer_info_failed", error=repr(exc))
+            return
+        if info.config.ack_wait:
+            self.ack_wait_s = float(info.config.ack_wait)
+
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         # Long handlers (a model stream) must not be redelivered while they are healthy.
-        interval = max(self.spec.ack_wait_s / 3, 0.5)
         while True:
+            interval = max(self.ack_wait_s / 3, 0.2)
             await asyncio.sleep(interval)
             for msg in list(self.inflight.values()):
                 try:

@@ -12,6 +12,8 @@ import msgspec
 from services.executor import core
 from shared.messages import Usage
 
+CALL_ID_HEADER = "x-baton-call-id"
+
 HISTORY = """
 SELECT role, content FROM messages
 WHERE conversation_id = $1
@@ -62,6 +64,7 @@ class Model:
         messages: list[dict[str, Any]],
         max_tokens: int,
         on_text: Callable[[str], Awaitable[None]],
+        call_id: str = "",
     ) -> StreamOutcome:
         counts = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0, "deltas": 0}
         parts: list[str] = []
@@ -72,6 +75,8 @@ class Model:
                 system=system,  # type: ignore[arg-type]
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=max_tokens,
+                # Ignored by the API; lets the offline model's ledger be matched call by call.
+                extra_headers={CALL_ID_HEADER: call_id} if call_id else None,
             ) as stream:
                 async for event in stream:
                     if event.type == "message_start":

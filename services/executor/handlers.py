@@ -75,6 +75,7 @@ class Handlers:
                 prompt,
                 t.max_tokens,
                 on_text,
+                call_id,
             )
         except StreamFailed as exc:
             error_class = core.classify(exc.cause)

@@ -86,6 +86,13 @@ async def test_a_streamed_answer_arrives_in_order_and_its_usage_matches_the_mode
         cache_write_tokens=stats["cache_creation_input_tokens"],
     )
     assert result.usage.cache_write_tokens > 0  # the system prompt is marked for caching
+    # The call is tagged, so the model's own ledger matches it call by call.
+    entry = offline_model.calls()[result.call_id]
+    assert (entry["outcome"], entry["output_tokens"], entry["input_tokens"]) == (
+        "completed",
+        result.usage.output_tokens,
+        result.usage.input_tokens,
+    )
     assert result.stop_reason == "end_turn"
 
 
