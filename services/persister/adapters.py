@@ -56,6 +56,31 @@ ON CONFLICT DO NOTHING
 RETURNING id
 """
 
+# DISTINCT ON: one statement may not touch a row twice; the earliest message names the owner.
+INSERT_CONVERSATIONS = """
+INSERT INTO conversations (id, project_id, user_id, created_at)
+SELECT DISTINCT ON (id) id, project_id, user_id, created_at
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
+     AS t(id, project_id, user_id, created_at)
+ORDER BY id, created_at
+ON CONFLICT (id) DO NOTHING
+"""
+
+SELECT_OWNERS = "SELECT id, project_id, user_id FROM conversations WHERE id = ANY($1::uuid[])"
+
+INSERT_MESSAGES = """
+INSERT INTO messages (id, conversation_id, project_id, user_id, role, content, content_hash,
+                      idempotency_key, created_at)
+SELECT id, conversation_id, project_id, user_id, 'user', content, content_hash, key, created_at
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::timestamptz[])
+     WITH ORDINALITY AS t(id, conversation_id, project_id, user_id, content, content_hash, key,
+                          created_at, n)
+ORDER BY n
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+
 SELECT_REPLY = """
 SELECT id, conversation_id, project_id, user_id, reply_to, kind, content, created_at
 FROM messages WHERE run_id = $1 AND role = 'assistant'
@@ -91,39 +116,58 @@ class Store:
         self.pool = pool
 
     async def insert_user_message(self, e: m.UserMessageAccepted) -> bool:
-        """Insert the message; False when it was already there (a redelivery)."""
-        conv = uuid.UUID(e.conversation_id)
+        """Insert one message; False when it was already there (a redelivery)."""
+        [result] = await self.insert_user_messages([e])
+        if isinstance(result, BadData):
+            raise result
+        return result
+
+    async def insert_user_messages(
+        self, events: list[m.UserMessageAccepted]
+    ) -> list[bool | BadData]:
+        """Many user messages in one transaction and three round trips (a group commit).
+
+        Per message: True if inserted, False if it was already there, BadData if its
+        conversation belongs to someone else (the rest of the batch is still stored).
+        """
+        ordered = sorted(events, key=lambda e: e.created_at)
+        convs = [uuid.UUID(e.conversation_id) for e in ordered]
         async with (
-            unavailable_is_transient("insert user message"),
+            unavailable_is_transient("insert user messages"),
             self.pool.acquire() as con,
             con.transaction(),
         ):
-            owner = await con.fetchrow(
-                "INSERT INTO conversations (id, project_id, user_id, created_at) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id "
-                "RETURNING project_id, user_id",
-                conv,
-                e.project_id,
-                e.user_id,
-                e.created_at,
+            await con.execute(
+                INSERT_CONVERSATIONS,
+                convs,
+                [e.project_id for e in ordered],
+                [e.user_id for e in ordered],
+                [e.created_at for e in ordered],
             )
-            if (owner["project_id"], owner["user_id"]) != (e.project_id, e.user_id):
-                raise BadData("conversation belongs to another project or user")
-            row = await con.fetchrow(
-                "INSERT INTO messages (id, conversation_id, project_id, user_id, role, "
-                "content, content_hash, idempotency_key, created_at) "
-                "VALUES ($1, $2, $3, $4, 'user', $5, $6, $7, $8) "
-                "ON CONFLICT (id) DO NOTHING RETURNING id",
-                uuid.UUID(e.message_id),
-                conv,
-                e.project_id,
-                e.user_id,
-                e.content,
-                e.content_hash,
-                e.idempotency_key,
-                e.created_at,
+            owners = {
+                r["id"]: (r["project_id"], r["user_id"])
+                for r in await con.fetch(SELECT_OWNERS, list(set(convs)))
+            }
+            ok = [
+                e
+                for e in ordered
+                if owners.get(uuid.UUID(e.conversation_id)) == (e.project_id, e.user_id)
+            ]
+            rows = await con.fetch(
+                INSERT_MESSAGES,
+                [uuid.UUID(e.message_id) for e in ok],
+                [uuid.UUID(e.conversation_id) for e in ok],
+                [e.project_id for e in ok],
+                [e.user_id for e in ok],
+                [e.content for e in ok],
+                [e.content_hash for e in ok],
+                [e.idempotency_key for e in ok],
+                [e.created_at for e in ok],
             )
-            return row is not None
+        inserted = {str(r["id"]) for r in rows}
+        allowed = {e.message_id for e in ok}
+        foreign = BadData("conversation belongs to another project or user")
+        return [(e.message_id in inserted) if e.message_id in allowed else foreign for e in events]
 
     async def upsert_run(self, v: m.RunVerdict) -> None:
         async with unavailable_is_transient("upsert run"), self.pool.acquire() as con:

@@ -8,16 +8,27 @@ from services.persister import core
 from services.persister.adapters import Store, StoredReply
 from shared import messages as m
 from shared import subjects
+from shared.batching import GroupCommit
 from shared.bus import Bus
+from shared.metrics import ServiceMetrics
 
 
 class Handlers:
-    def __init__(self, bus: Bus, store: Store) -> None:
+    def __init__(self, bus: Bus, store: Store, metrics: ServiceMetrics) -> None:
         self.bus = bus
         self.store = store
+        batch_size = metrics.histogram(
+            "batch_size",
+            "User messages written per transaction (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        # Messages handled concurrently share one transaction; each still acks only after it.
+        self.user_messages: GroupCommit[m.UserMessageAccepted, bool] = GroupCommit(
+            store.insert_user_messages, on_batch=batch_size.observe
+        )
 
     async def user_message(self, e: m.UserMessageAccepted, _msg: Msg) -> str:
-        inserted = await self.store.insert_user_message(e)
+        inserted = await self.user_messages.submit(e)
         # Published on every delivery: the first publish may be the one a crash interrupted.
         persisted = m.UserMessagePersisted(
             event_id=f"persisted:user:{e.message_id}",

@@ -26,7 +26,7 @@ async def amain() -> None:
     runtime.stop_on_signals(stop)
     pool = await create_pool(str(settings.database_url), max_size=settings.pool_size)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
-    h = Handlers(bus, Store(pool))
+    h = Handlers(bus, Store(pool), metrics)
     opts = {"batch": settings.fetch_batch, "concurrency": settings.concurrency}
     consumers: list[Consumer[Any]] = [
         Consumer(bus, subjects.PERSISTER_IN, messages.UserMessageAccepted, h.user_message, **opts),

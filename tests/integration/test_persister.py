@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import asyncpg
 import msgspec
 
@@ -14,13 +12,21 @@ from shared import subjects
 from shared.bus import Consumer
 from shared.db import create_pool
 from tests.integration.conftest import Infra
-from tests.support import connect_bus, decode_all, eventually, read_subject, running, user_event
+from tests.support import (
+    connect_bus,
+    decode_all,
+    eventually,
+    read_subject,
+    running,
+    service_metrics,
+    user_event,
+)
 
 
 async def _persister(infra: Infra):  # type: ignore[no-untyped-def]
     bus = await connect_bus(infra.nats_url, "persister")
     pool = await create_pool(infra.database_url)
-    h = Handlers(bus, Store(pool))
+    h = Handlers(bus, Store(pool), service_metrics("persister"))
     consumers = [
         Consumer(bus, subjects.PERSISTER_IN, m.UserMessageAccepted, h.user_message),
         Consumer(bus, subjects.PERSISTER_RESULTS, m.ExecResult, h.result),
@@ -76,14 +82,13 @@ async def test_two_results_for_one_run_store_one_answer_and_count_both_calls(inf
     first, second = _result(e, 1, "first answer"), _result(e, 2, "second answer")
     async with running(*consumers):
         await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
-        for r in (first, second, first):
-            await bus.publish(
-                subjects.exec_result(e.project_id, e.conversation_id),
-                r,
-                msg_id=r.call_id + str(uuid.uuid4()),
-            )
+        # The first result is stored first; a second call's result and a replay come later.
+        await bus.publish(subjects.exec_result(e.project_id, e.conversation_id), first, msg_id="r1")
         found = await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1)
+        for r, mid in ((second, "r2"), (first, "r1-again")):
+            await bus.publish(subjects.exec_result(e.project_id, e.conversation_id), r, msg_id=mid)
         await eventually(lambda: pool.fetchval("SELECT count(*) = 2 FROM usage"))
+        found = await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1)
     announced = decode_all(found, m.AssistantMessagePersisted)
     assert [(a.content, a.status, a.kind) for a in announced] == [
         ("first answer", "completed", "answer")
@@ -209,5 +214,35 @@ async def test_a_failed_call_still_counts_its_partial_usage_once(infra: Infra) -
             )
         )
     assert await pool.fetchval("SELECT outcome FROM usage") == "cut_stream"
+    await bus.close()
+    await pool.close()
+
+
+async def test_a_burst_is_written_in_few_transactions_and_a_foreign_message_fails_alone(
+    infra: Infra,
+) -> None:
+    bus = await connect_bus(infra.nats_url, "persister")
+    pool = await create_pool(infra.database_url)
+    metrics = service_metrics("persister")
+    h = Handlers(bus, Store(pool), metrics)
+    owner = user_event(user="alice")
+    await Store(pool).insert_user_message(owner)
+    burst = [user_event(f"message {i}") for i in range(100)]
+    intruder = user_event(user="mallory", conversation_id=owner.conversation_id)
+    for e in [*burst[:50], intruder, *burst[50:]]:
+        await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
+    consumer = Consumer(
+        bus, subjects.PERSISTER_IN, m.UserMessageAccepted, h.user_message, batch=64, concurrency=64
+    )
+    async with running(consumer):
+        await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 100)
+        letters = decode_all(await read_subject(bus, subjects.STREAM_DLQ, "dlq.>", 1), m.DeadLetter)
+    stored = {str(r["id"]) for r in await pool.fetch("SELECT id FROM messages")}
+    assert stored == {e.message_id for e in burst} | {owner.message_id}
+    assert [letter.reason for letter in letters] == [
+        "conversation belongs to another project or user"
+    ]
+    transactions = metrics.registry.get_sample_value("baton_persister_batch_size_count")
+    assert transactions is not None and transactions < 20
     await bus.close()
     await pool.close()
