@@ -38,6 +38,7 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True):
     kind: Literal["429", "500", "529", "midstream_error", "stall"]
     count: int = 1
     match: str = ""  # substring of the last user message; "" matches every request
+    model: str = ""  # only requests for this model; "" matches every model
     after_tokens: int = 3  # deltas sent before a midstream error or stall; stall < 0 = no headers
     stall_seconds: float = 3600.0
     retry_after: int = 1
@@ -364,8 +365,11 @@ class _State:
         self.stats = _Stats()
         self.ledger: dict[str, dict[str, Any]] = {}
 
-    def take_fault(self, text: str) -> FaultRule | None:
-        rule = next((r for r in self.faults if r.count != 0 and r.match in text), None)
+    def take_fault(self, text: str, model: str = "") -> FaultRule | None:
+        rule = next(
+            (r for r in self.faults if r.count != 0 and r.match in text and r.model in ("", model)),
+            None,
+        )
         if rule is not None and rule.count > 0:
             rule.count -= 1
             self.faults = [r for r in self.faults if r.count != 0]
@@ -567,7 +571,7 @@ async def _messages(state: _State, receive: Receive, send: Send, call_id: str = 
         raise
     model, user_text = body["model"], _last_user_text(body["messages"])
     state.stats.bump(model, calls=1)
-    fault, streaming = state.take_fault(user_text), body.get("stream") is True
+    fault, streaming = state.take_fault(user_text, model), body.get("stream") is True
     entry = _ledger_entry(state, call_id, model)
     if fault is not None:
         state.stats.error(model, fault.kind)
