@@ -62,6 +62,12 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    from baton.dlq import cli
+
+    return cli(args)
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from baton import offline_model
 
@@ -109,6 +115,26 @@ def parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="apply database migrations")
     mig.add_argument("--database-url", default=os.environ.get("BATON_DATABASE_URL", ""))
     mig.set_defaults(func=_cmd_migrate)
+
+    # --nats-url on each action, so it may follow the action: `baton dlq list --nats-url …`.
+    dlq_common = argparse.ArgumentParser(add_help=False)
+    dlq_common.add_argument(
+        "--nats-url", default=os.environ.get("BATON_NATS_URL", "nats://127.0.0.1:4222")
+    )
+    dlq = sub.add_parser("dlq", help="list, show and replay dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", parents=[dlq_common], help="list dead letters")
+    dlq_list.add_argument("--consumer", help="only this consumer's dead letters")
+    dlq_list.add_argument("--limit", type=int, default=100, help="at most this many, oldest first")
+    dlq_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    dlq_show = dlq_sub.add_parser("show", parents=[dlq_common], help="one dead letter in full")
+    dlq_show.add_argument("id", type=int, help="the id `baton dlq list` shows")
+    dlq_show.add_argument("--json", action="store_true")
+    dlq_replay = dlq_sub.add_parser(
+        "replay", parents=[dlq_common], help="republish to the original subject, then delete"
+    )
+    dlq_replay.add_argument("id", type=int, help="the id `baton dlq list` shows")
+    dlq.set_defaults(func=_cmd_dlq)
 
     model = sub.add_parser("model", help="run the offline Anthropic-compatible model server")
     model.add_argument("rest", nargs=argparse.REMAINDER)

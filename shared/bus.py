@@ -110,11 +110,18 @@ class Bus:
         return ack
 
     async def close(self) -> None:
-        if not self.nc.is_closed:
+        if self.nc.is_closed:
+            return
+        if self.nc.is_connected:
             try:
                 await self.nc.drain()
-            except Exception:  # draining a broken connection must not hide the real exit
-                await self.nc.close()
+                return
+            except Exception as exc:
+                self.log.warning("nats_drain_failed", error=repr(exc))
+        try:
+            await self.nc.close()
+        except Exception as exc:  # a dead transport at exit must not turn a clean stop into exit 1
+            self.log.warning("nats_close_failed", error=repr(exc))
 
 
 Handler = Callable[[T, Msg], Awaitable[str]]
@@ -138,8 +145,10 @@ class Consumer(Generic[T]):
         *,
         batch: int = 32,
         concurrency: int = 16,
+        ready: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.bus = bus
+        self.ready = ready
         self.spec = spec
         self.decoder = msgspec.json.Decoder(schema)
         self.handler = handler
@@ -155,6 +164,11 @@ class Consumer(Generic[T]):
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         try:
             while not stop.is_set():
+                if self.ready is not None and not await self.ready():
+                    # A dependency is down: leave messages in the stream rather than burning
+                    # their deliveries on naks until max_deliver dead-letters them.
+                    await asyncio.sleep(0.5)
+                    continue
                 free = self.concurrency - len(self.inflight)
                 if free <= 0:
                     await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,3 +40,24 @@ async def unavailable_is_transient(what: str) -> AsyncIterator[None]:
         yield
     except UNAVAILABLE as exc:
         raise DependencyDown(f"database unavailable during {what}: {exc!r}") from exc
+
+
+class Health:
+    """Whether the database answers, checked at most once a second while it does."""
+
+    def __init__(self, pool: Any, interval_s: float = 1.0) -> None:
+        self.pool = pool
+        self.interval_s = interval_s
+        self.healthy_until = 0.0
+
+    async def ready(self) -> bool:
+        now = time.monotonic()
+        if now < self.healthy_until:
+            return True
+        try:
+            async with self.pool.acquire(timeout=2) as con:
+                await con.fetchval("SELECT 1")
+        except UNAVAILABLE:
+            return False
+        self.healthy_until = now + self.interval_s
+        return True

@@ -10,6 +10,7 @@ import anthropic
 import msgspec
 
 from services.executor import core
+from shared.db import unavailable_is_transient
 from shared.messages import Usage
 
 CALL_ID_HEADER = "x-baton-call-id"
@@ -29,7 +30,7 @@ class History:
 
     async def upto(self, conversation_id: str, message_id: str, limit: int) -> list[core.Turn]:
         """The conversation as it stood at this message, oldest first."""
-        async with self.pool.acquire() as con:
+        async with unavailable_is_transient("read history"), self.pool.acquire() as con:
             rows = await con.fetch(
                 HISTORY, uuid.UUID(conversation_id), uuid.UUID(message_id), limit
             )

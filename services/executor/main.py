@@ -9,7 +9,7 @@ from services.executor.adapters import History, Model
 from services.executor.handlers import Handlers
 from shared import logging, messages, model, runtime, subjects, tracing
 from shared.bus import Bus, Consumer, run_consumers
-from shared.db import create_pool
+from shared.db import Health, create_pool
 from shared.metrics import ServiceMetrics, serve
 
 SERVICE = "executor"
@@ -36,6 +36,8 @@ async def amain() -> None:
         h.task,
         batch=settings.fetch_batch,
         concurrency=settings.concurrency,
+        # Tasks need the history from Postgres: while it is down, leave them in the stream.
+        ready=Health(pool).ready,
     )
     metrics.up.set(1)
     log.info("started", metrics_port=port)

@@ -86,6 +86,9 @@ class Api:
             created_at=datetime.now(UTC),
             idempotency_key=key,
         )
+        if not self.publisher.bus.nc.is_connected:
+            # Reconnecting: a publish would only sit in the client's buffer until the timeout.
+            raise _broker_unavailable()
         try:
             original, duplicate = await self.publisher.accept(event)
         except LookupError as exc:
@@ -98,12 +101,7 @@ class Api:
             ) from exc
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             # No PubAck, no 202: the client must retry (with its key, safely).
-            raise core.ApiError(
-                503,
-                "broker_unavailable",
-                "message not accepted, please retry",
-                {"Retry-After": "1"},
-            ) from exc
+            raise _broker_unavailable() from exc
         if duplicate:
             return self._duplicate(original, digest)
         self.accepts.labels("false").inc()
@@ -196,6 +194,12 @@ class Api:
                 )
         finally:
             self.hub.leave(cid, queue)
+
+
+def _broker_unavailable() -> core.ApiError:
+    return core.ApiError(
+        503, "broker_unavailable", "message not accepted, please retry", {"Retry-After": "1"}
+    )
 
 
 def routes(api: Api) -> list[Any]:

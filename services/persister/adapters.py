@@ -30,22 +30,34 @@ class StoredReply(msgspec.Struct, frozen=True):
 
 UPSERT_RUN = """
 INSERT INTO runs (run_id, message_id, conversation_id, project_id, user_id, status, status_rank,
-                  verdict, reason, model, executor, attempts, estimated_tokens)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                  verdict, reason, model, executor, attempts, estimated_tokens,
+                  verdict_rank, verdict_attempt)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+        CASE WHEN $8 <> '' THEN $7 ELSE 0 END, CASE WHEN $8 <> '' THEN $12 ELSE 0 END)
 ON CONFLICT (run_id) DO UPDATE SET
     -- Statuses only move forward, and a final status is never replaced by another.
     status = CASE WHEN EXCLUDED.status_rank > runs.status_rank
                        OR (EXCLUDED.status_rank = runs.status_rank AND runs.status_rank < 3)
                   THEN EXCLUDED.status ELSE runs.status END,
     status_rank = GREATEST(runs.status_rank, EXCLUDED.status_rank),
-    verdict = COALESCE(NULLIF(EXCLUDED.verdict, ''), runs.verdict),
-    reason = COALESCE(NULLIF(EXCLUDED.reason, ''), runs.reason),
-    model = COALESCE(NULLIF(EXCLUDED.model, ''), runs.model),
-    executor = COALESCE(NULLIF(EXCLUDED.executor, ''), runs.executor),
+    -- Verdict fields come from the newest verdict by (status rank, attempt), not the last to arrive.
+    verdict = CASE WHEN {newer} THEN EXCLUDED.verdict ELSE runs.verdict END,
+    reason = CASE WHEN {newer} THEN EXCLUDED.reason ELSE runs.reason END,
+    model = CASE WHEN {newer} AND EXCLUDED.model <> '' THEN EXCLUDED.model
+                 WHEN runs.model = '' THEN EXCLUDED.model ELSE runs.model END,
+    executor = CASE WHEN {newer} AND EXCLUDED.executor <> '' THEN EXCLUDED.executor
+                    ELSE runs.executor END,
+    verdict_rank = CASE WHEN {newer} THEN EXCLUDED.verdict_rank ELSE runs.verdict_rank END,
+    verdict_attempt = CASE WHEN {newer} THEN EXCLUDED.verdict_attempt
+                           ELSE runs.verdict_attempt END,
     attempts = GREATEST(runs.attempts, EXCLUDED.attempts),
     estimated_tokens = GREATEST(runs.estimated_tokens, EXCLUDED.estimated_tokens),
     updated_at = now()
-"""
+""".replace(
+    "{newer}",
+    "(EXCLUDED.verdict <> '' AND (EXCLUDED.verdict_rank, EXCLUDED.verdict_attempt)"
+    " >= (runs.verdict_rank, runs.verdict_attempt))",
+)
 
 INSERT_REPLY = """
 INSERT INTO messages (id, conversation_id, project_id, user_id, role, kind, content, run_id,

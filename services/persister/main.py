@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeVar
 
 from services.persister import config
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers
 from shared import logging, messages, runtime, subjects, tracing
-from shared.bus import Bus, Consumer, run_consumers
-from shared.db import create_pool
+from shared.bus import Bus, Consumer, Handler, run_consumers
+from shared.db import Health, create_pool
 from shared.metrics import ServiceMetrics, serve
 
 SERVICE = "persister"
+T = TypeVar("T")
 
 
 async def amain() -> None:
@@ -27,13 +28,26 @@ async def amain() -> None:
     pool = await create_pool(str(settings.database_url), max_size=settings.pool_size)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     h = Handlers(bus, Store(pool), metrics)
-    opts = {"batch": settings.fetch_batch, "concurrency": settings.concurrency}
+    health = Health(pool)
+
+    def consumer(spec: subjects.ConsumerSpec, schema: type[T], handler: Handler[T]) -> Consumer[T]:
+        # While Postgres is down nothing is fetched, so no delivery is burnt on a nak.
+        return Consumer(
+            bus,
+            spec,
+            schema,
+            handler,
+            batch=settings.fetch_batch,
+            concurrency=settings.concurrency,
+            ready=health.ready,
+        )
+
     consumers: list[Consumer[Any]] = [
-        Consumer(bus, subjects.PERSISTER_IN, messages.UserMessageAccepted, h.user_message, **opts),
-        Consumer(bus, subjects.PERSISTER_VERDICTS, messages.RunVerdict, h.verdict, **opts),
-        Consumer(bus, subjects.PERSISTER_REPLIES, messages.PolicyReply, h.reply, **opts),
-        Consumer(bus, subjects.PERSISTER_RESULTS, messages.ExecResult, h.result, **opts),
-        Consumer(bus, subjects.PERSISTER_FAILED, messages.ExecFailed, h.failed_usage, **opts),
+        consumer(subjects.PERSISTER_IN, messages.UserMessageAccepted, h.user_message),
+        consumer(subjects.PERSISTER_VERDICTS, messages.RunVerdict, h.verdict),
+        consumer(subjects.PERSISTER_REPLIES, messages.PolicyReply, h.reply),
+        consumer(subjects.PERSISTER_RESULTS, messages.ExecResult, h.result),
+        consumer(subjects.PERSISTER_FAILED, messages.ExecFailed, h.failed_usage),
     ]
     metrics.up.set(1)
     log.info("started", metrics_port=port)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -12,7 +15,7 @@ import msgspec
 import pytest
 
 from baton.devtoken import make_token
-from baton.embedded import NatsServer, free_port
+from baton.embedded import NatsServer, PostgresServer, create_database, free_port
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
@@ -44,24 +47,65 @@ class Pipeline(msgspec.Struct):
         return "\n".join(out)
 
 
+class OwnPipeline(Pipeline):
+    """A pipeline on its own NATS and Postgres, which a test may stop and start again."""
+
+    nats: NatsServer
+    postgres: PostgresServer
+
+
 @pytest.fixture
 def pipeline(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iterator[Pipeline]:
-    asyncio.run(provision(nats_server.url))
+    with _running(nats_server.url, database_url, tmp_path / "logs") as p:
+        yield p
+
+
+@pytest.fixture
+def own_pipeline(tmp_path: Path) -> Iterator[OwnPipeline]:
+    """Five services on a NATS and a Postgres of this test's own, so the test may stop them."""
+    # Not pytest's tmp dir: it is mode 0700 under root, which the unprivileged postgres can't enter.
+    base = Path(tempfile.mkdtemp(prefix="baton-e2e-pg-"))
+    postgres = PostgresServer(base / "data")
+    nats = NatsServer(tmp_path / "nats")
+    try:
+        postgres.start()
+        nats.start()
+        database_url = asyncio.run(create_database(postgres.dsn(), "baton"))
+        with _running(nats.url, database_url, tmp_path / "logs") as p:
+            fields = {f: getattr(p, f) for f in Pipeline.__struct_fields__}
+            try:
+                yield OwnPipeline(**fields, nats=nats, postgres=postgres)
+            finally:
+                # Services stop with both servers up, whatever the test did to them.
+                postgres.start()
+                nats.start()
+    finally:
+        nats.stop()
+        postgres.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _running(
+    nats_url: str, database_url: str, logs: Path, extra: Mapping[str, str] | None = None
+) -> Iterator[Pipeline]:
+    """Provision, migrate, start the offline model and the five services; stop them after."""
+    asyncio.run(provision(nats_url))
     asyncio.run(migrate(database_url))
     port = free_port()
-    logs = tmp_path / "logs"
     with OfflineModelProcess(ModelSettings(tokens_per_second=400)) as model:
         children = [
             Child.service(
                 name,
                 service_env(
                     name,
-                    nats_url=nats_server.url,
+                    nats_url=nats_url,
                     database_url=database_url,
                     metrics_port=free_port(),
                     jwt_secret=SECRET,
                     http_port=port,
                     model_url=model.url,
+                    extra=extra,
                 ),
                 logs,
             )
@@ -70,9 +114,10 @@ def pipeline(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iter
         supervisor = Supervisor(children, say=lambda line: None)
         supervisor.start_all()
         gateway = f"http://127.0.0.1:{port}"
-        p = Pipeline(gateway, model, supervisor, database_url, nats_server.url, logs)
+        p = Pipeline(gateway, model, supervisor, database_url, nats_url, logs)
         try:
             _wait_healthy(gateway, 30)
+            _wait_services_up(children, 30)
             yield p
         finally:
             supervisor.stop_all(grace_s=10)
@@ -92,3 +137,17 @@ def _wait_healthy(url: str, timeout: float) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"gateway at {url} not ready")
+
+
+def _wait_services_up(children: list[Child], timeout: float) -> None:
+    """Wait until every service reports itself up (past start-up, signal handlers in place)."""
+    deadline = time.monotonic() + timeout
+    for child in children:
+        url = f"http://127.0.0.1:{child.env['BATON_METRICS_PORT']}/metrics"
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if f"baton_{child.name}_up 1.0" in httpx.get(url, timeout=1).text.splitlines():
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} not up")
+            time.sleep(0.05)

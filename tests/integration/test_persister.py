@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import msgspec
 
@@ -244,5 +246,51 @@ async def test_a_burst_is_written_in_few_transactions_and_a_foreign_message_fail
     ]
     transactions = metrics.registry.get_sample_value("baton_persister_batch_size_count")
     assert transactions is not None and transactions < 20
+    await bus.close()
+    await pool.close()
+
+
+async def test_verdicts_arriving_out_of_order_leave_the_newest_verdict(infra: Infra) -> None:
+    bus, pool, consumers = await _persister(infra)
+    e = user_event()
+    run_id = f"run-{e.message_id}"
+
+    def verdict(verdict: m.Verdict, status: m.RunStatus, attempt: int) -> m.RunVerdict:
+        return m.RunVerdict(
+            event_id=f"v-{status}-{attempt}",
+            message_id=e.message_id,
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            run_id=run_id,
+            user_id=e.user_id,
+            verdict=verdict,
+            status=status,
+            reason=f"{verdict} {attempt}",
+            model="claude-sonnet-4-6",
+            executor="chat",
+            attempt=attempt,
+        )
+
+    # Newest first, as they may arrive from different consumers; each waits for the last.
+    newest_first = [
+        verdict("stop", "failed", 3),
+        verdict("approve", "running", 3),
+        verdict("approve", "running", 2),
+    ]
+    async with running(*consumers):
+        for v in newest_first:
+            await bus.publish(
+                subjects.policy_verdict(e.project_id, e.conversation_id), v, msg_id=v.event_id
+            )
+            await eventually(
+                lambda v=v: pool.fetchval(  # type: ignore[misc]
+                    "SELECT updated_at IS NOT NULL FROM runs WHERE run_id = $1 AND attempts >= $2",
+                    run_id,
+                    v.attempt,
+                )
+            )
+            await asyncio.sleep(0.2)
+    row = await pool.fetchrow("SELECT status, verdict, reason, attempts FROM runs")
+    assert dict(row) == {"status": "failed", "verdict": "stop", "reason": "stop 3", "attempts": 3}
     await bus.close()
     await pool.close()
