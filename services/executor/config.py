@@ -15,6 +15,7 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     anthropic_base_url: str = ""
     anthropic_api_key: Secret = Secret("")
     concurrency: int = 32
+    outcome_publish_s: float = 60.0
 
 
 def from_env() -> Settings:

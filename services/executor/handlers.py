@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import nats.errors
 from nats.aio.msg import Msg
 
 from services.executor import core
@@ -34,6 +36,10 @@ class Handlers:
         self.model_seconds = metrics.histogram(
             "model_seconds", "Duration of a model call, by model.", ("model",)
         )
+        self.stream_interruptions = metrics.counter(
+            "token_stream_interruptions_total",
+            "Calls whose token pushes stopped because the broker did not take them.",
+        )
         self.ttft = metrics.histogram(
             "time_to_first_token_seconds", "Time from task start to the first token.", ("model",)
         )
@@ -51,15 +57,26 @@ class Handlers:
         seq = 0
         started = time.perf_counter()
 
+        live = True
+
         async def send(text: str) -> None:
-            nonlocal seq
+            # Token pushes are best effort: a broker hiccup must not abort a call that is being
+            # paid for; the answer still arrives whole with the result.
+            nonlocal seq, live
+            if not live:
+                return
             seq += 1
             delta = m.TokenDelta(
                 conversation_id=c, run_id=t.run_id, attempt=t.attempt, seq=seq, text=text
             )
-            await self.bus.publish(
-                subjects.token_stream(p, c), delta, msg_id=f"delta:{call_id}:{seq}"
-            )
+            try:
+                await self.bus.publish(
+                    subjects.token_stream(p, c), delta, msg_id=f"delta:{call_id}:{seq}", timeout=1.0
+                )
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                live = False
+                self.stream_interruptions.inc()
+                self.bus.log.warning("token_stream_interrupted", call_id=call_id, error=repr(exc))
 
         async def on_text(text: str) -> None:
             if seq == 0 and not coalescer.buffer:
@@ -97,7 +114,7 @@ class Handlers:
                 usage=exc.usage,
                 prices=t.prices,
             )
-            await self.bus.publish(subjects.exec_failed(p, c), failed, msg_id=failed.event_id)
+            await self._publish_outcome(subjects.exec_failed(p, c), failed)
             return f"failed:{error_class}"
         finally:
             self.model_seconds.labels(t.model).observe(time.perf_counter() - started)
@@ -121,8 +138,28 @@ class Handlers:
             prices=t.prices,
             stop_reason=outcome.stop_reason,
         )
-        await self.bus.publish(subjects.exec_result(p, c), result, msg_id=result.event_id)
+        await self._publish_outcome(subjects.exec_result(p, c), result)
         return "completed"
+
+    async def _publish_outcome(self, subject: str, event: m.ExecResult | m.ExecFailed) -> None:
+        """Publish a call's outcome, riding out a broker restart: the call is already paid for.
+
+        Giving up (a nak) would mean calling the model again and losing this call's usage.
+        """
+        deadline = time.monotonic() + self.settings.outcome_publish_s
+        delay = 0.2
+        while True:
+            try:
+                await self.bus.publish(subject, event, msg_id=event.event_id)
+                return
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.bus.log.warning(
+                    "outcome_publish_retry", call_id=event.call_id, error=repr(exc)
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _count(self, model: str, usage: m.Usage) -> None:
         self.tokens.labels("input", model).inc(usage.input_tokens)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
@@ -40,6 +41,14 @@ def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any
     return Response(error_body(exc.status_code, code, str(exc.detail)), status_code=exc.status_code)
 
 
+def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # A bug, not a client error: log it with its traceback and answer in the usual shape.
+    structlog.get_logger().bind(service=SERVICE).exception(
+        "request_failed", path=request.url.path, error=repr(exc)
+    )
+    return Response(error_body(500, "internal_error", "internal error"), status_code=500)
+
+
 def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> Litestar:
     @get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -66,7 +75,11 @@ def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -
 
     return Litestar(
         route_handlers=[*routes(api), healthz, readyz, openapi],
-        exception_handlers={core.ApiError: on_api_error, HTTPException: on_http_error},
+        exception_handlers={
+            core.ApiError: on_api_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="baton gateway", version="0.1.0", path="/schema"),
         debug=False,

@@ -51,7 +51,7 @@ class World(msgspec.Struct):
 
 
 @pytest.fixture
-def world() -> Iterator[World]:
+def world(tmp_path: Path) -> Iterator[World]:
     base = Path(tempfile.mkdtemp(prefix="baton-chaos-"))
     nats = NatsServer(base / "nats")
     pg = PostgresServer(base / "pg")
@@ -62,7 +62,7 @@ def world() -> Iterator[World]:
     asyncio.run(provision(nats.url, ack_wait_s=3.0))
     asyncio.run(migrate(dsn))
     port = free_port()
-    logs = base / "logs"
+    logs = tmp_path / "logs"  # kept by pytest for the last runs, to read after a failure
     with OfflineModelProcess(ModelSettings(tokens_per_second=120, words_per_reply=16)) as model:
         children = [
             Child.service(
@@ -215,6 +215,7 @@ async def _settled(dsn: str, expected: int, timeout: float = 180) -> None:
 
 async def test_invariants_hold_while_everything_is_killed_and_restarted(world: World) -> None:
     rng = random.Random(SEED)
+    print(f"\nchaos seed={SEED} messages={MESSAGES} conversations={CONVERSATIONS}")
     stop, chaos_log = asyncio.Event(), []
     supervisor = asyncio.create_task(_supervise(world, stop))
     chaos = asyncio.create_task(_chaos(world, rng, stop, chaos_log))
@@ -229,7 +230,7 @@ async def test_invariants_hold_while_everything_is_killed_and_restarted(world: W
         summary = await _check(con, client, world.model)
     finally:
         await con.close()
-    print(f"\nchaos seed={SEED} actions={','.join(chaos_log)} {summary}")
+    print(f"chaos seed={SEED} actions={','.join(chaos_log)} {summary}")
     assert sorted(chaos_log) == sorted(
         [*(s for s in SERVICES for _ in range(2)), "nats", "postgres"]
     )

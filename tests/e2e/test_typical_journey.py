@@ -87,7 +87,15 @@ async def _conversation(
     messages = (
         await client.get(f"{p.gateway}/api/conversations/{cid}/messages", headers=auth)
     ).json()
-    state = (await client.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)).json()
+    # The run row is eventually consistent: its verdict travels on another consumer than the
+    # answer, so wait (briefly) until every run shows both.
+    for _ in range(100):
+        state = (
+            await client.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)
+        ).json()
+        if len(state["runs"]) == len(prompts) and all(r["verdict"] for r in state["runs"]):
+            break
+        await asyncio.sleep(0.05)
     usage = (await client.get(f"{p.gateway}/api/usage", headers=auth)).json()
     return {
         "cid": cid,
