@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import anthropic
 
 from services.agent import core
-
-RECENT = """
-SELECT role, content FROM messages
-WHERE conversation_id = $1
-  AND seq <= (SELECT seq FROM messages WHERE id = $2)
-ORDER BY seq DESC
-LIMIT $3
-"""
-
-
-class History:
-    """Recent turns of one conversation; never auth data, never another conversation."""
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-
-    async def recent(self, conversation_id: str, message_id: str, limit: int) -> list[core.Turn]:
-        async with self.pool.acquire() as con:
-            rows = await con.fetch(RECENT, uuid.UUID(conversation_id), uuid.UUID(message_id), limit)
-        return [core.Turn(r["role"], r["content"]) for r in reversed(rows)]
 
 
 class Classifier:

@@ -7,7 +7,11 @@ from typing import Any
 
 import msgspec
 
+from shared.history import Turn, estimate_tokens
+from shared.history import newest_within as select_context
 from shared.messages import Complexity, Decision, Intent
+
+__all__ = ["Turn", "estimate_tokens", "select_context"]
 
 TOOL_NAME = "classify_message"
 
@@ -26,11 +30,6 @@ _CODE_RE = re.compile(
 _GREETING_RE = re.compile(r"^\s*(hi|hello|hey|good (morning|evening|afternoon))\b", re.I)
 
 
-class Turn(msgspec.Struct, frozen=True):
-    role: str
-    content: str
-
-
 def tool_schema() -> dict[str, Any]:
     """The Decision schema, inlined, as the tool's ``input_schema``."""
     _, components = msgspec.json.schema_components([Decision], ref_template="#/$defs/{name}")
@@ -38,25 +37,6 @@ def tool_schema() -> dict[str, Any]:
     schema.pop("title", None)
     schema["additionalProperties"] = False
     return schema
-
-
-def estimate_tokens(text: str) -> int:
-    """A cheap upper-ish estimate (4 characters a token) used for windowing only."""
-    return max(1, len(text) // 4)
-
-
-def select_context(turns: list[Turn], budget_tokens: int) -> list[Turn]:
-    """Newest turns that fit the budget, returned oldest first; the newest is always kept."""
-    chosen: list[Turn] = []
-    used = 0
-    for turn in reversed(turns):
-        cost = estimate_tokens(turn.content)
-        if chosen and used + cost > budget_tokens:
-            break
-        chosen.append(turn)
-        used += cost
-    chosen.reverse()
-    return chosen
 
 
 def render_transcript(turns: list[Turn], max_chars_per_turn: int = 4000) -> str:

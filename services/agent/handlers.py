@@ -6,12 +6,13 @@ import anthropic
 from nats.aio.msg import Msg
 
 from services.agent import core
-from services.agent.adapters import Classifier, History
+from services.agent.adapters import Classifier
 from services.agent.config import Settings
 from shared import messages as m
 from shared import subjects
 from shared.bus import Bus
-from shared.db import UNAVAILABLE
+from shared.errors import DependencyDown
+from shared.history import History
 from shared.metrics import ServiceMetrics
 
 
@@ -60,10 +61,10 @@ class Handlers:
 
     async def _context(self, e: m.UserMessagePersisted) -> list[core.Turn]:
         try:
-            turns = await self.history.recent(
+            turns = await self.history.upto(
                 e.conversation_id, e.message_id, self.settings.context_messages
             )
-        except UNAVAILABLE:
+        except DependencyDown:
             turns = []
         # Degraded but moving: without history, the message itself is the context.
         return turns or [core.Turn("user", e.content)]

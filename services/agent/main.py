@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from services.agent import config
-from services.agent.adapters import Classifier, History
+from services.agent.adapters import Classifier
 from services.agent.handlers import Handlers
 from shared import logging, messages, model, runtime, subjects, tracing
 from shared.bus import Bus, Consumer, run_consumers
 from shared.db import create_pool
+from shared.history import History
 from shared.metrics import ServiceMetrics, serve
 
 SERVICE = "agent"

@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anthropic
 import msgspec
 
-from services.executor import core
-from shared.db import unavailable_is_transient
 from shared.messages import Usage
 
 CALL_ID_HEADER = "x-baton-call-id"
-
-HISTORY = """
-SELECT role, content FROM messages
-WHERE conversation_id = $1
-  AND seq <= (SELECT seq FROM messages WHERE id = $2)
-ORDER BY seq DESC
-LIMIT $3
-"""
-
-
-class History:
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-
-    async def upto(self, conversation_id: str, message_id: str, limit: int) -> list[core.Turn]:
-        """The conversation as it stood at this message, oldest first."""
-        async with unavailable_is_transient("read history"), self.pool.acquire() as con:
-            rows = await con.fetch(
-                HISTORY, uuid.UUID(conversation_id), uuid.UUID(message_id), limit
-            )
-        return [core.Turn(r["role"], r["content"]) for r in reversed(rows)]
 
 
 class StreamOutcome(msgspec.Struct):

@@ -5,18 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import anthropic
-import msgspec
 
+from shared.history import Turn, estimate_tokens, newest_within
 from shared.messages import ErrorClass
 
-
-class Turn(msgspec.Struct, frozen=True):
-    role: str
-    content: str
-
-
-def estimate_tokens(text: str) -> int:
-    return max(1, len(text) // 4)
+__all__ = ["Turn", "estimate_tokens"]
 
 
 def build_messages(history: list[Turn], budget_tokens: int) -> list[dict[str, Any]]:
@@ -25,15 +18,7 @@ def build_messages(history: list[Turn], budget_tokens: int) -> list[dict[str, An
     The API wants turns that alternate and start with the user, so neighbours with the same
     role are merged and a leading assistant turn is dropped.
     """
-    kept: list[Turn] = []
-    used = 0
-    for turn in reversed(history):
-        cost = estimate_tokens(turn.content)
-        if kept and used + cost > budget_tokens:
-            break
-        kept.append(turn)
-        used += cost
-    kept.reverse()
+    kept = newest_within(history, budget_tokens)
     merged: list[dict[str, Any]] = []
     for turn in kept:
         if merged and merged[-1]["role"] == turn.role:

@@ -9,11 +9,12 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from services.executor import core
-from services.executor.adapters import History, Model, StreamFailed
+from services.executor.adapters import Model, StreamFailed
 from services.executor.config import Settings
 from shared import messages as m
 from shared import subjects
 from shared.bus import Bus
+from shared.history import History
 from shared.metrics import ServiceMetrics
 
 

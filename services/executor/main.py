@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from services.executor import config
-from services.executor.adapters import History, Model
+from services.executor.adapters import Model
 from services.executor.handlers import Handlers
 from shared import logging, messages, model, runtime, subjects, tracing
 from shared.bus import Bus, Consumer, run_consumers
 from shared.db import Health, create_pool
+from shared.history import History
 from shared.metrics import ServiceMetrics, serve
 
 SERVICE = "executor"

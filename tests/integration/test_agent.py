@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from baton.offline_model import OfflineModelProcess
-from services.agent.adapters import Classifier, History
+from services.agent.adapters import Classifier
 from services.agent.config import Settings
 from services.agent.handlers import Handlers
 from services.persister.adapters import Store
@@ -11,6 +11,7 @@ from shared import messages as m
 from shared import model, subjects
 from shared.bus import Consumer
 from shared.db import create_pool
+from shared.history import History
 from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from baton.offline_model import OfflineModelProcess
-from services.executor.adapters import History, Model
+from services.executor.adapters import Model
 from services.executor.config import Settings
 from services.executor.handlers import Handlers
 from services.persister.adapters import Store
@@ -14,6 +14,7 @@ from shared import messages as m
 from shared import model, subjects
 from shared.bus import Consumer
 from shared.db import create_pool
+from shared.history import History
 from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,
