@@ -1,13 +1,39 @@
-"""Process plumbing every service shares: signals to a stop event, metrics port, start-up line."""
+"""Process plumbing every service shares: logging, tracing, metrics port, signals to a stop event."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
+import structlog
 import uvloop
+
+from shared import logging, tracing
+from shared.config import BaseSettings
+from shared.metrics import ServiceMetrics, serve
+
+
+class Boot(NamedTuple):
+    """What a service's composition root gets before it opens any connection."""
+
+    log: structlog.stdlib.BoundLogger
+    metrics: ServiceMetrics
+    metrics_port: int
+    stop: asyncio.Event
+
+
+def boot(service: str, settings: BaseSettings, signals: bool = True) -> Boot:
+    """Logging, tracing, the /metrics port and (unless the server owns them) signal handling."""
+    log = logging.setup(service, settings.log_level)
+    tracing.setup(service)
+    metrics = ServiceMetrics(service)
+    port = serve(settings.metrics_host, settings.metrics_port)
+    stop = asyncio.Event()
+    if signals:
+        stop_on_signals(stop)
+    return Boot(log, metrics, port, stop)
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from services.agent import config
 from services.agent.adapters import Classifier
 from services.agent.handlers import Handlers
-from shared import logging, messages, model, runtime, subjects, tracing
+from shared import messages, model, runtime, subjects
 from shared.bus import Bus, Consumer, run_consumers
 from shared.db import create_pool
 from shared.history import History
-from shared.metrics import ServiceMetrics, serve
 
 SERVICE = "agent"
 
 
 async def amain() -> None:
     settings = config.from_env()
-    log = logging.setup(SERVICE, settings.log_level)
-    tracing.setup(SERVICE)
-    metrics = ServiceMetrics(SERVICE)
-    port = serve(settings.metrics_host, settings.metrics_port)
-    stop = asyncio.Event()
-    runtime.stop_on_signals(stop)
+    log, metrics, port, stop = runtime.boot(SERVICE, settings)
     pool = await create_pool(str(settings.database_url), max_size=4)
     client = model.client(
         settings.anthropic_base_url, str(settings.anthropic_api_key), settings.model_timeout_s

@@ -16,11 +16,11 @@ from litestar.openapi import OpenAPIConfig
 from services.gateway import config, core
 from services.gateway.adapters import Hub, Publisher, ReadModel
 from services.gateway.handlers import Api, routes
-from shared import logging, runtime, tracing
+from shared import runtime
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
 from shared.errors import ConfigError
-from shared.metrics import ServiceMetrics, serve
+from shared.metrics import ServiceMetrics
 
 SERVICE = "gateway"
 
@@ -140,12 +140,10 @@ class GatewayServer(uvicorn.Server):
 
 async def amain() -> None:
     settings = config.from_env()
-    log = logging.setup(SERVICE, settings.log_level)
     if not str(settings.jwt_secret):
         raise ConfigError("GATEWAY_JWT_SECRET (or BATON_JWT_SECRET) must be set")
-    tracing.setup(SERVICE)
-    metrics = ServiceMetrics(SERVICE)
-    metrics_port = serve(settings.metrics_host, settings.metrics_port)
+    # uvicorn owns the signals here; it shuts the server down and we clean up after it.
+    log, metrics, metrics_port, _ = runtime.boot(SERVICE, settings, signals=False)
     pool = await create_pool(str(settings.database_url), max_size=10)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     reads = ReadModel(pool)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, TypeVar
 
 from services.persister import config
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers
-from shared import logging, messages, runtime, subjects, tracing
+from shared import messages, runtime, subjects
 from shared.bus import Bus, Consumer, Handler, run_consumers
 from shared.db import Health, create_pool
-from shared.metrics import ServiceMetrics, serve
 
 SERVICE = "persister"
 T = TypeVar("T")
@@ -19,12 +17,7 @@ T = TypeVar("T")
 
 async def amain() -> None:
     settings = config.from_env()
-    log = logging.setup(SERVICE, settings.log_level)
-    tracing.setup(SERVICE)
-    metrics = ServiceMetrics(SERVICE)
-    port = serve(settings.metrics_host, settings.metrics_port)
-    stop = asyncio.Event()
-    runtime.stop_on_signals(stop)
+    log, metrics, port, stop = runtime.boot(SERVICE, settings)
     pool = await create_pool(str(settings.database_url), max_size=settings.pool_size)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     h = Handlers(bus, Store(pool), metrics)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from services.policy import config, core
 from services.policy.adapters import Runs
 from services.policy.handlers import Handlers
-from shared import logging, messages, runtime, subjects, tracing
+from shared import messages, runtime, subjects
 from shared.bus import Bus, Consumer, run_consumers
-from shared.metrics import ServiceMetrics, serve
 
 SERVICE = "policy"
 
@@ -27,12 +25,7 @@ def rules_from(settings: config.Settings) -> core.Rules:
 
 async def amain() -> None:
     settings = config.from_env()
-    log = logging.setup(SERVICE, settings.log_level)
-    tracing.setup(SERVICE)
-    metrics = ServiceMetrics(SERVICE)
-    port = serve(settings.metrics_host, settings.metrics_port)
-    stop = asyncio.Event()
-    runtime.stop_on_signals(stop)
+    log, metrics, port, stop = runtime.boot(SERVICE, settings)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     h = Handlers(bus, Runs(kv), rules_from(settings), metrics)
