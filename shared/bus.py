@@ -267,6 +267,12 @@ class Consumer(Generic[T]):
                 delay = exc.delay if exc.delay is not None else backoff_for(delivered)
                 self.log.warning("transient", reason=exc.reason, delay=delay, **ids)
                 await self._nak_or_bury(msg, delay, exc.reason)
+            except (nats.errors.Error, TimeoutError, ConnectionError) as exc:
+                # The broker went away under the handler (a publish timed out): not a bug.
+                outcome = "retry"
+                delay = backoff_for(delivered)
+                self.log.warning("broker_unavailable", error=repr(exc), delay=delay, **ids)
+                await self._nak_or_bury(msg, delay, f"broker unavailable: {exc!r}")
             except Exception as exc:
                 outcome = "error"
                 self.log.exception("handler_failed", **ids)

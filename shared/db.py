@@ -23,6 +23,8 @@ UNAVAILABLE = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
+    # Raised by a pooled connection whose server went away mid-operation (seen on restarts).
+    asyncpg.exceptions.InternalClientError,
 )
 
 
