@@ -35,7 +35,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 class FaultRule(msgspec.Struct, forbid_unknown_fields=True):
     """One injected failure; each matching request consumes one `count` (< 0 = unlimited)."""
 
-    kind: Literal["429", "500", "529", "midstream_error", "stall"]
+    kind: Literal["400", "429", "500", "529", "midstream_error", "stall"]
     count: int = 1
     match: str = ""  # substring of the last user message; "" matches every request
     model: str = ""  # only requests for this model; "" matches every model
@@ -126,7 +126,12 @@ _CODE_HINTS = ("```", "def ", "code", "python", "function", "bug", "compile", "s
 _GREETINGS = {"hi", "hello", "hey", "howdy", "greetings", "yo", "hiya"}
 _QUESTION_WORDS = {"what", "why", "how", "who", "when", "where", "which", "can", "could", "is"}
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-_FAULT_ERRORS = {"429": "rate_limit_error", "500": "api_error", "529": "overloaded_error"}
+_FAULT_ERRORS = {
+    "400": "invalid_request_error",
+    "429": "rate_limit_error",
+    "500": "api_error",
+    "529": "overloaded_error",
+}
 
 
 class _BadRequest(Exception):

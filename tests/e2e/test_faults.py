@@ -102,6 +102,16 @@ def test_a_model_that_keeps_failing_ends_in_one_failure_notice(faulty: Pipeline)
     assert len(_calls(faulty)) == 3
 
 
+def test_a_request_the_model_refuses_as_invalid_is_not_retried(faulty: Pipeline) -> None:
+    faulty.model.set_faults([{"kind": "400", "model": ANSWER_MODEL, "count": -1}])
+    out = _ask(faulty, "Summarise this", final_verdict="stop")
+    assert out["messages"][1]["kind"] == "failure"
+    assert "bad_request" in out["messages"][1]["content"]
+    run = out["run"]
+    assert (run["status"], run["attempts"], run["usage"]["calls"]) == ("failed", 1, 1)
+    assert [c["outcome"] for c in _calls(faulty)] == ["400"]
+
+
 def test_a_failing_classifier_falls_back_to_rules_and_the_message_is_still_answered(
     faulty: Pipeline,
 ) -> None:
