@@ -42,7 +42,7 @@ class ChatRequest(msgspec.Struct, forbid_unknown_fields=True):
     conversation_id: str | None = None
 
 
-class MessageOut(msgspec.Struct):
+class MessageOut(msgspec.Struct, omit_defaults=True):
     id: str
     conversation_id: str
     role: str
