@@ -340,6 +340,8 @@ class _Stats:
 
     def reset(self) -> None:
         keys = ("calls", "completed", *_INPUT_KEYS, "output_tokens")
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
         self.totals: dict[str, int] = dict.fromkeys(keys, 0)
         self.errors: dict[str, int] = {}
         self.by_model: dict[str, dict[str, int]] = {}
@@ -357,8 +359,21 @@ class _Stats:
             self.bump(model)
             self.by_model[model]["errors"] += 1
 
+    def enter(self, model: str) -> None:
+        """One more call in flight; the most ever at once is kept per model."""
+        self.in_flight[model] = self.in_flight.get(model, 0) + 1
+        self.max_in_flight[model] = max(self.max_in_flight.get(model, 0), self.in_flight[model])
+
+    def leave(self, model: str) -> None:
+        self.in_flight[model] -= 1
+
     def snapshot(self) -> dict[str, Any]:
-        return {**self.totals, "errors": dict(self.errors), "by_model": self.by_model}
+        return {
+            **self.totals,
+            "errors": dict(self.errors),
+            "by_model": self.by_model,
+            "max_in_flight": dict(self.max_in_flight),
+        }
 
 
 class _State:
@@ -587,10 +602,12 @@ async def _messages(state: _State, receive: Receive, send: Send, call_id: str = 
             error = _error_body(_FAULT_ERRORS[str(status)], f"injected {fault.kind} fault")
             return await _send_json(send, status, error, extra)
     watch = _Watch(receive)
+    state.stats.enter(model)
     try:
         plan = state.plan(body, user_text)
         await (_stream if streaming else _reply)(state, plan, fault, watch, send, entry)
     finally:
+        state.stats.leave(model)
         watch.close()
 
 

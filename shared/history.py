@@ -9,12 +9,17 @@ import msgspec
 
 from shared.db import unavailable_is_transient
 
-# The conversation as it stood at one message: later messages are not part of its context.
+# The conversation as it stands for one message: every earlier user message with its reply, in
+# turn order, and the message itself. A reply stored after this message (its run was queued
+# behind an earlier one) still belongs before it; this message's own reply never does.
 UPTO = """
-SELECT role, content FROM messages
-WHERE conversation_id = $1
-  AND seq <= (SELECT seq FROM messages WHERE id = $2)
-ORDER BY seq DESC
+SELECT m.role, m.content
+FROM messages m
+LEFT JOIN messages u ON u.id = m.reply_to
+WHERE m.conversation_id = $1
+  AND COALESCE(u.seq, m.seq) <= (SELECT seq FROM messages WHERE id = $2)
+  AND m.reply_to IS DISTINCT FROM $2
+ORDER BY COALESCE(u.seq, m.seq) DESC, (m.role = 'assistant') DESC
 LIMIT $3
 """
 

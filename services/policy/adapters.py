@@ -7,10 +7,11 @@ from typing import Any
 import msgspec
 import nats.js.errors
 
-from services.policy.core import RunState
+from services.policy.core import ConvState, RunState
 from shared.errors import BadData, RetryLater
 
 _decoder = msgspec.json.Decoder(RunState)
+_conv_decoder = msgspec.json.Decoder(ConvState)
 _encoder = msgspec.json.Encoder()
 
 
@@ -44,3 +45,37 @@ class Runs:
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             # Another replica changed the run since we read it: read again and decide again.
             raise RetryLater(f"run {state.run_id} changed concurrently", delay=0.05) from exc
+
+
+class Conversations:
+    """Per-conversation turn-taking records in the same bucket, changed by compare-and-set."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+
+    @staticmethod
+    def key(conversation_id: str) -> str:
+        return f"conv-{conversation_id}"
+
+    async def get(self, conversation_id: str) -> tuple[ConvState, int]:
+        """The conversation's record and its revision (0: not stored yet)."""
+        try:
+            entry = await self.kv.get(self.key(conversation_id))
+        except nats.js.errors.KeyNotFoundError:
+            return ConvState(conversation_id=conversation_id), 0
+        if entry.value is None:
+            return ConvState(conversation_id=conversation_id), 0
+        return _conv_decoder.decode(entry.value), int(entry.revision or 0)
+
+    async def put(self, conv: ConvState, revision: int) -> None:
+        """Store ``conv`` if nobody changed it since ``revision`` (0: create-only)."""
+        value = _encoder.encode(conv)
+        try:
+            if revision == 0:
+                await self.kv.create(self.key(conv.conversation_id), value)
+            else:
+                await self.kv.update(self.key(conv.conversation_id), value, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise RetryLater(
+                f"conversation {conv.conversation_id} changed concurrently", delay=0.05
+            ) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Literal
 
 import msgspec
 
@@ -201,4 +202,54 @@ def reply_event(state: RunState) -> m.PolicyReply | None:
         kind=state.reply_kind,
         text=state.reply_text,
         status=state.status,
+    )
+
+
+class ConvState(msgspec.Struct, kw_only=True):
+    """One conversation's turn-taking: the run that holds the slot and the runs waiting (I6)."""
+
+    conversation_id: str
+    active: str | None = None
+    started: bool = False
+    queue: list[str] = msgspec.field(default_factory=list)
+
+
+Admission = Literal["start", "queued", "wait"]
+
+
+def admit(conv: ConvState, run_id: str) -> tuple[ConvState | None, Admission]:
+    """Where a new run goes: the free slot (start it) or the back of the queue.
+
+    Returns the changed state (None when nothing changes) and what to do. ``wait`` means the
+    run already holds the slot and was started, or is already queued: nothing to do.
+    """
+    if conv.active == run_id:
+        return (None, "wait") if conv.started else (None, "start")
+    if run_id in conv.queue:
+        return None, "queued"
+    if conv.active is None:
+        return msgspec.structs.replace(conv, active=run_id, started=False), "start"
+    return msgspec.structs.replace(conv, queue=[*conv.queue, run_id]), "queued"
+
+
+def release(conv: ConvState, run_id: str) -> ConvState | None:
+    """Free the slot of a finished run and hand it to the next in line; None if not held."""
+    if conv.active != run_id:
+        return None
+    nxt, rest = (conv.queue[0], conv.queue[1:]) if conv.queue else (None, [])
+    return msgspec.structs.replace(conv, active=nxt, started=False, queue=rest)
+
+
+def mark_started(conv: ConvState) -> ConvState:
+    return msgspec.structs.replace(conv, started=True)
+
+
+def queued_event(state: RunState, position: int) -> m.RunVerdict:
+    """What clients and the run record see while a run waits for its conversation's turn."""
+    return msgspec.structs.replace(
+        verdict_event(state),
+        event_id=f"verdict:{state.run_id}:0:queued",
+        status="queued",
+        attempt=0,
+        reason=f"waiting for the conversation's active run (position {position})",
     )

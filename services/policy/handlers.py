@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from nats.aio.msg import Msg
 
 from services.policy import core
-from services.policy.adapters import Runs
+from services.policy.adapters import Conversations, Runs
 from shared import messages as m
 from shared import subjects
 from shared.bus import Bus
@@ -15,9 +15,17 @@ from shared.metrics import ServiceMetrics
 
 
 class Handlers:
-    def __init__(self, bus: Bus, runs: Runs, rules: core.Rules, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        runs: Runs,
+        conversations: Conversations,
+        rules: core.Rules,
+        metrics: ServiceMetrics,
+    ) -> None:
         self.bus = bus
         self.runs = runs
+        self.conversations = conversations
         self.rules = rules
         self.verdicts = metrics.counter(
             "verdicts_total", "Verdicts on runs, by kind.", ("verdict",)
@@ -32,9 +40,9 @@ class Handlers:
         state, created = await self.runs.create(core.decide(e, self.rules, datetime.now(UTC)))
         if created:
             self.verdicts.labels(state.verdict).inc()
-        # A redelivered decision re-emits what the stored run says; JetStream drops the copies.
-        await self._emit(state)
-        return state.verdict if created else "existing"
+        # A redelivered decision admits the same run again; what it emits is deduplicated.
+        admission = await self._admit(state)
+        return f"{state.verdict}:{admission}" if created else f"existing:{admission}"
 
     async def failure(self, f: m.ExecFailed, _msg: Msg) -> str:
         state, revision = await self.runs.get(f.run_id)
@@ -53,10 +61,47 @@ class Handlers:
     async def reply_persisted(self, e: m.AssistantMessagePersisted, _msg: Msg) -> str:
         state, revision = await self.runs.get(e.run_id)
         new = core.on_reply_persisted(state, e)
-        if new is None:
-            return "unchanged"
-        await self.runs.update(new, revision)
-        return new.status
+        if new is not None:
+            await self.runs.update(new, revision)
+        # Done (also on a redelivery): the conversation's next run gets its turn.
+        await self._release(state.conversation_id, e.run_id)
+        return new.status if new is not None else "unchanged"
+
+    async def _admit(self, state: core.RunState) -> core.Admission:
+        """Start the run if its conversation is free, else queue it behind the active one."""
+        conv, revision = await self.conversations.get(state.conversation_id)
+        changed, admission = core.admit(conv, state.run_id)
+        if changed is not None:
+            await self.conversations.put(changed, revision)
+            conv = changed
+        if admission == "start":
+            await self._start(state, conv)
+        elif admission == "queued":
+            position = conv.queue.index(state.run_id) + 1
+            event = core.queued_event(state, position)
+            p, c = state.project_id, state.conversation_id
+            await self.bus.publish(subjects.policy_verdict(p, c), event, msg_id=event.event_id)
+        return admission
+
+    async def _release(self, conversation_id: str, run_id: str) -> None:
+        conv, revision = await self.conversations.get(conversation_id)
+        nxt = core.release(conv, run_id)
+        if nxt is None:
+            # Already released (a redelivery): finish starting the next run if a crash cut it off.
+            if conv.active is not None and not conv.started:
+                await self._start((await self.runs.get(conv.active))[0], conv)
+            return
+        await self.conversations.put(nxt, revision)
+        if nxt.active is not None:
+            await self._start((await self.runs.get(nxt.active))[0], nxt)
+
+    async def _start(self, state: core.RunState, conv: core.ConvState) -> None:
+        # ``conv`` is the record that gave this run the slot; it is read again before marking.
+        """Emit the run's verdict and task (or reply), then record that it started."""
+        await self._emit(state)
+        latest, revision = await self.conversations.get(conv.conversation_id)
+        if latest.active == state.run_id and not latest.started:
+            await self.conversations.put(core.mark_started(latest), revision)
 
     async def _emit(self, state: core.RunState) -> None:
         p, c = state.project_id, state.conversation_id

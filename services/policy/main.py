@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.policy import config, core
-from services.policy.adapters import Runs
+from services.policy.adapters import Conversations, Runs
 from services.policy.handlers import Handlers
 from shared import messages, runtime, subjects
 from shared.bus import Bus, Consumer, run_consumers
@@ -28,7 +28,7 @@ async def amain() -> None:
     log, metrics, port, stop = runtime.boot(SERVICE, settings)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
-    h = Handlers(bus, Runs(kv), rules_from(settings), metrics)
+    h = Handlers(bus, Runs(kv), Conversations(kv), rules_from(settings), metrics)
     b, n = settings.fetch_batch, settings.concurrency
     consumers: list[Consumer[Any]] = [
         Consumer(

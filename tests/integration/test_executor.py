@@ -125,3 +125,45 @@ async def test_a_stalled_stream_times_out(infra: Infra, offline_model: OfflineMo
     )
     assert failed.error_class == "timeout"
     assert failed.usage.output_tokens == 2
+
+
+async def test_history_puts_each_reply_after_its_question_even_when_stored_later(
+    infra: Infra,
+) -> None:
+    pool = await create_pool(infra.database_url)
+    store = Store(pool)
+    u1 = user_event("first question")
+    u2 = user_event("second question", conversation_id=u1.conversation_id)
+    u3 = user_event("third question", conversation_id=u1.conversation_id)
+    for e in (u1, u2, u3):
+        await store.insert_user_message(e)
+    # The answers arrive after all three questions were stored (runs queued one behind another).
+    for e, text in ((u1, "first answer"), (u2, "second answer")):
+        r = m.ExecResult(
+            event_id="r",
+            message_id=e.message_id,
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            task_id=f"t-{e.message_id}",
+            call_id=f"c-{e.message_id}",
+            run_id=f"run-{e.message_id}",
+            attempt=1,
+            model="m",
+            text=text,
+            usage=m.Usage(),
+            prices=m.Prices(),
+        )
+        await store.store_result(r)
+    history = History(pool)
+    turns = await history.upto(u3.conversation_id, u3.message_id, 50)
+    assert [t.content for t in turns] == [
+        "first question",
+        "first answer",
+        "second question",
+        "second answer",
+        "third question",
+    ]
+    # For the second question, its own answer and anything later are not context.
+    turns = await history.upto(u2.conversation_id, u2.message_id, 50)
+    assert [t.content for t in turns] == ["first question", "first answer", "second question"]
+    await pool.close()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
+
 from services.policy import core
-from services.policy.adapters import Runs
+from services.policy.adapters import Conversations, Runs
 from services.policy.config import Settings
 from services.policy.handlers import Handlers
 from services.policy.main import rules_from
@@ -37,7 +39,7 @@ async def _policy(infra: Infra, max_attempts: int = 2):  # type: ignore[no-untyp
     bus = await connect_bus(infra.nats_url, "policy")
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     rules = rules_from(Settings(max_attempts=max_attempts))
-    h = Handlers(bus, Runs(kv), rules, service_metrics("policy"))
+    h = Handlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy"))
     consumers = [
         Consumer(bus, subjects.POLICY_DECISIONS, m.AgentDecision, h.decision),
         Consumer(bus, subjects.POLICY_FAILURES, m.ExecFailed, h.failure),
@@ -146,4 +148,57 @@ async def test_a_bad_request_is_not_retried(infra: Infra) -> None:
         info = await bus.js.stream_info(subjects.STREAM_TASKS)
     assert replies[0].kind == "failure"
     assert info.state.messages == 1
+    await bus.close()
+
+
+def _second(d: m.AgentDecision, n: int) -> m.AgentDecision:
+    mid = f"00000000-0000-0000-0000-00000000000{n}"
+    return msgspec.structs.replace(d, message_id=mid, event_id=f"decision:{mid}")
+
+
+def _persisted(task: m.ExecTask) -> m.AssistantMessagePersisted:
+    return m.AssistantMessagePersisted(
+        event_id=f"persisted:assistant:{task.run_id}",
+        message_id=task.message_id,
+        conversation_id=task.conversation_id,
+        project_id=task.project_id,
+        run_id=task.run_id,
+        reply_to=task.message_id,
+        kind="answer",
+        content="done",
+        created_at=datetime.now(UTC),
+        status="completed",
+    )
+
+
+async def test_runs_of_one_conversation_take_turns_in_arrival_order(infra: Infra) -> None:
+    bus, consumers = await _policy(infra)
+    first = _decision()
+    later = [_second(first, 2), _second(first, 3)]
+    p, c = first.project_id, first.conversation_id
+    async with running(*consumers):
+        await bus.publish(subjects.agent_decision(p, c), first, msg_id="d1")
+        [t1] = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )
+        for i, d in enumerate(later):
+            await bus.publish(subjects.agent_decision(p, c), d, msg_id=f"d{i + 2}")
+        verdicts = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.verdict.>", 3), m.RunVerdict
+        )
+        # While the first run is active the others wait: queued, and no task for them.
+        assert [v.status for v in verdicts] == ["running", "queued", "queued"]
+        assert (await bus.js.stream_info(subjects.STREAM_TASKS)).state.messages == 1
+        await bus.publish(subjects.persisted_assistant(p, c), _persisted(t1), msg_id="a1")
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask
+        )
+        assert [t.message_id for t in tasks] == [first.message_id, later[0].message_id]
+        # A redelivered completion of the first run does not start a third.
+        await bus.publish(subjects.persisted_assistant(p, c), _persisted(t1), msg_id="a1-again")
+        await bus.publish(subjects.persisted_assistant(p, c), _persisted(tasks[1]), msg_id="a2")
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 3), m.ExecTask
+        )
+    assert [t.message_id for t in tasks] == [d.message_id for d in (first, *later)]
     await bus.close()
