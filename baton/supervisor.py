@@ -23,6 +23,8 @@ def service_env(
     jwt_secret: str,
     http_port: int = 0,
     model_url: str = "",
+    nats_user: str = "",
+    nats_password: str = "",
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment one service process gets (everything else it reads has defaults)."""
@@ -36,6 +38,9 @@ def service_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if nats_user:
+        env["BATON_NATS_USER"] = nats_user
+        env["BATON_NATS_PASSWORD"] = nats_password
     if name == "gateway":
         env["GATEWAY_JWT_SECRET"] = jwt_secret
         env["GATEWAY_HTTP_PORT"] = str(http_port)

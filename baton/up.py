@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from baton import devtoken
+from baton import devtoken, permissions, roles
 from baton.embedded import NatsServer, PostgresServer, free_port
 from baton.migrate import migrate
 from baton.provision import provision
@@ -69,7 +69,12 @@ class Stack:
         signal.signal(signal.SIGTERM, self._on_signal)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         secret = devtoken.secret_for(self.data_dir)
-        nats = NatsServer(self.data_dir / "nats", log_file=self.logs / "nats.log")
+        passwords = permissions.passwords_for(self.data_dir)
+        nats = NatsServer(
+            self.data_dir / "nats",
+            config_text=permissions.authorization(passwords),
+            log_file=self.logs / "nats.log",
+        )
         pg = PostgresServer(self.data_dir / "postgres", log_file=self.logs / "postgres.log")
         supervisor: Supervisor | None = None
         model: Child | None = None
@@ -84,8 +89,10 @@ class Stack:
             dsn = pg.dsn(DATABASE)
             for name in asyncio.run(migrate(dsn)):
                 say(f"migration {name} applied")
-            asyncio.run(provision(nats.url))
-            say("streams, consumers and buckets provisioned")
+            asyncio.run(roles.ensure_roles(dsn))
+            say("database roles ready (only baton_persister writes)")
+            asyncio.run(provision(nats.url, user=permissions.ADMIN, password=passwords["admin"]))
+            say("streams, consumers and buckets provisioned; one NATS user per service")
 
             model_url = ""
             if not os.environ.get("ANTHROPIC_API_KEY"):
@@ -111,11 +118,15 @@ class Stack:
                     service_env(
                         name,
                         nats_url=nats.url,
-                        database_url=dsn,
+                        database_url=(
+                            roles.dsn_for(dsn, name) if name in roles.SERVICES_WITH_DB else ""
+                        ),
                         metrics_port=metrics[name],
                         jwt_secret=secret,
                         http_port=self.port,
                         model_url=model_url,
+                        nats_user=name,
+                        nats_password=passwords[name],
                     ),
                     self.logs,
                 )
@@ -138,6 +149,7 @@ class Stack:
                 "user": "alice",
                 "metrics": {n: f"http://127.0.0.1:{p}/metrics" for n, p in metrics.items()},
                 "nats": nats.url,
+                "nats_passwords": str(self.data_dir / permissions.PASSWORDS_FILE),
                 "database": dsn,
                 "model": model_url or "https://api.anthropic.com",
                 "pids": {

@@ -22,7 +22,7 @@ from shared import messages, tracing
 from shared.config import BaseSettings
 from shared.errors import BadData, SchemaError, Transient
 from shared.metrics import ServiceMetrics
-from shared.subjects import ConsumerSpec, dead_letter
+from shared.subjects import ConsumerSpec, dead_letter, inbox_prefix
 
 T = TypeVar("T")
 
@@ -72,6 +72,8 @@ class Bus:
         options: dict[str, Any] = {
             "servers": [settings.nats_url],
             "name": f"baton-{service}",
+            # Its own inbox prefix: its user may not read another service's replies.
+            "inbox_prefix": inbox_prefix(service),
             "error_cb": error_cb,
             "disconnected_cb": disconnected_cb,
             "reconnected_cb": reconnected_cb,

@@ -72,6 +72,11 @@ def dead_letter(stream: str, consumer: str) -> str:
     return f"dlq.{stream}.{consumer}"
 
 
+def inbox_prefix(service: str) -> str:
+    """Where a service's replies arrive; its NATS user may subscribe to this prefix only."""
+    return f"_INBOX_{service}"
+
+
 # Prefixes of the subject families the gateway pushes to clients.
 PREFIX_TOKENS = "chat.stream."
 PREFIX_PERSISTED_USER = "chat.persisted.user."

@@ -14,6 +14,7 @@ import httpx
 import msgspec
 import pytest
 
+from baton import permissions, roles
 from baton.devtoken import make_token
 from baton.embedded import NatsServer, PostgresServer, create_database, free_port
 from baton.migrate import migrate
@@ -32,6 +33,8 @@ class Pipeline(msgspec.Struct):
     database_url: str
     nats_url: str
     logs: Path
+    # With least privilege on: the NATS passwords by user (admin and one per service).
+    passwords: dict[str, str] = {}
 
     def token(self, project: str, user: str) -> str:
         return make_token(SECRET, project, user)
@@ -47,7 +50,7 @@ class Pipeline(msgspec.Struct):
         return "\n".join(out)
 
 
-class OwnPipeline(Pipeline):
+class OwnPipeline(Pipeline, kw_only=True):
     """A pipeline on its own NATS and Postgres, which a test may stop and start again."""
 
     nats: NatsServer
@@ -85,13 +88,51 @@ def own_pipeline(tmp_path: Path) -> Iterator[OwnPipeline]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+class SecurePipeline(Pipeline, kw_only=True):
+    """Five services as their own NATS users and Postgres roles (least privilege, I5)."""
+
+    nats: NatsServer
+
+
+@pytest.fixture
+def secure_pipeline(database_url: str, tmp_path: Path) -> Iterator[SecurePipeline]:
+    """A NATS of its own with one user per service; services use their own database roles."""
+    passwords = permissions.new_passwords()
+    nats = NatsServer(tmp_path / "nats", config_text=permissions.authorization(passwords))
+    nats.start()
+    try:
+        with _running(nats.url, database_url, tmp_path / "logs", passwords=passwords) as p:
+            fields = {f: getattr(p, f) for f in Pipeline.__struct_fields__}
+            yield SecurePipeline(**fields, nats=nats)
+    finally:
+        nats.stop()
+
+
 @contextlib.contextmanager
 def _running(
-    nats_url: str, database_url: str, logs: Path, extra: Mapping[str, str] | None = None
+    nats_url: str,
+    database_url: str,
+    logs: Path,
+    extra: Mapping[str, str] | None = None,
+    passwords: Mapping[str, str] | None = None,
 ) -> Iterator[Pipeline]:
-    """Provision, migrate, start the offline model and the five services; stop them after."""
-    asyncio.run(provision(nats_url))
+    """Provision, migrate, start the offline model and the five services; stop them after.
+
+    With ``passwords`` (least privilege): provision as the admin, run each service as its own
+    NATS user and with its own database role.
+    """
+    admin = permissions.ADMIN
+    user, password = (admin, passwords[admin]) if passwords else ("", "")
+    asyncio.run(provision(nats_url, user=user, password=password))
     asyncio.run(migrate(database_url))
+    if passwords:
+        asyncio.run(roles.ensure_roles(database_url))
+
+    def dsn(name: str) -> str:
+        if not passwords:
+            return database_url
+        return roles.dsn_for(database_url, name) if name in roles.SERVICES_WITH_DB else ""
+
     port = free_port()
     with OfflineModelProcess(ModelSettings(tokens_per_second=400)) as model:
         children = [
@@ -100,11 +141,13 @@ def _running(
                 service_env(
                     name,
                     nats_url=nats_url,
-                    database_url=database_url,
+                    database_url=dsn(name),
                     metrics_port=free_port(),
                     jwt_secret=SECRET,
                     http_port=port,
                     model_url=model.url,
+                    nats_user=name if passwords else "",
+                    nats_password=passwords[name] if passwords else "",
                     extra=extra,
                 ),
                 logs,
@@ -114,7 +157,9 @@ def _running(
         supervisor = Supervisor(children, say=lambda line: None)
         supervisor.start_all()
         gateway = f"http://127.0.0.1:{port}"
-        p = Pipeline(gateway, model, supervisor, database_url, nats_url, logs)
+        p = Pipeline(
+            gateway, model, supervisor, database_url, nats_url, logs, dict(passwords or {})
+        )
         try:
             _wait_healthy(gateway, 30)
             _wait_services_up(children, 30)

@@ -1,0 +1,140 @@
+"""Per-service NATS users and their narrowest permissions, derived from shared/subjects.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from shared import subjects
+
+ADMIN = "admin"
+SERVICES = ("gateway", "persister", "agent", "policy", "executor")
+PASSWORDS_FILE = "nats_passwords.json"
+
+# Nobody but the admin may create, change or delete streams and consumers (I5): a user allowed
+# these could route around its subject permissions, e.g. by adding a subject to a stream.
+ADMIN_ONLY = (
+    "$JS.API.STREAM.CREATE.>",
+    "$JS.API.STREAM.UPDATE.>",
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.STREAM.PURGE.>",
+    "$JS.API.STREAM.MSG.DELETE.>",
+    "$JS.API.CONSUMER.CREATE.>",
+    "$JS.API.CONSUMER.DURABLE.CREATE.>",
+    "$JS.API.CONSUMER.DELETE.>",
+)
+ANY = ("*", "*")  # project and conversation tokens
+
+
+class Grant(msgspec.Struct, frozen=True):
+    """What one service does on the bus, in the terms of shared/subjects.py."""
+
+    publishes: tuple[str, ...] = ()
+    consumers: tuple[subjects.ConsumerSpec, ...] = ()
+    listens: tuple[str, ...] = ()  # core subscriptions
+    reads_streams: tuple[str, ...] = ()  # get a stored message by sequence
+    buckets: tuple[str, ...] = ()
+
+
+GRANTS: dict[str, Grant] = {
+    "gateway": Grant(
+        publishes=(subjects.chat_in(*ANY),),
+        listens=subjects.PUSH_SUBJECTS,
+        # A duplicate submit answers with the original message, read back by its sequence.
+        reads_streams=(subjects.STREAM_CHAT_IN,),
+    ),
+    "persister": Grant(
+        publishes=(subjects.persisted_user(*ANY), subjects.persisted_assistant(*ANY)),
+        consumers=(
+            subjects.PERSISTER_IN,
+            subjects.PERSISTER_VERDICTS,
+            subjects.PERSISTER_REPLIES,
+            subjects.PERSISTER_RESULTS,
+            subjects.PERSISTER_FAILED,
+        ),
+    ),
+    "agent": Grant(publishes=(subjects.agent_decision(*ANY),), consumers=(subjects.AGENT_IN,)),
+    "policy": Grant(
+        publishes=(
+            subjects.policy_verdict(*ANY),
+            subjects.policy_reply(*ANY),
+            subjects.exec_task(*ANY),  # policy alone (I5)
+        ),
+        consumers=(subjects.POLICY_DECISIONS, subjects.POLICY_OUTCOMES, subjects.POLICY_FAILURES),
+        buckets=(subjects.BUCKET_RUNS,),
+    ),
+    "executor": Grant(
+        publishes=(
+            subjects.token_stream(*ANY),
+            subjects.exec_result(*ANY),
+            subjects.exec_failed(*ANY),
+        ),
+        consumers=(subjects.EXECUTOR_TASKS,),
+    ),
+}
+
+
+def permissions(service: str) -> dict[str, Any]:
+    """The nats-server ``permissions`` object of one service's user."""
+    grant = GRANTS[service]
+    publish = list(grant.publishes)
+    for spec in grant.consumers:
+        stream, durable = spec.stream, spec.durable
+        publish += [
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",  # fetch
+            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",  # the provisioned ack_wait
+            f"$JS.ACK.{stream}.{durable}.>",  # ack, nak, in-progress, term
+            subjects.dead_letter(stream, durable),
+        ]
+    for stream in grant.reads_streams:
+        publish.append(f"$JS.API.STREAM.MSG.GET.{stream}")
+    for bucket in grant.buckets:
+        kv = f"KV_{bucket}"
+        publish += [
+            f"$KV.{bucket}.>",  # create and update are publishes with an expected revision
+            f"$JS.API.STREAM.INFO.{kv}",  # js.key_value() looks the bucket up
+            f"$JS.API.DIRECT.GET.{kv}",  # get by revision
+            f"$JS.API.DIRECT.GET.{kv}.>",  # get the latest by key
+            f"$JS.API.STREAM.MSG.GET.{kv}",  # get when direct get is off
+        ]
+    deny = list(ADMIN_ONLY)
+    if subjects.exec_task(*ANY) not in grant.publishes:
+        deny.append("exec.task.>")
+    return {
+        "publish": {"allow": publish, "deny": deny},
+        "subscribe": {"allow": [*grant.listens, subjects.inbox_prefix(service) + ".>"]},
+    }
+
+
+def authorization(passwords: dict[str, str]) -> str:
+    """The nats-server ``authorization`` block: the admin, then one user per service."""
+    users: list[dict[str, Any]] = [{"user": ADMIN, "password": passwords[ADMIN]}]
+    for service in SERVICES:
+        users.append(
+            {"user": service, "password": passwords[service], "permissions": permissions(service)}
+        )
+    return "authorization " + json.dumps({"users": users}, indent=2)
+
+
+def new_passwords() -> dict[str, str]:
+    return {name: secrets.token_urlsafe(24) for name in (ADMIN, *SERVICES)}
+
+
+def passwords_for(data_dir: Path) -> dict[str, str]:
+    """The data dir's NATS passwords, created on first use and readable only by its owner."""
+    path = data_dir / PASSWORDS_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(new_passwords(), fh)
+    stored: dict[str, str] = json.loads(path.read_text())
+    missing = {n for n in (ADMIN, *SERVICES) if n not in stored}
+    if missing:
+        raise ValueError(f"{path} lacks passwords for {sorted(missing)}")
+    return stored

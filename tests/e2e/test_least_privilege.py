@@ -1,0 +1,229 @@
+"""Least privilege (I5) as the servers enforce it: per-service NATS users and Postgres roles."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import httpx
+import msgspec
+import nats
+import nats.errors
+import pytest
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, StreamConfig
+
+from baton import permissions, roles
+from shared import subjects
+from shared.bus import Bus
+from shared.config import BaseSettings, Secret
+from tests.e2e.conftest import Pipeline, SecurePipeline
+from tests.support import service_metrics
+
+pytestmark = pytest.mark.e2e
+
+NOT_POLICY = ("gateway", "persister", "agent", "executor")
+
+
+async def _connect(p: Pipeline, user: str, errors: list[str]) -> NATS:
+    async def error_cb(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    return await nats.connect(
+        p.nats_url,
+        user=user,
+        password=p.passwords[user],
+        inbox_prefix=subjects.inbox_prefix(user) if user != permissions.ADMIN else "_INBOX",
+        error_cb=error_cb,
+        allow_reconnect=False,
+    )
+
+
+async def _stream_messages(p: Pipeline, stream: str) -> int:
+    nc = await _connect(p, permissions.ADMIN, [])
+    try:
+        return int((await nc.jetstream().stream_info(stream)).state.messages)
+    finally:
+        await nc.close()
+
+
+async def _wait_for(errors: list[str], needle: str, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if any(needle in e.lower() for e in errors):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {needle!r} error in {errors}")
+
+
+def _permission_errors(p: Pipeline, service: str) -> float:
+    url = f"http://127.0.0.1:{p.child(service).env['BATON_METRICS_PORT']}/metrics"
+    line = f'baton_{service}_nats_errors_total{{kind="permission"}} '
+    for row in httpx.get(url, timeout=2).text.splitlines():
+        if row.startswith(line):
+            return float(row.removeprefix(line))
+    return 0.0
+
+
+async def test_the_journey_works_with_every_service_as_its_own_user(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    p = secure_pipeline
+    auth = {"Authorization": f"Bearer {p.token('acme', 'alice')}"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        body = {"content": "What is least privilege?"}
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        r = await client.post(f"{p.gateway}/api/chat", json=body, headers={**auth, **key})
+        assert r.status_code == 202, r.text
+        cid = r.json()["message"]["conversation_id"]
+        # A retry reads the original back from CHAT_IN (the gateway's one stream read).
+        again = await client.post(f"{p.gateway}/api/chat", json=body, headers={**auth, **key})
+        assert again.status_code == 202 and again.json()["duplicate"] is True, again.text
+        roles_seen: list[str] = []
+        for _ in range(400):
+            got = await client.get(f"{p.gateway}/api/conversations/{cid}/messages", headers=auth)
+            if got.status_code == 200:  # 404 until the persister stored the conversation
+                roles_seen = [m["role"] for m in got.json()["messages"]]
+            if roles_seen == ["user", "assistant"]:
+                break
+            await asyncio.sleep(0.05)
+        assert roles_seen == ["user", "assistant"], p.log_tail()
+        usage = (await client.get(f"{p.gateway}/api/usage", headers=auth)).json()
+        assert usage["runs"] == 1 and usage["output_tokens"] > 0
+    # Permissions wide enough: no service hit a single violation on the way.
+    for service in permissions.SERVICES:
+        assert _permission_errors(p, service) == 0, f"{service}\n{p.log_tail()}"
+
+
+async def test_only_policy_may_emit_executor_tasks(secure_pipeline: SecurePipeline) -> None:
+    p = secure_pipeline
+    before = await _stream_messages(p, subjects.STREAM_TASKS)
+    forged = subjects.exec_task("acme", str(uuid.uuid4()))
+    for user in NOT_POLICY:
+        errors: list[str] = []
+        nc = await _connect(p, user, errors)
+        try:
+            with pytest.raises(TimeoutError):
+                await nc.jetstream(timeout=1.0).publish(
+                    forged, b"{}", headers={"Nats-Msg-Id": user}
+                )
+            await _wait_for(errors, "permissions violation")
+            # A core publish looks like success to the client; the server drops it all the same.
+            await nc.publish(forged, b"{}")
+            await nc.flush()
+        finally:
+            await nc.close()
+    await asyncio.sleep(0.5)
+    assert await _stream_messages(p, subjects.STREAM_TASKS) == before
+
+
+async def test_no_service_may_create_change_or_delete_streams_and_consumers(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    p = secure_pipeline
+    for user in permissions.SERVICES:
+        errors: list[str] = []
+        nc = await _connect(p, user, errors)
+        js = nc.jetstream(timeout=1.0)
+        try:
+            attempts = (
+                js.add_stream(StreamConfig(name="EVIL", subjects=["evil.>"])),
+                js.update_stream(
+                    StreamConfig(name=subjects.STREAM_TASKS, subjects=["exec.task.>", "evil.>"])
+                ),
+                js.delete_stream(subjects.STREAM_TASKS),
+                js.purge_stream(subjects.STREAM_TASKS),
+                js.add_consumer(subjects.STREAM_TASKS, ConsumerConfig(durable_name="evil")),
+                js.delete_consumer(subjects.STREAM_TASKS, subjects.EXECUTOR_TASKS.durable),
+            )
+            for attempt in attempts:
+                with pytest.raises(TimeoutError):
+                    await attempt
+            await _wait_for(errors, "permissions violation")
+        finally:
+            await nc.close()
+    admin = await _connect(p, permissions.ADMIN, [])
+    try:
+        js = admin.jetstream()
+        names = {s.config.name for s in await js.streams_info()}
+        assert "EVIL" not in names and subjects.STREAM_TASKS in names
+        info = await js.stream_info(subjects.STREAM_TASKS)
+        assert info.config.subjects == ["exec.task.>"]
+        durables = {c.name for c in await js.consumers_info(subjects.STREAM_TASKS)}
+        assert durables == {subjects.EXECUTOR_TASKS.durable}
+    finally:
+        await admin.close()
+
+
+async def test_a_violation_is_counted_in_the_services_metrics(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    p = secure_pipeline
+    metrics = service_metrics("agent")
+    settings = BaseSettings(
+        nats_url=p.nats_url, nats_user="agent", nats_password=Secret(p.passwords["agent"])
+    )
+    bus = await Bus.connect(settings, "agent", metrics, structlog.get_logger())
+    try:
+        with pytest.raises(TimeoutError):
+            await bus.publish(
+                subjects.exec_task("acme", "c1"), _Forged(), msg_id="forged", timeout=1.0
+            )
+        sample = 0.0
+        for _ in range(100):
+            sample = (
+                metrics.registry.get_sample_value(
+                    "baton_agent_nats_errors_total", {"kind": "permission"}
+                )
+                or 0.0
+            )
+            if sample:
+                break
+            await asyncio.sleep(0.05)
+        assert sample == 1.0
+    finally:
+        await bus.close()
+
+
+class _Forged(msgspec.Struct):
+    pass
+
+
+async def test_only_the_persisters_role_writes_the_database(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    url = secure_pipeline.database_url
+    for service in roles.READS:
+        con = await asyncpg.connect(roles.dsn_for(url, service))
+        try:
+            assert await con.fetchval("SELECT count(*) FROM messages") == 0
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await con.execute(
+                    "INSERT INTO conversations (id, project_id, user_id, created_at) "
+                    "VALUES ($1, 'acme', 'mallory', now())",
+                    uuid.uuid4(),
+                )
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await con.execute("UPDATE project_usage SET runs = 0")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await con.execute("CREATE TABLE evil (id int)")
+        finally:
+            await con.close()
+    con = await asyncpg.connect(roles.dsn_for(url, "agent"))
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await con.fetchval("SELECT count(*) FROM usage")
+    finally:
+        await con.close()
+    con = await asyncpg.connect(roles.dsn_for(url, roles.WRITER))
+    try:
+        await con.execute(
+            "INSERT INTO conversations (id, project_id, user_id, created_at) "
+            "VALUES ($1, 'acme', 'alice', now())",
+            uuid.uuid4(),
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await con.execute("DROP TABLE messages")
+    finally:
+        await con.close()

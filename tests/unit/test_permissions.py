@@ -1,0 +1,59 @@
+"""The NATS permission table: what each service user may publish and subscribe to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from baton import permissions, roles
+from shared import subjects
+
+READ_ONLY_API = (
+    "$JS.API.CONSUMER.MSG.NEXT.",
+    "$JS.API.CONSUMER.INFO.",
+    "$JS.API.STREAM.INFO.",
+    "$JS.API.STREAM.MSG.GET.",
+    "$JS.API.DIRECT.GET.",
+)
+
+
+def test_only_policy_may_publish_executor_tasks() -> None:
+    task = subjects.exec_task("*", "*")
+    for service in permissions.SERVICES:
+        publish = permissions.permissions(service)["publish"]
+        if service == "policy":
+            assert task in publish["allow"] and "exec.task.>" not in publish["deny"]
+        else:
+            assert task not in publish["allow"] and "exec.task.>" in publish["deny"]
+
+
+def test_no_service_may_manage_streams_or_consumers() -> None:
+    for service in permissions.SERVICES:
+        publish = permissions.permissions(service)["publish"]
+        assert set(permissions.ADMIN_ONLY) <= set(publish["deny"])
+        api = [s for s in publish["allow"] if s.startswith("$JS.API.")]
+        # Only reads and fetches: no create, update, delete or purge of anything.
+        assert all(s.startswith(READ_ONLY_API) for s in api), api
+
+
+def test_each_service_binds_only_its_own_durables_and_reads_only_its_inbox() -> None:
+    executor = permissions.permissions("executor")
+    assert executor["subscribe"]["allow"] == ["_INBOX_executor.>"]
+    assert "$JS.API.CONSUMER.MSG.NEXT.EXEC_TASKS.executor" in executor["publish"]["allow"]
+    assert not any("persister" in s for s in executor["publish"]["allow"])
+    gateway = permissions.permissions("gateway")
+    assert set(subjects.PUSH_SUBJECTS) < set(gateway["subscribe"]["allow"])
+    assert "$JS.API.STREAM.MSG.GET.CHAT_IN" in gateway["publish"]["allow"]
+
+
+def test_the_authorization_block_names_every_user_and_passwords_persist(tmp_path: Path) -> None:
+    first = permissions.passwords_for(tmp_path)
+    assert permissions.passwords_for(tmp_path) == first
+    assert (tmp_path / permissions.PASSWORDS_FILE).stat().st_mode & 0o077 == 0
+    block = permissions.authorization(first)
+    for user in (permissions.ADMIN, *permissions.SERVICES):
+        assert f'"user": "{user}"' in block and first[user] in block
+
+
+def test_role_dsn_swaps_only_the_user() -> None:
+    dsn = "postgresql://postgres@127.0.0.1:5432/baton"
+    assert roles.dsn_for(dsn, "gateway") == "postgresql://baton_gateway@127.0.0.1:5432/baton"
