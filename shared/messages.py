@@ -51,6 +51,8 @@ class UserMessageAccepted(Event, kw_only=True, frozen=True):
 class UserMessagePersisted(UserMessageAccepted, kw_only=True, frozen=True):
     """Published by the persister once the user message is committed."""
 
+    position: int = 0  # 1, 2, 3, … within the conversation; runs happen in this order
+
 
 class Decision(msgspec.Struct, kw_only=True, frozen=True):
     """What the agent's model says a message needs; only advice, bounded by this schema."""
@@ -71,6 +73,7 @@ class AgentDecision(Event, kw_only=True, frozen=True):
     decision: Decision
     fallback: bool = False
     fallback_reason: str = ""
+    position: int = 0  # the message's place in its conversation, passed through
 
 
 class Prices(msgspec.Struct, kw_only=True, frozen=True):

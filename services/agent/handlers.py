@@ -53,6 +53,7 @@ class Handlers:
             decision=decision,
             fallback=bool(reason),
             fallback_reason=reason[:500],
+            position=e.position,
         )
         await self.bus.publish(
             subjects.agent_decision(e.project_id, e.conversation_id), out, msg_id=out.event_id

@@ -14,6 +14,13 @@ from shared.db import unavailable_is_transient
 from shared.errors import BadData
 
 
+class Placed(msgspec.Struct, frozen=True):
+    """Where a user message stands in its conversation, and whether this call stored it."""
+
+    position: int
+    inserted: bool
+
+
 class StoredReply(msgspec.Struct, frozen=True):
     """The assistant message as stored (the first one written for the run wins)."""
 
@@ -78,19 +85,29 @@ ORDER BY id, created_at
 ON CONFLICT (id) DO NOTHING
 """
 
-SELECT_OWNERS = "SELECT id, project_id, user_id FROM conversations WHERE id = ANY($1::uuid[])"
+# Row locks in id order (no deadlocks): one conversation's batches hand out positions in turn.
+LOCK_CONVERSATIONS = """
+SELECT id, project_id, user_id FROM conversations WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+"""
+
+KNOWN_MESSAGES = "SELECT id, position FROM messages WHERE id = ANY($1::uuid[])"
+
+LAST_POSITIONS = """
+SELECT conversation_id, max(position) AS last FROM messages
+WHERE conversation_id = ANY($1::uuid[]) AND role = 'user'
+GROUP BY conversation_id
+"""
 
 INSERT_MESSAGES = """
 INSERT INTO messages (id, conversation_id, project_id, user_id, role, content, content_hash,
-                      idempotency_key, created_at)
-SELECT id, conversation_id, project_id, user_id, 'user', content, content_hash, key, created_at
+                      idempotency_key, created_at, position)
+SELECT id, conversation_id, project_id, user_id, 'user', content, content_hash, key, created_at,
+       position
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::timestamptz[])
+            $8::timestamptz[], $9::int[])
      WITH ORDINALITY AS t(id, conversation_id, project_id, user_id, content, content_hash, key,
-                          created_at, n)
+                          created_at, position, n)
 ORDER BY n
-ON CONFLICT (id) DO NOTHING
-RETURNING id
 """
 
 SELECT_REPLY = """
@@ -127,8 +144,8 @@ class Store:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
 
-    async def insert_user_message(self, e: m.UserMessageAccepted) -> bool:
-        """Insert one message; False when it was already there (a redelivery)."""
+    async def insert_user_message(self, e: m.UserMessageAccepted) -> Placed:
+        """Insert one message; ``inserted`` is False when it was already there (a redelivery)."""
         [result] = await self.insert_user_messages([e])
         if isinstance(result, BadData):
             raise result
@@ -136,11 +153,13 @@ class Store:
 
     async def insert_user_messages(
         self, events: list[m.UserMessageAccepted]
-    ) -> list[bool | BadData]:
-        """Many user messages in one transaction and three round trips (a group commit).
+    ) -> list[Placed | BadData]:
+        """Many user messages in one transaction and a handful of round trips (a group commit).
 
-        Per message: True if inserted, False if it was already there, BadData if its
-        conversation belongs to someone else (the rest of the batch is still stored).
+        Per message: where it stands in its conversation and whether this call inserted it,
+        or BadData if its conversation belongs to someone else (the rest is still stored).
+        Positions are handed out under the conversations' row locks, so concurrent batches
+        for one conversation take turns and never share a position.
         """
         ordered = sorted(events, key=lambda e: e.created_at)
         convs = [uuid.UUID(e.conversation_id) for e in ordered]
@@ -158,28 +177,43 @@ class Store:
             )
             owners = {
                 r["id"]: (r["project_id"], r["user_id"])
-                for r in await con.fetch(SELECT_OWNERS, list(set(convs)))
+                for r in await con.fetch(LOCK_CONVERSATIONS, sorted(set(convs)))
             }
             ok = [
                 e
                 for e in ordered
                 if owners.get(uuid.UUID(e.conversation_id)) == (e.project_id, e.user_id)
             ]
-            rows = await con.fetch(
+            known = {
+                str(r["id"]): r["position"]
+                for r in await con.fetch(KNOWN_MESSAGES, [uuid.UUID(e.message_id) for e in ok])
+            }
+            last = {
+                str(r["conversation_id"]): r["last"]
+                for r in await con.fetch(LAST_POSITIONS, sorted(set(convs)))
+            }
+            new: list[tuple[m.UserMessageAccepted, int]] = []
+            for e in ok:
+                if e.message_id in known or any(n.message_id == e.message_id for n, _ in new):
+                    continue
+                last[e.conversation_id] = last.get(e.conversation_id, 0) + 1
+                new.append((e, last[e.conversation_id]))
+            await con.execute(
                 INSERT_MESSAGES,
-                [uuid.UUID(e.message_id) for e in ok],
-                [uuid.UUID(e.conversation_id) for e in ok],
-                [e.project_id for e in ok],
-                [e.user_id for e in ok],
-                [e.content for e in ok],
-                [e.content_hash for e in ok],
-                [e.idempotency_key for e in ok],
-                [e.created_at for e in ok],
+                [uuid.UUID(e.message_id) for e, _ in new],
+                [uuid.UUID(e.conversation_id) for e, _ in new],
+                [e.project_id for e, _ in new],
+                [e.user_id for e, _ in new],
+                [e.content for e, _ in new],
+                [e.content_hash for e, _ in new],
+                [e.idempotency_key for e, _ in new],
+                [e.created_at for e, _ in new],
+                [position for _, position in new],
             )
-        inserted = {str(r["id"]) for r in rows}
-        allowed = {e.message_id for e in ok}
+        placed = {e.message_id: Placed(position, True) for e, position in new}
+        placed.update({mid: Placed(pos or 0, False) for mid, pos in known.items()})
         foreign = BadData("conversation belongs to another project or user")
-        return [(e.message_id in inserted) if e.message_id in allowed else foreign for e in events]
+        return [placed.get(e.message_id, foreign) for e in events]
 
     async def upsert_run(self, v: m.RunVerdict) -> None:
         async with unavailable_is_transient("upsert run"), self.pool.acquire() as con:

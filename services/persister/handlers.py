@@ -5,7 +5,7 @@ from __future__ import annotations
 from nats.aio.msg import Msg
 
 from services.persister import core
-from services.persister.adapters import Store, StoredReply
+from services.persister.adapters import Placed, Store, StoredReply
 from shared import messages as m
 from shared import subjects
 from shared.batching import GroupCommit
@@ -23,12 +23,12 @@ class Handlers:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
         # Messages handled concurrently share one transaction; each still acks only after it.
-        self.user_messages: GroupCommit[m.UserMessageAccepted, bool] = GroupCommit(
+        self.user_messages: GroupCommit[m.UserMessageAccepted, Placed] = GroupCommit(
             store.insert_user_messages, on_batch=batch_size.observe
         )
 
     async def user_message(self, e: m.UserMessageAccepted, _msg: Msg) -> str:
-        inserted = await self.user_messages.submit(e)
+        placed = await self.user_messages.submit(e)
         # Published on every delivery: the first publish may be the one a crash interrupted.
         persisted = m.UserMessagePersisted(
             event_id=f"persisted:user:{e.message_id}",
@@ -41,13 +41,14 @@ class Handlers:
             content_hash=e.content_hash,
             created_at=e.created_at,
             idempotency_key=e.idempotency_key,
+            position=placed.position,
         )
         await self.bus.publish(
             subjects.persisted_user(e.project_id, e.conversation_id),
             persisted,
             msg_id=persisted.event_id,
         )
-        return "inserted" if inserted else "duplicate"
+        return "inserted" if placed.inserted else "duplicate"
 
     async def verdict(self, v: m.RunVerdict, _msg: Msg) -> str:
         await self.store.upsert_run(v)

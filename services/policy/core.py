@@ -62,6 +62,7 @@ class RunState(msgspec.Struct, kw_only=True):
     deadline: datetime | None = None
     reply_kind: m.ReplyKind | None = None
     reply_text: str = ""
+    position: int = 0
 
 
 def run_id_for(message_id: str) -> str:
@@ -79,6 +80,7 @@ def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
         project_id=e.project_id,
         user_id=e.user_id,
         estimated_tokens=d.estimated_tokens,
+        position=e.position,
         status="queued",
         verdict="approve",
         reason="",
@@ -206,50 +208,69 @@ def reply_event(state: RunState) -> m.PolicyReply | None:
 
 
 class ConvState(msgspec.Struct, kw_only=True):
-    """One conversation's turn-taking: the run that holds the slot and the runs waiting (I6)."""
+    """One conversation's turn-taking (I6): the run holding the slot, the next position allowed
+    to start, and runs whose decision arrived before their turn, by message position."""
 
     conversation_id: str
     active: str | None = None
     started: bool = False
-    queue: list[str] = msgspec.field(default_factory=list)
+    next_position: int = 1
+    pending: dict[int, str] = msgspec.field(default_factory=dict)
 
 
 Admission = Literal["start", "queued", "wait"]
 
 
-def admit(conv: ConvState, run_id: str) -> tuple[ConvState | None, Admission]:
-    """Where a new run goes: the free slot (start it) or the back of the queue.
+def admit(conv: ConvState, run_id: str, position: int) -> tuple[ConvState | None, Admission]:
+    """Where a run goes: the slot if it is free and the run is next in line, else it waits.
 
-    Returns the changed state (None when nothing changes) and what to do. ``wait`` means the
-    run already holds the slot and was started, or is already queued: nothing to do.
+    Decisions arrive in any order (the agent handles messages concurrently), so the order is
+    the messages' positions, not arrival. Returns the changed state (None when nothing
+    changes) and what to do; ``wait`` means the run already had its turn.
     """
     if conv.active == run_id:
         return (None, "wait") if conv.started else (None, "start")
-    if run_id in conv.queue:
+    if run_id in conv.pending.values():
         return None, "queued"
-    if conv.active is None:
-        return msgspec.structs.replace(conv, active=run_id, started=False), "start"
-    return msgspec.structs.replace(conv, queue=[*conv.queue, run_id]), "queued"
+    if position <= 0:  # a message from before positions existed: it goes to the back
+        position = max([conv.next_position - 1, *conv.pending]) + 1
+    if position < conv.next_position:
+        return None, "wait"
+    pending = {**conv.pending, position: run_id}
+    if conv.active is None and position == conv.next_position:
+        del pending[position]
+        changed = msgspec.structs.replace(
+            conv, active=run_id, started=False, next_position=position + 1, pending=pending
+        )
+        return changed, "start"
+    return msgspec.structs.replace(conv, pending=pending), "queued"
 
 
 def release(conv: ConvState, run_id: str) -> ConvState | None:
-    """Free the slot of a finished run and hand it to the next in line; None if not held."""
+    """Free the slot of a finished run and hand it to the next position if its run is here."""
     if conv.active != run_id:
         return None
-    nxt, rest = (conv.queue[0], conv.queue[1:]) if conv.queue else (None, [])
-    return msgspec.structs.replace(conv, active=nxt, started=False, queue=rest)
+    pending = dict(conv.pending)
+    nxt = pending.pop(conv.next_position, None)
+    return msgspec.structs.replace(
+        conv,
+        active=nxt,
+        started=False,
+        next_position=conv.next_position + (1 if nxt is not None else 0),
+        pending=pending,
+    )
 
 
 def mark_started(conv: ConvState) -> ConvState:
     return msgspec.structs.replace(conv, started=True)
 
 
-def queued_event(state: RunState, position: int) -> m.RunVerdict:
+def queued_event(state: RunState, waiting: int) -> m.RunVerdict:
     """What clients and the run record see while a run waits for its conversation's turn."""
     return msgspec.structs.replace(
         verdict_event(state),
         event_id=f"verdict:{state.run_id}:0:queued",
         status="queued",
         attempt=0,
-        reason=f"waiting for the conversation's active run (position {position})",
+        reason=f"waiting for earlier messages of the conversation ({waiting} waiting)",
     )

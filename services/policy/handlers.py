@@ -70,15 +70,14 @@ class Handlers:
     async def _admit(self, state: core.RunState) -> core.Admission:
         """Start the run if its conversation is free, else queue it behind the active one."""
         conv, revision = await self.conversations.get(state.conversation_id)
-        changed, admission = core.admit(conv, state.run_id)
+        changed, admission = core.admit(conv, state.run_id, state.position)
         if changed is not None:
             await self.conversations.put(changed, revision)
             conv = changed
         if admission == "start":
             await self._start(state, conv)
         elif admission == "queued":
-            position = conv.queue.index(state.run_id) + 1
-            event = core.queued_event(state, position)
+            event = core.queued_event(state, len(conv.pending))
             p, c = state.project_id, state.conversation_id
             await self.bus.publish(subjects.policy_verdict(p, c), event, msg_id=event.event_id)
         return admission

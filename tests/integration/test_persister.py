@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
 import msgspec
@@ -294,3 +295,33 @@ async def test_verdicts_arriving_out_of_order_leave_the_newest_verdict(infra: In
     assert dict(row) == {"status": "failed", "verdict": "stop", "reason": "stop 3", "attempts": 3}
     await bus.close()
     await pool.close()
+
+
+async def test_two_persister_replicas_give_each_conversation_gapless_unique_positions(
+    infra: Infra,
+) -> None:
+    replicas = [await _persister(infra) for _ in range(2)]
+    bus = replicas[0][0]
+    convs = [str(uuid.uuid4()) for _ in range(3)]
+    events = [user_event(f"m{i}", conversation_id=convs[i % 3]) for i in range(60)]
+    for e in events:
+        await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
+    # A redelivery must keep its first position.
+    await bus.publish(subjects.chat_in("p1", convs[0]), events[0], msg_id="again")
+    ins = [c for _, _, consumers in replicas for c in consumers if c.spec == subjects.PERSISTER_IN]
+    async with running(*ins):
+        found = decode_all(
+            await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 60),
+            m.UserMessagePersisted,
+        )
+    pool = replicas[0][1]
+    rows = await pool.fetch("SELECT id, conversation_id, position FROM messages")
+    by_conv: dict[str, list[int]] = {}
+    for r in rows:
+        by_conv.setdefault(str(r["conversation_id"]), []).append(r["position"])
+    assert {c: sorted(p) for c, p in by_conv.items()} == {c: list(range(1, 21)) for c in convs}
+    stored = {str(r["id"]): r["position"] for r in rows}
+    assert all(p.position == stored[p.message_id] for p in found)
+    for b, pl, _ in replicas:
+        await b.close()
+        await pl.close()

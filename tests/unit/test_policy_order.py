@@ -1,44 +1,72 @@
-"""Per-conversation turn-taking (I6): one run holds the slot, the rest wait in order."""
+"""Per-conversation turn-taking (I6): one run at a time, strictly in message-position order."""
 
 from __future__ import annotations
 
 from services.policy.core import ConvState, admit, mark_started, release
 
+C = "c"
 
-def test_the_first_run_takes_the_free_slot() -> None:
-    conv, action = admit(ConvState(conversation_id="c"), "r1")
+
+def test_the_first_message_takes_the_free_slot() -> None:
+    conv, action = admit(ConvState(conversation_id=C), "r1", 1)
     assert action == "start"
-    assert conv == ConvState(conversation_id="c", active="r1", started=False, queue=[])
+    assert conv == ConvState(conversation_id=C, active="r1", next_position=2)
 
 
-def test_later_runs_queue_in_arrival_order() -> None:
-    conv = mark_started(ConvState(conversation_id="c", active="r1"))
-    conv2, a2 = admit(conv, "r2")
-    assert conv2 is not None
-    conv3, a3 = admit(conv2, "r3")
-    assert (a2, a3) == ("queued", "queued")
-    assert conv3 is not None and conv3.queue == ["r2", "r3"]
+def test_a_later_message_waits_while_the_slot_is_held() -> None:
+    held = mark_started(ConvState(conversation_id=C, active="r1", next_position=2))
+    conv, action = admit(held, "r2", 2)
+    assert action == "queued"
+    assert conv is not None and conv.pending == {2: "r2"} and conv.active == "r1"
+
+
+def test_a_decision_that_overtakes_an_earlier_message_waits_for_it() -> None:
+    # Message 2's decision arrives first: the slot is free, but message 1 goes first.
+    conv, action = admit(ConvState(conversation_id=C), "r2", 2)
+    assert action == "queued" and conv is not None
+    conv, action = admit(conv, "r1", 1)
+    assert action == "start" and conv is not None
+    assert (conv.active, conv.pending, conv.next_position) == ("r1", {2: "r2"}, 2)
+    nxt = release(mark_started(conv), "r1")
+    assert nxt == ConvState(conversation_id=C, active="r2", next_position=3)
+
+
+def test_releasing_with_the_next_decision_not_here_yet_leaves_the_slot_free() -> None:
+    conv = ConvState(
+        conversation_id=C, active="r1", started=True, next_position=2, pending={3: "r3"}
+    )
+    nxt = release(conv, "r1")
+    assert nxt == ConvState(conversation_id=C, next_position=2, pending={3: "r3"})
+    started, action = admit(nxt, "r2", 2)
+    assert action == "start" and started is not None and started.active == "r2"
 
 
 def test_admitting_the_same_run_again_changes_nothing() -> None:
-    started = ConvState(conversation_id="c", active="r1", started=True, queue=["r2"])
-    assert admit(started, "r1") == (None, "wait")
-    assert admit(started, "r2") == (None, "queued")
+    started = ConvState(
+        conversation_id=C, active="r1", started=True, next_position=2, pending={3: "r3"}
+    )
+    assert admit(started, "r1", 1) == (None, "wait")
+    assert admit(started, "r3", 3) == (None, "queued")
+    # A run whose turn is over (finished, slot moved on) is not started again.
+    assert admit(ConvState(conversation_id=C, next_position=5), "r2", 2) == (None, "wait")
 
 
 def test_a_run_that_holds_the_slot_but_never_started_is_started_again() -> None:
     # A crash between taking the slot and emitting the task: the redelivery finishes the job.
-    assert admit(ConvState(conversation_id="c", active="r1"), "r1") == (None, "start")
-
-
-def test_releasing_hands_the_slot_to_the_next_in_line() -> None:
-    conv = ConvState(conversation_id="c", active="r1", started=True, queue=["r2", "r3"])
-    nxt = release(conv, "r1")
-    assert nxt == ConvState(conversation_id="c", active="r2", started=False, queue=["r3"])
-    assert release(nxt, "r2") == ConvState(conversation_id="c", active="r3", queue=[])
+    assert admit(ConvState(conversation_id=C, active="r1", next_position=2), "r1", 1) == (
+        None,
+        "start",
+    )
 
 
 def test_releasing_a_run_that_does_not_hold_the_slot_does_nothing() -> None:
-    conv = ConvState(conversation_id="c", active="r2", started=True)
-    assert release(conv, "r1") is None
-    assert release(ConvState(conversation_id="c"), "r1") is None
+    assert release(ConvState(conversation_id=C, active="r2", started=True), "r1") is None
+    assert release(ConvState(conversation_id=C), "r1") is None
+
+
+def test_a_message_without_a_position_goes_to_the_back() -> None:
+    conv = ConvState(
+        conversation_id=C, active="r1", started=True, next_position=2, pending={3: "r3"}
+    )
+    changed, action = admit(conv, "legacy", 0)
+    assert action == "queued" and changed is not None and changed.pending[4] == "legacy"
