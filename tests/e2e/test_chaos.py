@@ -257,6 +257,17 @@ async def _check(con: Any, client: Client, model: OfflineModelProcess) -> str:
         if (r["replies"], r["runs"]) != (1, 1)
     ]
     assert not bad, bad[:10]
+    # I6: within each conversation, replies were written in message order, one run at a time.
+    pairs = await con.fetch(
+        "SELECT u.conversation_id, u.position, a.created_at FROM messages u "
+        "JOIN messages a ON a.reply_to = u.id AND a.role = 'assistant' "
+        "WHERE u.role = 'user' ORDER BY u.conversation_id, u.position"
+    )
+    by_conv: dict[str, list[Any]] = {}
+    for r in pairs:
+        by_conv.setdefault(str(r["conversation_id"]), []).append(r["created_at"])
+    out_of_order = [c for c, times in by_conv.items() if times != sorted(times)]
+    assert not out_of_order, out_of_order
     kinds = dict(
         await con.fetch(
             "SELECT kind, count(*) FROM messages WHERE role = 'assistant' GROUP BY kind"
@@ -302,5 +313,6 @@ async def _check(con: Any, client: Client, model: OfflineModelProcess) -> str:
     return (
         f"accepted={len(accepted)} replayed={client.replays} stored={len(users)} "
         f"outcomes={len(outcomes)} kinds={kinds} usage_rows={len(rows)} "
-        f"model_calls={len(ledger)} died_with_executor={len(unbilled)} totals=ok"
+        f"model_calls={len(ledger)} died_with_executor={len(unbilled)} totals=ok "
+        f"ordered_conversations={len(by_conv)}"
     )
