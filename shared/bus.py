@@ -20,7 +20,7 @@ from opentelemetry import trace
 
 from shared import messages, tracing
 from shared.config import BaseSettings
-from shared.errors import BadData, SchemaError, Transient
+from shared.errors import BadData, DependencyDown, SchemaError, Transient
 from shared.metrics import ServiceMetrics
 from shared.subjects import ConsumerSpec, dead_letter, inbox_prefix
 
@@ -148,9 +148,11 @@ class Consumer(Generic[T]):
         batch: int = 32,
         concurrency: int = 16,
         ready: Callable[[], Awaitable[bool]] | None = None,
+        on_dependency_down: Callable[[], None] | None = None,
     ) -> None:
         self.bus = bus
         self.ready = ready
+        self.on_dependency_down = on_dependency_down
         self.spec = spec
         self.decoder = msgspec.json.Decoder(schema)
         self.handler = handler
@@ -266,6 +268,9 @@ class Consumer(Generic[T]):
                 await self._dead_letter(msg, exc.reason)
             except Transient as exc:
                 outcome = "retry"
+                if isinstance(exc, DependencyDown) and self.on_dependency_down is not None:
+                    # Close the readiness gate at once rather than at its next check.
+                    self.on_dependency_down()
                 delay = exc.delay if exc.delay is not None else backoff_for(delivered)
                 self.log.warning("transient", reason=exc.reason, delay=delay, **ids)
                 await self._nak_or_bury(msg, delay, exc.reason)

@@ -52,6 +52,10 @@ class Health:
         self.interval_s = interval_s
         self.healthy_until = 0.0
 
+    def mark_down(self) -> None:
+        """A query just failed for want of the database: check again before the next fetch."""
+        self.healthy_until = 0.0
+
     async def ready(self) -> bool:
         now = time.monotonic()
         if now < self.healthy_until:

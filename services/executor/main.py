@@ -22,6 +22,7 @@ async def amain() -> None:
     )
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     h = Handlers(bus, History(pool), Model(client), settings, metrics)
+    health = Health(pool)
     consumer = Consumer(
         bus,
         subjects.EXECUTOR_TASKS,
@@ -30,7 +31,8 @@ async def amain() -> None:
         batch=settings.fetch_batch,
         concurrency=settings.concurrency,
         # Tasks need the history from Postgres: while it is down, leave them in the stream.
-        ready=Health(pool).ready,
+        ready=health.ready,
+        on_dependency_down=health.mark_down,
     )
     metrics.up.set(1)
     log.info("started", metrics_port=port)

@@ -33,6 +33,7 @@ async def amain() -> None:
             batch=settings.fetch_batch,
             concurrency=settings.concurrency,
             ready=health.ready,
+            on_dependency_down=health.mark_down,
         )
 
     consumers: list[Consumer[Any]] = [
