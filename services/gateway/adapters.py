@@ -9,8 +9,10 @@ from collections import defaultdict
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 
 from services.gateway import core
 from shared import messages as m
@@ -18,6 +20,7 @@ from shared import subjects
 from shared.bus import Bus
 
 _accepted = msgspec.json.Decoder(m.UserMessageAccepted)
+_delta = msgspec.json.Decoder(m.TokenDelta)
 
 
 class Publisher:
@@ -150,6 +153,44 @@ class ReadModel:
     async def ping(self) -> None:
         async with self.pool.acquire() as con:
             await con.fetchval("SELECT 1")
+
+
+class TokenLog:
+    """Reads a conversation's token deltas back from CHAT_STREAM for a resuming client.
+
+    Each read is a short-lived ephemeral ordered consumer (no durable state on the server),
+    read up to the subject's last message at the time of the call, then dropped.
+    """
+
+    def __init__(self, bus: Bus, timeout_s: float) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def deltas(self, project: str, conversation_id: str) -> list[m.TokenDelta]:
+        subject = subjects.token_stream(project, conversation_id)
+        try:
+            last = await self.bus.js.get_last_msg(subjects.STREAM_TOKENS, subject)
+        except nats.js.errors.NotFoundError:
+            return []
+        if last.seq is None:
+            return []
+        sub = await self.bus.js.subscribe(
+            subject,
+            stream=subjects.STREAM_TOKENS,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        out: list[m.TokenDelta] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=self.timeout_s)
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    out.append(_delta.decode(msg.data))
+                if msg.metadata.sequence.stream >= last.seq:
+                    return out
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
 
 class PushEvent(msgspec.Struct, frozen=True):
