@@ -333,9 +333,12 @@ def timeline(
             continue
         run_id = run_id_of(msg["id"])
         run = by_run.get(run_id)
+        deltas_of_run = tokens.get(run_id, [])
         if run is not None and run_id not in replied:
             out.append(status_push(run, run["attempts"], run["status"]))
-        out.extend(token_push(d) for d in tokens.get(run_id, []))
+            if deltas_of_run and deltas_of_run[0].attempt < run["attempts"]:
+                deltas_of_run = []  # a newer attempt has started and not streamed yet
+        out.extend(token_push(d) for d in deltas_of_run)
     return out
 
 
@@ -372,6 +375,8 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
         run = next((r for r in runs if r["run_id"] == pos.key), None)
         base = run or {"run_id": pos.key, "message_id": pos.key[4:]}
         return [status_push(base, latest, "running"), *events[toks[0] :]]
+    if status is not None and events[status][2]["attempt"] > pos.attempt:
+        return events[status:]  # a newer attempt that has not streamed yet
     cut = start + 1
     if status is not None and (pos.kind == "tok" or events[status][1] == _run_id(pos)):
         cut = status + 1  # the client saw this status, or a token after it

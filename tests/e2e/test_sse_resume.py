@@ -211,3 +211,51 @@ async def test_resume_after_the_run_finished_and_with_unknown_ids(pipeline: Pipe
             url, headers={"Authorization": f"Bearer {other}", "Last-Event-ID": "garbage"}
         )
         assert r.status_code == 404
+
+
+async def test_resume_into_a_newer_attempt_discards_the_partial_text(pipeline: Pipeline) -> None:
+    pipeline.model.update_settings(tokens_per_second=40, words_per_reply=80)
+    # The first call breaks after a few deltas; policy retries the run as attempt 2.
+    pipeline.model.set_faults(
+        [{"kind": "midstream_error", "after_tokens": 6, "model": "claude-sonnet-4-6"}]
+    )
+    token = pipeline.token("acme", "carol")
+    auth = {"Authorization": f"Bearer {token}"}
+    cid = str(uuid.uuid4())
+    url = f"{pipeline.gateway}/api/conversations/{cid}/events"
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def first_token() -> list[Event]:
+            out: list[Event] = []
+            while not any(e["event"] == "token" for e in out):
+                last = out[-1]["id"] if out else "start"
+                out += await read_events(client, url, token, last, limit=1)
+            return out
+
+        reader = asyncio.create_task(first_token())
+        await asyncio.sleep(0.3)
+        r = await client.post(
+            f"{pipeline.gateway}/api/chat",
+            json={"conversation_id": cid, "content": "Break the first attempt please"},
+            headers=auth,
+        )
+        assert r.status_code == 202
+        seen = await asyncio.wait_for(reader, 20)
+        assert seen[-1]["data"]["attempt"] == 1
+        # Offline until the run is on its second attempt.
+        for _ in range(200):
+            state = (await client.get(f"{url[:-7]}/state", headers=auth)).json()
+            if state["runs"] and state["runs"][0]["attempts"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        rest = await read_events(client, url, token, seen[-1]["id"], limit=10_000)
+        [answer] = await stored_answers(client, pipeline, cid, token)
+
+    # The run is on attempt 2: the client is told so first, and only then gets its tokens.
+    assert rest[0]["event"] == "run.status" and rest[0]["data"]["attempt"] == 2, rest[0]
+    assert rest[-1]["event"] == "message.completed"
+    assert rest[-1]["data"]["content"] == answer["content"]
+    tokens = [e["data"] for e in rest if e["event"] == "token"]
+    assert {t["attempt"] for t in tokens} == {2}
+    assert [t["seq"] for t in tokens] == list(range(1, len(tokens) + 1))
+    assert "".join(t["text"] for t in tokens) == answer["content"]

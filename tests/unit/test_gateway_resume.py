@@ -156,3 +156,14 @@ def test_live_filter_drops_only_what_the_replay_covered() -> None:
     assert live.fresh("token", f"tok:{R2}:2:1", {"run_id": R2, "attempt": 2, "seq": 1})
     # Past the events buffered during the replay, everything is new.
     assert live.fresh("message.completed", f"msg:{A1}", {})
+
+
+def test_a_newer_attempt_that_has_not_streamed_yet_hides_the_old_tokens() -> None:
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, "running", attempts=2)]
+    deltas = [tok(R1, 1, 1, "a"), tok(R1, 1, 2, "b")]
+    events = gw.timeline(CID, messages, runs, deltas)
+    assert [e[1] for e in events] == [f"msg:{U1}", f"run:{R1}:2:running"]
+    missed = gw.resume(events, gw.Position("tok", R1, 1, 1), runs)
+    assert [e[1] for e in missed] == [f"run:{R1}:2:running"]
+    assert gw.resume(events, gw.Position("run", R1, 2, status="running"), runs) == []
