@@ -45,8 +45,9 @@ GRANTS: dict[str, Grant] = {
     "gateway": Grant(
         publishes=(subjects.chat_in(*ANY),),
         listens=subjects.PUSH_SUBJECTS,
-        # A duplicate submit answers with the original message, read back by its sequence.
-        reads_streams=(subjects.STREAM_CHAT_IN,),
+        # A duplicate submit answers with the original message, read back by its sequence;
+        # a resuming SSE client gets the tokens it missed, read back the same way.
+        reads_streams=(subjects.STREAM_CHAT_IN, subjects.STREAM_TOKENS),
     ),
     "persister": Grant(
         publishes=(subjects.persisted_user(*ANY), subjects.persisted_assistant(*ANY)),

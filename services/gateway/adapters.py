@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 
@@ -18,6 +19,7 @@ from shared import subjects
 from shared.bus import Bus
 
 _accepted = msgspec.json.Decoder(m.UserMessageAccepted)
+_delta = msgspec.json.Decoder(m.TokenDelta)
 
 
 class Publisher:
@@ -150,6 +152,43 @@ class ReadModel:
     async def ping(self) -> None:
         async with self.pool.acquire() as con:
             await con.fetchval("SELECT 1")
+
+
+class TokenLog:
+    """Reads a conversation's token deltas back from CHAT_STREAM for a resuming client.
+
+    Message by message with "get the next message on this subject" requests: the gateway needs
+    no consumer, so its NATS user keeps no right to create one (a consumer's deliver subject
+    could be used to publish where the user may not, I5).
+    """
+
+    def __init__(self, bus: Bus, timeout_s: float) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def deltas(self, project: str, conversation_id: str) -> list[m.TokenDelta]:
+        subject = subjects.token_stream(project, conversation_id)
+        try:
+            last = await self.bus.js.get_last_msg(subjects.STREAM_TOKENS, subject)
+        except nats.js.errors.NotFoundError:
+            return []
+        if last.seq is None:
+            return []
+        out: list[m.TokenDelta] = []
+        cursor = 1
+        while cursor <= last.seq:
+            try:
+                msg = await self.bus.js.get_msg(
+                    subjects.STREAM_TOKENS, seq=cursor, subject=subject, next=True
+                )
+            except nats.js.errors.NotFoundError:
+                break
+            if msg.seq is None or msg.data is None:
+                break
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                out.append(_delta.decode(msg.data))
+            cursor = msg.seq + 1
+        return out
 
 
 class PushEvent(msgspec.Struct, frozen=True):

@@ -152,17 +152,7 @@ def accepted(e: m.UserMessageAccepted, duplicate: bool) -> ChatAccepted:
 def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | None:
     """A bus message as an SSE (event name, id, payload); None for what clients never see."""
     if subject.startswith(subjects.PREFIX_TOKENS):
-        d = msgspec.json.decode(data, type=m.TokenDelta)
-        return (
-            "token",
-            f"tok:{d.run_id}:{d.attempt}:{d.seq}",
-            {
-                "run_id": d.run_id,
-                "attempt": d.attempt,
-                "seq": d.seq,
-                "text": d.text,
-            },
-        )
+        return token_push(msgspec.json.decode(data, type=m.TokenDelta))
     if subject.startswith(subjects.PREFIX_PERSISTED_USER):
         u = msgspec.json.decode(data, type=m.UserMessagePersisted)
         return (
@@ -209,3 +199,214 @@ def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
             },
         )
     return None
+
+
+# ---- resume (Last-Event-ID) ----------------------------------------------------------------
+
+Push = tuple[str, str, dict[str, Any]]
+
+
+class Position(msgspec.Struct, frozen=True):
+    """Where a client stopped: after a message (``msg``), a run status or a token of a run."""
+
+    kind: str  # "msg" | "run" | "tok"
+    key: str  # the message id or the run id
+    attempt: int = 0
+    seq: int = 0
+    status: str = ""
+
+
+def parse_event_id(value: str | None) -> Position | None:
+    """The position an SSE event id names; None for anything this gateway never sent."""
+    if not value or len(value) > 300:
+        return None
+    kind, _, rest = value.partition(":")
+    if kind == "msg" and rest:
+        try:
+            return Position("msg", str(uuid.UUID(rest)))
+        except ValueError:
+            return None
+    parts = rest.split(":")
+    if kind in ("tok", "run") and len(parts) == 3 and parts[0] and parts[1].isdigit():
+        if kind == "tok" and not parts[2].isdigit():
+            return None
+        if kind == "tok":
+            return Position(kind, parts[0], int(parts[1]), int(parts[2]))
+        return Position(kind, parts[0], int(parts[1]), status=parts[2])
+    return None
+
+
+def run_id_of(message_id: str) -> str:
+    """The run a user message starts (see docs/decisions.md, Ids)."""
+    return f"run-{message_id}"
+
+
+def latest_tokens(deltas: list[m.TokenDelta]) -> dict[str, list[m.TokenDelta]]:
+    """Per run, the tokens of its latest attempt (of its latest call, if a task was redelivered)."""
+    out: dict[str, list[m.TokenDelta]] = {}
+    for d in deltas:
+        cur = out.get(d.run_id)
+        if cur is not None and d.attempt < cur[-1].attempt:
+            continue  # a late token of an attempt already superseded
+        if cur is None or d.attempt > cur[-1].attempt or d.seq <= cur[-1].seq:
+            out[d.run_id] = [d]  # a newer attempt, or a redelivered call starting over
+        else:
+            cur.append(d)
+    return out
+
+
+def token_push(d: m.TokenDelta) -> Push:
+    return (
+        "token",
+        f"tok:{d.run_id}:{d.attempt}:{d.seq}",
+        {"run_id": d.run_id, "attempt": d.attempt, "seq": d.seq, "text": d.text},
+    )
+
+
+def status_push(run: dict[str, Any], attempt: int, status: str) -> Push:
+    return (
+        "run.status",
+        f"run:{run['run_id']}:{attempt}:{status}",
+        {
+            "run_id": run["run_id"],
+            "message_id": run["message_id"],
+            "status": status,
+            "verdict": run.get("verdict") or "",
+            "reason": run.get("reason") or "",
+            "attempt": attempt,
+            "model": run.get("model") or "",
+        },
+    )
+
+
+def message_push(msg: dict[str, Any], conversation_id: str, runs: dict[str, Any]) -> Push:
+    """A stored message as the event that announced it live."""
+    created = msg["created_at"]
+    created_at = created.isoformat() if isinstance(created, datetime) else str(created)
+    if msg["role"] == "user":
+        return (
+            "message.created",
+            f"msg:{msg['id']}",
+            {
+                "id": msg["id"],
+                "conversation_id": conversation_id,
+                "role": "user",
+                "content": msg["content"],
+                "created_at": created_at,
+            },
+        )
+    run = runs.get(msg["run_id"] or "", {})
+    return (
+        "run.failed" if msg["kind"] == "failure" else "message.completed",
+        f"msg:{msg['id']}",
+        {
+            "id": msg["id"],
+            "conversation_id": conversation_id,
+            "run_id": msg["run_id"],
+            "role": "assistant",
+            "kind": msg["kind"],
+            "status": run.get("status", ""),
+            "content": msg["content"],
+            "created_at": created_at,
+        },
+    )
+
+
+def timeline(
+    conversation_id: str,
+    messages: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    deltas: list[m.TokenDelta],
+) -> list[Push]:
+    """The conversation as a client watching live would have seen it, latest attempts only.
+
+    Each user message, then (for a run still in flight) its current status, then the tokens of
+    its latest attempt still in CHAT_STREAM, and each reply where it was stored.
+    """
+    by_run = {r["run_id"]: r for r in runs}
+    tokens = latest_tokens(deltas)
+    replied = {x["run_id"] for x in messages if x["role"] == "assistant"}
+    out: list[Push] = []
+    for msg in messages:
+        out.append(message_push(msg, conversation_id, by_run))
+        if msg["role"] != "user":
+            continue
+        run_id = run_id_of(msg["id"])
+        run = by_run.get(run_id)
+        deltas_of_run = tokens.get(run_id, [])
+        if run is not None and run_id not in replied:
+            out.append(status_push(run, run["attempts"], run["status"]))
+            if deltas_of_run and deltas_of_run[0].attempt < run["attempts"]:
+                deltas_of_run = []  # a newer attempt has started and not streamed yet
+        out.extend(token_push(d) for d in deltas_of_run)
+    return out
+
+
+def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]]) -> list[Push]:
+    """What a client that last saw ``pos`` missed, out of ``timeline``; all of it if unknown.
+
+    Inside a run: the tokens after the one seen. When the run has moved on to a newer attempt,
+    a ``run.status`` of that attempt comes first (the client discards its partial text), then
+    every token of the newer attempt.
+    """
+    if pos is None:
+        return events
+    ids = [e[1] for e in events]
+    if pos.kind == "msg":
+        wanted = f"msg:{pos.key}"
+        return events[ids.index(wanted) + 1 :] if wanted in ids else events
+    start = next((i for i, e in enumerate(events) if e[1] == f"msg:{pos.key[4:]}"), None)
+    if not pos.key.startswith("run-") or start is None:
+        return events
+    status: int | None = None
+    toks: list[int] = []
+    for i in range(start + 1, len(events)):
+        kind, _, data = events[i]
+        if kind not in ("run.status", "token") or data["run_id"] != pos.key:
+            break
+        if kind == "run.status":
+            status = i
+        else:
+            toks.append(i)
+    latest = events[toks[0]][2]["attempt"] if toks else 0
+    if toks and latest > pos.attempt:
+        if status is not None and events[status][2]["attempt"] >= latest:
+            return events[status:]
+        run = next((r for r in runs if r["run_id"] == pos.key), None)
+        base = run or {"run_id": pos.key, "message_id": pos.key[4:]}
+        return [status_push(base, latest, "running"), *events[toks[0] :]]
+    if status is not None and events[status][2]["attempt"] > pos.attempt:
+        return events[status:]  # a newer attempt that has not streamed yet
+    cut = start + 1
+    if status is not None and (pos.kind == "tok" or events[status][1] == _run_id(pos)):
+        cut = status + 1  # the client saw this status, or a token after it
+    if pos.kind == "tok":
+        for i in toks:
+            if events[i][2]["seq"] <= pos.seq:
+                cut = i + 1
+    return events[cut:]
+
+
+def _run_id(pos: Position) -> str:
+    return f"run:{pos.key}:{pos.attempt}:{pos.status}"
+
+
+class LiveFilter:
+    """Drops live events a replay already sent; only the ones buffered during the replay."""
+
+    def __init__(self, replayed: list[Push], buffered: int) -> None:
+        self.ids = {e[1] for e in replayed}
+        self.high: dict[str, tuple[int, int]] = {}
+        for kind, _, data in replayed:
+            if kind == "token":
+                self.high[data["run_id"]] = (data["attempt"], data["seq"])
+        self.left = buffered
+
+    def fresh(self, event: str, event_id: str, data: dict[str, Any]) -> bool:
+        if self.left <= 0:
+            return True
+        self.left -= 1
+        if event != "token":
+            return event_id not in self.ids
+        high = self.high.get(data["run_id"])
+        return high is None or (data["attempt"], data["seq"]) > high

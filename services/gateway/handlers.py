@@ -14,7 +14,7 @@ from litestar.params import FromPath
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from services.gateway import core
-from services.gateway.adapters import Hub, Publisher, PushEvent, ReadModel
+from services.gateway.adapters import Hub, Publisher, PushEvent, ReadModel, TokenLog
 from services.gateway.config import Settings
 from shared import messages as m
 from shared.db import UNAVAILABLE
@@ -31,17 +31,24 @@ class Api:
         reads: ReadModel,
         hub: Hub,
         metrics: ServiceMetrics,
+        tokens: TokenLog,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
         self.reads = reads
         self.hub = hub
+        self.tokens = tokens
         self.accepts = metrics.counter(
             "accepted_total",
             "Chat messages accepted (202), by whether they were duplicates.",
             ("duplicate",),
         )
         self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
+        self.sse_resumes = metrics.counter(
+            "sse_resumes_total",
+            "SSE streams resumed with Last-Event-ID, by whether the id named a known position.",
+            ("known",),
+        )
 
     def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
         return core.authenticate(
@@ -172,15 +179,54 @@ class Api:
             owner = None
         if owner is not None and owner != (p.project, p.user):
             raise core.ApiError(404, "not_found", "conversation not found")
+        last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        # Join the hub first: whatever happens from now on is buffered in the queue, so the
+        # replay below and the live events overlap rather than leave a gap.
         queue = self.hub.join(cid)
+        replay: list[core.Push] = []
+        live = core.LiveFilter([], 0)
+        if last_id:
+            try:
+                replay = await self._replay(p, cid, last_id)
+            except BaseException:
+                self.hub.leave(cid, queue)
+                raise
+            live = core.LiveFilter(replay, queue.qsize())
         self.sse_connections.inc()
-        return ServerSentEvent(self._stream(cid, queue))
+        return ServerSentEvent(self._stream(cid, queue, replay, live))
+
+    async def _replay(self, p: core.Principal, cid: str, last_id: str) -> list[core.Push]:
+        """What a client that last saw ``last_id`` missed (everything, for an unknown id)."""
+        pos = core.parse_event_id(last_id)
+        # The database first, the token log second: an answer stored before the read has all
+        # its tokens in the log by the time the log is read.
+        try:
+            messages = await self.reads.messages(cid)
+            runs = await self.reads.runs(cid)
+        except UNAVAILABLE as exc:
+            raise core.ApiError(
+                503, "database_unavailable", "conversation store unavailable, retry"
+            ) from exc
+        try:
+            deltas = await self.tokens.deltas(p.project, cid)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            raise _broker_unavailable() from exc
+        events = core.timeline(cid, messages, runs, deltas)
+        missed = core.resume(events, pos, runs)
+        self.sse_resumes.labels(str(pos is not None and len(missed) < len(events)).lower()).inc()
+        return missed
 
     async def _stream(
-        self, cid: str, queue: asyncio.Queue[PushEvent | None]
+        self,
+        cid: str,
+        queue: asyncio.Queue[PushEvent | None],
+        replay: list[core.Push],
+        live: core.LiveFilter,
     ) -> AsyncGenerator[ServerSentEventMessage, None]:
         try:
             yield ServerSentEventMessage(data=None, comment="connected", retry=1000)
+            for event, event_id, data in replay:
+                yield _sse(event, event_id, data)
             while True:
                 try:
                     ev = await asyncio.wait_for(queue.get(), self.settings.sse_heartbeat_s)
@@ -189,11 +235,14 @@ class Api:
                     continue
                 if ev is None:
                     return
-                yield ServerSentEventMessage(
-                    data=msgspec.json.encode(ev.data).decode(), event=ev.event, id=ev.id
-                )
+                if live.fresh(ev.event, ev.id, ev.data):
+                    yield _sse(ev.event, ev.id, ev.data)
         finally:
             self.hub.leave(cid, queue)
+
+
+def _sse(event: str, event_id: str, data: dict[str, Any]) -> ServerSentEventMessage:
+    return ServerSentEventMessage(data=msgspec.json.encode(data).decode(), event=event, id=event_id)
 
 
 def _broker_unavailable() -> core.ApiError:

@@ -14,7 +14,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
 from services.gateway import config, core
-from services.gateway.adapters import Hub, Publisher, ReadModel
+from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
 from services.gateway.handlers import Api, routes
 from shared import runtime
 from shared.bus import Bus
@@ -149,7 +149,8 @@ async def amain() -> None:
     reads = ReadModel(pool)
     hub = Hub(bus, settings.sse_queue_size, log)
     await hub.start()
-    api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics)
+    tokens = TokenLog(bus, settings.publish_timeout_s)
+    api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens)
     app = HttpMetrics(build_app(api, bus, reads, settings), metrics)
     server = GatewayServer(
         uvicorn.Config(

@@ -91,6 +91,17 @@ async def test_the_journey_works_with_every_service_as_its_own_user(
         assert roles_seen == ["user", "assistant"], p.log_tail()
         usage = (await client.get(f"{p.gateway}/api/usage", headers=auth)).json()
         assert usage["runs"] == 1 and usage["output_tokens"] > 0
+        # A resuming SSE client reads the tokens back from CHAT_STREAM (no consumer needed).
+        resume = {**auth, "Last-Event-ID": "unknown"}
+        tokens: list[str] = []
+        url = f"{p.gateway}/api/conversations/{cid}/events"
+        async with client.stream("GET", url, headers=resume) as events:
+            assert events.status_code == 200
+            async for line in events.aiter_lines():
+                tokens += [line] if line.startswith("event: token") else []
+                if line.startswith("event: message.completed"):
+                    break
+        assert tokens, "no tokens replayed from CHAT_STREAM"
     # Permissions wide enough: no service hit a single violation on the way.
     for service in permissions.SERVICES:
         assert _permission_errors(p, service) == 0, f"{service}\n{p.log_tail()}"

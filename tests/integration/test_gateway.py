@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from baton.devtoken import make_token
-from services.gateway.adapters import Hub, Publisher, ReadModel
+from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
 from services.gateway.config import Settings
 from services.gateway.handlers import Api
 from services.gateway.main import build_app
@@ -47,7 +47,7 @@ async def gateway(infra: Infra) -> AsyncIterator[Gateway]:
     metrics = service_metrics("gateway")
     hub = Hub(bus, 64, bus.log)
     await hub.start()
-    api = Api(settings, Publisher(bus, 2.0), reads, hub, metrics)
+    api = Api(settings, Publisher(bus, 2.0), reads, hub, metrics, TokenLog(bus, 2.0))
     app = build_app(api, bus, reads, settings)
     # Same event loop as the NATS connection (Litestar's test client runs the app in a thread).
     transport = httpx.ASGITransport(app=app)

@@ -1,0 +1,169 @@
+"""Resuming an SSE stream: event ids, the conversation timeline, what a client missed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from services.gateway import core as gw
+from shared import messages as m
+
+CID = "11111111-1111-1111-1111-111111111111"
+U1 = "22222222-2222-2222-2222-222222222222"
+A1 = "33333333-3333-3333-3333-333333333333"
+U2 = "44444444-4444-4444-4444-444444444444"
+R1, R2 = f"run-{U1}", f"run-{U2}"
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def msg(mid: str, role: str, content: str, run_id: str | None = None) -> dict[str, Any]:
+    kind = "message" if role == "user" else "answer"
+    return {"id": mid, "role": role, "kind": kind, "content": content, "created_at": NOW,
+            "run_id": run_id}  # fmt: skip
+
+
+def run(run_id: str, status: str, attempts: int = 1) -> dict[str, Any]:
+    return {"run_id": run_id, "message_id": run_id[4:], "status": status, "verdict": "approve",
+            "reason": "", "model": "m", "attempts": attempts}  # fmt: skip
+
+
+def tok(run_id: str, attempt: int, seq: int, text: str) -> m.TokenDelta:
+    return m.TokenDelta(conversation_id=CID, run_id=run_id, attempt=attempt, seq=seq, text=text)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (f"msg:{U1}", gw.Position("msg", U1)),
+        (f"msg:{U1.upper()}", gw.Position("msg", U1)),
+        (f"tok:{R1}:2:17", gw.Position("tok", R1, 2, 17)),
+        (f"run:{R1}:1:running", gw.Position("run", R1, 1, status="running")),
+        (None, None),
+        ("", None),
+        ("garbage", None),
+        ("msg:not-a-uuid", None),
+        (f"tok:{R1}:x:1", None),
+        (f"tok:{R1}:1:x", None),
+        (f"tok:{R1}:1", None),
+        ("tok::1:1", None),
+        (f"tok:{R1}:1:2:3", None),
+        ("x" * 400, None),
+    ],
+)
+def test_event_ids_parse_to_positions(raw: str | None, expected: gw.Position | None) -> None:
+    assert gw.parse_event_id(raw) == expected
+
+
+def test_every_pushed_event_id_parses() -> None:
+    for event_id in (f"msg:{U1}", f"tok:{R1}:1:1", f"run:{R1}:1:running"):
+        assert gw.parse_event_id(event_id) is not None
+
+
+def test_latest_tokens_keep_the_newest_attempt_and_restarted_calls() -> None:
+    deltas = [tok(R1, 1, 1, "a"), tok(R1, 1, 2, "b"), tok(R2, 1, 1, "x"), tok(R1, 2, 1, "A"),
+              tok(R1, 1, 3, "late"), tok(R1, 2, 2, "B"), tok(R2, 1, 1, "y"), tok(R2, 1, 2, "z")]  # fmt: skip
+    latest = gw.latest_tokens(deltas)
+    assert [d.text for d in latest[R1]] == ["A", "B"]
+    # A redelivered call of the same attempt starts again at seq 1: only the newest call counts.
+    assert [d.text for d in latest[R2]] == ["y", "z"]
+
+
+def finished() -> list[gw.Push]:
+    messages = [msg(U1, "user", "hi"), msg(A1, "assistant", "abc", R1), msg(U2, "user", "more")]
+    runs = [run(R1, "completed"), run(R2, "running")]
+    deltas = [tok(R1, 1, 1, "a"), tok(R1, 1, 2, "b"), tok(R1, 1, 3, "c"), tok(R2, 1, 1, "d")]
+    return gw.timeline(CID, messages, runs, deltas)
+
+
+def test_timeline_is_what_a_live_client_saw() -> None:
+    ids = [e[1] for e in finished()]
+    assert ids == [f"msg:{U1}", f"tok:{R1}:1:1", f"tok:{R1}:1:2", f"tok:{R1}:1:3", f"msg:{A1}",
+                   f"msg:{U2}", f"run:{R2}:1:running", f"tok:{R2}:1:1"]  # fmt: skip
+    completed = finished()[4]
+    assert completed[0] == "message.completed"
+    assert completed[2]["content"] == "abc" and completed[2]["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("last", "first_missed"),
+    [
+        (None, f"msg:{U1}"),
+        ("garbage", f"msg:{U1}"),
+        (f"msg:{U1}", f"tok:{R1}:1:1"),
+        (f"tok:{R1}:1:2", f"tok:{R1}:1:3"),
+        (f"tok:{R1}:1:3", f"msg:{A1}"),
+        (f"tok:{R1}:1:99", f"msg:{A1}"),
+        (f"msg:{A1}", f"msg:{U2}"),
+        (f"run:{R2}:1:running", f"tok:{R2}:1:1"),
+        # An older status than the current one: the current one is sent again.
+        (f"run:{R2}:1:queued", f"run:{R2}:1:running"),
+        (f"tok:{R2}:1:1", None),
+        # Positions naming what this conversation never had: everything.
+        (f"msg:{'5' * 8}-5555-5555-5555-{'5' * 12}", f"msg:{U1}"),
+        ("tok:run-unknown:1:1", f"msg:{U1}"),
+    ],
+)
+def test_resume_sends_exactly_what_follows_the_position(
+    last: str | None, first_missed: str | None
+) -> None:
+    events = finished()
+    missed = gw.resume(events, gw.parse_event_id(last), [])
+    ids = [e[1] for e in events]
+    if first_missed is None:
+        assert missed == []
+    else:
+        assert missed == events[ids.index(first_missed) :]
+
+
+def test_a_newer_attempt_first_tells_the_client_to_discard_its_partial_text() -> None:
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, "running", attempts=1)]  # the database has not seen attempt 2 yet
+    deltas = [tok(R1, 1, 1, "a"), tok(R1, 1, 2, "b"), tok(R1, 2, 1, "A"), tok(R1, 2, 2, "B")]
+    events = gw.timeline(CID, messages, runs, deltas)
+    missed = gw.resume(events, gw.Position("tok", R1, 1, 2), runs)
+    assert [e[1] for e in missed] == [f"run:{R1}:2:running", f"tok:{R1}:2:1", f"tok:{R1}:2:2"]
+    assert missed[0][2]["attempt"] == 2 and missed[0][2]["message_id"] == U1
+    # Once the database knows the attempt, its own status event is sent instead.
+    runs = [run(R1, "running", attempts=2)]
+    events = gw.timeline(CID, messages, runs, deltas)
+    missed = gw.resume(events, gw.Position("tok", R1, 1, 2), runs)
+    assert [e[1] for e in missed] == [f"run:{R1}:2:running", f"tok:{R1}:2:1", f"tok:{R1}:2:2"]
+
+
+def test_reassembled_tokens_equal_the_answer_from_any_position() -> None:
+    text = "The quick brown fox jumps over the lazy dog"
+    pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+    deltas = [tok(R1, 1, i + 1, p) for i, p in enumerate(pieces)]
+    messages = [msg(U1, "user", "hi"), msg(A1, "assistant", text, R1)]
+    events = gw.timeline(CID, messages, [run(R1, "completed")], deltas)
+    for cut in range(len(events)):
+        seen = events[: cut + 1]
+        missed = gw.resume(events, gw.parse_event_id(seen[-1][1]), [])
+        got = [e for e in seen + missed if e[0] == "token"]
+        assert "".join(e[2]["text"] for e in got) == text
+        assert [e[2]["seq"] for e in got] == list(range(1, len(pieces) + 1))
+
+
+def test_live_filter_drops_only_what_the_replay_covered() -> None:
+    replayed = [e for e in finished() if e[1] != f"msg:{U2}"]
+    live = gw.LiveFilter(replayed, buffered=5)
+    assert not live.fresh("token", f"tok:{R2}:1:1", {"run_id": R2, "attempt": 1, "seq": 1})
+    assert live.fresh("token", f"tok:{R2}:1:2", {"run_id": R2, "attempt": 1, "seq": 2})
+    assert not live.fresh("message.completed", f"msg:{A1}", {})
+    assert live.fresh("message.created", f"msg:{U2}", {})
+    assert live.fresh("token", f"tok:{R2}:2:1", {"run_id": R2, "attempt": 2, "seq": 1})
+    # Past the events buffered during the replay, everything is new.
+    assert live.fresh("message.completed", f"msg:{A1}", {})
+
+
+def test_a_newer_attempt_that_has_not_streamed_yet_hides_the_old_tokens() -> None:
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, "running", attempts=2)]
+    deltas = [tok(R1, 1, 1, "a"), tok(R1, 1, 2, "b")]
+    events = gw.timeline(CID, messages, runs, deltas)
+    assert [e[1] for e in events] == [f"msg:{U1}", f"run:{R1}:2:running"]
+    missed = gw.resume(events, gw.Position("tok", R1, 1, 1), runs)
+    assert [e[1] for e in missed] == [f"run:{R1}:2:running"]
+    assert gw.resume(events, gw.Position("run", R1, 2, status="running"), runs) == []
