@@ -1,4 +1,4 @@
-"""The ``baton`` command: up, token, run, provision, migrate, model."""
+"""The ``baton`` command: up, token, chat, run, provision, migrate, model, dlq."""
 
 from __future__ import annotations
 
@@ -68,6 +68,12 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     return cli(args)
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from baton import chat
+
+    return chat.main(args)
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from baton import offline_model
 
@@ -135,6 +141,14 @@ def parser() -> argparse.ArgumentParser:
     )
     dlq_replay.add_argument("id", type=int, help="the id `baton dlq list` shows")
     dlq.set_defaults(func=_cmd_dlq)
+
+    chat = sub.add_parser("chat", help="send a message and print the answer as it streams")
+    chat.add_argument("message", nargs="*", help="the message; without it, one per stdin line")
+    chat.add_argument("--conversation", help="continue this conversation (its id)")
+    chat.add_argument("--url", help="gateway URL (default: BATON_URL or the data dir's)")
+    chat.add_argument("--token", help="bearer token (default: BATON_TOKEN or the data dir's)")
+    chat.add_argument("--data-dir", default=".baton", help="where `baton up` wrote endpoints.json")
+    chat.set_defaults(func=_cmd_chat)
 
     model = sub.add_parser("model", help="run the offline Anthropic-compatible model server")
     model.add_argument("rest", nargs=argparse.REMAINDER)
