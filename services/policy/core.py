@@ -148,6 +148,17 @@ def on_failure(state: RunState, f: m.ExecFailed, rules: Rules, now: datetime) ->
     )
 
 
+def caused_by(state: RunState, f: m.ExecFailed) -> bool:
+    """Whether the run's current state is what this failure led to.
+
+    Only then may a redelivered failure re-emit that state (a crash may have cut the first
+    emit short); an older failure re-emitting a task could start a second call of a run.
+    """
+    if state.status == "running":
+        return f.attempt == state.attempt - 1
+    return state.status == "failed" and f.attempt == state.attempt
+
+
 def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunState | None:
     """Close the run once its reply is stored; None when nothing changes."""
     if state.status in TERMINAL and state.status == e.status:

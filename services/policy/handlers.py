@@ -48,7 +48,8 @@ class Handlers:
         state, revision = await self.runs.get(f.run_id)
         new = core.on_failure(state, f, self.rules, datetime.now(UTC))
         if new is None:
-            await self._emit(state)
+            if core.caused_by(state, f):
+                await self._emit(state)
             return "stale"
         await self.runs.update(new, revision)
         if new.status == "running":

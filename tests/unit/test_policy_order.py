@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.policy.core import ConvState, admit, mark_started, release
+from services.policy.core import ConvState, RunState, admit, caused_by, mark_started, release
+from shared import messages as m
 
 C = "c"
 
@@ -70,3 +71,44 @@ def test_a_message_without_a_position_goes_to_the_back() -> None:
     )
     changed, action = admit(conv, "legacy", 0)
     assert action == "queued" and changed is not None and changed.pending[4] == "legacy"
+
+
+def _failure(attempt: int) -> m.ExecFailed:
+    return m.ExecFailed(
+        event_id="f",
+        message_id="m",
+        conversation_id=C,
+        project_id="p",
+        task_id="t",
+        call_id="t#1",
+        run_id="r",
+        attempt=attempt,
+        model="x",
+        error_class="overloaded",
+        error="",
+        usage=m.Usage(),
+        prices=m.Prices(),
+    )
+
+
+def _run(status: m.RunStatus, attempt: int) -> RunState:
+    return RunState(
+        run_id="r",
+        message_id="m",
+        conversation_id=C,
+        project_id="p",
+        user_id="u",
+        status=status,
+        verdict="approve",
+        reason="",
+        attempt=attempt,
+    )
+
+
+def test_only_the_failure_that_moved_a_run_may_re_emit_its_state() -> None:
+    # A redelivery of the failure that started attempt 3 may re-emit attempt 3's task...
+    assert caused_by(_run("running", 3), _failure(2))
+    # ...but an older one must not, or a run could get a second call after the dedup window.
+    assert not caused_by(_run("running", 3), _failure(1))
+    assert caused_by(_run("failed", 3), _failure(3))
+    assert not caused_by(_run("completed", 2), _failure(1))
