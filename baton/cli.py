@@ -109,7 +109,13 @@ def parser() -> argparse.ArgumentParser:
         "--nats-url", default=os.environ.get("BATON_NATS_URL", "nats://127.0.0.1:4222")
     )
     prov.add_argument("--dedup-window", type=float, default=120.0, help="seconds")
-    prov.add_argument("--replicas", type=int, default=1)
+    prov.add_argument(
+        "--replicas",
+        type=int,
+        default=int(os.environ.get("BATON_PROVISION_REPLICAS", "1")),
+        help="copies of every stream and bucket: 1 on one server, 3 on a 3-node cluster "
+        "(BATON_PROVISION_REPLICAS)",
+    )
     prov.add_argument(
         "--ack-wait",
         type=float,

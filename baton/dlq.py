@@ -17,6 +17,8 @@ import nats.errors
 import nats.js.errors
 
 from shared import messages, subjects
+from shared.config import nats_servers
+from shared.errors import ConfigError
 
 # JetStream API error codes (nats-server's errors.json) that mean something to an operator.
 _NO_MESSAGE = 10037
@@ -94,8 +96,12 @@ async def _jetstream(nats_url: str, user: str, password: str) -> AsyncIterator[A
         # nats-py prints every failed attempt with a traceback; the raised error says enough.
         return None
 
+    try:
+        servers = nats_servers(nats_url)
+    except ConfigError as exc:
+        raise DlqError(str(exc)) from exc
     options: dict[str, Any] = {
-        "servers": [nats_url],
+        "servers": servers,
         "name": "baton-dlq",
         "connect_timeout": 3,
         # A one-shot command must fail fast rather than retry forever (nats-py only gives up

@@ -19,7 +19,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ import asyncpg
 __all__ = [
     "SERVICE_USER",
     "EmbeddedServerError",
+    "NatsCluster",
     "NatsServer",
     "PostgresServer",
     "create_database",
@@ -137,6 +140,37 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait()
 
 
+def _start_retrying(
+    kind: str,
+    server: NatsServer | PostgresServer,
+    attempts: int,
+    launch: Callable[[int], None],
+) -> None:
+    """Run ``launch(attempt)`` until it starts the server; retry only when a port was taken.
+
+    Ports picked by us may be taken between free_port() and bind, so ``launch`` picks new ones
+    on a retry; a failure that is not about the port is raised at once with the log's tail.
+    """
+    for attempt in range(attempts):
+        offset = _file_size(server.log_file)
+        try:
+            launch(attempt)
+        except EmbeddedServerError as exc:
+            server._cleanup_after_failure()
+            retryable = "served by another" in exc.message or any(
+                m in exc.log_tail.lower() for m in _BIND_ERRORS
+            )
+            if retryable and attempt + 1 < attempts:
+                continue
+            raise EmbeddedServerError(
+                f"{kind} failed to start on port {server.port}: {exc.message}",
+                _read_tail(server.log_file, offset),
+            ) from None
+        server._started = True
+        _RUNNING.add(server)
+        return
+
+
 class _RunningServers:
     """Servers started by this interpreter, stopped at exit so none outlive a crashed test run."""
 
@@ -239,34 +273,19 @@ class NatsServer:
         binary = _nats_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        # Ports we picked may be taken between free_port() and bind; retry with new ones, but
-        # only before the first success, since a restart must keep the port clients know.
+        # Repick ports only before the first success: a restart must keep the port clients know.
         repick = not self._started and (self._auto_port or self._auto_monitor)
-        attempts = 3 if repick else 1
-        for attempt in range(attempts):
+
+        def launch(attempt: int) -> None:
             if self._port == 0 or (attempt and self._auto_port):
                 self._port = free_port()
             if self._monitor_port == 0 or (attempt and self._auto_monitor):
                 self._monitor_port = free_port()
             self._write_config()
-            offset = _file_size(self.log_file)
-            try:
-                self._spawn(binary)
-                self._wait_ready(timeout)
-            except EmbeddedServerError as exc:
-                self._cleanup_after_failure()
-                retryable = "served by another" in exc.message or any(
-                    m in exc.log_tail.lower() for m in _BIND_ERRORS
-                )
-                if retryable and attempt + 1 < attempts:
-                    continue
-                raise EmbeddedServerError(
-                    f"nats-server failed to start on port {self._port}: {exc.message}",
-                    _read_tail(self.log_file, offset),
-                ) from None
-            self._started = True
-            _RUNNING.add(self)
-            return
+            self._spawn(binary)
+            self._wait_ready(timeout)
+
+        _start_retrying("nats-server", self, 3 if repick else 1, launch)
 
     def _write_config(self) -> None:
         lines = [
@@ -375,6 +394,119 @@ class NatsServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """``size`` nats-server processes on loopback routed into one JetStream cluster.
+
+    Each node is a `NatsServer` (own process, store dir, log and monitoring port), so a test can
+    kill one by pid. `url` lists every node, comma-separated, the form services accept.
+    `config_text` (e.g. an authorization block) is given to every node.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path,
+        size: int = 3,
+        *,
+        name: str = "baton",
+        config_text: str | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.base_dir = Path(base_dir).resolve()
+        self.name = name
+        # Every node must know every route before it starts, so the ports are fixed up front.
+        self.cluster_ports = [free_port() for _ in range(size)]
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.cluster_ports)
+        self.nodes = [
+            NatsServer(
+                self.base_dir / f"node{i}",
+                port=free_port(),
+                monitor_port=0,
+                config_text="\n".join(
+                    [
+                        "cluster {",
+                        f"  name: {json.dumps(name)}",
+                        f"  listen: 127.0.0.1:{cport}",
+                        f"  routes: [{routes}]",
+                        "}",
+                        *([config_text] if config_text else []),
+                    ]
+                ),
+            )
+            for i, cport in enumerate(self.cluster_ports)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's client URL, comma-separated (BATON_NATS_URL accepts this)."""
+        return ",".join(self.urls)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every node that is not running; return once JetStream has a meta leader."""
+        for node in self.nodes:
+            node.start()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every running node reports healthy JetStream and agrees on a meta leader."""
+        running = [n for n in self.nodes if n.pid is not None]
+        last = "no answer yet"
+
+        def ready() -> bool:
+            nonlocal last
+            leaders = set()
+            for node in running:
+                health = _get_json(f"{node.monitor_url}/healthz")
+                jsz = _get_json(f"{node.monitor_url}/jsz")
+                meta = (jsz or {}).get("meta_cluster") or {}
+                if not health or health.get("status") != "ok" or not meta.get("leader"):
+                    last = f"{node.server_name}: health={health} meta={meta}"
+                    return False
+                leaders.add(meta["leader"])
+                # Only the leader tracks whether its peers are caught up.
+                if meta["leader"] == node.server_name:
+                    current = 1 + sum(bool(r.get("current")) for r in meta.get("replicas") or [])
+                    if current < len(running):
+                        last = f"{node.server_name}: {current} of {len(running)} peers current"
+                        return False
+            return len(leaders) == 1
+
+        if not _wait_until(ready, timeout, interval=0.1):
+            tails = "\n".join(f"== {n.server_name}\n{_read_tail(n.log_file)}" for n in running)
+            raise EmbeddedServerError(
+                f"JetStream cluster not ready after {timeout:.0f}s ({last})", tails
+            )
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _get_json(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            data = json.loads(response.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------- Postgres
@@ -587,30 +719,16 @@ class PostgresServer:
         self._prepare_dirs(bin_dir)
         self._initdb(bin_dir)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        # A port we picked may be taken between free_port() and bind; retry with a new one, but
-        # only before the first success, since a restart must keep the port clients know.
-        attempts = 3 if self._auto_port and not self._started else 1
-        for attempt in range(attempts):
+        # Repick the port only before the first success: a restart must keep the port clients know.
+        repick = self._auto_port and not self._started
+
+        def launch(attempt: int) -> None:
             if self._port == 0 or attempt:
                 self._port = free_port()
-            offset = _file_size(self.log_file)
-            try:
-                self._spawn(bin_dir)
-                self._wait_ready(timeout)
-            except EmbeddedServerError as exc:
-                self._cleanup_after_failure()
-                retryable = "served by another" in exc.message or any(
-                    m in exc.log_tail.lower() for m in _BIND_ERRORS
-                )
-                if retryable and attempt + 1 < attempts:
-                    continue
-                raise EmbeddedServerError(
-                    f"postgres failed to start on port {self._port}: {exc.message}",
-                    _read_tail(self.log_file, offset),
-                ) from None
-            self._started = True
-            _RUNNING.add(self)
-            return
+            self._spawn(bin_dir)
+            self._wait_ready(timeout)
+
+        _start_retrying("postgres", self, 3 if repick else 1, launch)
 
     def _spawn(self, bin_dir: Path) -> None:
         run_as = self._run_as()

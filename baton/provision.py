@@ -15,8 +15,11 @@ from nats.js.api import (
 )
 
 from shared import subjects
+from shared.config import nats_servers
 
 DEFAULT_DEDUP_WINDOW_S = 120.0
+# JetStream allows at most five replicas; an even count buys no extra failure tolerance.
+MAX_REPLICAS = 5
 
 
 def stream_config(spec: subjects.StreamSpec, dedup_window_s: float, replicas: int) -> StreamConfig:
@@ -53,8 +56,14 @@ async def provision(
     password: str = "",
     ack_wait_s: float | None = None,
 ) -> list[str]:
-    """Create or update everything; safe to run again. Returns what it did, one line each."""
-    options: dict[str, object] = {"servers": [nats_url], "connect_timeout": 5}
+    """Create or update everything; safe to run again. Returns what it did, one line each.
+
+    ``replicas`` is the copies of every stream and the runs bucket (consumers follow their
+    stream): 1 on a single server, 3 on a 3-node cluster so one node may fail.
+    """
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
+    options: dict[str, object] = {"servers": nats_servers(nats_url), "connect_timeout": 5}
     if user:
         options.update(user=user, password=password)
     nc = await nats.connect(**options)  # type: ignore[arg-type]

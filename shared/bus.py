@@ -19,7 +19,7 @@ from nats.js.api import PubAck
 from opentelemetry import trace
 
 from shared import messages, tracing
-from shared.config import BaseSettings
+from shared.config import BaseSettings, nats_servers
 from shared.errors import BadData, DependencyDown, SchemaError, Transient
 from shared.metrics import ServiceMetrics
 from shared.subjects import ConsumerSpec, dead_letter, inbox_prefix
@@ -70,8 +70,11 @@ class Bus:
             log.info("nats_reconnected")
 
         options: dict[str, Any] = {
-            "servers": [settings.nats_url],
-            "name": f"baton-{service}",
+            # One URL or a cluster's list: a dropped node's clients move to another.
+            "servers": nats_servers(settings.nats_url),
+            # The instance tells replicas apart in the server's connection list.
+            "name": f"baton-{service}"
+            + (f"@{settings.instance}" if settings.instance not in ("", service) else ""),
             # Its own inbox prefix: its user may not read another service's replies.
             "inbox_prefix": inbox_prefix(service),
             "error_cb": error_cb,

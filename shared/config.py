@@ -36,6 +36,18 @@ class BaseSettings(msgspec.Struct, kw_only=True, frozen=True):
     concurrency: int = 16
 
 
+def nats_servers(url: str) -> list[str]:
+    """The server list in a ``BATON_NATS_URL``: one URL or several, comma-separated (a cluster)."""
+    servers = [part.strip() for part in url.split(",")]
+    if not servers or any(not s for s in servers):
+        raise ConfigError(f"BATON_NATS_URL has an empty entry: {url!r}")
+    for server in servers:
+        scheme, sep, rest = server.partition("://")
+        if not sep or scheme not in ("nats", "tls", "ws", "wss") or not rest:
+            raise ConfigError(f"BATON_NATS_URL entry is not a nats:// URL: {server!r}")
+    return servers
+
+
 def _dec_hook(kind: type, value: Any) -> Any:
     if kind is Secret and isinstance(value, str):
         return Secret(value)

@@ -161,8 +161,8 @@ def _running(
             gateway, model, supervisor, database_url, nats_url, logs, dict(passwords or {})
         )
         try:
-            _wait_healthy(gateway, 30)
-            _wait_services_up(children, 30)
+            wait_healthy(gateway, 30)
+            wait_services_up(children, 30)
             yield p
         finally:
             supervisor.stop_all(grace_s=10)
@@ -172,7 +172,7 @@ def _running(
         )
 
 
-def _wait_healthy(url: str, timeout: float) -> None:
+def wait_healthy(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -184,14 +184,15 @@ def _wait_healthy(url: str, timeout: float) -> None:
     raise TimeoutError(f"gateway at {url} not ready")
 
 
-def _wait_services_up(children: list[Child], timeout: float) -> None:
+def wait_services_up(children: list[Child], timeout: float) -> None:
     """Wait until every service reports itself up (past start-up, signal handlers in place)."""
     deadline = time.monotonic() + timeout
     for child in children:
         url = f"http://127.0.0.1:{child.env['BATON_METRICS_PORT']}/metrics"
+        service = child.argv[-1].rpartition(".")[2]  # python -m services.<name>
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if f"baton_{child.name}_up 1.0" in httpx.get(url, timeout=1).text.splitlines():
+                if f"baton_{service}_up 1.0" in httpx.get(url, timeout=1).text.splitlines():
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{child.name} not up")

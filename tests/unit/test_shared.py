@@ -9,7 +9,7 @@ import pytest
 
 from shared import messages as m
 from shared import subjects
-from shared.config import BaseSettings, Secret, load
+from shared.config import BaseSettings, Secret, load, nats_servers
 from shared.errors import ConfigError
 
 
@@ -140,3 +140,34 @@ BUILDERS = [subjects.chat_in, subjects.persisted_user, subjects.persisted_assist
 def test_every_subject_is_captured_by_exactly_one_stream(build: object) -> None:
     subject = build("acme", "c1")  # type: ignore[operator]
     assert sum(any(covers(p, subject) for p in s.subjects) for s in subjects.STREAMS) == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "servers"),
+    [
+        ("nats://127.0.0.1:4222", ["nats://127.0.0.1:4222"]),
+        (
+            "nats://a:4222, nats://b:4222 ,tls://c:4222",
+            ["nats://a:4222", "nats://b:4222", "tls://c:4222"],
+        ),
+    ],
+)
+def test_nats_url_takes_one_server_or_a_comma_separated_cluster(url: str, servers: list) -> None:
+    assert nats_servers(url) == servers
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "nats://a:4222,",
+        ",nats://a:4222",
+        "nats://a,,nats://b",
+        "a:4222",
+        "http://a:4222",
+        "nats://",
+    ],
+)
+def test_nats_url_with_an_empty_or_foreign_entry_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="BATON_NATS_URL"):
+        nats_servers(url)

@@ -1,0 +1,172 @@
+"""Invariant checks shared by the fault suites: a retrying client, settling, and I1-I4 (+ I6).
+
+The chaos suite (one NATS, every service killed and restarted) and the cluster suite (three
+NATS nodes, two replicas of each service, one of each killed) assert the same invariants here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import httpx
+
+from baton.devtoken import make_token
+from baton.offline_model import OfflineModelProcess
+
+EXECUTOR_MODEL = "claude-sonnet-4-6"
+
+
+class Client:
+    """A well-behaved client: every message has an Idempotency-Key and is retried until 202.
+
+    Given several gateways (replicas behind a load balancer), a retry goes to the next one.
+    """
+
+    def __init__(self, http: httpx.AsyncClient, gateways: Sequence[str], secret: str) -> None:
+        self.http = http
+        self.gateways = list(gateways)
+        self.secret = secret
+        self.accepted: dict[str, str] = {}  # idempotency key -> message id
+        self.replays = 0
+        self.mismatches: list[str] = []
+
+    async def submit(self, project: str, user: str, cid: str, key: str, content: str) -> str:
+        headers = {
+            "Authorization": f"Bearer {make_token(self.secret, project, user)}",
+            "Idempotency-Key": key,
+        }
+        body = {"conversation_id": cid, "content": content}
+        deadline = time.monotonic() + 120
+        turn = hash(key)
+        while True:
+            gateway = self.gateways[turn % len(self.gateways)]
+            turn += 1
+            try:
+                r = await self.http.post(f"{gateway}/api/chat", json=body, headers=headers)
+                if r.status_code == 202:
+                    mid = str(r.json()["message"]["id"])
+                    known = self.accepted.setdefault(key, mid)
+                    if known != mid:
+                        self.mismatches.append(key)
+                    self.replays += bool(r.json()["duplicate"])
+                    return mid
+                assert r.status_code in (503, 502), r.text
+            except httpx.TransportError:
+                pass  # the gateway is down or restarting: retry, as a client would
+            assert time.monotonic() < deadline, f"submit {key} never accepted"
+            await asyncio.sleep(0.2)
+
+
+async def settled(dsn: str, expected: int, timeout: float = 180) -> None:
+    """Wait until every stored user message has its one final reply."""
+    deadline = time.monotonic() + timeout
+    users = replies = -1
+    while True:
+        try:
+            con = await asyncpg.connect(dsn)
+            try:
+                users = await con.fetchval("SELECT count(*) FROM messages WHERE role = 'user'")
+                replies = await con.fetchval(
+                    "SELECT count(*) FROM messages WHERE role = 'assistant'"
+                )
+            finally:
+                await con.close()
+            if users >= expected and replies >= users:
+                return
+        except (OSError, asyncpg.PostgresError):
+            pass
+        assert time.monotonic() < deadline, f"not settled: {users} users, {replies} replies"
+        await asyncio.sleep(0.5)
+
+
+async def check(
+    con: Any,
+    client: Client,
+    model: OfflineModelProcess,
+    messages: int,
+    executor_model: str = EXECUTOR_MODEL,
+) -> str:
+    """Assert I1-I4 (and I6's order) over the database and the model's ledger; a summary line."""
+    accepted = set(client.accepted.values())
+    # I2: a retried submit always got the same message id back.
+    assert not client.mismatches, client.mismatches
+    users = {str(r["id"]) for r in await con.fetch("SELECT id FROM messages WHERE role = 'user'")}
+    # I1 + I2: every 202'd message is stored, and nothing else is.
+    assert users == accepted, (len(users - accepted), len(accepted - users))
+    assert len(accepted) == messages
+    # I3: exactly one final outcome per message (one run, one reply).
+    outcomes = await con.fetch(
+        "SELECT u.id, count(a.id) AS replies, count(DISTINCT r.run_id) AS runs "
+        "FROM messages u LEFT JOIN messages a ON a.reply_to = u.id AND a.role = 'assistant' "
+        "LEFT JOIN runs r ON r.message_id = u.id "
+        "WHERE u.role = 'user' GROUP BY u.id"
+    )
+    bad = [
+        (str(r["id"]), r["replies"], r["runs"])
+        for r in outcomes
+        if (r["replies"], r["runs"]) != (1, 1)
+    ]
+    assert not bad, bad[:10]
+    # I6: within each conversation, replies were written in message order, one run at a time.
+    pairs = await con.fetch(
+        "SELECT u.conversation_id, u.position, a.created_at FROM messages u "
+        "JOIN messages a ON a.reply_to = u.id AND a.role = 'assistant' "
+        "WHERE u.role = 'user' ORDER BY u.conversation_id, u.position"
+    )
+    by_conv: dict[str, list[Any]] = {}
+    for r in pairs:
+        by_conv.setdefault(str(r["conversation_id"]), []).append(r["created_at"])
+    out_of_order = [c for c, times in by_conv.items() if times != sorted(times)]
+    assert not out_of_order, out_of_order
+    kinds = dict(
+        await con.fetch(
+            "SELECT kind, count(*) FROM messages WHERE role = 'assistant' GROUP BY kind"
+        )
+    )
+    # I4: every usage row is a real model call with exactly the tokens the model served...
+    ledger = {k: v for k, v in model.calls().items() if v["model"] == executor_model}
+    rows = await con.fetch("SELECT * FROM usage")
+    by_call = {r["call_id"]: r for r in rows}
+    for call_id, r in by_call.items():
+        served = ledger.get(call_id)
+        assert served is not None, f"usage for a call the model never served: {call_id}"
+        assert (r["input_tokens"], r["output_tokens"]) == (
+            served["input_tokens"],
+            served["output_tokens"],
+        ), call_id
+        assert (r["cache_read_tokens"], r["cache_write_tokens"]) == (
+            served["cache_read_input_tokens"],
+            served["cache_creation_input_tokens"],
+        ), call_id
+    # ...and a call without a usage row is one whose executor died with it: its task was
+    # delivered again afterwards (a later call of the same task exists).
+    unbilled = sorted(set(ledger) - set(by_call))
+    for call_id in unbilled:
+        task, delivery = call_id.rsplit("#", 1)
+        later = [
+            c
+            for c in ledger
+            if c.startswith(task + "#") and int(c.rsplit("#", 1)[1]) > int(delivery)
+        ]
+        assert later, f"model call {call_id} was never billed and its task never retried"
+    # Project totals are exactly the sum of the usage rows.
+    totals = await con.fetch(
+        "SELECT p.project_id, p.input_tokens = s.i AND p.output_tokens = s.o "
+        "AND p.cache_read_tokens = s.cr AND p.cache_write_tokens = s.cw AND p.cost_usd = s.c AS ok "
+        "FROM project_usage p JOIN (SELECT project_id, sum(input_tokens) i, sum(output_tokens) o, "
+        "sum(cache_read_tokens) cr, sum(cache_write_tokens) cw, sum(cost_usd) c FROM usage "
+        "GROUP BY project_id) s USING (project_id)"
+    )
+    assert totals and all(r["ok"] for r in totals), [dict(r) for r in totals]
+    runs_total = await con.fetchval("SELECT sum(runs) FROM project_usage")
+    assert runs_total == kinds.get("answer", 0)
+    return (
+        f"accepted={len(accepted)} replayed={client.replays} stored={len(users)} "
+        f"outcomes={len(outcomes)} kinds={kinds} usage_rows={len(rows)} "
+        f"model_calls={len(ledger)} died_with_executor={len(unbilled)} totals=ok "
+        f"ordered_conversations={len(by_conv)}"
+    )
