@@ -107,9 +107,12 @@ class Bus:
         timeout: float = 5.0,
     ) -> PubAck:
         """Publish with ``Nats-Msg-Id`` and wait for the PubAck (a duplicate is not an error)."""
-        hdrs = tracing.inject(dict(headers or {}))
-        hdrs["Nats-Msg-Id"] = msg_id
-        ack = await self.js.publish(subject, messages.encode(event), timeout=timeout, headers=hdrs)
+        with tracing.producer_span(subject, msg_id):
+            hdrs = tracing.inject(dict(headers or {}))
+            hdrs["Nats-Msg-Id"] = msg_id
+            ack = await self.js.publish(
+                subject, messages.encode(event), timeout=timeout, headers=hdrs
+            )
         family = ".".join(subject.split(".", 2)[:2])
         self.metrics.published.labels(family, str(bool(ack.duplicate)).lower()).inc()
         return ack
@@ -250,8 +253,17 @@ class Consumer(Generic[T]):
         ctx = tracing.extract(msg.headers)
         ids: dict[str, Any] = {"subject": msg.subject, "delivery": delivered}
         with self.bus.tracer.start_as_current_span(
-            f"{self.bus.service} {durable}", context=ctx, kind=trace.SpanKind.CONSUMER
-        ):
+            f"{self.bus.service} {durable}",
+            context=ctx,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": msg.subject,
+                "messaging.consumer.group.name": durable,
+                "messaging.message.delivery_count": delivered,
+            },
+        ) as span:
             ids["trace_id"] = tracing.current_trace_id()
             try:
                 try:
@@ -287,6 +299,12 @@ class Consumer(Generic[T]):
                 outcome = "error"
                 self.log.exception("handler_failed", **ids)
                 await self._nak_or_bury(msg, backoff_for(delivered), f"handler error: {exc!r}")
+            span.set_attribute("baton.outcome", outcome)
+            for key in ("message_id", "conversation_id", "run_id"):
+                if key in ids:
+                    span.set_attribute(f"baton.{key}", str(ids[key]))
+            if outcome in ("error", "dead_lettered"):
+                span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
         elapsed = time.perf_counter() - started
         metrics.handled.labels(durable, outcome).inc()
         metrics.handle_seconds.labels(durable).observe(elapsed)

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from shared import tracing
 from shared.errors import DependencyDown
 
 # Errors that mean "the database is not there right now", not "this data is wrong".
@@ -31,7 +32,13 @@ UNAVAILABLE = (
 async def create_pool(dsn: str, min_size: int = 0, max_size: int = 10) -> Any:
     """A pool that does not need the database to be up yet: connections open lazily."""
     return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, command_timeout=30, timeout=5
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=30,
+        timeout=5,
+        # Every statement becomes a span in the trace of the message it serves.
+        init=tracing.trace_queries,
     )
 
 

@@ -27,7 +27,7 @@ class Boot(NamedTuple):
 def boot(service: str, settings: BaseSettings, signals: bool = True) -> Boot:
     """Logging, tracing, the /metrics port and (unless the server owns them) signal handling."""
     log = logging.setup(service, settings.log_level)
-    tracing.setup(service)
+    tracing.setup(service, settings.instance)
     metrics = ServiceMetrics(service)
     port = serve(settings.metrics_host, settings.metrics_port)
     stop = asyncio.Event()

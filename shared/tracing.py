@@ -1,26 +1,66 @@
-"""OpenTelemetry setup and W3C trace context carried in NATS headers."""
+"""OpenTelemetry setup, W3C trace context in NATS headers, and spans for hops and statements.
+
+One trace per user message: the gateway starts it (``root_span``), every publish injects the
+current context into the NATS headers (``inject``, under a PRODUCER span), every consumer
+continues it (``extract``, a CONSUMER span in ``shared.bus``), asyncpg statements become CLIENT
+spans (``trace_queries``) and the anthropic SDK adds its own ``anthropic.messages.create`` span.
+Export is OTLP/HTTP, configured by the standard ``OTEL_*`` variables; without an endpoint
+nothing is exported (spans still exist, so trace ids still reach the logs).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+_tracer = trace.get_tracer("baton")
+_MAX_STATEMENT_CHARS = 2000
+# asyncpg runs this when a pooled connection is released: plumbing, not the service's work.
+_POOL_RESET = "SELECT pg_advisory_unlock_all()"
+_TARGET = re.compile(r"\b(?:INTO|FROM|UPDATE|TABLE)\s+([A-Za-z_][A-Za-z0-9_.]*)", re.IGNORECASE)
 
 
-def setup(service: str) -> trace.Tracer:
-    """Install a tracer provider; export over OTLP/HTTP only when OTEL_* says where."""
-    provider = TracerProvider(resource=Resource.create({"service.name": f"baton-{service}"}))
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+def exporting(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the ``OTEL_*`` variables ask for OTLP export (an endpoint, and not disabled)."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
-    if endpoint:
+
+
+def provider(
+    service: str, instance: str = "", environ: Mapping[str, str] | None = None
+) -> TracerProvider:
+    """A tracer provider for one service; with an OTLP exporter only when ``exporting``."""
+    attributes = {"service.name": f"baton-{service}"}
+    if instance:
+        attributes["service.instance.id"] = instance
+    tracer_provider = TracerProvider(resource=Resource.create(attributes))
+    if exporting(environ):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
+        # The exporter reads its endpoint, headers, timeout and compression from OTEL_*.
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return tracer_provider
+
+
+def setup(service: str, instance: str = "") -> trace.Tracer:
+    """Install the service's tracer provider (once per process) and return its tracer."""
+    trace.set_tracer_provider(provider(service, instance))
     return trace.get_tracer(f"baton.{service}")
 
 
@@ -30,11 +70,110 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-def extract(headers: dict[str, str] | None) -> context.Context:
+def extract(headers: Mapping[str, str] | None) -> context.Context:
     """The trace context an incoming NATS message carries (or an empty one)."""
-    return propagate.extract(headers or {})
+    return propagate.extract(dict(headers or {}))
 
 
 def current_trace_id() -> str:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+@contextmanager
+def root_span(
+    name: str, untrusted_headers: Mapping[str, str], attributes: Mapping[str, Any]
+) -> Iterator[trace.Span]:
+    """A SERVER span that starts a new trace, linked to (not continuing) a client's traceparent.
+
+    A client's trace context is not trusted: continuing it would let anyone put many messages
+    into one trace, or pick our trace ids. A valid one is kept as a link, so it can be followed.
+    """
+    remote = trace.get_current_span(extract(untrusted_headers)).get_span_context()
+    links = [Link(remote)] if remote.is_valid else []
+    with _tracer.start_as_current_span(
+        name,
+        context=context.Context(),
+        kind=SpanKind.SERVER,
+        attributes=dict(attributes),
+        links=links,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        yield span
+
+
+@contextmanager
+def producer_span(subject: str, msg_id: str) -> Iterator[trace.Span]:
+    """A PRODUCER span around one publish; the headers injected inside it point at it."""
+    family = ".".join(subject.split(".", 2)[:2])
+    with _tracer.start_as_current_span(
+        f"publish {family}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": subject,
+            "messaging.message.id": msg_id,
+        },
+    ) as span:
+        yield span
+
+
+def batch_span(name: str, size: int, members: list[trace.SpanContext]) -> Any:
+    """A span for work shared by several messages (a group commit), linked to each one's span.
+
+    It sits in the trace of whoever started the batch; the others find it through the links.
+    """
+    return _tracer.start_as_current_span(
+        name,
+        attributes={"baton.batch.size": size},
+        links=[Link(m) for m in members if m.is_valid],
+    )
+
+
+def statement_name(query: str) -> tuple[str, str]:
+    """The span name (operation and table, low cardinality) and the operation of a statement."""
+    words = query.split(None, 1)
+    operation = words[0].rstrip(";").upper() if words else "QUERY"
+    target = _TARGET.search(query)
+    if target is None or operation not in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+        return operation, operation
+    return f"{operation} {target.group(1)}", operation
+
+
+def statement_span(record: Any) -> None:
+    """An asyncpg query-logger callback: one CLIENT span per statement, timed by asyncpg.
+
+    asyncpg calls it with ``call_soon``, so it runs in the context of the code that ran the
+    statement, and the span becomes that code's child. Arguments are never recorded.
+    """
+    query = str(record.query)
+    if query.startswith(_POOL_RESET):
+        return
+    end = time.time_ns()
+    start = end - int(record.elapsed * 1_000_000_000)
+    name, operation = statement_name(query)
+    addr = record.conn_addr
+    attributes: dict[str, Any] = {
+        "db.system.name": "postgresql",
+        "db.operation.name": operation,
+        "db.query.text": query[:_MAX_STATEMENT_CHARS],
+    }
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        attributes["server.address"] = str(addr[0])
+        attributes["server.port"] = int(addr[1])
+    params = record.conn_params
+    database = getattr(params, "database", None)
+    if database:
+        attributes["db.namespace"] = str(database)
+    span = _tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes, start_time=start)
+    if record.exception is not None:
+        span.set_attribute("error.type", type(record.exception).__name__)
+        span.set_status(Status(StatusCode.ERROR, type(record.exception).__name__))
+    span.end(end_time=end)
+
+
+async def trace_queries(con: Any) -> None:
+    """asyncpg pool ``init``: every statement on this connection becomes a span."""
+    con.add_query_logger(statement_span)

@@ -12,11 +12,13 @@ import nats.errors
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from opentelemetry import trace
 
 from services.gateway import core
 from services.gateway.adapters import Hub, Publisher, PushEvent, ReadModel, TokenLog
 from services.gateway.config import Settings
 from shared import messages as m
+from shared import tracing
 from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
 
@@ -76,6 +78,9 @@ class Api:
         req = core.parse_chat(await request.body(), self.settings.max_content_chars)
         digest = core.content_hash(req.conversation_id, req.content)
         message_id, conversation_id = core.ids_for(p, key, req.conversation_id)
+        span = trace.get_current_span()
+        span.set_attribute("baton.message_id", message_id)
+        span.set_attribute("baton.conversation_id", conversation_id)
         if req.conversation_id is not None:
             await self._may_post(p, req.conversation_id)
         if key is not None:
@@ -256,7 +261,19 @@ def routes(api: Api) -> list[Any]:
 
     @post("/api/chat", status_code=202, summary="Submit a chat message")
     async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await api.chat(request)
+        # Each submitted message starts its own trace, which every later hop continues.
+        attributes = {"http.request.method": "POST", "http.route": "/api/chat"}
+        with tracing.root_span("POST /api/chat", request.headers, attributes) as span:
+            try:
+                response = await api.chat(request)
+            except core.ApiError as exc:
+                span.set_attribute("http.response.status_code", exc.status)
+                span.set_attribute("error.type", exc.code)
+                if exc.status >= 500:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code))
+                raise
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
 
     @get("/api/conversations/{conversation_id:str}/messages", summary="Messages in order")
     async def messages(

@@ -24,7 +24,7 @@ class Handlers:
         )
         # Messages handled concurrently share one transaction; each still acks only after it.
         self.user_messages: GroupCommit[m.UserMessageAccepted, Placed] = GroupCommit(
-            store.insert_user_messages, on_batch=batch_size.observe
+            store.insert_user_messages, on_batch=batch_size.observe, name="insert user messages"
         )
 
     async def user_message(self, e: m.UserMessageAccepted, _msg: Msg) -> str:
