@@ -148,6 +148,40 @@ async def _streams_are_r3(url: str) -> None:
         await nc.close()
 
 
+async def _make_leader(url: str, server: str) -> int:
+    """Move the leadership of the meta group, every stream and every consumer to ``server``.
+
+    The node then killed is the one everything depends on, so the test cannot pass by luck
+    of placement. Returns how many groups it leads.
+    """
+    placement = json.dumps({"placement": {"preferred": server}}).encode()
+    nc = await nats.connect(servers=url.split(","))
+    try:
+        js = nc.jetstream()
+        streams = [spec.name for spec in subjects.STREAMS] + [f"KV_{subjects.BUCKET_RUNS}"]
+        groups = [(f"$JS.API.STREAM.LEADER.STEPDOWN.{n}", n, None) for n in streams] + [
+            (f"$JS.API.CONSUMER.LEADER.STEPDOWN.{c.stream}.{c.durable}", c.stream, c.durable)
+            for c in subjects.CONSUMERS
+        ]
+        led = 0
+        for api, stream, durable in groups:
+            deadline = time.monotonic() + 20
+            while True:
+                if durable is None:
+                    cluster = (await js.stream_info(stream)).cluster
+                else:
+                    cluster = (await js.consumer_info(stream, durable)).cluster
+                if cluster is not None and cluster.leader == server:
+                    led += 1
+                    break
+                assert time.monotonic() < deadline, f"{stream}/{durable} stays on {cluster}"
+                await nc.request(api, placement, timeout=5)
+                await asyncio.sleep(0.3)
+        return led
+    finally:
+        await nc.close()
+
+
 async def _drive(
     world: World, rng: random.Random, kill_at: int, kill: asyncio.Event
 ) -> tuple[Client, list[str]]:
@@ -173,7 +207,7 @@ async def _drive(
 
 
 async def _kill(world: World, rng: random.Random, kill: asyncio.Event, log: list[str]) -> None:
-    """SIGKILL one replica of each service and the NATS node a surviving replica is on."""
+    """SIGKILL one replica of each service and the NATS node most surviving replicas are on."""
     await kill.wait()
     doomed = {s: f"{s}-{rng.randint(1, REPLICAS)}" for s in SERVICES}
     survivors = [r for r in world.replicas if r.instance not in doomed.values()]
@@ -181,6 +215,11 @@ async def _kill(world: World, rng: random.Random, kill: asyncio.Event, log: list
     on_node = [_node_of(world, f"baton-{r.service}@{r.instance}") for r in survivors]
     counts = {i: on_node.count(i) for i in set(on_node) if i is not None}
     victim = max(counts, key=lambda i: counts[i]) if counts else 0
+    assert counts.get(victim, 0) >= 1, on_node
+    # And it leads every stream and consumer when it dies: all of them must fail over.
+    server = world.cluster.nodes[victim].server_name
+    assert server is not None
+    led = await _make_leader(world.cluster.url, server)
     order: list[str | int] = [*doomed.values(), victim]
     rng.shuffle(order)
     for item in order:
@@ -189,7 +228,10 @@ async def _kill(world: World, rng: random.Random, kill: asyncio.Event, log: list
             node = world.cluster.nodes[item]
             pid = node.pid
             node.kill()  # SIGKILL by pid
-            log.append(f"nats-node{item}(pid {pid}, {counts.get(item, 0)} survivors on it)")
+            log.append(
+                f"nats-node{item}(pid {pid}, {counts.get(item, 0)} survivors on it, "
+                f"leader of {led} streams and consumers)"
+            )
         else:
             replica = next(r for r in world.replicas if r.instance == item)
             log.append(f"{item}(pid {replica.child.pid})")
