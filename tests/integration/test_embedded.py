@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import asyncpg
 import nats
+import nats.errors
 import pytest
 
-from baton.embedded import EmbeddedServerError, NatsServer, PostgresServer
+from baton.embedded import EmbeddedServerError, NatsCluster, NatsServer, PostgresServer
 
 
 def _alive(pid: int) -> bool:
@@ -187,3 +189,35 @@ def test_postgres_port_taken_by_another_server_is_a_clear_error(
     with pytest.raises(EmbeddedServerError, match=f"port {postgres_server.port}"):
         second.start()
     assert second.pid is None
+
+
+async def test_nats_cluster_keeps_r3_streams_when_a_node_dies_and_stops_by_pid(
+    tmp_path: Path,
+) -> None:
+    with NatsCluster(tmp_path / "cluster", size=3) as cluster:
+        assert len(cluster.url.split(",")) == 3
+        pids = [node.pid for node in cluster.nodes]
+        assert all(pid is not None and _alive(pid) for pid in pids)
+        nc = await nats.connect(servers=cluster.urls)
+        js = nc.jetstream()
+        await js.add_stream(name="EVENTS", subjects=["events.>"], num_replicas=3)
+        await js.publish("events.one", b"before")
+        info = await js.stream_info("EVENTS")
+        leader = next(n for n in cluster.nodes if n.server_name == info.cluster.leader)
+        leader.kill()
+        # The two survivors elect a new leader; the publish is retried until they have.
+        for _ in range(100):
+            try:
+                await js.publish("events.two", b"after", timeout=1)
+                break
+            except (nats.errors.Error, TimeoutError):
+                await asyncio.sleep(0.1)
+        assert (await js.get_msg("EVENTS", seq=1)).data == b"before"
+        assert (await js.get_msg("EVENTS", seq=2)).data == b"after"
+        await nc.close()
+    assert not any(_alive(pid) for pid in pids if pid is not None)
+
+
+def test_nats_cluster_needs_a_node(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one node"):
+        NatsCluster(tmp_path, size=0)
