@@ -39,6 +39,7 @@ __all__ = [
     "PostgresServer",
     "create_database",
     "free_port",
+    "free_ports",
 ]
 
 # Postgres refuses to run as root, so as root we run it as this system user (created on demand).
@@ -64,6 +65,18 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            # Holding every socket open until all are bound keeps the ports distinct.
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def _read_tail(path: Path, start: int = 0, limit: int = _LOG_TAIL_BYTES) -> str:
@@ -417,12 +430,13 @@ class NatsCluster:
         self.base_dir = Path(base_dir).resolve()
         self.name = name
         # Every node must know every route before it starts, so the ports are fixed up front.
-        self.cluster_ports = [free_port() for _ in range(size)]
+        ports = free_ports(2 * size)
+        client_ports, self.cluster_ports = ports[:size], ports[size:]
         routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.cluster_ports)
         self.nodes = [
             NatsServer(
                 self.base_dir / f"node{i}",
-                port=free_port(),
+                port=client_ports[i],
                 monitor_port=0,
                 config_text="\n".join(
                     [
