@@ -1,6 +1,8 @@
 """Proven on a cluster: three NATS nodes, R3 streams, two replicas of every service; one node and
 one replica of each service SIGKILLed mid-stream — and I1-I4 still hold, every message answered.
 
+Every service runs as its own NATS user and database role (I5), as it would in production.
+
 Size: ``CLUSTER_MESSAGES`` (default 80), ``CLUSTER_CONVERSATIONS`` (default 8), ``CLUSTER_SEED``.
 """
 
@@ -24,6 +26,7 @@ import msgspec
 import nats
 import pytest
 
+from baton import permissions, roles
 from baton.embedded import NatsCluster, NatsServer, free_port
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
@@ -53,6 +56,7 @@ class Replica(msgspec.Struct):
 class World(msgspec.Struct):
     cluster: NatsCluster
     database_url: str
+    admin: dict[str, str]  # NATS connect options of the admin user
     model: OfflineModelProcess
     supervisor: Supervisor
     replicas: list[Replica]
@@ -72,13 +76,19 @@ class World(msgspec.Struct):
 
 @pytest.fixture
 def world(database_url: str, tmp_path: Path) -> Iterator[World]:
-    cluster = NatsCluster(tmp_path / "nats", size=3)
+    # As in production: one NATS user per service (I5) on every node, one database role each.
+    passwords = permissions.new_passwords()
+    cluster = NatsCluster(
+        tmp_path / "nats", size=3, config_text=permissions.authorization(passwords)
+    )
     cluster.start()
+    admin = {"user": permissions.ADMIN, "password": passwords[permissions.ADMIN]}
     try:
         # R3: every stream and the runs bucket on all three nodes; a short ack_wait so work a
         # killed replica held comes back to its twin in seconds.
-        asyncio.run(provision(cluster.url, replicas=3, ack_wait_s=3.0))
+        asyncio.run(provision(cluster.url, replicas=3, ack_wait_s=3.0, **admin))
         asyncio.run(migrate(database_url))
+        asyncio.run(roles.ensure_roles(database_url))
         logs = tmp_path / "logs"
         settings = ModelSettings(tokens_per_second=200, words_per_reply=16)
         with OfflineModelProcess(settings) as model:
@@ -90,7 +100,13 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
                     env = service_env(
                         service,
                         nats_url=cluster.url,  # every node: a client of a dead one moves on
-                        database_url=database_url,
+                        database_url=(
+                            roles.dsn_for(database_url, service)
+                            if service in roles.SERVICES_WITH_DB
+                            else ""
+                        ),
+                        nats_user=service,
+                        nats_password=passwords[service],
                         metrics_port=free_port(),
                         jwt_secret=SECRET,
                         http_port=port,
@@ -107,7 +123,7 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
                     replicas.append(Replica(service, instance, child, http))
             supervisor = Supervisor([r.child for r in replicas], say=lambda line: None)
             supervisor.start_all()
-            w = World(cluster, database_url, model, supervisor, replicas, logs)
+            w = World(cluster, database_url, admin, model, supervisor, replicas, logs)
             try:
                 for gateway in w.gateways:
                     wait_healthy(gateway, 60)
@@ -136,8 +152,8 @@ def _node_of(world: World, connection_name: str) -> int | None:
     return None
 
 
-async def _streams_are_r3(url: str) -> None:
-    nc = await nats.connect(servers=url.split(","))
+async def _streams_are_r3(url: str, admin: dict[str, str]) -> None:
+    nc = await nats.connect(servers=url.split(","), **admin)
     try:
         js = nc.jetstream()
         for spec in subjects.STREAMS:
@@ -148,14 +164,14 @@ async def _streams_are_r3(url: str) -> None:
         await nc.close()
 
 
-async def _make_leader(url: str, server: str) -> int:
+async def _make_leader(url: str, admin: dict[str, str], server: str) -> int:
     """Move the leadership of the meta group, every stream and every consumer to ``server``.
 
     The node then killed is the one everything depends on, so the test cannot pass by luck
     of placement. Returns how many groups it leads.
     """
     placement = json.dumps({"placement": {"preferred": server}}).encode()
-    nc = await nats.connect(servers=url.split(","))
+    nc = await nats.connect(servers=url.split(","), **admin)
     try:
         js = nc.jetstream()
         streams = [spec.name for spec in subjects.STREAMS] + [f"KV_{subjects.BUCKET_RUNS}"]
@@ -219,7 +235,7 @@ async def _kill(world: World, rng: random.Random, kill: asyncio.Event, log: list
     # And it leads every stream and consumer when it dies: all of them must fail over.
     server = world.cluster.nodes[victim].server_name
     assert server is not None
-    led = await _make_leader(world.cluster.url, server)
+    led = await _make_leader(world.cluster.url, world.admin, server)
     order: list[str | int] = [*doomed.values(), victim]
     rng.shuffle(order)
     for item in order:
@@ -238,6 +254,15 @@ async def _kill(world: World, rng: random.Random, kill: asyncio.Event, log: list
             replica.child.signal(signal.SIGKILL)
 
 
+def _permission_errors(r: Replica) -> float:
+    url = f"http://127.0.0.1:{r.child.env['BATON_METRICS_PORT']}/metrics"
+    line = f'baton_{r.service}_nats_errors_total{{kind="permission"}} '
+    for row in httpx.get(url, timeout=2).text.splitlines():
+        if row.startswith(line):
+            return float(row.removeprefix(line))
+    return 0.0
+
+
 async def _answers(dsn: str) -> dict[str, int]:
     con = await asyncpg.connect(dsn)
     try:
@@ -254,7 +279,7 @@ async def test_invariants_hold_when_a_nats_node_and_a_replica_of_each_service_di
 ) -> None:
     rng = random.Random(SEED)
     print(f"\ncluster seed={SEED} messages={MESSAGES} conversations={CONVERSATIONS}")
-    await _streams_are_r3(world.cluster.url)
+    await _streams_are_r3(world.cluster.url, world.admin)
     kill, kill_log = asyncio.Event(), []
     killer = asyncio.create_task(_kill(world, rng, kill, kill_log))
     client, _ = await _drive(world, rng, kill_at=MESSAGES // 3, kill=kill)
@@ -282,6 +307,8 @@ async def test_invariants_hold_when_a_nats_node_and_a_replica_of_each_service_di
     for r in world.replicas:
         if r.instance not in dead:
             assert names.get(f"baton-{r.service}@{r.instance}") == 1, (r.instance, names)
+            # Least privilege held throughout: no survivor was refused anything by NATS.
+            assert _permission_errors(r) == 0, r.instance
     print(f"cluster seed={SEED} killed={','.join(kill_log)} {summary}")
 
 
