@@ -75,6 +75,26 @@ def extract(headers: Mapping[str, str] | None) -> context.Context:
     return propagate.extract(dict(headers or {}))
 
 
+def carrier() -> dict[str, str]:
+    """The current trace context as W3C headers, to store with work that starts later."""
+    return inject({})
+
+
+@contextmanager
+def resumed(stored: Mapping[str, str], name: str) -> Iterator[trace.Span]:
+    """A span that continues a stored context: work done now on behalf of an earlier message.
+
+    It belongs to the stored trace; the span that triggered it now (another message's) is
+    kept as a link. Without a stored context it is simply a child of the current span.
+    """
+    now = trace.get_current_span().get_span_context()
+    parent = extract(stored) if stored else None
+    later = trace.get_current_span(parent).get_span_context() if parent is not None else now
+    links = [Link(now)] if now.is_valid and now.trace_id != later.trace_id else []
+    with _tracer.start_as_current_span(name, context=parent, links=links) as span:
+        yield span
+
+
 def current_trace_id() -> str:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""

@@ -63,6 +63,9 @@ class RunState(msgspec.Struct, kw_only=True):
     reply_kind: m.ReplyKind | None = None
     reply_text: str = ""
     position: int = 0
+    # The W3C context of the decision that created the run: a run started later, when the
+    # conversation's previous run ends, still belongs to its own message's trace.
+    trace_context: dict[str, str] = {}
 
 
 def run_id_for(message_id: str) -> str:

@@ -9,7 +9,7 @@ from nats.aio.msg import Msg
 from services.policy import core
 from services.policy.adapters import Conversations, Runs
 from shared import messages as m
-from shared import subjects
+from shared import subjects, tracing
 from shared.bus import Bus
 from shared.metrics import ServiceMetrics
 
@@ -37,7 +37,9 @@ class Handlers:
         )
 
     async def decision(self, e: m.AgentDecision, _msg: Msg) -> str:
-        state, created = await self.runs.create(core.decide(e, self.rules, datetime.now(UTC)))
+        decided = core.decide(e, self.rules, datetime.now(UTC))
+        decided.trace_context = tracing.carrier()
+        state, created = await self.runs.create(decided)
         if created:
             self.verdicts.labels(state.verdict).inc()
         # A redelivered decision admits the same run again; what it emits is deduplicated.
@@ -98,7 +100,9 @@ class Handlers:
     async def _start(self, state: core.RunState, conv: core.ConvState) -> None:
         # ``conv`` is the record that gave this run the slot; it is read again before marking.
         """Emit the run's verdict and task (or reply), then record that it started."""
-        await self._emit(state)
+        # Started by the previous run's end, it still continues its own message's trace.
+        with tracing.resumed(state.trace_context, "policy start run"):
+            await self._emit(state)
         latest, revision = await self.conversations.get(conv.conversation_id)
         if latest.active == state.run_id and not latest.started:
             await self.conversations.put(core.mark_started(latest), revision)

@@ -303,3 +303,40 @@ def test_a_clients_trace_context_is_linked_never_continued(
         assert roots[mid] is not None and roots[mid].links == ()
     # Four messages, four traces.
     assert len({r.trace_id for r in roots.values() if r is not None}) == 4
+
+
+def test_a_queued_message_keeps_its_own_trace_when_its_run_starts_later(
+    traced: Pipeline, collector: Collector
+) -> None:
+    # The first answer streams for a while, so the second message waits behind it (I6).
+    traced.model.update_settings(tokens_per_second=40, words_per_reply=30)
+    first, cid = _submit(traced)
+    h = {"Authorization": f"Bearer {traced.token('acme', 'ada')}"}
+    r = httpx.post(
+        f"{traced.gateway}/api/chat",
+        json={"content": "And a second question?", "conversation_id": cid},
+        headers=h,
+        timeout=10,
+    )
+    assert r.status_code == 202, r.text
+    second = r.json()["message"]["id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = httpx.get(f"{traced.gateway}/api/conversations/{cid}/messages", headers=h).json()
+        if sum(m["role"] == "assistant" for m in got["messages"]) == 2:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"two answers expected\n{traced.log_tail()}")
+    traces = {}
+    for mid in (first, second):
+        spans = _wait_trace(collector, mid, _complete)
+        by_id = {s.span_id: s for s in spans}
+        executor = _consumer(spans, "executor")  # exactly one executor hop per trace
+        assert executor.attributes["baton.message_id"] == mid
+        assert _consumer(spans, "policy-decisions") in _ancestors(executor, by_id)
+        traces[mid] = spans[0].trace_id
+    assert traces[first] != traces[second]
+    # The second run was started by the end of the first: that cause is a link, not a parent.
+    started = [s for s in collector.trace(traces[second]) if s.name == "policy start run"]
+    assert any(traces[first] in s.links for s in started), started
