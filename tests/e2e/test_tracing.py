@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import os
 import threading
 import time
 import uuid
@@ -55,7 +56,7 @@ def _value(v: Any) -> Any:
 class Collector:
     """An OTLP/HTTP trace receiver on 127.0.0.1 that keeps every span it is sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.spans: list[Span] = []
         self.requests = 0
         self.lock = threading.Lock()
@@ -79,7 +80,7 @@ class Collector:
             def log_message(self, *args: Any) -> None:
                 return None
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -340,3 +341,26 @@ def test_a_queued_message_keeps_its_own_trace_when_its_run_starts_later(
     # The second run was started by the end of the first: that cause is a link, not a parent.
     started = [s for s in collector.trace(traces[second]) if s.name == "policy start run"]
     assert any(traces[first] in s.links for s in started), started
+
+
+def test_without_an_otlp_endpoint_nothing_is_exported(
+    nats_server: NatsServer, database_url: str, tmp_path: Path
+) -> None:
+    if any(k.startswith("OTEL_EXPORTER_OTLP") for k in os.environ):
+        pytest.skip("this run exports traces on purpose (OTEL_EXPORTER_OTLP_* is set)")
+    # Listen where an exporter with no endpoint would send by default (localhost:4318).
+    try:
+        collector = Collector(port=4318)
+    except OSError:
+        pytest.skip("port 4318 is in use here")
+    collector.thread.start()
+    try:
+        fast = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
+        with _running(nats_server.url, database_url, tmp_path / "logs", extra=fast) as p:
+            _, cid = _submit(p)
+            _wait_answer(p, cid)
+            time.sleep(1.0)  # several export intervals of a batch processor set to 100 ms
+    finally:
+        collector.server.shutdown()
+        collector.server.server_close()
+    assert collector.requests == 0
