@@ -145,6 +145,8 @@ def parse(data: bytes, source: str = "policy file") -> Book:
         raise PolicyFileError(f"{source}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise PolicyFileError(f"{source}: invalid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses per nesting level
+        raise PolicyFileError(f"{source}: invalid TOML: nested too deeply") from exc
     try:
         top = msgspec.convert(raw, PolicyFile, strict=True)
     except msgspec.ValidationError as exc:
@@ -246,20 +248,24 @@ def to_rules(p: ProjectPolicy, tiers: dict[str, Tier]) -> Rules:
     )
 
 
-_PATH_RE = re.compile(r"at `\$((?:\.[A-Za-z0-9_-]+|\[\d+\])*)`")
+_PATH_RE = re.compile(r"at `\$((?:\.[A-Za-z0-9_-]+|\[[^\]`]*\])*)`")
 
 
 def _where(text: str, table: str, exc: msgspec.ValidationError) -> str:
     """The validation message with the dotted key and, when found, its line in the file."""
     message = str(exc)
     match = _PATH_RE.search(message)
-    if match is None:
+    path = "" if match is None else re.sub(r"\[[^\]]*\]", "", match.group(1))
+    keys = [k for k in path.split(".") if k]
+    unknown = re.search(r"unknown field `([^`]+)`", message)
+    if unknown is not None:
+        keys.append(unknown.group(1))
+    elif match is None:
         return message
-    keys = [k for k in match.group(1).split(".") if k and not k.startswith("[")]
     dotted = ".".join([table, *keys] if table else keys)
     line = _line_of(text, dotted)
     where = f"key {dotted!r}" + (f" (line {line})" if line else "")
-    return f"{where}: {message[: match.start()].rstrip(' -')}"
+    return f"{where}: {message[: match.start() if match else None].rstrip(' -')}"
 
 
 def _line_of(text: str, dotted: str) -> int | None:
