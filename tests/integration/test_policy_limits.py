@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -234,3 +238,15 @@ async def test_the_rate_limit_holds_across_two_replicas_and_tells_when_to_retry(
     assert window.full and len(window.ids) == 5
     for bus in (a, b):
         await bus.close()
+
+
+def test_policy_refuses_to_start_with_a_bad_file_naming_key_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.toml"
+    bad.write_text("[defaults.caps]\nproject_daily_tokens = -5\n")
+    env = {**os.environ, "BATON_POLICY_FILE": str(bad), "BATON_NATS_URL": "nats://127.0.0.1:1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.policy"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert b"'defaults.caps.project_daily_tokens' (line 2)" in done.stderr
+    assert b"Traceback" not in done.stderr
