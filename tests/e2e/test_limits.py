@@ -93,6 +93,8 @@ async def _burst(r: Replicated, cap: int) -> None:
     try:
         await _wait_for(db, "SELECT count(*) FROM messages WHERE role = 'assistant'", 200)
         await _wait_for(db, "SELECT count(*) FROM runs WHERE status_rank = 3", 200)
+        # Verdicts are stored by their own consumer: the reply can be stored before them.
+        await _wait_for(db, "SELECT count(*) FROM runs WHERE verdict <> ''", 200)
         rows = await db.fetch("SELECT * FROM runs WHERE project_id = 'burst'")
         approved = [x for x in rows if x["verdict"] != "stop"]
         stopped = [x for x in rows if x["verdict"] == "stop"]
@@ -103,11 +105,6 @@ async def _burst(r: Replicated, cap: int) -> None:
         refusals = await db.fetch(
             "SELECT content FROM messages WHERE kind = 'refusal' AND project_id = 'burst'"
         )
-        odd = await db.fetch(
-            "SELECT r.*, m.kind, m.content FROM runs r JOIN messages m ON m.run_id = r.run_id"
-            " WHERE m.role = 'assistant' AND (m.kind = 'refusal') <> (r.verdict = 'stop')"
-        )
-        print("ODD", [dict(x) for x in odd])
         kinds = dict(
             await db.fetch(
                 "SELECT kind, count(*) FROM messages WHERE role = 'assistant' GROUP BY kind"
@@ -168,6 +165,8 @@ async def _rate(r: Replicated) -> None:
                     await asyncio.sleep(1.5)
         accepted = statuses.count(202)
         await _wait_for(db, "SELECT count(*) FROM messages WHERE role = 'assistant'", accepted, 60)
+        verdicts = "SELECT count(*) FROM runs WHERE user_id = 'chatty' AND verdict <> ''"
+        await _wait_for(db, verdicts, accepted, 60)
         rows = await db.fetch("SELECT verdict, reason FROM runs WHERE user_id = 'chatty'")
     finally:
         await db.close()
