@@ -250,3 +250,73 @@ def test_policy_refuses_to_start_with_a_bad_file_naming_key_and_line(tmp_path: P
     assert done.returncode == 2
     assert b"'defaults.caps.project_daily_tokens' (line 2)" in done.stderr
     assert b"Traceback" not in done.stderr
+
+
+async def test_runs_in_flight_past_the_limit_are_refused_and_a_finished_run_frees_its_slot(
+    infra: Infra,
+) -> None:
+    rules = _rules(m.Limits(max_concurrent_runs=2))
+    bus, _, consumers = await _replica(infra, rules)
+    first = [_decision() for _ in range(3)]
+    p = "p1"
+    async with running(*consumers):
+        for d in first:
+            await bus.publish(subjects.agent_decision(p, d.conversation_id), d, msg_id=d.event_id)
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask
+        )
+        [refusal] = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
+        )
+        assert len(tasks) == 2 and "2 answers in progress" in refusal.text
+        done = tasks[0]
+        await bus.publish(
+            subjects.persisted_assistant(p, done.conversation_id),
+            _persisted(done, 100),
+            msg_id=done.run_id,
+        )
+
+        async def one_slot_left() -> bool:
+            return len((await _counter(bus, subjects.active_key(p))).open) == 1
+
+        await eventually(one_slot_left)
+        late = _decision()
+        await bus.publish(
+            subjects.agent_decision(p, late.conversation_id), late, msg_id=late.event_id
+        )
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 3), m.ExecTask
+        )
+    assert core.run_id_for(late.message_id) in {t.run_id for t in tasks}
+    await bus.close()
+
+
+async def test_past_the_downgrade_fraction_runs_are_answered_by_the_cheaper_model(
+    infra: Infra,
+) -> None:
+    rules = msgspec.structs.replace(
+        _rules(m.Limits(project_daily_tokens=10 * PER_RUN)),
+        downgrade_at=0.1,
+        downgrade_model="claude-haiku-4-5",
+    )
+    bus, _, consumers = await _replica(infra, rules)
+    async with running(*consumers):
+        for n in (1, 2):
+            d = _decision()
+            await bus.publish(
+                subjects.agent_decision("p1", d.conversation_id), d, msg_id=d.event_id
+            )
+            tasks = decode_all(
+                await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", n), m.ExecTask
+            )
+        verdicts = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.verdict.>", 2), m.RunVerdict
+        )
+    assert [t.model for t in tasks] == ["claude-sonnet-4-6", "claude-haiku-4-5"]
+    assert tasks[1].prices == core.DEFAULT_PRICES["claude-haiku-4-5"]
+    by_run = {v.run_id: v for v in verdicts}
+    second = by_run[tasks[1].run_id]
+    assert second.verdict == "downgrade" and "past 10%" in second.reason
+    assert second.limits is not None and second.limits.project_tokens_used == PER_RUN
+    assert second.reserved_tokens == PER_RUN
+    await bus.close()
