@@ -176,3 +176,53 @@ async def _rate(r: Replicated) -> None:
     assert all("4 messages per minute" in x["reason"] for x in refused) and len(refused) >= 2
     assert statuses[:6] == [202] * 6 and statuses[6:] == [429] * 4  # then the early 429s
     assert all(1 <= s <= 60 for s in retry_after)
+
+
+def _metric(url: str, line: str) -> float:
+    for row in httpx.get(url, timeout=2).text.splitlines():
+        if row.startswith(line + " "):
+            return float(row.split()[-1])
+    return 0.0
+
+
+def test_a_changed_policy_file_applies_without_restart_and_a_bad_change_is_rejected(
+    nats_server: NatsServer, database_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text("[defaults]\n")
+    logs = tmp_path / "logs"
+    with _running(nats_server.url, database_url, logs, extra={"BATON_POLICY_FILE": str(path)}) as p:
+        metrics = f"http://127.0.0.1:{p.child('policy').env['BATON_METRICS_PORT']}/metrics"
+        auth = {"Authorization": f"Bearer {p.token('reload', 'u1')}"}
+
+        def reply(n: int) -> str:
+            resp = httpx.post(
+                f"{p.gateway}/api/chat", json={"content": f"What is NATS? ({n})"}, headers=auth
+            )
+            assert resp.status_code == 202
+            cid = resp.json()["message"]["conversation_id"]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                got = httpx.get(f"{p.gateway}/api/conversations/{cid}/messages", headers=auth)
+                messages = got.json()["messages"] if got.status_code == 200 else []
+                kinds = [x["kind"] for x in messages if x["role"] == "assistant"]
+                if kinds:
+                    return str(kinds[0])
+                time.sleep(0.2)
+            raise AssertionError("no reply")
+
+        def wait_metric(line: str, value: float) -> None:
+            deadline = time.monotonic() + 30
+            while _metric(metrics, line) < value:
+                assert time.monotonic() < deadline, line
+                time.sleep(0.2)
+
+        assert reply(1) == "answer"
+        everything = '["question", "code", "creative", "greeting", "other"]'
+        path.write_text(f"[defaults]\ndisallowed_intents = {everything}\n")
+        wait_metric('baton_policy_file_reloads_total{outcome="applied"}', 1)
+        assert reply(2) == "refusal"
+        path.write_text("[defaults]\ndisallowed_intents = 42\n")
+        wait_metric('baton_policy_file_reloads_total{outcome="rejected"}', 1)
+        assert reply(3) == "refusal"  # the previous rules stay in force
+        assert "policy file rejected" in (logs / "policy.log").read_text()
