@@ -301,13 +301,17 @@ class RateGate:
             if now - checked < self.cache_s:
                 return None
         until = 0.0
-        for window in ratelimit.WINDOWS:
-            try:
-                entry = await self.kv.get(ratelimit.key(window, now, project, user))
-                w = ratelimit.decoder.decode(entry.value or b"")
-            except nats.js.errors.KeyNotFoundError:
+        keys = [ratelimit.key(window, now, project, user) for window in ratelimit.WINDOWS]
+        # Both windows in one round trip.
+        entries = await asyncio.gather(*(self.kv.get(k) for k in keys), return_exceptions=True)
+        for entry in entries:
+            if isinstance(entry, nats.js.errors.KeyNotFoundError):
                 continue
-            except Exception:
+            try:
+                if isinstance(entry, BaseException):
+                    raise entry
+                w = ratelimit.decoder.decode(entry.value or b"")
+            except Exception:  # fail open: policy is authoritative
                 return None
             if w.full:
                 until = max(until, float(w.start + w.length))

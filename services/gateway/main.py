@@ -150,11 +150,12 @@ async def amain() -> None:
     hub = Hub(bus, settings.sse_queue_size, log)
     await hub.start()
     tokens = TokenLog(bus, settings.publish_timeout_s)
-    try:
-        limits_kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
-    except Exception:
-        log.warning("no limits bucket; early 429s are off", bucket=subjects.BUCKET_LIMITS)
-        limits_kv = None
+    limits_kv = None
+    if settings.rate_gate:
+        try:
+            limits_kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
+        except Exception:  # no bucket (old provisioning): policy alone limits
+            log.warning("no limits bucket; early 429s are off", bucket=subjects.BUCKET_LIMITS)
     gate = None if limits_kv is None else RateGate(limits_kv, settings.rate_cache_s)
     api = Api(
         settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens, gate

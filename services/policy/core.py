@@ -91,6 +91,11 @@ class RunState(msgspec.Struct, kw_only=True):
     limits: m.LimitsSnapshot | None = None
 
 
+def has_limits(rules: Rules) -> bool:
+    """Whether any counted limit applies (without one, a decision touches no counter)."""
+    return any(v is not None for v in msgspec.structs.astuple(rules.limits))
+
+
 def run_id_for(message_id: str) -> str:
     """One run per user message, so a second trigger for the message finds the first run."""
     return f"run-{message_id}"

@@ -64,13 +64,15 @@ class Handlers:
         return self.rules if self.book is None else self.book.rules_for(project)
 
     async def decision(self, e: m.AgentDecision, _msg: Msg) -> str:
-        existing = await self.runs.find(core.run_id_for(e.message_id))
-        if existing is not None:
-            # Decided before: never count or reserve again, only finish admitting it.
-            return f"existing:{await self._admit(existing)}"
         rules, now = self.rules_for(e.project_id), datetime.now(UTC)
+        limited = self.limiter is not None and core.has_limits(rules)
+        if limited:
+            existing = await self.runs.find(core.run_id_for(e.message_id))
+            if existing is not None:
+                # Decided before: never count or reserve again, only finish admitting it.
+                return f"existing:{await self._admit(existing)}"
         proposed = core.decide(e, rules, now)
-        if self.limiter is not None:
+        if limited:
             proposed = await self._limit(proposed, rules, now)
         state, created = await self.runs.create(proposed)
         if created:
