@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 import msgspec
@@ -147,7 +148,9 @@ class Handlers:
         r = state.reservation
         if r is None or r.settled or self.limiter is None:
             return None
-        tokens = budget.total_tokens(usage)
+        # Counters must never be poisoned: negative or non-finite usage counts as nothing.
+        tokens = max(0, budget.total_tokens(usage))
+        cost_usd = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
         if await self.limiter.settle(state.run_id, r, tokens, cost_usd):
             self.settled_tokens.inc(tokens)
         done = msgspec.structs.replace(

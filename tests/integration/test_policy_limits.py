@@ -320,3 +320,29 @@ async def test_past_the_downgrade_fraction_runs_are_answered_by_the_cheaper_mode
     assert second.limits is not None and second.limits.project_tokens_used == PER_RUN
     assert second.reserved_tokens == PER_RUN
     await bus.close()
+
+
+async def test_a_hostile_usage_report_cannot_lower_the_days_counters(infra: Infra) -> None:
+    rules = _rules(m.Limits(project_daily_tokens=10 * PER_RUN))
+    bus, _, consumers = await _replica(infra, rules)
+    d = _decision()
+    async with running(*consumers):
+        await bus.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id="d")
+        [task] = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )
+        hostile = msgspec.structs.replace(
+            _persisted(task, 100), usage=m.Usage(input_tokens=-(10**12)), cost_usd=-5.0
+        )
+        await bus.publish(
+            subjects.persisted_assistant("p1", task.conversation_id), hostile, msg_id="h"
+        )
+        key = subjects.budget_key(budget.day_of(datetime.now(UTC)), "p1")
+
+        async def settled() -> budget.Counter | None:
+            c = await _counter(bus, key)
+            return c if c.settled_runs == 1 else None
+
+        c = await eventually(settled)
+    assert (c.settled_tokens, c.settled_cost_usd, c.open) == (0, 0.0, {})
+    await bus.close()
