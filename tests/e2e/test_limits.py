@@ -130,6 +130,23 @@ async def _burst(r: Replicated, cap: int) -> None:
     snapshot = msgspec.json.decode(stopped[0]["limits"])
     assert snapshot["limits"]["project_daily_tokens"] == cap
     assert snapshot["project_tokens_used"] + PER_RUN > cap
+    # The verdict record as clients see it.
+    async with httpx.AsyncClient(timeout=10) as client:
+        for row, verdict in ((stopped[0], "stop"), (approved[0], approved[0]["verdict"])):
+            url = f"{r.gateways[1]}/api/conversations/{row['conversation_id']}/state"
+            [run] = (await client.get(url, headers=auth)).json()["runs"]
+            assert run["verdict"] == verdict and run["reason"] == row["reason"]
+            assert run["limits"]["limits"]["project_daily_tokens"] == cap
+            if verdict == "stop":
+                assert run["reserved_tokens"] == 0 and run["actual_tokens"] == 0
+            else:
+                assert run["reserved_tokens"] == PER_RUN
+                assert (
+                    0
+                    < run["actual_tokens"]
+                    == sum(v for k, v in run["usage"].items() if k.endswith("_tokens"))
+                )
+                assert run["model"] and run["executor"] in ("chat", "code")
 
 
 def test_the_rate_limit_holds_with_two_gateways_and_two_policies_and_429_says_when(
