@@ -151,6 +151,14 @@ def plan(
         )
     base = Plan(fits=True, model=chosen, downgraded=downgraded, estimate=est, snapshot=snapshot)
     scope = exhausted(limits, project, user, est)
+    if scope and downgrade_at is not None and cheaper in prices and cheaper != chosen:
+        # A cost cap the model does not fit under may still fit the cheaper tier.
+        assert cheaper is not None
+        cheap = estimate(input_tokens, max_tokens, prices[cheaper])
+        if not exhausted(limits, project, user, cheap):
+            return Plan(
+                fits=True, model=cheaper, downgraded=True, estimate=cheap, snapshot=snapshot
+            )
     if scope:
         return msgspec.structs.replace(base, fits=False, scope=scope)
     if limits.max_concurrent_runs is not None and active >= limits.max_concurrent_runs:

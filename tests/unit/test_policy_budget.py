@@ -139,3 +139,13 @@ def test_refusals_say_why_and_when_the_limit_resets() -> None:
     _, text = budget.rate_refusal("m", 20, 30, NOW)
     assert "20 per minute" in text and "21:30:30 UTC (in 30 s)" in text
     assert budget.day_of(datetime(2026, 11, 22, 23, 59, tzinfo=UTC)) == "20261122"
+
+
+def test_a_run_over_a_cost_cap_is_downgraded_when_the_cheaper_model_fits() -> None:
+    limits = m.Limits(project_daily_cost_usd=0.005)  # big costs 0.0105, small 0.0035
+    fits_cheaper = _plan(limits, Counter(), downgrade_at=0.8)
+    assert (fits_cheaper.fits, fits_cheaper.model, fits_cheaper.downgraded) == (True, "small", True)
+    without_rule = _plan(limits, Counter())
+    assert (without_rule.fits, without_rule.scope) == (False, "project_cost")
+    too_full = _plan(limits, Counter(settled_cost_usd=0.002), downgrade_at=0.8)
+    assert (too_full.fits, too_full.scope) == (False, "project_cost")
