@@ -14,7 +14,18 @@ SERVICES = ("gateway", "persister", "agent", "policy", "executor")
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from baton.up import Stack
+    from services.policy.policyfile import PolicyFileError, load
 
+    policy = args.policy or os.environ.get("BATON_POLICY_FILE", "")
+    if policy:
+        # Refused here, once, rather than by a policy process the supervisor keeps restarting.
+        try:
+            load(policy)
+        except PolicyFileError as exc:
+            print(f"baton up: {exc}", file=sys.stderr)
+            return 2
+        # Every service's environment derives from ours: policy reads it, and reloads it.
+        os.environ["BATON_POLICY_FILE"] = str(Path(policy).resolve())
     return Stack(Path(args.data_dir), args.port).run()
 
 
@@ -90,6 +101,11 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run everything on this machine")
     up.add_argument("--port", type=int, default=8000, help="gateway HTTP port (0 = any free port)")
     up.add_argument("--data-dir", default=".baton", help="where NATS, Postgres and secrets live")
+    up.add_argument(
+        "--policy",
+        default="",
+        help="policy file (TOML, docs/policy.md); default: $BATON_POLICY_FILE, else built-in rules",
+    )
     up.set_defaults(func=_cmd_up)
 
     tok = sub.add_parser("token", help="print a dev JWT for a data dir")

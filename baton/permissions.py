@@ -39,6 +39,7 @@ class Grant(msgspec.Struct, frozen=True):
     listens: tuple[str, ...] = ()  # core subscriptions
     reads_streams: tuple[str, ...] = ()  # get a stored message by sequence
     buckets: tuple[str, ...] = ()
+    reads_buckets: tuple[str, ...] = ()  # get only: no put, create or update
 
 
 GRANTS: dict[str, Grant] = {
@@ -48,6 +49,8 @@ GRANTS: dict[str, Grant] = {
         # A duplicate submit answers with the original message, read back by its sequence;
         # a resuming SSE client gets the tokens it missed, read back the same way.
         reads_streams=(subjects.STREAM_CHAT_IN, subjects.STREAM_TOKENS),
+        # An early 429 reads the rate windows policy keeps; policy alone writes them.
+        reads_buckets=(subjects.BUCKET_LIMITS,),
     ),
     "persister": Grant(
         publishes=(subjects.persisted_user(*ANY), subjects.persisted_assistant(*ANY)),
@@ -67,7 +70,7 @@ GRANTS: dict[str, Grant] = {
             subjects.exec_task(*ANY),  # policy alone (I5)
         ),
         consumers=(subjects.POLICY_DECISIONS, subjects.POLICY_OUTCOMES, subjects.POLICY_FAILURES),
-        buckets=(subjects.BUCKET_RUNS,),
+        buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS),
     ),
     "executor": Grant(
         publishes=(
@@ -94,10 +97,11 @@ def permissions(service: str) -> dict[str, Any]:
         ]
     for stream in grant.reads_streams:
         publish.append(f"$JS.API.STREAM.MSG.GET.{stream}")
-    for bucket in grant.buckets:
+    for bucket in (*grant.buckets, *grant.reads_buckets):
         kv = f"KV_{bucket}"
+        if bucket in grant.buckets:
+            publish.append(f"$KV.{bucket}.>")  # create and update: publishes with a revision
         publish += [
-            f"$KV.{bucket}.>",  # create and update are publishes with an expected revision
             f"$JS.API.STREAM.INFO.{kv}",  # js.key_value() looks the bucket up
             f"$JS.API.DIRECT.GET.{kv}",  # get by revision
             f"$JS.API.DIRECT.GET.{kv}.>",  # get the latest by key

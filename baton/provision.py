@@ -91,6 +91,16 @@ async def provision(
             )
         )
         done.append(f"bucket {subjects.BUCKET_RUNS} ready")
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=subjects.BUCKET_LIMITS,
+                history=1,
+                ttl=subjects.LIMITS_TTL_S,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            )
+        )
+        done.append(f"bucket {subjects.BUCKET_LIMITS} ready")
     finally:
         await nc.close()
     return done

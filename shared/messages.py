@@ -100,6 +100,32 @@ class Usage(msgspec.Struct, kw_only=True, frozen=True):
         ) / 1_000_000
 
 
+class Limits(msgspec.Struct, kw_only=True, frozen=True):
+    """A project's limits as policy applied them (None: no limit). Daily means the UTC day."""
+
+    project_daily_tokens: int | None = None
+    project_daily_cost_usd: float | None = None
+    user_daily_tokens: int | None = None
+    user_daily_cost_usd: float | None = None
+    user_messages_per_minute: int | None = None
+    user_messages_per_hour: int | None = None
+    max_concurrent_runs: int | None = None
+
+
+class LimitsSnapshot(msgspec.Struct, kw_only=True, frozen=True):
+    """The limits a verdict was checked against and what was used of them at that moment."""
+
+    limits: Limits = Limits()
+    day: str = ""  # the UTC day (YYYY-MM-DD) whose budgets were counted
+    project_tokens_used: int = 0  # reserved + settled before this run
+    project_cost_used_usd: float = 0.0
+    user_tokens_used: int = 0
+    user_cost_used_usd: float = 0.0
+    concurrent_runs: int = 0
+    user_messages_minute: int = 0
+    user_messages_hour: int = 0
+
+
 class RunVerdict(Event, kw_only=True, frozen=True):
     """Published by policy on policy.verdict: every verdict and status change of a run."""
 
@@ -112,6 +138,9 @@ class RunVerdict(Event, kw_only=True, frozen=True):
     executor: str = ""
     attempt: int = 0
     estimated_tokens: int = 0
+    limits: LimitsSnapshot | None = None
+    reserved_tokens: int = 0
+    reserved_cost_usd: float = 0.0
 
 
 class ExecTask(Event, kw_only=True, frozen=True):
@@ -174,7 +203,8 @@ class AssistantMessagePersisted(Event, kw_only=True, frozen=True):
     content: str
     created_at: datetime
     status: RunStatus
-    usage: Usage = Usage()
+    usage: Usage = Usage()  # every attempt of the run, failed and cut ones included
+    cost_usd: float = 0.0  # of ``usage``, at each call's own prices
 
 
 class TokenDelta(msgspec.Struct, kw_only=True, frozen=True):

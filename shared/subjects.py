@@ -149,3 +149,22 @@ STREAMS: tuple[StreamSpec, ...] = (
 
 # ---- key-value buckets ---------------------------------------------------------------------
 BUCKET_RUNS = "baton_runs"
+# Budgets, concurrency and rate counters, changed by compare-and-set (policy writes; the gateway
+# only reads the rate windows for an early 429). Keys name the UTC day or window they count.
+BUCKET_LIMITS = "baton_limits"
+LIMITS_TTL_S = 3 * 24 * 3600.0  # a day's counters outlive the day (late settlements land)
+
+
+def budget_key(day: str, project: str, user: str | None = None) -> str:
+    """The counter of one UTC day (``YYYYMMDD``) for a project, or for one user in it."""
+    return f"budget.{day}.p.{project}" if user is None else f"budget.{day}.u.{project}.{user}"
+
+
+def active_key(project: str) -> str:
+    """The project's runs in flight (approved, not yet finished)."""
+    return f"active.{project}"
+
+
+def rate_key(window: str, start: int, project: str, user: str) -> str:
+    """A user's messages in one fixed window (``m`` minute, ``h`` hour) starting at ``start``."""
+    return f"rate.{window}.{start}.{project}.{user}"

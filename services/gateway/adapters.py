@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -15,7 +17,7 @@ from nats.aio.msg import Msg
 
 from services.gateway import core
 from shared import messages as m
-from shared import subjects
+from shared import ratelimit, subjects
 from shared.bus import Bus
 
 _accepted = msgspec.json.Decoder(m.UserMessageAccepted)
@@ -103,6 +105,7 @@ class ReadModel:
             rows = await con.fetch(
                 "SELECT r.run_id, r.message_id, r.status, r.verdict, r.reason, r.model, "
                 "r.executor, r.attempts, r.estimated_tokens, r.created_at, r.updated_at, "
+                "r.limits::text AS limits, r.reserved_tokens, r.reserved_cost_usd, "
                 "COALESCE(SUM(u.input_tokens), 0) AS input_tokens, "
                 "COALESCE(SUM(u.output_tokens), 0) AS output_tokens, "
                 "COALESCE(SUM(u.cache_read_tokens), 0) AS cache_read_tokens, "
@@ -123,6 +126,16 @@ class ReadModel:
                 "executor": r["executor"],
                 "attempts": r["attempts"],
                 "estimated_tokens": r["estimated_tokens"],
+                # The verdict record: what was reserved against which limits, and what was used.
+                "reserved_tokens": int(r["reserved_tokens"]),
+                "reserved_cost_usd": float(r["reserved_cost_usd"]),
+                "actual_tokens": int(
+                    r["input_tokens"]
+                    + r["output_tokens"]
+                    + r["cache_read_tokens"]
+                    + r["cache_write_tokens"]
+                ),
+                "limits": None if r["limits"] is None else msgspec.json.decode(r["limits"]),
                 "created_at": r["created_at"],
                 "updated_at": r["updated_at"],
                 "usage": {
@@ -260,3 +273,49 @@ def _close(q: asyncio.Queue[PushEvent | None]) -> None:
     while not q.empty():
         q.get_nowait()
     q.put_nowait(None)
+
+
+class RateGate:
+    """An early ``429`` from the rate windows policy keeps (read only; policy stays the judge).
+
+    A look at the bucket is cached per user for ``cache_s`` and a block until its window ends,
+    so the accept path costs at most two KV reads per user per ``cache_s``. Any trouble reading
+    lets the message through: policy counts it either way.
+    """
+
+    MAX_CACHED = 100_000
+
+    def __init__(self, kv: Any, cache_s: float = 1.0) -> None:
+        self.kv = kv
+        self.cache_s = cache_s
+        self.seen: dict[tuple[str, str], tuple[float, float]] = {}  # → (checked at, blocked until)
+
+    async def retry_after(self, project: str, user: str) -> int | None:
+        """Seconds until the user may send again, or None when not (known to be) over a limit."""
+        now = time.time()
+        hit = self.seen.get((project, user))
+        if hit is not None:
+            checked, until = hit
+            if until > now:
+                return max(1, math.ceil(until - now))
+            if now - checked < self.cache_s:
+                return None
+        until = 0.0
+        keys = [ratelimit.key(window, now, project, user) for window in ratelimit.WINDOWS]
+        # Both windows in one round trip.
+        entries = await asyncio.gather(*(self.kv.get(k) for k in keys), return_exceptions=True)
+        for entry in entries:
+            if isinstance(entry, nats.js.errors.KeyNotFoundError):
+                continue
+            try:
+                if isinstance(entry, BaseException):
+                    raise entry
+                w = ratelimit.decoder.decode(entry.value or b"")
+            except Exception:  # fail open: policy is authoritative
+                return None
+            if w.full:
+                until = max(until, float(w.start + w.length))
+        if len(self.seen) >= self.MAX_CACHED:
+            self.seen.clear()
+        self.seen[(project, user)] = (now, until)
+        return max(1, math.ceil(until - now)) if until > now else None

@@ -15,7 +15,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from opentelemetry import trace
 
 from services.gateway import core
-from services.gateway.adapters import Hub, Publisher, PushEvent, ReadModel, TokenLog
+from services.gateway.adapters import Hub, Publisher, PushEvent, RateGate, ReadModel, TokenLog
 from services.gateway.config import Settings
 from shared import messages as m
 from shared import tracing
@@ -34,8 +34,13 @@ class Api:
         hub: Hub,
         metrics: ServiceMetrics,
         tokens: TokenLog,
+        rate_gate: RateGate | None = None,
     ) -> None:
         self.settings = settings
+        self.rate_gate = rate_gate
+        self.rate_limited = metrics.counter(
+            "rate_limited_total", "Submits answered 429 early: the user was over a rate limit."
+        )
         self.publisher = publisher
         self.reads = reads
         self.hub = hub
@@ -87,6 +92,17 @@ class Api:
             stored = await self._stored(message_id)
             if stored is not None:
                 return self._duplicate(stored, digest)
+        # After the duplicate check: a retried submit gets its original, not a 429.
+        if self.rate_gate is not None:
+            retry = await self.rate_gate.retry_after(p.project, p.user)
+            if retry is not None:
+                self.rate_limited.inc()
+                raise core.ApiError(
+                    429,
+                    "rate_limited",
+                    f"too many messages; retry in {retry} s",
+                    {"Retry-After": str(retry)},
+                )
         event = m.UserMessageAccepted(
             event_id=message_id,
             message_id=message_id,

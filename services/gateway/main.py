@@ -14,9 +14,9 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
 from services.gateway import config, core
-from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
+from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, TokenLog
 from services.gateway.handlers import Api, routes
-from shared import runtime
+from shared import runtime, subjects
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
 from shared.errors import ConfigError
@@ -150,7 +150,16 @@ async def amain() -> None:
     hub = Hub(bus, settings.sse_queue_size, log)
     await hub.start()
     tokens = TokenLog(bus, settings.publish_timeout_s)
-    api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens)
+    limits_kv = None
+    if settings.rate_gate:
+        try:
+            limits_kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
+        except Exception:  # no bucket (old provisioning): policy alone limits
+            log.warning("no limits bucket; early 429s are off", bucket=subjects.BUCKET_LIMITS)
+    gate = None if limits_kv is None else RateGate(limits_kv, settings.rate_cache_s)
+    api = Api(
+        settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens, gate
+    )
     app = HttpMetrics(build_app(api, bus, reads, settings), metrics)
     server = GatewayServer(
         uvicorn.Config(

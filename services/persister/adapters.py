@@ -33,14 +33,17 @@ class StoredReply(msgspec.Struct, frozen=True):
     content: str
     created_at: datetime
     inserted: bool
+    usage: m.Usage = m.Usage()  # every call of the run so far, failed and cut ones included
+    cost_usd: float = 0.0
 
 
 UPSERT_RUN = """
 INSERT INTO runs (run_id, message_id, conversation_id, project_id, user_id, status, status_rank,
                   verdict, reason, model, executor, attempts, estimated_tokens,
-                  verdict_rank, verdict_attempt)
+                  verdict_rank, verdict_attempt, limits, reserved_tokens, reserved_cost_usd)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-        CASE WHEN $8 <> '' THEN $7 ELSE 0 END, CASE WHEN $8 <> '' THEN $12 ELSE 0 END)
+        CASE WHEN $8 <> '' THEN $7 ELSE 0 END, CASE WHEN $8 <> '' THEN $12 ELSE 0 END,
+        $14::jsonb, $15, $16)
 ON CONFLICT (run_id) DO UPDATE SET
     -- Statuses only move forward, and a final status is never replaced by another.
     status = CASE WHEN EXCLUDED.status_rank > runs.status_rank
@@ -59,6 +62,9 @@ ON CONFLICT (run_id) DO UPDATE SET
                            ELSE runs.verdict_attempt END,
     attempts = GREATEST(runs.attempts, EXCLUDED.attempts),
     estimated_tokens = GREATEST(runs.estimated_tokens, EXCLUDED.estimated_tokens),
+    limits = COALESCE(EXCLUDED.limits, runs.limits),
+    reserved_tokens = GREATEST(runs.reserved_tokens, EXCLUDED.reserved_tokens),
+    reserved_cost_usd = GREATEST(runs.reserved_cost_usd, EXCLUDED.reserved_cost_usd),
     updated_at = now()
 """.replace(
     "{newer}",
@@ -113,6 +119,15 @@ ORDER BY n
 SELECT_REPLY = """
 SELECT id, conversation_id, project_id, user_id, reply_to, kind, content, created_at
 FROM messages WHERE run_id = $1 AND role = 'assistant'
+"""
+
+RUN_USAGE = """
+SELECT COALESCE(SUM(input_tokens), 0) AS input_tokens,
+       COALESCE(SUM(output_tokens), 0) AS output_tokens,
+       COALESCE(SUM(cache_read_tokens), 0) AS cache_read_tokens,
+       COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens,
+       COALESCE(SUM(cost_usd), 0) AS cost_usd
+FROM usage WHERE run_id = $1
 """
 
 INSERT_USAGE = """
@@ -231,6 +246,9 @@ class Store:
                 executor=v.executor,
                 attempts=v.attempt,
                 estimated=v.estimated_tokens,
+                limits=None if v.limits is None else m.encode(v.limits).decode(),
+                reserved_tokens=v.reserved_tokens,
+                reserved_cost_usd=v.reserved_cost_usd,
             )
 
     async def store_result(self, r: m.ExecResult) -> StoredReply:
@@ -256,7 +274,7 @@ class Store:
                 model=r.model,
                 attempts=r.attempt,
             )
-            return stored
+            return await self._with_run_usage(con, stored, r.run_id)
 
     async def store_failed_usage(self, f: m.ExecFailed) -> None:
         """A failed or cut call still used tokens; they are counted once, like any other call."""
@@ -283,7 +301,18 @@ class Store:
                 p.user_id,
                 p.status,
             )
-            return stored
+            return await self._with_run_usage(con, stored, p.run_id)
+
+    async def _with_run_usage(self, con: Any, stored: StoredReply, run_id: str) -> StoredReply:
+        """The reply with the usage of all its run's calls (what policy settles the budget with)."""
+        row = await con.fetchrow(RUN_USAGE, run_id)
+        usage = m.Usage(
+            input_tokens=int(row["input_tokens"]),
+            output_tokens=int(row["output_tokens"]),
+            cache_read_tokens=int(row["cache_read_tokens"]),
+            cache_write_tokens=int(row["cache_write_tokens"]),
+        )
+        return msgspec.structs.replace(stored, usage=usage, cost_usd=float(row["cost_usd"]))
 
     async def _owner(self, con: Any, message_id: str) -> str:
         user = await con.fetchval(
@@ -368,6 +397,9 @@ class Store:
         executor: str = "",
         attempts: int = 0,
         estimated: int = 0,
+        limits: str | None = None,
+        reserved_tokens: int = 0,
+        reserved_cost_usd: float = 0.0,
     ) -> None:
         await con.execute(
             UPSERT_RUN,
@@ -384,4 +416,7 @@ class Store:
             executor,
             attempts,
             estimated,
+            limits,
+            reserved_tokens,
+            reserved_cost_usd,
         )

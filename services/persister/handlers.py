@@ -56,19 +56,20 @@ class Handlers:
 
     async def result(self, r: m.ExecResult, _msg: Msg) -> str:
         stored = await self.store.store_result(r)
-        await self._announce(stored, r.run_id, r.event_id, r.usage)
+        await self._announce(stored, r.run_id, r.event_id)
         return "inserted" if stored.inserted else "duplicate"
 
     async def reply(self, p: m.PolicyReply, _msg: Msg) -> str:
         stored = await self.store.store_reply(p)
-        await self._announce(stored, p.run_id, p.event_id, m.Usage())
+        await self._announce(stored, p.run_id, p.event_id)
         return "inserted" if stored.inserted else "duplicate"
 
     async def failed_usage(self, f: m.ExecFailed, _msg: Msg) -> str:
         await self.store.store_failed_usage(f)
         return f.error_class
 
-    async def _announce(self, stored: StoredReply, run_id: str, cause: str, usage: m.Usage) -> None:
+    async def _announce(self, stored: StoredReply, run_id: str, cause: str) -> None:
+        # The usage of every call of the run (failed attempts too): what policy settles with.
         event = m.AssistantMessagePersisted(
             event_id=core.persisted_event_id(run_id),
             message_id=str(stored.id),
@@ -81,7 +82,8 @@ class Handlers:
             content=stored.content,
             created_at=stored.created_at,
             status=core.REPLY_STATUS[stored.kind],
-            usage=usage,
+            usage=stored.usage,
+            cost_usd=stored.cost_usd,
         )
         await self.bus.publish(
             subjects.persisted_assistant(stored.project_id, str(stored.conversation_id)),

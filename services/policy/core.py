@@ -14,6 +14,9 @@ CLARIFY_TEXT = (
     "right question."
 )
 REFUSAL_TEXT = "I can't help with that request."
+DISALLOWED_TEXT = (
+    "I can't help with that request: this project does not allow this kind of request."
+)
 FAILURE_TEXT = (
     "Sorry — I could not produce an answer this time ({error_class}). Your message is saved; "
     "please try again in a moment."
@@ -34,12 +37,33 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = 3
     max_output_tokens: int = 4096
     run_deadline_s: float = 300.0
+    double_texting: Literal["enqueue", "reject", "interrupt"] = "enqueue"
+    retry_backoff_s: tuple[float, ...] = (1.0, 4.0)
+    fallback_model: str | None = None
+    # Limits (the policy file; docs/policy.md): daily caps, rates, runs in flight.
+    limits: m.Limits = m.Limits()
+    disallowed_intents: frozenset[str] = frozenset()
+    clarify_ambiguous: bool = True
+    estimated_input_tokens: int = 1000  # input allowance of a reservation (output: max_tokens)
+    downgrade_at: float | None = None  # fraction of a daily cap past which ...
+    downgrade_model: str | None = None  # ... this cheaper model answers
 
 
 DEFAULT_PRICES: dict[str, m.Prices] = {
     "claude-sonnet-4-6": m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
     "claude-haiku-4-5": m.Prices(input=1.0, output=5.0, cache_read=0.1, cache_write=1.25),
 }
+
+
+class Reservation(msgspec.Struct, kw_only=True, frozen=True):
+    """What a run holds in the limits bucket, so settling it happens once (by run id)."""
+
+    keys: tuple[str, ...]  # the counters holding it (day budgets, runs in flight)
+    tokens: int = 0
+    cost_usd: float = 0.0
+    settled: bool = False
+    actual_tokens: int = 0
+    actual_cost_usd: float = 0.0
 
 
 class RunState(msgspec.Struct, kw_only=True):
@@ -66,6 +90,13 @@ class RunState(msgspec.Struct, kw_only=True):
     # The W3C context of the decision that created the run: a run started later, when the
     # conversation's previous run ends, still belongs to its own message's trace.
     trace_context: dict[str, str] = {}
+    reservation: Reservation | None = None
+    limits: m.LimitsSnapshot | None = None
+
+
+def has_limits(rules: Rules) -> bool:
+    """Whether any counted limit applies (without one, a decision touches no counter)."""
+    return any(v is not None for v in msgspec.structs.astuple(rules.limits))
 
 
 def run_id_for(message_id: str) -> str:
@@ -97,7 +128,9 @@ def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
             reply_kind="refusal",
             reply_text=REFUSAL_TEXT,
         )
-    if d.action == "clarify" or d.ambiguous:
+    if d.intent in rules.disallowed_intents:
+        return stop(base, f"intent {d.intent} is not allowed in this project", DISALLOWED_TEXT)
+    if d.action == "clarify" or (d.ambiguous and rules.clarify_ambiguous):
         return msgspec.structs.replace(
             base,
             status="clarified",
@@ -110,6 +143,8 @@ def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
     reasons = [f"intent={d.intent} complexity={d.complexity}"]
     executor: m.Executor = d.executor
     if executor not in rules.allowed_executors:
+        if rules.default_executor not in rules.allowed_executors:
+            return stop(base, f"executor {d.executor} is not allowed", DISALLOWED_TEXT)
         executor, verdict = rules.default_executor, "override"
         reasons.append(f"executor {d.executor} not allowed; using {executor}")
     model = rules.default_model
@@ -127,6 +162,21 @@ def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
         max_tokens=max_tokens,
         prices=rules.models.get(model, m.Prices()),
         deadline=now + timedelta(seconds=rules.run_deadline_s),
+    )
+
+
+def stop(state: RunState, reason: str, text: str) -> RunState:
+    """A recorded refusal: the run ends here with a reply that says why."""
+    return msgspec.structs.replace(
+        state,
+        status="refused",
+        verdict="stop",
+        reason=reason,
+        reply_kind="refusal",
+        reply_text=text,
+        model="",
+        attempt=0,
+        deadline=None,
     )
 
 
@@ -202,6 +252,9 @@ def verdict_event(state: RunState) -> m.RunVerdict:
         executor=state.executor,
         attempt=state.attempt,
         estimated_tokens=state.estimated_tokens,
+        limits=state.limits,
+        reserved_tokens=state.reservation.tokens if state.reservation else 0,
+        reserved_cost_usd=state.reservation.cost_usd if state.reservation else 0.0,
     )
 
 

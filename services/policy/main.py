@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from typing import Any
 
-from services.policy import config, core
-from services.policy.adapters import Conversations, Runs
+from services.policy import config, core, policyfile
+from services.policy.adapters import Conversations, Limiter, Runs
 from services.policy.handlers import Handlers
 from shared import messages, runtime, subjects
 from shared.bus import Bus, Consumer, run_consumers
@@ -25,10 +27,41 @@ def rules_from(settings: config.Settings) -> core.Rules:
 
 async def amain() -> None:
     settings = config.from_env()
+    # A bad policy file stops the service before it touches anything (exit 2, key and line).
+    book = policyfile.load(settings.policy_file) if settings.policy_file else None
     log, metrics, port, stop = runtime.boot(SERVICE, settings)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
-    h = Handlers(bus, Runs(kv), Conversations(kv), rules_from(settings), metrics)
+    limits_kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
+    h = Handlers(
+        bus,
+        Runs(kv),
+        Conversations(kv),
+        rules_from(settings),
+        metrics,
+        limiter=Limiter(limits_kv),
+        book=book,
+    )
+    watcher_task = None
+    if settings.policy_file and book is not None:
+        reloads = metrics.counter(
+            "file_reloads_total", "Policy file changes seen, by outcome.", ("outcome",)
+        )
+
+        def changed(new: policyfile.Book) -> None:
+            h.book = new
+            reloads.labels("applied").inc()
+            log.info("policy file reloaded", path=settings.policy_file, projects=len(new.projects))
+
+        def rejected(exc: policyfile.PolicyFileError) -> None:
+            reloads.labels("rejected").inc()
+            log.error("policy file rejected; previous rules stay in force", error=str(exc))
+
+        watcher = policyfile.Watcher(
+            settings.policy_file, book, changed, rejected, settings.policy_reload_s
+        )
+        watcher_task = asyncio.create_task(watcher.run(stop))
+        log.info("policy file loaded", path=settings.policy_file, projects=len(book.projects))
     b, n = settings.fetch_batch, settings.concurrency
     consumers: list[Consumer[Any]] = [
         Consumer(
@@ -56,9 +89,15 @@ async def amain() -> None:
     try:
         await run_consumers(consumers, stop, settings.shutdown_grace_s)
     finally:
+        if watcher_task is not None:
+            watcher_task.cancel()
         await bus.close()
         log.info("stopped")
 
 
 def main() -> None:
-    runtime.run(amain)
+    try:
+        runtime.run(amain)
+    except policyfile.PolicyFileError as exc:
+        print(f"policy: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -108,3 +108,19 @@ def test_baton_up_answers_stops_cleanly_and_keeps_conversations(data_dir: Path) 
         assert r.json()["messages"] == first
     finally:
         again.stop()
+
+
+def test_baton_up_refuses_a_bad_policy_file_before_starting_anything(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "policy.toml"
+    bad.write_text('[defaults]\nallowed_models = ["gpt-9"]\n')
+    baton = Path(sys.executable).parent / "baton"
+    done = subprocess.run(
+        [str(baton), "up", "--data-dir", str(data_dir), "--port", "0", "--policy", str(bad)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert b"allowed_models" in done.stderr and b"not in any [tiers.*]" in done.stderr
+    assert not (data_dir / "endpoints.json").exists()  # nothing was started

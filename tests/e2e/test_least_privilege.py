@@ -238,3 +238,34 @@ async def test_only_the_persisters_role_writes_the_database(
             await con.execute("DROP TABLE messages")
     finally:
         await con.close()
+
+
+async def test_only_policy_writes_the_limits_bucket_and_the_gateway_only_reads_it(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    """A forged budget or rate window would lift a limit: only policy may write them."""
+    p = secure_pipeline
+    key = subjects.rate_key("m", 0, "acme", "mallory")
+    policy_nc = await _connect(p, "policy", [])
+    try:
+        kv = await policy_nc.jetstream().key_value(subjects.BUCKET_LIMITS)
+        await kv.put(key, b'{"start":0,"length":60,"limit":1,"ids":["x"]}')
+    finally:
+        await policy_nc.close()
+    errors: list[str] = []
+    gateway_nc = await _connect(p, "gateway", errors)
+    try:
+        kv = await gateway_nc.jetstream(timeout=1.0).key_value(subjects.BUCKET_LIMITS)
+        assert (await kv.get(key)).value is not None  # reading works
+        with pytest.raises(TimeoutError):
+            await kv.put(key, b'{"start":0,"length":60,"limit":1000,"ids":[]}')
+        await _wait_for(errors, "permissions violation")
+    finally:
+        await gateway_nc.close()
+    for user in ("persister", "agent", "executor"):
+        nc = await _connect(p, user, [])
+        try:
+            with pytest.raises((TimeoutError, nats.errors.Error)):
+                await nc.jetstream(timeout=1.0).key_value(subjects.BUCKET_LIMITS)
+        finally:
+            await nc.close()

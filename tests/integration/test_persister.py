@@ -325,3 +325,46 @@ async def test_two_persister_replicas_give_each_conversation_gapless_unique_posi
     for b, pl, _ in replicas:
         await b.close()
         await pl.close()
+
+
+async def test_the_announced_reply_carries_the_usage_of_every_attempt_of_its_run(
+    infra: Infra,
+) -> None:
+    """Policy settles budgets with this usage: a failed attempt's partial usage must be in it."""
+    bus, pool, consumers = await _persister(infra)
+    e = user_event()
+    answer = _result(e, 2)
+    run_id = answer.run_id
+    failed = m.ExecFailed(
+        event_id="f1",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        task_id=f"task:{run_id}:0",
+        call_id=f"task:{run_id}:0#1",
+        run_id=run_id,
+        attempt=0,
+        model="claude-haiku-4-5",
+        error_class="cut_stream",
+        error="stream cut",
+        usage=m.Usage(input_tokens=40, output_tokens=7),
+        prices=m.Prices(input=1.0, output=5.0),
+    )
+    p, c = e.project_id, e.conversation_id
+    async with running(*consumers):
+        await bus.publish(subjects.chat_in(p, c), e, msg_id=e.event_id)
+        await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
+        await bus.publish(subjects.exec_failed(p, c), failed, msg_id="f1")
+        await eventually(lambda: pool.fetchval("SELECT count(*) = 1 FROM usage"))
+        await bus.publish(subjects.exec_result(p, c), answer, msg_id="r1")
+        [done] = decode_all(
+            await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1),
+            m.AssistantMessagePersisted,
+        )
+    assert done.usage == m.Usage(
+        input_tokens=140, output_tokens=57, cache_read_tokens=10, cache_write_tokens=5
+    )
+    cost = (40 * 1.0 + 7 * 5.0 + 100 * 3.0 + 50 * 15.0 + 10 * 0.3 + 5 * 3.75) / 1e6
+    assert abs(done.cost_usd - cost) < 1e-9
+    await bus.close()
+    await pool.close()

@@ -181,3 +181,30 @@ def test_reply_event_has_one_id_per_run_and_only_when_there_is_a_reply(
 ) -> None:
     r = core.reply_event(advice(**decision))
     assert (r and (r.event_id, r.kind)) == reply
+
+
+def test_a_disallowed_intent_is_a_recorded_refusal_that_never_runs() -> None:
+    rules = msgspec.structs.replace(RULES, disallowed_intents=frozenset({"creative"}))
+    s = advice(rules, intent="creative")
+    assert (s.status, s.verdict, s.reply_kind, s.model, s.deadline) == (
+        "refused", "stop", "refusal", "", None,
+    )  # fmt: skip
+    assert "creative" in s.reason and "does not allow" in s.reply_text
+    assert advice(rules, intent="question").status == "running"
+
+
+def test_the_clarify_rule_decides_what_an_ambiguous_request_gets() -> None:
+    assert advice(ambiguous=True).verdict == "clarify"
+    lenient = msgspec.structs.replace(RULES, clarify_ambiguous=False)
+    assert advice(lenient, ambiguous=True).verdict == "approve"
+    assert advice(lenient, action="clarify").verdict == "clarify"  # explicit advice still asks
+
+
+def test_a_disallowed_executor_without_an_allowed_default_is_refused() -> None:
+    rules = msgspec.structs.replace(
+        RULES, allowed_executors=frozenset({"chat"}), default_executor="code"
+    )
+    s = advice(rules, executor="code")
+    assert (s.status, s.verdict) == ("refused", "stop") and "executor code" in s.reason
+    assert core.has_limits(RULES) is False
+    assert core.has_limits(msgspec.structs.replace(RULES, limits=m.Limits(max_concurrent_runs=1)))

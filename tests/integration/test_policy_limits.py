@@ -1,0 +1,348 @@
+"""Limits against real NATS with two policy replicas: caps, runs in flight and rate windows hold."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from services.policy import budget, core
+from services.policy.adapters import Conversations, Limiter, Runs
+from services.policy.handlers import Handlers
+from shared import messages as m
+from shared import ratelimit, subjects
+from shared.bus import Bus, Consumer
+from tests.integration.conftest import Infra
+from tests.support import (
+    connect_bus,
+    decode_all,
+    eventually,
+    read_subject,
+    running,
+    service_metrics,
+)
+
+PER_RUN = 1000 + 400  # input allowance + max tokens (twice the estimate of 200)
+
+
+def _rules(limits: m.Limits) -> core.Rules:
+    return core.Rules(default_model="claude-sonnet-4-6", models=core.DEFAULT_PRICES, limits=limits)
+
+
+async def _replica(infra: Infra, rules: core.Rules) -> tuple[Bus, Handlers, list[Consumer[Any]]]:
+    bus = await connect_bus(infra.nats_url, "policy")
+    runs_kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    limits_kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
+    h = Handlers(
+        bus,
+        Runs(runs_kv),
+        Conversations(runs_kv),
+        rules,
+        service_metrics("policy"),
+        limiter=Limiter(limits_kv),
+    )
+    consumers: list[Consumer[Any]] = [
+        Consumer(bus, subjects.POLICY_DECISIONS, m.AgentDecision, h.decision, concurrency=16),
+        Consumer(bus, subjects.POLICY_OUTCOMES, m.AssistantMessagePersisted, h.reply_persisted),
+    ]
+    return bus, h, consumers
+
+
+def _decision(project: str = "p1", user: str = "u1") -> m.AgentDecision:
+    mid = str(uuid.uuid4())
+    return m.AgentDecision(
+        event_id=f"decision:{mid}",
+        message_id=mid,
+        conversation_id=str(uuid.uuid4()),
+        project_id=project,
+        user_id=user,
+        position=1,
+        decision=m.Decision(
+            intent="question",
+            complexity="low",
+            action="answer",
+            executor="chat",
+            estimated_tokens=200,
+        ),
+    )
+
+
+def _persisted(task: m.ExecTask, tokens: int) -> m.AssistantMessagePersisted:
+    return m.AssistantMessagePersisted(
+        event_id=f"persisted:assistant:{task.run_id}",
+        message_id=str(uuid.uuid4()),
+        conversation_id=task.conversation_id,
+        project_id=task.project_id,
+        run_id=task.run_id,
+        reply_to=task.message_id,
+        kind="answer",
+        content="ok",
+        created_at=datetime.now(UTC),
+        status="completed",
+        usage=m.Usage(input_tokens=tokens - 10, output_tokens=10),
+        cost_usd=0.001,
+    )
+
+
+async def _counter(bus: Bus, key: str) -> budget.Counter:
+    kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
+    entry = await kv.get(key)
+    return msgspec.json.decode(entry.value or b"", type=budget.Counter)
+
+
+async def test_two_replicas_and_200_concurrent_decisions_never_pass_a_cap_that_fits_50(
+    infra: Infra,
+) -> None:
+    rules = _rules(m.Limits(project_daily_tokens=50 * PER_RUN))
+    (a, _, ca), (b, _, cb) = await _replica(infra, rules), await _replica(infra, rules)
+    pub = await connect_bus(infra.nats_url)
+    decisions = [_decision() for _ in range(200)]
+    await asyncio.gather(
+        *(
+            pub.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id=d.event_id)
+            for d in decisions
+        )
+    )
+    day = budget.day_of(datetime.now(UTC))
+    key = subjects.budget_key(day, "p1")
+    async with running(*ca, *cb):
+        replies = decode_all(
+            await read_subject(pub, subjects.STREAM_POLICY, "policy.reply.>", 150, timeout=60),
+            m.PolicyReply,
+        )
+        tasks = decode_all(
+            await read_subject(pub, subjects.STREAM_TASKS, "exec.task.>", 50), m.ExecTask
+        )
+        assert len(tasks) == 50 and len(replies) == 150
+        assert {t.run_id for t in tasks}.isdisjoint({r.run_id for r in replies})
+        assert all(r.kind == "refusal" and r.status == "refused" for r in replies)
+        assert all("resets at 00:00 UTC" in r.text for r in replies)
+        held = await _counter(pub, key)
+        assert len(held.open) == 50 and held.tokens() == 50 * PER_RUN
+
+        # Every decision again (redeliveries): nothing is reserved, emitted or refused twice.
+        await asyncio.gather(
+            *(
+                pub.publish(
+                    subjects.agent_decision("p1", d.conversation_id), d, msg_id=f"again-{i}"
+                )
+                for i, d in enumerate(decisions)
+            )
+        )
+        await asyncio.sleep(2)
+        assert (await _counter(pub, key)) == held
+        again = await read_subject(pub, subjects.STREAM_TASKS, "exec.task.>", 50)
+        assert len(again) == 50
+
+        # Each run's reply stored, announced twice: settled once with the real usage.
+        for copy in range(2):
+            for t in tasks:
+                event = _persisted(t, 300)
+                subject = subjects.persisted_assistant("p1", t.conversation_id)
+                await pub.publish(subject, event, msg_id=f"{event.event_id}#{copy}")
+
+        async def settled() -> budget.Counter | None:
+            c = await _counter(pub, key)
+            return c if not c.open and c.settled_runs == 50 else None
+
+        done = await eventually(settled, timeout=30)
+    assert done.settled_tokens == 50 * 300
+    assert abs(done.settled_cost_usd - 50 * 0.001) < 1e-9
+    runs = await a.js.key_value(subjects.BUCKET_RUNS)
+    sample = msgspec.json.decode((await runs.get(tasks[0].run_id)).value or b"", type=core.RunState)
+    assert sample.reservation is not None and sample.reservation.settled
+    assert sample.reservation.actual_tokens == 300
+    for bus in (a, b, pub):
+        await bus.close()
+
+
+async def test_a_full_project_gets_room_again_once_runs_settle_below_their_estimate(
+    infra: Infra,
+) -> None:
+    rules = _rules(m.Limits(project_daily_tokens=2 * PER_RUN, max_concurrent_runs=2))
+    bus, _, consumers = await _replica(infra, rules)
+    first = [_decision() for _ in range(3)]
+    async with running(*consumers):
+        for d in first:
+            await bus.publish(
+                subjects.agent_decision("p1", d.conversation_id), d, msg_id=d.event_id
+            )
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask
+        )
+        [refusal] = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
+        )
+        assert len(tasks) == 2 and "daily token allowance" in refusal.text
+        for t in tasks:
+            await bus.publish(
+                subjects.persisted_assistant("p1", t.conversation_id),
+                _persisted(t, 100),
+                msg_id=t.run_id,
+            )
+        key = subjects.active_key("p1")
+
+        async def slots_free() -> bool:
+            return not (await _counter(bus, key)).open
+
+        await eventually(slots_free)
+        late = _decision()
+        await bus.publish(
+            subjects.agent_decision("p1", late.conversation_id), late, msg_id=late.event_id
+        )
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 3), m.ExecTask
+        )
+    assert core.run_id_for(late.message_id) in {t.run_id for t in tasks}
+    await bus.close()
+
+
+async def test_the_rate_limit_holds_across_two_replicas_and_tells_when_to_retry(
+    infra: Infra,
+) -> None:
+    # Fixed windows: start away from a minute's edge so the burst falls in one window.
+    if time.time() % 60 > 50:
+        await asyncio.sleep(61 - time.time() % 60)
+    rules = _rules(m.Limits(user_messages_per_minute=5))
+    (a, _, ca), (b, _, cb) = await _replica(infra, rules), await _replica(infra, rules)
+    decisions = [_decision(user="chatty") for _ in range(12)]
+    async with running(*ca, *cb):
+        await asyncio.gather(
+            *(
+                a.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id=d.event_id)
+                for d in decisions
+            )
+        )
+        replies = decode_all(
+            await read_subject(a, subjects.STREAM_POLICY, "policy.reply.>", 7), m.PolicyReply
+        )
+        tasks = await read_subject(a, subjects.STREAM_TASKS, "exec.task.>", 5)
+        other = _decision(user="calm")  # another user is not limited by chatty's window
+        await a.publish(subjects.agent_decision("p1", other.conversation_id), other, msg_id="calm")
+        tasks = await read_subject(a, subjects.STREAM_TASKS, "exec.task.>", 6)
+    assert len(replies) == 7 and len(tasks) == 6
+    assert all("5 per minute" in r.text and "try again after" in r.text for r in replies)
+    kv = await a.js.key_value(subjects.BUCKET_LIMITS)
+
+    window = ratelimit.decoder.decode(
+        (await kv.get(ratelimit.key("m", time.time(), "p1", "chatty"))).value or b""
+    )
+    assert window.full and len(window.ids) == 5
+    for bus in (a, b):
+        await bus.close()
+
+
+def test_policy_refuses_to_start_with_a_bad_file_naming_key_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.toml"
+    bad.write_text("[defaults.caps]\nproject_daily_tokens = -5\n")
+    env = {**os.environ, "BATON_POLICY_FILE": str(bad), "BATON_NATS_URL": "nats://127.0.0.1:1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.policy"], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert b"'defaults.caps.project_daily_tokens' (line 2)" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+async def test_runs_in_flight_past_the_limit_are_refused_and_a_finished_run_frees_its_slot(
+    infra: Infra,
+) -> None:
+    rules = _rules(m.Limits(max_concurrent_runs=2))
+    bus, _, consumers = await _replica(infra, rules)
+    first = [_decision() for _ in range(3)]
+    p = "p1"
+    async with running(*consumers):
+        for d in first:
+            await bus.publish(subjects.agent_decision(p, d.conversation_id), d, msg_id=d.event_id)
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask
+        )
+        [refusal] = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
+        )
+        assert len(tasks) == 2 and "2 answers in progress" in refusal.text
+        done = tasks[0]
+        await bus.publish(
+            subjects.persisted_assistant(p, done.conversation_id),
+            _persisted(done, 100),
+            msg_id=done.run_id,
+        )
+
+        async def one_slot_left() -> bool:
+            return len((await _counter(bus, subjects.active_key(p))).open) == 1
+
+        await eventually(one_slot_left)
+        late = _decision()
+        await bus.publish(
+            subjects.agent_decision(p, late.conversation_id), late, msg_id=late.event_id
+        )
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 3), m.ExecTask
+        )
+    assert core.run_id_for(late.message_id) in {t.run_id for t in tasks}
+    await bus.close()
+
+
+async def test_past_the_downgrade_fraction_runs_are_answered_by_the_cheaper_model(
+    infra: Infra,
+) -> None:
+    rules = msgspec.structs.replace(
+        _rules(m.Limits(project_daily_tokens=10 * PER_RUN)),
+        downgrade_at=0.1,
+        downgrade_model="claude-haiku-4-5",
+    )
+    bus, _, consumers = await _replica(infra, rules)
+    async with running(*consumers):
+        for n in (1, 2):
+            d = _decision()
+            await bus.publish(
+                subjects.agent_decision("p1", d.conversation_id), d, msg_id=d.event_id
+            )
+            tasks = decode_all(
+                await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", n), m.ExecTask
+            )
+        verdicts = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.verdict.>", 2), m.RunVerdict
+        )
+    assert [t.model for t in tasks] == ["claude-sonnet-4-6", "claude-haiku-4-5"]
+    assert tasks[1].prices == core.DEFAULT_PRICES["claude-haiku-4-5"]
+    by_run = {v.run_id: v for v in verdicts}
+    second = by_run[tasks[1].run_id]
+    assert second.verdict == "downgrade" and "past 10%" in second.reason
+    assert second.limits is not None and second.limits.project_tokens_used == PER_RUN
+    assert second.reserved_tokens == PER_RUN
+    await bus.close()
+
+
+async def test_a_hostile_usage_report_cannot_lower_the_days_counters(infra: Infra) -> None:
+    rules = _rules(m.Limits(project_daily_tokens=10 * PER_RUN))
+    bus, _, consumers = await _replica(infra, rules)
+    d = _decision()
+    async with running(*consumers):
+        await bus.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id="d")
+        [task] = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )
+        hostile = msgspec.structs.replace(
+            _persisted(task, 100), usage=m.Usage(input_tokens=-(10**12)), cost_usd=-5.0
+        )
+        await bus.publish(
+            subjects.persisted_assistant("p1", task.conversation_id), hostile, msg_id="h"
+        )
+        key = subjects.budget_key(budget.day_of(datetime.now(UTC)), "p1")
+
+        async def settled() -> budget.Counter | None:
+            c = await _counter(bus, key)
+            return c if c.settled_runs == 1 else None
+
+        c = await eventually(settled)
+    assert (c.settled_tokens, c.settled_cost_usd, c.open) == (0, 0.0, {})
+    await bus.close()
