@@ -59,6 +59,19 @@ class ServiceMetrics:
             registry=registry,
         )
         self.up = Gauge(f"{p}_up", "1 while the service runs.", registry=registry)
+        # Read from JetStream consumer info by each replica, so dashboards need no NATS exporter.
+        self.consumer_pending = Gauge(
+            f"{p}_consumer_pending",
+            "Messages in the stream not yet delivered to the consumer, by consumer.",
+            ["consumer"],
+            registry=registry,
+        )
+        self.consumer_ack_pending = Gauge(
+            f"{p}_consumer_ack_pending",
+            "Messages delivered to the consumer and not yet acked, by consumer.",
+            ["consumer"],
+            registry=registry,
+        )
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(f"baton_{self.service}_{name}", doc, list(labels), registry=self.registry)

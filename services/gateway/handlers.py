@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import structlog
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
 from litestar.response import ServerSentEvent, ServerSentEventMessage
@@ -76,6 +77,9 @@ class Api:
         req = core.parse_chat(await request.body(), self.settings.max_content_chars)
         digest = core.content_hash(req.conversation_id, req.content)
         message_id, conversation_id = core.ids_for(p, key, req.conversation_id)
+        structlog.contextvars.bind_contextvars(
+            message_id=message_id, conversation_id=conversation_id
+        )
         if req.conversation_id is not None:
             await self._may_post(p, req.conversation_id)
         if key is not None:

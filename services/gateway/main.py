@@ -12,11 +12,12 @@ import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from opentelemetry import trace
 
 from services.gateway import config, core
 from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
 from services.gateway.handlers import Api, routes
-from shared import runtime
+from shared import runtime, tracing
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
 from shared.errors import ConfigError
@@ -86,11 +87,23 @@ def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -
     )
 
 
-class HttpMetrics:
-    """ASGI wrapper counting requests and latency by method, route and status."""
+# Probes and scrapes would drown the request lines (they are still counted in the metrics).
+QUIET_ROUTES = frozenset({"/healthz", "/readyz"})
 
-    def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
+
+def outcome_of(status: int) -> str:
+    return "ok" if status < 400 else "client_error" if status < 500 else "server_error"
+
+
+class HttpMetrics:
+    """ASGI wrapper: a server span, request metrics and one canonical log line per request."""
+
+    def __init__(
+        self, app: Any, metrics: ServiceMetrics, log: structlog.stdlib.BoundLogger | None = None
+    ) -> None:
         self.app = app
+        self.log = log or structlog.get_logger().bind(service=SERVICE)
+        self.tracer = trace.get_tracer(f"baton.{SERVICE}")
         self.requests = metrics.counter(
             "http_requests_total",
             "HTTP requests, by method, route and status.",
@@ -108,20 +121,43 @@ class HttpMetrics:
             return
         started = time.perf_counter()
         status = {"code": 500}
+        method = scope.get("method", "")
 
         async def send_wrapper(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            handler = scope.get("route_handler")
-            route = next(iter(handler.paths), "other") if handler is not None else "unmatched"
-            method = scope.get("method", "")
-            self.requests.labels(method, route, str(status["code"])).inc()
-            self.latency.labels(method, route).observe(time.perf_counter() - started)
+        # Handlers bind the ids they learn (message, conversation) for this request's line.
+        structlog.contextvars.clear_contextvars()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        with self.tracer.start_as_current_span(
+            f"{method} request", context=tracing.extract(headers), kind=trace.SpanKind.SERVER
+        ) as span:
+            trace_id = tracing.current_trace_id()
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                handler = scope.get("route_handler")
+                route = next(iter(handler.paths), "other") if handler is not None else "unmatched"
+                elapsed = time.perf_counter() - started
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.request.method", method)
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status["code"])
+                self.requests.labels(method, route, str(status["code"])).inc()
+                self.latency.labels(method, route).observe(elapsed)
+                if route not in QUIET_ROUTES:
+                    self.log.info(
+                        "handled",
+                        method=method,
+                        route=route,
+                        status=status["code"],
+                        outcome=outcome_of(status["code"]),
+                        duration_ms=round(elapsed * 1000, 2),
+                        trace_id=trace_id,
+                    )
+                structlog.contextvars.clear_contextvars()
 
 
 class GatewayServer(uvicorn.Server):
@@ -151,7 +187,7 @@ async def amain() -> None:
     await hub.start()
     tokens = TokenLog(bus, settings.publish_timeout_s)
     api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens)
-    app = HttpMetrics(build_app(api, bus, reads, settings), metrics)
+    app = HttpMetrics(build_app(api, bus, reads, settings), metrics, log)
     server = GatewayServer(
         uvicorn.Config(
             app,
