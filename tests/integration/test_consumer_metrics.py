@@ -54,4 +54,3 @@ async def test_pending_and_ack_pending_follow_the_consumer_backlog(infra: Infra)
         release.set()
         await eventually(lambda: backlog((0.0, 0.0)))
     await bus.close()
-
