@@ -150,6 +150,7 @@ class HttpMetrics:
                 if route not in QUIET_ROUTES:
                     self.log.info(
                         "handled",
+                        **structlog.contextvars.get_contextvars(),
                         method=method,
                         route=route,
                         status=status["code"],
