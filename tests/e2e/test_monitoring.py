@@ -97,7 +97,9 @@ def _one_answer(p: Pipeline, content: str) -> dict[str, Any]:
     url = f"{p.gateway}/api/conversations/{message['conversation_id']}/messages"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        msgs = httpx.get(url, headers=auth, timeout=10).json()["messages"]
+        r = httpx.get(url, headers=auth, timeout=10)
+        # 404 until the persister has stored the new conversation.
+        msgs = r.json()["messages"] if r.status_code == 200 else []
         if any(m["role"] == "assistant" for m in msgs):
             return {"message": message, "messages": msgs}
         time.sleep(0.1)
