@@ -36,6 +36,7 @@ LIMITS_METRICS = frozenset(
 NAME = re.compile(r"\bbaton_[a-z0-9_]+")
 # A selector: a metric name followed by {label matchers}.
 SELECTOR = re.compile(r"\b(baton_[a-z0-9_]+)\{([^}]*)\}")
+GROUPED = re.compile(r"by \(([^)]*)\) \((?:(?:rate|increase)\()?(baton_[a-z0-9_]+)")
 MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -151,6 +152,17 @@ def test_every_metric_the_dashboard_and_rules_name_is_exposed(pipeline: Pipeline
                 continue
             wrong_labels += [
                 f"{name}: {lab}" for lab in MATCHER.findall(matchers) if lab not in known
+            ]
+    # Aggregations: `by (a, b) (rate(metric[...]))` groups by labels the metric must have.
+    for expr in dashboard_exprs() + rule_exprs():
+        for grouping, name in GROUPED.findall(expr):
+            known = s.labels.get(name)
+            if known is None:
+                continue
+            wrong_labels += [
+                f"{name}: by {lab}"
+                for lab in (x.strip() for x in grouping.split(","))
+                if lab and lab not in known and lab != "le"
             ]
     assert not wrong_labels, f"selectors on labels the metric lacks: {wrong_labels}"
 
