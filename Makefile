@@ -38,13 +38,13 @@ monitoring: $(STAMP)
 	$(BIN)/python scripts/render_prometheusrule.py
 
 check: $(STAMP)
-	$(BIN)/ruff format --check baton shared services tests
-	$(BIN)/ruff check baton shared services tests
+	$(BIN)/ruff format --check baton shared services tests scripts
+	$(BIN)/ruff check baton shared services tests scripts
 	$(BIN)/mypy shared services baton
 
 fmt: $(STAMP)
-	$(BIN)/ruff format baton shared services tests
-	$(BIN)/ruff check --fix baton shared services tests
+	$(BIN)/ruff format baton shared services tests scripts
+	$(BIN)/ruff check --fix baton shared services tests scripts
 
 clean:
 	rm -rf $(VENV) .baton .pytest_cache .mypy_cache .ruff_cache

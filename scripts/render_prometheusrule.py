@@ -42,5 +42,7 @@ def render() -> str:
 if __name__ == "__main__":
     target = MONITORING / "prometheusrule.yaml"
     if sys.argv[1:] == ["--check"]:
-        sys.exit(0 if target.read_text() == render() else "prometheusrule.yaml is stale: make monitoring")
+        sys.exit(
+            0 if target.read_text() == render() else "prometheusrule.yaml is stale: make monitoring"
+        )
     target.write_text(render())
