@@ -71,14 +71,25 @@ def compose_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         url = f"nats://127.0.0.1:{port}"
 
         async def ready() -> None:
-            for _ in range(100):
+            # Generous: a loaded machine may take a while to start nats-server.
+            deadline = asyncio.get_running_loop().time() + 60
+            while asyncio.get_running_loop().time() < deadline:
+                if proc.poll() is not None:
+                    break
                 try:
-                    nc = await nats.connect(url, user="admin", password=passwords["admin"])
+                    nc = await nats.connect(
+                        url,
+                        user="admin",
+                        password=passwords["admin"],
+                        connect_timeout=2,
+                        allow_reconnect=False,
+                        max_reconnect_attempts=0,
+                    )
                     await nc.close()
                     return
                 except Exception:
-                    await asyncio.sleep(0.1)
-            raise AssertionError((tmp_path / "nats.log").read_text())
+                    await asyncio.sleep(0.2)
+            raise AssertionError(f"nats-server not ready: {(tmp_path / 'nats.log').read_text()}")
 
         asyncio.run(ready())
         yield url, passwords
