@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import uuid
@@ -52,7 +53,8 @@ def test_helm_values_take_every_password_from_the_secret() -> None:
 @pytest.fixture
 def compose_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """nats-server running deploy/nats.conf as committed (ports and store moved for the test)."""
-    passwords = permissions.new_passwords()
+    # Passwords as docs/operations.md asks for them: a letter, then letters and digits.
+    passwords = {u: "p" + secrets.token_hex(24) for u in (permissions.ADMIN, *permissions.SERVICES)}
     port, http_port = free_port(), free_port()
     conf = (ROOT / "deploy" / "nats.conf").read_text()
     conf = conf.replace("port: 4222", f"port: {port}\nhost: 127.0.0.1")
@@ -77,17 +79,10 @@ def compose_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
                 if proc.poll() is not None:
                     break
                 try:
-                    nc = await nats.connect(
-                        url,
-                        user="admin",
-                        password=passwords["admin"],
-                        connect_timeout=2,
-                        allow_reconnect=False,
-                        max_reconnect_attempts=0,
-                    )
-                    await nc.close()
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
                     return
-                except Exception:
+                except OSError:
                     await asyncio.sleep(0.2)
             raise AssertionError(f"nats-server not ready: {(tmp_path / 'nats.log').read_text()}")
 
@@ -131,6 +126,27 @@ async def test_the_compose_nats_config_runs_with_least_privilege(
         await nats.connect(
             url, user="executor", password="wrong", allow_reconnect=False, max_reconnect_attempts=0
         )
+
+
+def _check_config(password: str) -> subprocess.CompletedProcess[str]:
+    env = {deploy.password_var(u): "p0" for u in (permissions.ADMIN, *permissions.SERVICES)}
+    env[deploy.password_var("agent")] = password
+    return subprocess.run(
+        [_nats_binary(), "-c", str(ROOT / "deploy" / "nats.conf"), "-t"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_passwords_must_be_plain_words_for_nats_to_read_them_from_the_environment() -> None:
+    """nats-server parses a variable's value as config: why the docs ask for [A-Za-z][A-Za-z0-9_]*."""
+    assert _check_config("p" + secrets.token_hex(24)).returncode == 0
+    for hostile in ("-Kx1", "a b", "pw;x", "a}b"):
+        out = _check_config(hostile)
+        assert out.returncode != 0, hostile
+        assert deploy.password_var("agent") in out.stdout + out.stderr, hostile
 
 
 def test_nats_refuses_to_start_without_a_password_variable(tmp_path: Path) -> None:
