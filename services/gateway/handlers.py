@@ -20,6 +20,7 @@ from services.gateway.config import Settings
 from shared import messages as m
 from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
+from shared.tracing import current_trace_id
 
 
 class Api:
@@ -77,11 +78,12 @@ class Api:
         req = core.parse_chat(await request.body(), self.settings.max_content_chars)
         digest = core.content_hash(req.conversation_id, req.content)
         message_id, conversation_id = core.ids_for(p, key, req.conversation_id)
-        structlog.contextvars.bind_contextvars(
-            message_id=message_id, conversation_id=conversation_id
-        )
         if req.conversation_id is not None:
             await self._may_post(p, req.conversation_id)
+        # For the request's log line; the trace id is the request span's, if one is open.
+        structlog.contextvars.bind_contextvars(
+            message_id=message_id, conversation_id=conversation_id, trace_id=current_trace_id()
+        )
         if key is not None:
             stored = await self._stored(message_id)
             if stored is not None:

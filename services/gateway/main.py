@@ -12,7 +12,6 @@ import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from opentelemetry import trace
 
 from services.gateway import config, core
 from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
@@ -96,14 +95,13 @@ def outcome_of(status: int) -> str:
 
 
 class HttpMetrics:
-    """ASGI wrapper: a server span, request metrics and one canonical log line per request."""
+    """ASGI wrapper: request metrics and one canonical log line per request."""
 
     def __init__(
         self, app: Any, metrics: ServiceMetrics, log: structlog.stdlib.BoundLogger | None = None
     ) -> None:
         self.app = app
         self.log = log or structlog.get_logger().bind(service=SERVICE)
-        self.tracer = trace.get_tracer(f"baton.{SERVICE}")
         self.requests = metrics.counter(
             "http_requests_total",
             "HTTP requests, by method, route and status.",
@@ -128,37 +126,29 @@ class HttpMetrics:
                 status["code"] = message["status"]
             await send(message)
 
-        # Handlers bind the ids they learn (message, conversation) for this request's line.
+        # Handlers bind what they learn (message and conversation ids, the trace id of the
+        # request's span) for this request's one line.
         structlog.contextvars.clear_contextvars()
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        with self.tracer.start_as_current_span(
-            f"{method} request", context=tracing.extract(headers), kind=trace.SpanKind.SERVER
-        ) as span:
-            trace_id = tracing.current_trace_id()
-            try:
-                await self.app(scope, receive, send_wrapper)
-            finally:
-                handler = scope.get("route_handler")
-                route = next(iter(handler.paths), "other") if handler is not None else "unmatched"
-                elapsed = time.perf_counter() - started
-                span.update_name(f"{method} {route}")
-                span.set_attribute("http.request.method", method)
-                span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status["code"])
-                self.requests.labels(method, route, str(status["code"])).inc()
-                self.latency.labels(method, route).observe(elapsed)
-                if route not in QUIET_ROUTES:
-                    self.log.info(
-                        "handled",
-                        **structlog.contextvars.get_contextvars(),
-                        method=method,
-                        route=route,
-                        status=status["code"],
-                        outcome=outcome_of(status["code"]),
-                        duration_ms=round(elapsed * 1000, 2),
-                        trace_id=trace_id,
-                    )
-                structlog.contextvars.clear_contextvars()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            handler = scope.get("route_handler")
+            route = next(iter(handler.paths), "other") if handler is not None else "unmatched"
+            elapsed = time.perf_counter() - started
+            self.requests.labels(method, route, str(status["code"])).inc()
+            self.latency.labels(method, route).observe(elapsed)
+            if route not in QUIET_ROUTES:
+                bound = structlog.contextvars.get_contextvars()
+                self.log.info(
+                    "handled",
+                    **{"trace_id": tracing.current_trace_id(), **bound},
+                    method=method,
+                    route=route,
+                    status=status["code"],
+                    outcome=outcome_of(status["code"]),
+                    duration_ms=round(elapsed * 1000, 2),
+                )
+            structlog.contextvars.clear_contextvars()
 
 
 class GatewayServer(uvicorn.Server):

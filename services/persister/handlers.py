@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from nats.aio.msg import Msg
+from prometheus_client import Counter, Histogram
 
 from services.persister import core
 from services.persister.adapters import Placed, Store, StoredReply
@@ -14,28 +15,57 @@ from shared import messages as m
 from shared import subjects
 from shared.batching import GroupCommit
 from shared.bus import Bus
+from shared.errors import BadData
 from shared.metrics import ServiceMetrics
-
-A = TypeVar("A")
-R = TypeVar("R")
 
 # An answer can take minutes (long model streams, retries on a fallback model).
 ANSWER_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
-class Handlers:
-    def __init__(self, bus: Bus, store: Store, metrics: ServiceMetrics) -> None:
-        self.bus = bus
-        self.store = store
-        batch_size = metrics.histogram(
-            "batch_size",
-            "User messages written per transaction (group commit).",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-        )
+class TimedStore(Store):
+    """The store, with the duration of each write transaction observed by what it writes."""
+
+    def __init__(self, store: Store, seconds: Histogram) -> None:
+        super().__init__(store.pool)
+        self.seconds = seconds
+
+    @contextmanager
+    def _timed(self, write: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds.labels(write).observe(time.perf_counter() - started)
+
+    async def insert_user_messages(
+        self, events: list[m.UserMessageAccepted]
+    ) -> list[Placed | BadData]:
+        with self._timed("user_messages"):
+            return await super().insert_user_messages(events)
+
+    async def upsert_run(self, v: m.RunVerdict) -> None:
+        with self._timed("verdict"):
+            await super().upsert_run(v)
+
+    async def store_result(self, r: m.ExecResult) -> StoredReply:
+        with self._timed("result"):
+            return await super().store_result(r)
+
+    async def store_reply(self, p: m.PolicyReply) -> StoredReply:
+        with self._timed("reply"):
+            return await super().store_reply(p)
+
+    async def store_failed_usage(self, f: m.ExecFailed) -> bool:
+        with self._timed("failed_usage"):
+            return await super().store_failed_usage(f)
+
+
+class Outcomes:
+    """End-to-end latency and billed cost, counted the way the database counts them."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
         self.commit_seconds = metrics.histogram(
-            "commit_seconds",
-            "Duration of one write transaction, by what it writes.",
-            ("write",),
+            "commit_seconds", "Duration of one write transaction, by what it writes.", ("write",)
         )
         self.answer_seconds = metrics.histogram(
             "answer_latency_seconds",
@@ -43,31 +73,39 @@ class Handlers:
             ("kind",),
             buckets=ANSWER_BUCKETS,
         )
-        self.cost = metrics.counter(
+        self.cost: Counter = metrics.counter(
             "cost_usd_total",
             "Model cost in USD as billed (each call counted once), by model.",
             ("model",),
         )
+
+    def answered(self, stored: StoredReply) -> None:
+        # Once per run (the first write); the start is the gateway's accept time.
+        if stored.inserted and stored.asked_at is not None:
+            waited = (stored.created_at - stored.asked_at).total_seconds()
+            self.answer_seconds.labels(stored.kind).observe(max(waited, 0.0))
+
+    def billed(self, counted: bool, model: str, usage: m.Usage, prices: m.Prices) -> None:
+        # Only when this delivery wrote the call's usage row: like project_usage, never twice.
+        if counted:
+            self.cost.labels(model).inc(usage.cost_usd(prices))
+
+
+class Handlers:
+    def __init__(self, bus: Bus, store: Store, metrics: ServiceMetrics) -> None:
+        self.bus = bus
+        self.outcomes = Outcomes(metrics)
+        store = TimedStore(store, self.outcomes.commit_seconds)
+        self.store = store
+        batch_size = metrics.histogram(
+            "batch_size",
+            "User messages written per transaction (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         # Messages handled concurrently share one transaction; each still acks only after it.
         self.user_messages: GroupCommit[m.UserMessageAccepted, Placed] = GroupCommit(
-            self._timed("user_messages", store.insert_user_messages), on_batch=batch_size.observe
+            store.insert_user_messages, on_batch=batch_size.observe
         )
-        self.upsert_run = self._timed("verdict", store.upsert_run)
-        self.store_result = self._timed("result", store.store_result)
-        self.store_reply = self._timed("reply", store.store_reply)
-        self.store_failed_usage = self._timed("failed_usage", store.store_failed_usage)
-
-    def _timed(self, write: str, fn: Callable[[A], Awaitable[R]]) -> Callable[[A], Awaitable[R]]:
-        histogram = self.commit_seconds.labels(write)
-
-        async def timed(arg: A) -> R:
-            started = time.perf_counter()
-            try:
-                return await fn(arg)
-            finally:
-                histogram.observe(time.perf_counter() - started)
-
-        return timed
 
     async def user_message(self, e: m.UserMessageAccepted, _msg: Msg) -> str:
         placed = await self.user_messages.submit(e)
@@ -93,33 +131,26 @@ class Handlers:
         return "inserted" if placed.inserted else "duplicate"
 
     async def verdict(self, v: m.RunVerdict, _msg: Msg) -> str:
-        await self.upsert_run(v)
+        await self.store.upsert_run(v)
         return v.status
 
     async def result(self, r: m.ExecResult, _msg: Msg) -> str:
-        stored = await self.store_result(r)
-        if stored.usage_counted:
-            self.cost.labels(r.model).inc(r.usage.cost_usd(r.prices))
-        self._answered(stored)
+        stored = await self.store.store_result(r)
+        self.outcomes.billed(stored.usage_counted, r.model, r.usage, r.prices)
+        self.outcomes.answered(stored)
         await self._announce(stored, r.run_id, r.event_id, r.usage)
         return "inserted" if stored.inserted else "duplicate"
 
     async def reply(self, p: m.PolicyReply, _msg: Msg) -> str:
-        stored = await self.store_reply(p)
-        self._answered(stored)
+        stored = await self.store.store_reply(p)
+        self.outcomes.answered(stored)
         await self._announce(stored, p.run_id, p.event_id, m.Usage())
         return "inserted" if stored.inserted else "duplicate"
 
     async def failed_usage(self, f: m.ExecFailed, _msg: Msg) -> str:
-        if await self.store_failed_usage(f):
-            self.cost.labels(f.model).inc(f.usage.cost_usd(f.prices))
+        counted = await self.store.store_failed_usage(f)
+        self.outcomes.billed(counted, f.model, f.usage, f.prices)
         return f.error_class
-
-    def _answered(self, stored: StoredReply) -> None:
-        # Once per run (the first write); the start is the gateway's accept time.
-        if stored.inserted and stored.asked_at is not None:
-            waited = (stored.created_at - stored.asked_at).total_seconds()
-            self.answer_seconds.labels(stored.kind).observe(max(waited, 0.0))
 
     async def _announce(self, stored: StoredReply, run_id: str, cause: str, usage: m.Usage) -> None:
         event = m.AssistantMessagePersisted(
