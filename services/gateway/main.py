@@ -16,7 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from services.gateway import config, core
 from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
 from services.gateway.handlers import Api, routes
-from shared import runtime, tracing
+from shared import runtime
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
 from shared.errors import ConfigError
@@ -141,7 +141,7 @@ class HttpMetrics:
                 bound = structlog.contextvars.get_contextvars()
                 self.log.info(
                     "handled",
-                    **{"trace_id": tracing.current_trace_id(), **bound},
+                    **{"trace_id": "", **bound},
                     method=method,
                     route=route,
                     status=status["code"],
@@ -178,7 +178,7 @@ async def amain() -> None:
     await hub.start()
     tokens = TokenLog(bus, settings.publish_timeout_s)
     api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens)
-    app = HttpMetrics(build_app(api, bus, reads, settings), metrics, log)
+    app = HttpMetrics(build_app(api, bus, reads, settings), metrics)
     server = GatewayServer(
         uvicorn.Config(
             app,

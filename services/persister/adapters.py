@@ -33,10 +33,6 @@ class StoredReply(msgspec.Struct, frozen=True):
     content: str
     created_at: datetime
     inserted: bool
-    # When the user message was accepted: the start of the end-to-end latency.
-    asked_at: datetime | None = None
-    # Whether this call's usage row was new (its tokens and cost were counted now).
-    usage_counted: bool = False
 
 
 UPSERT_RUN = """
@@ -115,10 +111,8 @@ ORDER BY n
 """
 
 SELECT_REPLY = """
-SELECT a.id, a.conversation_id, a.project_id, a.user_id, a.reply_to, a.kind, a.content,
-       a.created_at, u.created_at AS asked_at
-FROM messages a JOIN messages u ON u.id = a.reply_to
-WHERE a.run_id = $1 AND a.role = 'assistant'
+SELECT id, conversation_id, project_id, user_id, reply_to, kind, content, created_at
+FROM messages WHERE run_id = $1 AND role = 'assistant'
 """
 
 INSERT_USAGE = """
@@ -247,7 +241,7 @@ class Store:
             con.transaction(),
         ):
             owner = await self._owner(con, r.message_id)
-            counted = await self._add_usage(con, r.call_id, r, r.usage, r.prices, "completed")
+            await self._add_usage(con, r.call_id, r, r.usage, r.prices, "completed")
             stored = await self._insert_reply(con, r.run_id, r.message_id, "answer", r.text)
             if stored.inserted:
                 await con.execute(ADD_PROJECT_USAGE, r.project_id, 0, 0, 0, 0, 0, 1)
@@ -262,19 +256,16 @@ class Store:
                 model=r.model,
                 attempts=r.attempt,
             )
-            return msgspec.structs.replace(stored, usage_counted=counted)
+            return stored
 
-    async def store_failed_usage(self, f: m.ExecFailed) -> bool:
-        """A failed or cut call still used tokens; they are counted once, like any other call.
-
-        Returns whether the usage was new (not counted by an earlier delivery).
-        """
+    async def store_failed_usage(self, f: m.ExecFailed) -> None:
+        """A failed or cut call still used tokens; they are counted once, like any other call."""
         async with (
             unavailable_is_transient("store failed usage"),
             self.pool.acquire() as con,
             con.transaction(),
         ):
-            return await self._add_usage(con, f.call_id, f, f.usage, f.prices, f.error_class)
+            await self._add_usage(con, f.call_id, f, f.usage, f.prices, f.error_class)
 
     async def store_reply(self, p: m.PolicyReply) -> StoredReply:
         async with (
@@ -311,6 +302,7 @@ class Store:
         prices: m.Prices,
         outcome: str,
     ) -> bool:
+        """Count one call's usage; True if this call wrote it (False: an earlier delivery did)."""
         cost = usage.cost_usd(prices)
         inserted = await con.fetchval(
             INSERT_USAGE,
@@ -360,7 +352,6 @@ class Store:
             content=row["content"],
             created_at=row["created_at"],
             inserted=inserted is not None,
-            asked_at=row["asked_at"],
         )
 
     async def _upsert_run(
