@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test check fmt clean install tools monitoring
+.PHONY: up test check fmt clean install tools monitoring deploy-configs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ tools:
 # The Prometheus Operator's copy of the alert rules, regenerated from k8s/monitoring/rules.yaml.
 monitoring: $(STAMP)
 	$(BIN)/python scripts/render_prometheusrule.py
+
+# Every generated deployment file, after baton/permissions.py or the rules change (tests fail
+# until they match): compose's NATS config, the NATS Helm values, the PrometheusRule.
+deploy-configs: monitoring
+	$(BIN)/baton nats-config --out deploy/nats.conf
+	$(BIN)/baton nats-config --helm-values --out k8s/nats/values.yaml
 
 check: $(STAMP)
 	$(BIN)/ruff format --check baton shared services tests scripts

@@ -30,7 +30,6 @@ LIMITS_METRICS = frozenset(
         "baton_policy_budget_settled_tokens_total",
         "baton_policy_rate_limited_total",
         "baton_gateway_rate_limited_total",
-        "baton_policy_file_reloads_total",
     }
 )
 

@@ -27,12 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_committed_nats_configs_match_the_permissions() -> None:
     assert (ROOT / "deploy" / "nats.conf").read_text() == deploy.nats_conf(), (
-        "deploy/nats.conf is stale: baton nats-config --out deploy/nats.conf"
+        "deploy/nats.conf is stale: make deploy-configs"
     )
     values = json.loads((ROOT / "k8s" / "nats" / "values.yaml").read_text())
-    assert values == deploy.helm_values(), (
-        "k8s/nats/values.yaml is stale: baton nats-config --helm-values --out k8s/nats/values.yaml"
-    )
+    assert values == deploy.helm_values(), "k8s/nats/values.yaml is stale: make deploy-configs"
 
 
 def test_helm_values_take_every_password_from_the_secret() -> None:
