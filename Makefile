@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test check fmt clean install
+.PHONY: up test check fmt clean install tools monitoring deploy-configs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,17 +20,37 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/baton up $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# promtool (the alert-rule checker) has no PyPI wheel: take it from Debian's prometheus package
+# where apt exists (no root needed for a download). Without it the promtool tests skip.
+tools:
+	@test -x $(BIN)/promtool || command -v promtool >/dev/null || { \
+	  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null && \
+	  tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -q prometheus >/dev/null 2>&1) && \
+	  dpkg-deb --fsys-tarfile $$tmp/prometheus_*.deb | tar -xO ./usr/bin/promtool > $$tmp/promtool && \
+	  chmod +x $$tmp/promtool && mv $$tmp/promtool $(BIN)/promtool; \
+	  rm -rf $$tmp; test -x $(BIN)/promtool || echo "promtool unavailable: its checks will skip"; }
+
+# The Prometheus Operator's copy of the alert rules, regenerated from k8s/monitoring/rules.yaml.
+monitoring: $(STAMP)
+	$(BIN)/python scripts/render_prometheusrule.py
+
+# Every generated deployment file, after baton/permissions.py or the rules change (tests fail
+# until they match): compose's NATS config, the NATS Helm values, the PrometheusRule.
+deploy-configs: monitoring
+	$(BIN)/baton nats-config --out deploy/nats.conf
+	$(BIN)/baton nats-config --helm-values --out k8s/nats/values.yaml
+
 check: $(STAMP)
-	$(BIN)/ruff format --check baton shared services tests
-	$(BIN)/ruff check baton shared services tests
+	$(BIN)/ruff format --check baton shared services tests scripts
+	$(BIN)/ruff check baton shared services tests scripts
 	$(BIN)/mypy shared services baton
 
 fmt: $(STAMP)
-	$(BIN)/ruff format baton shared services tests
-	$(BIN)/ruff check --fix baton shared services tests
+	$(BIN)/ruff format baton shared services tests scripts
+	$(BIN)/ruff check --fix baton shared services tests scripts
 
 clean:
 	rm -rf $(VENV) .baton .pytest_cache .mypy_cache .ruff_cache

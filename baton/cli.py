@@ -1,4 +1,4 @@
-"""The ``baton`` command: up, token, chat, run, provision, migrate, model, dlq."""
+"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, dlq."""
 
 from __future__ import annotations
 
@@ -73,6 +73,35 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_roles(args: argparse.Namespace) -> int:
+    from baton import deploy, roles
+
+    passwords = {
+        service: os.environ.get(deploy.db_password_var(service), "")
+        for service in roles.SERVICES_WITH_DB
+    }
+    for line in asyncio.run(deploy.set_role_passwords(args.database_url, passwords)):
+        print(line)
+    return 0
+
+
+def _cmd_nats_config(args: argparse.Namespace) -> int:
+    import json
+
+    from baton import deploy
+
+    if args.helm_values:
+        # JSON is YAML: `helm install -f` reads it as it is.
+        text = json.dumps(deploy.helm_values(), indent=2) + "\n"
+    else:
+        text = deploy.nats_conf(store_dir=args.store_dir)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _cmd_dlq(args: argparse.Namespace) -> int:
     from baton.dlq import cli
 
@@ -143,6 +172,22 @@ def parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="apply database migrations")
     mig.add_argument("--database-url", default=os.environ.get("BATON_DATABASE_URL", ""))
     mig.set_defaults(func=_cmd_migrate)
+
+    rol = sub.add_parser(
+        "roles",
+        help="create the per-service database roles; set passwords from DB_PASSWORD_<SERVICE>",
+    )
+    rol.add_argument("--database-url", default=os.environ.get("BATON_DATABASE_URL", ""))
+    rol.set_defaults(func=_cmd_roles)
+
+    ncf = sub.add_parser(
+        "nats-config",
+        help="print nats-server's config (or the Helm chart's values) with one user per service",
+    )
+    ncf.add_argument("--helm-values", action="store_true", help="values for the NATS Helm chart")
+    ncf.add_argument("--store-dir", default="/data/jetstream", help="JetStream's file store")
+    ncf.add_argument("--out", help="write here instead of stdout")
+    ncf.set_defaults(func=_cmd_nats_config)
 
     # --nats-url on each action, so it may follow the action: `baton dlq list --nats-url …`.
     dlq_common = argparse.ArgumentParser(add_help=False)

@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 # Redelivery delays for transient trouble: bounded, growing with the delivery count.
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# How often each replica reads its consumer's backlog into the pending gauges (one request).
+LAG_REFRESH_S = 5.0
 
 
 def backoff_for(delivery: int) -> float:
@@ -155,8 +157,10 @@ class Consumer(Generic[T]):
         concurrency: int = 16,
         ready: Callable[[], Awaitable[bool]] | None = None,
         on_dependency_down: Callable[[], None] | None = None,
+        lag_refresh_s: float = LAG_REFRESH_S,
     ) -> None:
         self.bus = bus
+        self.lag_refresh_s = lag_refresh_s
         self.ready = ready
         self.on_dependency_down = on_dependency_down
         self.spec = spec
@@ -172,6 +176,7 @@ class Consumer(Generic[T]):
         """Fetch and handle until ``stop`` is set, then let in-flight work finish."""
         sub = await self._bind(stop)
         heartbeat = asyncio.create_task(self._heartbeat(stop))
+        lag = asyncio.create_task(self._watch_lag())
         try:
             while not stop.is_set():
                 if self.ready is not None and not await self.ready():
@@ -201,6 +206,7 @@ class Consumer(Generic[T]):
                 # Unacked work past the grace period is redelivered elsewhere, never lost.
                 await asyncio.wait(list(self.inflight), timeout=grace_s)
             heartbeat.cancel()
+            lag.cancel()
             try:
                 await sub.unsubscribe()
             except Exception as exc:  # the connection may already be gone at shutdown
@@ -230,6 +236,20 @@ class Consumer(Generic[T]):
             return
         if info.config.ack_wait:
             self.ack_wait_s = float(info.config.ack_wait)
+
+    async def _watch_lag(self) -> None:
+        # Backlog per consumer for dashboards and alerts; a failed read keeps the last value.
+        durable = self.spec.durable
+        metrics = self.bus.metrics
+        while True:
+            try:
+                info = await self.bus.js.consumer_info(self.spec.stream, durable)
+            except Exception as exc:  # a failed read only leaves the gauges a little stale
+                self.log.debug("consumer_info_failed", error=repr(exc))
+            else:
+                metrics.consumer_pending.labels(durable).set(info.num_pending or 0)
+                metrics.consumer_ack_pending.labels(durable).set(info.num_ack_pending or 0)
+            await asyncio.sleep(self.lag_refresh_s)
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         # Long handlers (a model stream) must not be redelivered while they are healthy.

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -59,6 +65,19 @@ class ServiceMetrics:
             registry=registry,
         )
         self.up = Gauge(f"{p}_up", "1 while the service runs.", registry=registry)
+        # Read from JetStream consumer info by each replica, so dashboards need no NATS exporter.
+        self.consumer_pending = Gauge(
+            f"{p}_consumer_pending",
+            "Messages in the stream not yet delivered to the consumer, by consumer.",
+            ["consumer"],
+            registry=registry,
+        )
+        self.consumer_ack_pending = Gauge(
+            f"{p}_consumer_ack_pending",
+            "Messages delivered to the consumer and not yet acked, by consumer.",
+            ["consumer"],
+            registry=registry,
+        )
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(f"baton_{self.service}_{name}", doc, list(labels), registry=self.registry)
@@ -79,7 +98,44 @@ class ServiceMetrics:
         )
 
 
-def serve(host: str, port: int) -> int:
-    """Serve /metrics on its own port; returns the port actually bound."""
-    server, _thread = start_http_server(port, addr=host)
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes and probes every few seconds would drown the service's own log lines."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> int:
+    """Serve /metrics, /healthz and /readyz on their own port; returns the port actually bound.
+
+    ``/healthz`` answers 200 while the process runs; ``/readyz`` 200 once the service's
+    ``baton_<service>_up`` gauge is 1 (connections and consumers set up), else 503; every
+    other path is the metrics. Kubernetes probes use these on the workers, which have no HTTP API.
+    """
+    metrics_app = make_wsgi_app(registry)
+
+    def ready() -> bool:
+        for family in registry.collect():
+            if family.name.startswith("baton_") and family.name.endswith("_up"):
+                return any(sample.value == 1 for sample in family.samples)
+        return False
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            ok = ready()
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            )
+            return [b"ready\n" if ok else b"not ready\n"]
+        body: Iterable[bytes] = metrics_app(environ, start_response)
+        return body
+
+    server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return int(server.server_port)

@@ -29,7 +29,7 @@ def boot(service: str, settings: BaseSettings, signals: bool = True) -> Boot:
     log = logging.setup(service, settings.log_level)
     tracing.setup(service, settings.instance)
     metrics = ServiceMetrics(service)
-    port = serve(settings.metrics_host, settings.metrics_port)
+    port = serve(settings.metrics_host, settings.metrics_port, metrics.registry)
     stop = asyncio.Event()
     if signals:
         stop_on_signals(stop)

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import structlog
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
 from litestar.response import ServerSentEvent, ServerSentEventMessage
@@ -21,6 +22,7 @@ from shared import messages as m
 from shared import tracing
 from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
+from shared.tracing import current_trace_id
 
 
 class Api:
@@ -88,6 +90,10 @@ class Api:
         span.set_attribute("baton.conversation_id", conversation_id)
         if req.conversation_id is not None:
             await self._may_post(p, req.conversation_id)
+        # For the request's log line; the trace id is the request span's, if one is open.
+        structlog.contextvars.bind_contextvars(
+            message_id=message_id, conversation_id=conversation_id, trace_id=current_trace_id()
+        )
         if key is not None:
             stored = await self._stored(message_id)
             if stored is not None:

@@ -86,11 +86,22 @@ def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -
     )
 
 
-class HttpMetrics:
-    """ASGI wrapper counting requests and latency by method, route and status."""
+# Probes and scrapes would drown the request lines (they are still counted in the metrics).
+QUIET_ROUTES = frozenset({"/healthz", "/readyz"})
 
-    def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
+
+def outcome_of(status: int) -> str:
+    return "ok" if status < 400 else "client_error" if status < 500 else "server_error"
+
+
+class HttpMetrics:
+    """ASGI wrapper: request metrics and one canonical log line per request."""
+
+    def __init__(
+        self, app: Any, metrics: ServiceMetrics, log: structlog.stdlib.BoundLogger | None = None
+    ) -> None:
         self.app = app
+        self.log = log or structlog.get_logger().bind(service=SERVICE)
         self.requests = metrics.counter(
             "http_requests_total",
             "HTTP requests, by method, route and status.",
@@ -108,20 +119,36 @@ class HttpMetrics:
             return
         started = time.perf_counter()
         status = {"code": 500}
+        method = scope.get("method", "")
 
         async def send_wrapper(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
 
+        # Handlers bind what they learn (message and conversation ids, the trace id of the
+        # request's span) for this request's one line.
+        structlog.contextvars.clear_contextvars()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             handler = scope.get("route_handler")
             route = next(iter(handler.paths), "other") if handler is not None else "unmatched"
-            method = scope.get("method", "")
+            elapsed = time.perf_counter() - started
             self.requests.labels(method, route, str(status["code"])).inc()
-            self.latency.labels(method, route).observe(time.perf_counter() - started)
+            self.latency.labels(method, route).observe(elapsed)
+            if route not in QUIET_ROUTES:
+                bound = structlog.contextvars.get_contextvars()
+                self.log.info(
+                    "handled",
+                    **{"trace_id": "", **bound},
+                    method=method,
+                    route=route,
+                    status=status["code"],
+                    outcome=outcome_of(status["code"]),
+                    duration_ms=round(elapsed * 1000, 2),
+                )
+            structlog.contextvars.clear_contextvars()
 
 
 class GatewayServer(uvicorn.Server):

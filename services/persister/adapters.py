@@ -330,7 +330,8 @@ class Store:
         usage: m.Usage,
         prices: m.Prices,
         outcome: str,
-    ) -> None:
+    ) -> bool:
+        """Count one call's usage; True if this call wrote it (False: an earlier delivery did)."""
         cost = usage.cost_usd(prices)
         inserted = await con.fetchval(
             INSERT_USAGE,
@@ -358,6 +359,7 @@ class Store:
                 cost,
                 0,
             )
+        return inserted is not None
 
     async def _insert_reply(
         self, con: Any, run_id: str, message_id: str, kind: m.ReplyKind, text: str

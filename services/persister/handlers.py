@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
 from nats.aio.msg import Msg
 
 from services.persister import core
@@ -10,12 +17,114 @@ from shared import messages as m
 from shared import subjects
 from shared.batching import GroupCommit
 from shared.bus import Bus
+from shared.db import UNAVAILABLE
+from shared.errors import BadData
 from shared.metrics import ServiceMetrics
+
+# An answer can take minutes (long model streams, retries on a fallback model).
+ANSWER_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+# Calls whose usage the current write inserted: (model, cost), counted once it has committed.
+_BILLED: ContextVar[list[tuple[str, float]] | None] = ContextVar("billed", default=None)
+
+
+class InstrumentedStore(Store):
+    """The store, observed: how long each write transaction takes, and what it committed for
+    the first time (a run's reply: the end-to-end latency; a call's usage: its cost)."""
+
+    def __init__(self, store: Store, metrics: ServiceMetrics) -> None:
+        super().__init__(store.pool)
+        self.commit_seconds = metrics.histogram(
+            "commit_seconds", "Duration of one write transaction, by what it writes.", ("write",)
+        )
+        self.answer_seconds = metrics.histogram(
+            "answer_latency_seconds",
+            "From accepting a user message to storing its reply, by reply kind.",
+            ("kind",),
+            buckets=ANSWER_BUCKETS,
+        )
+        self.cost = metrics.counter(
+            "cost_usd_total",
+            "Model cost in USD as billed (each call counted once), by model.",
+            ("model",),
+        )
+
+    @contextmanager
+    def _write(self, write: str) -> Iterator[list[tuple[str, float]]]:
+        started = time.perf_counter()
+        billed: list[tuple[str, float]] = []
+        token = _BILLED.set(billed)
+        try:
+            yield billed
+        finally:
+            _BILLED.reset(token)
+            self.commit_seconds.labels(write).observe(time.perf_counter() - started)
+
+    def _count(self, billed: list[tuple[str, float]]) -> None:
+        # Reached only after the transaction committed: a rolled-back write counts nothing.
+        for model, cost in billed:
+            self.cost.labels(model).inc(cost)
+
+    async def _answered(self, stored: StoredReply, message_id: str) -> None:
+        if not stored.inserted:
+            return  # a redelivery: the run's reply was stored (and observed) before
+        try:
+            asked = await self.pool.fetchval(
+                "SELECT created_at FROM messages WHERE id = $1", uuid.UUID(message_id)
+            )
+        except UNAVAILABLE:
+            return  # the reply is stored; only this observation is lost
+        if asked is not None:
+            waited = (stored.created_at - asked).total_seconds()
+            self.answer_seconds.labels(stored.kind).observe(max(waited, 0.0))
+
+    async def _add_usage(
+        self,
+        con: Any,
+        call_id: str,
+        e: m.ExecResult | m.ExecFailed,
+        usage: m.Usage,
+        prices: m.Prices,
+        outcome: str,
+    ) -> bool:
+        counted = await super()._add_usage(con, call_id, e, usage, prices, outcome)
+        billed = _BILLED.get()
+        if counted and billed is not None:
+            billed.append((e.model, usage.cost_usd(prices)))
+        return counted
+
+    async def insert_user_messages(
+        self, events: list[m.UserMessageAccepted]
+    ) -> list[Placed | BadData]:
+        with self._write("user_messages"):
+            return await super().insert_user_messages(events)
+
+    async def upsert_run(self, v: m.RunVerdict) -> None:
+        with self._write("verdict"):
+            await super().upsert_run(v)
+
+    async def store_result(self, r: m.ExecResult) -> StoredReply:
+        with self._write("result") as billed:
+            stored = await super().store_result(r)
+        self._count(billed)
+        await self._answered(stored, r.message_id)
+        return stored
+
+    async def store_reply(self, p: m.PolicyReply) -> StoredReply:
+        with self._write("reply"):
+            stored = await super().store_reply(p)
+        await self._answered(stored, p.message_id)
+        return stored
+
+    async def store_failed_usage(self, f: m.ExecFailed) -> None:
+        with self._write("failed_usage") as billed:
+            await super().store_failed_usage(f)
+        self._count(billed)
 
 
 class Handlers:
     def __init__(self, bus: Bus, store: Store, metrics: ServiceMetrics) -> None:
         self.bus = bus
+        store = InstrumentedStore(store, metrics)
         self.store = store
         batch_size = metrics.histogram(
             "batch_size",
