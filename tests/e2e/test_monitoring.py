@@ -21,18 +21,6 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
 
-# Provided by the limits branch (budgets and rate limits); the orchestrator removes this list
-# once that branch is merged, so from then on these must be exposed like every other name.
-LIMITS_METRICS = frozenset(
-    {
-        "baton_policy_budget_exhausted_total",
-        "baton_policy_budget_reserved_tokens_total",
-        "baton_policy_budget_settled_tokens_total",
-        "baton_policy_rate_limited_total",
-        "baton_gateway_rate_limited_total",
-    }
-)
-
 NAME = re.compile(r"\bbaton_[a-z0-9_]+")
 # A selector: a metric name followed by {label matchers}.
 SELECTOR = re.compile(r"\b(baton_[a-z0-9_]+)\{([^}]*)\}")
@@ -140,7 +128,7 @@ def test_every_metric_the_dashboard_and_rules_name_is_exposed(pipeline: Pipeline
     for source, exprs in (("dashboard", dashboard_exprs()), ("rules", rule_exprs())):
         for expr in exprs:
             for name in NAME.findall(expr):
-                if name not in s.names and name not in LIMITS_METRICS:
+                if name not in s.names:
                     missing.setdefault(name, []).append(source)
     assert not missing, f"named but exposed by no service: {missing}"
 
