@@ -13,7 +13,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
-from services.gateway import config, core
+from services.gateway import config, core, ws
 from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
 from services.gateway.handlers import Api, routes
 from shared import runtime
@@ -50,6 +50,8 @@ def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[A
 
 
 def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> Litestar:
+    websockets = ws.WebSockets(api)
+
     @get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -74,7 +76,7 @@ def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -
         return schema
 
     return Litestar(
-        route_handlers=[*routes(api), healthz, readyz, openapi],
+        route_handlers=[*routes(api), ws.route(websockets), healthz, readyz, openapi],
         exception_handlers={
             core.ApiError: on_api_error,
             HTTPException: on_http_error,
@@ -147,7 +149,7 @@ async def amain() -> None:
     pool = await create_pool(str(settings.database_url), max_size=10)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     reads = ReadModel(pool)
-    hub = Hub(bus, settings.sse_queue_size, log)
+    hub = Hub(bus, settings.sse_queue_size, log, metrics)
     await hub.start()
     tokens = TokenLog(bus, settings.publish_timeout_s)
     api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens)
@@ -162,6 +164,11 @@ async def amain() -> None:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
+            # Oversized client frames are refused by the protocol (close 1009) before they
+            # are buffered; protocol pings find dead peers that never read.
+            ws_max_size=settings.ws_max_frame_bytes,
+            ws_ping_interval=settings.ws_ping_interval_s,
+            ws_ping_timeout=settings.ws_ping_interval_s,
         ),
         hub.stop,
     )
