@@ -35,7 +35,8 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 class FaultRule(msgspec.Struct, forbid_unknown_fields=True):
     """One injected failure; each matching request consumes one `count` (< 0 = unlimited)."""
 
-    kind: Literal["400", "429", "500", "529", "midstream_error", "stall"]
+    # "slow" is no error: the deltas of the reply come `stall_seconds` apart (a very slow stream).
+    kind: Literal["400", "429", "500", "529", "midstream_error", "stall", "slow"]
     count: int = 1
     match: str = ""  # substring of the last user message; "" matches every request
     model: str = ""  # only requests for this model; "" matches every model
@@ -526,8 +527,11 @@ async def _stream(
         await _frame(send, "content_block_start", {"index": 0, "content_block": block})
         await _frame(send, "ping", {})
         kind, field = ("input_json_delta", "partial_json") if plan.tool else ("text_delta", "text")
-        cut = min(fault.after_tokens, len(plan.chunks)) if fault else -1
+        slow = fault is not None and fault.kind == "slow"
+        cut = min(fault.after_tokens, len(plan.chunks)) if fault and not slow else -1
         gap = 1 / settings.tokens_per_second if settings.tokens_per_second > 0 else 0
+        if slow and fault is not None:
+            gap = fault.stall_seconds
         due = loop.time() + settings.ttft_ms / 1000
         for i in range(len(plan.chunks) + 1):
             if i == cut and fault is not None and fault.kind == "midstream_error":
@@ -593,7 +597,7 @@ async def _messages(state: _State, receive: Receive, send: Send, call_id: str = 
     state.stats.bump(model, calls=1)
     fault, streaming = state.take_fault(user_text, model), body.get("stream") is True
     entry = _ledger_entry(state, call_id, model)
-    if fault is not None:
+    if fault is not None and fault.kind != "slow":
         state.stats.error(model, fault.kind)
         entry["outcome"] = fault.kind
         if fault.kind in _FAULT_ERRORS or (fault.kind == "midstream_error" and not streaming):
