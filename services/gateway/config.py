@@ -15,6 +15,7 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     publish_timeout_s: float = 3.0
     sse_heartbeat_s: float = 15.0
     sse_queue_size: int = 2048
+    sse_send_timeout_s: float = 10.0
     ws_heartbeat_s: float = 15.0
     ws_auth_timeout_s: float = 5.0
     ws_max_frame_bytes: int = 4096

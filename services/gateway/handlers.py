@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, cast
 
 import msgspec
 import nats.errors
@@ -21,13 +22,15 @@ from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
 
 
-class Watch(NamedTuple):
+@dataclass
+class Watch:
     """One client's view of a conversation: its hub queue and what a resume replays first."""
 
     conversation_id: str
     queue: asyncio.Queue[PushEvent | None]
     replay: list[core.Push]
     live: core.LiveFilter
+    ended: bool = False
 
 
 class Api:
@@ -188,6 +191,10 @@ class Api:
         last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         watch = await self.watch(p, conversation_id, last_id)
         self.sse_connections.inc()
+        # A client that stops reading leaves the stream suspended in a send, where its own
+        # cleanup never runs; main.SendTimeout calls this instead.
+        scope = cast(dict[str, Any], request.scope)
+        scope[ON_SEND_TIMEOUT] = lambda: self._end_sse(watch, slow=True)
         return ServerSentEvent(self._stream(watch))
 
     async def watch(self, p: core.Principal, conversation_id: str, last_id: str | None) -> Watch:
@@ -256,8 +263,21 @@ class Api:
                 if w.live.fresh(ev.event, ev.id, ev.data):
                     yield _sse(ev.event, ev.id, ev.data)
         finally:
-            self.stream_clients.labels("sse").dec()
-            self.hub.leave(w.conversation_id, w.queue)
+            self._end_sse(w, slow=False)
+
+    def _end_sse(self, w: Watch, slow: bool) -> None:
+        """Release an SSE stream once, whichever way it ends."""
+        if w.ended:
+            return
+        w.ended = True
+        self.stream_clients.labels("sse").dec()
+        if slow:
+            self.hub.drop(w.conversation_id, w.queue)  # counted once, however noticed
+        self.hub.leave(w.conversation_id, w.queue)
+
+
+# In an SSE request's ASGI scope: what main.SendTimeout calls when the client reads nothing.
+ON_SEND_TIMEOUT = "baton.on_send_timeout"
 
 
 def _sse(event: str, event_id: str, data: dict[str, Any]) -> ServerSentEventMessage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from litestar.openapi import OpenAPIConfig
 
 from services.gateway import config, core, ws
 from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
-from services.gateway.handlers import Api, routes
+from services.gateway.handlers import ON_SEND_TIMEOUT, Api, routes
 from shared import runtime
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
@@ -126,6 +127,53 @@ class HttpMetrics:
             self.latency.labels(method, route).observe(time.perf_counter() - started)
 
 
+class SendTimeout:
+    """ASGI wrapper bounding each response body send: a client that reads nothing is let go.
+
+    Without it a stream to a peer that stopped reading waits in ``send`` for ever (uvicorn has
+    no write timeout), holding its task and socket; a stream registers its cleanup in the
+    scope under ``ON_SEND_TIMEOUT``.
+    """
+
+    def __init__(self, app: Any, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def bounded(message: Any) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            try:
+                await asyncio.wait_for(send(message), self.timeout_s)
+            except TimeoutError:
+                timed_out.append(True)
+                raise
+
+        timed_out: list[bool] = []
+        try:
+            await self.app(scope, receive, bounded)
+        except Exception:
+            if not timed_out:
+                raise
+            # Returning mid-response makes the server close the connection; nothing to answer.
+            on_timeout = scope.get(ON_SEND_TIMEOUT)
+            if on_timeout is not None:
+                on_timeout()
+
+
+def asgi(
+    api: Api, bus: Bus, reads: ReadModel, settings: config.Settings, metrics: ServiceMetrics
+) -> Any:
+    """The whole ASGI app: routes, request metrics, bounded response sends."""
+    app = SendTimeout(build_app(api, bus, reads, settings), settings.sse_send_timeout_s)
+    return HttpMetrics(app, metrics)
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn that ends push streams first, so shutdown does not wait on idle SSE clients."""
 
@@ -153,7 +201,7 @@ async def amain() -> None:
     await hub.start()
     tokens = TokenLog(bus, settings.publish_timeout_s)
     api = Api(settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens)
-    app = HttpMetrics(build_app(api, bus, reads, settings), metrics)
+    app = asgi(api, bus, reads, settings, metrics)
     server = GatewayServer(
         uvicorn.Config(
             app,

@@ -23,7 +23,7 @@ from baton.embedded import free_port
 from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
 from services.gateway.config import Settings
 from services.gateway.handlers import Api
-from services.gateway.main import build_app
+from services.gateway.main import asgi
 from services.persister.adapters import Store
 from shared import messages as m
 from shared import subjects
@@ -70,7 +70,7 @@ async def _serve(infra: Infra, **overrides: Any) -> AsyncIterator[Gateway]:
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            build_app(api, bus, reads, settings),
+            asgi(api, bus, reads, settings, metrics),
             host="127.0.0.1",
             port=port,
             lifespan="off",
@@ -411,10 +411,41 @@ async def test_a_client_that_stops_reading_is_cut_off_with_4429(infra: Infra) ->
         assert texts[0]["event"] == "ready"
         seqs = [f["data"]["seq"] for f in texts[1:]]
         assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < 400
+        assert g.metric("websocket_connections_total", end="4429") == 1
+        # The close frame goes out only if the client's buffers had room by then (it was not
+        # reading); the connection ends either way.
         opcode, payload = got[-1]
-        assert opcode == 8  # close
-        assert int.from_bytes(payload[:2], "big") == 4429
-        assert payload[2:] == b"slow_client: reconnect with last_event_id"
+        if opcode == 8:
+            assert int.from_bytes(payload[:2], "big") == 4429
+            assert payload[2:] == b"slow_client: reconnect with last_event_id"
+
+
+async def test_an_sse_client_that_stops_reading_is_let_go(infra: Infra) -> None:
+    async for g in _serve(infra, sse_queue_size=8, sse_send_timeout_s=2.0):
+        e = await stored(g)
+        port = int(g.url.rsplit(":", 1)[1])
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        header = auth()["Authorization"]
+        path = f"/api/conversations/{e.conversation_id}/events"
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {header}\r\n\r\n".encode())
+        try:
+            for _ in range(100):
+                if g.metric("stream_clients", transport="sse") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            await publish_tokens(g.bus, e, 400, text="y" * 30_000)
+            # Out of the hub, its stream task gone: nothing of it is left in the gateway.
+            for _ in range(300):
+                if g.metric("stream_clients", transport="sse") == 0 and not g.hub.clients:
+                    break
+                await asyncio.sleep(0.05)
+            assert g.metric("stream_clients", transport="sse") == 0
+            assert not g.hub.clients
+            assert g.metric("slow_client_drops_total") == 1
+        finally:
+            sock.close()
 
 
 async def test_a_gateway_shutting_down_closes_streams_with_1001(gateway: Gateway) -> None:
