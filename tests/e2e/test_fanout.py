@@ -148,6 +148,7 @@ async def test_one_gateway_streams_every_token_to_a_thousand_sse_clients(
         await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in batch)), 60)
     connect_s = time.monotonic() - started
     assert gateway_metric(p, "baton_gateway_stream_clients") == CLIENTS
+    assert gateway_metric(p, "baton_gateway_push_subscriptions") == 3
     idle = rss_kib(gateway_pid)
     subs = gateway_subscriptions(p.nats.monitor_url)
 

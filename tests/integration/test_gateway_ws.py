@@ -455,3 +455,19 @@ async def test_a_gateway_shutting_down_closes_streams_with_1001(gateway: Gateway
         await gateway.hub.stop()
         code, _, _ = await closed(ws)
     assert code == 1001
+
+
+async def test_a_resume_the_database_cannot_serve_is_4503_and_a_live_stream_still_opens(
+    gateway: Gateway,
+) -> None:
+    e = await stored(gateway)
+    await gateway.pool.close()  # the read model is gone
+    url = f"{gateway.ws(e.conversation_id)}?last_event_id=msg:{e.message_id}"
+    async with connect(url, additional_headers=auth()) as ws:
+        code, reason, seen = await closed(ws)
+    assert (code, reason) == (4503, "database_unavailable")
+    assert seen[0]["data"]["status"] == 503
+    assert not gateway.hub.clients
+    # Without a position to resume from, nothing needs reading: the live stream opens.
+    async with connect(gateway.ws(e.conversation_id), additional_headers=auth()) as ws:
+        assert (await frames(ws, until="ready"))[-1]["event"] == "ready"
