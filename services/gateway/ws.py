@@ -56,7 +56,7 @@ class WebSockets:
                 self.api.stream_clients.labels("websocket").dec()
                 self.api.hub.leave(watch.conversation_id, watch.queue)
         except core.ApiError as exc:
-            end = str(core.ws_close_code(exc.status))
+            end = str(core.WS_TOO_BIG if exc.status == 413 else core.ws_close_code(exc.status))
             await self._refuse(socket, lock, exc)
         except _Closed as closed:
             if closed.code is not None:
