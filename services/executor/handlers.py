@@ -115,6 +115,10 @@ class Handlers:
                 call_id,
             )
         except StreamFailed as exc:
+            # What the model wrote before the failure reaches clients too (they see it cut).
+            rest = coalescer.flush()
+            if rest:
+                await send(rest)
             error_class = core.classify(exc.cause)
             self.errors.labels(error_class).inc()
             self._count(t.model, exc.usage)

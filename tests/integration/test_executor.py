@@ -229,3 +229,16 @@ async def test_words_are_pushed_while_the_model_is_silent(
         await pool.close()
         await client.close()
     assert (delta.seq, len(delta.text.split())) == (1, 3)
+
+
+async def test_text_written_before_an_error_mid_stream_still_reaches_clients(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # Four words at once, then the error: all still in the coalescer when the stream breaks.
+    offline_model.set_faults([{"kind": "midstream_error", "after_tokens": 4}])
+    deltas, [failed] = await _execute(
+        infra, offline_model.url, "hello", "exec.failed.>", coalesce_chars=10_000
+    )
+    assert failed.error_class == "overloaded" and failed.usage.output_tokens == 4
+    assert [d.seq for d in deltas] == [1]
+    assert len(deltas[0].text.split()) == 4
