@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import hashlib
 import math
@@ -35,13 +36,16 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 class FaultRule(msgspec.Struct, forbid_unknown_fields=True):
     """One injected failure; each matching request consumes one `count` (< 0 = unlimited)."""
 
-    kind: Literal["400", "429", "500", "529", "midstream_error", "stall"]
+    # Two kinds are no errors: "slow" sends the reply's deltas `stall_seconds` apart (a very slow
+    # stream); "tool_input" answers a forced tool call with `tool_input` verbatim (hostile output).
+    kind: Literal["400", "429", "500", "529", "midstream_error", "stall", "slow", "tool_input"]
     count: int = 1
     match: str = ""  # substring of the last user message; "" matches every request
     model: str = ""  # only requests for this model; "" matches every model
     after_tokens: int = 3  # deltas sent before a midstream error or stall; stall < 0 = no headers
     stall_seconds: float = 3600.0
     retry_after: int = 1
+    tool_input: Any = None
 
 
 Fault = FaultRule | None
@@ -384,6 +388,8 @@ class _State:
         self.cache: set[bytes] = set()
         self.stats = _Stats()
         self.ledger: dict[str, dict[str, Any]] = {}
+        # The latest request bodies, so a test can check what a service put in its prompts.
+        self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
 
     def take_fault(self, text: str, model: str = "") -> FaultRule | None:
         rule = next(
@@ -395,7 +401,7 @@ class _State:
             self.faults = [r for r in self.faults if r.count != 0]
         return rule
 
-    def plan(self, body: dict[str, Any], user_text: str) -> _Plan:
+    def plan(self, body: dict[str, Any], user_text: str, fault: Fault = None) -> _Plan:
         model, settings = body["model"], self.settings
         segments = _segments(body)
         counts = [len(_TOKEN_RE.findall(text)) for text, _ in segments]
@@ -415,6 +421,8 @@ class _State:
             schema = tool.get("input_schema") or {}
             defs = schema.get("$defs", {}) if isinstance(schema, dict) else {}
             value = fill_schema(schema, defs, tool["name"], _Ctx(user_text, rng))
+            if fault is not None and fault.kind == "tool_input":
+                value = fault.tool_input
             tool_id = "toolu_" + uuid.uuid4().hex[:24]
             block = {"type": "tool_use", "id": tool_id, "name": tool["name"], "input": value}
             text = msgspec.json.encode(value).decode()
@@ -526,8 +534,12 @@ async def _stream(
         await _frame(send, "content_block_start", {"index": 0, "content_block": block})
         await _frame(send, "ping", {})
         kind, field = ("input_json_delta", "partial_json") if plan.tool else ("text_delta", "text")
-        cut = min(fault.after_tokens, len(plan.chunks)) if fault else -1
+        slow = fault is not None and fault.kind == "slow"
+        cuts = fault is not None and fault.kind in ("midstream_error", "stall")
+        cut = min(fault.after_tokens, len(plan.chunks)) if fault and cuts else -1
         gap = 1 / settings.tokens_per_second if settings.tokens_per_second > 0 else 0
+        if slow and fault is not None:
+            gap = fault.stall_seconds
         due = loop.time() + settings.ttft_ms / 1000
         for i in range(len(plan.chunks) + 1):
             if i == cut and fault is not None and fault.kind == "midstream_error":
@@ -563,7 +575,8 @@ async def _reply(
 ) -> None:
     tps = state.settings.tokens_per_second
     delay = state.settings.ttft_ms / 1000 + (len(plan.chunks) / tps if tps > 0 else 0)
-    if await watch.sleep(delay + (fault.stall_seconds if fault else 0)):
+    stalls = fault is not None and fault.kind in ("stall", "slow")
+    if await watch.sleep(delay + (fault.stall_seconds if fault and stalls else 0)):
         if fault is None:
             state.stats.error(plan.model, "client_disconnected")
         entry["outcome"] = fault.kind if fault else "client_disconnected"
@@ -593,7 +606,8 @@ async def _messages(state: _State, receive: Receive, send: Send, call_id: str = 
     state.stats.bump(model, calls=1)
     fault, streaming = state.take_fault(user_text, model), body.get("stream") is True
     entry = _ledger_entry(state, call_id, model)
-    if fault is not None:
+    state.requests.append({"call_id": call_id, "model": model, "body": body})
+    if fault is not None and fault.kind not in ("slow", "tool_input"):
         state.stats.error(model, fault.kind)
         entry["outcome"] = fault.kind
         if fault.kind in _FAULT_ERRORS or (fault.kind == "midstream_error" and not streaming):
@@ -604,7 +618,7 @@ async def _messages(state: _State, receive: Receive, send: Send, call_id: str = 
     watch = _Watch(receive)
     state.stats.enter(model)
     try:
-        plan = state.plan(body, user_text)
+        plan = state.plan(body, user_text, fault)
         await (_stream if streaming else _reply)(state, plan, fault, watch, send, entry)
     finally:
         state.stats.leave(model)
@@ -619,6 +633,8 @@ async def _control(state: _State, method: str, path: str, receive: Receive, send
         return await _send_json(send, 200, state.stats.snapshot())
     if route == ("GET", "/_control/calls"):
         return await _send_json(send, 200, {"calls": state.ledger})
+    if route == ("GET", "/_control/requests"):
+        return await _send_json(send, 200, {"requests": list(state.requests)})
     if route in (("POST", "/_control/faults"), ("POST", "/_control/settings")):
         raw = await _read_json(receive, state.settings.max_body_bytes)
         try:
@@ -639,6 +655,7 @@ async def _control(state: _State, method: str, path: str, receive: Receive, send
     if route == ("POST", "/_control/reset"):
         state.stats.reset()
         state.faults, state.cache, state.ledger = [], set(), {}
+        state.requests.clear()
         return await _send_json(send, 200, {"status": "reset"})
     raise _BadRequest(f"{method} {path} not found", 404, "not_found_error")
 
@@ -796,6 +813,11 @@ class OfflineModelProcess:
 
     def stats(self) -> dict[str, Any]:
         return dict(self._call("GET", "/_control/stats"))
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The latest request bodies (up to 256), oldest first: ``{call_id, model, body}``."""
+        result: list[dict[str, Any]] = self._call("GET", "/_control/requests")["requests"]
+        return result
 
     def set_faults(self, faults: list[dict[str, Any]]) -> None:
         """Replaces all fault rules; each dict has the fields of `FaultRule`."""

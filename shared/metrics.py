@@ -82,6 +82,9 @@ class ServiceMetrics:
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(f"baton_{self.service}_{name}", doc, list(labels), registry=self.registry)
 
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(f"baton_{self.service}_{name}", doc, list(labels), registry=self.registry)
+
     def histogram(
         self,
         name: str,

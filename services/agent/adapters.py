@@ -18,7 +18,8 @@ class Classifier:
         self.max_tokens = max_tokens
         self.schema = core.tool_schema()
 
-    async def classify(self, transcript: str) -> Any:
+    async def classify(self, transcript: str) -> tuple[bool, Any]:
+        """Whether the model called the tool, and the input it gave (anything at all)."""
         response = await self.client.messages.create(
             model=self.model,
             max_tokens=self.max_tokens,
@@ -35,5 +36,5 @@ class Classifier:
         )
         for block in response.content:
             if block.type == "tool_use" and block.name == core.TOOL_NAME:
-                return block.input
-        return None
+                return True, block.input
+        return False, None

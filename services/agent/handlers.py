@@ -73,10 +73,10 @@ class Handlers:
     async def _classify(self, transcript: str) -> tuple[m.Decision | None, str]:
         try:
             with self.model_seconds.time():
-                raw = await self.classifier.classify(transcript)
+                called, raw = await self.classifier.classify(transcript)
         except anthropic.APIError as exc:
             return None, f"model_error: {type(exc).__name__}"
-        if raw is None:
+        if not called:
             return None, "no_tool_use: model did not call the tool"
         checked = core.validate(raw)
         if isinstance(checked, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import nats.errors
@@ -59,8 +60,16 @@ class Handlers:
         started = time.perf_counter()
 
         live = True
+        # One push at a time, so seq order is publish order; a timer flushes a batch the model
+        # is slow to add to (a slow stream's words must not wait for the next word).
+        pushing = asyncio.Lock()
+        timer: asyncio.Task[None] | None = None
 
         async def send(text: str) -> None:
+            async with pushing:
+                await push(text)
+
+        async def push(text: str) -> None:
             # Token pushes are best effort: a broker hiccup must not abort a call that is being
             # paid for; the answer still arrives whole with the result.
             nonlocal seq, live
@@ -82,9 +91,19 @@ class Handlers:
         async def on_text(text: str) -> None:
             if seq == 0 and not coalescer.buffer:
                 self.ttft.labels(t.model).observe(time.perf_counter() - started)
+            nonlocal timer
             batch = coalescer.add(text, time.perf_counter())
             if batch:
                 await send(batch)
+            elif timer is None or timer.done():
+                timer = asyncio.create_task(flush_later())
+
+        async def flush_later() -> None:
+            await asyncio.sleep(coalescer.max_age_s)
+            batch = coalescer.flush()
+            if batch:
+                # Once taken from the coalescer a batch is pushed, even if the call ends now.
+                await asyncio.shield(send(batch))
 
         try:
             outcome = await self.model.stream(
@@ -96,6 +115,10 @@ class Handlers:
                 call_id,
             )
         except StreamFailed as exc:
+            # What the model wrote before the failure reaches clients too (they see it cut).
+            rest = coalescer.flush()
+            if rest:
+                await send(rest)
             error_class = core.classify(exc.cause)
             self.errors.labels(error_class).inc()
             self._count(t.model, exc.usage)
@@ -119,6 +142,10 @@ class Handlers:
             return f"failed:{error_class}"
         finally:
             self.model_seconds.labels(t.model).observe(time.perf_counter() - started)
+            if timer is not None:
+                timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await timer
         rest = coalescer.flush()
         if rest:
             await send(rest)

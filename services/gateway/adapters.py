@@ -7,6 +7,7 @@ import contextlib
 import math
 import time
 import uuid
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -14,11 +15,13 @@ import msgspec
 import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
 
 from services.gateway import core
 from shared import messages as m
 from shared import ratelimit, subjects
 from shared.bus import Bus
+from shared.metrics import ServiceMetrics
 
 _accepted = msgspec.json.Decoder(m.UserMessageAccepted)
 _delta = msgspec.json.Decoder(m.TokenDelta)
@@ -211,25 +214,55 @@ class PushEvent(msgspec.Struct, frozen=True):
 
 
 class Hub:
-    """One NATS subscription per subject family per process, fanned out to clients in memory."""
+    """One NATS subscription per subject family per process, fanned out to clients in memory.
 
-    def __init__(self, bus: Bus, queue_size: int, log: structlog.stdlib.BoundLogger) -> None:
+    Each client (an SSE or WebSocket stream) gets a bounded queue of shared event objects, so a
+    client costs at most ``queue_size`` references however much is published; one that falls
+    that far behind is cut off (it resumes with its last event id).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        queue_size: int,
+        log: structlog.stdlib.BoundLogger,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.bus = bus
         self.queue_size = queue_size
         self.log = log
         self.clients: dict[str, set[asyncio.Queue[PushEvent | None]]] = defaultdict(set)
         self.subs: list[Any] = []
+        self.stopping = False
+        # Queues cut off because their client fell behind (not because the hub stopped).
+        self.slow: weakref.WeakSet[asyncio.Queue[PushEvent | None]] = weakref.WeakSet()
+        self.drops: Counter | None = None
+        self.subscriptions: Gauge | None = None
+        if metrics is not None:
+            self.drops = metrics.counter(
+                "slow_client_drops_total",
+                "Push streams (SSE or WebSocket) cut off because the client fell too far behind.",
+            )
+            self.subscriptions = metrics.gauge(
+                "push_subscriptions", "Core NATS subscriptions the push hub holds (one per family)."
+            )
 
     async def start(self) -> None:
+        self.stopping = False
         for subject in subjects.PUSH_SUBJECTS:
             self.subs.append(await self.bus.nc.subscribe(subject, cb=self._on_msg))
+        if self.subscriptions is not None:
+            self.subscriptions.set(len(self.subs))
 
     async def stop(self) -> None:
         """End every client stream (they reconnect elsewhere with Last-Event-ID); idempotent."""
+        self.stopping = True
         subs, self.subs = self.subs, []
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        if self.subscriptions is not None:
+            self.subscriptions.set(0)
         for queues in list(self.clients.values()):
             for q in list(queues):
                 _close(q)
@@ -245,6 +278,20 @@ class Hub:
             queues.discard(q)
             if not queues:
                 del self.clients[conversation_id]
+
+    def was_slow(self, q: asyncio.Queue[PushEvent | None]) -> bool:
+        """Whether this client's stream ended because it fell behind."""
+        return q in self.slow
+
+    def drop(self, conversation_id: str, q: asyncio.Queue[PushEvent | None]) -> None:
+        """Cut off a client that cannot keep up; it resumes with its last event id."""
+        if q in self.slow:
+            return
+        self.slow.add(q)
+        self.leave(conversation_id, q)
+        _close(q)
+        if self.drops is not None:
+            self.drops.inc()
 
     async def _on_msg(self, msg: Msg) -> None:
         conversation_id = msg.subject.rsplit(".", 1)[-1]
@@ -263,9 +310,7 @@ class Hub:
             try:
                 q.put_nowait(event)
             except asyncio.QueueFull:
-                # A client that cannot keep up is cut off; it resumes with Last-Event-ID.
-                self.leave(conversation_id, q)
-                _close(q)
+                self.drop(conversation_id, q)
 
 
 def _close(q: asyncio.Queue[PushEvent | None]) -> None:

@@ -17,6 +17,12 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     sse_queue_size: int = 2048
     rate_gate: bool = True  # early 429s from policy's rate windows (off: policy alone refuses)
     rate_cache_s: float = 1.0  # how long a look at a user's rate windows is reused
+    sse_send_timeout_s: float = 10.0
+    ws_heartbeat_s: float = 15.0
+    ws_auth_timeout_s: float = 5.0
+    ws_max_frame_bytes: int = 4096
+    ws_send_timeout_s: float = 10.0
+    ws_ping_interval_s: float = 20.0
 
 
 def from_env() -> Settings:

@@ -410,3 +410,51 @@ class LiveFilter:
             return event_id not in self.ids
         high = self.high.get(data["run_id"])
         return high is None or (data["attempt"], data["seq"]) > high
+
+
+# ---- WebSocket -----------------------------------------------------------------------------
+
+# Standard close codes; the gateway's own are 4000 + the HTTP status the same error has over HTTP
+# (4400 bad frame, 4401 unauthenticated, 4404 not found, 4422 bad id, 4429 too slow, 4503 down).
+WS_GOING_AWAY = 1001  # the gateway is shutting down: reconnect (elsewhere) with last_event_id
+WS_UNSUPPORTED = 1003  # a binary frame: this protocol is JSON text only
+WS_TOO_BIG = 1009
+WS_INTERNAL = 1011
+WS_SLOW = 4429  # the client fell too far behind: reconnect with last_event_id
+
+
+class ClientFrame(msgspec.Struct, forbid_unknown_fields=True):
+    """What a WebSocket client may send: one ``auth`` frame first (without a header), pings."""
+
+    type: str
+    token: str | None = None
+    last_event_id: str | None = None
+
+
+_client_frame = msgspec.json.Decoder(ClientFrame)
+
+
+def ws_close_code(status: int) -> int:
+    """The close code for an error that HTTP would answer with ``status``."""
+    return 4000 + status if 400 <= status < 600 else WS_INTERNAL
+
+
+def parse_client_frame(text: str, max_bytes: int, *, first: bool) -> ClientFrame:
+    """A client frame, or ApiError (400 invalid_frame, 413 frame_too_large) saying why not."""
+    if len(text.encode()) > max_bytes:
+        raise ApiError(413, "frame_too_large", f"frames are limited to {max_bytes} bytes")
+    try:
+        frame = _client_frame.decode(text)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ApiError(400, "invalid_frame", f"frame is not a valid client frame: {exc}") from exc
+    allowed = ("auth", "ping") if first else ("ping",)
+    if frame.type not in allowed:
+        raise ApiError(400, "invalid_frame", f"frame type must be one of {list(allowed)}")
+    if frame.type == "auth" and not isinstance(frame.token, str):
+        raise ApiError(401, "unauthenticated", "auth frame needs a token")
+    return frame
+
+
+def ws_frame(event: str, event_id: str | None, data: dict[str, Any]) -> bytes:
+    """A server frame: the SSE event as JSON ``{id, event, data}``."""
+    return msgspec.json.encode({"id": event_id, "event": event, "data": data})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats.errors
@@ -23,6 +24,17 @@ from shared import tracing
 from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
 from shared.tracing import current_trace_id
+
+
+@dataclass
+class Watch:
+    """One client's view of a conversation: its hub queue and what a resume replays first."""
+
+    conversation_id: str
+    queue: asyncio.Queue[PushEvent | None]
+    replay: list[core.Push]
+    live: core.LiveFilter
+    ended: bool = False
 
 
 class Api:
@@ -47,15 +59,21 @@ class Api:
         self.reads = reads
         self.hub = hub
         self.tokens = tokens
+        self.metrics = metrics
         self.accepts = metrics.counter(
             "accepted_total",
             "Chat messages accepted (202), by whether they were duplicates.",
             ("duplicate",),
         )
         self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
+        self.stream_clients = metrics.gauge(
+            "stream_clients",
+            "Push streams open now, by transport (sse, websocket).",
+            ("transport",),
+        )
         self.sse_resumes = metrics.counter(
             "sse_resumes_total",
-            "SSE streams resumed with Last-Event-ID, by whether the id named a known position.",
+            "Push streams (SSE or WebSocket) resumed with a last event id, by whether it named a known position.",
             ("known",),
         )
 
@@ -197,6 +215,20 @@ class Api:
         self, request: Request[Any, Any, Any], conversation_id: str
     ) -> ServerSentEvent:
         p = self.principal(request)
+        last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        watch = await self.watch(p, conversation_id, last_id)
+        self.sse_connections.inc()
+        # A client that stops reading leaves the stream suspended in a send, where its own
+        # cleanup never runs; main.SendTimeout calls this instead.
+        scope = cast(dict[str, Any], request.scope)
+        scope[ON_SEND_TIMEOUT] = lambda: self._end_sse(watch, slow=True)
+        return ServerSentEvent(self._stream(watch))
+
+    async def watch(self, p: core.Principal, conversation_id: str, last_id: str | None) -> Watch:
+        """A push stream of a conversation the caller may watch, with what it missed replayed.
+
+        Shared by SSE and WebSocket, so both carry the same events with the same resume rules.
+        """
         cid = core.parse_uuid(conversation_id, "conversation id")
         # A conversation that is not stored yet may be the caller's brand-new one: allow it
         # unless someone else owns it.
@@ -206,7 +238,6 @@ class Api:
             owner = None
         if owner is not None and owner != (p.project, p.user):
             raise core.ApiError(404, "not_found", "conversation not found")
-        last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         # Join the hub first: whatever happens from now on is buffered in the queue, so the
         # replay below and the live events overlap rather than leave a gap.
         queue = self.hub.join(cid)
@@ -219,8 +250,7 @@ class Api:
                 self.hub.leave(cid, queue)
                 raise
             live = core.LiveFilter(replay, queue.qsize())
-        self.sse_connections.inc()
-        return ServerSentEvent(self._stream(cid, queue, replay, live))
+        return Watch(cid, queue, replay, live)
 
     async def _replay(self, p: core.Principal, cid: str, last_id: str) -> list[core.Push]:
         """What a client that last saw ``last_id`` missed (everything, for an unknown id)."""
@@ -243,29 +273,38 @@ class Api:
         self.sse_resumes.labels(str(pos is not None and len(missed) < len(events)).lower()).inc()
         return missed
 
-    async def _stream(
-        self,
-        cid: str,
-        queue: asyncio.Queue[PushEvent | None],
-        replay: list[core.Push],
-        live: core.LiveFilter,
-    ) -> AsyncGenerator[ServerSentEventMessage, None]:
+    async def _stream(self, w: Watch) -> AsyncGenerator[ServerSentEventMessage, None]:
+        self.stream_clients.labels("sse").inc()
         try:
             yield ServerSentEventMessage(data=None, comment="connected", retry=1000)
-            for event, event_id, data in replay:
+            for event, event_id, data in w.replay:
                 yield _sse(event, event_id, data)
             while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), self.settings.sse_heartbeat_s)
+                    ev = await asyncio.wait_for(w.queue.get(), self.settings.sse_heartbeat_s)
                 except TimeoutError:
                     yield ServerSentEventMessage(data=None, comment="heartbeat")
                     continue
                 if ev is None:
                     return
-                if live.fresh(ev.event, ev.id, ev.data):
+                if w.live.fresh(ev.event, ev.id, ev.data):
                     yield _sse(ev.event, ev.id, ev.data)
         finally:
-            self.hub.leave(cid, queue)
+            self._end_sse(w, slow=False)
+
+    def _end_sse(self, w: Watch, slow: bool) -> None:
+        """Release an SSE stream once, whichever way it ends."""
+        if w.ended:
+            return
+        w.ended = True
+        self.stream_clients.labels("sse").dec()
+        if slow:
+            self.hub.drop(w.conversation_id, w.queue)  # counted once, however noticed
+        self.hub.leave(w.conversation_id, w.queue)
+
+
+# In an SSE request's ASGI scope: what main.SendTimeout calls when the client reads nothing.
+ON_SEND_TIMEOUT = "baton.on_send_timeout"
 
 
 def _sse(event: str, event_id: str, data: dict[str, Any]) -> ServerSentEventMessage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -13,9 +14,9 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
-from services.gateway import config, core
+from services.gateway import config, core, ws
 from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, TokenLog
-from services.gateway.handlers import Api, routes
+from services.gateway.handlers import ON_SEND_TIMEOUT, Api, routes
 from shared import runtime, subjects
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
@@ -50,6 +51,8 @@ def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[A
 
 
 def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> Litestar:
+    websockets = ws.WebSockets(api)
+
     @get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -74,7 +77,7 @@ def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -
         return schema
 
     return Litestar(
-        route_handlers=[*routes(api), healthz, readyz, openapi],
+        route_handlers=[*routes(api), ws.route(websockets), healthz, readyz, openapi],
         exception_handlers={
             core.ApiError: on_api_error,
             HTTPException: on_http_error,
@@ -151,6 +154,53 @@ class HttpMetrics:
             structlog.contextvars.clear_contextvars()
 
 
+class SendTimeout:
+    """ASGI wrapper bounding each response body send: a client that reads nothing is let go.
+
+    Without it a stream to a peer that stopped reading waits in ``send`` for ever (uvicorn has
+    no write timeout), holding its task and socket; a stream registers its cleanup in the
+    scope under ``ON_SEND_TIMEOUT``.
+    """
+
+    def __init__(self, app: Any, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def bounded(message: Any) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            try:
+                await asyncio.wait_for(send(message), self.timeout_s)
+            except TimeoutError:
+                timed_out.append(True)
+                raise
+
+        timed_out: list[bool] = []
+        try:
+            await self.app(scope, receive, bounded)
+        except Exception:
+            if not timed_out:
+                raise
+            # Returning mid-response makes the server close the connection; nothing to answer.
+            on_timeout = scope.get(ON_SEND_TIMEOUT)
+            if on_timeout is not None:
+                on_timeout()
+
+
+def asgi(
+    api: Api, bus: Bus, reads: ReadModel, settings: config.Settings, metrics: ServiceMetrics
+) -> Any:
+    """The whole ASGI app: routes, request metrics, bounded response sends."""
+    app = SendTimeout(build_app(api, bus, reads, settings), settings.sse_send_timeout_s)
+    return HttpMetrics(app, metrics)
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn that ends push streams first, so shutdown does not wait on idle SSE clients."""
 
@@ -174,7 +224,7 @@ async def amain() -> None:
     pool = await create_pool(str(settings.database_url), max_size=10)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     reads = ReadModel(pool)
-    hub = Hub(bus, settings.sse_queue_size, log)
+    hub = Hub(bus, settings.sse_queue_size, log, metrics)
     await hub.start()
     tokens = TokenLog(bus, settings.publish_timeout_s)
     limits_kv = None
@@ -187,7 +237,7 @@ async def amain() -> None:
     api = Api(
         settings, Publisher(bus, settings.publish_timeout_s), reads, hub, metrics, tokens, gate
     )
-    app = HttpMetrics(build_app(api, bus, reads, settings), metrics)
+    app = asgi(api, bus, reads, settings, metrics)
     server = GatewayServer(
         uvicorn.Config(
             app,
@@ -198,6 +248,11 @@ async def amain() -> None:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
+            # Oversized client frames are refused by the protocol (close 1009) before they
+            # are buffered; protocol pings find dead peers that never read.
+            ws_max_size=settings.ws_max_frame_bytes,
+            ws_ping_interval=settings.ws_ping_interval_s,
+            ws_ping_timeout=settings.ws_ping_interval_s,
         ),
         hub.stop,
     )

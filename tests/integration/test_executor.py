@@ -167,3 +167,78 @@ async def test_history_puts_each_reply_after_its_question_even_when_stored_later
     turns = await history.upto(u2.conversation_id, u2.message_id, 50)
     assert [t.content for t in turns] == ["first question", "first answer", "second question"]
     await pool.close()
+
+
+async def test_a_rate_limited_model_is_reported_as_rate_limited_with_no_usage(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    offline_model.set_faults([{"kind": "429"}])
+    deltas, [failed] = await _execute(infra, offline_model.url, "hello", "exec.failed.>")
+    assert failed.error_class == "rate_limited"
+    assert failed.usage == m.Usage()
+    assert deltas == []
+    assert [c["outcome"] for c in offline_model.calls().values()] == ["429"]
+
+
+async def test_a_very_slow_stream_completes_without_a_timeout(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # Deltas 0.4 s apart, under the 1 s stall timeout: slow is not stalled.
+    offline_model.update_settings(words_per_reply=6)
+    offline_model.set_faults([{"kind": "slow", "stall_seconds": 0.4}])
+    deltas, [result] = await _execute(
+        infra, offline_model.url, "hello", "exec.result.>", stall_timeout_s=1.0
+    )
+    assert result.stop_reason == "end_turn" and len(result.text.split()) == 6
+    assert "".join(d.text for d in deltas) == result.text
+    # Each word is pushed on its own: the coalescer does not hold a word until the next one.
+    assert len(deltas) == 6
+    [call] = offline_model.calls().values()
+    assert (call["outcome"], call["output_tokens"]) == ("completed", 6)
+    assert result.usage.output_tokens == 6
+
+
+async def test_words_are_pushed_while_the_model_is_silent(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # Three words at once, then silence: they must not wait in the coalescer for a fourth.
+    offline_model.set_faults([{"kind": "stall", "after_tokens": 3, "stall_seconds": 30}])
+    bus = await connect_bus(infra.nats_url, "executor")
+    pool = await create_pool(infra.database_url)
+    e = user_event("hello there")
+    await Store(pool).insert_user_message(e)
+    cfg = Settings(stall_timeout_s=20, coalesce_chars=10_000)
+    client = model.client(offline_model.url, "test-key", cfg.stall_timeout_s)
+    h = Handlers(bus, History(pool), Model(client), cfg, service_metrics("executor"))
+    task = _task(e)
+    await bus.publish(
+        subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
+    )
+    try:
+        async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+            [delta] = decode_all(
+                await read_subject(bus, subjects.STREAM_TOKENS, "chat.stream.>", 1, timeout=10),
+                m.TokenDelta,
+            )
+            # Still inside the stall: the call has no outcome yet.
+            info = await bus.js.stream_info(subjects.STREAM_RESULTS)
+            assert info.state.messages == 0
+            assert offline_model.calls()[f"{task.task_id}#1"]["outcome"] == "stall"
+    finally:
+        await bus.close()
+        await pool.close()
+        await client.close()
+    assert (delta.seq, len(delta.text.split())) == (1, 3)
+
+
+async def test_text_written_before_an_error_mid_stream_still_reaches_clients(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # Four words at once, then the error: all still in the coalescer when the stream breaks.
+    offline_model.set_faults([{"kind": "midstream_error", "after_tokens": 4}])
+    deltas, [failed] = await _execute(
+        infra, offline_model.url, "hello", "exec.failed.>", coalesce_chars=10_000
+    )
+    assert failed.error_class == "overloaded" and failed.usage.output_tokens == 4
+    assert [d.seq for d in deltas] == [1]
+    assert len(deltas[0].text.split()) == 4

@@ -1,0 +1,179 @@
+"""Each model fault as an SSE client sees it: the retry and its class, the tokens, the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from baton.embedded import NatsServer
+from tests.e2e.conftest import Pipeline, _running
+
+pytestmark = pytest.mark.e2e
+
+ANSWER_MODEL = "claude-sonnet-4-6"
+
+
+@pytest.fixture
+def watched(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+    # A short stall timeout so a stall is noticed in a test's time; frequent SSE heartbeats.
+    extra = {"EXECUTOR_STALL_TIMEOUT_S": "1.5", "GATEWAY_SSE_HEARTBEAT_S": "0.3"}
+    with _running(nats_server.url, database_url, tmp_path / "logs", extra) as p:
+        yield p
+
+
+class Seen:
+    """What one SSE client received: events in order, and heartbeat comments between them."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.heartbeats: list[int] = []  # for each heartbeat, how many events came before it
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e["data"] for e in self.events if e["event"] == kind]
+
+    def tokens(self, attempt: int) -> list[dict[str, Any]]:
+        return [t for t in self.of("token") if t["attempt"] == attempt]
+
+
+async def watch(p: Pipeline, cid: str, token: str, seen: Seen) -> None:
+    """Read the conversation's SSE stream until its run ends (an answer or a failure notice)."""
+    url = f"{p.gateway}/api/conversations/{cid}/events"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        httpx.AsyncClient(timeout=None) as client,
+        client.stream("GET", url, headers=headers) as resp,
+    ):
+        assert resp.status_code == 200
+        event: dict[str, Any] = {}
+        async for line in resp.aiter_lines():
+            if line == ": heartbeat":
+                seen.heartbeats.append(len(seen.events))
+            elif line.startswith(("event:", "id:", "data:")):
+                field, _, value = line.partition(": ")
+                event[field.rstrip(":")] = json.loads(value) if field == "data" else value
+            elif not line and "event" in event:
+                seen.events.append(event)
+                if event["event"] in ("message.completed", "run.failed"):
+                    return
+                event = {}
+
+
+async def ask(p: Pipeline, content: str, final: str = "completed") -> tuple[Seen, dict[str, Any]]:
+    """Post a message while an SSE client watches; what it saw, and the stored outcome."""
+    token = p.token("acme", "alice")
+    auth = {"Authorization": f"Bearer {token}"}
+    cid = str(uuid.uuid4())
+    seen = Seen()
+    reader = asyncio.create_task(watch(p, cid, token, seen))
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(
+            f"{p.gateway}/api/chat", json={"conversation_id": cid, "content": content}, headers=auth
+        )
+        assert r.status_code == 202, r.text
+        await asyncio.wait_for(reader, 60)
+        for _ in range(300):
+            msgs = await client.get(f"{p.gateway}/api/conversations/{cid}/messages", headers=auth)
+            state = await client.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)
+            runs = state.json()["runs"]
+            if runs and runs[0]["status"] == final and len(msgs.json()["messages"]) == 2:
+                return seen, {"reply": msgs.json()["messages"][1], "run": runs[0]}
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no outcome\n{p.log_tail()}")
+
+
+def calls(p: Pipeline) -> list[dict[str, Any]]:
+    return [c for c in p.model.calls().values() if c["model"] == ANSWER_MODEL]
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_class", "partial"),
+    [
+        ({"kind": "429"}, "rate_limited", False),
+        ({"kind": "529"}, "overloaded", False),
+        ({"kind": "midstream_error", "after_tokens": 3}, "overloaded", True),
+        ({"kind": "stall", "after_tokens": 2, "stall_seconds": 30}, "timeout", True),
+    ],
+    ids=["rate-limited", "overloaded", "error-mid-stream", "stalled-stream"],
+)
+async def test_the_client_sees_the_retry_with_its_class_then_exactly_the_stored_answer(
+    watched: Pipeline, fault: dict[str, Any], error_class: str, partial: bool
+) -> None:
+    watched.model.set_faults([{**fault, "model": ANSWER_MODEL, "count": 1}])
+    seen, out = await ask(watched, "What is a durable consumer?")
+    answer, run = out["reply"], out["run"]
+    assert (answer["kind"], run["status"], run["attempts"]) == ("answer", "completed", 2)
+    # The client is told the run moved on to attempt 2, and why, in the failure class policy saw.
+    retry = [s for s in seen.of("run.status") if s["attempt"] == 2]
+    assert retry, seen.of("run.status")
+    assert retry[0]["reason"] == f"retry after {error_class} on attempt 1"
+    # A cut stream's partial text reached the client before the retry; a refused call sent none.
+    first = seen.tokens(1)
+    assert bool(first) == partial, first
+    if partial:
+        cut = seen.events.index(next(e for e in seen.events if e["event"] == "token"))
+        retried = seen.events.index(next(e for e in seen.events if e["data"] == retry[0]))
+        assert cut < retried
+    # Then every token of attempt 2, in order, making the stored answer, and the answer itself.
+    second = seen.tokens(2)
+    assert [t["seq"] for t in second] == list(range(1, len(second) + 1))
+    assert "".join(t["text"] for t in second) == answer["content"]
+    assert seen.of("message.completed")[0]["content"] == answer["content"]
+    assert seen.events[-1]["event"] == "message.completed"
+    # Both calls billed with what the model served (the cut one's partial output too).
+    served = calls(watched)
+    assert sorted(c["outcome"] for c in served) == sorted([fault["kind"], "completed"])
+    assert run["usage"]["calls"] == 2
+    assert run["usage"]["output_tokens"] == sum(c["output_tokens"] for c in served)
+    assert run["usage"]["input_tokens"] == sum(c["input_tokens"] for c in served)
+    if partial:
+        [cut_call] = [c for c in served if c["outcome"] != "completed"]
+        assert cut_call["output_tokens"] == fault["after_tokens"]
+
+
+async def test_a_model_that_keeps_failing_ends_in_a_run_failed_event(watched: Pipeline) -> None:
+    watched.model.set_faults([{"kind": "529", "model": ANSWER_MODEL, "count": -1}])
+    seen, out = await ask(watched, "Tell me about backpressure", final="failed")
+    notice, run = out["reply"], out["run"]
+    assert (notice["kind"], run["attempts"], run["usage"]["calls"]) == ("failure", 3, 3)
+    assert seen.of("token") == []
+    reasons = [s["reason"] for s in seen.of("run.status") if s["attempt"] > 1]
+    assert "retry after overloaded on attempt 1" in reasons
+    assert "retry after overloaded on attempt 2" in reasons
+    [failed] = seen.of("run.failed")
+    assert seen.events[-1]["event"] == "run.failed"
+    assert (failed["kind"], failed["content"]) == ("failure", notice["content"])
+    assert "overloaded" in failed["content"]
+
+
+async def test_a_very_slow_stream_arrives_whole_and_heartbeats_keep_the_client_alive(
+    watched: Pipeline,
+) -> None:
+    # A word a second: slower than the heartbeat, quicker than the executor's 1.5 s stall timeout.
+    watched.model.update_settings(words_per_reply=6)
+    watched.model.set_faults(
+        [{"kind": "slow", "stall_seconds": 1.0, "model": ANSWER_MODEL, "count": 1}]
+    )
+    seen, out = await ask(watched, "Take your time please")
+    answer, run = out["reply"], out["run"]
+    # No timeout, no retry: one call, completed, billed once.
+    assert (run["status"], run["attempts"], run["usage"]["calls"]) == ("completed", 1, 1)
+    [call] = calls(watched)
+    assert call["outcome"] == "completed"
+    assert run["usage"]["output_tokens"] == call["output_tokens"] == 6
+    # Every word arrived as it was written (one token event each), and they are the answer.
+    tokens = seen.tokens(1)
+    assert [t["seq"] for t in tokens] == [1, 2, 3, 4, 5, 6]
+    assert "".join(t["text"] for t in tokens) == answer["content"]
+    assert seen.of("message.completed")[0]["content"] == answer["content"]
+    # Between the first and the last word, the idle stream carried heartbeats.
+    first = seen.events.index(next(e for e in seen.events if e["event"] == "token"))
+    last = len(seen.events) - 2
+    assert any(first < n <= last for n in seen.heartbeats), (seen.heartbeats, first, last)
