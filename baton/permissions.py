@@ -39,11 +39,12 @@ class Grant(msgspec.Struct, frozen=True):
     listens: tuple[str, ...] = ()  # core subscriptions
     reads_streams: tuple[str, ...] = ()  # get a stored message by sequence
     buckets: tuple[str, ...] = ()
+    reads_buckets: tuple[str, ...] = ()  # get by key only, no writes
 
 
 GRANTS: dict[str, Grant] = {
     "gateway": Grant(
-        publishes=(subjects.chat_in(*ANY),),
+        publishes=(subjects.chat_in(*ANY), subjects.chat_cancel(*ANY)),
         listens=subjects.PUSH_SUBJECTS,
         # A duplicate submit answers with the original message, read back by its sequence;
         # a resuming SSE client gets the tokens it missed, read back the same way.
@@ -65,9 +66,17 @@ GRANTS: dict[str, Grant] = {
             subjects.policy_verdict(*ANY),
             subjects.policy_reply(*ANY),
             subjects.exec_task(*ANY),  # policy alone (I5)
+            subjects.policy_deadline(*ANY),
+            subjects.exec_abort(*ANY),  # policy alone: only the authority stops a call
         ),
-        consumers=(subjects.POLICY_DECISIONS, subjects.POLICY_OUTCOMES, subjects.POLICY_FAILURES),
-        buckets=(subjects.BUCKET_RUNS,),
+        consumers=(
+            subjects.POLICY_DECISIONS,
+            subjects.POLICY_OUTCOMES,
+            subjects.POLICY_FAILURES,
+            subjects.POLICY_CANCELS,
+            subjects.POLICY_DEADLINES,
+        ),
+        buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_ABORTS),
     ),
     "executor": Grant(
         publishes=(
@@ -76,6 +85,8 @@ GRANTS: dict[str, Grant] = {
             subjects.exec_failed(*ANY),
         ),
         consumers=(subjects.EXECUTOR_TASKS,),
+        listens=(subjects.EXEC_ABORT_ALL,),
+        reads_buckets=(subjects.BUCKET_ABORTS,),
     ),
 }
 
@@ -103,9 +114,18 @@ def permissions(service: str) -> dict[str, Any]:
             f"$JS.API.DIRECT.GET.{kv}.>",  # get the latest by key
             f"$JS.API.STREAM.MSG.GET.{kv}",  # get when direct get is off
         ]
+    for bucket in grant.reads_buckets:
+        kv = f"KV_{bucket}"
+        publish += [
+            f"$JS.API.STREAM.INFO.{kv}",
+            f"$JS.API.DIRECT.GET.{kv}.>",
+            f"$JS.API.STREAM.MSG.GET.{kv}",
+        ]
     deny = list(ADMIN_ONLY)
     if subjects.exec_task(*ANY) not in grant.publishes:
         deny.append("exec.task.>")
+    if subjects.exec_abort(*ANY) not in grant.publishes:
+        deny.append("exec.abort.>")
     return {
         "publish": {"allow": publish, "deny": deny},
         "subscribe": {"allow": [*grant.listens, subjects.inbox_prefix(service) + ".>"]},

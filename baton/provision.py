@@ -82,6 +82,16 @@ async def provision(
             )
         )
         done.append(f"bucket {subjects.BUCKET_RUNS} ready")
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=subjects.BUCKET_ABORTS,
+                history=1,
+                ttl=subjects.ABORTS_TTL_S,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            )
+        )
+        done.append(f"bucket {subjects.BUCKET_ABORTS} ready")
     finally:
         await nc.close()
     return done

@@ -9,6 +9,7 @@ import nats.js.errors
 
 from services.policy.core import ConvState, RunState
 from shared.errors import BadData, RetryLater
+from shared.subjects import abort_key
 
 _decoder = msgspec.json.Decoder(RunState)
 _conv_decoder = msgspec.json.Decoder(ConvState)
@@ -79,3 +80,14 @@ class Conversations:
             raise RetryLater(
                 f"conversation {conv.conversation_id} changed concurrently", delay=0.05
             ) from exc
+
+
+class Aborts:
+    """Aborted attempts (``<run id>.<attempt>``) that executors check before calling the model."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+
+    async def mark(self, run_id: str, attempt: int) -> None:
+        # A put, not a create: marking twice is the same fact.
+        await self.kv.put(abort_key(run_id, attempt), b"1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.policy import config, core
-from services.policy.adapters import Conversations, Runs
+from services.policy.adapters import Aborts, Conversations, Runs
 from services.policy.handlers import Handlers
 from shared import messages, runtime, subjects
 from shared.bus import Bus, Consumer, run_consumers
@@ -20,6 +20,9 @@ def rules_from(settings: config.Settings) -> core.Rules:
         max_attempts=settings.max_attempts,
         max_output_tokens=settings.max_output_tokens,
         run_deadline_s=settings.run_deadline_s,
+        double_texting=settings.double_texting,
+        retry_backoff_s=config.backoff(settings.retry_backoff_s),
+        fallback_model=settings.fallback_model or None,
     )
 
 
@@ -28,7 +31,8 @@ async def amain() -> None:
     log, metrics, port, stop = runtime.boot(SERVICE, settings)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
-    h = Handlers(bus, Runs(kv), Conversations(kv), rules_from(settings), metrics)
+    aborts = await bus.js.key_value(subjects.BUCKET_ABORTS)
+    h = Handlers(bus, Runs(kv), Conversations(kv), rules_from(settings), metrics, Aborts(aborts))
     b, n = settings.fetch_batch, settings.concurrency
     consumers: list[Consumer[Any]] = [
         Consumer(
@@ -47,6 +51,22 @@ async def amain() -> None:
             subjects.POLICY_OUTCOMES,
             messages.AssistantMessagePersisted,
             h.reply_persisted,
+            batch=b,
+            concurrency=n,
+        ),
+        Consumer(
+            bus,
+            subjects.POLICY_CANCELS,
+            messages.CancelRequested,
+            h.cancel,
+            batch=b,
+            concurrency=n,
+        ),
+        Consumer(
+            bus,
+            subjects.POLICY_DEADLINES,
+            messages.RunDeadline,
+            h.deadline,
             batch=b,
             concurrency=n,
         ),
