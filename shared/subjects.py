@@ -127,9 +127,9 @@ POLICY_DECISIONS = ConsumerSpec(STREAM_DECISIONS, "policy-decisions", "agent.dec
 POLICY_OUTCOMES = ConsumerSpec(STREAM_PERSISTED, "policy-outcomes", "chat.persisted.assistant.>")
 POLICY_FAILURES = ConsumerSpec(STREAM_RESULTS, "policy-failures", "exec.failed.>")
 POLICY_CANCELS = ConsumerSpec(STREAM_CANCELS, "policy-cancels", "chat.cancel.>")
-# Deadline timers are redelivered (nak with a delay) until due: many deliveries are normal.
+# Deadline timers are handed back (nak with a delay) until due: one waits per run in flight.
 POLICY_DEADLINES = ConsumerSpec(
-    STREAM_POLICY, "policy-deadlines", "policy.deadline.>", max_deliver=100
+    STREAM_POLICY, "policy-deadlines", "policy.deadline.>", max_deliver=100, max_ack_pending=100_000
 )
 # In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
 EXECUTOR_TASKS = ConsumerSpec(STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
