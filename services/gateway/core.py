@@ -357,6 +357,12 @@ def timeline(
         run_id = run_id_of(msg["id"])
         run = by_run.get(run_id)
         deltas_of_run = tokens.get(run_id, [])
+        if run is not None and run_id not in replied and run["status"] == "cancelled":
+            # Cancelled runs have no reply: their partial text, then the status that ended it.
+            if deltas_of_run and deltas_of_run[0].attempt >= run["attempts"]:
+                out.extend(token_push(d) for d in deltas_of_run)
+            out.append(status_push(run, run["attempts"], run["status"]))
+            continue
         if run is not None and run_id not in replied:
             out.append(status_push(run, run["attempts"], run["status"]))
             if deltas_of_run and deltas_of_run[0].attempt < run["attempts"]:

@@ -69,9 +69,8 @@ class Handlers:
     async def failure(self, f: m.ExecFailed, _msg: Msg) -> str:
         state, revision = await self.runs.get(f.run_id)
         now = datetime.now(UTC)
-        due = core.retry_due(state, f.attempt, self.rules, now)
-        if due is not None and state.cause == f.event_id:
-            return await self._start_retry(due, revision)
+        if state.cause == f.event_id and state.retry_at is not None:
+            return await self._start_retry(state, revision, f.attempt, now)
         new = core.on_failure(state, f, self.rules, now)
         if new is None:
             if core.caused_by(state, f):
@@ -87,9 +86,8 @@ class Handlers:
         if now < d.due:
             raise Deferred("deadline not reached", (d.due - now).total_seconds())
         state, revision = await self.runs.get(d.run_id)
-        due = core.retry_due(state, d.attempt, self.rules, now)
-        if due is not None and state.cause == d.event_id:
-            return await self._start_retry(due, revision)
+        if state.cause == d.event_id and state.retry_at is not None:
+            return await self._start_retry(state, revision, d.attempt, now)
         new = core.on_deadline(state, d, self.rules, now)
         if new is None:
             if state.cause == d.event_id:
@@ -198,9 +196,17 @@ class Handlers:
         await self._after(new)
         return new.status
 
-    async def _start_retry(self, state: core.RunState, revision: int) -> str:
-        await self.runs.update(state, revision)
-        await self._emit(state)
+    async def _start_retry(
+        self, state: core.RunState, revision: int, failed_attempt: int, now: datetime
+    ) -> str:
+        """The event that scheduled a retry is back: start the attempt, or wait on if early."""
+        due = core.retry_due(state, failed_attempt, self.rules, now)
+        if due is None:
+            assert state.retry_at is not None
+            wait = (state.retry_at - now).total_seconds()
+            raise Deferred("retry not due yet", max(wait, 0.0))
+        await self.runs.update(due, revision)
+        await self._emit(due)
         return "retry"
 
     async def _admit(self, state: core.RunState) -> core.Admission:

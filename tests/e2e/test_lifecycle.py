@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import threading
 import time
 import uuid
@@ -374,3 +375,27 @@ def test_a_run_that_never_finishes_in_time_ends_in_one_failure_notice(
         notices = c.wait(lambda: [m for m in c.messages() if m["kind"] == "failure"], "notice")
         assert len(notices) == 1 and "timeout" in notices[0]["content"]
         assert len(c.calls(run_id)) == 2
+
+
+def test_a_retry_waiting_for_its_backoff_survives_a_policy_crash(
+    nats_server: NatsServer, database_url: str, tmp_path: Path
+) -> None:
+    with _pipeline(nats_server, database_url, tmp_path, {"POLICY_RETRY_BACKOFF_S": "3"}) as p:
+        p.model.set_faults([{"kind": "529", "model": ANSWER_MODEL, "count": 1}])
+        c = Client(p)
+        run_id = c.send("Retry me after a crash")
+        # Policy has scheduled attempt 2 (its run.status is stored) and waits for the backoff.
+        c.wait(lambda: c.runs().get(run_id, {}).get("attempts") == 2, "retry scheduled")
+        child = p.child("policy")
+        proc = child.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 90
+        while c.runs().get(run_id, {}).get("status") != "completed":
+            p.supervisor.poll()  # restarts policy, as `baton up` would
+            assert time.monotonic() < deadline, f"no retry after the crash\n{p.log_tail(60)}"
+            time.sleep(0.1)
+        assert child.proc is not proc  # it was restarted
+        outcomes = [v["outcome"] for _, v in sorted(c.calls(run_id).items())]
+        assert outcomes == ["529", "completed"]
