@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -253,16 +254,24 @@ def test_cancel_requests_that_cannot_apply_are_refused_clearly(slow: Pipeline) -
     # No token: 401.
     url = f"{slow.gateway}/api/conversations/{c.cid}/runs/{done}/cancel"
     assert httpx.post(url).status_code == 401
-    # Duplicate cancels of a live run: both accepted, the second marked as a duplicate.
+    # Concurrent duplicate cancels of a live run (policy paused, so the run stays live): all
+    # accepted, one request published, the rest marked as duplicates.
     _slow_model(slow)
     live = c.send("A long answer please")
     c.open_call(live)
-    first, again = c.cancel(live), c.cancel(live)
-    assert (first.status_code, again.status_code) == (202, 202)
-    assert again.json()["duplicate"] is True
+    policy = slow.child("policy")
+    policy.signal(signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: c.cancel(live), range(5)))
+    finally:
+        policy.signal(signal.SIGCONT)
+    assert [a.status_code for a in answers] == [202] * 5, [a.text for a in answers]
+    assert sorted(a.json()["duplicate"] for a in answers) == [False] + [True] * 4
     c.wait_status(live, "cancelled")
     time.sleep(0.5)
     assert len(usage_rows(slow, live)) == 1
+    assert c.cancel(live).status_code == 409
 
 
 @pytest.mark.parametrize("strategy", ["reject", "interrupt"])

@@ -202,3 +202,49 @@ async def test_runs_of_one_conversation_take_turns_in_arrival_order(infra: Infra
         )
     assert [t.message_id for t in tasks] == [d.message_id for d in (first, *later)]
     await bus.close()
+
+
+def _cancel(d: m.AgentDecision, **changes: str) -> m.CancelRequested:
+    run_id = core.run_id_for(d.message_id)
+    c = m.CancelRequested(
+        event_id=f"cancel:{run_id}",
+        message_id=d.message_id,
+        conversation_id=d.conversation_id,
+        project_id=d.project_id,
+        user_id=d.user_id,
+        run_id=run_id,
+        requested_at=datetime.now(UTC),
+    )
+    return msgspec.structs.replace(c, **changes)
+
+
+async def test_hostile_cancels_are_dead_lettered_and_leave_the_run_alone(infra: Infra) -> None:
+    bus, consumers = await _policy(infra)
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    d = _decision()
+    await bus.publish(subjects.agent_decision(d.project_id, d.conversation_id), d, msg_id="d")
+    cancels = subjects.chat_cancel(d.project_id, d.conversation_id)
+    other = "00000000-0000-0000-0000-000000000002"
+    hostile = [
+        _cancel(d, user_id="mallory"),  # someone else's run
+        _cancel(d, conversation_id="00000000-0000-0000-0000-0000000000c2"),
+        _cancel(d, project_id="p2"),
+        _cancel(d, run_id=f"run-{other}"),  # run and message disagree
+    ]
+    rules = rules_from(Settings())
+    h = Handlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy-2"))
+    async with running(
+        *consumers, Consumer(bus, subjects.POLICY_CANCELS, m.CancelRequested, h.cancel)
+    ):
+        await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1)
+        for i, c in enumerate(hostile):
+            await bus.publish(cancels, c, msg_id=f"hostile-{i}")
+        await bus.js.publish(cancels, b"{not json", headers={"Nats-Msg-Id": "bad"})
+        await bus.js.publish(cancels, b'{"v": 1}', headers={"Nats-Msg-Id": "partial"})
+        letters = await read_subject(
+            bus, subjects.STREAM_DLQ, subjects.dead_letter("CHAT_CANCEL", "policy-cancels"), 6
+        )
+    assert len(letters) == 6
+    state = msgspec.json.decode((await kv.get(core.run_id_for(d.message_id))).value)
+    assert (state["status"], state["cancel_requested"]) == ("running", False)
+    await bus.close()
