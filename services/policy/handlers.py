@@ -231,7 +231,7 @@ class Handlers:
             else:
                 await self._start(state, conv)
         elif admission == "queued":
-            if state.status in core.TERMINAL:
+            if state.out_of_turn:
                 await self._emit(state)  # finished before its turn: it will be skipped
                 return admission
             if await self._double_text(state, conv):
@@ -247,8 +247,9 @@ class Handlers:
         strategy = self.rules.double_texting
         if strategy == "reject":
             state, revision = await self.runs.get(state.run_id)
-            if state.status in core.TERMINAL:
-                return True
+            if state.status != "running":
+                # Already a refusal or a question: it keeps its place and replies at its turn.
+                return state.out_of_turn
             new = core.reject(state)
             await self.runs.update(new, revision)
             self.double_texts.labels("reject").inc()
