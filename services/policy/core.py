@@ -28,7 +28,6 @@ RETRYABLE: frozenset[str] = frozenset(
 TERMINAL: frozenset[str] = frozenset({"completed", "refused", "clarified", "failed", "cancelled"})
 # Failures for which another model may do better than waiting for the same one.
 FALLBACK_CLASSES: frozenset[str] = frozenset({"overloaded", "rate_limited"})
-DoubleTexting = Literal["enqueue", "reject", "interrupt"]
 
 
 class Rules(msgspec.Struct, frozen=True, kw_only=True):

@@ -274,7 +274,7 @@ def test_cancel_requests_that_cannot_apply_are_refused_clearly(slow: Pipeline) -
     assert c.cancel(live).status_code == 409
 
 
-@pytest.mark.parametrize("strategy", ["reject", "interrupt"])
+@pytest.mark.parametrize("strategy", ["enqueue", "reject", "interrupt"])
 def test_double_texting_with_two_policy_and_two_executor_replicas(
     nats_server: NatsServer, database_url: str, tmp_path: Path, strategy: str
 ) -> None:
@@ -285,7 +285,15 @@ def test_double_texting_with_two_policy_and_two_executor_replicas(
         first = c.send("Write me a long story about queues.")
         call = c.open_call(first)
         second = c.send("Actually, just say hi.")
-        if strategy == "reject":
+        if strategy == "enqueue":
+            c.wait_status(second, "queued")
+            p.model.update_settings(tokens_per_second=0)
+            c.wait_status(first, "completed")
+            c.wait_status(second, "completed")
+            assert p.model.stats()["max_in_flight"][ANSWER_MODEL] == 1
+            answers = [m["run_id"] for m in c.messages() if m["kind"] == "answer"]
+            assert answers == [first, second]
+        elif strategy == "reject":
             run = c.wait_status(second, "refused")
             assert run["verdict"] == "stop"
             refusal = c.wait(

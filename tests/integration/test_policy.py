@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import msgspec
+import pytest
 
 from services.policy import core
 from services.policy.adapters import Conversations, Runs
@@ -14,6 +15,7 @@ from services.policy.main import rules_from
 from shared import messages as m
 from shared import subjects
 from shared.bus import Consumer
+from shared.errors import Deferred
 from tests.integration.conftest import Infra
 from tests.support import connect_bus, decode_all, read_subject, running, service_metrics
 
@@ -247,4 +249,36 @@ async def test_hostile_cancels_are_dead_lettered_and_leave_the_run_alone(infra: 
     assert len(letters) == 6
     state = msgspec.json.decode((await kv.get(core.run_id_for(d.message_id))).value)
     assert (state["status"], state["cancel_requested"]) == ("running", False)
+    await bus.close()
+
+
+async def test_a_retry_waits_for_its_backoff_in_the_stream_not_in_a_worker(infra: Infra) -> None:
+    bus = await connect_bus(infra.nats_url, "policy")
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    rules = rules_from(Settings(retry_backoff_s="60"))
+    h = Handlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy"))
+    d = _decision()
+    await h.decision(d, None)  # type: ignore[arg-type]
+    [task] = decode_all(
+        await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+    )
+    f = _failure(task, "overloaded")
+    # The handler returns at once, asking the server to hand the report back in 60 s.
+    with pytest.raises(Deferred) as first:
+        await h.failure(f, None)  # type: ignore[arg-type]
+    assert 55 < first.value.delay <= 60
+    state, _ = await Runs(kv).get(task.run_id)
+    assert (state.attempt, state.cause) == (2, f.event_id) and state.retry_at is not None
+    # Handed back early (a restart, a redelivery): still waiting, still no second task.
+    with pytest.raises(Deferred) as again:
+        await h.failure(f, None)  # type: ignore[arg-type]
+    assert again.value.delay <= first.value.delay
+    assert len(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1)) == 1
+    # Once due (here: the record says so), the redelivered report starts attempt 2, once.
+    due = msgspec.structs.replace(state, retry_at=datetime.now(UTC))
+    await Runs(kv).update(due, (await Runs(kv).get(task.run_id))[1])
+    assert await h.failure(f, None) == "retry"  # type: ignore[arg-type]
+    assert await h.failure(f, None) == "stale"  # type: ignore[arg-type]
+    tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
+    assert [t.attempt for t in tasks] == [1, 2]
     await bus.close()
