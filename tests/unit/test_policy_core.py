@@ -353,3 +353,43 @@ def test_a_disallowed_executor_without_an_allowed_default_is_refused() -> None:
     assert (s.status, s.verdict) == ("refused", "stop") and "executor code" in s.reason
     assert core.has_limits(RULES) is False
     assert core.has_limits(msgspec.structs.replace(RULES, limits=m.Limits(max_concurrent_runs=1)))
+
+
+def test_spent_adds_each_failed_attempts_usage_and_ignores_hostile_numbers() -> None:
+    state = core.RunState(
+        run_id="run-1",
+        message_id="1",
+        conversation_id="c",
+        project_id="p",
+        user_id="u",
+        status="running",
+        verdict="approve",
+        reason="",
+    )
+    prices = m.Prices(input=3.0, output=15.0)
+
+    def failed(attempt: int, usage: m.Usage, p: m.Prices = prices) -> m.ExecFailed:
+        return m.ExecFailed(
+            event_id=f"failed:{attempt}",
+            message_id="1",
+            conversation_id="c",
+            project_id="p",
+            task_id=f"task:run-1:{attempt}",
+            call_id=f"task:run-1:{attempt}#1",
+            run_id="run-1",
+            attempt=attempt,
+            model="claude-sonnet-4-6",
+            error_class="overloaded",
+            error="x",
+            usage=usage,
+            prices=p,
+        )
+
+    state = core.spent(state, failed(1, m.Usage(input_tokens=100, output_tokens=10)))
+    state = core.spent(state, failed(2, m.Usage(input_tokens=50, cache_read_tokens=5)))
+    assert state.usage == m.Usage(input_tokens=150, output_tokens=10, cache_read_tokens=5)
+    assert state.cost_usd == pytest.approx((150 * 3.0 + 10 * 15.0) / 1_000_000)
+    before = state
+    state = core.spent(state, failed(3, m.Usage(input_tokens=-(10**9), output_tokens=-1)))
+    state = core.spent(state, failed(4, m.Usage(), m.Prices(input=float("nan"))))
+    assert (state.usage, state.cost_usd) == (before.usage, before.cost_usd)
