@@ -16,12 +16,13 @@ import msgspec
 import nats.js.errors
 import pytest
 
-from services.policy import budget, core
+from services.policy import budget, core, policyfile
 from services.policy.adapters import Aborts, Conversations, Limiter, Runs
 from services.policy.handlers import Handlers
 from shared import messages as m
 from shared import ratelimit, subjects
 from shared.bus import Bus, Consumer
+from shared.errors import Deferred
 from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,
@@ -481,4 +482,40 @@ async def test_a_run_cancelled_while_queued_gives_its_reservation_back(infra: In
         state, _ = await Runs(await bus.js.key_value(subjects.BUCKET_RUNS)).get(run_id)
         assert state.status == "cancelled" and state.out_of_turn
         assert state.reservation is not None and state.reservation.settled
+    await bus.close()
+
+
+async def test_the_policy_files_lifecycle_rules_apply_per_project(infra: Infra) -> None:
+    """Double texting and retry backoff come from the project's rules in the policy file."""
+    book = policyfile.parse(
+        b'[projects.strict]\ndouble_texting = "reject"\nretry_backoff_s = [30.0]\n'
+        b"[defaults]\nretry_backoff_s = [0.0]\n"
+    )
+    bus = await connect_bus(infra.nats_url, "policy")
+    runs_kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    runs = Runs(runs_kv)
+    h = Handlers(
+        bus, runs, Conversations(runs_kv), _rules(m.Limits()), service_metrics("p"), book=book
+    )
+    second_states: dict[str, core.RunState] = {}
+    for project in ("strict", "lenient"):
+        first = msgspec.structs.replace(_decision(project), position=1)
+        second = msgspec.structs.replace(
+            _decision(project), conversation_id=first.conversation_id, position=2
+        )
+        await h.decision(first, None)  # type: ignore[arg-type]
+        await h.decision(second, None)  # type: ignore[arg-type]
+        second_states[project] = (await runs.get(core.run_id_for(second.message_id)))[0]
+    strict, lenient = second_states["strict"], second_states["lenient"]
+    assert (strict.status, strict.reply_text) == ("refused", core.REJECT_TEXT)
+    assert (lenient.status, lenient.reply_kind) == ("running", None)  # waits its turn
+    tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
+    waits: dict[str, float] = {}
+    for task in tasks:
+        failed = msgspec.structs.replace(_cancelled(task, m.Usage()), error_class="overloaded")
+        try:
+            await h.failure(failed, None)  # type: ignore[arg-type]
+        except Deferred as d:
+            waits[task.project_id] = d.delay
+    assert waits["strict"] > 20 and waits["lenient"] < 1
     await bus.close()
