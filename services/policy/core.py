@@ -112,6 +112,9 @@ class RunState(msgspec.Struct, kw_only=True):
     # settles its budget reservation with it; a stored reply carries the whole run's usage).
     usage: m.Usage = m.Usage()
     cost_usd: float = 0.0
+    # Refused by a limit (rate, budget, runs in flight): under ``interrupt`` it stops nothing
+    # (a message that cannot run must not cancel the answer the user is already getting).
+    limited: bool = False
 
 
 def has_limits(rules: Rules) -> bool:
@@ -197,6 +200,7 @@ def stop(state: RunState, reason: str, text: str) -> RunState:
         model="",
         attempt=0,
         deadline=None,
+        limited=True,
     )
 
 

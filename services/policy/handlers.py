@@ -397,6 +397,10 @@ class Handlers:
             await self._emit(new)
             return True
         if strategy == "interrupt":
+            if state.limited:
+                # Refused by a limit: it interrupts nothing and replies at its turn.
+                self.double_texts.labels("interrupt_limited").inc()
+                return False
             if core.superseded(conv, state.position):
                 # A newer message is already here: this one is interrupted before it ran.
                 current, revision = await self.runs.get(state.run_id)

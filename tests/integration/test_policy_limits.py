@@ -519,3 +519,23 @@ async def test_the_policy_files_lifecycle_rules_apply_per_project(infra: Infra) 
             waits[task.project_id] = d.delay
     assert waits["strict"] > 20 and waits["lenient"] < 1
     await bus.close()
+
+
+async def test_under_interrupt_a_message_refused_by_a_limit_interrupts_nothing(
+    infra: Infra,
+) -> None:
+    rules = msgspec.structs.replace(
+        _rules(m.Limits(max_concurrent_runs=1)), double_texting="interrupt"
+    )
+    bus, h, _ = await _replica(infra, rules)
+    first = msgspec.structs.replace(_decision(), position=1)
+    second = msgspec.structs.replace(_decision(), conversation_id=first.conversation_id, position=2)
+    await h.decision(first, None)  # type: ignore[arg-type]
+    await h.decision(second, None)  # type: ignore[arg-type]
+    runs = Runs(await bus.js.key_value(subjects.BUCKET_RUNS))
+    a = (await runs.get(core.run_id_for(first.message_id)))[0]
+    b = (await runs.get(core.run_id_for(second.message_id)))[0]
+    assert (a.status, a.cancel_requested) == ("running", False)
+    assert (b.status, b.limited) == ("refused", True) and "in progress" in b.reply_text
+    assert len((await _counter(bus, subjects.active_key("p1"))).open) == 1
+    await bus.close()
