@@ -184,8 +184,9 @@ class Handlers:
 
     async def _closing(self, new: core.RunState) -> core.RunState:
         """A run that ends with no reply to store (cancelled) settles its reservation here, with
-        what its attempts reported; a run with a reply settles when the reply is stored."""
-        if new.status != "cancelled":
+        what its attempts reported, and so does a run rejected before its turn (it never ran);
+        any other run settles when its reply is stored (that settles nothing twice)."""
+        if new.status != "cancelled" and not (new.status == "refused" and new.out_of_turn):
             return new
         return await self.settle(new, new.usage, new.cost_usd) or new
 
@@ -390,7 +391,8 @@ class Handlers:
             if state.status != "running":
                 # Already a refusal or a question: it keeps its place and replies at its turn.
                 return state.out_of_turn
-            new = core.reject(state)
+            # It never runs: its hold is given back now, not when its refusal is stored.
+            new = await self._closing(core.reject(state))
             await self.runs.update(new, revision)
             self.double_texts.labels("reject").inc()
             self.verdicts.labels(new.verdict).inc()

@@ -490,12 +490,20 @@ async def test_the_policy_files_lifecycle_rules_apply_per_project(infra: Infra) 
     book = policyfile.parse(
         b'[projects.strict]\ndouble_texting = "reject"\nretry_backoff_s = [30.0]\n'
         b"[defaults]\nretry_backoff_s = [0.0]\n"
+        b"[defaults.caps]\nproject_daily_tokens = 1000000\n"
     )
     bus = await connect_bus(infra.nats_url, "policy")
     runs_kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     runs = Runs(runs_kv)
+    limiter = Limiter(await bus.js.key_value(subjects.BUCKET_LIMITS))
     h = Handlers(
-        bus, runs, Conversations(runs_kv), _rules(m.Limits()), service_metrics("p"), book=book
+        bus,
+        runs,
+        Conversations(runs_kv),
+        _rules(m.Limits()),
+        service_metrics("p"),
+        limiter=limiter,
+        book=book,
     )
     second_states: dict[str, core.RunState] = {}
     for project in ("strict", "lenient"):
@@ -509,6 +517,12 @@ async def test_the_policy_files_lifecycle_rules_apply_per_project(infra: Infra) 
     strict, lenient = second_states["strict"], second_states["lenient"]
     assert (strict.status, strict.reply_text) == ("refused", core.REJECT_TEXT)
     assert (lenient.status, lenient.reply_kind) == ("running", None)  # waits its turn
+    # The rejected run never runs: its hold is given back at once (the queued one keeps its).
+    assert strict.reservation is not None and strict.reservation.settled
+    assert lenient.reservation is not None and not lenient.reservation.settled
+    day = budget.day_of(datetime.now(UTC))
+    assert len((await _counter(bus, subjects.budget_key(day, "strict"))).open) == 1
+    assert len((await _counter(bus, subjects.budget_key(day, "lenient"))).open) == 2
     tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
     waits: dict[str, float] = {}
     for task in tasks:
