@@ -11,14 +11,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import nats
 import pytest
 
 from baton.embedded import NatsServer
+from services.policy import budget
+from shared import subjects
 from tests.e2e.conftest import Pipeline, _running
 
 pytestmark = pytest.mark.e2e
@@ -416,3 +420,65 @@ def test_a_retry_waiting_for_its_backoff_survives_a_policy_crash(
         assert child.proc is not proc  # it was restarted
         outcomes = [v["outcome"] for _, v in sorted(c.calls(run_id).items())]
         assert outcomes == ["529", "completed"]
+
+
+def _limits_counter(p: Pipeline, key: str) -> dict[str, Any]:
+    async def read() -> dict[str, Any]:
+        nc = await nats.connect(p.nats_url)
+        try:
+            kv = await nc.jetstream().key_value(subjects.BUCKET_LIMITS)
+            entry = await kv.get(key)
+            value: dict[str, Any] = json.loads(entry.value or b"{}")
+            return value
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_a_cancelled_run_frees_the_only_runs_in_flight_slot_and_settles_its_partial_usage(
+    nats_server: NatsServer, database_url: str, tmp_path: Path
+) -> None:
+    """Limits with the lifecycle: a cancelled run stores no reply, yet its slot and budget settle."""
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        "[defaults]\nmax_concurrent_runs = 1\n[defaults.caps]\nproject_daily_tokens = 10000000\n"
+    )
+    with _pipeline(nats_server, database_url, tmp_path, {"BATON_POLICY_FILE": str(path)}) as p:
+        c = Client(p)
+        _slow_model(p)
+        first = c.send("Please write a very long essay about message brokers.")
+        call = c.open_call(first)
+        # The only slot is taken: another conversation of the project is refused meanwhile.
+        other = Client(p)
+        blocked = other.send("A question while the first one runs.")
+        run = other.wait_status(blocked, "refused")
+        assert "max concurrent runs" in run["reason"]
+        assert c.cancel(first).status_code == 202
+        c.wait_status(first, "cancelled")
+        ended = c.wait(
+            lambda: c.calls(first)[call]["outcome"] != "open" and c.calls(first)[call],
+            "the call to end",
+        )
+        assert ended["outcome"] == "client_disconnected"
+        [row] = c.wait(lambda: usage_rows(p, first), "usage row")
+        billed = row["input_tokens"] + row["output_tokens"]
+        assert billed > 0
+        # The day's project counter settled the cancelled run with its partial usage, once.
+        day = budget.day_of(datetime.now(UTC))
+        counter = c.wait(
+            lambda: (
+                (v := _limits_counter(p, subjects.budget_key(day, "acme")))
+                and v.get("settled_runs") == 1
+                and v
+            ),
+            "the cancelled run settled",
+        )
+        assert counter["settled_tokens"] == billed and not counter.get("open")
+        assert not _limits_counter(p, subjects.active_key("acme")).get("open")
+        # The freed slot: the project's next message is approved and answered.
+        p.model.update_settings(tokens_per_second=0, words_per_reply=24)
+        nxt = Client(p)
+        answered = nxt.send("And now a short one.")
+        run = nxt.wait_status(answered, "completed")
+        assert run["verdict"] == "approve"
