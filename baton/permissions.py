@@ -44,7 +44,7 @@ class Grant(msgspec.Struct, frozen=True):
 
 GRANTS: dict[str, Grant] = {
     "gateway": Grant(
-        publishes=(subjects.chat_in(*ANY),),
+        publishes=(subjects.chat_in(*ANY), subjects.chat_cancel(*ANY)),
         listens=subjects.PUSH_SUBJECTS,
         # A duplicate submit answers with the original message, read back by its sequence;
         # a resuming SSE client gets the tokens it missed, read back the same way.
@@ -68,9 +68,17 @@ GRANTS: dict[str, Grant] = {
             subjects.policy_verdict(*ANY),
             subjects.policy_reply(*ANY),
             subjects.exec_task(*ANY),  # policy alone (I5)
+            subjects.policy_deadline(*ANY),
+            subjects.exec_abort(*ANY),  # policy alone: only the authority stops a call
         ),
-        consumers=(subjects.POLICY_DECISIONS, subjects.POLICY_OUTCOMES, subjects.POLICY_FAILURES),
-        buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS),
+        consumers=(
+            subjects.POLICY_DECISIONS,
+            subjects.POLICY_OUTCOMES,
+            subjects.POLICY_FAILURES,
+            subjects.POLICY_CANCELS,
+            subjects.POLICY_DEADLINES,
+        ),
+        buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS, subjects.BUCKET_ABORTS),
     ),
     "executor": Grant(
         publishes=(
@@ -79,6 +87,8 @@ GRANTS: dict[str, Grant] = {
             subjects.exec_failed(*ANY),
         ),
         consumers=(subjects.EXECUTOR_TASKS,),
+        listens=(subjects.EXEC_ABORT_ALL,),
+        reads_buckets=(subjects.BUCKET_ABORTS,),
     ),
 }
 
@@ -110,6 +120,8 @@ def permissions(service: str) -> dict[str, Any]:
     deny = list(ADMIN_ONLY)
     if subjects.exec_task(*ANY) not in grant.publishes:
         deny.append("exec.task.>")
+    if subjects.exec_abort(*ANY) not in grant.publishes:
+        deny.append("exec.abort.>")
     return {
         "publish": {"allow": publish, "deny": deny},
         "subscribe": {"allow": [*grant.listens, subjects.inbox_prefix(service) + ".>"]},

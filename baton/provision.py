@@ -58,7 +58,7 @@ async def provision(
 ) -> list[str]:
     """Create or update everything; safe to run again. Returns what it did, one line each.
 
-    ``replicas`` is the copies of every stream and the runs bucket (consumers follow their
+    ``replicas`` is the copies of every stream and KV bucket (consumers follow their
     stream): 1 on a single server, 3 on a 3-node cluster so one node may fail.
     """
     if not 1 <= replicas <= MAX_REPLICAS:
@@ -101,6 +101,16 @@ async def provision(
             )
         )
         done.append(f"bucket {subjects.BUCKET_LIMITS} ready")
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=subjects.BUCKET_ABORTS,
+                history=1,
+                ttl=subjects.ABORTS_TTL_S,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            )
+        )
+        done.append(f"bucket {subjects.BUCKET_ABORTS} ready")
     finally:
         await nc.close()
     return done

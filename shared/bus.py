@@ -20,7 +20,7 @@ from opentelemetry import trace
 
 from shared import messages, tracing
 from shared.config import BaseSettings, nats_servers
-from shared.errors import BadData, DependencyDown, SchemaError, Transient
+from shared.errors import BadData, Deferred, DependencyDown, SchemaError, Transient
 from shared.metrics import ServiceMetrics
 from shared.subjects import ConsumerSpec, dead_letter, inbox_prefix
 
@@ -298,6 +298,12 @@ class Consumer(Generic[T]):
                     raise SchemaError(f"unknown schema version {getattr(event, 'v', None)}")
                 outcome = await self.handler(event, msg)
                 await msg.ack_sync()
+            except Deferred as exc:
+                # A timer, not trouble: the server hands the message back when it is due, so no
+                # worker waits and a restart loses nothing.
+                outcome = "deferred"
+                ids["reason"] = exc.reason
+                await self._nak_or_bury(msg, max(exc.delay, 0.01), exc.reason)
             except BadData as exc:
                 outcome = "dead_lettered"
                 await self._dead_letter(msg, exc.reason)

@@ -6,6 +6,7 @@
     └── Transient        retried later: nak with a bounded delay
         ├── DependencyDown   database, broker or model not reachable right now
         └── RetryLater       a handler asks for redelivery after ``delay`` seconds
+    Deferred             not an error: the message is due later (a timer); nak with its delay
 
 Anything else is a bug: logged with its traceback, redelivered until ``max_deliver`` bounds it.
 """
@@ -44,6 +45,15 @@ class DependencyDown(Transient):
 
 class RetryLater(Transient):
     """The handler wants the message again after a while (e.g. waiting for an earlier event)."""
+
+
+class Deferred(BatonError):
+    """The message is fine and handled in part; hand it back at ``delay`` seconds (a timer)."""
+
+    def __init__(self, reason: str, delay: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
 
 
 class ConfigError(BatonError):

@@ -207,6 +207,34 @@ class AssistantMessagePersisted(Event, kw_only=True, frozen=True):
     cost_usd: float = 0.0  # of ``usage``, at each call's own prices
 
 
+class CancelRequested(Event, kw_only=True, frozen=True):
+    """Published by the gateway on chat.cancel: a user asks to stop a run; policy decides."""
+
+    run_id: str
+    user_id: str
+    requested_at: datetime
+
+
+class RunAbort(Event, kw_only=True, frozen=True):
+    """Published by policy on exec.abort (core NATS, every executor hears it): stop a call.
+
+    Aborts the calls of ``run_id`` at ``attempt`` or earlier; the executor reports each as an
+    ``ExecFailed`` of class ``cancelled`` with its partial usage.
+    """
+
+    run_id: str
+    attempt: int
+    reason: Literal["cancelled", "deadline"]
+
+
+class RunDeadline(Event, kw_only=True, frozen=True):
+    """Published by policy on policy.deadline with each task: check the attempt at ``due``."""
+
+    run_id: str
+    attempt: int
+    due: datetime
+
+
 class TokenDelta(msgspec.Struct, kw_only=True, frozen=True):
     """Published by the executor on chat.stream: ordered pieces of an answer being written."""
 

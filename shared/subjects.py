@@ -24,6 +24,7 @@ STREAM_TASKS = "EXEC_TASKS"
 STREAM_RESULTS = "EXEC_RESULTS"
 STREAM_TOKENS = "CHAT_STREAM"
 STREAM_DLQ = "DEAD_LETTERS"
+STREAM_CANCELS = "CHAT_CANCEL"
 
 # ---- subjects ------------------------------------------------------------------------------
 
@@ -54,6 +55,22 @@ def policy_reply(project: str, conversation: str) -> str:
 
 def exec_task(project: str, conversation: str) -> str:
     return f"exec.task.{project}.{conversation}"
+
+
+def policy_deadline(project: str, conversation: str) -> str:
+    return f"policy.deadline.{project}.{conversation}"
+
+
+def chat_cancel(project: str, conversation: str) -> str:
+    return f"chat.cancel.{project}.{conversation}"
+
+
+def exec_abort(project: str, conversation: str) -> str:
+    """Core NATS only (no stream keeps it): every executor replica subscribes to all of it."""
+    return f"exec.abort.{project}.{conversation}"
+
+
+EXEC_ABORT_ALL = "exec.abort.>"
 
 
 def exec_result(project: str, conversation: str) -> str:
@@ -109,6 +126,11 @@ AGENT_IN = ConsumerSpec(STREAM_PERSISTED, "agent", "chat.persisted.user.>", ack_
 POLICY_DECISIONS = ConsumerSpec(STREAM_DECISIONS, "policy-decisions", "agent.decision.>")
 POLICY_OUTCOMES = ConsumerSpec(STREAM_PERSISTED, "policy-outcomes", "chat.persisted.assistant.>")
 POLICY_FAILURES = ConsumerSpec(STREAM_RESULTS, "policy-failures", "exec.failed.>")
+POLICY_CANCELS = ConsumerSpec(STREAM_CANCELS, "policy-cancels", "chat.cancel.>")
+# Deadline timers are handed back (nak with a delay) until due: one waits per run in flight.
+POLICY_DEADLINES = ConsumerSpec(
+    STREAM_POLICY, "policy-deadlines", "policy.deadline.>", max_deliver=100, max_ack_pending=100_000
+)
 # In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
 EXECUTOR_TASKS = ConsumerSpec(STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
 
@@ -122,6 +144,8 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     POLICY_DECISIONS,
     POLICY_OUTCOMES,
     POLICY_FAILURES,
+    POLICY_CANCELS,
+    POLICY_DEADLINES,
     EXECUTOR_TASKS,
 )
 
@@ -145,6 +169,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     # Token deltas only matter while a run streams and shortly after (resume).
     StreamSpec(STREAM_TOKENS, ("chat.stream.>",), max_age_s=3600.0),
     StreamSpec(STREAM_DLQ, ("dlq.>",), max_age_s=30 * 24 * 3600.0),
+    StreamSpec(STREAM_CANCELS, ("chat.cancel.>",), max_age_s=24 * 3600.0),
 )
 
 # ---- key-value buckets ---------------------------------------------------------------------
@@ -168,3 +193,13 @@ def active_key(project: str) -> str:
 def rate_key(window: str, start: int, project: str, user: str) -> str:
     """A user's messages in one fixed window (``m`` minute, ``h`` hour) starting at ``start``."""
     return f"rate.{window}.{start}.{project}.{user}"
+
+
+# Aborted attempts (key ``<run id>.<attempt>``), written by policy, read by executors before a
+# call starts, so an abort also wins over a task no executor had picked yet.
+BUCKET_ABORTS = "baton_aborts"
+ABORTS_TTL_S = 24 * 3600.0
+
+
+def abort_key(run_id: str, attempt: int) -> str:
+    return f"{run_id}.{attempt}"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anthropic
 import msgspec
 
+from services.executor.core import CallAborted
 from shared.messages import Usage
 
 CALL_ID_HEADER = "x-baton-call-id"
@@ -42,11 +44,17 @@ class Model:
         max_tokens: int,
         on_text: Callable[[str], Awaitable[None]],
         call_id: str = "",
+        abort: asyncio.Event | None = None,
     ) -> StreamOutcome:
+        """Stream one call. Cancelling the task that runs it after setting ``abort`` ends the
+        call (the connection is closed, so the model stops) and raises ``StreamFailed`` with
+        what it used; a cancel without ``abort`` (shutdown) stays a cancel."""
         counts = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0, "deltas": 0}
         parts: list[str] = []
         stop_reason = ""
         try:
+            if abort is not None and abort.is_set():
+                raise CallAborted("aborted before the call started")
             async with self.client.messages.stream(
                 model=model,
                 system=system,  # type: ignore[arg-type]
@@ -69,6 +77,14 @@ class Model:
                     elif event.type == "message_delta":
                         counts["output"] = event.usage.output_tokens
                         stop_reason = event.delta.stop_reason or ""
+        except asyncio.CancelledError:
+            if abort is None or not abort.is_set():
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # handled here: the abort is the call's outcome, not a shutdown
+            counts["output"] = max(counts["output"], counts["deltas"])
+            raise StreamFailed(CallAborted("aborted by policy"), _usage(counts)) from None
         except Exception as exc:
             # Tokens already streamed were generated and billed, even if the final count never came.
             counts["output"] = max(counts["output"], counts["deltas"])

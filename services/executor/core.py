@@ -64,6 +64,10 @@ class Coalescer:
         return out
 
 
+class CallAborted(Exception):
+    """Policy stopped this call (a cancel, or its deadline passed); not a model failure."""
+
+
 def _is_transport_timeout(exc: BaseException) -> bool:
     """A read that stalls mid-stream surfaces as the HTTP library's timeout, not the SDK's.
 
@@ -81,6 +85,8 @@ def _is_transport_timeout(exc: BaseException) -> bool:
 
 def classify(exc: BaseException) -> ErrorClass:
     """The failure class policy decides retries on."""
+    if isinstance(exc, CallAborted):
+        return "cancelled"
     if isinstance(exc, anthropic.APITimeoutError) or _is_transport_timeout(exc):
         return "timeout"
     if isinstance(exc, anthropic.APIConnectionError):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
+import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 
 from services.executor import core
-from services.executor.adapters import Model, StreamFailed
+from services.executor.adapters import Model, StreamFailed, StreamOutcome
 from services.executor.config import Settings
 from shared import messages as m
 from shared import subjects
@@ -18,15 +21,45 @@ from shared.bus import Bus
 from shared.history import History
 from shared.metrics import ServiceMetrics
 
+_abort_decoder = msgspec.json.Decoder(m.RunAbort)
+
+
+class Call:
+    """A model call in flight, so an abort from policy can reach it."""
+
+    def __init__(self, run_id: str, attempt: int) -> None:
+        self.run_id = run_id
+        self.attempt = attempt
+        self.abort = asyncio.Event()
+        self.task: asyncio.Task[Any] | None = None
+
+    def stop(self) -> None:
+        self.abort.set()
+        if self.task is not None:
+            self.task.cancel()
+
 
 class Handlers:
     def __init__(
-        self, bus: Bus, history: History, model: Model, settings: Settings, metrics: ServiceMetrics
+        self,
+        bus: Bus,
+        history: History,
+        model: Model,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        aborts: Any = None,
     ) -> None:
         self.bus = bus
         self.history = history
         self.model = model
         self.settings = settings
+        self.aborts = aborts  # policy's aborted attempts (KV, read only); None: not checked
+        self.calls: dict[str, Call] = {}
+        self.aborted = metrics.counter(
+            "aborted_calls_total",
+            "Calls policy stopped, by when (before the model was called, or while streaming).",
+            ("when",),
+        )
         self.tokens = metrics.counter(
             "model_tokens_total",
             "Tokens used by model calls, by kind and model.",
@@ -46,8 +79,43 @@ class Handlers:
             "time_to_first_token_seconds", "Time from task start to the first token.", ("model",)
         )
 
+    async def abort(self, msg: Msg) -> None:
+        """Policy's abort (core NATS, heard by every replica): stop the run's calls here."""
+        try:
+            a = _abort_decoder.decode(msg.data)
+        except msgspec.MsgspecError as exc:
+            self.bus.log.warning("bad_abort", error=str(exc)[:200])
+            return
+        for call in list(self.calls.values()):
+            if call.run_id == a.run_id and call.attempt <= a.attempt and not call.abort.is_set():
+                self.aborted.labels("streaming").inc()
+                self.bus.log.info("call_aborted", run_id=a.run_id, attempt=call.attempt)
+                call.stop()
+
+    async def _was_aborted(self, t: m.ExecTask) -> bool:
+        """Whether policy aborted this attempt before it reached us (a cancel wins the race)."""
+        if self.aborts is None:
+            return False
+        try:
+            entry = await self.aborts.get(subjects.abort_key(t.run_id, t.attempt))
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return entry.value is not None
+
     async def task(self, t: m.ExecTask, msg: Msg) -> str:
         call_id = f"{t.task_id}#{msg.metadata.num_delivered}"
+        # Registered before the check: an abort that lands after the check still finds it.
+        call = Call(t.run_id, t.attempt)
+        self.calls[call_id] = call
+        try:
+            if await self._was_aborted(t):
+                self.aborted.labels("before_call").inc()
+                call.abort.set()
+            return await self._run(t, call_id, call)
+        finally:
+            self.calls.pop(call_id, None)
+
+    async def _run(self, t: m.ExecTask, call_id: str, call: Call) -> str:
         history = await self.history.upto(
             t.conversation_id, t.message_id, self.settings.context_messages
         )
@@ -106,14 +174,18 @@ class Handlers:
                 await asyncio.shield(send(batch))
 
         try:
-            outcome = await self.model.stream(
-                t.model,
-                core.system_blocks(self.settings.system_prompt),
-                prompt,
-                t.max_tokens,
-                on_text,
-                call_id,
+            call.task = asyncio.create_task(
+                self.model.stream(
+                    t.model,
+                    core.system_blocks(self.settings.system_prompt),
+                    prompt,
+                    t.max_tokens,
+                    on_text,
+                    call_id,
+                    abort=call.abort,
+                )
             )
+            outcome = await self._outcome(call)
         except StreamFailed as exc:
             # What the model wrote before the failure reaches clients too (they see it cut).
             rest = coalescer.flush()
@@ -188,6 +260,19 @@ class Handlers:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    async def _outcome(call: Call) -> StreamOutcome:
+        """The call's outcome; an abort that cancelled it before it even ran is a failure too."""
+        assert call.task is not None
+        try:
+            result: StreamOutcome = await call.task
+            return result
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not call.abort.is_set() or (me is not None and me.cancelling()):
+                raise  # a shutdown, not an abort
+            raise StreamFailed(core.CallAborted("aborted before it started"), m.Usage()) from None
 
     def _count(self, model: str, usage: m.Usage) -> None:
         self.tokens.labels("input", model).inc(usage.input_tokens)

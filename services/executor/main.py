@@ -21,7 +21,10 @@ async def amain() -> None:
         settings.anthropic_base_url, str(settings.anthropic_api_key), settings.stall_timeout_s
     )
     bus = await Bus.connect(settings, SERVICE, metrics, log)
-    h = Handlers(bus, History(pool), Model(client), settings, metrics)
+    aborts = await bus.js.key_value(subjects.BUCKET_ABORTS)
+    h = Handlers(bus, History(pool), Model(client), settings, metrics, aborts)
+    # Every replica hears every abort (a plain subscription, no queue group).
+    abort_sub = await bus.nc.subscribe(subjects.EXEC_ABORT_ALL, cb=h.abort)
     health = Health(pool)
     consumer = Consumer(
         bus,
@@ -39,6 +42,7 @@ async def amain() -> None:
     try:
         await run_consumers([consumer], stop, settings.shutdown_grace_s)
     finally:
+        await abort_sub.unsubscribe()
         await bus.close()
         await pool.close()
         await client.close()

@@ -48,6 +48,16 @@ class Publisher:
             raise LookupError(f"original of duplicate {e.message_id} is gone from the stream")
         return _accepted.decode(original.data), True
 
+    async def cancel(self, e: m.CancelRequested) -> bool:
+        """Ask policy to cancel a run; True when this run's cancel was already asked for."""
+        ack = await self.bus.publish(
+            subjects.chat_cancel(e.project_id, e.conversation_id),
+            e,
+            msg_id=e.event_id,
+            timeout=self.timeout_s,
+        )
+        return bool(ack.duplicate)
+
 
 class ReadModel:
     """Queries over what the persister wrote; this pool's role may only read."""
@@ -102,6 +112,16 @@ class ReadModel:
             }
             for r in rows
         ]
+
+    async def run_status(self, conversation_id: str, run_id: str) -> str | None:
+        """The stored status of a run of this conversation (None: no record yet)."""
+        async with self.pool.acquire() as con:
+            status: str | None = await con.fetchval(
+                "SELECT status FROM runs WHERE run_id = $1 AND conversation_id = $2",
+                run_id,
+                uuid.UUID(conversation_id),
+            )
+        return status
 
     async def runs(self, conversation_id: str) -> list[dict[str, Any]]:
         async with self.pool.acquire() as con:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from datetime import datetime
 from typing import Any
@@ -23,13 +24,19 @@ class ApiError(Exception):
     """An HTTP error with a stable machine-readable code and a message for people."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.extra = extra or {}  # more fields of the error object, e.g. a run's status
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -106,6 +113,22 @@ def parse_uuid(value: str, name: str) -> str:
         return str(uuid.UUID(value))
     except (ValueError, AttributeError, TypeError) as exc:
         raise ApiError(422, "invalid_id", f"{name} must be a UUID") from exc
+
+
+RUN_ID_RE = re.compile(r"^run-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+FINAL_STATUSES = frozenset({"completed", "refused", "clarified", "failed", "cancelled"})
+
+
+def parse_cancel_ids(conversation_id: str, run_id: str) -> tuple[str, str, str]:
+    """(conversation id, run id, message id) of a cancel request; 400 for anything malformed."""
+    try:
+        cid = str(uuid.UUID(conversation_id))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ApiError(400, "invalid_id", "conversation id must be a UUID") from exc
+    match = RUN_ID_RE.fullmatch(run_id)
+    if match is None:
+        raise ApiError(400, "invalid_id", "run id must look like run-<message uuid>")
+    return cid, run_id, match.group(1)
 
 
 def check_idempotency_key(key: str | None, max_chars: int) -> str | None:
@@ -334,6 +357,12 @@ def timeline(
         run_id = run_id_of(msg["id"])
         run = by_run.get(run_id)
         deltas_of_run = tokens.get(run_id, [])
+        if run is not None and run_id not in replied and run["status"] == "cancelled":
+            # Cancelled runs have no reply: their partial text, then the status that ended it.
+            if deltas_of_run and deltas_of_run[0].attempt >= run["attempts"]:
+                out.extend(token_push(d) for d in deltas_of_run)
+            out.append(status_push(run, run["attempts"], run["status"]))
+            continue
         if run is not None and run_id not in replied:
             out.append(status_push(run, run["attempts"], run["status"]))
             if deltas_of_run and deltas_of_run[0].attempt < run["attempts"]:

@@ -65,6 +65,11 @@ class Api:
             "Chat messages accepted (202), by whether they were duplicates.",
             ("duplicate",),
         )
+        self.cancels = metrics.counter(
+            "cancel_requests_total",
+            "Run cancels accepted (202), by whether the run's cancel was already asked for.",
+            ("duplicate",),
+        )
         self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
         self.stream_clients = metrics.gauge(
             "stream_clients",
@@ -186,6 +191,53 @@ class Api:
             core.accepted(original, True),
             status_code=202,
             headers={"Idempotent-Replayed": "true"},
+        )
+
+    async def cancel(
+        self, request: Request[Any, Any, Any], conversation_id: str, run_id: str
+    ) -> Response[Any]:
+        """Ask policy to cancel a run; 202 once JetStream has the request (policy decides)."""
+        p = self.principal(request)
+        cid, rid, message_id = core.parse_cancel_ids(conversation_id, run_id)
+        await self.own(p, cid)
+        try:
+            status = await self.reads.run_status(cid, rid)
+            message = None if status is not None else await self.reads.message(message_id)
+        except UNAVAILABLE as exc:
+            raise core.ApiError(503, "database_unavailable", "run store unavailable") from exc
+        if status is None and (message is None or message.conversation_id != cid):
+            raise core.ApiError(404, "not_found", "run not found")
+        if status in core.FINAL_STATUSES:
+            raise core.ApiError(
+                409,
+                "run_finished",
+                f"run already finished: {status}",
+                extra={"run_status": str(status)},
+            )
+        event = m.CancelRequested(
+            event_id=f"cancel:{rid}",
+            message_id=message_id,
+            conversation_id=cid,
+            project_id=p.project,
+            user_id=p.user,
+            run_id=rid,
+            requested_at=datetime.now(UTC),
+        )
+        if not self.publisher.bus.nc.is_connected:
+            raise _broker_unavailable()
+        try:
+            duplicate = await self.publisher.cancel(event)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            raise _broker_unavailable() from exc
+        self.cancels.labels(str(duplicate).lower()).inc()
+        return Response(
+            {
+                "status": "cancelling",
+                "run_id": rid,
+                "run_status": status or "pending",
+                "duplicate": duplicate,
+            },
+            status_code=202,
         )
 
     async def messages(
@@ -357,13 +409,12 @@ def routes(api: Api) -> list[Any]:
     @post(
         "/api/conversations/{conversation_id:str}/runs/{run_id:str}/cancel",
         status_code=202,
-        summary="Cancel a run (not implemented yet: 501)",
+        summary="Cancel a queued or running run (202: policy will stop it)",
     )
     async def cancel(
         request: Request[Any, Any, Any], conversation_id: FromPath[str], run_id: FromPath[str]
-    ) -> None:
-        await api.own(api.principal(request), conversation_id)
-        raise core.ApiError(501, "not_implemented", "run cancellation is not implemented yet")
+    ) -> Response[Any]:
+        return await api.cancel(request, conversation_id, run_id)
 
     @get("/api/usage", summary="The caller's project token and cost totals")
     async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:

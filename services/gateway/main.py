@@ -31,9 +31,9 @@ def error_body(status: int, code: str, message: str) -> dict[str, Any]:
 
 
 def on_api_error(_: Request[Any, Any, Any], exc: core.ApiError) -> Response[Any]:
-    return Response(
-        error_body(exc.status, exc.code, exc.message), status_code=exc.status, headers=exc.headers
-    )
+    body = error_body(exc.status, exc.code, exc.message)
+    body["error"].update(exc.extra)
+    return Response(body, status_code=exc.status, headers=exc.headers)
 
 
 def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

@@ -16,6 +16,7 @@ from services.policy.core import ConvState, RunState
 from shared import messages as m
 from shared import ratelimit, subjects
 from shared.errors import BadData, RetryLater
+from shared.subjects import abort_key
 
 _decoder = msgspec.json.Decoder(RunState)
 _conv_decoder = msgspec.json.Decoder(ConvState)
@@ -364,3 +365,14 @@ class RateCheck(msgspec.Struct, frozen=True):
     limit: int
     retry_after_s: int
     counts: dict[str, int]
+
+
+class Aborts:
+    """Aborted attempts (``<run id>.<attempt>``) that executors check before calling the model."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+
+    async def mark(self, run_id: str, attempt: int) -> None:
+        # A put, not a create: marking twice is the same fact.
+        await self.kv.put(abort_key(run_id, attempt), b"1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -17,6 +18,10 @@ REFUSAL_TEXT = "I can't help with that request."
 DISALLOWED_TEXT = (
     "I can't help with that request: this project does not allow this kind of request."
 )
+REJECT_TEXT = (
+    "I'm still working on your previous message in this conversation. Please wait for that "
+    "answer (or cancel it) and send this one again."
+)
 FAILURE_TEXT = (
     "Sorry — I could not produce an answer this time ({error_class}). Your message is saved; "
     "please try again in a moment."
@@ -25,6 +30,8 @@ RETRYABLE: frozenset[str] = frozenset(
     {"rate_limited", "overloaded", "timeout", "cut_stream", "server_error"}
 )
 TERMINAL: frozenset[str] = frozenset({"completed", "refused", "clarified", "failed", "cancelled"})
+# Failures for which another model may do better than waiting for the same one.
+FALLBACK_CLASSES: frozenset[str] = frozenset({"overloaded", "rate_limited"})
 
 
 class Rules(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +99,22 @@ class RunState(msgspec.Struct, kw_only=True):
     trace_context: dict[str, str] = {}
     reservation: Reservation | None = None
     limits: m.LimitsSnapshot | None = None
+    # The user (or a newer message) asked to stop the call in flight; it ends as cancelled.
+    cancel_requested: bool = False
+    # The next attempt waits for its backoff until then; no call is in flight meanwhile.
+    retry_at: datetime | None = None
+    # Finished before its turn (cancelled while queued, or rejected): skipped when its turn comes.
+    out_of_turn: bool = False
+    # The event that moved the run to its current attempt or status; only its redelivery may
+    # re-emit that state (an older event re-emitting a task could start a second call).
+    cause: str = ""
+    # What the run's failed attempts reported using (a cancelled run, which stores no reply,
+    # settles its budget reservation with it; a stored reply carries the whole run's usage).
+    usage: m.Usage = m.Usage()
+    cost_usd: float = 0.0
+    # Refused by a limit (rate, budget, runs in flight): under ``interrupt`` it stops nothing
+    # (a message that cannot run must not cancel the answer the user is already getting).
+    limited: bool = False
 
 
 def has_limits(rules: Rules) -> bool:
@@ -177,27 +200,173 @@ def stop(state: RunState, reason: str, text: str) -> RunState:
         model="",
         attempt=0,
         deadline=None,
+        limited=True,
     )
+
+
+def backoff_s(rules: Rules, attempt: int) -> float:
+    """The wait before the attempt after ``attempt`` (the last value repeats)."""
+    if not rules.retry_backoff_s:
+        return 0.0
+    return rules.retry_backoff_s[min(attempt, len(rules.retry_backoff_s)) - 1]
 
 
 def on_failure(state: RunState, f: m.ExecFailed, rules: Rules, now: datetime) -> RunState | None:
     """Retry or give up after a failed attempt; None when the report is stale or a repeat."""
-    if state.status in TERMINAL or f.attempt != state.attempt:
+    if state.status in TERMINAL or f.attempt != state.attempt or state.retry_at is not None:
         return None
-    if f.error_class in RETRYABLE and state.attempt < rules.max_attempts:
+    return after_failure(state, f.error_class, f.event_id, rules, now)
+
+
+def after_failure(
+    state: RunState, error_class: str, cause: str, rules: Rules, now: datetime
+) -> RunState:
+    """The run after its current attempt failed: cancelled, retried after a backoff, or failed."""
+    if state.cancel_requested or error_class == "cancelled":
+        return cancelled(state, cause, "cancelled while running")
+    if error_class in RETRYABLE and state.attempt < rules.max_attempts:
+        model = state.model
+        if rules.fallback_model and error_class in FALLBACK_CLASSES:
+            model = rules.fallback_model
+        wait = backoff_s(rules, state.attempt)
+        on = f" on {model}" if model != state.model else ""
         return msgspec.structs.replace(
             state,
             attempt=state.attempt + 1,
-            reason=f"retry after {f.error_class} on attempt {state.attempt}",
-            deadline=now + timedelta(seconds=rules.run_deadline_s),
+            model=model,
+            prices=rules.models.get(model, state.prices),
+            reason=f"retry{on} in {wait:g}s after {error_class} on attempt {state.attempt}",
+            retry_at=now + timedelta(seconds=wait),
+            deadline=None,
+            cause=cause,
         )
     return msgspec.structs.replace(
         state,
         status="failed",
         verdict="stop",
-        reason=f"attempt {state.attempt} failed ({f.error_class}); no retry left",
+        reason=f"attempt {state.attempt} failed ({error_class}); no retry left",
         reply_kind="failure",
-        reply_text=FAILURE_TEXT.format(error_class=f.error_class),
+        reply_text=FAILURE_TEXT.format(error_class=error_class),
+        retry_at=None,
+        cause=cause,
+    )
+
+
+def retry_due(state: RunState, after_attempt: int, rules: Rules, now: datetime) -> RunState | None:
+    """The scheduled attempt, started now if its backoff is over; None if not (yet) this one's."""
+    if state.status != "running" or state.retry_at is None:
+        return None
+    if state.attempt != after_attempt + 1 or now < state.retry_at:
+        return None
+    deadline = now + timedelta(seconds=rules.run_deadline_s)
+    return msgspec.structs.replace(state, retry_at=None, deadline=deadline)
+
+
+def on_deadline(state: RunState, d: m.RunDeadline, rules: Rules, now: datetime) -> RunState | None:
+    """An attempt with no outcome by its deadline fails as a ``timeout`` (or ends a cancel the
+    executor never confirmed); None when the attempt is already over."""
+    if state.status in TERMINAL or d.attempt != state.attempt or state.retry_at is not None:
+        return None
+    if state.cancel_requested:
+        return cancelled(
+            state, d.event_id, "cancelled; the call was not confirmed stopped by its deadline"
+        )
+    return after_failure(state, "timeout", d.event_id, rules, now)
+
+
+def cancelled(state: RunState, cause: str, why: str) -> RunState:
+    return msgspec.structs.replace(
+        state,
+        status="cancelled",
+        verdict="stop",
+        reason=why,
+        retry_at=None,
+        reply_kind=None,
+        reply_text="",
+        cause=cause,
+    )
+
+
+def cancel(state: RunState, in_flight: bool, active: bool, cause: str, why: str) -> RunState | None:
+    """A cancel request: a call in flight is asked to stop (the executor reports back); a run
+    without one ends at once. None when there is nothing to change (finished, or already asked).
+
+    ``active``: the run holds its conversation's slot; a run that does not (queued) is skipped
+    when its turn comes.
+    """
+    if state.status in TERMINAL:
+        return None
+    if in_flight:
+        if state.cancel_requested:
+            return None
+        return msgspec.structs.replace(state, cancel_requested=True, reason=why, cause=cause)
+    return msgspec.structs.replace(cancelled(state, cause, why), out_of_turn=not active)
+
+
+def tombstone(e: m.CancelRequested) -> RunState:
+    """The record of a run cancelled before policy decided on it: its decision finds it."""
+    return RunState(
+        run_id=e.run_id,
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        user_id=e.user_id,
+        status="cancelled",
+        verdict="stop",
+        reason="cancelled before a decision",
+        out_of_turn=True,
+        cause=e.event_id,
+    )
+
+
+def reject(state: RunState) -> RunState:
+    """Double texting ``reject``: a refusal now, and the run gives up its place in line."""
+    return msgspec.structs.replace(
+        state,
+        status="refused",
+        verdict="stop",
+        reason="another message of this conversation is still being answered (double texting: reject)",
+        reply_kind="refusal",
+        reply_text=REJECT_TEXT,
+        out_of_turn=True,
+    )
+
+
+def ahead_of(conv: ConvState, position: int) -> list[str]:
+    """Runs a newer message interrupts: the active one and those queued before ``position``."""
+    runs = [run for pos, run in sorted(conv.pending.items()) if pos < position]
+    return ([conv.active] if conv.active else []) + runs
+
+
+def superseded(conv: ConvState, position: int) -> bool:
+    """Whether a newer message already waits: under ``interrupt`` this run is cancelled."""
+    return any(pos > position for pos in conv.pending)
+
+
+def deadline_event(state: RunState, due: datetime) -> m.RunDeadline:
+    return m.RunDeadline(
+        event_id=f"deadline:{state.run_id}:{state.attempt}",
+        message_id=state.message_id,
+        conversation_id=state.conversation_id,
+        project_id=state.project_id,
+        causation_id=f"task:{state.run_id}:{state.attempt}",
+        run_id=state.run_id,
+        attempt=state.attempt,
+        due=due,
+    )
+
+
+def abort_event(
+    state: RunState, attempt: int, reason: Literal["cancelled", "deadline"]
+) -> m.RunAbort:
+    return m.RunAbort(
+        event_id=f"abort:{state.run_id}:{attempt}",
+        message_id=state.message_id,
+        conversation_id=state.conversation_id,
+        project_id=state.project_id,
+        run_id=state.run_id,
+        attempt=attempt,
+        reason=reason,
     )
 
 
@@ -207,9 +376,27 @@ def caused_by(state: RunState, f: m.ExecFailed) -> bool:
     Only then may a redelivered failure re-emit that state (a crash may have cut the first
     emit short); an older failure re-emitting a task could start a second call of a run.
     """
+    if state.cause:
+        return state.cause == f.event_id
     if state.status == "running":
         return f.attempt == state.attempt - 1
     return state.status == "failed" and f.attempt == state.attempt
+
+
+def spent(state: RunState, f: m.ExecFailed) -> RunState:
+    """The run with a failed attempt's partial usage added (never negative, never NaN)."""
+    u, add = state.usage, f.usage
+    cost = f.usage.cost_usd(f.prices)
+    return msgspec.structs.replace(
+        state,
+        usage=m.Usage(
+            input_tokens=u.input_tokens + max(0, add.input_tokens),
+            output_tokens=u.output_tokens + max(0, add.output_tokens),
+            cache_read_tokens=u.cache_read_tokens + max(0, add.cache_read_tokens),
+            cache_write_tokens=u.cache_write_tokens + max(0, add.cache_write_tokens),
+        ),
+        cost_usd=state.cost_usd + (cost if math.isfinite(cost) and cost > 0 else 0.0),
+    )
 
 
 def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunState | None:

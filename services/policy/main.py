@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from services.policy import config, core, policyfile
-from services.policy.adapters import Conversations, Limiter, Runs
+from services.policy.adapters import Aborts, Conversations, Limiter, Runs
 from services.policy.handlers import Handlers
 from shared import messages, runtime, subjects
 from shared.bus import Bus, Consumer, run_consumers
@@ -22,6 +22,9 @@ def rules_from(settings: config.Settings) -> core.Rules:
         max_attempts=settings.max_attempts,
         max_output_tokens=settings.max_output_tokens,
         run_deadline_s=settings.run_deadline_s,
+        double_texting=settings.double_texting,
+        retry_backoff_s=config.backoff(settings.retry_backoff_s),
+        fallback_model=settings.fallback_model or None,
     )
 
 
@@ -33,12 +36,14 @@ async def amain() -> None:
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     limits_kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
+    aborts_kv = await bus.js.key_value(subjects.BUCKET_ABORTS)
     h = Handlers(
         bus,
         Runs(kv),
         Conversations(kv),
         rules_from(settings),
         metrics,
+        Aborts(aborts_kv),
         limiter=Limiter(limits_kv),
         book=book,
     )
@@ -80,6 +85,22 @@ async def amain() -> None:
             subjects.POLICY_OUTCOMES,
             messages.AssistantMessagePersisted,
             h.reply_persisted,
+            batch=b,
+            concurrency=n,
+        ),
+        Consumer(
+            bus,
+            subjects.POLICY_CANCELS,
+            messages.CancelRequested,
+            h.cancel,
+            batch=b,
+            concurrency=n,
+        ),
+        Consumer(
+            bus,
+            subjects.POLICY_DEADLINES,
+            messages.RunDeadline,
+            h.deadline,
             batch=b,
             concurrency=n,
         ),

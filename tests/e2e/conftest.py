@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -115,8 +116,11 @@ def _running(
     logs: Path,
     extra: Mapping[str, str] | None = None,
     passwords: Mapping[str, str] | None = None,
+    replicas: Mapping[str, int] | None = None,
 ) -> Iterator[Pipeline]:
     """Provision, migrate, start the offline model and the five services; stop them after.
+
+    ``replicas`` runs more than one process of a service (named ``policy``, ``policy-2``, …).
 
     With ``passwords`` (least privilege): provision as the admin, run each service as its own
     NATS user and with its own database role.
@@ -136,10 +140,11 @@ def _running(
     port = free_port()
     with OfflineModelProcess(ModelSettings(tokens_per_second=400)) as model:
         children = [
-            Child.service(
-                name,
+            Child(
+                name if n == 1 else f"{name}-{n}",
+                [sys.executable, "-m", f"services.{name}"],
                 service_env(
-                    name,
+                    name if n == 1 else f"{name}-{n}",
                     nats_url=nats_url,
                     database_url=dsn(name),
                     metrics_port=free_port(),
@@ -150,9 +155,10 @@ def _running(
                     nats_password=passwords[name] if passwords else "",
                     extra=extra,
                 ),
-                logs,
+                logs / f"{name if n == 1 else f'{name}-{n}'}.log",
             )
             for name in SERVICES
+            for n in range(1, (replicas or {}).get(name, 1) + 1)
         ]
         supervisor = Supervisor(children, say=lambda line: None)
         supervisor.start_all()

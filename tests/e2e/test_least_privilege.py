@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from baton import permissions, roles
-from shared import subjects
+from shared import messages, subjects
 from shared.bus import Bus
 from shared.config import BaseSettings, Secret
 from tests.e2e.conftest import Pipeline, SecurePipeline
@@ -269,3 +269,53 @@ async def test_only_policy_writes_the_limits_bucket_and_the_gateway_only_reads_i
                 await nc.jetstream(timeout=1.0).key_value(subjects.BUCKET_LIMITS)
         finally:
             await nc.close()
+
+
+async def test_cancel_works_as_its_own_users_and_only_policy_may_abort_calls(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    p = secure_pipeline
+    p.model.update_settings(tokens_per_second=8, words_per_reply=400)
+    auth = {"Authorization": f"Bearer {p.token('acme', 'alice')}"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(f"{p.gateway}/api/chat", json={"content": "A long one"}, headers=auth)
+        assert r.status_code == 202, r.text
+        cid, mid = r.json()["message"]["conversation_id"], r.json()["message"]["id"]
+        run_id = f"run-{mid}"
+
+        def open_calls() -> list[str]:
+            return [k for k, v in p.model.calls().items() if v["outcome"] == "open"]
+
+        for _ in range(400):
+            if open_calls():
+                break
+            await asyncio.sleep(0.05)
+        [call] = open_calls()
+        # A forged abort from any other service's user is refused by the server.
+        abort = messages.RunAbort(event_id="x", message_id=mid, conversation_id=cid,
+                                  project_id="acme", run_id=run_id, attempt=1,
+                                  reason="cancelled")  # fmt: skip
+        for user in NOT_POLICY:
+            errors: list[str] = []
+            nc = await _connect(p, user, errors)
+            try:
+                await nc.publish(subjects.exec_abort("acme", cid), messages.encode(abort))
+                await _wait_for(errors, "permissions violation")
+            finally:
+                await nc.close()
+        await asyncio.sleep(0.5)
+        assert p.model.calls()[call]["outcome"] == "open"
+        # The real path: gateway → policy → executors, with each service's own rights.
+        url = f"{p.gateway}/api/conversations/{cid}/runs/{run_id}/cancel"
+        assert (await client.post(url, headers=auth)).status_code == 202
+        status = ""
+        for _ in range(400):
+            state = await client.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)
+            status = state.json()["runs"][0]["status"]
+            if status == "cancelled":
+                break
+            await asyncio.sleep(0.05)
+        assert status == "cancelled", p.log_tail()
+    assert p.model.calls()[call]["outcome"] == "client_disconnected"
+    for service in permissions.SERVICES:
+        assert _permission_errors(p, service) == 0, f"{service}\n{p.log_tail()}"

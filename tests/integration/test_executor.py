@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,
     decode_all,
+    eventually,
     read_subject,
     running,
     service_metrics,
@@ -242,3 +244,79 @@ async def test_text_written_before_an_error_mid_stream_still_reaches_clients(
     assert failed.error_class == "overloaded" and failed.usage.output_tokens == 4
     assert [d.seq for d in deltas] == [1]
     assert len(deltas[0].text.split()) == 4
+
+
+async def test_an_attempt_aborted_before_pickup_never_calls_the_model(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    bus = await connect_bus(infra.nats_url, "executor")
+    pool = await create_pool(infra.database_url)
+    e = user_event("Cancel me before I start")
+    await Store(pool).insert_user_message(e)
+    client = model.client(offline_model.url, "test-key", 30)
+    aborts = await bus.js.key_value(subjects.BUCKET_ABORTS)
+    h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"), aborts)
+    task = _task(e)
+    # Policy marked the attempt aborted before any executor picked the task up.
+    await aborts.put(subjects.abort_key(task.run_id, task.attempt), b"1")
+    subject = subjects.exec_task(e.project_id, e.conversation_id)
+    await bus.publish(subject, task, msg_id=task.event_id)
+    async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+        [failed] = decode_all(
+            await read_subject(bus, subjects.STREAM_RESULTS, "exec.failed.>", 1), m.ExecFailed
+        )
+    assert (failed.error_class, failed.usage, failed.attempt) == ("cancelled", m.Usage(), 1)
+    assert offline_model.stats()["calls"] == 0
+    await bus.close()
+    await pool.close()
+    await client.close()
+
+
+async def _streaming(h: Handlers) -> bool:
+    return any(call.task is not None for call in h.calls.values())
+
+
+async def test_an_abort_stops_a_streaming_call_and_reports_its_partial_usage(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    offline_model.update_settings(tokens_per_second=10, words_per_reply=300)
+    bus = await connect_bus(infra.nats_url, "executor")
+    pool = await create_pool(infra.database_url)
+    e = user_event("A long answer, please")
+    await Store(pool).insert_user_message(e)
+    client = model.client(offline_model.url, "test-key", 30)
+    h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
+    sub = await bus.nc.subscribe(subjects.EXEC_ABORT_ALL, cb=h.abort)
+    task = _task(e)
+    p, c = e.project_id, e.conversation_id
+    await bus.publish(subjects.exec_task(p, c), task, msg_id=task.event_id)
+    try:
+        async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+            # The call is streaming (a few tokens in at 10 per second).
+            await eventually(lambda: _streaming(h))
+            await asyncio.sleep(1.0)
+            # Another run's abort and an older attempt's abort leave this call alone.
+            for run_id, attempt in ((f"run-{e.conversation_id}", 1), (task.run_id, 0)):
+                other = m.RunAbort(event_id="a", message_id=e.message_id, conversation_id=c,
+                                   project_id=p, run_id=run_id, attempt=attempt,
+                                   reason="cancelled")  # fmt: skip
+                await bus.nc.publish(subjects.exec_abort(p, c), m.encode(other))
+            await bus.nc.publish(subjects.exec_abort(p, c), b"not json")  # ignored, logged
+            abort = m.RunAbort(event_id="b", message_id=e.message_id, conversation_id=c,
+                               project_id=p, run_id=task.run_id, attempt=1,
+                               reason="cancelled")  # fmt: skip
+            await bus.nc.publish(subjects.exec_abort(p, c), m.encode(abort))
+            [failed] = decode_all(
+                await read_subject(bus, subjects.STREAM_RESULTS, "exec.failed.>", 1),
+                m.ExecFailed,
+            )
+    finally:
+        await sub.unsubscribe()
+    assert failed.error_class == "cancelled"
+    [call] = offline_model.calls().values()
+    assert call["outcome"] == "client_disconnected"
+    assert failed.usage.input_tokens == call["input_tokens"]
+    assert 0 < failed.usage.output_tokens <= call["output_tokens"] < 300
+    await bus.close()
+    await pool.close()
+    await client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import msgspec
+import pytest
 
 from services.policy import core
 from services.policy.adapters import Conversations, Runs
@@ -14,6 +15,7 @@ from services.policy.main import rules_from
 from shared import messages as m
 from shared import subjects
 from shared.bus import Consumer
+from shared.errors import Deferred
 from tests.integration.conftest import Infra
 from tests.support import connect_bus, decode_all, read_subject, running, service_metrics
 
@@ -201,4 +203,82 @@ async def test_runs_of_one_conversation_take_turns_in_arrival_order(infra: Infra
             await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 3), m.ExecTask
         )
     assert [t.message_id for t in tasks] == [d.message_id for d in (first, *later)]
+    await bus.close()
+
+
+def _cancel(d: m.AgentDecision, **changes: str) -> m.CancelRequested:
+    run_id = core.run_id_for(d.message_id)
+    c = m.CancelRequested(
+        event_id=f"cancel:{run_id}",
+        message_id=d.message_id,
+        conversation_id=d.conversation_id,
+        project_id=d.project_id,
+        user_id=d.user_id,
+        run_id=run_id,
+        requested_at=datetime.now(UTC),
+    )
+    return msgspec.structs.replace(c, **changes)
+
+
+async def test_hostile_cancels_are_dead_lettered_and_leave_the_run_alone(infra: Infra) -> None:
+    bus, consumers = await _policy(infra)
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    d = _decision()
+    await bus.publish(subjects.agent_decision(d.project_id, d.conversation_id), d, msg_id="d")
+    cancels = subjects.chat_cancel(d.project_id, d.conversation_id)
+    other = "00000000-0000-0000-0000-000000000002"
+    hostile = [
+        _cancel(d, user_id="mallory"),  # someone else's run
+        _cancel(d, conversation_id="00000000-0000-0000-0000-0000000000c2"),
+        _cancel(d, project_id="p2"),
+        _cancel(d, run_id=f"run-{other}"),  # run and message disagree
+    ]
+    rules = rules_from(Settings())
+    h = Handlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy-2"))
+    async with running(
+        *consumers, Consumer(bus, subjects.POLICY_CANCELS, m.CancelRequested, h.cancel)
+    ):
+        await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1)
+        for i, c in enumerate(hostile):
+            await bus.publish(cancels, c, msg_id=f"hostile-{i}")
+        await bus.js.publish(cancels, b"{not json", headers={"Nats-Msg-Id": "bad"})
+        await bus.js.publish(cancels, b'{"v": 1}', headers={"Nats-Msg-Id": "partial"})
+        letters = await read_subject(
+            bus, subjects.STREAM_DLQ, subjects.dead_letter("CHAT_CANCEL", "policy-cancels"), 6
+        )
+    assert len(letters) == 6
+    state = msgspec.json.decode((await kv.get(core.run_id_for(d.message_id))).value)
+    assert (state["status"], state["cancel_requested"]) == ("running", False)
+    await bus.close()
+
+
+async def test_a_retry_waits_for_its_backoff_in_the_stream_not_in_a_worker(infra: Infra) -> None:
+    bus = await connect_bus(infra.nats_url, "policy")
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    rules = rules_from(Settings(retry_backoff_s="60"))
+    h = Handlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy"))
+    d = _decision()
+    await h.decision(d, None)  # type: ignore[arg-type]
+    [task] = decode_all(
+        await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+    )
+    f = _failure(task, "overloaded")
+    # The handler returns at once, asking the server to hand the report back in 60 s.
+    with pytest.raises(Deferred) as first:
+        await h.failure(f, None)  # type: ignore[arg-type]
+    assert 55 < first.value.delay <= 60
+    state, _ = await Runs(kv).get(task.run_id)
+    assert (state.attempt, state.cause) == (2, f.event_id) and state.retry_at is not None
+    # Handed back early (a restart, a redelivery): still waiting, still no second task.
+    with pytest.raises(Deferred) as again:
+        await h.failure(f, None)  # type: ignore[arg-type]
+    assert again.value.delay <= first.value.delay
+    assert len(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1)) == 1
+    # Once due (here: the record says so), the redelivered report starts attempt 2, once.
+    due = msgspec.structs.replace(state, retry_at=datetime.now(UTC))
+    await Runs(kv).update(due, (await Runs(kv).get(task.run_id))[1])
+    assert await h.failure(f, None) == "retry"  # type: ignore[arg-type]
+    assert await h.failure(f, None) == "stale"  # type: ignore[arg-type]
+    tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
+    assert [t.attempt for t in tasks] == [1, 2]
     await bus.close()

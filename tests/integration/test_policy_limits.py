@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats.js.errors
+import pytest
 
-from services.policy import budget, core
-from services.policy.adapters import Conversations, Limiter, Runs
+from services.policy import budget, core, policyfile
+from services.policy.adapters import Aborts, Conversations, Limiter, Runs
 from services.policy.handlers import Handlers
 from shared import messages as m
 from shared import ratelimit, subjects
 from shared.bus import Bus, Consumer
+from shared.errors import Deferred
 from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,
@@ -41,17 +44,21 @@ async def _replica(infra: Infra, rules: core.Rules) -> tuple[Bus, Handlers, list
     bus = await connect_bus(infra.nats_url, "policy")
     runs_kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     limits_kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
+    aborts_kv = await bus.js.key_value(subjects.BUCKET_ABORTS)
     h = Handlers(
         bus,
         Runs(runs_kv),
         Conversations(runs_kv),
         rules,
         service_metrics("policy"),
+        Aborts(aborts_kv),
         limiter=Limiter(limits_kv),
     )
     consumers: list[Consumer[Any]] = [
         Consumer(bus, subjects.POLICY_DECISIONS, m.AgentDecision, h.decision, concurrency=16),
         Consumer(bus, subjects.POLICY_OUTCOMES, m.AssistantMessagePersisted, h.reply_persisted),
+        Consumer(bus, subjects.POLICY_FAILURES, m.ExecFailed, h.failure),
+        Consumer(bus, subjects.POLICY_CANCELS, m.CancelRequested, h.cancel),
     ]
     return bus, h, consumers
 
@@ -345,4 +352,204 @@ async def test_a_hostile_usage_report_cannot_lower_the_days_counters(infra: Infr
 
         c = await eventually(settled)
     assert (c.settled_tokens, c.settled_cost_usd, c.open) == (0, 0.0, {})
+    await bus.close()
+
+
+def _cancel(d: m.AgentDecision) -> m.CancelRequested:
+    run_id = core.run_id_for(d.message_id)
+    return m.CancelRequested(
+        event_id=f"cancel:{run_id}",
+        message_id=d.message_id,
+        conversation_id=d.conversation_id,
+        project_id=d.project_id,
+        user_id=d.user_id,
+        run_id=run_id,
+        requested_at=datetime.now(UTC),
+    )
+
+
+def _cancelled(task: m.ExecTask, usage: m.Usage) -> m.ExecFailed:
+    """What the executor reports for a call it stopped: class ``cancelled``, partial usage."""
+    return m.ExecFailed(
+        event_id=f"failed:{task.task_id}",
+        message_id=task.message_id,
+        conversation_id=task.conversation_id,
+        project_id=task.project_id,
+        task_id=task.task_id,
+        call_id=f"{task.task_id}#1",
+        run_id=task.run_id,
+        attempt=task.attempt,
+        model=task.model,
+        error_class="cancelled",
+        error="aborted by policy",
+        usage=usage,
+        prices=task.prices,
+    )
+
+
+async def test_a_cancelled_run_frees_its_slot_and_settles_its_partial_usage(infra: Infra) -> None:
+    """A cancelled run stores no reply, yet its runs-in-flight slot is freed and the tokens its
+    stopped call used are settled in the day's counters — once, whatever is redelivered."""
+    rules = _rules(m.Limits(max_concurrent_runs=1, project_daily_tokens=10 * PER_RUN))
+    bus, _, consumers = await _replica(infra, rules)
+    p = "p1"
+    first, second, third = _decision(), _decision(), _decision()
+    partial = m.Usage(input_tokens=120, output_tokens=30)
+    day = budget.day_of(datetime.now(UTC))
+    async with running(*consumers):
+        await bus.publish(subjects.agent_decision(p, first.conversation_id), first, msg_id="d1")
+        [task] = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )
+        # The slot is taken: a message of another conversation of the project is refused.
+        await bus.publish(subjects.agent_decision(p, second.conversation_id), second, msg_id="d2")
+        [refusal] = decode_all(
+            await read_subject(bus, subjects.STREAM_POLICY, "policy.reply.>", 1), m.PolicyReply
+        )
+        assert refusal.run_id == core.run_id_for(second.message_id)
+        assert "1 answers in progress" in refusal.text
+
+        # The user cancels the running run; policy aborts the call, the executor reports it
+        # stopped with what it had used.
+        sub = await bus.nc.subscribe(subjects.EXEC_ABORT_ALL)
+        cancel = _cancel(first)
+        await bus.publish(subjects.chat_cancel(p, first.conversation_id), cancel, msg_id="c1")
+        abort = msgspec.json.decode((await sub.next_msg(timeout=30)).data, type=m.RunAbort)
+        assert (abort.run_id, abort.reason) == (task.run_id, "cancelled")
+        stopped = _cancelled(task, partial)
+        await bus.publish(subjects.exec_failed(p, task.conversation_id), stopped, msg_id="f1")
+
+        async def settled() -> budget.Counter | None:
+            c = await _counter(bus, subjects.budget_key(day, p))
+            return c if c.settled_runs == 1 else None
+
+        c = await eventually(settled)
+        assert (c.settled_tokens, c.open) == (150, {})
+        assert c.settled_cost_usd == pytest.approx(partial.cost_usd(task.prices))
+        assert (await _counter(bus, subjects.active_key(p))).open == {}
+        state, _ = await Runs(await bus.js.key_value(subjects.BUCKET_RUNS)).get(task.run_id)
+        assert state.status == "cancelled"
+        assert state.reservation is not None and state.reservation.settled
+        assert state.reservation.actual_tokens == 150
+
+        # Redeliveries (the failure, the cancel) settle nothing twice.
+        await bus.publish(subjects.exec_failed(p, task.conversation_id), stopped, msg_id="f1b")
+        await bus.publish(subjects.chat_cancel(p, first.conversation_id), cancel, msg_id="c1b")
+
+        # The freed slot: the next message of the project is approved.
+        await bus.publish(subjects.agent_decision(p, third.conversation_id), third, msg_id="d3")
+        tasks = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask
+        )
+        assert [t.run_id for t in tasks] == [task.run_id, core.run_id_for(third.message_id)]
+        await asyncio.sleep(1)
+        c = await _counter(bus, subjects.budget_key(day, p))
+        assert (c.settled_runs, c.settled_tokens) == (1, 150)
+        assert list(c.open) == [core.run_id_for(third.message_id)]
+        await sub.unsubscribe()
+    await bus.close()
+
+
+async def test_a_run_cancelled_while_queued_gives_its_reservation_back(infra: Infra) -> None:
+    rules = _rules(m.Limits(project_daily_tokens=10 * PER_RUN))
+    bus, _, consumers = await _replica(infra, rules)
+    p = "p1"
+    first = _decision()
+    queued = msgspec.structs.replace(_decision(), conversation_id=first.conversation_id, position=2)
+    day = budget.day_of(datetime.now(UTC))
+    async with running(*consumers):
+        await bus.publish(subjects.agent_decision(p, first.conversation_id), first, msg_id="d1")
+        await bus.publish(subjects.agent_decision(p, first.conversation_id), queued, msg_id="d2")
+        run_id = core.run_id_for(queued.message_id)
+
+        async def both_held() -> bool:
+            try:
+                return len((await _counter(bus, subjects.budget_key(day, p))).open) == 2
+            except nats.js.errors.KeyNotFoundError:
+                return False  # no decision counted yet
+
+        await eventually(both_held)
+        cancels = subjects.chat_cancel(p, first.conversation_id)
+        await bus.publish(cancels, _cancel(queued), msg_id="c2")
+
+        async def given_back() -> budget.Counter | None:
+            c = await _counter(bus, subjects.budget_key(day, p))
+            return c if run_id not in c.open else None
+
+        c = await eventually(given_back)
+        assert list(c.open) == [core.run_id_for(first.message_id)]
+        assert (c.settled_runs, c.settled_tokens) == (1, 0)
+        state, _ = await Runs(await bus.js.key_value(subjects.BUCKET_RUNS)).get(run_id)
+        assert state.status == "cancelled" and state.out_of_turn
+        assert state.reservation is not None and state.reservation.settled
+    await bus.close()
+
+
+async def test_the_policy_files_lifecycle_rules_apply_per_project(infra: Infra) -> None:
+    """Double texting and retry backoff come from the project's rules in the policy file."""
+    book = policyfile.parse(
+        b'[projects.strict]\ndouble_texting = "reject"\nretry_backoff_s = [30.0]\n'
+        b"[defaults]\nretry_backoff_s = [0.0]\n"
+        b"[defaults.caps]\nproject_daily_tokens = 1000000\n"
+    )
+    bus = await connect_bus(infra.nats_url, "policy")
+    runs_kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    runs = Runs(runs_kv)
+    limiter = Limiter(await bus.js.key_value(subjects.BUCKET_LIMITS))
+    h = Handlers(
+        bus,
+        runs,
+        Conversations(runs_kv),
+        _rules(m.Limits()),
+        service_metrics("p"),
+        limiter=limiter,
+        book=book,
+    )
+    second_states: dict[str, core.RunState] = {}
+    for project in ("strict", "lenient"):
+        first = msgspec.structs.replace(_decision(project), position=1)
+        second = msgspec.structs.replace(
+            _decision(project), conversation_id=first.conversation_id, position=2
+        )
+        await h.decision(first, None)  # type: ignore[arg-type]
+        await h.decision(second, None)  # type: ignore[arg-type]
+        second_states[project] = (await runs.get(core.run_id_for(second.message_id)))[0]
+    strict, lenient = second_states["strict"], second_states["lenient"]
+    assert (strict.status, strict.reply_text) == ("refused", core.REJECT_TEXT)
+    assert (lenient.status, lenient.reply_kind) == ("running", None)  # waits its turn
+    # The rejected run never runs: its hold is given back at once (the queued one keeps its).
+    assert strict.reservation is not None and strict.reservation.settled
+    assert lenient.reservation is not None and not lenient.reservation.settled
+    day = budget.day_of(datetime.now(UTC))
+    assert len((await _counter(bus, subjects.budget_key(day, "strict"))).open) == 1
+    assert len((await _counter(bus, subjects.budget_key(day, "lenient"))).open) == 2
+    tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
+    waits: dict[str, float] = {}
+    for task in tasks:
+        failed = msgspec.structs.replace(_cancelled(task, m.Usage()), error_class="overloaded")
+        try:
+            await h.failure(failed, None)  # type: ignore[arg-type]
+        except Deferred as d:
+            waits[task.project_id] = d.delay
+    assert waits["strict"] > 20 and waits["lenient"] < 1
+    await bus.close()
+
+
+async def test_under_interrupt_a_message_refused_by_a_limit_interrupts_nothing(
+    infra: Infra,
+) -> None:
+    rules = msgspec.structs.replace(
+        _rules(m.Limits(max_concurrent_runs=1)), double_texting="interrupt"
+    )
+    bus, h, _ = await _replica(infra, rules)
+    first = msgspec.structs.replace(_decision(), position=1)
+    second = msgspec.structs.replace(_decision(), conversation_id=first.conversation_id, position=2)
+    await h.decision(first, None)  # type: ignore[arg-type]
+    await h.decision(second, None)  # type: ignore[arg-type]
+    runs = Runs(await bus.js.key_value(subjects.BUCKET_RUNS))
+    a = (await runs.get(core.run_id_for(first.message_id)))[0]
+    b = (await runs.get(core.run_id_for(second.message_id)))[0]
+    assert (a.status, a.cancel_requested) == ("running", False)
+    assert (b.status, b.limited) == ("refused", True) and "in progress" in b.reply_text
+    assert len((await _counter(bus, subjects.active_key("p1"))).open) == 1
     await bus.close()

@@ -95,3 +95,9 @@ def resp(status: int) -> httpx.Response:
 )
 def test_classify_maps_sdk_errors_to_failure_classes(exc: BaseException, error_class: str) -> None:
     assert classify(exc) == error_class
+
+
+def test_an_abort_by_policy_is_classified_as_cancelled() -> None:
+    from services.executor.core import CallAborted
+
+    assert classify(CallAborted("stop")) == "cancelled"

@@ -204,3 +204,23 @@ def test_a_failure_notice_ends_the_run_with_run_failed_instead_of_message_comple
     failure = msgspec.structs.replace(ASSISTANT, kind="failure", status="failed")
     name, _, payload = gw.push_event("chat.persisted.assistant.acme.c1", encode(failure))
     assert (name, payload["kind"], payload["status"]) == ("run.failed", "failure", "failed")
+
+
+MID = "0b7f3c56-5d8e-4c7e-9a59-6a1f2c9e7d10"
+
+
+@pytest.mark.parametrize(
+    ("cid", "rid"),
+    [("nope", f"run-{MID}"), (MID, "run-"), (MID, MID), (MID, f"run-{MID}x"),
+     (MID, f"run-{MID}.>"), (MID, "run-*"), (MID, f"RUN-{MID}"), (MID, "run-" + "a" * 300),
+     (MID, f"run-{MID.upper()}"), ("", f"run-{MID}"), (MID, f"run-{MID}\n")],
+)  # fmt: skip
+def test_parse_cancel_ids_refuses_malformed_ids_with_400(cid: str, rid: str) -> None:
+    with pytest.raises(ApiError) as err:
+        gw.parse_cancel_ids(cid, rid)
+    assert (err.value.status, err.value.code) == (400, "invalid_id")
+
+
+def test_parse_cancel_ids_names_the_runs_message() -> None:
+    cid = str(uuid.uuid4())
+    assert gw.parse_cancel_ids(cid.upper(), f"run-{MID}") == (cid, f"run-{MID}", MID)

@@ -167,3 +167,12 @@ def test_a_newer_attempt_that_has_not_streamed_yet_hides_the_old_tokens() -> Non
     missed = gw.resume(events, gw.Position("tok", R1, 1, 1), runs)
     assert [e[1] for e in missed] == [f"run:{R1}:2:running"]
     assert gw.resume(events, gw.Position("run", R1, 2, status="running"), runs) == []
+
+
+def test_a_cancelled_run_replays_its_partial_text_then_the_status_that_ended_it() -> None:
+    messages = [msg(U1, "user", "q1")]
+    events = gw.timeline(CID, messages, [run(R1, "cancelled")], [tok(R1, 1, 1, "Hel")])
+    assert [e[1] for e in events] == [f"msg:{U1}", f"tok:{R1}:1:1", f"run:{R1}:1:cancelled"]
+    # A client that saw the partial text gets the cancel and nothing after it.
+    missed = gw.resume(events, gw.parse_event_id(f"tok:{R1}:1:1"), [run(R1, "cancelled")])
+    assert [e[1] for e in missed] == [f"run:{R1}:1:cancelled"]

@@ -26,6 +26,28 @@ def test_only_policy_may_publish_executor_tasks() -> None:
             assert task not in publish["allow"] and "exec.task.>" in publish["deny"]
 
 
+def test_only_policy_may_abort_calls_and_executors_only_read_the_abort_marks() -> None:
+    abort = subjects.exec_abort("*", "*")
+    for service in permissions.SERVICES:
+        publish = permissions.permissions(service)["publish"]
+        if service == "policy":
+            assert abort in publish["allow"] and "exec.abort.>" not in publish["deny"]
+            assert f"$KV.{subjects.BUCKET_ABORTS}.>" in publish["allow"]
+        else:
+            assert abort not in publish["allow"] and "exec.abort.>" in publish["deny"]
+            assert not any(s.startswith(f"$KV.{subjects.BUCKET_ABORTS}") for s in publish["allow"])
+    executor = permissions.permissions("executor")["publish"]["allow"]
+    assert f"$JS.API.DIRECT.GET.KV_{subjects.BUCKET_ABORTS}.>" in executor
+
+
+def test_only_the_gateway_asks_for_cancels() -> None:
+    cancel = subjects.chat_cancel("*", "*")
+    allowed = [
+        s for s in permissions.SERVICES if cancel in permissions.permissions(s)["publish"]["allow"]
+    ]
+    assert allowed == ["gateway"]
+
+
 def test_no_service_may_manage_streams_or_consumers() -> None:
     for service in permissions.SERVICES:
         publish = permissions.permissions(service)["publish"]
@@ -37,7 +59,8 @@ def test_no_service_may_manage_streams_or_consumers() -> None:
 
 def test_each_service_binds_only_its_own_durables_and_reads_only_its_inbox() -> None:
     executor = permissions.permissions("executor")
-    assert executor["subscribe"]["allow"] == ["_INBOX_executor.>"]
+    # Its inbox, and the aborts policy sends to every executor replica.
+    assert executor["subscribe"]["allow"] == [subjects.EXEC_ABORT_ALL, "_INBOX_executor.>"]
     assert "$JS.API.CONSUMER.MSG.NEXT.EXEC_TASKS.executor" in executor["publish"]["allow"]
     assert not any("persister" in s for s in executor["publish"]["allow"])
     gateway = permissions.permissions("gateway")

@@ -104,7 +104,152 @@ def test_on_failure_retries_retryable_classes_with_the_next_attempt(error_class:
     later = NOW + timedelta(seconds=10)
     new = core.on_failure(s, failed(s, error_class), RULES, later)
     assert new is not None
-    assert (new.status, new.attempt, new.deadline) == ("running", 2, later + timedelta(seconds=300))
+    # The next attempt waits for its backoff; it gets a deadline when it starts.
+    assert (new.status, new.attempt, new.deadline) == ("running", 2, None)
+    assert new.retry_at == later + timedelta(seconds=RULES.retry_backoff_s[0])
+    assert new.cause == "f" and new.model == "small"
+
+
+@pytest.mark.parametrize(("attempt", "wait"), [(1, 1.0), (2, 4.0), (3, 4.0), (7, 4.0)])
+def test_backoff_is_per_attempt_and_the_last_value_repeats(attempt: int, wait: float) -> None:
+    rules = msgspec.structs.replace(RULES, max_attempts=10)
+    s = msgspec.structs.replace(advice(), attempt=attempt)
+    new = core.on_failure(s, failed(s, "timeout"), rules, NOW)
+    assert new is not None and new.retry_at == NOW + timedelta(seconds=wait)
+
+
+@pytest.mark.parametrize(
+    ("error_class", "model"),
+    [("overloaded", "big"), ("rate_limited", "big"), ("timeout", "small"),
+     ("server_error", "small"), ("cut_stream", "small")],
+)  # fmt: skip
+def test_a_fallback_model_is_used_only_after_overload_or_rate_limits(
+    error_class: str, model: str
+) -> None:
+    rules = msgspec.structs.replace(RULES, fallback_model="big")
+    s = advice(rules)
+    new = core.on_failure(s, failed(s, error_class), rules, NOW)
+    assert new is not None and (new.model, new.prices) == (model, rules.models[model])
+    if model == "big":
+        assert new.reason == "retry on big in 1s after " + error_class + " on attempt 1"
+
+
+def test_a_retry_starts_only_once_its_backoff_is_over() -> None:
+    s = advice()
+    waiting = core.on_failure(s, failed(s, "overloaded"), RULES, NOW)
+    assert waiting is not None and waiting.retry_at is not None
+    assert core.retry_due(waiting, 1, RULES, waiting.retry_at - timedelta(seconds=0.1)) is None
+    assert core.retry_due(waiting, 2, RULES, waiting.retry_at) is None  # another attempt's
+    due = core.retry_due(waiting, 1, RULES, waiting.retry_at)
+    assert due is not None and due.retry_at is None
+    assert due.deadline == waiting.retry_at + timedelta(seconds=RULES.run_deadline_s)
+    assert core.retry_due(due, 1, RULES, waiting.retry_at) is None  # started already
+
+
+def test_a_failure_while_a_retry_waits_is_stale() -> None:
+    s = advice()
+    waiting = core.on_failure(s, failed(s, "overloaded"), RULES, NOW)
+    assert waiting is not None
+    assert core.on_failure(waiting, failed(waiting, "timeout"), RULES, NOW) is None
+
+
+def test_a_cancelled_attempt_ends_the_run_as_cancelled_without_a_retry_or_reply() -> None:
+    s = advice()
+    new = core.on_failure(s, failed(s, "cancelled"), RULES, NOW)
+    assert new is not None
+    assert (new.status, new.verdict, new.reply_kind, new.attempt) == ("cancelled", "stop", None, 1)
+
+
+@pytest.mark.parametrize("error_class", sorted(core.RETRYABLE))
+def test_any_failure_after_a_cancel_request_ends_the_run_as_cancelled(error_class: str) -> None:
+    s = msgspec.structs.replace(advice(), cancel_requested=True)
+    new = core.on_failure(s, failed(s, error_class), RULES, NOW)
+    assert new is not None and (new.status, new.attempt) == ("cancelled", 1)
+
+
+def test_cancel_asks_a_call_in_flight_to_stop_and_ends_anything_else_at_once() -> None:
+    s = advice()
+    asked = core.cancel(s, in_flight=True, active=True, cause="x", why="by user")
+    assert asked is not None and (asked.status, asked.cancel_requested) == ("running", True)
+    assert core.cancel(asked, in_flight=True, active=True, cause="x", why="again") is None
+    queued = core.cancel(s, in_flight=False, active=False, cause="x", why="by user")
+    assert queued is not None and (queued.status, queued.out_of_turn) == ("cancelled", True)
+    waiting = core.cancel(s, in_flight=False, active=True, cause="x", why="by user")
+    assert waiting is not None and (waiting.status, waiting.out_of_turn) == ("cancelled", False)
+
+
+@pytest.mark.parametrize("status", sorted(core.TERMINAL))
+def test_cancel_changes_nothing_of_a_finished_run(status: str) -> None:
+    s = msgspec.structs.replace(advice(), status=status)
+    assert core.cancel(s, in_flight=True, active=True, cause="x", why="y") is None
+    assert core.cancel(s, in_flight=False, active=False, cause="x", why="y") is None
+
+
+def test_a_cancel_before_the_decision_leaves_a_record_the_decision_finds() -> None:
+    e = m.CancelRequested(
+        event_id="cancel:run-m1", **IDS, run_id="run-m1", user_id="alice", requested_at=NOW
+    )
+    t = core.tombstone(e)
+    assert (t.run_id, t.status, t.verdict, t.out_of_turn, t.position) == (
+        "run-m1", "cancelled", "stop", True, 0,
+    )  # fmt: skip
+
+
+def test_reject_refuses_with_a_reply_and_gives_up_the_turn() -> None:
+    r = core.reject(advice())
+    assert (r.status, r.verdict, r.reply_kind, r.reply_text, r.out_of_turn) == (
+        "refused", "stop", "refusal", core.REJECT_TEXT, True,
+    )  # fmt: skip
+    reply = core.reply_event(r)
+    assert reply is not None and reply.status == "refused"
+
+
+def test_interrupt_targets_the_active_run_and_earlier_queued_ones_only() -> None:
+    conv = core.ConvState(conversation_id="c1", active="r1", next_position=2,
+                          pending={2: "r2", 4: "r4", 5: "r5"})  # fmt: skip
+    assert core.ahead_of(conv, 4) == ["r1", "r2"]
+    assert core.superseded(conv, 4) and not core.superseded(conv, 5)
+    assert core.ahead_of(core.ConvState(conversation_id="c1"), 1) == []
+
+
+def deadline(state: core.RunState, attempt: int | None = None) -> m.RunDeadline:
+    return core.deadline_event(
+        msgspec.structs.replace(state, attempt=state.attempt if attempt is None else attempt),
+        NOW,
+    )
+
+
+def test_a_missed_deadline_is_a_timeout_retried_like_a_failure() -> None:
+    s = advice()
+    new = core.on_deadline(s, deadline(s), RULES, NOW)
+    assert new is not None and (new.status, new.attempt) == ("running", 2)
+    assert new.cause == "deadline:run-m1:1" and "after timeout" in new.reason
+    last = msgspec.structs.replace(s, attempt=RULES.max_attempts)
+    failed_run = core.on_deadline(last, deadline(last), RULES, NOW)
+    assert failed_run is not None and (failed_run.status, failed_run.reply_kind) == (
+        "failed", "failure",
+    )  # fmt: skip
+
+
+def test_a_deadline_of_an_attempt_that_is_over_is_stale() -> None:
+    s = advice()
+    assert core.on_deadline(s, deadline(s, attempt=2), RULES, NOW) is None
+    done = msgspec.structs.replace(s, status="completed")
+    assert core.on_deadline(done, deadline(done), RULES, NOW) is None
+
+
+def test_a_deadline_ends_a_cancel_no_executor_confirmed() -> None:
+    s = msgspec.structs.replace(advice(), cancel_requested=True)
+    new = core.on_deadline(s, deadline(s), RULES, NOW)
+    assert new is not None and new.status == "cancelled"
+
+
+def test_only_the_event_that_caused_a_state_may_re_emit_it() -> None:
+    s = advice()
+    new = core.on_failure(s, failed(s, "timeout"), RULES, NOW)
+    assert new is not None and core.caused_by(new, failed(s, "timeout"))
+    other = msgspec.structs.replace(failed(s, "timeout"), event_id="failed:other")
+    assert not core.caused_by(new, other)
 
 
 @pytest.mark.parametrize("error_class", sorted(core.RETRYABLE))
@@ -114,7 +259,7 @@ def test_on_failure_gives_up_once_max_attempts_is_reached(error_class: str) -> N
     assert new is not None and (new.status, new.reply_kind) == ("failed", "failure")
 
 
-@pytest.mark.parametrize("error_class", ["bad_request", "cancelled"])
+@pytest.mark.parametrize("error_class", ["bad_request"])
 def test_on_failure_fails_non_retryable_classes_with_a_failure_reply(error_class: str) -> None:
     s = advice()
     new = core.on_failure(s, failed(s, error_class), RULES, NOW)
@@ -208,3 +353,43 @@ def test_a_disallowed_executor_without_an_allowed_default_is_refused() -> None:
     assert (s.status, s.verdict) == ("refused", "stop") and "executor code" in s.reason
     assert core.has_limits(RULES) is False
     assert core.has_limits(msgspec.structs.replace(RULES, limits=m.Limits(max_concurrent_runs=1)))
+
+
+def test_spent_adds_each_failed_attempts_usage_and_ignores_hostile_numbers() -> None:
+    state = core.RunState(
+        run_id="run-1",
+        message_id="1",
+        conversation_id="c",
+        project_id="p",
+        user_id="u",
+        status="running",
+        verdict="approve",
+        reason="",
+    )
+    prices = m.Prices(input=3.0, output=15.0)
+
+    def failed(attempt: int, usage: m.Usage, p: m.Prices = prices) -> m.ExecFailed:
+        return m.ExecFailed(
+            event_id=f"failed:{attempt}",
+            message_id="1",
+            conversation_id="c",
+            project_id="p",
+            task_id=f"task:run-1:{attempt}",
+            call_id=f"task:run-1:{attempt}#1",
+            run_id="run-1",
+            attempt=attempt,
+            model="claude-sonnet-4-6",
+            error_class="overloaded",
+            error="x",
+            usage=usage,
+            prices=p,
+        )
+
+    state = core.spent(state, failed(1, m.Usage(input_tokens=100, output_tokens=10)))
+    state = core.spent(state, failed(2, m.Usage(input_tokens=50, cache_read_tokens=5)))
+    assert state.usage == m.Usage(input_tokens=150, output_tokens=10, cache_read_tokens=5)
+    assert state.cost_usd == pytest.approx((150 * 3.0 + 10 * 15.0) / 1_000_000)
+    before = state
+    state = core.spent(state, failed(3, m.Usage(input_tokens=-(10**9), output_tokens=-1)))
+    state = core.spent(state, failed(4, m.Usage(), m.Prices(input=float("nan"))))
+    assert (state.usage, state.cost_usd) == (before.usage, before.cost_usd)
