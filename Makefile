@@ -1,5 +1,7 @@
 # Two commands: `make up` runs everything on this machine, `make test` runs every test.
 PY ?= python3
+# Tests wait on real servers far more than they compute: three workers fill two cores.
+TEST_WORKERS ?= 3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
@@ -21,7 +23,7 @@ up: $(STAMP)
 	$(BIN)/baton up $(ARGS)
 
 test: $(STAMP) tools
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # promtool (the alert-rule checker) has no PyPI wheel: take it from Debian's prometheus package
 # where apt exists (no root needed for a download). Without it the promtool tests skip.
