@@ -113,7 +113,8 @@ async def test_the_client_sees_the_retry_with_its_class_then_exactly_the_stored_
     # The client is told the run moved on to attempt 2, and why, in the failure class policy saw.
     retry = [s for s in seen.of("run.status") if s["attempt"] == 2]
     assert retry, seen.of("run.status")
-    assert retry[0]["reason"] == f"retry after {error_class} on attempt 1"
+    # (after the default backoff of POLICY_RETRY_BACKOFF_S: 1 s, then 4 s)
+    assert retry[0]["reason"] == f"retry in 1s after {error_class} on attempt 1"
     # A cut stream's partial text reached the client before the retry; a refused call sent none.
     first = seen.tokens(1)
     assert bool(first) == partial, first
@@ -145,8 +146,8 @@ async def test_a_model_that_keeps_failing_ends_in_a_run_failed_event(watched: Pi
     assert (notice["kind"], run["attempts"], run["usage"]["calls"]) == ("failure", 3, 3)
     assert seen.of("token") == []
     reasons = [s["reason"] for s in seen.of("run.status") if s["attempt"] > 1]
-    assert "retry after overloaded on attempt 1" in reasons
-    assert "retry after overloaded on attempt 2" in reasons
+    assert "retry in 1s after overloaded on attempt 1" in reasons
+    assert "retry in 4s after overloaded on attempt 2" in reasons
     [failed] = seen.of("run.failed")
     assert seen.events[-1]["event"] == "run.failed"
     assert (failed["kind"], failed["content"]) == ("failure", notice["content"])

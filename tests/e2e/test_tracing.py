@@ -322,9 +322,19 @@ def test_a_queued_message_keeps_its_own_trace_when_its_run_starts_later(
     traced: Pipeline, collector: Collector
 ) -> None:
     # The first answer streams for a while, so the second message waits behind it (I6).
-    traced.model.update_settings(tokens_per_second=40, words_per_reply=30)
+    traced.model.update_settings(tokens_per_second=20, words_per_reply=80)
     first, cid = _submit(traced)
     h = {"Authorization": f"Bearer {traced.token('acme', 'ada')}"}
+    # Send the second message once the first answer is streaming (about 4 s left), so its
+    # decision finds the conversation busy however slow the machine is.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runs = httpx.get(f"{traced.gateway}/api/conversations/{cid}/state", headers=h).json()
+        if any(r.get("status") == "running" for r in runs.get("runs", [])):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the first run never ran\n{traced.log_tail()}")
     r = httpx.post(
         f"{traced.gateway}/api/chat",
         json={"content": "And a second question?", "conversation_id": cid},
