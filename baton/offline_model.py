@@ -730,7 +730,12 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     app = create_app(settings)
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+    # Keep idle connections longer than the client's pool does (httpx: 5 s), as the real API
+    # does: with uvicorn's default of 5 s, a retry sent ~5 s after the last call raced the
+    # server closing the pooled connection and failed as a connection error (server_error).
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2, timeout_keep_alive=75
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -95,14 +95,21 @@ def _one_answer(p: Pipeline, content: str) -> dict[str, Any]:
     raise AssertionError(f"no answer in time\n{p.log_tail()}")
 
 
-def _until(p: Pipeline, check: Any, timeout: float = 30) -> Scrape:
+def _until(p: Pipeline, check: Any, timeout: float = 60) -> Scrape:
     deadline = time.monotonic() + timeout
     while True:
         s = scrape(p)
         if check(s):
             return s
         if time.monotonic() > deadline:
-            raise AssertionError("metrics never showed the expected samples")
+            backlog = {
+                (name, tuple(sorted(labels.items()))): v
+                for name in s.samples
+                if name.endswith(("_consumer_pending", "_consumer_ack_pending"))
+                for labels, v in s.samples[name]
+                if v
+            }
+            raise AssertionError(f"metrics never showed the expected samples; backlog: {backlog}")
         time.sleep(0.25)
 
 
