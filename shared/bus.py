@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -129,6 +130,75 @@ class Bus:
 Handler = Callable[[T, Msg], Awaitable[str]]
 
 
+class Pull:
+    """Pull requests to one durable; each message is handed over the moment it arrives.
+
+    nats-py's ``fetch(n)`` holds the first messages of a batch back until all ``n`` arrived
+    or its timeout ran out, which at low load adds up to a second per hop. Here one request
+    is open at a time, asks for at most the free slots, and ends when they are filled, when
+    the server says it expired (status 408) or had nothing (404), or after ``expires_s``.
+    Every request has its own reply subject, so a late status of an old one is ignored.
+    Without a fetch call per batch, the client's per-fetch work (a JSON request body built
+    with ``json.dumps``, a ``wait_for`` per message) goes away too.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        stream: str,
+        durable: str,
+        dispatch: Callable[[Msg], None],
+        expires_s: float = 1.0,
+    ) -> None:
+        self.nc = nc
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.dispatch = dispatch
+        self.expires_s = expires_s
+        self.prefix = ""
+        self.sub: Any = None
+        self.seq = 0
+        self.left = 0
+        self.done: asyncio.Future[None] | None = None
+
+    async def open(self) -> None:
+        self.prefix = self.nc.new_inbox()
+        self.sub = await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+    async def request(self, n: int) -> None:
+        """Ask for up to ``n`` messages; return once the request is over."""
+        self.seq += 1
+        self.left = n
+        self.done = asyncio.get_running_loop().create_future()
+        expires_ns = int(self.expires_s * 1e9)
+        body = b'{"batch":%d,"expires":%d}' % (n, expires_ns)
+        await self.nc.publish(self.subject, body, reply=f"{self.prefix}.{self.seq}")
+        # The server ends the request itself at expiry; the margin covers a lost 408.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.done), self.expires_s + 0.5)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None and msg.reply:
+            # Deliveries keep their stream subject, so they count against the open request;
+            # one of an older request is rare (a lost 408) and is handled all the same.
+            self.dispatch(msg)
+            self.left -= 1
+            if self.left <= 0:
+                self._finish()
+        elif msg.subject == f"{self.prefix}.{self.seq}":
+            # Statuses come on the request's own reply subject: a late one of an old request
+            # must not end the current request.
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+
 class Consumer(Generic[T]):
     """Fetches from one provisioned durable and runs a handler per message, acking after it.
 
@@ -164,7 +234,7 @@ class Consumer(Generic[T]):
 
     async def run(self, stop: asyncio.Event, grace_s: float = 20.0) -> None:
         """Fetch and handle until ``stop`` is set, then let in-flight work finish."""
-        sub = await self._bind(stop)
+        pull = await self._bind(stop)
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         try:
             while not stop.is_set():
@@ -178,37 +248,33 @@ class Consumer(Generic[T]):
                     await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await sub.fetch(min(self.batch, free), timeout=1.0)
-                except TimeoutError:
-                    # No message within the fetch window (nats' own and asyncio's timeouts alike).
-                    continue
+                    await pull.request(min(self.batch, free))
                 except (nats.errors.Error, OSError) as exc:
                     self.log.warning("fetch_failed", error=repr(exc))
                     await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    task = asyncio.create_task(self._handle(msg))
-                    self.inflight[task] = msg
-                    task.add_done_callback(self.inflight.pop)
         finally:
             if self.inflight:
                 # Unacked work past the grace period is redelivered elsewhere, never lost.
                 await asyncio.wait(list(self.inflight), timeout=grace_s)
             heartbeat.cancel()
             try:
-                await sub.unsubscribe()
+                await pull.close()
             except Exception as exc:  # the connection may already be gone at shutdown
                 self.log.debug("unsubscribe_failed", error=str(exc))
 
-    async def _bind(self, stop: asyncio.Event) -> Any:
+    def _dispatch(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(msg))
+        self.inflight[task] = msg
+        task.add_done_callback(self.inflight.pop)
+
+    async def _bind(self, stop: asyncio.Event) -> Pull:
         # Services only bind: creating consumers is provisioning's job (and its permission).
         while True:
             try:
-                sub = await self.bus.js.pull_subscribe_bind(
-                    durable=self.spec.durable, stream=self.spec.stream
-                )
+                pull = Pull(self.bus.nc, self.spec.stream, self.spec.durable, self._dispatch)
+                await pull.open()
                 await self._learn_ack_wait()
-                return sub
+                return pull
             except (nats.errors.Error, OSError) as exc:
                 if stop.is_set():
                     raise
@@ -262,7 +328,8 @@ class Consumer(Generic[T]):
                 if getattr(event, "v", 1) > messages.SCHEMA_VERSION:
                     raise SchemaError(f"unknown schema version {getattr(event, 'v', None)}")
                 outcome = await self.handler(event, msg)
-                await msg.ack_sync()
+                # Fire-and-forget: a lost ack only means a redelivery, which every handler absorbs.
+                await msg.ack()
             except BadData as exc:
                 outcome = "dead_lettered"
                 await self._dead_letter(msg, exc.reason)

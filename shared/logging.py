@@ -15,7 +15,7 @@ def setup(service: str, level: str = "info") -> structlog.stdlib.BoundLogger:
         numeric = logging.INFO
     logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s")
     # Client libraries log every request at info; those lines carry nothing the canonical line lacks.
-    for noisy in ("httpx", "httpcore", "anthropic"):
+    for noisy in ("httpx", "httpx2", "httpcore", "anthropic"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     structlog.configure(
         processors=[

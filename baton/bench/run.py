@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip the peers (faster)")
     p.add_argument("--no-realistic", action="store_true", help="skip the realistic-pace run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--logs", metavar="DIR", help="copy every process's log into DIR at the end")
     p.add_argument(
         "--profile",
         metavar="DIR",
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> Result:
         "started_at": time.strftime("%FT%TZ", time.gmtime()),
     }
     fast = ModelSettings(words_per_reply=args.words)
-    with stack.running(fast) as st:
+    with stack.running(fast, Path(args.logs) if args.logs else None) as st:
         say(f"stack up in {st.base}")
         if "accept" in chosen:
             st.start_services(["gateway"])
@@ -219,6 +220,7 @@ def tables(r: Result) -> str:
             ["SSE first token p50/p95/p99 ms", _lat(p["ttft"])],
             ["first-token overhead p50/p95/p99 ms", _lat(p["ttft_overhead"])],
             ["drain after last submit s", p["drain_s"]],
+            ["NATS msgs in / out per message", _per(p.get("nats_per_message", {}))],
         ]
         parts.append(_table(f"pipeline ({name}, pace {p['pace']})", ["what", "value"], rows))
     cost = r.get("cost")
@@ -265,6 +267,10 @@ def _profiles(r: Result) -> list[tuple[str, dict[str, Any]]]:
     if "profile" in r.get("pipeline", {}).get("fast", {}):
         out.append(("pipeline", r["pipeline"]["fast"]["profile"]))
     return out
+
+
+def _per(n: dict[str, float]) -> str:
+    return f"{n.get('in_msgs', '?')} / {n.get('out_msgs', '?')}"
 
 
 def _lat(s: dict[str, float]) -> str:

@@ -411,6 +411,7 @@ async def pipeline_run(
     sub = await nc.subscribe(subjects.PREFIX_PERSISTED_ASSISTANT + ">", cb=on_persisted)
     sampler = Sampler(stack.pids())
     sampler.start()
+    nats0 = stack.nats_counters()
     load0 = procstat.machine()["loadavg"]
     t_start = time.perf_counter()
     probe = asyncio.create_task(_ttft_probe(stack, ttft_samples, max(duration / ttft_samples, 0.1)))
@@ -422,6 +423,7 @@ async def pipeline_run(
         await asyncio.sleep(0.05)
     ttft = await probe
     sampler.stop()
+    nats1 = stack.nats_counters()
     await sub.unsubscribe()
     await nc.close()
     completed = [mid for mid in sent if mid in done]
@@ -453,6 +455,12 @@ async def pipeline_run(
         "ttft": summary_ms(ttft) | {"samples": len(ttft)},
         "ttft_overhead": summary_ms([max(0.0, x - first_token_model_s) for x in ttft]),
         "model_calls": stats.get("calls", 0),
+        # Protocol messages through the broker per completed message: the round trips it costs.
+        "nats_per_message": {
+            k: round((nats1[k] - nats0[k]) / max(len(completed), 1), 1)
+            for k in ("in_msgs", "out_msgs")
+            if k in nats0 and k in nats1
+        },
         "cost": sampler.report(len(completed)),
         "loadavg_before": load0,
         "loadavg_after": procstat.machine()["loadavg"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import tempfile
 import time
@@ -48,6 +49,7 @@ class Stack:
             base / "nats",
             config_text=permissions.authorization(self.passwords),
             log_file=self.logs / "nats.log",
+            monitor_port=0,
         )
         self.pg = PostgresServer(base / "postgres", log_file=self.logs / "postgres.log")
         self.model: OfflineModelProcess | None = None
@@ -112,6 +114,15 @@ class Stack:
             self.supervisor.stop_all(grace_s=10)
             self.supervisor = None
 
+    def nats_counters(self) -> dict[str, int]:
+        """The server's message and byte counters (from its /varz monitoring page)."""
+        url = self.nats.monitor_url
+        if url is None:
+            return {}
+        with urllib.request.urlopen(f"{url}/varz", timeout=5) as resp:
+            varz = json.loads(resp.read())
+        return {k: int(varz.get(k, 0)) for k in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
+
     def pids(self) -> dict[str, int]:
         """Service pids plus nats, postgres (the postmaster) and the offline model."""
         out: dict[str, int] = {}
@@ -135,7 +146,7 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running(model: ModelSettings | None = None) -> Iterator[Stack]:
+def running(model: ModelSettings | None = None, keep_logs: Path | None = None) -> Iterator[Stack]:
     """Infrastructure up (no services yet); everything stopped and deleted afterwards."""
     # Not pytest's or a 0700 dir: the unprivileged postgres must be able to enter it.
     base = Path(tempfile.mkdtemp(prefix="baton-bench-"))
@@ -146,4 +157,6 @@ def running(model: ModelSettings | None = None) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+        if keep_logs is not None:
+            shutil.copytree(stack.logs, keep_logs, dirs_exist_ok=True)
         shutil.rmtree(base, ignore_errors=True)
