@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=64, help="accept: connections in flight")
     p.add_argument("--rate", type=float, default=300.0, help="pipeline: messages/s offered")
     p.add_argument(
-        "--realistic-rate", type=float, default=100.0, help="pipeline at a realistic pace: msgs/s"
+        "--realistic-rate", type=float, default=30.0, help="pipeline at a realistic pace: msgs/s"
     )
     p.add_argument("--ttft-ms", type=float, default=300.0, help="realistic pace: first token")
     p.add_argument("--tokens-per-second", type=float, default=80.0, help="realistic pace")
@@ -44,6 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip the peers (faster)")
     p.add_argument("--no-realistic", action="store_true", help="skip the realistic-pace run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the services (repeatable), e.g. AGENT_CONCURRENCY=64",
+    )
     p.add_argument("--logs", metavar="DIR", help="copy every process's log into DIR at the end")
     p.add_argument(
         "--profile",
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> Result:
     with stack.running(fast, Path(args.logs) if args.logs else None) as st:
         say(f"stack up in {st.base}")
         if "accept" in chosen:
-            st.start_services(["gateway"])
+            st.start_services(["gateway"], _env(args))
             say(
                 f"accept: {args.concurrency} connections, {args.duration:.0f}s each (gateway alone)"
             )
@@ -88,7 +95,7 @@ def run(args: argparse.Namespace) -> Result:
                 "database": asyncio.run(scenarios.database(st.dsn, min(args.duration, 5.0))),
             }
         if chosen & {"pipeline", "cost", "fanout"}:
-            st.start_services()
+            st.start_services(extra=_env(args))
             time.sleep(1.0)
             if chosen & {"pipeline", "cost"}:
                 say(f"pipeline: {args.rate:.0f} msg/s offered for {args.duration:.0f}s, zero pace")
@@ -131,6 +138,14 @@ def run(args: argparse.Namespace) -> Result:
     result["ratios"] = ratios(result)
     result["finished_at"] = time.strftime("%FT%TZ", time.gmtime())
     return result
+
+
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in args.service_env]
+    bad = [item for item, pair in zip(args.service_env, pairs, strict=True) if len(pair) != 2]
+    if bad:
+        raise SystemExit(f"--service-env wants KEY=VALUE, got {bad[0]!r}")
+    return {k: v for k, v in pairs}
 
 
 def _profiler(args: argparse.Namespace, label: str, pids: dict[str, int]) -> Profiler | None:

@@ -10,7 +10,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from baton import devtoken, permissions, roles
@@ -76,7 +76,9 @@ class Stack:
     def admin_password(self) -> str:
         return self.passwords[permissions.ADMIN]
 
-    def start_services(self, names: Sequence[str] = SERVICES) -> None:
+    def start_services(
+        self, names: Sequence[str] = SERVICES, extra: Mapping[str, str] | None = None
+    ) -> None:
         assert self.model is not None
         port = free_port()
         children = [
@@ -94,7 +96,7 @@ class Stack:
                     model_url=self.model.url,
                     nats_user=name,
                     nats_password=self.passwords[name],
-                    # One canonical log line per handled message is the default; keep it.
+                    extra=extra,
                 ),
                 self.logs,
             )

@@ -107,6 +107,7 @@ class HttpMetrics:
             "HTTP request latency, by method and route.",
             ("method", "route"),
         )
+        self.children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -127,9 +128,17 @@ class HttpMetrics:
             route = scope.get("baton_route") or (
                 next(iter(handler.paths), "other") if handler is not None else "unmatched"
             )
-            method = scope.get("method", "")
-            self.requests.labels(method, route, str(status["code"])).inc()
-            self.latency.labels(method, route).observe(time.perf_counter() - started)
+            key = (scope.get("method", ""), route, status["code"])
+            children = self.children.get(key)
+            if children is None:
+                # Label lookups cost more than the observation itself: once per combination.
+                children = (
+                    self.requests.labels(key[0], route, str(key[2])),
+                    self.latency.labels(key[0], route),
+                )
+                self.children[key] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
 
 
 class GatewayServer(uvicorn.Server):
