@@ -31,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=64, help="accept: connections in flight")
     p.add_argument("--rate", type=float, default=300.0, help="pipeline: messages/s offered")
     p.add_argument(
+        "--light-rate",
+        type=float,
+        default=20.0,
+        help="pipeline at zero pace, well under capacity: the overhead without queueing (0 = skip)",
+    )
+    p.add_argument(
         "--realistic-rate", type=float, default=30.0, help="pipeline at a realistic pace: msgs/s"
     )
     p.add_argument("--ttft-ms", type=float, default=300.0, help="realistic pace: first token")
@@ -110,6 +116,15 @@ def run(args: argparse.Namespace) -> Result:
                     "messages": fast_run["completed"],
                     "services": fast_run["cost"],
                 }
+                if args.light_rate > 0 and "pipeline" in chosen:
+                    say(
+                        f"pipeline: {args.light_rate:.0f} msg/s, zero pace (overhead without a queue)"
+                    )
+                    result["pipeline"]["light"] = asyncio.run(
+                        scenarios.pipeline_run(
+                            st, fast, args.light_rate, args.duration, args.ttft_samples
+                        )
+                    )
                 if not args.no_realistic and "pipeline" in chosen:
                     real = ModelSettings(
                         ttft_ms=args.ttft_ms,

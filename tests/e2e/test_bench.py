@@ -32,6 +32,7 @@ def test_every_scenario_reports_sane_numbers_without_errors() -> None:
     r = _bench(
         "all",
         *("--duration", "1", "--concurrency", "4", "--rate", "20", "--realistic-rate", "10"),
+        *("--light-rate", "5"),
         *("--ttft-ms", "20", "--tokens-per-second", "400", "--ttft-samples", "2"),
         *("--fanout-clients", "3", "--fanout-hz", "5"),
     )
@@ -49,7 +50,7 @@ def test_every_scenario_reports_sane_numbers_without_errors() -> None:
     db = r["peers"]["database"]
     assert db["executemany_100_per_s"] > 0 and db["copy_1000_per_s"] > 0
 
-    for pace in ("fast", "realistic"):
+    for pace in ("fast", "light", "realistic"):
         p = r["pipeline"][pace]
         assert p["accepted"] > 0 and p["submit_errors"] == {}
         # Every accepted message got its stored answer: nothing lost, nothing extra.
