@@ -47,6 +47,7 @@ class Bus:
         self.metrics = metrics
         self.log = log
         self.tracer = trace.get_tracer(f"baton.{service}")
+        self._published: dict[tuple[str, bool], Any] = {}
 
     @classmethod
     async def connect(
@@ -108,8 +109,13 @@ class Bus:
         hdrs = tracing.inject(dict(headers or {}))
         hdrs["Nats-Msg-Id"] = msg_id
         ack = await self.js.publish(subject, messages.encode(event), timeout=timeout, headers=hdrs)
-        family = ".".join(subject.split(".", 2)[:2])
-        self.metrics.published.labels(family, str(bool(ack.duplicate)).lower()).inc()
+        key = (".".join(subject.split(".", 2)[:2]), bool(ack.duplicate))
+        child = self._published.get(key)
+        if child is None:
+            # A label lookup costs more than the increment: once per (family, duplicate).
+            child = self.metrics.published.labels(key[0], str(key[1]).lower())
+            self._published[key] = child
+        child.inc()
         return ack
 
     async def close(self) -> None:
@@ -231,6 +237,9 @@ class Consumer(Generic[T]):
         self.inflight: dict[asyncio.Task[None], Msg] = {}
         self.ack_wait_s = spec.ack_wait_s
         self.log = bus.log.bind(consumer=spec.durable)
+        # Labelled metric children looked up once, not per handled message.
+        self._handled: dict[str, Any] = {}
+        self._handle_seconds = bus.metrics.handle_seconds.labels(spec.durable)
 
     async def run(self, stop: asyncio.Event, grace_s: float = 20.0) -> None:
         """Fetch and handle until ``stop`` is set, then let in-flight work finish."""
@@ -352,8 +361,11 @@ class Consumer(Generic[T]):
                 self.log.exception("handler_failed", **ids)
                 await self._nak_or_bury(msg, backoff_for(delivered), f"handler error: {exc!r}")
         elapsed = time.perf_counter() - started
-        metrics.handled.labels(durable, outcome).inc()
-        metrics.handle_seconds.labels(durable).observe(elapsed)
+        handled = self._handled.get(outcome)
+        if handled is None:
+            handled = self._handled[outcome] = metrics.handled.labels(durable, outcome)
+        handled.inc()
+        self._handle_seconds.observe(elapsed)
         self.log.info("handled", outcome=outcome, duration_ms=round(elapsed * 1000, 2), **ids)
 
     async def _nak_or_bury(self, msg: Msg, delay: float, reason: str) -> None:

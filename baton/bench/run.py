@@ -232,6 +232,17 @@ def tables(r: Result) -> str:
         )
     if rows:
         parts.append(_table("accept: POST /api/chat", ["what", "req/s", *lat, "errors"], rows))
+        cpu = [("baton unkeyed", r.get("accept", {}).get("unkeyed", {}))]
+        cpu += [
+            ("baton keyed", r.get("accept", {}).get("keyed", {})),
+            ("usual design", usual or {}),
+        ]
+        crow = [
+            [what, ", ".join(f"{n} {v}" for n, v in a.get("cpu_us_per_request", {}).items())]
+            for what, a in cpu
+            if a
+        ]
+        parts.append(_table("accept: CPU µs per request", ["what", "by process"], crow))
     peers = r.get("peers", {})
     if "broker" in peers or "database" in peers:
         prow = [[f"broker {k}", v] for k, v in peers.get("broker", {}).items()]

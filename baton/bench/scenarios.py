@@ -39,7 +39,7 @@ def loadgen(url: str, token: str, concurrency: int, duration: float, keyed: bool
     """Run the load generator in its own process and return its JSON."""
     cmd = [sys.executable, "-m", "baton.bench.loadgen", "--url", url, "--token", token]
     cmd += ["--concurrency", str(concurrency), "--duration", str(duration)]
-    cmd += ["--warmup", str(min(2.0, max(0.2, duration / 5)))]
+    cmd += ["--warmup", str(_warmup(duration))]
     if keyed:
         cmd.append("--keyed")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120, check=True)
@@ -47,15 +47,35 @@ def loadgen(url: str, token: str, concurrency: int, duration: float, keyed: bool
     return result
 
 
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    return {n: procstat.tree_cpu(p, n == "postgres") for n, p in pids.items()}
+
+
+def _cpu_per_request(
+    before: dict[str, float], after: dict[str, float], result: Result, warmup: float
+) -> dict[str, float]:
+    """CPU microseconds per accepted request, by process (warm-up requests count too)."""
+    total = result["requests"] * (result["seconds"] + warmup) / result["seconds"]
+    if not total:
+        return {}
+    return {n: round((after[n] - before[n]) / total * 1e6, 1) for n in before}
+
+
 def accept(stack: Stack, concurrency: int, duration: float) -> Result:
     """POST /api/chat on the gateway alone (downstream services stopped), unkeyed and keyed."""
     out: Result = {"concurrency": concurrency, "duration_s": duration}
+    pids = {n: p for n, p in stack.pids().items() if n in ("gateway", "nats", "postgres")}
     for name, keyed in (("unkeyed", False), ("keyed", True)):
         load = procstat.machine()["loadavg"]
-        out[name] = loadgen(stack.gateway, stack.token, concurrency, duration, keyed) | {
-            "loadavg_before": load
-        }
+        cpu0 = _cpu(pids)
+        result = loadgen(stack.gateway, stack.token, concurrency, duration, keyed)
+        result["cpu_us_per_request"] = _cpu_per_request(cpu0, _cpu(pids), result, _warmup(duration))
+        out[name] = result | {"loadavg_before": load}
     return out
+
+
+def _warmup(duration: float) -> float:
+    return min(2.0, max(0.2, duration / 5))
 
 
 def usual(stack: Stack, concurrency: int, duration: float) -> Result:
@@ -73,9 +93,12 @@ def usual(stack: Stack, concurrency: int, duration: float) -> Result:
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_port(port, 30)
-        return loadgen(url, stack.token, concurrency, duration, False) | {
-            "loadavg_before": procstat.machine()["loadavg"]
-        }
+        pids = {"usual": proc.pid, "postgres": stack.pids()["postgres"]}
+        load = procstat.machine()["loadavg"]
+        cpu0 = _cpu(pids)
+        result = loadgen(url, stack.token, concurrency, duration, False)
+        result["cpu_us_per_request"] = _cpu_per_request(cpu0, _cpu(pids), result, _warmup(duration))
+        return result | {"loadavg_before": load}
     finally:
         proc.terminate()
         try:
