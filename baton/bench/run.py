@@ -238,7 +238,11 @@ def tables(r: Result) -> str:
             ("usual design", usual or {}),
         ]
         crow = [
-            [what, ", ".join(f"{n} {v}" for n, v in a.get("cpu_us_per_request", {}).items())]
+            [
+                what,
+                ", ".join(f"{n} {v}" for n, v in a.get("cpu_us_per_request", {}).items())
+                + f", load generator {a.get('loadgen_cpu_us_per_request', '?')}",
+            ]
             for what, a in cpu
             if a
         ]
