@@ -139,13 +139,12 @@ Handler = Callable[[T, Msg], Awaitable[str]]
 class Pull:
     """Pull requests to one durable; each message is handed over the moment it arrives.
 
-    nats-py's ``fetch(n)`` holds the first messages of a batch back until all ``n`` arrived
-    or its timeout ran out, which at low load adds up to a second per hop. Here one request
-    is open at a time, asks for at most the free slots, and ends when they are filled, when
-    the server says it expired (status 408) or had nothing (404), or after ``expires_s``.
-    Every request has its own reply subject, so a late status of an old one is ignored.
-    Without a fetch call per batch, the client's per-fetch work (a JSON request body built
-    with ``json.dumps``, a ``wait_for`` per message) goes away too.
+    Instead of nats-py's ``fetch(n)`` (a no-wait request, then a lingering one, a JSON body
+    built per call and a ``wait_for`` per message), one request is open at a time, asks for
+    at most the free slots, and ends when they are filled, when the server says it expired
+    (status 408) or had nothing (404), or after ``expires_s``. Every request has its own
+    reply subject, so a late status of an old one is ignored; deliveries keep their stream
+    subject and count against the open request.
     """
 
     def __init__(

@@ -190,7 +190,6 @@ def ratios(r: Result) -> Result:
     out["accept_vs_broker_sync"] = ratio(acc, broker.get("sync_per_s"))
     out["accept_vs_broker_concurrent"] = ratio(acc, broker.get("concurrent_per_s"))
     out["accept_vs_broker_async"] = ratio(acc, broker.get("async_per_s"))
-    out["pipeline_vs_usual"] = ratio(fast, usual)
     out["pipeline_vs_database_copy"] = ratio(fast, db.get("copy_1000_per_s"))
     return {k: v for k, v in out.items() if v is not None}
 
