@@ -173,8 +173,8 @@ class Pull:
         if self.sub is not None:
             await self.sub.unsubscribe()
 
-    async def request(self, n: int) -> None:
-        """Ask for up to ``n`` messages; return once the request is over."""
+    async def request(self, n: int) -> int:
+        """Ask for up to ``n`` messages; return how many came, once the request is over."""
         self.seq += 1
         self.left = n
         self.done = asyncio.get_running_loop().create_future()
@@ -184,6 +184,7 @@ class Pull:
         # The server ends the request itself at expiry; the margin covers a lost 408.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.done), self.expires_s + 0.5)
+        return n - max(self.left, 0)
 
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
@@ -244,6 +245,10 @@ class Consumer(Generic[T]):
         """Fetch and handle until ``stop`` is set, then let in-flight work finish."""
         pull = await self._bind(stop)
         heartbeat = asyncio.create_task(self._heartbeat(stop))
+        # Requests grow while they come back full and shrink to what arrived when they do not:
+        # an idle consumer holds one message at a time, so a closed readiness gate stops it
+        # after at most one more delivery, while a backlog is pulled in batches.
+        want = 1
         try:
             while not stop.is_set():
                 if self.ready is not None and not await self.ready():
@@ -255,8 +260,10 @@ class Consumer(Generic[T]):
                 if free <= 0:
                     await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
                     continue
+                n = min(self.batch, free, want)
                 try:
-                    await pull.request(min(self.batch, free))
+                    got = await pull.request(n)
+                    want = min(self.batch, want * 2) if got >= n else max(1, got)
                 except (nats.errors.Error, OSError) as exc:
                     self.log.warning("fetch_failed", error=repr(exc))
                     await asyncio.sleep(0.5)
