@@ -11,7 +11,11 @@ from typing import Any
 
 import msgspec
 
-from baton.bench import procstat, scenarios, stack
+from baton.bench import procstat, stack
+from baton.bench.accept import accept, usual
+from baton.bench.fanout import fanout
+from baton.bench.peers import broker, database
+from baton.bench.pipeline import pipeline_run, purge
 from baton.bench.profile import Profiler
 from baton.offline_model import ModelSettings
 
@@ -86,19 +90,19 @@ def run(args: argparse.Namespace) -> Result:
                 f"accept: {args.concurrency} connections, {args.duration:.0f}s each (gateway alone)"
             )
             prof = _profiler(args, "accept", st.pids())
-            result["accept"] = scenarios.accept(st, args.concurrency, args.duration)
+            result["accept"] = accept(st, args.concurrency, args.duration)
             if prof is not None:
                 result["accept"]["profile"] = prof.stop()
             st.stop_services()
-            asyncio.run(scenarios.purge(st))
+            asyncio.run(purge(st))
         if peers:
             say("peers: the usual design, the broker's and the database's ceilings")
             result["peers"] = {
-                "usual": scenarios.usual(st, args.concurrency, args.duration),
+                "usual": usual(st, args.concurrency, args.duration),
                 "broker": asyncio.run(
-                    scenarios.broker(st.nats.url, st.admin_password, min(args.duration, 5.0))
+                    broker(st.nats.url, st.admin_password, min(args.duration, 5.0))
                 ),
-                "database": asyncio.run(scenarios.database(st.dsn, min(args.duration, 5.0))),
+                "database": asyncio.run(database(st.dsn, min(args.duration, 5.0))),
             }
         if chosen & {"pipeline", "cost", "fanout"}:
             st.start_services(extra=_env(args))
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> Result:
                 say(f"pipeline: {args.rate:.0f} msg/s offered for {args.duration:.0f}s, zero pace")
                 prof = _profiler(args, "pipeline", st.pids())
                 fast_run = asyncio.run(
-                    scenarios.pipeline_run(st, fast, args.rate, args.duration, args.ttft_samples)
+                    pipeline_run(st, fast, args.rate, args.duration, args.ttft_samples)
                 )
                 if prof is not None:
                     fast_run["profile"] = prof.stop()
@@ -121,9 +125,7 @@ def run(args: argparse.Namespace) -> Result:
                         f"pipeline: {args.light_rate:.0f} msg/s, zero pace (overhead without a queue)"
                     )
                     result["pipeline"]["light"] = asyncio.run(
-                        scenarios.pipeline_run(
-                            st, fast, args.light_rate, args.duration, args.ttft_samples
-                        )
+                        pipeline_run(st, fast, args.light_rate, args.duration, args.ttft_samples)
                     )
                 if not args.no_realistic and "pipeline" in chosen:
                     real = ModelSettings(
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> Result:
                         f"{args.tokens_per_second:.0f} tokens/s"
                     )
                     result["pipeline"]["realistic"] = asyncio.run(
-                        scenarios.pipeline_run(
+                        pipeline_run(
                             st, real, args.realistic_rate, args.duration, args.ttft_samples
                         )
                     )
@@ -146,9 +148,7 @@ def run(args: argparse.Namespace) -> Result:
                 for n in counts:
                     say(f"fan-out: {n} SSE clients, {args.fanout_hz:.0f} tokens/s each")
                     result["fanout"].append(
-                        asyncio.run(
-                            scenarios.fanout(st, n, args.fanout_hz, min(args.duration, 10.0))
-                        )
+                        asyncio.run(fanout(st, n, args.fanout_hz, min(args.duration, 10.0)))
                     )
     result["ratios"] = ratios(result)
     result["finished_at"] = time.strftime("%FT%TZ", time.gmtime())
