@@ -136,6 +136,9 @@ class Handlers:
             store.insert_user_messages, on_batch=batch_size.observe, name="insert user messages"
         )
 
+        # Verdicts handled concurrently share one round trip and one commit as well.
+        self.verdicts: GroupCommit[m.RunVerdict, None] = GroupCommit(store.upsert_runs)
+
     async def user_message(self, e: m.UserMessageAccepted, _msg: Msg) -> str:
         placed = await self.user_messages.submit(e)
         # Published on every delivery: the first publish may be the one a crash interrupted.
@@ -160,7 +163,7 @@ class Handlers:
         return "inserted" if placed.inserted else "duplicate"
 
     async def verdict(self, v: m.RunVerdict, _msg: Msg) -> str:
-        await self.store.upsert_run(v)
+        await self.verdicts.submit(v)
         return v.status
 
     async def result(self, r: m.ExecResult, _msg: Msg) -> str:
