@@ -274,6 +274,9 @@ class Store:
                 v.executor,
                 v.attempt,
                 v.estimated_tokens,
+                None if v.limits is None else m.encode(v.limits).decode(),
+                v.reserved_tokens,
+                v.reserved_cost_usd,
             )
             for v in verdicts
         ]

@@ -102,6 +102,12 @@ class InstrumentedStore(Store):
         with self._write("verdict"):
             await super().upsert_run(v)
 
+    async def upsert_runs(self, verdicts: list[m.RunVerdict]) -> list[Exception | None]:
+        if len(verdicts) == 1:
+            return await super().upsert_runs(verdicts)  # timed by upsert_run
+        with self._write("verdict"):
+            return await super().upsert_runs(verdicts)
+
     async def store_result(self, r: m.ExecResult) -> StoredReply:
         with self._write("result") as billed:
             stored = await super().store_result(r)
@@ -137,7 +143,9 @@ class Handlers:
         )
 
         # Verdicts handled concurrently share one round trip and one commit as well.
-        self.verdicts: GroupCommit[m.RunVerdict, None] = GroupCommit(store.upsert_runs)
+        self.verdicts: GroupCommit[m.RunVerdict, None] = GroupCommit(
+            store.upsert_runs, name="upsert runs"
+        )
 
     async def user_message(self, e: m.UserMessageAccepted, _msg: Msg) -> str:
         placed = await self.user_messages.submit(e)
