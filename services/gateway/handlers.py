@@ -134,6 +134,10 @@ class Api:
             stored = await self._stored(message_id)
             if stored is not None:
                 return self._duplicate(stored, digest)
+        if not self.publisher.bus.nc.is_connected:
+            # Reconnecting: a publish (or the rate gate's bucket read) would only sit in the
+            # client's buffer until the timeout.
+            raise _broker_unavailable()
         # After the duplicate check: a retried submit gets its original, not a 429.
         if self.rate_gate is not None:
             retry = await self.rate_gate.retry_after(p.project, p.user)
@@ -156,9 +160,6 @@ class Api:
             created_at=datetime.now(UTC),
             idempotency_key=key,
         )
-        if not self.publisher.bus.nc.is_connected:
-            # Reconnecting: a publish would only sit in the client's buffer until the timeout.
-            raise _broker_unavailable()
         try:
             original, duplicate = await self.publisher.accept(event)
         except LookupError as exc:
