@@ -1,4 +1,4 @@
-"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, dlq."""
+"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, dlq, bench."""
 
 from __future__ import annotations
 
@@ -114,6 +114,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return chat.main(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from baton.bench import run
+
+    return run.main(args)
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from baton import offline_model
 
@@ -216,6 +222,15 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--token", help="bearer token (default: BATON_TOKEN or the data dir's)")
     chat.add_argument("--data-dir", default=".baton", help="where `baton up` wrote endpoints.json")
     chat.set_defaults(func=_cmd_chat)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure accept, pipeline, cost and fan-out against peers, on a stack of its own",
+    )
+    from baton.bench.run import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
 
     model = sub.add_parser("model", help="run the offline Anthropic-compatible model server")
     model.add_argument("rest", nargs=argparse.REMAINDER)

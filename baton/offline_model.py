@@ -756,6 +756,11 @@ class OfflineModelProcess:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's pid while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def start(self) -> None:
         import httpx
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ class Bus:
         self.metrics = metrics
         self.log = log
         self.tracer = trace.get_tracer(f"baton.{service}")
+        self._published: dict[tuple[str, bool], Any] = {}
 
     @classmethod
     async def connect(
@@ -115,8 +117,13 @@ class Bus:
             ack = await self.js.publish(
                 subject, messages.encode(event), timeout=timeout, headers=hdrs
             )
-        family = ".".join(subject.split(".", 2)[:2])
-        self.metrics.published.labels(family, str(bool(ack.duplicate)).lower()).inc()
+        key = (".".join(subject.split(".", 2)[:2]), bool(ack.duplicate))
+        child = self._published.get(key)
+        if child is None:
+            # A label lookup costs more than the increment: once per (family, duplicate).
+            child = self.metrics.published.labels(key[0], str(key[1]).lower())
+            self._published[key] = child
+        child.inc()
         return ack
 
     async def close(self) -> None:
@@ -135,6 +142,75 @@ class Bus:
 
 
 Handler = Callable[[T, Msg], Awaitable[str]]
+
+
+class Pull:
+    """Pull requests to one durable; each message is handed over the moment it arrives.
+
+    Instead of nats-py's ``fetch(n)`` (a no-wait request, then a lingering one, a JSON body
+    built per call and a ``wait_for`` per message), one request is open at a time, asks for
+    at most the free slots, and ends when they are filled, when the server says it expired
+    (status 408) or had nothing (404), or after ``expires_s``. Every request has its own
+    reply subject, so a late status of an old one is ignored; deliveries keep their stream
+    subject and count against the open request.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        stream: str,
+        durable: str,
+        dispatch: Callable[[Msg], None],
+        expires_s: float = 1.0,
+    ) -> None:
+        self.nc = nc
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.dispatch = dispatch
+        self.expires_s = expires_s
+        self.prefix = ""
+        self.sub: Any = None
+        self.seq = 0
+        self.left = 0
+        self.done: asyncio.Future[None] | None = None
+
+    async def open(self) -> None:
+        self.prefix = self.nc.new_inbox()
+        self.sub = await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+    async def request(self, n: int) -> int:
+        """Ask for up to ``n`` messages; return how many came, once the request is over."""
+        self.seq += 1
+        self.left = n
+        self.done = asyncio.get_running_loop().create_future()
+        expires_ns = int(self.expires_s * 1e9)
+        body = b'{"batch":%d,"expires":%d}' % (n, expires_ns)
+        await self.nc.publish(self.subject, body, reply=f"{self.prefix}.{self.seq}")
+        # The server ends the request itself at expiry; the margin covers a lost 408.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.done), self.expires_s + 0.5)
+        return n - max(self.left, 0)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None and msg.reply:
+            # Deliveries keep their stream subject, so they count against the open request;
+            # one of an older request is rare (a lost 408) and is handled all the same.
+            self.dispatch(msg)
+            self.left -= 1
+            if self.left <= 0:
+                self._finish()
+        elif msg.subject == f"{self.prefix}.{self.seq}":
+            # Statuses come on the request's own reply subject: a late one of an old request
+            # must not end the current request.
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
 
 class Consumer(Generic[T]):
@@ -171,12 +247,19 @@ class Consumer(Generic[T]):
         self.inflight: dict[asyncio.Task[None], Msg] = {}
         self.ack_wait_s = spec.ack_wait_s
         self.log = bus.log.bind(consumer=spec.durable)
+        # Labelled metric children looked up once, not per handled message.
+        self._handled: dict[str, Any] = {}
+        self._handle_seconds = bus.metrics.handle_seconds.labels(spec.durable)
 
     async def run(self, stop: asyncio.Event, grace_s: float = 20.0) -> None:
         """Fetch and handle until ``stop`` is set, then let in-flight work finish."""
-        sub = await self._bind(stop)
+        pull = await self._bind(stop)
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         lag = asyncio.create_task(self._watch_lag())
+        # Requests grow while they come back full and shrink to what arrived when they do not:
+        # an idle consumer holds one message at a time, so a closed readiness gate stops it
+        # after at most one more delivery, while a backlog is pulled in batches.
+        want = 1
         try:
             while not stop.is_set():
                 if self.ready is not None and not await self.ready():
@@ -188,19 +271,13 @@ class Consumer(Generic[T]):
                 if free <= 0:
                     await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
                     continue
+                n = min(self.batch, free, want)
                 try:
-                    msgs = await sub.fetch(min(self.batch, free), timeout=1.0)
-                except TimeoutError:
-                    # No message within the fetch window (nats' own and asyncio's timeouts alike).
-                    continue
+                    got = await pull.request(n)
+                    want = min(self.batch, want * 2) if got >= n else max(1, got)
                 except (nats.errors.Error, OSError) as exc:
                     self.log.warning("fetch_failed", error=repr(exc))
                     await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    task = asyncio.create_task(self._handle(msg))
-                    self.inflight[task] = msg
-                    task.add_done_callback(self.inflight.pop)
         finally:
             if self.inflight:
                 # Unacked work past the grace period is redelivered elsewhere, never lost.
@@ -208,19 +285,23 @@ class Consumer(Generic[T]):
             heartbeat.cancel()
             lag.cancel()
             try:
-                await sub.unsubscribe()
+                await pull.close()
             except Exception as exc:  # the connection may already be gone at shutdown
                 self.log.debug("unsubscribe_failed", error=str(exc))
 
-    async def _bind(self, stop: asyncio.Event) -> Any:
+    def _dispatch(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(msg))
+        self.inflight[task] = msg
+        task.add_done_callback(self.inflight.pop)
+
+    async def _bind(self, stop: asyncio.Event) -> Pull:
         # Services only bind: creating consumers is provisioning's job (and its permission).
         while True:
             try:
-                sub = await self.bus.js.pull_subscribe_bind(
-                    durable=self.spec.durable, stream=self.spec.stream
-                )
+                pull = Pull(self.bus.nc, self.spec.stream, self.spec.durable, self._dispatch)
+                await pull.open()
                 await self._learn_ack_wait()
-                return sub
+                return pull
             except (nats.errors.Error, OSError) as exc:
                 if stop.is_set():
                     raise
@@ -297,7 +378,8 @@ class Consumer(Generic[T]):
                 if getattr(event, "v", 1) > messages.SCHEMA_VERSION:
                     raise SchemaError(f"unknown schema version {getattr(event, 'v', None)}")
                 outcome = await self.handler(event, msg)
-                await msg.ack_sync()
+                # Fire-and-forget: a lost ack only means a redelivery, which every handler absorbs.
+                await msg.ack()
             except Deferred as exc:
                 # A timer, not trouble: the server hands the message back when it is due, so no
                 # worker waits and a restart loses nothing.
@@ -332,8 +414,11 @@ class Consumer(Generic[T]):
             if outcome in ("error", "dead_lettered"):
                 span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
         elapsed = time.perf_counter() - started
-        metrics.handled.labels(durable, outcome).inc()
-        metrics.handle_seconds.labels(durable).observe(elapsed)
+        handled = self._handled.get(outcome)
+        if handled is None:
+            handled = self._handled[outcome] = metrics.handled.labels(durable, outcome)
+        handled.inc()
+        self._handle_seconds.observe(elapsed)
         self.log.info("handled", outcome=outcome, duration_ms=round(elapsed * 1000, 2), **ids)
 
     async def _nak_or_bury(self, msg: Msg, delay: float, reason: str) -> None:

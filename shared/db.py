@@ -29,8 +29,17 @@ UNAVAILABLE = (
 )
 
 
+async def _keep_session(_con: Any) -> None:
+    """Nothing to reset: services never change session state (no SET, LISTEN, advisory locks)."""
+
+
 async def create_pool(dsn: str, min_size: int = 0, max_size: int = 10) -> Any:
-    """A pool that does not need the database to be up yet: connections open lazily."""
+    """A pool that does not need the database to be up yet: connections open lazily.
+
+    Released connections skip asyncpg's reset query (``pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL``), a round trip per release; an open transaction is still rolled
+    back.
+    """
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -39,6 +48,7 @@ async def create_pool(dsn: str, min_size: int = 0, max_size: int = 10) -> Any:
         timeout=5,
         # Every statement becomes a span in the trace of the message it serves.
         init=tracing.trace_queries,
+        reset=_keep_session,
     )
 
 

@@ -21,6 +21,7 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 _tracer = trace.get_tracer("baton")
@@ -49,8 +50,13 @@ def provider(
     attributes = {"service.name": f"baton-{service}"}
     if instance:
         attributes["service.instance.id"] = instance
-    tracer_provider = TracerProvider(resource=Resource.create(attributes))
-    if exporting(environ):
+    exports = exporting(environ)
+    # With nowhere to export, spans are not recorded (half the cost per handled message);
+    # trace ids are still made, logged and carried in NATS headers.
+    tracer_provider = TracerProvider(
+        resource=Resource.create(attributes), sampler=None if exports else ALWAYS_OFF
+    )
+    if exports:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         # The exporter reads its endpoint, headers, timeout and compression from OTEL_*.

@@ -13,6 +13,9 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     context_token_budget: int = 2000
     anthropic_base_url: str = ""
     anthropic_api_key: Secret = Secret("")
+    # Classification calls wait on the model, not the CPU: at 16 in flight a 0.5 s call capped
+    # one agent at ~32 messages/s (baton bench, realistic pace; docs/benchmarks.md).
+    concurrency: int = 128
 
 
 def from_env() -> Settings:

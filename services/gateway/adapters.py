@@ -20,6 +20,7 @@ from prometheus_client import Counter, Gauge
 from services.gateway import core
 from shared import messages as m
 from shared import ratelimit, subjects
+from shared.batching import GroupCommit
 from shared.bus import Bus
 from shared.metrics import ServiceMetrics
 
@@ -64,6 +65,10 @@ class ReadModel:
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
+        # Keyed submits look their id up on the hot path: concurrent ones share one query.
+        self._lookups: GroupCommit[str, m.UserMessageAccepted | None] = GroupCommit(
+            self._messages_by_id
+        )
 
     async def owner(self, conversation_id: str) -> tuple[str, str] | None:
         async with self.pool.acquire() as con:
@@ -74,25 +79,19 @@ class ReadModel:
         return None if row is None else (row["project_id"], row["user_id"])
 
     async def message(self, message_id: str) -> m.UserMessageAccepted | None:
+        """The stored user message with this id, if any."""
+        return await self._lookups.submit(message_id)
+
+    async def _messages_by_id(self, ids: list[str]) -> list[m.UserMessageAccepted | None]:
         async with self.pool.acquire() as con:
-            r = await con.fetchrow(
+            rows = await con.fetch(
                 "SELECT id, conversation_id, project_id, user_id, content, content_hash, "
-                "idempotency_key, created_at FROM messages WHERE id = $1 AND role = 'user'",
-                uuid.UUID(message_id),
+                "idempotency_key, created_at FROM messages "
+                "WHERE id = ANY($1::uuid[]) AND role = 'user'",
+                [uuid.UUID(i) for i in ids],
             )
-        if r is None:
-            return None
-        return m.UserMessageAccepted(
-            event_id=str(r["id"]),
-            message_id=str(r["id"]),
-            conversation_id=str(r["conversation_id"]),
-            project_id=r["project_id"],
-            user_id=r["user_id"],
-            content=r["content"],
-            content_hash=r["content_hash"],
-            created_at=r["created_at"],
-            idempotency_key=r["idempotency_key"],
-        )
+        found = {str(r["id"]): r for r in rows}
+        return [_user_message(found[i]) if i in found else None for i in ids]
 
     async def messages(self, conversation_id: str) -> list[dict[str, Any]]:
         async with self.pool.acquire() as con:
@@ -188,6 +187,20 @@ class ReadModel:
     async def ping(self) -> None:
         async with self.pool.acquire() as con:
             await con.fetchval("SELECT 1")
+
+
+def _user_message(r: Any) -> m.UserMessageAccepted:
+    return m.UserMessageAccepted(
+        event_id=str(r["id"]),
+        message_id=str(r["id"]),
+        conversation_id=str(r["conversation_id"]),
+        project_id=r["project_id"],
+        user_id=r["user_id"],
+        content=r["content"],
+        content_hash=r["content_hash"],
+        created_at=r["created_at"],
+        idempotency_key=r["idempotency_key"],
+    )
 
 
 class TokenLog:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -69,6 +71,11 @@ _chat_decoder = msgspec.json.Decoder(ChatRequest)
 
 def authenticate(header: str | None, secret: str) -> Principal:
     """The caller behind a ``Bearer`` JWT (HS256, claims ``sub`` and ``project``)."""
+    return verify(header, secret)[0]
+
+
+def verify(header: str | None, secret: str) -> tuple[Principal, float]:
+    """The caller behind a ``Bearer`` JWT and the token's expiry (epoch seconds)."""
     if not header or not header.startswith("Bearer "):
         raise ApiError(401, "unauthenticated", "missing bearer token")
     try:
@@ -85,7 +92,35 @@ def authenticate(header: str | None, secret: str) -> Principal:
         raise ApiError(401, "unauthenticated", "token claims sub and project must be strings")
     if not (is_safe_token(user) and is_safe_token(project)):
         raise ApiError(401, "unauthenticated", "token claims must match [A-Za-z0-9_-]{1,64}")
-    return Principal(project=project, user=user)
+    return Principal(project=project, user=user), float(claims["exp"])
+
+
+class Principals:
+    """Verified tokens remembered until they expire: one HS256 check per token, not per request.
+
+    Only successes are kept, so a bad token is checked (and refused) every time; the table
+    is bounded and simply starts over when full.
+    """
+
+    def __init__(
+        self, secret: str, clock: Callable[[], float] = time.time, max_entries: int = 10_000
+    ) -> None:
+        self.secret = secret
+        self.clock = clock
+        self.max_entries = max_entries
+        self.known: dict[str, tuple[Principal, float]] = {}
+
+    def authenticate(self, header: str | None) -> Principal:
+        if header is not None:
+            hit = self.known.get(header)
+            if hit is not None and self.clock() < hit[1]:
+                return hit[0]
+        principal, expires = verify(header, self.secret)
+        assert header is not None  # verify() refuses a missing header
+        if len(self.known) >= self.max_entries:
+            self.known.clear()
+        self.known[header] = (principal, expires)
+        return principal
 
 
 def parse_chat(body: bytes, max_chars: int) -> ChatRequest:

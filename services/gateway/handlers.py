@@ -70,6 +70,9 @@ class Api:
             "Run cancels accepted (202), by whether the run's cancel was already asked for.",
             ("duplicate",),
         )
+        # The labelled child once, not a label lookup per accepted message.
+        self.accepts_new = self.accepts.labels("false")
+        self.principals = core.Principals(str(settings.jwt_secret))
         self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
         self.stream_clients = metrics.gauge(
             "stream_clients",
@@ -83,9 +86,7 @@ class Api:
         )
 
     def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
-        return core.authenticate(
-            request.headers.get("authorization"), str(self.settings.jwt_secret)
-        )
+        return self.principals.authenticate(request.headers.get("authorization"))
 
     async def own(self, p: core.Principal, conversation_id: str) -> str:
         """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
@@ -101,11 +102,23 @@ class Api:
         return cid
 
     async def chat(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        p = self.principal(request)
-        key = core.check_idempotency_key(
-            request.headers.get("idempotency-key"), self.settings.max_idempotency_key_chars
+        payload, headers = await self.submit(
+            request.headers.get("authorization"),
+            request.headers.get("idempotency-key"),
+            await request.body(),
         )
-        req = core.parse_chat(await request.body(), self.settings.max_content_chars)
+        return Response(payload, status_code=202, headers=headers)
+
+    async def submit(
+        self, authorization: str | None, idempotency_key: str | None, body: bytes
+    ) -> tuple[core.ChatAccepted, dict[str, str]]:
+        """Accept one chat message: the 202 body and headers, or an ``ApiError``.
+
+        Shared by the Litestar route and the raw ASGI fast path (``fastpath.FastAccept``).
+        """
+        p = self.principals.authenticate(authorization)
+        key = core.check_idempotency_key(idempotency_key, self.settings.max_idempotency_key_chars)
+        req = core.parse_chat(body, self.settings.max_content_chars)
         digest = core.content_hash(req.conversation_id, req.content)
         message_id, conversation_id = core.ids_for(p, key, req.conversation_id)
         span = trace.get_current_span()
@@ -121,6 +134,10 @@ class Api:
             stored = await self._stored(message_id)
             if stored is not None:
                 return self._duplicate(stored, digest)
+        if not self.publisher.bus.nc.is_connected:
+            # Reconnecting: a publish (or the rate gate's bucket read) would only sit in the
+            # client's buffer until the timeout.
+            raise _broker_unavailable()
         # After the duplicate check: a retried submit gets its original, not a 429.
         if self.rate_gate is not None:
             retry = await self.rate_gate.retry_after(p.project, p.user)
@@ -143,9 +160,6 @@ class Api:
             created_at=datetime.now(UTC),
             idempotency_key=key,
         )
-        if not self.publisher.bus.nc.is_connected:
-            # Reconnecting: a publish would only sit in the client's buffer until the timeout.
-            raise _broker_unavailable()
         try:
             original, duplicate = await self.publisher.accept(event)
         except LookupError as exc:
@@ -161,8 +175,8 @@ class Api:
             raise _broker_unavailable() from exc
         if duplicate:
             return self._duplicate(original, digest)
-        self.accepts.labels("false").inc()
-        return Response(core.accepted(original, False), status_code=202)
+        self.accepts_new.inc()
+        return core.accepted(original, False), {}
 
     async def _may_post(self, p: core.Principal, conversation_id: str) -> None:
         try:
@@ -179,7 +193,9 @@ class Api:
         except UNAVAILABLE:
             return None
 
-    def _duplicate(self, original: m.UserMessageAccepted, digest: str) -> Response[Any]:
+    def _duplicate(
+        self, original: m.UserMessageAccepted, digest: str
+    ) -> tuple[core.ChatAccepted, dict[str, str]]:
         if original.content_hash != digest:
             raise core.ApiError(
                 422,
@@ -187,11 +203,7 @@ class Api:
                 "this Idempotency-Key was already used with a different request body",
             )
         self.accepts.labels("true").inc()
-        return Response(
-            core.accepted(original, True),
-            status_code=202,
-            headers={"Idempotent-Replayed": "true"},
-        )
+        return core.accepted(original, True), {"Idempotent-Replayed": "true"}
 
     async def cancel(
         self, request: Request[Any, Any, Any], conversation_id: str, run_id: str

@@ -11,7 +11,7 @@ import msgspec
 from services.persister import core
 from shared import messages as m
 from shared.db import unavailable_is_transient
-from shared.errors import BadData
+from shared.errors import BadData, Transient
 
 
 class Placed(msgspec.Struct, frozen=True):
@@ -250,6 +250,51 @@ class Store:
                 reserved_tokens=v.reserved_tokens,
                 reserved_cost_usd=v.reserved_cost_usd,
             )
+
+    async def upsert_runs(self, verdicts: list[m.RunVerdict]) -> list[Exception | None]:
+        """Many verdicts in one round trip and one commit (statuses only move forward, so
+        their order within the batch does not matter). If the batch fails for a reason other
+        than the database being down, each is retried alone, so one bad verdict fails only
+        its own caller."""
+        if len(verdicts) == 1:
+            await self.upsert_run(verdicts[0])
+            return [None]
+        rows = [
+            (
+                v.run_id,
+                uuid.UUID(v.message_id),
+                uuid.UUID(v.conversation_id),
+                v.project_id,
+                v.user_id,
+                v.status,
+                core.rank(v.status),
+                v.verdict,
+                v.reason,
+                v.model,
+                v.executor,
+                v.attempt,
+                v.estimated_tokens,
+                None if v.limits is None else m.encode(v.limits).decode(),
+                v.reserved_tokens,
+                v.reserved_cost_usd,
+            )
+            for v in verdicts
+        ]
+        try:
+            async with unavailable_is_transient("upsert runs"), self.pool.acquire() as con:
+                await con.executemany(UPSERT_RUN, rows)  # atomic: all or none
+            return [None] * len(verdicts)
+        except Transient:
+            raise
+        except Exception:
+            out: list[Exception | None] = []
+            for v in verdicts:
+                try:
+                    await self.upsert_run(v)
+                    out.append(None)
+                except Exception as exc:
+                    out.append(exc)
+            return out
 
     async def store_result(self, r: m.ExecResult) -> StoredReply:
         """Usage of this call, the run's answer and the project totals, in one transaction."""

@@ -102,6 +102,12 @@ class InstrumentedStore(Store):
         with self._write("verdict"):
             await super().upsert_run(v)
 
+    async def upsert_runs(self, verdicts: list[m.RunVerdict]) -> list[Exception | None]:
+        if len(verdicts) == 1:
+            return await super().upsert_runs(verdicts)  # timed by upsert_run
+        with self._write("verdict"):
+            return await super().upsert_runs(verdicts)
+
     async def store_result(self, r: m.ExecResult) -> StoredReply:
         with self._write("result") as billed:
             stored = await super().store_result(r)
@@ -136,6 +142,11 @@ class Handlers:
             store.insert_user_messages, on_batch=batch_size.observe, name="insert user messages"
         )
 
+        # Verdicts handled concurrently share one round trip and one commit as well.
+        self.verdicts: GroupCommit[m.RunVerdict, None] = GroupCommit(
+            store.upsert_runs, name="upsert runs"
+        )
+
     async def user_message(self, e: m.UserMessageAccepted, _msg: Msg) -> str:
         placed = await self.user_messages.submit(e)
         # Published on every delivery: the first publish may be the one a crash interrupted.
@@ -160,7 +171,7 @@ class Handlers:
         return "inserted" if placed.inserted else "duplicate"
 
     async def verdict(self, v: m.RunVerdict, _msg: Msg) -> str:
-        await self.store.upsert_run(v)
+        await self.verdicts.submit(v)
         return v.status
 
     async def result(self, r: m.ExecResult, _msg: Msg) -> str:

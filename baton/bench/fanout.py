@@ -1,0 +1,85 @@
+"""Fan-out: SSE clients on one gateway process against token delivery latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import nats
+
+from baton import permissions
+from baton.bench import procstat
+from baton.bench.http import SseStream, summary_ms
+from baton.bench.stack import Stack
+from shared import messages as m
+from shared import subjects
+
+Result = dict[str, Any]
+
+
+async def fanout(stack: Stack, clients: int, hz: float, duration: float) -> Result:
+    """``clients`` SSE streams (one conversation each); token deltas published to each at ``hz``."""
+    headers = {"Authorization": f"Bearer {stack.token}"}
+    cids = [str(uuid.uuid4()) for _ in range(clients)]
+    latencies: list[float] = []
+    received = 0
+    streams: list[SseStream] = []
+    sem = asyncio.Semaphore(50)
+
+    async def opener(cid: str) -> SseStream:
+        async with sem:
+            s = SseStream(stack.gateway, f"/api/conversations/{cid}/events", headers)
+            await s.open()
+            return s
+
+    streams = list(await asyncio.gather(*(opener(c) for c in cids)))
+
+    async def reader(s: SseStream) -> None:
+        nonlocal received
+        async for event, data in s.events():
+            if event == "token":
+                now = time.perf_counter()
+                received += 1
+                latencies.append(now - float(msgspec.json.decode(data)["text"]))
+
+    readers = [asyncio.create_task(reader(s)) for s in streams]
+    nc = await nats.connect(stack.nats.url, user=permissions.ADMIN, password=stack.admin_password)
+    ticks = int(duration * hz)
+    sent = 0
+    load0 = procstat.machine()["loadavg"]
+    start = time.perf_counter()
+    for k in range(ticks):
+        due = start + k / hz
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        for cid in cids:
+            delta = m.TokenDelta(
+                conversation_id=cid,
+                run_id=f"run-{cid}",
+                attempt=1,
+                seq=k + 1,
+                text=repr(time.perf_counter()),
+            )
+            await nc.publish(subjects.token_stream("bench", cid), m.encode(delta))
+            sent += 1
+    await nc.flush()
+    deadline = time.perf_counter() + 10
+    while received < sent and time.perf_counter() < deadline:  # noqa: ASYNC110 - a counter, not an event
+        await asyncio.sleep(0.05)
+    await nc.close()
+    for t in readers:
+        t.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    for s in streams:
+        await s.close()
+    return {
+        "clients": clients,
+        "tokens_per_client_per_s": hz,
+        "sent": sent,
+        "delivered": received,
+        "events_per_s": round(received / max(time.perf_counter() - start, 1e-9), 1),
+        "latency": summary_ms(latencies),
+        "loadavg_before": load0,
+    }
