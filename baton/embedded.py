@@ -227,7 +227,29 @@ def _nats_binary() -> str:
     )
 
 
-class NatsServer:
+class _Started:
+    """``with server:`` starts it and stops it (by pid), whatever happens inside."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class NatsServer(_Started):
     """A nats-server child process with JetStream, listening on 127.0.0.1 only.
 
     `config_text` is appended verbatim to the generated config (e.g. an authorization block);
@@ -396,20 +418,8 @@ class NatsServer:
         self.stop(timeout)
         self.start(timeout)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class NatsCluster:
+class NatsCluster(_Started):
     """``size`` nats-server processes on loopback routed into one JetStream cluster.
 
     Each node is a `NatsServer` (own process, store dir, log and monitoring port), so a test can
@@ -500,18 +510,6 @@ class NatsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _get_json(url: str) -> dict[str, Any] | None:
@@ -622,7 +620,7 @@ def _probe_postgres(dsn: str) -> str:
         return pool.submit(asyncio.run, connect()).result()
 
 
-class PostgresServer:
+class PostgresServer(_Started):
     """A postgres child process on 127.0.0.1 with trust auth, run unprivileged when we are root."""
 
     def __init__(
@@ -889,18 +887,6 @@ class PostgresServer:
         """Stop and start again on the same port with the same data directory."""
         self.stop(timeout)
         self.start(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _quote_ident(name: str) -> str:

@@ -82,35 +82,22 @@ async def provision(
         for cspec in subjects.CONSUMERS:
             await js.add_consumer(cspec.stream, consumer_config(cspec, ack_wait_s))
             done.append(f"consumer {cspec.stream}/{cspec.durable} ready")
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.BUCKET_RUNS,
-                history=1,
-                storage=StorageType.FILE,
-                replicas=replicas,
-            )
+        buckets = (
+            (subjects.BUCKET_RUNS, 0.0),
+            (subjects.BUCKET_LIMITS, subjects.LIMITS_TTL_S),
+            (subjects.BUCKET_ABORTS, subjects.ABORTS_TTL_S),
         )
-        done.append(f"bucket {subjects.BUCKET_RUNS} ready")
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.BUCKET_LIMITS,
-                history=1,
-                ttl=subjects.LIMITS_TTL_S,
-                storage=StorageType.FILE,
-                replicas=replicas,
+        for bucket, ttl in buckets:
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=1,
+                    ttl=ttl or None,
+                    storage=StorageType.FILE,
+                    replicas=replicas,
+                )
             )
-        )
-        done.append(f"bucket {subjects.BUCKET_LIMITS} ready")
-        await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.BUCKET_ABORTS,
-                history=1,
-                ttl=subjects.ABORTS_TTL_S,
-                storage=StorageType.FILE,
-                replicas=replicas,
-            )
-        )
-        done.append(f"bucket {subjects.BUCKET_ABORTS} ready")
+            done.append(f"bucket {bucket} ready")
     finally:
         await nc.close()
     return done
