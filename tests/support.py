@@ -49,27 +49,32 @@ async def running(*consumers: Consumer[Any]) -> AsyncIterator[None]:
 async def read_subject(
     bus: Bus, stream: str, subject: str, at_least: int, timeout: float = 15.0, settle: float = 0.3
 ) -> list[Msg]:
-    """Everything in ``stream`` on ``subject`` once at least ``at_least`` messages are there."""
+    """Everything in ``stream`` on ``subject`` once at least ``at_least`` messages are there.
+
+    Read once more after ``settle`` s, to catch copies that should not exist. Each read is a
+    fresh ephemeral consumer whose fetches time out after 0.3 s; on a loaded machine a read can
+    come back short, so a read with fewer than ``at_least`` is retried until ``timeout``.
+    """
     deadline = asyncio.get_running_loop().time() + timeout
-    found: list[Msg] = []
-    while True:
+
+    async def read_all() -> list[Msg]:
         sub = await bus.js.pull_subscribe(subject, stream=stream)
-        found = []
+        found: list[Msg] = []
         with contextlib.suppress(Exception):
             while True:
-                batch = await sub.fetch(256, timeout=0.3)
-                found.extend(batch)
+                found.extend(await sub.fetch(256, timeout=0.3))
         await sub.unsubscribe()
+        return found
+
+    settled = False
+    while True:
+        found = await read_all()
         if len(found) >= at_least:
-            # A little longer, to catch copies that should not exist.
+            if settled:
+                return found
+            settled = True
             await asyncio.sleep(settle)
-            sub = await bus.js.pull_subscribe(subject, stream=stream)
-            found = []
-            with contextlib.suppress(Exception):
-                while True:
-                    found.extend(await sub.fetch(256, timeout=0.3))
-            await sub.unsubscribe()
-            return found
+            continue
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"expected {at_least} on {subject}, found {len(found)}")
         await asyncio.sleep(0.1)
@@ -107,4 +112,32 @@ def user_event(
         content=content,
         content_hash="h",
         created_at=datetime.now(UTC),
+    )
+
+
+SONNET_PRICES = m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75)
+
+
+def exec_result(
+    e: m.UserMessageAccepted,
+    call: int,
+    text: str = "the answer",
+    usage: m.Usage | None = None,
+    model: str = "claude-sonnet-4-6",
+) -> m.ExecResult:
+    """The executor's report of call ``call`` of the first attempt of the run for ``e``."""
+    run_id = f"run-{e.message_id}"
+    return m.ExecResult(
+        event_id=f"result:{call}",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        task_id=f"task:{run_id}:1",
+        call_id=f"task:{run_id}:1#{call}",
+        run_id=run_id,
+        attempt=1,
+        model=model,
+        text=text,
+        usage=usage or m.Usage(input_tokens=1000, output_tokens=500),
+        prices=SONNET_PRICES,
     )

@@ -3,149 +3,54 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import random
 import uuid
-from collections import Counter
-from typing import Any
 
 import httpx
 import nats
 import pytest
 
 from tests.e2e.conftest import Pipeline
+from tests.e2e.resume import (
+    Event,
+    answer_tokens,
+    assert_reassembled,
+    drop_and_resume,
+    read_events,
+    stored_answers,
+)
 
 pytestmark = pytest.mark.e2e
-
-Event = dict[str, Any]
-
-
-async def read_events(
-    client: httpx.AsyncClient,
-    url: str,
-    token: str,
-    last_id: str | None = None,
-    *,
-    limit: int | None = None,
-    idle_s: float = 10.0,
-    query: bool = False,
-) -> list[Event]:
-    """Events of one SSE connection: until ``limit`` events, an answer, or ``idle_s`` idle."""
-    headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
-    params = {}
-    if last_id is not None:
-        if query:
-            params["last_event_id"] = last_id
-        else:
-            headers["Last-Event-ID"] = last_id
-    out: list[Event] = []
-    async with client.stream("GET", url, headers=headers, params=params, timeout=None) as resp:
-        assert resp.status_code == 200, await resp.aread()
-        lines = resp.aiter_lines()
-        event: Event = {}
-        while limit is None or len(out) < limit:
-            try:
-                line = await asyncio.wait_for(anext(lines), idle_s)
-            except TimeoutError:
-                break
-            if line.startswith(":"):
-                continue
-            if not line:
-                if "event" in event:
-                    out.append(event)
-                    if limit is not None and event["event"] == "message.completed":
-                        break
-                event = {}
-                continue
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "data" and value:
-                event["data"] = json.loads(value)
-            elif field in ("event", "id"):
-                event[field] = value
-    return out
-
-
-def answer_tokens(events: list[Event], run_id: str) -> list[Event]:
-    """The tokens of a run's latest attempt, in the order they arrived."""
-    tokens = [e["data"] for e in events if e["event"] == "token" and e["data"]["run_id"] == run_id]
-    latest = max((t["attempt"] for t in tokens), default=0)
-    return [t for t in tokens if t["attempt"] == latest]
-
-
-async def stored_answers(client: httpx.AsyncClient, p: Pipeline, cid: str, token: str) -> Any:
-    r = await client.get(
-        f"{p.gateway}/api/conversations/{cid}/messages",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    return [x for x in r.json()["messages"] if x["role"] == "assistant"]
 
 
 async def test_fifty_random_drops_reassemble_exactly_the_stored_answers(
     pipeline: Pipeline,
 ) -> None:
     pipeline.model.update_settings(tokens_per_second=40, words_per_reply=80)
-    rnd = random.Random(20261122)
     token = pipeline.token("acme", "alice")
     cid = str(uuid.uuid4())
     url = f"{pipeline.gateway}/api/conversations/{cid}/events"
     prompts = [f"Tell me about resumable streams, part {i}" for i in range(12)]
-    seen: list[Event] = []
-    resumes = 0
     async with httpx.AsyncClient(timeout=10) as client:
 
-        async def post(i: int) -> None:
-            r = await client.post(
-                f"{pipeline.gateway}/api/chat",
-                json={"conversation_id": cid, "content": prompts[i]},
-                headers={"Authorization": f"Bearer {token}", "Idempotency-Key": f"{cid}-{i}"},
-            )
-            assert r.status_code == 202, r.text
+        async def resume(last_id: str, limit: int, n: int) -> list[Event]:
+            # Every fifth reconnect names its position as a query parameter instead.
+            return await read_events(client, url, token, last_id, limit=limit, query=n % 5 == 0)
 
-        async def run() -> None:
-            nonlocal resumes
-            # The first connection sees the conversation from its very start.
-            first = asyncio.create_task(read_events(client, url, token, limit=2))
-            await asyncio.sleep(0.3)
-            await post(0)
-            seen.extend(await first)
-            posted = 1
-            while True:
-                done = sum(e["event"] == "message.completed" for e in seen)
-                if done == posted and ((resumes >= 50 and done >= 3) or done == len(prompts)):
-                    return
-                if done == posted:
-                    await post(posted)
-                    posted += 1
-                resumes += 1
-                seen.extend(
-                    await read_events(
-                        client,
-                        url,
-                        token,
-                        seen[-1]["id"],
-                        limit=rnd.randint(1, 4),
-                        query=resumes % 5 == 0,
-                    )
-                )
-
-        await asyncio.wait_for(run(), 40)
-        answers = await stored_answers(client, pipeline, cid, token)
-
+        seen, answers, resumes = await drop_and_resume(
+            pipeline,
+            client,
+            cid,
+            token,
+            prompts,
+            lambda: read_events(client, url, token, limit=2),
+            resume,
+            seed=20261122,
+            resumes_wanted=50,
+            answers_wanted=3,
+            timeout_s=40,
+        )
     assert resumes >= 50, resumes
-    prompts = prompts[: len(answers)]
-    ids = Counter(e["id"] for e in seen if e["event"] != "run.status")
-    assert [i for i, n in ids.items() if n > 1] == [], "an event arrived twice"
-    created = [e["data"]["content"] for e in seen if e["event"] == "message.created"]
-    assert created == prompts
-    completed = [e["data"] for e in seen if e["event"] == "message.completed"]
-    assert [c["content"] for c in completed] == [a["content"] for a in answers]
-    for answer in answers:
-        tokens = answer_tokens(seen, answer["run_id"])
-        # Every token once, in order, none missing: they concatenate to the stored answer.
-        assert [t["seq"] for t in tokens] == list(range(1, len(tokens) + 1))
-        assert len(tokens) > 10
-        assert "".join(t["text"] for t in tokens) == answer["content"]
+    assert_reassembled(seen, answers, prompts)
 
 
 async def test_resume_after_the_run_finished_and_with_unknown_ids(pipeline: Pipeline) -> None:

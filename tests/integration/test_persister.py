@@ -19,6 +19,7 @@ from tests.support import (
     connect_bus,
     decode_all,
     eventually,
+    exec_result,
     read_subject,
     running,
     service_metrics,
@@ -41,23 +42,8 @@ async def _persister(infra: Infra):  # type: ignore[no-untyped-def]
 
 
 def _result(e: m.UserMessageAccepted, call: int, text: str = "the answer") -> m.ExecResult:
-    run_id = f"run-{e.message_id}"
-    return m.ExecResult(
-        event_id=f"result:{call}",
-        message_id=e.message_id,
-        conversation_id=e.conversation_id,
-        project_id=e.project_id,
-        task_id=f"task:{run_id}:1",
-        call_id=f"task:{run_id}:1#{call}",
-        run_id=run_id,
-        attempt=1,
-        model="claude-sonnet-4-6",
-        text=text,
-        usage=m.Usage(
-            input_tokens=100, output_tokens=50, cache_read_tokens=10, cache_write_tokens=5
-        ),
-        prices=m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75),
-    )
+    usage = m.Usage(input_tokens=100, output_tokens=50, cache_read_tokens=10, cache_write_tokens=5)
+    return exec_result(e, call, text, usage)
 
 
 async def test_a_redelivered_user_message_is_stored_once_and_announced_once(infra: Infra) -> None:

@@ -11,28 +11,10 @@ from services.persister.handlers import Handlers
 from shared import messages as m
 from shared.db import create_pool
 from tests.integration.conftest import Infra
-from tests.support import connect_bus, service_metrics, user_event
+from tests.support import SONNET_PRICES, connect_bus, exec_result, service_metrics, user_event
 
 MODEL = "claude-sonnet-4-6"
-PRICES = m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75)
-
-
-def _result(e: m.UserMessageAccepted, call: int) -> m.ExecResult:
-    run_id = f"run-{e.message_id}"
-    return m.ExecResult(
-        event_id=f"result:{call}",
-        message_id=e.message_id,
-        conversation_id=e.conversation_id,
-        project_id=e.project_id,
-        task_id=f"task:{run_id}:1",
-        call_id=f"task:{run_id}:1#{call}",
-        run_id=run_id,
-        attempt=1,
-        model=MODEL,
-        text="the answer",
-        usage=m.Usage(input_tokens=1000, output_tokens=500),
-        prices=PRICES,
-    )
+PRICES = SONNET_PRICES
 
 
 def _value(metrics: Any, name: str, **labels: str) -> float:
@@ -46,7 +28,7 @@ async def test_cost_and_latency_count_once_however_often_a_result_arrives(infra:
     h = Handlers(bus, Store(pool), metrics)
     e = user_event()
     await h.user_message(e, None)  # type: ignore[arg-type]
-    first = _result(e, 1)
+    first = exec_result(e, 1)
     for _ in range(3):  # redeliveries of one call
         assert await h.result(first, None) in ("inserted", "duplicate")  # type: ignore[arg-type]
     one_call = first.usage.cost_usd(PRICES)
@@ -55,7 +37,7 @@ async def test_cost_and_latency_count_once_however_often_a_result_arrives(infra:
     assert _value(metrics, answered, kind="answer") == 1
     assert 0 < _value(metrics, "baton_persister_answer_latency_seconds_sum", kind="answer") < 60
     # A second real call for the run (a redelivered task) is billed, but answers nothing new.
-    await h.result(_result(e, 2), None)  # type: ignore[arg-type]
+    await h.result(exec_result(e, 2), None)  # type: ignore[arg-type]
     assert _value(metrics, "baton_persister_cost_usd_total", model=MODEL) == pytest.approx(
         2 * one_call
     )
