@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from baton import deploy, permissions, roles
+from services.policy import policyfile
 from tests import kustomize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,6 +180,21 @@ def test_every_deployment_is_hardened_probed_and_drains_within_its_grace(overlay
         if name in permissions.SERVICES:
             assert pod["containers"][0]["args"] == ["run", name]
             assert _env(pod["containers"][0])["BATON_NATS_USER"]["value"] == name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_policy_reads_a_valid_policy_file_from_a_mount_that_sees_updates(overlay: str) -> None:
+    docs = render(overlay)
+    pod = by_kind(docs, "Deployment")["policy"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    path = Path(_env(container)["BATON_POLICY_FILE"]["value"])
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    # A subPath mount is a copy made at start: the kubelet never updates it, so no hot reload.
+    assert "subPath" not in mount and mount.get("readOnly") is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    config = by_kind(docs, "ConfigMap")[volume["configMap"]["name"]]
+    book = policyfile.parse(config["data"][path.name].encode(), "k8s ConfigMap")
+    assert book == policyfile.parse((ROOT / "policy.example.toml").read_bytes())
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
