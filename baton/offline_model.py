@@ -450,7 +450,9 @@ class _Watch:
 
     def __init__(self, receive: Receive) -> None:
         self.gone = asyncio.Event()
-        self._task = asyncio.ensure_future(self._watch(receive))
+        self._receive = receive
+        # Started at the first real wait: a reply sent without waiting never needs it.
+        self._task: asyncio.Future[None] | None = None
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -460,12 +462,15 @@ class _Watch:
     async def sleep(self, seconds: float) -> bool:
         """Sleeps up to `seconds`; True when the client is gone."""
         if seconds > 0 and not self.gone.is_set():
+            if self._task is None:
+                self._task = asyncio.ensure_future(self._watch(self._receive))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.gone.wait(), seconds)
         return self.gone.is_set()
 
     def close(self) -> None:
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _headers(content_type: str, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
