@@ -133,7 +133,8 @@ class Model:
         # The SDK's span would end without usage (it learns usage from events it parses), so
         # this client makes none and ``stream`` opens the same ``anthropic.messages.create`` span.
         self.client = client.with_options(open_telemetry=False)
-        self.server = (client.base_url.host, client.base_url.port or 443)
+        url = client.base_url
+        self.server = (url.host, url.port or (80 if url.scheme == "http" else 443))
 
     async def stream(
         self,
