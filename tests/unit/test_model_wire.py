@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 from baton import offline_model
+from services.agent import core
 from services.agent.adapters import Classifier
 from services.executor.adapters import Model, StreamFailed, sse_events
 from shared.messages import Usage
@@ -305,3 +306,85 @@ def test_the_offline_models_pre_encoded_frames_are_byte_for_byte_the_generic_one
 
 def test_sse_reader_needs_no_event_loop_tricks() -> None:
     assert asyncio.run(_events(STREAM)) == EXPECTED
+
+
+def _recorder(
+    sent: list[httpx2.Request], body: bytes, content_type: str
+) -> Callable[[httpx2.Request], httpx2.Response]:
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request)
+        return httpx2.Response(200, content=body, headers={"content-type": content_type})
+
+    return handler
+
+
+# The SDK's markers of which of its helpers read the body (its usage statistics), nothing else.
+_VOLATILE = {"x-stainless-stream-helper", "x-stainless-helper-method", "x-stainless-raw-response"}
+
+
+def _same_request(ours: httpx2.Request, sdks: httpx2.Request) -> None:
+    assert (ours.method, str(ours.url)) == (sdks.method, str(sdks.url))
+    assert msgspec.json.decode(ours.content) == msgspec.json.decode(sdks.content)
+    mine = {k: v for k, v in ours.headers.items() if k not in _VOLATILE}
+    theirs = {k: v for k, v in sdks.headers.items() if k not in _VOLATILE}
+    assert mine == theirs
+
+
+async def test_the_executor_sends_the_request_the_sdks_stream_helper_sends() -> None:
+    """What a real API key meets at api.anthropic.com is what the SDK's own helper would send."""
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    body = _sse(("message_start", START), ("content_block_start", block), _delta("x"))
+    sent: list[httpx2.Request] = []
+    client = anthropic.AsyncAnthropic(
+        api_key="sk-ant-real-looking",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=httpx2.MockTransport(_recorder(sent, body, "text/event-stream"))
+        ),
+    )
+    system = [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}]
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def on_text(text: str) -> None:
+        pass
+
+    await Model(client).stream("claude-x", system, messages, 99, on_text)
+    async with client.messages.stream(
+        model="claude-x",
+        system=system,  # type: ignore[arg-type]
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=99,
+    ) as stream:
+        async for _ in stream:
+            pass
+    await client.close()
+    ours, sdks = sent
+    assert str(ours.url) == "https://api.anthropic.com/v1/messages"
+    _same_request(ours, sdks)
+
+
+async def test_the_agent_sends_the_request_the_sdks_create_sends() -> None:
+    sent: list[httpx2.Request] = []
+    client = anthropic.AsyncAnthropic(
+        api_key="sk-ant-real-looking",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(
+            transport=httpx2.MockTransport(_recorder(sent, _reply([]), "application/json"))
+        ),
+    )
+    classifier = Classifier(client, "claude-haiku-x", 77)
+    await classifier.classify("the transcript")
+    await client.messages.create(
+        model="claude-haiku-x",
+        max_tokens=77,
+        system=core.SYSTEM_PROMPT,
+        messages=[{"role": "user", "content": "the transcript"}],
+        tools=classifier.tools,
+        tool_choice=classifier.tool_choice,
+    )
+    await client.close()
+    _same_request(*sent)
