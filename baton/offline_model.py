@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -18,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +178,13 @@ def _segments(body: dict[str, Any]) -> list[tuple[str, bool]]:
 
 def count_input_tokens(body: dict[str, Any]) -> int:
     """Deterministic token count (words + punctuation) of a request's system + messages."""
-    return max(1, sum(len(_TOKEN_RE.findall(text)) for text, _ in _segments(body)))
+    return max(1, sum(_tokens(text) for text, _ in _segments(body)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tokens(text: str) -> int:
+    """Words and punctuation in ``text``; cached, as system prompts and history repeat."""
+    return len(_TOKEN_RE.findall(text))
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -404,7 +410,7 @@ class _State:
     def plan(self, body: dict[str, Any], user_text: str, fault: Fault = None) -> _Plan:
         model, settings = body["model"], self.settings
         segments = _segments(body)
-        counts = [len(_TOKEN_RE.findall(text)) for text, _ in segments]
+        counts = [_tokens(text) for text, _ in segments]
         usage = dict.fromkeys(_INPUT_KEYS, 0) | {"input_tokens": max(1, sum(counts))}
         marked = [i for i, (_, cached) in enumerate(segments) if cached]
         if marked:  # the real API bills the prefix up to the last cache_control block separately
@@ -423,7 +429,7 @@ class _State:
             value = fill_schema(schema, defs, tool["name"], _Ctx(user_text, rng))
             if fault is not None and fault.kind == "tool_input":
                 value = fault.tool_input
-            tool_id = "toolu_" + uuid.uuid4().hex[:24]
+            tool_id = "toolu_" + os.urandom(12).hex()
             block = {"type": "tool_use", "id": tool_id, "name": tool["name"], "input": value}
             text = msgspec.json.encode(value).decode()
             chunks = [text[i : i + 12] for i in range(0, len(text), 12)]
@@ -444,7 +450,9 @@ class _Watch:
 
     def __init__(self, receive: Receive) -> None:
         self.gone = asyncio.Event()
-        self._task = asyncio.ensure_future(self._watch(receive))
+        self._receive = receive
+        # Started at the first real wait: a reply sent without waiting never needs it.
+        self._task: asyncio.Future[None] | None = None
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -454,18 +462,21 @@ class _Watch:
     async def sleep(self, seconds: float) -> bool:
         """Sleeps up to `seconds`; True when the client is gone."""
         if seconds > 0 and not self.gone.is_set():
+            if self._task is None:
+                self._task = asyncio.ensure_future(self._watch(self._receive))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.gone.wait(), seconds)
         return self.gone.is_set()
 
     def close(self) -> None:
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _headers(content_type: str, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
     headers = {
         "content-type": content_type,
-        "request-id": "req_" + uuid.uuid4().hex[:24],
+        "request-id": "req_" + os.urandom(12).hex(),
         "anthropic-ratelimit-requests-limit": "4000",
         "anthropic-ratelimit-requests-remaining": "3999",
     } | (extra or {})
@@ -480,17 +491,30 @@ async def _send_json(
     await send({"type": "http.response.body", "body": msgspec.json.encode(payload)})
 
 
-async def _frame(send: Send, event: str, data: dict[str, Any], more: bool = True) -> None:
+def _frame(event: str, data: dict[str, Any]) -> bytes:
     payload = msgspec.json.encode({"type": event} | data)
-    body = b"event: %s\ndata: %s\n\n" % (event.encode(), payload)
-    await send({"type": "http.response.body", "body": body, "more_body": more})
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), payload)
+
+
+# Frames that never change, encoded once; a delta is its prefix, the JSON string, the suffix.
+_PING = _frame("ping", {})
+_TEXT_START = _frame(
+    "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
+)
+_BLOCK_STOP = _frame("content_block_stop", {"index": 0})
+_MESSAGE_STOP = _frame("message_stop", {})
+_DELTA_PREFIX = {
+    kind: _frame("content_block_delta", {"index": 0, "delta": {"type": kind, field: ""}})[:-6]
+    for kind, field in (("text_delta", "text"), ("input_json_delta", "partial_json"))
+}
+_DELTA_SUFFIX = b"}}\n\n"
 
 
 def _message(plan: _Plan, streaming: bool) -> dict[str, Any]:
     text_block = {"type": "text", "text": "".join(plan.chunks)}
     content = [] if streaming else [plan.tool or text_block]
     return {
-        "id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant",
+        "id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
         "model": plan.model, "content": content, "stop_sequence": None,
         "stop_reason": None if streaming else plan.stop_reason,
         # Like the real API, message_start reports 1 output token; message_delta has the total.
@@ -521,19 +545,32 @@ async def _stream(
 ) -> None:
     settings, loop = state.settings, asyncio.get_running_loop()
     sent, done = 0, False
+    # Frames due at the same moment go out in one write (same bytes, fewer syscalls on both
+    # ends); whatever is pending is written before every wait, so pacing is what it was.
+    pending: list[bytes] = []
+
+    async def flush(more: bool = True) -> None:
+        if pending or not more:
+            body = b"".join(pending)
+            pending.clear()
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+
     try:
         before_headers = fault is not None and fault.kind == "stall" and fault.after_tokens < 0
         if before_headers and fault is not None and await watch.sleep(fault.stall_seconds):
             return
         headers = _headers("text/event-stream; charset=utf-8", {"cache-control": "no-cache"})
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await _frame(send, "message_start", {"message": _message(plan, True)})
+        pending.append(_frame("message_start", {"message": _message(plan, True)}))
         state.stats.bump(plan.model, **plan.usage)
         entry.update(plan.usage)
-        block = plan.tool | {"input": {}} if plan.tool else {"type": "text", "text": ""}
-        await _frame(send, "content_block_start", {"index": 0, "content_block": block})
-        await _frame(send, "ping", {})
-        kind, field = ("input_json_delta", "partial_json") if plan.tool else ("text_delta", "text")
+        if plan.tool:
+            block = plan.tool | {"input": {}}
+            pending.append(_frame("content_block_start", {"index": 0, "content_block": block}))
+        else:
+            pending.append(_TEXT_START)
+        pending.append(_PING)
+        prefix = _DELTA_PREFIX["input_json_delta" if plan.tool else "text_delta"]
         slow = fault is not None and fault.kind == "slow"
         cuts = fault is not None and fault.kind in ("midstream_error", "stall")
         cut = min(fault.after_tokens, len(plan.chunks)) if fault and cuts else -1
@@ -544,23 +581,29 @@ async def _stream(
         for i in range(len(plan.chunks) + 1):
             if i == cut and fault is not None and fault.kind == "midstream_error":
                 message = "Overloaded (injected mid-stream fault)"
-                return await _frame(send, "error", _error_body("overloaded_error", message), False)
+                pending.append(_frame("error", _error_body("overloaded_error", message)))
+                return await flush(more=False)
             if i == cut and fault is not None:  # a stall nobody timed out on resumes the pace
+                await flush()
                 if await watch.sleep(fault.stall_seconds):
                     return
                 due = max(due, loop.time())
-            if i == len(plan.chunks) or await watch.sleep(due - loop.time()):
+            if i == len(plan.chunks):
                 break
-            delta = {"type": kind, field: plan.chunks[i]}
-            await _frame(send, "content_block_delta", {"index": 0, "delta": delta})
+            wait = due - loop.time()
+            if wait > 0:
+                await flush()
+            if await watch.sleep(wait):
+                break
+            pending.append(prefix + msgspec.json.encode(plan.chunks[i]) + _DELTA_SUFFIX)
             sent, due = sent + 1, due + gap
         if sent < len(plan.chunks):
-            return
-        await _frame(send, "content_block_stop", {"index": 0})
+            return await flush()
+        pending.append(_BLOCK_STOP)
         stop = {"stop_reason": plan.stop_reason, "stop_sequence": None}
         usage = plan.usage | {"output_tokens": sent}
-        await _frame(send, "message_delta", {"delta": stop, "usage": usage})
-        await _frame(send, "message_stop", {}, more=False)
+        pending += [_frame("message_delta", {"delta": stop, "usage": usage}), _MESSAGE_STOP]
+        await flush(more=False)
         done = True
     finally:
         state.stats.bump(plan.model, output_tokens=sent, completed=int(done))
@@ -734,7 +777,12 @@ def main(argv: list[str] | None = None) -> None:
     # does: with uvicorn's default of 5 s, a retry sent ~5 s after the last call raced the
     # server closing the pooled connection and failed as a connection error (server_error).
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2, timeout_keep_alive=75
+        app,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        timeout_keep_alive=75,
+        proxy_headers=False,  # nothing here reads the client address; saves a wrapper per request
     )
     uvicorn.Server(config).run(sockets=[sock])
 

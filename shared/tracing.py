@@ -3,7 +3,8 @@
 One trace per user message: the gateway starts it (``root_span``), every publish injects the
 current context into the NATS headers (``inject``, under a PRODUCER span), every consumer
 continues it (``extract``, a CONSUMER span in ``shared.bus``), asyncpg statements become CLIENT
-spans (``trace_queries``) and the anthropic SDK adds its own ``anthropic.messages.create`` span.
+spans (``trace_queries``) and model calls are ``anthropic.messages.create`` CLIENT spans (the
+SDK's own in the agent, the executor's equivalent one around its streamed call).
 Export is OTLP/HTTP, configured by the standard ``OTEL_*`` variables; without an endpoint
 nothing is exported (spans still exist, so trace ids still reach the logs).
 """

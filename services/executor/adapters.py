@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anthropic
 import msgspec
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.executor.core import CallAborted
 from shared.messages import Usage
 
 CALL_ID_HEADER = "x-baton-call-id"
+
+_tracer = trace.get_tracer("baton.executor.model")
 
 
 class StreamOutcome(msgspec.Struct):
@@ -30,11 +35,106 @@ class StreamFailed(Exception):
         self.usage = usage
 
 
+# The few fields of the Messages API's stream events the executor reads; the rest is skipped
+# (msgspec ignores unknown fields), so a new field in the API breaks nothing.
+class _StartUsage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class _Message(msgspec.Struct):
+    usage: _StartUsage
+    id: str = ""
+    model: str = ""
+
+
+class _MessageStart(msgspec.Struct):
+    message: _Message
+
+
+class _Delta(msgspec.Struct):
+    type: str
+    text: str = ""
+
+
+class _BlockDelta(msgspec.Struct):
+    delta: _Delta
+
+
+class _StopDelta(msgspec.Struct):
+    stop_reason: str | None = None
+
+
+class _DeltaUsage(msgspec.Struct):
+    output_tokens: int = 0
+
+
+class _MessageDelta(msgspec.Struct):
+    delta: _StopDelta
+    usage: _DeltaUsage
+
+
+_start = msgspec.json.Decoder(_MessageStart)
+_block_delta = msgspec.json.Decoder(_BlockDelta)
+_message_delta = msgspec.json.Decoder(_MessageDelta)
+_any = msgspec.json.Decoder()
+
+
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
+    """Server-sent events as ``(event, data)`` from a byte stream; comments and ids skipped.
+
+    Frames end at a blank line; CR and CRLF line ends are taken as LF, as the SSE spec says.
+    A frame without an ``event:`` line is yielded with an empty name (the SDK skips those).
+    """
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        if b"\r" in buffer:
+            held = b"\r" if buffer.endswith(b"\r") else b""  # may be the first half of CRLF
+            buffer = buffer[: len(buffer) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            buffer += held
+        if b"\n\n" not in buffer:
+            continue
+        *frames, buffer = buffer.split(b"\n\n")
+        for frame in frames:
+            event, data = _parse_frame(frame)
+            if event or data:
+                yield event, data
+    if buffer.strip(b"\r\n"):
+        event, data = _parse_frame(buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+        if event or data:
+            yield event, data
+
+
+def _parse_frame(frame: bytes) -> tuple[bytes, bytes]:
+    event, data = b"", []
+    for line in frame.split(b"\n"):
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"event":
+            event = value
+        elif name == b"data":
+            data.append(value)
+    return event, b"\n".join(data)
+
+
 class Model:
-    """Streams one answer; usage is tracked from the events so a cut stream still reports it."""
+    """Streams one answer; usage is tracked from the events so a cut stream still reports it.
+
+    The call goes through the anthropic SDK's client (auth, base URL, version header, timeouts,
+    no retries, its typed errors for non-2xx replies) as a streamed raw response; the events are
+    read here with msgspec instead of the SDK's per-event pydantic models (docs/decisions.md).
+    """
 
     def __init__(self, client: anthropic.AsyncAnthropic) -> None:
-        self.client = client
+        # The SDK's span would end without usage (it learns usage from events it parses), so
+        # this client makes none and ``stream`` opens the same ``anthropic.messages.create`` span.
+        self.client = client.with_options(open_telemetry=False)
+        url = client.base_url
+        self.server = (url.host, url.port or (80 if url.scheme == "http" else 443))
 
     async def stream(
         self,
@@ -52,44 +152,130 @@ class Model:
         counts = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0, "deltas": 0}
         parts: list[str] = []
         stop_reason = ""
+        span = _tracer.start_span(
+            "anthropic.messages.create",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "gen_ai.provider.name": "anthropic",
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": model,
+                "gen_ai.request.max_tokens": max_tokens,
+                "gen_ai.request.stream": True,
+                "http.request.method": "POST",
+                "server.address": self.server[0],
+                "server.port": self.server[1],
+            },
+        )
+        recording = span.is_recording()
+        started = time.time_ns()
+        message = _Message(usage=_StartUsage())
         try:
             if abort is not None and abort.is_set():
                 raise CallAborted("aborted before the call started")
-            async with self.client.messages.stream(
+            headers = {CALL_ID_HEADER: call_id} if call_id else {}
+            # The SDK's own span is off for this client (shared.model), so this one is carried.
+            propagate.inject(headers, context=trace.set_span_in_context(span))
+            async with self.client.messages.with_streaming_response.create(
                 model=model,
                 system=system,  # type: ignore[arg-type]
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=max_tokens,
+                stream=True,
                 # Ignored by the API; lets the offline model's ledger be matched call by call.
-                extra_headers={CALL_ID_HEADER: call_id} if call_id else None,
-            ) as stream:
-                async for event in stream:
-                    if event.type == "message_start":
-                        u = event.message.usage
+                extra_headers=headers or None,
+            ) as response:
+                if recording:
+                    span.set_attribute("http.response.status_code", response.status_code)
+                    if request_id := response.http_response.headers.get("request-id"):
+                        span.set_attribute("anthropic.request.id", request_id)
+                async for event, data in sse_events(response.http_response.aiter_bytes()):
+                    if event == b"content_block_delta":
+                        delta = _block_delta.decode(data).delta
+                        if delta.type == "text_delta":
+                            if recording and not counts["deltas"]:
+                                ttfc = (time.time_ns() - started) / 1e9
+                                span.set_attribute("gen_ai.response.time_to_first_chunk", ttfc)
+                            counts["deltas"] += 1
+                            parts.append(delta.text)
+                            await on_text(delta.text)
+                    elif event == b"message_start":
+                        message = _start.decode(data).message
+                        u = message.usage
                         counts["input"] = u.input_tokens
                         counts["cache_read"] = u.cache_read_input_tokens or 0
                         counts["cache_write"] = u.cache_creation_input_tokens or 0
                         counts["output"] = u.output_tokens
-                    elif event.type == "content_block_delta" and event.delta.type == "text_delta":
-                        counts["deltas"] += 1
-                        parts.append(event.delta.text)
-                        await on_text(event.delta.text)
-                    elif event.type == "message_delta":
-                        counts["output"] = event.usage.output_tokens
-                        stop_reason = event.delta.stop_reason or ""
+                    elif event == b"message_delta":
+                        md = _message_delta.decode(data)
+                        counts["output"] = md.usage.output_tokens
+                        stop_reason = md.delta.stop_reason or ""
+                    elif event == b"error":
+                        raise _stream_error(self.client, data, response.http_response)
         except asyncio.CancelledError:
             if abort is None or not abort.is_set():
+                span.end()
                 raise
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()  # handled here: the abort is the call's outcome, not a shutdown
             counts["output"] = max(counts["output"], counts["deltas"])
+            _end_span(span, message, counts, stop_reason, None)
             raise StreamFailed(CallAborted("aborted by policy"), _usage(counts)) from None
         except Exception as exc:
             # Tokens already streamed were generated and billed, even if the final count never came.
             counts["output"] = max(counts["output"], counts["deltas"])
+            _end_span(span, message, counts, stop_reason, exc)
             raise StreamFailed(exc, _usage(counts)) from exc
+        _end_span(span, message, counts, stop_reason, None)
         return StreamOutcome(text="".join(parts), usage=_usage(counts), stop_reason=stop_reason)
+
+
+def _stream_error(
+    client: anthropic.AsyncAnthropic, data: bytes, response: Any
+) -> anthropic.APIStatusError:
+    """The error the SDK's own stream raises for an ``event: error`` frame, built the same way."""
+    body: object = data.decode("utf-8", "replace")
+    try:
+        body = _any.decode(data)
+        message = f"{body}"
+    except (msgspec.DecodeError, RecursionError):
+        message = str(body) or f"Error code: {response.status_code}"
+    return client._make_status_error(message, body=body, response=response)
+
+
+def _end_span(
+    span: trace.Span,
+    message: _Message,
+    counts: dict[str, int],
+    stop_reason: str,
+    error: BaseException | None,
+) -> None:
+    """The attributes the SDK's span of a streamed ``messages.create`` has (no content)."""
+    if span.is_recording():
+        attributes: dict[str, Any] = {
+            "gen_ai.usage.input_tokens": counts["input"]
+            + counts["cache_read"]
+            + counts["cache_write"],
+            "gen_ai.usage.output_tokens": counts["output"],
+            "gen_ai.usage.cache_read.input_tokens": counts["cache_read"],
+            "gen_ai.usage.cache_write.input_tokens": counts["cache_write"],
+        }
+        if message.id:
+            attributes["gen_ai.response.id"] = message.id
+        if message.model:
+            attributes["gen_ai.response.model"] = message.model
+        if stop_reason:
+            attributes["anthropic.message.stop_reason"] = stop_reason
+        span.set_attributes(attributes)
+        if isinstance(error, anthropic.APIStatusError):
+            span.set_attribute("error.type", str(error.type or error.status_code))
+            span.set_status(Status(StatusCode.ERROR))
+        elif error is not None:
+            span.set_attribute("error.type", type(error).__name__)
+            span.set_status(Status(StatusCode.ERROR))
+        else:
+            span.set_status(Status(StatusCode.OK))
+    span.end()
 
 
 def _usage(counts: dict[str, int]) -> Usage:
