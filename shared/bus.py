@@ -117,6 +117,51 @@ class Bus:
             ack = await self.js.publish(
                 subject, messages.encode(event), timeout=timeout, headers=hdrs
             )
+        self._count(subject, ack)
+        return ack
+
+    async def publish_async(
+        self,
+        subject: str,
+        event: msgspec.Struct,
+        msg_id: str,
+        headers: dict[str, str] | None = None,
+    ) -> asyncio.Future[PubAck]:
+        """Publish with ``Nats-Msg-Id`` without waiting: the PubAck comes in the returned future.
+
+        Publishes from one connection reach the server in call order, so a run of them keeps
+        its order in the stream without a round trip each. The future has no timeout of its
+        own: the caller must await it with one (see ``settle``) so a lost ack frees its slot.
+        """
+        with tracing.producer_span(subject, msg_id):
+            hdrs = tracing.inject(dict(headers or {}))
+            hdrs["Nats-Msg-Id"] = msg_id
+            future = await self.js.publish_async(subject, messages.encode(event), headers=hdrs)
+
+        def counted(f: asyncio.Future[PubAck]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self._count(subject, f.result())
+
+        future.add_done_callback(counted)
+        return future
+
+    @staticmethod
+    async def settle(futures: list[asyncio.Future[PubAck]], timeout: float) -> list[BaseException]:
+        """Wait for PubAcks together; return what failed (a timed-out one is cancelled)."""
+        if not futures:
+            return []
+        done, late = await asyncio.wait(futures, timeout=timeout)
+        errors: list[BaseException] = []
+        for f in late:
+            f.cancel()
+            errors.append(TimeoutError("no PubAck in time"))
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                errors.append(exc)
+        return errors
+
+    def _count(self, subject: str, ack: PubAck) -> None:
         key = (".".join(subject.split(".", 2)[:2]), bool(ack.duplicate))
         child = self._published.get(key)
         if child is None:
@@ -124,7 +169,6 @@ class Bus:
             child = self.metrics.published.labels(key[0], str(key[1]).lower())
             self._published[key] = child
         child.inc()
-        return ack
 
     async def close(self) -> None:
         if self.nc.is_closed:
