@@ -145,6 +145,27 @@ class Bus:
         future.add_done_callback(counted)
         return future
 
+    async def publish_all(
+        self, events: list[tuple[str, msgspec.Struct, str]], timeout: float = 5.0
+    ) -> None:
+        """Publish ``(subject, event, msg_id)`` in order and wait for their PubAcks together.
+
+        One round trip for all of them instead of one each. Raises if any was not acked (the
+        first error, a ``TimeoutError`` if one never was): the caller naks, its redelivery
+        publishes the same ids again and JetStream keeps one copy of each.
+        """
+        acks: list[asyncio.Future[PubAck]] = []
+        try:
+            for subject, event, msg_id in events:
+                acks.append(await self.publish_async(subject, event, msg_id=msg_id))
+        except BaseException:
+            for ack in acks:
+                ack.cancel()  # nobody will wait for them: free their slots
+            raise
+        errors = await self.settle(acks, timeout)
+        if errors:
+            raise errors[0]
+
     @staticmethod
     async def settle(futures: list[asyncio.Future[PubAck]], timeout: float) -> list[BaseException]:
         """Wait for PubAcks together; return what failed (a timed-out one is cancelled)."""

@@ -16,7 +16,7 @@ from services.policy.policyfile import Book
 from shared import messages as m
 from shared import subjects, tracing
 from shared.bus import Bus
-from shared.errors import BadData, Deferred
+from shared.errors import BadData, Deferred, RetryLater
 from shared.metrics import ServiceMetrics
 
 
@@ -355,7 +355,7 @@ class Handlers:
         conv, revision = await self.conversations.get(state.conversation_id)
         changed, admission = core.admit(conv, state.run_id, state.position)
         if changed is not None:
-            await self.conversations.put(changed, revision)
+            revision = await self.conversations.put(changed, revision)
             conv = changed
         interrupt = self.rules_for(state.project_id).double_texting == "interrupt"
         if admission == "start":
@@ -370,7 +370,7 @@ class Handlers:
                     "interrupt",
                 )
             else:
-                await self._start(state, conv)
+                await self._start(state, conv, revision)
         elif admission == "queued":
             if state.out_of_turn:
                 await self._emit(state)  # finished before its turn: it will be skipped
@@ -434,15 +434,16 @@ class Handlers:
         if nxt is None:
             # Already released (a redelivery): finish starting the next run if a crash cut it off.
             if conv.active is not None and not conv.started:
-                await self._start((await self.runs.get(conv.active))[0], conv)
+                await self._start((await self.runs.get(conv.active))[0], conv, revision)
             return
-        await self.conversations.put(nxt, revision)
+        revision = await self.conversations.put(nxt, revision)
         if nxt.active is not None:
-            await self._start((await self.runs.get(nxt.active))[0], nxt)
+            await self._start((await self.runs.get(nxt.active))[0], nxt, revision)
 
-    async def _start(self, state: core.RunState, conv: core.ConvState) -> None:
-        # ``conv`` is the record that gave this run the slot; it is read again before marking.
-        """Emit the run's verdict and task (or reply), then record that it started."""
+    async def _start(self, state: core.RunState, conv: core.ConvState, revision: int) -> None:
+        """Emit the run's verdict and task (or reply), then record that it started.
+
+        ``conv`` is the record (at ``revision``) that gave this run the slot."""
         # Started by the previous run's end, it still continues its own message's trace.
         with tracing.resumed(state.trace_context, "policy start run"):
             await self._emit(state)
@@ -450,22 +451,40 @@ class Handlers:
             # Finished before its turn (cancelled while queued, or rejected): pass the slot on.
             await self._release(conv.conversation_id, state.run_id)
             return
-        latest, revision = await self.conversations.get(conv.conversation_id)
-        if latest.active == state.run_id and not latest.started:
-            await self.conversations.put(core.mark_started(latest), revision)
+        await self._mark_started(conv, revision, state.run_id)
+
+    async def _mark_started(self, conv: core.ConvState, revision: int, run_id: str) -> None:
+        """Record that the run holding the slot started. The record that gave it the slot is
+        changed by compare-and-set; only if someone changed it since is it read again."""
+        for fresh in (False, True):
+            if fresh:
+                conv, revision = await self.conversations.get(conv.conversation_id)
+            if conv.active != run_id or conv.started:
+                return
+            try:
+                await self.conversations.put(core.mark_started(conv), revision)
+                return
+            except RetryLater:
+                if fresh:
+                    raise
 
     async def _emit(self, state: core.RunState) -> None:
+        """The run's verdict, and its task and timer or its reply: published in this order and
+        acked together (one round trip). A redelivery emits the same ids again."""
         p, c = state.project_id, state.conversation_id
         verdict = core.verdict_event(state)
-        await self.bus.publish(subjects.policy_verdict(p, c), verdict, msg_id=verdict.event_id)
+        out: list[tuple[str, msgspec.Struct, str]] = [
+            (subjects.policy_verdict(p, c), verdict, verdict.event_id)
+        ]
         if state.status == "running" and state.deadline is not None and not state.cancel_requested:
             task = core.task_for(state, state.deadline)
-            await self.bus.publish(subjects.exec_task(p, c), task, msg_id=task.event_id)
+            out.append((subjects.exec_task(p, c), task, task.event_id))
             # The attempt's timer: an attempt with no outcome by then is retried or failed.
             rules = self.rules_for(state.project_id)
             due = datetime.now(UTC) + timedelta(seconds=rules.run_deadline_s)
             timer = core.deadline_event(state, due)
-            await self.bus.publish(subjects.policy_deadline(p, c), timer, msg_id=timer.event_id)
+            out.append((subjects.policy_deadline(p, c), timer, timer.event_id))
         reply = core.reply_event(state)
         if reply is not None:
-            await self.bus.publish(subjects.policy_reply(p, c), reply, msg_id=reply.event_id)
+            out.append((subjects.policy_reply(p, c), reply, reply.event_id))
+        await self.bus.publish_all(out)
