@@ -105,24 +105,42 @@ LOCK_CONVERSATIONS = """
 SELECT id, project_id, user_id FROM conversations WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
-KNOWN_MESSAGES = "SELECT id, position FROM messages WHERE id = ANY($1::uuid[])"
-
-LAST_POSITIONS = """
-SELECT conversation_id, max(position) AS last FROM messages
-WHERE conversation_id = ANY($1::uuid[]) AND role = 'user'
-GROUP BY conversation_id
-"""
-
-INSERT_MESSAGES = """
-INSERT INTO messages (id, conversation_id, project_id, user_id, role, content, content_hash,
-                      idempotency_key, created_at, position)
-SELECT id, conversation_id, project_id, user_id, 'user', content, content_hash, key, created_at,
-       position
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::timestamptz[], $9::int[])
-     WITH ORDINALITY AS t(id, conversation_id, project_id, user_id, content, content_hash, key,
-                          created_at, position, n)
-ORDER BY n
+# After the conversations' row locks (a new statement sees every committed message): the batch's
+# messages not stored yet (first copy of an id wins), each at the next position of its
+# conversation in batch order, inserted; and where those already stored stand.
+PLACE_MESSAGES = """
+WITH batch AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::timestamptz[])
+         WITH ORDINALITY AS t(id, conversation_id, project_id, user_id, content, content_hash,
+                              key, created_at, n)
+),
+known AS (
+    SELECT id, position FROM messages WHERE id = ANY($1::uuid[])
+),
+fresh AS (
+    SELECT DISTINCT ON (b.id) b.* FROM batch b
+    WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.id = b.id)
+    ORDER BY b.id, b.n
+),
+placed AS (
+    SELECT f.*,
+           COALESCE((SELECT max(m.position) FROM messages m
+                     WHERE m.conversation_id = f.conversation_id AND m.role = 'user'), 0)
+           + row_number() OVER (PARTITION BY f.conversation_id ORDER BY f.n) AS position
+    FROM fresh f
+),
+inserted AS (
+    INSERT INTO messages (id, conversation_id, project_id, user_id, role, content, content_hash,
+                          idempotency_key, created_at, position)
+    SELECT id, conversation_id, project_id, user_id, 'user', content, content_hash, key,
+           created_at, position
+    FROM placed ORDER BY n
+    RETURNING id, position
+)
+SELECT id, position, true AS inserted FROM inserted
+UNION ALL
+SELECT id, position, false FROM known
 """
 
 SELECT_REPLY = """
@@ -260,7 +278,7 @@ class Store:
     async def insert_user_messages(
         self, events: list[m.UserMessageAccepted]
     ) -> list[Placed | BadData]:
-        """Many user messages in one transaction and a handful of round trips (a group commit).
+        """Many user messages in one transaction of five round trips (a group commit).
 
         Per message: where it stands in its conversation and whether this call inserted it,
         or BadData if its conversation belongs to someone else (the rest is still stored).
@@ -290,34 +308,22 @@ class Store:
                 for e in ordered
                 if owners.get(uuid.UUID(e.conversation_id)) == (e.project_id, e.user_id)
             ]
-            known = {
-                str(r["id"]): r["position"]
-                for r in await con.fetch(KNOWN_MESSAGES, [uuid.UUID(e.message_id) for e in ok])
-            }
-            last = {
-                str(r["conversation_id"]): r["last"]
-                for r in await con.fetch(LAST_POSITIONS, sorted(set(convs)))
-            }
-            new: list[tuple[m.UserMessageAccepted, int]] = []
-            for e in ok:
-                if e.message_id in known or any(n.message_id == e.message_id for n, _ in new):
-                    continue
-                last[e.conversation_id] = last.get(e.conversation_id, 0) + 1
-                new.append((e, last[e.conversation_id]))
-            await con.execute(
-                INSERT_MESSAGES,
-                [uuid.UUID(e.message_id) for e, _ in new],
-                [uuid.UUID(e.conversation_id) for e, _ in new],
-                [e.project_id for e, _ in new],
-                [e.user_id for e, _ in new],
-                [e.content for e, _ in new],
-                [e.content_hash for e, _ in new],
-                [e.idempotency_key for e, _ in new],
-                [e.created_at for e, _ in new],
-                [position for _, position in new],
+            rows = (
+                []
+                if not ok
+                else await con.fetch(
+                    PLACE_MESSAGES,
+                    [uuid.UUID(e.message_id) for e in ok],
+                    [uuid.UUID(e.conversation_id) for e in ok],
+                    [e.project_id for e in ok],
+                    [e.user_id for e in ok],
+                    [e.content for e in ok],
+                    [e.content_hash for e in ok],
+                    [e.idempotency_key for e in ok],
+                    [e.created_at for e in ok],
+                )
             )
-        placed = {e.message_id: Placed(position, True) for e, position in new}
-        placed.update({mid: Placed(pos or 0, False) for mid, pos in known.items()})
+        placed = {str(r["id"]): Placed(r["position"] or 0, r["inserted"]) for r in rows}
         foreign = BadData("conversation belongs to another project or user")
         return [placed.get(e.message_id, foreign) for e in events]
 

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from services.persister import core
-from services.persister.adapters import STORE_RESULT, Store
+from services.persister.adapters import STORE_RESULT, Placed, Store
 from services.persister.handlers import Handlers
 from shared import messages as m
 from shared import subjects
@@ -459,4 +459,36 @@ async def test_a_result_racing_one_that_commits_later_still_returns_the_stored_r
     assert stored.usage.input_tokens == 200  # both calls, the one committed meanwhile too
     totals = await pool.fetchrow("SELECT * FROM project_usage WHERE project_id = $1", e.project_id)
     assert (totals["input_tokens"], totals["runs"]) == (200, 1)
+    await pool.close()
+
+
+async def test_a_batch_places_new_messages_after_stored_ones_and_copies_share_a_place(
+    infra: Infra,
+) -> None:
+    pool = await create_pool(infra.database_url)
+    store = Store(pool)
+    stored = user_event("first")
+    c = stored.conversation_id
+    assert await store.insert_user_message(stored) == Placed(1, True)
+    second, third = user_event("second", conversation_id=c), user_event("third", conversation_id=c)
+    elsewhere = user_event("another conversation")
+    intruder = user_event("not yours", user="mallory", conversation_id=c)
+    batch = [second, stored, second, elsewhere, intruder, third]
+    out = await store.insert_user_messages(batch)
+    assert out[:4] == [Placed(2, True), Placed(1, False), Placed(2, True), Placed(1, True)]
+    assert isinstance(out[4], BadData)
+    assert out[5] == Placed(3, True)
+    rows = await pool.fetch(
+        "SELECT content, position FROM messages WHERE conversation_id = $1 ORDER BY position",
+        uuid.UUID(c),
+    )
+    assert [(r["content"], r["position"]) for r in rows] == [
+        ("first", 1),
+        ("second", 2),
+        ("third", 3),
+    ]
+    # The whole batch again (a redelivery): nothing new, every place as before.
+    again = await store.insert_user_messages(batch)
+    assert [p.position for p in again if isinstance(p, Placed)] == [2, 1, 2, 1, 3]
+    assert not any(p.inserted for p in again if isinstance(p, Placed))
     await pool.close()
