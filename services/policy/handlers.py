@@ -3,9 +3,10 @@ tasks, aborts and replies out."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 from nats.aio.msg import Msg
@@ -87,6 +88,7 @@ class Handlers:
         rules, now = self.rules_for(e.project_id), datetime.now(UTC)
         limited = self.limiter is not None and core.has_limits(rules)
         existing = await self.runs.find(core.run_id_for(e.message_id)) if limited else None
+        known: tuple[core.ConvState, int] | None = None
         if existing is not None:
             # Decided before (or cancelled before its decision): never count or reserve again,
             # only finish admitting it.
@@ -96,7 +98,18 @@ class Handlers:
             proposed.trace_context = tracing.carrier()
             if limited:
                 proposed = await self._limit(proposed, rules, now)
-            state, created = await self.runs.create(proposed)
+            # The conversation's record is read while the run is created (one round trip less);
+            # admitting the run is a compare-and-set on what was read.
+            created_run, read = await asyncio.gather(
+                self.runs.create(proposed),
+                self.conversations.get(e.conversation_id),
+                return_exceptions=True,
+            )
+            for outcome in (created_run, read):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            state, created = cast(tuple[core.RunState, bool], created_run)
+            known = cast(tuple[core.ConvState, int], read)
             if created:
                 self.verdicts.labels(state.verdict).inc()
                 if state.reservation is not None:
@@ -108,7 +121,7 @@ class Handlers:
         if not state.position:  # a run cancelled before its decision: now it has its place
             state = msgspec.structs.replace(state, position=e.position)
         # A redelivered decision admits the same run again; what it emits is deduplicated.
-        admission = await self._admit(state)
+        admission = await self._admit(state, known)
         return f"{state.verdict}:{admission}" if created else f"existing:{admission}"
 
     async def _limit(self, state: core.RunState, rules: core.Rules, now: datetime) -> core.RunState:
@@ -350,12 +363,26 @@ class Handlers:
         await self._emit(due)
         return "retry"
 
-    async def _admit(self, state: core.RunState) -> core.Admission:
-        """Start the run if its conversation is free, else queue it behind the active one."""
-        conv, revision = await self.conversations.get(state.conversation_id)
+    async def _admit(
+        self, state: core.RunState, known: tuple[core.ConvState, int] | None = None
+    ) -> core.Admission:
+        """Start the run if its conversation is free, else queue it behind the active one.
+
+        ``known``: the conversation's record as read a moment ago; if it changed since, the
+        compare-and-set fails and the record is read again."""
+        if known is None or known[0].conversation_id != state.conversation_id:
+            known = None
+            conv, revision = await self.conversations.get(state.conversation_id)
+        else:
+            conv, revision = known
         changed, admission = core.admit(conv, state.run_id, state.position)
         if changed is not None:
-            revision = await self.conversations.put(changed, revision)
+            try:
+                revision = await self.conversations.put(changed, revision)
+            except RetryLater:
+                if known is None:
+                    raise
+                return await self._admit(state)
             conv = changed
         interrupt = self.rules_for(state.project_id).double_texting == "interrupt"
         if admission == "start":

@@ -316,3 +316,29 @@ async def test_a_run_is_marked_started_even_if_its_conversation_changed_since_it
     stored, _ = await convs.get(c)
     assert (stored.active, stored.started) == ("run-d", False)
     await bus.close()
+
+
+async def test_a_run_admitted_on_a_conversation_record_read_before_a_change_reads_it_again(
+    infra: Infra,
+) -> None:
+    # The record is read while the run is created; if another message changed it meanwhile,
+    # the compare-and-set fails and the run is admitted on the fresh record.
+    bus, _ = await _policy(infra)
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    convs, runs = Conversations(kv), Runs(kv)
+    h = Handlers(bus, runs, convs, rules_from(Settings()), service_metrics("policy"))
+    d = msgspec.structs.replace(_decision(), position=2)
+    state = core.decide(d, rules_from(Settings()), datetime.now(UTC))
+    await runs.create(state)
+    c = d.conversation_id
+    seen = core.ConvState(conversation_id=c, active="run-earlier", next_position=2)
+    revision = await convs.put(seen, 0)
+    # Meanwhile the earlier run finished: the slot is free for position 2.
+    await convs.put(msgspec.structs.replace(seen, active=None), revision)
+    admission = await h._admit(state, (seen, revision))
+    assert admission == "start"
+    stored, _ = await convs.get(c)
+    assert (stored.active, stored.started, stored.next_position) == (state.run_id, True, 3)
+    tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask)
+    assert [t.run_id for t in tasks] == [state.run_id]
+    await bus.close()
