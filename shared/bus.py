@@ -117,6 +117,72 @@ class Bus:
             ack = await self.js.publish(
                 subject, messages.encode(event), timeout=timeout, headers=hdrs
             )
+        self._count(subject, ack)
+        return ack
+
+    async def publish_async(
+        self,
+        subject: str,
+        event: msgspec.Struct,
+        msg_id: str,
+        headers: dict[str, str] | None = None,
+    ) -> asyncio.Future[PubAck]:
+        """Publish with ``Nats-Msg-Id`` without waiting: the PubAck comes in the returned future.
+
+        Publishes from one connection reach the server in call order, so a run of them keeps
+        its order in the stream without a round trip each. The future has no timeout of its
+        own: the caller must await it with one (see ``settle``) so a lost ack frees its slot.
+        """
+        with tracing.producer_span(subject, msg_id):
+            hdrs = tracing.inject(dict(headers or {}))
+            hdrs["Nats-Msg-Id"] = msg_id
+            future = await self.js.publish_async(subject, messages.encode(event), headers=hdrs)
+
+        def counted(f: asyncio.Future[PubAck]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self._count(subject, f.result())
+
+        future.add_done_callback(counted)
+        return future
+
+    async def publish_all(
+        self, events: list[tuple[str, msgspec.Struct, str]], timeout: float = 5.0
+    ) -> None:
+        """Publish ``(subject, event, msg_id)`` in order and wait for their PubAcks together.
+
+        One round trip for all of them instead of one each. Raises if any was not acked (the
+        first error, a ``TimeoutError`` if one never was): the caller naks, its redelivery
+        publishes the same ids again and JetStream keeps one copy of each.
+        """
+        acks: list[asyncio.Future[PubAck]] = []
+        try:
+            for subject, event, msg_id in events:
+                acks.append(await self.publish_async(subject, event, msg_id=msg_id))
+        except BaseException:
+            for ack in acks:
+                ack.cancel()  # nobody will wait for them: free their slots
+            raise
+        errors = await self.settle(acks, timeout)
+        if errors:
+            raise errors[0]
+
+    @staticmethod
+    async def settle(futures: list[asyncio.Future[PubAck]], timeout: float) -> list[BaseException]:
+        """Wait for PubAcks together; return what failed (a timed-out one is cancelled)."""
+        if not futures:
+            return []
+        done, late = await asyncio.wait(futures, timeout=timeout)
+        errors: list[BaseException] = []
+        for f in late:
+            f.cancel()
+            errors.append(TimeoutError("no PubAck in time"))
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                errors.append(exc)
+        return errors
+
+    def _count(self, subject: str, ack: PubAck) -> None:
         key = (".".join(subject.split(".", 2)[:2]), bool(ack.duplicate))
         child = self._published.get(key)
         if child is None:
@@ -124,7 +190,6 @@ class Bus:
             child = self.metrics.published.labels(key[0], str(key[1]).lower())
             self._published[key] = child
         child.inc()
-        return ack
 
     async def close(self) -> None:
         if self.nc.is_closed:

@@ -30,6 +30,10 @@ _MAX_STATEMENT_CHARS = 2000
 # asyncpg runs this when a pooled connection is released: plumbing, not the service's work.
 _POOL_RESET = "SELECT pg_advisory_unlock_all()"
 _TARGET = re.compile(r"\b(?:INTO|FROM|UPDATE|TABLE)\s+([A-Za-z_][A-Za-z0-9_.]*)", re.IGNORECASE)
+# The first write inside a WITH statement (data-modifying CTEs): what the statement is for.
+_CTE_WRITE = re.compile(
+    r"\b(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+([A-Za-z_][A-Za-z0-9_.]*)", re.IGNORECASE
+)
 
 
 def exporting(environ: Mapping[str, str] | None = None) -> bool:
@@ -163,6 +167,12 @@ def statement_name(query: str) -> tuple[str, str]:
     """The span name (operation and table, low cardinality) and the operation of a statement."""
     words = query.split(None, 1)
     operation = words[0].rstrip(";").upper() if words else "QUERY"
+    if operation == "WITH":
+        write = _CTE_WRITE.search(query)
+        if write is not None:
+            operation = write.group(1).split()[0].upper()
+            return f"{operation} {write.group(2)}", operation
+        operation = "SELECT"
     target = _TARGET.search(query)
     if target is None or operation not in ("SELECT", "INSERT", "UPDATE", "DELETE"):
         return operation, operation

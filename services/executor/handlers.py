@@ -11,6 +11,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 
 from services.executor import core
 from services.executor.adapters import Model, StreamFailed, StreamOutcome
@@ -132,6 +133,20 @@ class Handlers:
         # is slow to add to (a slow stream's words must not wait for the next word).
         pushing = asyncio.Lock()
         timer: asyncio.Task[None] | None = None
+        # PubAcks of the pushes still on their way: the stream is not held up by a round trip
+        # per push; they are awaited together when the call ends.
+        acks: list[asyncio.Future[PubAck]] = []
+
+        def interrupted(exc: BaseException) -> None:
+            nonlocal live
+            if live:
+                live = False
+                self.stream_interruptions.inc()
+                self.bus.log.warning("token_stream_interrupted", call_id=call_id, error=repr(exc))
+
+        def acked(f: asyncio.Future[PubAck]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                interrupted(f.exception())  # type: ignore[arg-type]
 
         async def send(text: str) -> None:
             async with pushing:
@@ -140,7 +155,7 @@ class Handlers:
         async def push(text: str) -> None:
             # Token pushes are best effort: a broker hiccup must not abort a call that is being
             # paid for; the answer still arrives whole with the result.
-            nonlocal seq, live
+            nonlocal seq
             if not live:
                 return
             seq += 1
@@ -148,13 +163,14 @@ class Handlers:
                 conversation_id=c, run_id=t.run_id, attempt=t.attempt, seq=seq, text=text
             )
             try:
-                await self.bus.publish(
-                    subjects.token_stream(p, c), delta, msg_id=f"delta:{call_id}:{seq}", timeout=1.0
+                ack = await self.bus.publish_async(
+                    subjects.token_stream(p, c), delta, msg_id=f"delta:{call_id}:{seq}"
                 )
             except (nats.errors.Error, TimeoutError, OSError) as exc:
-                live = False
-                self.stream_interruptions.inc()
-                self.bus.log.warning("token_stream_interrupted", call_id=call_id, error=repr(exc))
+                interrupted(exc)
+                return
+            ack.add_done_callback(acked)
+            acks.append(ack)
 
         async def on_text(text: str) -> None:
             if seq == 0 and not coalescer.buffer:
@@ -174,28 +190,57 @@ class Handlers:
                 await asyncio.shield(send(batch))
 
         try:
-            call.task = asyncio.create_task(
-                self.model.stream(
-                    t.model,
-                    core.system_blocks(self.settings.system_prompt),
-                    prompt,
-                    t.max_tokens,
-                    on_text,
-                    call_id,
-                    abort=call.abort,
+            try:
+                call.task = asyncio.create_task(
+                    self.model.stream(
+                        t.model,
+                        core.system_blocks(self.settings.system_prompt),
+                        prompt,
+                        t.max_tokens,
+                        on_text,
+                        call_id,
+                        abort=call.abort,
+                    )
                 )
-            )
-            outcome = await self._outcome(call)
-        except StreamFailed as exc:
-            # What the model wrote before the failure reaches clients too (they see it cut).
+                outcome = await self._outcome(call)
+            except StreamFailed as exc:
+                # What the model wrote before the failure reaches clients too (they see it cut).
+                rest = coalescer.flush()
+                if rest:
+                    await send(rest)
+                error_class = core.classify(exc.cause)
+                self.errors.labels(error_class).inc()
+                self._count(t.model, exc.usage)
+                failed = m.ExecFailed(
+                    event_id=f"failed:{call_id}",
+                    message_id=t.message_id,
+                    conversation_id=c,
+                    project_id=p,
+                    causation_id=t.event_id,
+                    task_id=t.task_id,
+                    call_id=call_id,
+                    run_id=t.run_id,
+                    attempt=t.attempt,
+                    model=t.model,
+                    error_class=error_class,
+                    error=str(exc.cause)[:500],
+                    usage=exc.usage,
+                    prices=t.prices,
+                )
+                await self._publish_outcome(subjects.exec_failed(p, c), failed)
+                return f"failed:{error_class}"
+            finally:
+                self.model_seconds.labels(t.model).observe(time.perf_counter() - started)
+                if timer is not None:
+                    timer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await timer
             rest = coalescer.flush()
             if rest:
                 await send(rest)
-            error_class = core.classify(exc.cause)
-            self.errors.labels(error_class).inc()
-            self._count(t.model, exc.usage)
-            failed = m.ExecFailed(
-                event_id=f"failed:{call_id}",
+            self._count(t.model, outcome.usage)
+            result = m.ExecResult(
+                event_id=f"result:{call_id}",
                 message_id=t.message_id,
                 conversation_id=c,
                 project_id=p,
@@ -205,41 +250,19 @@ class Handlers:
                 run_id=t.run_id,
                 attempt=t.attempt,
                 model=t.model,
-                error_class=error_class,
-                error=str(exc.cause)[:500],
-                usage=exc.usage,
+                text=outcome.text,
+                usage=outcome.usage,
                 prices=t.prices,
+                stop_reason=outcome.stop_reason,
             )
-            await self._publish_outcome(subjects.exec_failed(p, c), failed)
-            return f"failed:{error_class}"
+            await self._publish_outcome(subjects.exec_result(p, c), result)
+            return "completed"
         finally:
-            self.model_seconds.labels(t.model).observe(time.perf_counter() - started)
-            if timer is not None:
-                timer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await timer
-        rest = coalescer.flush()
-        if rest:
-            await send(rest)
-        self._count(t.model, outcome.usage)
-        result = m.ExecResult(
-            event_id=f"result:{call_id}",
-            message_id=t.message_id,
-            conversation_id=c,
-            project_id=p,
-            causation_id=t.event_id,
-            task_id=t.task_id,
-            call_id=call_id,
-            run_id=t.run_id,
-            attempt=t.attempt,
-            model=t.model,
-            text=outcome.text,
-            usage=outcome.usage,
-            prices=t.prices,
-            stop_reason=outcome.stop_reason,
-        )
-        await self._publish_outcome(subjects.exec_result(p, c), result)
-        return "completed"
+            # Every push is on the wire before the outcome (one connection keeps their order);
+            # here their acks are collected, so none is left waiting and a lost one is counted.
+            async with pushing:
+                for lost in await Bus.settle(acks, timeout=1.0):
+                    interrupted(lost)
 
     async def _publish_outcome(self, subject: str, event: m.ExecResult | m.ExecFailed) -> None:
         """Publish a call's outcome, riding out a broker restart: the call is already paid for.

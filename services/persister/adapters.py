@@ -35,15 +35,15 @@ class StoredReply(msgspec.Struct, frozen=True):
     inserted: bool
     usage: m.Usage = m.Usage()  # every call of the run so far, failed and cut ones included
     cost_usd: float = 0.0
+    asked_at: datetime | None = None  # when the user message was accepted, if it was read too
 
 
-UPSERT_RUN = """
+RUN_COLUMNS = """
 INSERT INTO runs (run_id, message_id, conversation_id, project_id, user_id, status, status_rank,
                   verdict, reason, model, executor, attempts, estimated_tokens,
-                  verdict_rank, verdict_attempt, limits, reserved_tokens, reserved_cost_usd)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-        CASE WHEN $8 <> '' THEN $7 ELSE 0 END, CASE WHEN $8 <> '' THEN $12 ELSE 0 END,
-        $14::jsonb, $15, $16)
+                  verdict_rank, verdict_attempt, limits, reserved_tokens, reserved_cost_usd)"""
+
+RUN_CONFLICT = """
 ON CONFLICT (run_id) DO UPDATE SET
     -- Statuses only move forward, and a final status is never replaced by another.
     status = CASE WHEN EXCLUDED.status_rank > runs.status_rank
@@ -72,6 +72,15 @@ ON CONFLICT (run_id) DO UPDATE SET
     " >= (runs.verdict_rank, runs.verdict_attempt))",
 )
 
+UPSERT_RUN = (
+    RUN_COLUMNS
+    + """
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+        CASE WHEN $8 <> '' THEN $7 ELSE 0 END, CASE WHEN $8 <> '' THEN $12 ELSE 0 END,
+        $14::jsonb, $15, $16)"""
+    + RUN_CONFLICT
+)
+
 INSERT_REPLY = """
 INSERT INTO messages (id, conversation_id, project_id, user_id, role, kind, content, run_id,
                       reply_to, created_at)
@@ -96,24 +105,42 @@ LOCK_CONVERSATIONS = """
 SELECT id, project_id, user_id FROM conversations WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
-KNOWN_MESSAGES = "SELECT id, position FROM messages WHERE id = ANY($1::uuid[])"
-
-LAST_POSITIONS = """
-SELECT conversation_id, max(position) AS last FROM messages
-WHERE conversation_id = ANY($1::uuid[]) AND role = 'user'
-GROUP BY conversation_id
-"""
-
-INSERT_MESSAGES = """
-INSERT INTO messages (id, conversation_id, project_id, user_id, role, content, content_hash,
-                      idempotency_key, created_at, position)
-SELECT id, conversation_id, project_id, user_id, 'user', content, content_hash, key, created_at,
-       position
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::timestamptz[], $9::int[])
-     WITH ORDINALITY AS t(id, conversation_id, project_id, user_id, content, content_hash, key,
-                          created_at, position, n)
-ORDER BY n
+# After the conversations' row locks (a new statement sees every committed message): the batch's
+# messages not stored yet (first copy of an id wins), each at the next position of its
+# conversation in batch order, inserted; and where those already stored stand.
+PLACE_MESSAGES = """
+WITH batch AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::timestamptz[])
+         WITH ORDINALITY AS t(id, conversation_id, project_id, user_id, content, content_hash,
+                              key, created_at, n)
+),
+known AS (
+    SELECT id, position FROM messages WHERE id = ANY($1::uuid[])
+),
+fresh AS (
+    SELECT DISTINCT ON (b.id) b.* FROM batch b
+    WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.id = b.id)
+    ORDER BY b.id, b.n
+),
+placed AS (
+    SELECT f.*,
+           COALESCE((SELECT max(m.position) FROM messages m
+                     WHERE m.conversation_id = f.conversation_id AND m.role = 'user'), 0)
+           + row_number() OVER (PARTITION BY f.conversation_id ORDER BY f.n) AS position
+    FROM fresh f
+),
+inserted AS (
+    INSERT INTO messages (id, conversation_id, project_id, user_id, role, content, content_hash,
+                          idempotency_key, created_at, position)
+    SELECT id, conversation_id, project_id, user_id, 'user', content, content_hash, key,
+           created_at, position
+    FROM placed ORDER BY n
+    RETURNING id, position
+)
+SELECT id, position, true AS inserted FROM inserted
+UNION ALL
+SELECT id, position, false FROM known
 """
 
 SELECT_REPLY = """
@@ -152,6 +179,88 @@ ON CONFLICT (project_id) DO UPDATE SET
     updated_at = now()
 """
 
+# A call's result in one statement (one round trip, atomic without BEGIN/COMMIT): its usage
+# (once per call), the run's answer (once per run), the project totals for what this statement
+# inserted, and the run's status; it returns the reply (new or the one stored before), the
+# usage of all the run's calls, and when the user message was accepted. Nothing is written for
+# an unknown message (no row comes back). The reply is NULL in one race only: a concurrent
+# delivery stored it after this statement began (its snapshot cannot see it); read it again.
+STORE_RESULT = (
+    """
+WITH u AS (
+    SELECT id, project_id, user_id, conversation_id, created_at FROM messages WHERE id = $1
+),
+used AS (
+    INSERT INTO usage (call_id, task_id, run_id, attempt, project_id, model, outcome,
+                       input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                       cost_usd)
+    SELECT $2, $3, $4, $5, $6, $7, 'completed', $8, $9, $10, $11, $12 FROM u
+    ON CONFLICT (call_id) DO NOTHING
+    RETURNING input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+),
+reply AS (
+    INSERT INTO messages (id, conversation_id, project_id, user_id, role, kind, content, run_id,
+                          reply_to, created_at)
+    SELECT $13, u.conversation_id, u.project_id, u.user_id, 'assistant', 'answer', $14, $4, u.id,
+           now()
+    FROM u
+    ON CONFLICT DO NOTHING
+    RETURNING id, conversation_id, project_id, user_id, reply_to, kind, content, created_at
+),
+totals AS (
+    INSERT INTO project_usage AS p (project_id, input_tokens, output_tokens, cache_read_tokens,
+                                    cache_write_tokens, cost_usd, runs)
+    SELECT $6, sum(i), sum(o), sum(cr), sum(cw), sum(c), sum(n)
+    FROM (SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, 0
+          FROM used
+          UNION ALL
+          SELECT 0, 0, 0, 0, 0, 1 FROM reply) AS x(i, o, cr, cw, c, n)
+    HAVING count(*) > 0
+    ON CONFLICT (project_id) DO UPDATE SET
+        input_tokens = p.input_tokens + EXCLUDED.input_tokens,
+        output_tokens = p.output_tokens + EXCLUDED.output_tokens,
+        cache_read_tokens = p.cache_read_tokens + EXCLUDED.cache_read_tokens,
+        cache_write_tokens = p.cache_write_tokens + EXCLUDED.cache_write_tokens,
+        cost_usd = p.cost_usd + EXCLUDED.cost_usd,
+        runs = p.runs + EXCLUDED.runs,
+        updated_at = now()
+),
+run AS ("""
+    + RUN_COLUMNS
+    + """
+    SELECT $4, $1, $15, $6, u.user_id, 'completed', $16, '', '', $7, '', $5, 0, 0, 0, NULL, 0, 0
+    FROM u"""
+    + RUN_CONFLICT
+    + """)
+SELECT u.created_at AS asked_at, (SELECT count(*) FROM used) AS counted,
+       s.id, s.conversation_id, s.project_id, s.user_id, s.reply_to, s.kind, s.content,
+       s.created_at, s.inserted,
+       t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.cost_usd
+FROM u
+LEFT JOIN LATERAL (
+    SELECT id, conversation_id, project_id, user_id, reply_to, kind, content, created_at,
+           true AS inserted
+    FROM reply
+    UNION ALL
+    SELECT id, conversation_id, project_id, user_id, reply_to, kind, content, created_at, false
+    FROM messages
+    WHERE run_id = $4 AND role = 'assistant' AND NOT EXISTS (SELECT 1 FROM reply)
+    LIMIT 1
+) AS s ON true
+CROSS JOIN LATERAL (
+    SELECT COALESCE(sum(input_tokens), 0) AS input_tokens,
+           COALESCE(sum(output_tokens), 0) AS output_tokens,
+           COALESCE(sum(cache_read_tokens), 0) AS cache_read_tokens,
+           COALESCE(sum(cache_write_tokens), 0) AS cache_write_tokens,
+           COALESCE(sum(cost_usd), 0) AS cost_usd
+    FROM (SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+          FROM usage WHERE run_id = $4
+          UNION ALL
+          SELECT * FROM used) AS z
+) AS t
+"""
+)
+
 
 class Store:
     """Writes of the persister; the only code in baton that writes the database."""
@@ -169,7 +278,7 @@ class Store:
     async def insert_user_messages(
         self, events: list[m.UserMessageAccepted]
     ) -> list[Placed | BadData]:
-        """Many user messages in one transaction and a handful of round trips (a group commit).
+        """Many user messages in one transaction of five round trips (a group commit).
 
         Per message: where it stands in its conversation and whether this call inserted it,
         or BadData if its conversation belongs to someone else (the rest is still stored).
@@ -199,34 +308,22 @@ class Store:
                 for e in ordered
                 if owners.get(uuid.UUID(e.conversation_id)) == (e.project_id, e.user_id)
             ]
-            known = {
-                str(r["id"]): r["position"]
-                for r in await con.fetch(KNOWN_MESSAGES, [uuid.UUID(e.message_id) for e in ok])
-            }
-            last = {
-                str(r["conversation_id"]): r["last"]
-                for r in await con.fetch(LAST_POSITIONS, sorted(set(convs)))
-            }
-            new: list[tuple[m.UserMessageAccepted, int]] = []
-            for e in ok:
-                if e.message_id in known or any(n.message_id == e.message_id for n, _ in new):
-                    continue
-                last[e.conversation_id] = last.get(e.conversation_id, 0) + 1
-                new.append((e, last[e.conversation_id]))
-            await con.execute(
-                INSERT_MESSAGES,
-                [uuid.UUID(e.message_id) for e, _ in new],
-                [uuid.UUID(e.conversation_id) for e, _ in new],
-                [e.project_id for e, _ in new],
-                [e.user_id for e, _ in new],
-                [e.content for e, _ in new],
-                [e.content_hash for e, _ in new],
-                [e.idempotency_key for e, _ in new],
-                [e.created_at for e, _ in new],
-                [position for _, position in new],
+            rows = (
+                []
+                if not ok
+                else await con.fetch(
+                    PLACE_MESSAGES,
+                    [uuid.UUID(e.message_id) for e in ok],
+                    [uuid.UUID(e.conversation_id) for e in ok],
+                    [e.project_id for e in ok],
+                    [e.user_id for e in ok],
+                    [e.content for e in ok],
+                    [e.content_hash for e in ok],
+                    [e.idempotency_key for e in ok],
+                    [e.created_at for e in ok],
+                )
             )
-        placed = {e.message_id: Placed(position, True) for e, position in new}
-        placed.update({mid: Placed(pos or 0, False) for mid, pos in known.items()})
+        placed = {str(r["id"]): Placed(r["position"] or 0, r["inserted"]) for r in rows}
         foreign = BadData("conversation belongs to another project or user")
         return [placed.get(e.message_id, foreign) for e in events]
 
@@ -297,29 +394,58 @@ class Store:
             return out
 
     async def store_result(self, r: m.ExecResult) -> StoredReply:
-        """Usage of this call, the run's answer and the project totals, in one transaction."""
-        async with (
-            unavailable_is_transient("store result"),
-            self.pool.acquire() as con,
-            con.transaction(),
-        ):
-            owner = await self._owner(con, r.message_id)
-            await self._add_usage(con, r.call_id, r, r.usage, r.prices, "completed")
-            stored = await self._insert_reply(con, r.run_id, r.message_id, "answer", r.text)
-            if stored.inserted:
-                await con.execute(ADD_PROJECT_USAGE, r.project_id, 0, 0, 0, 0, 0, 1)
-            await self._upsert_run(
-                con,
+        """Usage of this call, the run's answer, the project totals and the run's status, in
+        one statement (atomic by itself: no transaction round trips)."""
+        cost = r.usage.cost_usd(r.prices)
+        u = r.usage
+        async with unavailable_is_transient("store result"), self.pool.acquire() as con:
+            row = await con.fetchrow(
+                STORE_RESULT,
+                uuid.UUID(r.message_id),
+                r.call_id,
+                r.task_id,
                 r.run_id,
-                r.message_id,
-                r.conversation_id,
+                r.attempt,
                 r.project_id,
-                owner,
-                "completed",
-                model=r.model,
-                attempts=r.attempt,
+                r.model,
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_read_tokens,
+                u.cache_write_tokens,
+                cost,
+                core.assistant_message_id(r.run_id),
+                r.text,
+                uuid.UUID(r.conversation_id),
+                core.rank("completed"),
             )
-            return await self._with_run_usage(con, stored, r.run_id)
+            if row is None:
+                raise BadData(f"result for unknown message {r.message_id}")
+            if row["counted"]:
+                self._counted(r.model, cost)
+            if row["id"] is None:
+                # A concurrent delivery stored the reply after this statement began: read it
+                # (and the run's usage) with a fresh snapshot.
+                stored = await self._reply(con, r.run_id, r.message_id, inserted=False)
+                return await self._with_run_usage(con, stored, r.run_id)
+            return StoredReply(
+                id=row["id"],
+                conversation_id=row["conversation_id"],
+                project_id=row["project_id"],
+                user_id=row["user_id"],
+                reply_to=row["reply_to"],
+                kind=row["kind"],
+                content=row["content"],
+                created_at=row["created_at"],
+                inserted=row["inserted"],
+                usage=m.Usage(
+                    input_tokens=int(row["input_tokens"]),
+                    output_tokens=int(row["output_tokens"]),
+                    cache_read_tokens=int(row["cache_read_tokens"]),
+                    cache_write_tokens=int(row["cache_write_tokens"]),
+                ),
+                cost_usd=float(row["cost_usd"]),
+                asked_at=row["asked_at"],
+            )
 
     async def store_failed_usage(self, f: m.ExecFailed) -> None:
         """A failed or cut call still used tokens; they are counted once, like any other call."""
@@ -359,14 +485,6 @@ class Store:
         )
         return msgspec.structs.replace(stored, usage=usage, cost_usd=float(row["cost_usd"]))
 
-    async def _owner(self, con: Any, message_id: str) -> str:
-        user = await con.fetchval(
-            "SELECT user_id FROM messages WHERE id = $1", uuid.UUID(message_id)
-        )
-        if user is None:
-            raise BadData(f"result for unknown message {message_id}")
-        return str(user)
-
     async def _add_usage(
         self,
         con: Any,
@@ -404,7 +522,11 @@ class Store:
                 cost,
                 0,
             )
+            self._counted(e.model, cost)
         return inserted is not None
+
+    def _counted(self, model: str, cost: float) -> None:
+        """Called when a call's usage was written for the first time (a hook for metrics)."""
 
     async def _insert_reply(
         self, con: Any, run_id: str, message_id: str, kind: m.ReplyKind, text: str
@@ -413,6 +535,9 @@ class Store:
         inserted = await con.fetchval(
             INSERT_REPLY, new_id, kind, text, run_id, uuid.UUID(message_id)
         )
+        return await self._reply(con, run_id, message_id, inserted is not None)
+
+    async def _reply(self, con: Any, run_id: str, message_id: str, inserted: bool) -> StoredReply:
         row = await con.fetchrow(SELECT_REPLY, run_id)
         if row is None:
             raise BadData(f"reply for unknown message {message_id}")
@@ -425,7 +550,7 @@ class Store:
             kind=row["kind"],
             content=row["content"],
             created_at=row["created_at"],
-            inserted=inserted is not None,
+            inserted=inserted,
         )
 
     async def _upsert_run(

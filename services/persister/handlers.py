@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -67,30 +66,22 @@ class InstrumentedStore(Store):
     async def _answered(self, stored: StoredReply, message_id: str) -> None:
         if not stored.inserted:
             return  # a redelivery: the run's reply was stored (and observed) before
-        try:
-            asked = await self.pool.fetchval(
-                "SELECT created_at FROM messages WHERE id = $1", uuid.UUID(message_id)
-            )
-        except UNAVAILABLE:
-            return  # the reply is stored; only this observation is lost
+        asked = stored.asked_at
+        if asked is None:
+            try:
+                asked = await self.pool.fetchval(
+                    "SELECT created_at FROM messages WHERE id = $1", uuid.UUID(message_id)
+                )
+            except UNAVAILABLE:
+                return  # the reply is stored; only this observation is lost
         if asked is not None:
             waited = (stored.created_at - asked).total_seconds()
             self.answer_seconds.labels(stored.kind).observe(max(waited, 0.0))
 
-    async def _add_usage(
-        self,
-        con: Any,
-        call_id: str,
-        e: m.ExecResult | m.ExecFailed,
-        usage: m.Usage,
-        prices: m.Prices,
-        outcome: str,
-    ) -> bool:
-        counted = await super()._add_usage(con, call_id, e, usage, prices, outcome)
+    def _counted(self, model: str, cost: float) -> None:
         billed = _BILLED.get()
-        if counted and billed is not None:
-            billed.append((e.model, usage.cost_usd(prices)))
-        return counted
+        if billed is not None:
+            billed.append((model, cost))
 
     async def insert_user_messages(
         self, events: list[m.UserMessageAccepted]

@@ -84,14 +84,14 @@ class Conversations:
             return ConvState(conversation_id=conversation_id), 0
         return _conv_decoder.decode(entry.value), int(entry.revision or 0)
 
-    async def put(self, conv: ConvState, revision: int) -> None:
-        """Store ``conv`` if nobody changed it since ``revision`` (0: create-only)."""
+    async def put(self, conv: ConvState, revision: int) -> int:
+        """Store ``conv`` if nobody changed it since ``revision`` (0: create-only); return its
+        new revision, so the next change need not read it again."""
         value = _encoder.encode(conv)
         try:
             if revision == 0:
-                await self.kv.create(self.key(conv.conversation_id), value)
-            else:
-                await self.kv.update(self.key(conv.conversation_id), value, last=revision)
+                return int(await self.kv.create(self.key(conv.conversation_id), value))
+            return int(await self.kv.update(self.key(conv.conversation_id), value, last=revision))
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise RetryLater(
                 f"conversation {conv.conversation_id} changed concurrently", delay=0.05

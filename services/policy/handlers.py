@@ -3,9 +3,10 @@ tasks, aborts and replies out."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 from nats.aio.msg import Msg
@@ -16,7 +17,7 @@ from services.policy.policyfile import Book
 from shared import messages as m
 from shared import subjects, tracing
 from shared.bus import Bus
-from shared.errors import BadData, Deferred
+from shared.errors import BadData, Deferred, RetryLater
 from shared.metrics import ServiceMetrics
 
 
@@ -87,6 +88,7 @@ class Handlers:
         rules, now = self.rules_for(e.project_id), datetime.now(UTC)
         limited = self.limiter is not None and core.has_limits(rules)
         existing = await self.runs.find(core.run_id_for(e.message_id)) if limited else None
+        known: tuple[core.ConvState, int] | None = None
         if existing is not None:
             # Decided before (or cancelled before its decision): never count or reserve again,
             # only finish admitting it.
@@ -96,7 +98,18 @@ class Handlers:
             proposed.trace_context = tracing.carrier()
             if limited:
                 proposed = await self._limit(proposed, rules, now)
-            state, created = await self.runs.create(proposed)
+            # The conversation's record is read while the run is created (one round trip less);
+            # admitting the run is a compare-and-set on what was read.
+            created_run, read = await asyncio.gather(
+                self.runs.create(proposed),
+                self.conversations.get(e.conversation_id),
+                return_exceptions=True,
+            )
+            for outcome in (created_run, read):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            state, created = cast(tuple[core.RunState, bool], created_run)
+            known = cast(tuple[core.ConvState, int], read)
             if created:
                 self.verdicts.labels(state.verdict).inc()
                 if state.reservation is not None:
@@ -108,7 +121,7 @@ class Handlers:
         if not state.position:  # a run cancelled before its decision: now it has its place
             state = msgspec.structs.replace(state, position=e.position)
         # A redelivered decision admits the same run again; what it emits is deduplicated.
-        admission = await self._admit(state)
+        admission = await self._admit(state, known)
         return f"{state.verdict}:{admission}" if created else f"existing:{admission}"
 
     async def _limit(self, state: core.RunState, rules: core.Rules, now: datetime) -> core.RunState:
@@ -350,12 +363,26 @@ class Handlers:
         await self._emit(due)
         return "retry"
 
-    async def _admit(self, state: core.RunState) -> core.Admission:
-        """Start the run if its conversation is free, else queue it behind the active one."""
-        conv, revision = await self.conversations.get(state.conversation_id)
+    async def _admit(
+        self, state: core.RunState, known: tuple[core.ConvState, int] | None = None
+    ) -> core.Admission:
+        """Start the run if its conversation is free, else queue it behind the active one.
+
+        ``known``: the conversation's record as read a moment ago; if it changed since, the
+        compare-and-set fails and the record is read again."""
+        if known is None or known[0].conversation_id != state.conversation_id:
+            known = None
+            conv, revision = await self.conversations.get(state.conversation_id)
+        else:
+            conv, revision = known
         changed, admission = core.admit(conv, state.run_id, state.position)
         if changed is not None:
-            await self.conversations.put(changed, revision)
+            try:
+                revision = await self.conversations.put(changed, revision)
+            except RetryLater:
+                if known is None:
+                    raise
+                return await self._admit(state)
             conv = changed
         interrupt = self.rules_for(state.project_id).double_texting == "interrupt"
         if admission == "start":
@@ -370,7 +397,7 @@ class Handlers:
                     "interrupt",
                 )
             else:
-                await self._start(state, conv)
+                await self._start(state, conv, revision)
         elif admission == "queued":
             if state.out_of_turn:
                 await self._emit(state)  # finished before its turn: it will be skipped
@@ -434,15 +461,16 @@ class Handlers:
         if nxt is None:
             # Already released (a redelivery): finish starting the next run if a crash cut it off.
             if conv.active is not None and not conv.started:
-                await self._start((await self.runs.get(conv.active))[0], conv)
+                await self._start((await self.runs.get(conv.active))[0], conv, revision)
             return
-        await self.conversations.put(nxt, revision)
+        revision = await self.conversations.put(nxt, revision)
         if nxt.active is not None:
-            await self._start((await self.runs.get(nxt.active))[0], nxt)
+            await self._start((await self.runs.get(nxt.active))[0], nxt, revision)
 
-    async def _start(self, state: core.RunState, conv: core.ConvState) -> None:
-        # ``conv`` is the record that gave this run the slot; it is read again before marking.
-        """Emit the run's verdict and task (or reply), then record that it started."""
+    async def _start(self, state: core.RunState, conv: core.ConvState, revision: int) -> None:
+        """Emit the run's verdict and task (or reply), then record that it started.
+
+        ``conv`` is the record (at ``revision``) that gave this run the slot."""
         # Started by the previous run's end, it still continues its own message's trace.
         with tracing.resumed(state.trace_context, "policy start run"):
             await self._emit(state)
@@ -450,22 +478,40 @@ class Handlers:
             # Finished before its turn (cancelled while queued, or rejected): pass the slot on.
             await self._release(conv.conversation_id, state.run_id)
             return
-        latest, revision = await self.conversations.get(conv.conversation_id)
-        if latest.active == state.run_id and not latest.started:
-            await self.conversations.put(core.mark_started(latest), revision)
+        await self._mark_started(conv, revision, state.run_id)
+
+    async def _mark_started(self, conv: core.ConvState, revision: int, run_id: str) -> None:
+        """Record that the run holding the slot started. The record that gave it the slot is
+        changed by compare-and-set; only if someone changed it since is it read again."""
+        for fresh in (False, True):
+            if fresh:
+                conv, revision = await self.conversations.get(conv.conversation_id)
+            if conv.active != run_id or conv.started:
+                return
+            try:
+                await self.conversations.put(core.mark_started(conv), revision)
+                return
+            except RetryLater:
+                if fresh:
+                    raise
 
     async def _emit(self, state: core.RunState) -> None:
+        """The run's verdict, and its task and timer or its reply: published in this order and
+        acked together (one round trip). A redelivery emits the same ids again."""
         p, c = state.project_id, state.conversation_id
         verdict = core.verdict_event(state)
-        await self.bus.publish(subjects.policy_verdict(p, c), verdict, msg_id=verdict.event_id)
+        out: list[tuple[str, msgspec.Struct, str]] = [
+            (subjects.policy_verdict(p, c), verdict, verdict.event_id)
+        ]
         if state.status == "running" and state.deadline is not None and not state.cancel_requested:
             task = core.task_for(state, state.deadline)
-            await self.bus.publish(subjects.exec_task(p, c), task, msg_id=task.event_id)
+            out.append((subjects.exec_task(p, c), task, task.event_id))
             # The attempt's timer: an attempt with no outcome by then is retried or failed.
             rules = self.rules_for(state.project_id)
             due = datetime.now(UTC) + timedelta(seconds=rules.run_deadline_s)
             timer = core.deadline_event(state, due)
-            await self.bus.publish(subjects.policy_deadline(p, c), timer, msg_id=timer.event_id)
+            out.append((subjects.policy_deadline(p, c), timer, timer.event_id))
         reply = core.reply_event(state)
         if reply is not None:
-            await self.bus.publish(subjects.policy_reply(p, c), reply, msg_id=reply.event_id)
+            out.append((subjects.policy_reply(p, c), reply, reply.event_id))
+        await self.bus.publish_all(out)

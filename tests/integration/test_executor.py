@@ -320,3 +320,38 @@ async def test_an_abort_stops_a_streaming_call_and_reports_its_partial_usage(
     await bus.close()
     await pool.close()
     await client.close()
+
+
+async def test_token_pushes_the_broker_refuses_stop_but_the_answer_arrives_whole(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # Pushes are not awaited one by one, so a refusal is learnt from its ack: counted once,
+    # pushing stops, and the call's outcome is published all the same.
+    offline_model.update_settings(ttft_ms=0, tokens_per_second=0, words_per_reply=20)
+    bus = await connect_bus(infra.nats_url, "executor")
+    await bus.js.delete_stream(subjects.STREAM_TOKENS)
+    pool = await create_pool(infra.database_url)
+    e = user_event("Tell me about message queues")
+    await Store(pool).insert_user_message(e)
+    cfg = Settings(coalesce_chars=1)
+    client = model.client(offline_model.url, "test-key", cfg.stall_timeout_s)
+    metrics = service_metrics("executor")
+    h = Handlers(bus, History(pool), Model(client), cfg, metrics)
+    task = _task(e)
+    await bus.publish(
+        subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
+    )
+    try:
+        async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+            [result] = decode_all(
+                await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1),
+                m.ExecResult,
+            )
+    finally:
+        await bus.close()
+        await pool.close()
+        await client.close()
+    assert len(result.text.split()) > 3
+    registry = metrics.registry
+    assert registry.get_sample_value("baton_executor_token_stream_interruptions_total") == 1
+    assert bus.js.publish_async_pending() == 0

@@ -7,13 +7,16 @@ import uuid
 
 import asyncpg
 import msgspec
+import pytest
 
-from services.persister.adapters import Store
+from services.persister import core
+from services.persister.adapters import STORE_RESULT, Placed, Store
 from services.persister.handlers import Handlers
 from shared import messages as m
 from shared import subjects
 from shared.bus import Consumer
 from shared.db import create_pool
+from shared.errors import BadData
 from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,
@@ -353,4 +356,125 @@ async def test_the_announced_reply_carries_the_usage_of_every_attempt_of_its_run
     cost = (40 * 1.0 + 7 * 5.0 + 100 * 3.0 + 50 * 15.0 + 10 * 0.3 + 5 * 3.75) / 1e6
     assert abs(done.cost_usd - cost) < 1e-9
     await bus.close()
+    await pool.close()
+
+
+async def test_the_same_result_stored_concurrently_answers_and_bills_once(infra: Infra) -> None:
+    # One statement per result: a delivery racing another sees the reply only once that one
+    # committed, and must still come back with the stored reply and the run's whole usage.
+    pool = await create_pool(infra.database_url, max_size=8)
+    store = Store(pool)
+    e = user_event()
+    await store.insert_user_message(e)
+    first, second = _result(e, 1, "first answer"), _result(e, 2, "second answer")
+    stored = await asyncio.gather(*(store.store_result(r) for r in [first, second] * 8))
+    assert sum(s.inserted for s in stored) == 1
+    winner = next(s for s in stored if s.inserted)
+    assert {(s.id, s.content, s.kind) for s in stored} == {(winner.id, winner.content, "answer")}
+    # Whatever a delivery saw, the usage it reports is never more than the two calls made.
+    assert all(s.usage.input_tokens in (100, 200) for s in stored)
+    totals = await pool.fetchrow("SELECT * FROM project_usage WHERE project_id = $1", e.project_id)
+    assert (totals["input_tokens"], totals["output_tokens"], totals["runs"]) == (200, 100, 1)
+    assert await pool.fetchval("SELECT count(*) FROM usage") == 2
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE role = 'assistant'") == 1
+    run = await pool.fetchrow("SELECT status, attempts, user_id FROM runs")
+    assert (run["status"], run["attempts"], run["user_id"]) == ("completed", 1, e.user_id)
+    # Stored again later (a redelivery), it reports both calls and inserts nothing.
+    again = await store.store_result(first)
+    assert (again.inserted, again.id, again.usage.input_tokens) == (False, winner.id, 200)
+    assert again.cost_usd == pytest.approx(2 * first.usage.cost_usd(first.prices))
+    await pool.close()
+
+
+async def test_a_result_for_an_unknown_message_writes_nothing(infra: Infra) -> None:
+    pool = await create_pool(infra.database_url)
+    store = Store(pool)
+    with pytest.raises(BadData, match="unknown message"):
+        await store.store_result(_result(user_event(), 1))
+    for table in ("usage", "messages", "runs", "project_usage"):
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+    await pool.close()
+
+
+async def test_a_result_racing_one_that_commits_later_still_returns_the_stored_reply(
+    infra: Infra,
+) -> None:
+    # Another delivery of the run has written its reply and usage but not committed yet: this
+    # statement waits for it, cannot see it in its snapshot, and must read it afterwards.
+    pool = await create_pool(infra.database_url, max_size=4)
+    store = Store(pool)
+    e = user_event()
+    await store.insert_user_message(e)
+    first, second = _result(e, 1, "first answer"), _result(e, 2, "second answer")
+    other = await pool.acquire()
+    tx = other.transaction()
+    await tx.start()
+    try:
+        await other.execute(
+            STORE_RESULT,
+            uuid.UUID(e.message_id),
+            first.call_id,
+            first.task_id,
+            first.run_id,
+            1,
+            e.project_id,
+            first.model,
+            100,
+            50,
+            10,
+            5,
+            first.usage.cost_usd(first.prices),
+            core.assistant_message_id(first.run_id),
+            first.text,
+            uuid.UUID(e.conversation_id),
+            core.rank("completed"),
+        )
+        racing = asyncio.create_task(store.store_result(second))
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT count(*) > 0 FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+        )
+        assert not racing.done()
+        await tx.commit()
+    finally:
+        await pool.release(other)
+    stored = await racing
+    assert (stored.inserted, stored.content) == (False, "first answer")
+    assert stored.usage.input_tokens == 200  # both calls, the one committed meanwhile too
+    totals = await pool.fetchrow("SELECT * FROM project_usage WHERE project_id = $1", e.project_id)
+    assert (totals["input_tokens"], totals["runs"]) == (200, 1)
+    await pool.close()
+
+
+async def test_a_batch_places_new_messages_after_stored_ones_and_copies_share_a_place(
+    infra: Infra,
+) -> None:
+    pool = await create_pool(infra.database_url)
+    store = Store(pool)
+    stored = user_event("first")
+    c = stored.conversation_id
+    assert await store.insert_user_message(stored) == Placed(1, True)
+    second, third = user_event("second", conversation_id=c), user_event("third", conversation_id=c)
+    elsewhere = user_event("another conversation")
+    intruder = user_event("not yours", user="mallory", conversation_id=c)
+    batch = [second, stored, second, elsewhere, intruder, third]
+    out = await store.insert_user_messages(batch)
+    assert out[:4] == [Placed(2, True), Placed(1, False), Placed(2, True), Placed(1, True)]
+    assert isinstance(out[4], BadData)
+    assert out[5] == Placed(3, True)
+    rows = await pool.fetch(
+        "SELECT content, position FROM messages WHERE conversation_id = $1 ORDER BY position",
+        uuid.UUID(c),
+    )
+    assert [(r["content"], r["position"]) for r in rows] == [
+        ("first", 1),
+        ("second", 2),
+        ("third", 3),
+    ]
+    # The whole batch again (a redelivery): nothing new, every place as before.
+    again = await store.insert_user_messages(batch)
+    assert [p.position for p in again if isinstance(p, Placed)] == [2, 1, 2, 1, 3]
+    assert not any(p.inserted for p in again if isinstance(p, Placed))
     await pool.close()

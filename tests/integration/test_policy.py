@@ -282,3 +282,63 @@ async def test_a_retry_waits_for_its_backoff_in_the_stream_not_in_a_worker(infra
     tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask)
     assert [t.attempt for t in tasks] == [1, 2]
     await bus.close()
+
+
+async def test_a_run_is_marked_started_even_if_its_conversation_changed_since_it_got_the_slot(
+    infra: Infra,
+) -> None:
+    # The slot's record is not read again before marking the run started: the compare-and-set
+    # names the revision that gave it the slot, and only a conflict makes it read again.
+    bus, _ = await _policy(infra)
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    convs = Conversations(kv)
+    h = Handlers(bus, Runs(kv), convs, rules_from(Settings()), service_metrics("policy"))
+    c = "00000000-0000-0000-0000-0000000000c1"
+    gave = core.ConvState(conversation_id=c, active="run-a", next_position=2)
+    revision = await convs.put(gave, 0)
+    # Unchanged since: one write, no read.
+    await h._mark_started(gave, revision, "run-a")
+    stored, now = await convs.get(c)
+    assert stored.started and stored.active == "run-a" and now > revision
+    # Changed since (a newer message queued behind it): read again, marked all the same,
+    # and the newer message's place is kept.
+    fresh = core.ConvState(conversation_id=c, active="run-b", next_position=3)
+    revision = await convs.put(fresh, now)
+    await convs.put(msgspec.structs.replace(fresh, pending={3: "run-c"}), revision)
+    await h._mark_started(fresh, revision, "run-b")
+    stored, _ = await convs.get(c)
+    assert (stored.active, stored.started, stored.pending) == ("run-b", True, {3: "run-c"})
+    # Moved on meanwhile (another run holds the slot): nothing is marked.
+    moved = core.ConvState(conversation_id=c, active="run-d", next_position=4)
+    _, revision = await convs.get(c)
+    await convs.put(moved, revision)
+    await h._mark_started(stored, revision, "run-b")
+    stored, _ = await convs.get(c)
+    assert (stored.active, stored.started) == ("run-d", False)
+    await bus.close()
+
+
+async def test_a_run_admitted_on_a_conversation_record_read_before_a_change_reads_it_again(
+    infra: Infra,
+) -> None:
+    # The record is read while the run is created; if another message changed it meanwhile,
+    # the compare-and-set fails and the run is admitted on the fresh record.
+    bus, _ = await _policy(infra)
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    convs, runs = Conversations(kv), Runs(kv)
+    h = Handlers(bus, runs, convs, rules_from(Settings()), service_metrics("policy"))
+    d = msgspec.structs.replace(_decision(), position=2)
+    state = core.decide(d, rules_from(Settings()), datetime.now(UTC))
+    await runs.create(state)
+    c = d.conversation_id
+    seen = core.ConvState(conversation_id=c, active="run-earlier", next_position=2)
+    revision = await convs.put(seen, 0)
+    # Meanwhile the earlier run finished: the slot is free for position 2.
+    await convs.put(msgspec.structs.replace(seen, active=None), revision)
+    admission = await h._admit(state, (seen, revision))
+    assert admission == "start"
+    stored, _ = await convs.get(c)
+    assert (stored.active, stored.started, stored.next_position) == (state.run_id, True, 3)
+    tasks = decode_all(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask)
+    assert [t.run_id for t in tasks] == [state.run_id]
+    await bus.close()

@@ -58,6 +58,13 @@ def test_with_an_endpoint_the_provider_exports_over_otlp_http(
         ("  select user_id from messages where id = $1", "SELECT messages", "SELECT"),
         ("UPDATE runs SET status = $2 WHERE run_id = $1", "UPDATE runs", "UPDATE"),
         ("DELETE FROM usage WHERE call_id = $1", "DELETE usage", "DELETE"),
+        (
+            "WITH u AS (SELECT id FROM messages WHERE id = $1), used AS (INSERT INTO usage "
+            "(call_id) SELECT $2 FROM u RETURNING call_id) SELECT * FROM used",
+            "INSERT usage",
+            "INSERT",
+        ),
+        ("WITH x AS (SELECT 1 FROM runs) SELECT * FROM x", "SELECT runs", "SELECT"),
         ("BEGIN;", "BEGIN", "BEGIN"),
         ("COMMIT", "COMMIT", "COMMIT"),
         ("SELECT 1", "SELECT", "SELECT"),
