@@ -110,10 +110,23 @@ class Bus:
         headers: dict[str, str] | None = None,
         timeout: float = 5.0,
     ) -> PubAck:
-        """Publish with ``Nats-Msg-Id`` and wait for the PubAck (a duplicate is not an error)."""
-        with tracing.producer_span(subject, msg_id):
-            hdrs = tracing.inject(dict(headers or {}))
-            hdrs["Nats-Msg-Id"] = msg_id
+        """Publish with ``Nats-Msg-Id`` and wait for the PubAck (a duplicate is not an error).
+
+        The current trace context goes into the headers, under a PRODUCER span when spans are
+        recorded; when they are not, a ``traceparent`` the caller passes is kept as it is.
+        """
+        hdrs = dict(headers) if headers else {}
+        hdrs["Nats-Msg-Id"] = msg_id
+        if tracing.recording():
+            with tracing.producer_span(subject, msg_id):
+                tracing.inject(hdrs)
+                ack = await self.js.publish(
+                    subject, messages.encode(event), timeout=timeout, headers=hdrs
+                )
+        else:
+            # An unrecorded span would only cost time; the context travels all the same.
+            if "traceparent" not in hdrs:
+                tracing.inject(hdrs)
             ack = await self.js.publish(
                 subject, messages.encode(event), timeout=timeout, headers=hdrs
             )

@@ -35,11 +35,14 @@ class Publisher:
         self.bus = bus
         self.timeout_s = timeout_s
 
-    async def accept(self, e: m.UserMessageAccepted) -> tuple[m.UserMessageAccepted, bool]:
+    async def accept(
+        self, e: m.UserMessageAccepted, traceparent: str | None = None
+    ) -> tuple[m.UserMessageAccepted, bool]:
         ack = await self.bus.publish(
             subjects.chat_in(e.project_id, e.conversation_id),
             e,
             msg_id=e.message_id,
+            headers=None if traceparent is None else {"traceparent": traceparent},
             timeout=self.timeout_s,
         )
         if not ack.duplicate:

@@ -64,23 +64,36 @@ class FastAccept:
                 length = int(value)
             elif name in _TRACE_HEADERS:
                 trace_headers[name.decode()] = value.decode("latin-1")
-        # Each submitted message starts its own trace, which every later hop continues; a
-        # client's traceparent is linked, never continued (as in the Litestar route).
+        # Each submitted message starts its own trace, which every later hop continues.
+        if not tracing.recording():
+            # Nothing records spans: the trace is only its ids, and the publish carries them.
+            traceparent = tracing.new_traceparent()
+            status, body, headers = await self._accept(
+                authorization, key, length, receive, traceparent
+            )
+            await _send(send, status, body, headers)
+            return
+        # A client's traceparent is linked, never continued (as in the Litestar route).
         with tracing.root_span("POST /api/chat", trace_headers, _SPAN_ATTRIBUTES) as span:
-            status, body, headers = await self._accept(authorization, key, length, receive)
+            status, body, headers = await self._accept(authorization, key, length, receive, None)
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))
             await _send(send, status, body, headers)
 
     async def _accept(
-        self, authorization: str | None, key: str | None, length: int, receive: Receive
+        self,
+        authorization: str | None,
+        key: str | None,
+        length: int,
+        receive: Receive,
+        traceparent: str | None,
     ) -> tuple[int, bytes, dict[str, str]]:
         try:
             if length > self.max_body_bytes:
                 raise _TooLarge
             body = await self._body(receive)
-            payload, headers = await self.api.submit(authorization, key, body)
+            payload, headers = await self.api.submit(authorization, key, body, traceparent)
         except core.ApiError as exc:
             trace.get_current_span().set_attribute("error.type", exc.code)
             return exc.status, _error_body(exc), exc.headers or {}
