@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -17,6 +16,7 @@ from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, Token
 from services.gateway.edge import HttpEdge
 from services.gateway.fastpath import FastAccept
 from services.gateway.handlers import Api, routes
+from services.gateway.server import GatewayServer, HttpProtocol
 from shared import runtime, subjects
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
@@ -101,20 +101,6 @@ def asgi(
     return HttpEdge(build_app(api, bus, reads, settings), metrics, settings.sse_send_timeout_s)
 
 
-class GatewayServer(uvicorn.Server):
-    """uvicorn that ends push streams first, so shutdown does not wait on idle SSE clients."""
-
-    def __init__(
-        self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]
-    ) -> None:
-        super().__init__(config)
-        self.before_shutdown = before_shutdown
-
-    async def shutdown(self, sockets: Any = None) -> None:
-        await self.before_shutdown()
-        await super().shutdown(sockets)
-
-
 async def amain() -> None:
     settings = config.from_env()
     if not str(settings.jwt_secret):
@@ -149,6 +135,7 @@ async def amain() -> None:
             access_log=False,
             # Nothing reads the client address; rewriting it from X-Forwarded-* costs every request.
             proxy_headers=False,
+            http=HttpProtocol,
             timeout_graceful_shutdown=5,
             # Oversized client frames are refused by the protocol (close 1009) before they
             # are buffered; protocol pings find dead peers that never read.

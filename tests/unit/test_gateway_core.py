@@ -143,6 +143,17 @@ def test_ids_for_without_a_key_is_random_but_keeps_a_given_conversation() -> Non
     assert gw.ids_for(ALICE, None, CONV)[1] == CONV
 
 
+def test_random_uuids_are_version_4_uuids_in_canonical_form_and_all_distinct() -> None:
+    seen = set()
+    for _ in range(2000):
+        for value in gw.random_uuids():
+            parsed = uuid.UUID(value)
+            assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+            assert str(parsed) == value
+            seen.add(value)
+    assert len(seen) == 4000
+
+
 def test_content_hash_is_a_stable_sha256_hex() -> None:
     h = gw.content_hash("c", "hello")
     assert h == gw.content_hash("c", "hello") and len(h) == 64 and int(h, 16) >= 0
