@@ -20,6 +20,7 @@ from nats.js.api import PubAck
 from opentelemetry import trace
 
 from shared import messages, tracing
+from shared.acks import Acks
 from shared.config import BaseSettings, nats_servers
 from shared.errors import BadData, Deferred, DependencyDown, SchemaError, Transient
 from shared.metrics import ServiceMetrics
@@ -60,6 +61,7 @@ class Bus:
         self.metrics = metrics
         self.log = log
         self.tracer = trace.get_tracer(f"baton.{service}")
+        self.acks = Acks(nc)
         self._published: dict[tuple[str, bool], Any] = {}
 
     @classmethod
@@ -106,7 +108,9 @@ class Bus:
         for attempt in range(attempts):
             try:
                 nc = await nats.connect(**options)
-                return cls(nc, service, metrics, log)
+                bus = cls(nc, service, metrics, log)
+                await bus.acks.open()
+                return bus
             except (OSError, nats.errors.Error, TimeoutError) as exc:
                 last = exc
                 log.warning("nats_connect_failed", attempt=attempt + 1, error=str(exc))
@@ -149,13 +153,13 @@ class Bus:
     async def _js_publish(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout: float
     ) -> PubAck:
-        """``js.publish``, with the PubAck read by msgspec.
+        """``js.publish`` over ``Acks``, with the PubAck read by msgspec.
 
         nats-py's ``json.loads`` and reflective dataclass building cost more per publish than
-        the request itself; errors are nats-py's own.
+        the rest of the request; errors are nats-py's own.
         """
         try:
-            msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+            msg = await self.acks.request(subject, payload, headers, timeout)
         except nats.errors.NoRespondersError:
             raise nats.js.errors.NoStreamResponseError from None
         reply = _pub_ack.decode(msg.data)
@@ -166,6 +170,7 @@ class Bus:
         )
 
     async def close(self) -> None:
+        await self.acks.close()
         if self.nc.is_closed:
             return
         if self.nc.is_connected:

@@ -228,5 +228,10 @@ def statement_span(record: Any) -> None:
 
 
 async def trace_queries(con: Any) -> None:
-    """asyncpg pool ``init``: every statement on this connection becomes a span."""
-    con.add_query_logger(statement_span)
+    """asyncpg pool ``init``: every statement on this connection becomes a span.
+
+    Only when spans are recorded: an unrecorded span per statement would cost a callback and
+    a span object each, for nothing.
+    """
+    if recording():
+        con.add_query_logger(statement_span)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import nats.errors
 import nats.js.errors
 import pytest
 
@@ -49,3 +53,28 @@ async def test_a_refusal_by_the_stream_raises_the_brokers_error(infra: Infra) ->
     finally:
         await bus.close()
     assert err.value.err_code == 10071, err.value
+
+
+async def test_a_publish_nobody_answers_times_out_and_leaves_nothing_waiting(infra: Infra) -> None:
+    bus = await connect_bus(infra.nats_url)
+    listener = await connect_bus(infra.nats_url)
+    heard: list[str] = []
+
+    async def silent(msg: Any) -> None:
+        heard.append(msg.reply)  # a subscriber that never replies: not "no responders"
+
+    await listener.nc.subscribe("silent.subject", cb=silent)
+    await listener.nc.flush()
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(nats.errors.TimeoutError):
+            await bus.publish("silent.subject", user_event(), msg_id="m-1", timeout=0.5)
+        waited = asyncio.get_running_loop().time() - started
+        # A late reply to the request that gave up is ignored.
+        await listener.nc.publish(heard[0], b'{"stream":"X","seq":1}')
+        await listener.nc.flush()
+        await asyncio.sleep(0.1)
+    finally:
+        await listener.close()
+        await bus.close()
+    assert 0.5 <= waited < 5 and bus.acks.waiting == {}
