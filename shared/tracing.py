@@ -11,6 +11,7 @@ the headers), and the hottest paths skip making span objects at all (``recording
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -177,7 +178,10 @@ def batch_span(name: str, size: int, members: list[trace.SpanContext]) -> Any:
     """A span for work shared by several messages (a group commit), linked to each one's span.
 
     It sits in the trace of whoever started the batch; the others find it through the links.
+    Unrecorded, it would have nothing to link: then it is not made at all.
     """
+    if not recording():
+        return contextlib.nullcontext()
     return _tracer.start_as_current_span(
         name,
         attributes={"baton.batch.size": size},
