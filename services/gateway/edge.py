@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -24,8 +25,8 @@ def outcome_of(status: int) -> str:
 class HttpEdge:
     """Request metrics, one canonical log line per request, and a bound on each body send.
 
-    One wrapper, not one per concern: on the accept path each layer costs a closure and a call
-    per request. A body send that waits longer than ``send_timeout_s`` lets the client go:
+    One wrapper, not one per concern: each layer costs a closure and a call per request (the
+    accept fast path, in front of it, records itself through ``handled``). A body send that waits longer than ``send_timeout_s`` lets the client go:
     without it a stream to a peer that stopped reading waits in ``send`` for ever (uvicorn has
     no write timeout), holding its task and socket; a stream registers its cleanup in the scope
     under ``ON_SEND_TIMEOUT``.
@@ -92,15 +93,17 @@ class HttpEdge:
             if on_timeout is not None:
                 on_timeout()
         finally:
-            self._handled(scope, status, time.perf_counter() - started)
+            handler = scope.get("route_handler")
+            route = next(iter(handler.paths), "other") if handler is not None else "unmatched"
+            elapsed = time.perf_counter() - started
+            fields = structlog.contextvars.get_contextvars()
+            self.handled(scope.get("method", ""), route, status, elapsed, fields)
             structlog.contextvars.clear_contextvars()
 
-    def _handled(self, scope: Any, status: int, elapsed: float) -> None:
-        method = scope.get("method", "")
-        handler = scope.get("route_handler")
-        route = scope.get("baton_route") or (
-            next(iter(handler.paths), "other") if handler is not None else "unmatched"
-        )
+    def handled(
+        self, method: str, route: str, status: int, elapsed: float, fields: Mapping[str, Any]
+    ) -> None:
+        """Count one request and write its line; ``fields`` are what its handler learned (ids)."""
         key = (method, route, status)
         children = self.children.get(key)
         if children is None:
@@ -113,10 +116,9 @@ class HttpEdge:
         children[0].inc()
         children[1].observe(elapsed)
         if route not in QUIET_ROUTES:
-            bound = structlog.contextvars.get_contextvars()
             self.log.info(
                 "handled",
-                **{"trace_id": "", **bound},
+                **{"trace_id": "", **fields},
                 method=method,
                 route=route,
                 status=status,

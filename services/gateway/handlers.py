@@ -103,11 +103,16 @@ class Api:
         return cid
 
     async def chat(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        payload, headers = await self.submit(
-            request.headers.get("authorization"),
-            request.headers.get("idempotency-key"),
-            await request.body(),
-        )
+        line: dict[str, str] = {}
+        try:
+            payload, headers = await self.submit(
+                request.headers.get("authorization"),
+                request.headers.get("idempotency-key"),
+                await request.body(),
+                line=line,
+            )
+        finally:
+            structlog.contextvars.bind_contextvars(**line)  # for HttpEdge's line
         return Response(payload, status_code=202, headers=headers)
 
     async def submit(
@@ -116,11 +121,13 @@ class Api:
         idempotency_key: str | None,
         body: bytes,
         traceparent: str | None = None,
+        line: dict[str, str] | None = None,
     ) -> tuple[core.ChatAccepted, dict[str, str]]:
         """Accept one chat message: the 202 body and headers, or an ``ApiError``.
 
         Shared by the Litestar route and the raw ASGI fast path (``fastpath.FastAccept``). The
         message's trace is the request span's, or, when no span is recorded, ``traceparent``'s.
+        What the request's log line should name (ids, trace id) goes into ``line``.
         """
         p = self.principals.authenticate(authorization)
         key = core.check_idempotency_key(idempotency_key, self.settings.max_idempotency_key_chars)
@@ -136,10 +143,8 @@ class Api:
             trace_id = tracing.trace_id_of(traceparent)
         if req.conversation_id is not None:
             await self._may_post(p, req.conversation_id)
-        # For the request's log line.
-        structlog.contextvars.bind_contextvars(
-            message_id=message_id, conversation_id=conversation_id, trace_id=trace_id
-        )
+        if line is not None:
+            line.update(message_id=message_id, conversation_id=conversation_id, trace_id=trace_id)
         if key is not None:
             stored = await self._stored(message_id)
             if stored is not None:

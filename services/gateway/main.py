@@ -50,9 +50,23 @@ def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[A
     return Response(error_body(500, "internal_error", "internal error"), status_code=500)
 
 
-def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> FastAccept:
-    """The Litestar app behind the raw ASGI fast path for ``POST /api/chat``."""
-    return FastAccept(litestar_app(api, bus, reads, settings), api, settings.max_body_bytes)
+def build_app(
+    api: Api,
+    bus: Bus,
+    reads: ReadModel,
+    settings: config.Settings,
+    metrics: ServiceMetrics | None = None,
+) -> FastAccept:
+    """The accept fast path in front of Litestar.
+
+    With ``metrics`` every request is counted, logged and has its sends bounded
+    (``edge.HttpEdge``; the fast path records itself through it).
+    """
+    app = litestar_app(api, bus, reads, settings)
+    if metrics is None:
+        return FastAccept(app, api, settings.max_body_bytes)
+    edge = HttpEdge(app, metrics, settings.sse_send_timeout_s)
+    return FastAccept(edge, api, settings.max_body_bytes, edge)
 
 
 def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> Litestar:
@@ -98,7 +112,7 @@ def asgi(
     api: Api, bus: Bus, reads: ReadModel, settings: config.Settings, metrics: ServiceMetrics
 ) -> Any:
     """The whole ASGI app: routes, request metrics and log lines, bounded response sends."""
-    return HttpEdge(build_app(api, bus, reads, settings), metrics, settings.sse_send_timeout_s)
+    return build_app(api, bus, reads, settings, metrics)
 
 
 async def amain() -> None:
