@@ -7,7 +7,6 @@ have the same shape and codes as the framework's (``{"error": {status, code, mes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ import structlog
 from opentelemetry import trace
 
 from services.gateway import core
+from services.gateway.deadlines import Deadlines
 from shared import tracing
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ class FastAccept:
         self.max_body_bytes = max_body_bytes
         # Where this route counts itself, writes its line and finds its send bound.
         self.edge = edge
+        tick_s = min(1.0, edge.send_timeout_s / 2) if edge is not None else 1.0
+        self.deadlines = Deadlines(tick_s)
 
     def __getattr__(self, name: str) -> Any:
         # Callers that reach for the framework app (openapi_schema, state, …) still find it.
@@ -100,11 +102,16 @@ class FastAccept:
         if self.edge is None:
             await _send(send, status, body, headers)
             return
-        # Bounded as HttpEdge bounds every other route's sends; returning mid-response makes the
-        # server close the connection.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.edge.send_timeout_s):
-                await _send(send, status, body, headers)
+        # Bounded as HttpEdge bounds every other route's sends, without a timer per request;
+        # returning mid-response makes the server close the connection.
+        task = self.deadlines.watch(self.edge.send_timeout_s)
+        try:
+            await _send(send, status, body, headers)
+        except asyncio.CancelledError:
+            if not self.deadlines.fired(task):
+                raise
+        finally:
+            self.deadlines.forget(task)
 
     async def _accept(
         self,
