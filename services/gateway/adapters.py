@@ -91,7 +91,7 @@ class ReadModel:
                 "SELECT id, conversation_id, project_id, user_id, content, content_hash, "
                 "idempotency_key, created_at FROM messages "
                 "WHERE id = ANY($1::uuid[]) AND role = 'user'",
-                [uuid.UUID(i) for i in ids],
+                ids,  # asyncpg encodes uuid strings itself, without UUID objects
             )
         found = {str(r["id"]): r for r in rows}
         return [_user_message(found[i]) if i in found else None for i in ids]
