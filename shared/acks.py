@@ -38,10 +38,14 @@ class Acks:
         self.sweeper = asyncio.create_task(self._sweep())
 
     async def close(self) -> None:
+        """Stop the sweep; a request still waiting fails now rather than wait for ever."""
         if self.sweeper is not None:
             self.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweeper
+        for _, reply in self.waiting.values():
+            if not reply.done():
+                reply.set_exception(nats.errors.ConnectionClosedError())
 
     async def request(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout: float

@@ -78,3 +78,27 @@ async def test_a_publish_nobody_answers_times_out_and_leaves_nothing_waiting(inf
         await listener.close()
         await bus.close()
     assert 0.5 <= waited < 5 and bus.acks.waiting == {}
+
+
+async def test_a_publish_still_waiting_when_the_bus_closes_fails_instead_of_hanging(
+    infra: Infra,
+) -> None:
+    bus = await connect_bus(infra.nats_url)
+    listener = await connect_bus(infra.nats_url)
+    arrived = asyncio.Event()
+
+    async def silent(msg: Any) -> None:
+        arrived.set()  # the request is out, and waits for a reply that never comes
+
+    await listener.nc.subscribe("silent.subject", cb=silent)
+    await listener.nc.flush()
+    try:
+        waiting = asyncio.create_task(
+            bus.publish("silent.subject", user_event(), msg_id="m-2", timeout=60)
+        )
+        await asyncio.wait_for(arrived.wait(), 10)
+        await bus.close()
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await asyncio.wait_for(waiting, 10)
+    finally:
+        await listener.close()
