@@ -38,7 +38,8 @@ def setup(service: str, level: str = "info") -> structlog.stdlib.BoundLogger:
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # A plain write per line (stderr is line-buffered): print's extra work is per line too.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     log: structlog.stdlib.BoundLogger = structlog.get_logger().bind(service=service)

@@ -35,11 +35,14 @@ class Publisher:
         self.bus = bus
         self.timeout_s = timeout_s
 
-    async def accept(self, e: m.UserMessageAccepted) -> tuple[m.UserMessageAccepted, bool]:
+    async def accept(
+        self, e: m.UserMessageAccepted, traceparent: str | None = None
+    ) -> tuple[m.UserMessageAccepted, bool]:
         ack = await self.bus.publish(
             subjects.chat_in(e.project_id, e.conversation_id),
             e,
             msg_id=e.message_id,
+            headers=None if traceparent is None else {"traceparent": traceparent},
             timeout=self.timeout_s,
         )
         if not ack.duplicate:
@@ -88,7 +91,7 @@ class ReadModel:
                 "SELECT id, conversation_id, project_id, user_id, content, content_hash, "
                 "idempotency_key, created_at FROM messages "
                 "WHERE id = ANY($1::uuid[]) AND role = 'user'",
-                [uuid.UUID(i) for i in ids],
+                ids,  # asyncpg encodes uuid strings itself, without UUID objects
             )
         found = {str(r["id"]): r for r in rows}
         return [_user_message(found[i]) if i in found else None for i in ids]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -187,10 +188,40 @@ def content_hash(conversation_id: str | None, content: str) -> str:
 def ids_for(p: Principal, key: str | None, conversation_id: str | None) -> tuple[str, str]:
     """Message and conversation ids; deterministic when the client gives an Idempotency-Key."""
     if key is None:
-        return str(uuid.uuid4()), conversation_id or str(uuid.uuid4())
-    scope = f"{p.project}\n{p.user}\n{key}"
-    message_id = str(uuid.uuid5(MESSAGE_NS, scope))
-    return message_id, conversation_id or str(uuid.uuid5(CONVERSATION_NS, scope))
+        message_id, new_conversation = random_uuids()
+        return message_id, conversation_id or new_conversation
+    scope = f"{p.project}\n{p.user}\n{key}".encode()
+    message_id = name_uuid(MESSAGE_NS, scope)
+    return message_id, conversation_id or name_uuid(CONVERSATION_NS, scope)
+
+
+_VERSION_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_V4_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
+_V5_SET = (0x5000 << 64) | (0x8000 << 48)  # version 5, RFC 4122 variant
+
+
+def random_uuids() -> tuple[str, str]:
+    """Two random (version 4) UUIDs from one read of the OS's randomness, as strings.
+
+    The same as two ``str(uuid.uuid4())`` at a third of the cost: one system call, no objects.
+    """
+    raw = secrets.token_bytes(32)
+    return _v4(raw[:16]), _v4(raw[16:])
+
+
+def name_uuid(namespace: uuid.UUID, name: bytes) -> str:
+    """``str(uuid.uuid5(namespace, name))``, the same id, without building UUID objects."""
+    digest = hashlib.sha1(namespace.bytes + name, usedforsecurity=False).digest()
+    return _formatted(int.from_bytes(digest[:16]) & _VERSION_CLEAR | _V5_SET)
+
+
+def _v4(raw: bytes) -> str:
+    return _formatted(int.from_bytes(raw) & _VERSION_CLEAR | _V4_SET)
+
+
+def _formatted(value: int) -> str:
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def accepted(e: m.UserMessageAccepted, duplicate: bool) -> ChatAccepted:

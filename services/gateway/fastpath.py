@@ -6,6 +6,8 @@ have the same shape and codes as the framework's (``{"error": {status, code, mes
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -14,9 +16,11 @@ import structlog
 from opentelemetry import trace
 
 from services.gateway import core
+from services.gateway.deadlines import Deadlines
 from shared import tracing
 
 if TYPE_CHECKING:
+    from services.gateway.edge import HttpEdge
     from services.gateway.handlers import Api
 
 Scope = MutableMapping[str, Any]
@@ -38,10 +42,16 @@ class _TooLarge(Exception):
 class FastAccept:
     """An ASGI app: ``POST /api/chat`` handled here, anything else passed to ``app``."""
 
-    def __init__(self, app: ASGIApp, api: Api, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, api: Api, max_body_bytes: int, edge: HttpEdge | None = None
+    ) -> None:
         self.app = app
         self.api = api
         self.max_body_bytes = max_body_bytes
+        # Where this route counts itself, writes its line and finds its send bound.
+        self.edge = edge
+        tick_s = min(1.0, edge.send_timeout_s / 2) if edge is not None else 1.0
+        self.deadlines = Deadlines(tick_s)
 
     def __getattr__(self, name: str) -> Any:
         # Callers that reach for the framework app (openapi_schema, state, …) still find it.
@@ -51,7 +61,7 @@ class FastAccept:
         if scope["type"] != "http" or scope["path"] != ROUTE or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        scope["baton_route"] = ROUTE  # for the HTTP metrics wrapper
+        started = time.perf_counter()
         authorization = key = None
         trace_headers: dict[str, str] = {}
         length = -1
@@ -64,23 +74,59 @@ class FastAccept:
                 length = int(value)
             elif name in _TRACE_HEADERS:
                 trace_headers[name.decode()] = value.decode("latin-1")
-        # Each submitted message starts its own trace, which every later hop continues; a
-        # client's traceparent is linked, never continued (as in the Litestar route).
-        with tracing.root_span("POST /api/chat", trace_headers, _SPAN_ATTRIBUTES) as span:
-            status, body, headers = await self._accept(authorization, key, length, receive)
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
-                span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))
+        line: dict[str, str] = {}
+        status = 500
+        try:
+            # Each submitted message starts its own trace, which every later hop continues.
+            if not tracing.recording():
+                # Nothing records spans: the trace is only its ids, and the publish carries them.
+                status, body, headers = await self._accept(
+                    authorization, key, length, receive, tracing.new_traceparent(), line
+                )
+                await self._send(send, status, body, headers)
+                return
+            # A client's traceparent is linked, never continued (as in the Litestar route).
+            with tracing.root_span("POST /api/chat", trace_headers, _SPAN_ATTRIBUTES) as span:
+                status, body, headers = await self._accept(
+                    authorization, key, length, receive, None, line
+                )
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))
+                await self._send(send, status, body, headers)
+        finally:
+            if self.edge is not None:
+                self.edge.handled("POST", ROUTE, status, time.perf_counter() - started, line)
+
+    async def _send(self, send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+        if self.edge is None:
             await _send(send, status, body, headers)
+            return
+        # Bounded as HttpEdge bounds every other route's sends, without a timer per request;
+        # returning mid-response makes the server close the connection.
+        task = self.deadlines.watch(self.edge.send_timeout_s)
+        try:
+            await _send(send, status, body, headers)
+        except asyncio.CancelledError:
+            if not self.deadlines.fired(task):
+                raise
+        finally:
+            self.deadlines.forget(task)
 
     async def _accept(
-        self, authorization: str | None, key: str | None, length: int, receive: Receive
+        self,
+        authorization: str | None,
+        key: str | None,
+        length: int,
+        receive: Receive,
+        traceparent: str | None,
+        line: dict[str, str],
     ) -> tuple[int, bytes, dict[str, str]]:
         try:
             if length > self.max_body_bytes:
                 raise _TooLarge
             body = await self._body(receive)
-            payload, headers = await self.api.submit(authorization, key, body)
+            payload, headers = await self.api.submit(authorization, key, body, traceparent, line)
         except core.ApiError as exc:
             trace.get_current_span().set_attribute("error.type", exc.code)
             return exc.status, _error_body(exc), exc.headers or {}

@@ -19,6 +19,7 @@ from opentelemetry import trace
 from services.gateway import core
 from services.gateway.adapters import Hub, Publisher, PushEvent, RateGate, ReadModel, TokenLog
 from services.gateway.config import Settings
+from services.gateway.edge import ON_SEND_TIMEOUT
 from shared import messages as m
 from shared import tracing
 from shared.db import UNAVAILABLE
@@ -102,34 +103,48 @@ class Api:
         return cid
 
     async def chat(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        payload, headers = await self.submit(
-            request.headers.get("authorization"),
-            request.headers.get("idempotency-key"),
-            await request.body(),
-        )
+        line: dict[str, str] = {}
+        try:
+            payload, headers = await self.submit(
+                request.headers.get("authorization"),
+                request.headers.get("idempotency-key"),
+                await request.body(),
+                line=line,
+            )
+        finally:
+            structlog.contextvars.bind_contextvars(**line)  # for HttpEdge's line
         return Response(payload, status_code=202, headers=headers)
 
     async def submit(
-        self, authorization: str | None, idempotency_key: str | None, body: bytes
+        self,
+        authorization: str | None,
+        idempotency_key: str | None,
+        body: bytes,
+        traceparent: str | None = None,
+        line: dict[str, str] | None = None,
     ) -> tuple[core.ChatAccepted, dict[str, str]]:
         """Accept one chat message: the 202 body and headers, or an ``ApiError``.
 
-        Shared by the Litestar route and the raw ASGI fast path (``fastpath.FastAccept``).
+        Shared by the Litestar route and the raw ASGI fast path (``fastpath.FastAccept``). The
+        message's trace is the request span's, or, when no span is recorded, ``traceparent``'s.
+        What the request's log line should name (ids, trace id) goes into ``line``.
         """
         p = self.principals.authenticate(authorization)
         key = core.check_idempotency_key(idempotency_key, self.settings.max_idempotency_key_chars)
         req = core.parse_chat(body, self.settings.max_content_chars)
         digest = core.content_hash(req.conversation_id, req.content)
         message_id, conversation_id = core.ids_for(p, key, req.conversation_id)
-        span = trace.get_current_span()
-        span.set_attribute("baton.message_id", message_id)
-        span.set_attribute("baton.conversation_id", conversation_id)
+        if traceparent is None:
+            span = trace.get_current_span()
+            span.set_attribute("baton.message_id", message_id)
+            span.set_attribute("baton.conversation_id", conversation_id)
+            trace_id = current_trace_id()
+        else:
+            trace_id = tracing.trace_id_of(traceparent)
         if req.conversation_id is not None:
             await self._may_post(p, req.conversation_id)
-        # For the request's log line; the trace id is the request span's, if one is open.
-        structlog.contextvars.bind_contextvars(
-            message_id=message_id, conversation_id=conversation_id, trace_id=current_trace_id()
-        )
+        if line is not None:
+            line.update(message_id=message_id, conversation_id=conversation_id, trace_id=trace_id)
         if key is not None:
             stored = await self._stored(message_id)
             if stored is not None:
@@ -161,7 +176,7 @@ class Api:
             idempotency_key=key,
         )
         try:
-            original, duplicate = await self.publisher.accept(event)
+            original, duplicate = await self.publisher.accept(event, traceparent)
         except LookupError as exc:
             # A duplicate whose original left the stream: the database answers once it is stored.
             raise core.ApiError(
@@ -283,7 +298,7 @@ class Api:
         watch = await self.watch(p, conversation_id, last_id)
         self.sse_connections.inc()
         # A client that stops reading leaves the stream suspended in a send, where its own
-        # cleanup never runs; main.SendTimeout calls this instead.
+        # cleanup never runs; edge.HttpEdge calls this instead.
         scope = cast(dict[str, Any], request.scope)
         scope[ON_SEND_TIMEOUT] = lambda: self._end_sse(watch, slow=True)
         return ServerSentEvent(self._stream(watch))
@@ -365,10 +380,6 @@ class Api:
         if slow:
             self.hub.drop(w.conversation_id, w.queue)  # counted once, however noticed
         self.hub.leave(w.conversation_id, w.queue)
-
-
-# In an SSE request's ASGI scope: what main.SendTimeout calls when the client reads nothing.
-ON_SEND_TIMEOUT = "baton.on_send_timeout"
 
 
 def _sse(event: str, event_id: str, data: dict[str, Any]) -> ServerSentEventMessage:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -16,8 +13,10 @@ from litestar.openapi import OpenAPIConfig
 
 from services.gateway import config, core, ws
 from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, TokenLog
+from services.gateway.edge import HttpEdge
 from services.gateway.fastpath import FastAccept
-from services.gateway.handlers import ON_SEND_TIMEOUT, Api, routes
+from services.gateway.handlers import Api, routes
+from services.gateway.server import GatewayServer, HttpProtocol
 from shared import runtime, subjects
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
@@ -51,9 +50,23 @@ def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[A
     return Response(error_body(500, "internal_error", "internal error"), status_code=500)
 
 
-def build_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> FastAccept:
-    """The Litestar app behind the raw ASGI fast path for ``POST /api/chat``."""
-    return FastAccept(litestar_app(api, bus, reads, settings), api, settings.max_body_bytes)
+def build_app(
+    api: Api,
+    bus: Bus,
+    reads: ReadModel,
+    settings: config.Settings,
+    metrics: ServiceMetrics | None = None,
+) -> FastAccept:
+    """The accept fast path in front of Litestar.
+
+    With ``metrics`` every request is counted, logged and has its sends bounded
+    (``edge.HttpEdge``; the fast path records itself through it).
+    """
+    app = litestar_app(api, bus, reads, settings)
+    if metrics is None:
+        return FastAccept(app, api, settings.max_body_bytes)
+    edge = HttpEdge(app, metrics, settings.sse_send_timeout_s)
+    return FastAccept(edge, api, settings.max_body_bytes, edge)
 
 
 def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> Litestar:
@@ -95,142 +108,11 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
     )
 
 
-# Probes and scrapes would drown the request lines (they are still counted in the metrics).
-QUIET_ROUTES = frozenset({"/healthz", "/readyz"})
-
-
-def outcome_of(status: int) -> str:
-    return "ok" if status < 400 else "client_error" if status < 500 else "server_error"
-
-
-class HttpMetrics:
-    """ASGI wrapper: request metrics and one canonical log line per request."""
-
-    def __init__(
-        self, app: Any, metrics: ServiceMetrics, log: structlog.stdlib.BoundLogger | None = None
-    ) -> None:
-        self.app = app
-        self.log = log or structlog.get_logger().bind(service=SERVICE)
-        self.requests = metrics.counter(
-            "http_requests_total",
-            "HTTP requests, by method, route and status.",
-            ("method", "route", "status"),
-        )
-        self.latency = metrics.histogram(
-            "http_request_seconds",
-            "HTTP request latency, by method and route.",
-            ("method", "route"),
-        )
-        self.children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = {"code": 500}
-        method = scope.get("method", "")
-
-        async def send_wrapper(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        # Handlers bind what they learn (message and conversation ids, the trace id of the
-        # request's span) for this request's one line.
-        structlog.contextvars.clear_contextvars()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            handler = scope.get("route_handler")
-            route = scope.get("baton_route") or (
-                next(iter(handler.paths), "other") if handler is not None else "unmatched"
-            )
-            elapsed = time.perf_counter() - started
-            key = (method, route, status["code"])
-            children = self.children.get(key)
-            if children is None:
-                # Label lookups cost more than the observation itself: once per combination.
-                children = (
-                    self.requests.labels(method, route, str(key[2])),
-                    self.latency.labels(method, route),
-                )
-                self.children[key] = children
-            children[0].inc()
-            children[1].observe(elapsed)
-            if route not in QUIET_ROUTES:
-                bound = structlog.contextvars.get_contextvars()
-                self.log.info(
-                    "handled",
-                    **{"trace_id": "", **bound},
-                    method=method,
-                    route=route,
-                    status=status["code"],
-                    outcome=outcome_of(status["code"]),
-                    duration_ms=round(elapsed * 1000, 2),
-                )
-            structlog.contextvars.clear_contextvars()
-
-
-class SendTimeout:
-    """ASGI wrapper bounding each response body send: a client that reads nothing is let go.
-
-    Without it a stream to a peer that stopped reading waits in ``send`` for ever (uvicorn has
-    no write timeout), holding its task and socket; a stream registers its cleanup in the
-    scope under ``ON_SEND_TIMEOUT``.
-    """
-
-    def __init__(self, app: Any, timeout_s: float) -> None:
-        self.app = app
-        self.timeout_s = timeout_s
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def bounded(message: Any) -> None:
-            if message["type"] != "http.response.body":
-                await send(message)
-                return
-            try:
-                await asyncio.wait_for(send(message), self.timeout_s)
-            except TimeoutError:
-                timed_out.append(True)
-                raise
-
-        timed_out: list[bool] = []
-        try:
-            await self.app(scope, receive, bounded)
-        except Exception:
-            if not timed_out:
-                raise
-            # Returning mid-response makes the server close the connection; nothing to answer.
-            on_timeout = scope.get(ON_SEND_TIMEOUT)
-            if on_timeout is not None:
-                on_timeout()
-
-
 def asgi(
     api: Api, bus: Bus, reads: ReadModel, settings: config.Settings, metrics: ServiceMetrics
 ) -> Any:
-    """The whole ASGI app: routes, request metrics, bounded response sends."""
-    app = SendTimeout(build_app(api, bus, reads, settings), settings.sse_send_timeout_s)
-    return HttpMetrics(app, metrics)
-
-
-class GatewayServer(uvicorn.Server):
-    """uvicorn that ends push streams first, so shutdown does not wait on idle SSE clients."""
-
-    def __init__(
-        self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]
-    ) -> None:
-        super().__init__(config)
-        self.before_shutdown = before_shutdown
-
-    async def shutdown(self, sockets: Any = None) -> None:
-        await self.before_shutdown()
-        await super().shutdown(sockets)
+    """The whole ASGI app: routes, request metrics and log lines, bounded response sends."""
+    return build_app(api, bus, reads, settings, metrics)
 
 
 async def amain() -> None:
@@ -267,6 +149,7 @@ async def amain() -> None:
             access_log=False,
             # Nothing reads the client address; rewriting it from X-Forwarded-* costs every request.
             proxy_headers=False,
+            http=HttpProtocol,
             timeout_graceful_shutdown=5,
             # Oversized client frames are refused by the protocol (close 1009) before they
             # are buffered; protocol pings find dead peers that never read.

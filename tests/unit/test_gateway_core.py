@@ -143,6 +143,32 @@ def test_ids_for_without_a_key_is_random_but_keeps_a_given_conversation() -> Non
     assert gw.ids_for(ALICE, None, CONV)[1] == CONV
 
 
+def test_random_uuids_are_version_4_uuids_in_canonical_form_and_all_distinct() -> None:
+    seen = set()
+    for _ in range(2000):
+        for value in gw.random_uuids():
+            parsed = uuid.UUID(value)
+            assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+            assert str(parsed) == value
+            seen.add(value)
+    assert len(seen) == 4000
+
+
+@pytest.mark.parametrize("name", ["", "p1\nu1\nkey-1", "é\n😀\n" + "k" * 255, "\x00\n\n"])
+def test_name_uuid_is_exactly_uuid5(name: str) -> None:
+    for namespace in (gw.MESSAGE_NS, gw.CONVERSATION_NS):
+        assert gw.name_uuid(namespace, name.encode()) == str(uuid.uuid5(namespace, name))
+
+
+def test_keyed_ids_are_the_uuid5_ids_clients_already_hold() -> None:
+    # Retries after an upgrade must land on the same message: the derivation never changes.
+    scope = "acme\nada\nretry-me"
+    assert gw.ids_for(Principal("acme", "ada"), "retry-me", None) == (
+        str(uuid.uuid5(gw.MESSAGE_NS, scope)),
+        str(uuid.uuid5(gw.CONVERSATION_NS, scope)),
+    )
+
+
 def test_content_hash_is_a_stable_sha256_hex() -> None:
     h = gw.content_hash("c", "hello")
     assert h == gw.content_hash("c", "hello") and len(h) == 64 and int(h, 16) >= 0

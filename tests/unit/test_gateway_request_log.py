@@ -10,7 +10,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from services.gateway.main import HttpMetrics
+from services.gateway.edge import HttpEdge as HttpMetrics
 from shared import tracing
 from shared.metrics import ServiceMetrics
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+from typing import Any
+
 import pytest
+from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -73,3 +78,33 @@ def test_with_an_endpoint_the_provider_exports_over_otlp_http(
 )
 def test_statement_names_are_operation_and_table(query: str, name: str, operation: str) -> None:
     assert tracing.statement_name(query) == (name, operation)
+
+
+def test_a_new_traceparent_is_a_valid_w3c_header_a_consumer_continues() -> None:
+    seen = set()
+    for _ in range(1000):
+        header = tracing.new_traceparent()
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", header), header
+        context = trace.get_current_span(propagate.extract({"traceparent": header}))
+        span = context.get_span_context()
+        assert span.is_valid and format(span.trace_id, "032x") == tracing.trace_id_of(header)
+        seen.add(tracing.trace_id_of(header))
+    assert len(seen) == 1000
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self.loggers: list[Any] = []
+
+    def add_query_logger(self, callback: Any) -> None:
+        self.loggers.append(callback)
+
+
+@pytest.mark.parametrize(("recording", "loggers"), [(False, 0), (True, 1)])
+def test_statements_become_spans_only_when_spans_are_recorded(
+    monkeypatch: pytest.MonkeyPatch, recording: bool, loggers: int
+) -> None:
+    monkeypatch.setitem(tracing._state, "recording", recording)
+    con = _Connection()
+    asyncio.run(tracing.trace_queries(con))
+    assert len(con.loggers) == loggers
