@@ -10,24 +10,43 @@ import sys
 import time
 from typing import Any
 
-from baton.bench import procstat
+from baton.bench import procstat, wrk
 from baton.bench.stack import SECRET, Stack
 from baton.embedded import free_port
 
 Result = dict[str, Any]
 
 
-def loadgen(url: str, token: str, concurrency: int, duration: float, keyed: bool) -> Result:
-    """Run the load generator in its own process and return its JSON."""
-    cmd = [sys.executable, "-m", "baton.bench.loadgen", "--url", url, "--token", token]
-    cmd += ["--concurrency", str(concurrency), "--duration", str(duration)]
-    cmd += ["--warmup", str(_warmup(duration))]
-    if keyed:
-        cmd.append("--keyed")
+GENERATORS = ("auto", "python", "wrk")
+
+
+def generator(choice: str) -> str:
+    """``auto``: wrk when it is installed, else the Python generator."""
+    if choice == "auto":
+        return "wrk" if wrk.available() else "python"
+    if choice == "wrk" and not wrk.available():
+        raise SystemExit("--loadgen wrk: wrk is not installed (apt-get install wrk)")
+    return choice
+
+
+def loadgen(
+    url: str, token: str, concurrency: int, duration: float, keyed: bool, gen: str = "python"
+) -> Result:
+    """Run the load generator in its own process and return its result."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120, check=True)
+    if gen == "wrk":
+        result = wrk.run(url, token, concurrency, duration, _warmup(duration), keyed)
+    else:
+        cmd = [sys.executable, "-m", "baton.bench.loadgen", "--url", url, "--token", token]
+        cmd += ["--concurrency", str(concurrency), "--duration", str(duration)]
+        cmd += ["--warmup", str(_warmup(duration))]
+        if keyed:
+            cmd.append("--keyed")
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=duration + 120, check=True
+        )
+        result = json.loads(out.stdout.strip().splitlines()[-1]) | {"generator": "python"}
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result: Result = json.loads(out.stdout.strip().splitlines()[-1])
     # The load generator shares the machine: its own CPU is part of what limits the figure.
     used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     requests = result["requests"] * (duration + _warmup(duration)) / duration
@@ -49,14 +68,14 @@ def _cpu_per_request(
     return {n: round((after[n] - before[n]) / total * 1e6, 1) for n in before}
 
 
-def accept(stack: Stack, concurrency: int, duration: float) -> Result:
+def accept(stack: Stack, concurrency: int, duration: float, gen: str = "python") -> Result:
     """POST /api/chat on the gateway alone (downstream services stopped), unkeyed and keyed."""
     out: Result = {"concurrency": concurrency, "duration_s": duration}
     pids = {n: p for n, p in stack.pids().items() if n in ("gateway", "nats", "postgres")}
     for name, keyed in (("unkeyed", False), ("keyed", True)):
         load = procstat.machine()["loadavg"]
         cpu0 = _cpu(pids)
-        result = loadgen(stack.gateway, stack.token, concurrency, duration, keyed)
+        result = loadgen(stack.gateway, stack.token, concurrency, duration, keyed, gen)
         result["cpu_us_per_request"] = _cpu_per_request(cpu0, _cpu(pids), result, _warmup(duration))
         out[name] = result | {"loadavg_before": load}
     return out
@@ -66,7 +85,7 @@ def _warmup(duration: float) -> float:
     return min(2.0, max(0.2, duration / 5))
 
 
-def usual(stack: Stack, concurrency: int, duration: float) -> Result:
+def usual(stack: Stack, concurrency: int, duration: float, gen: str = "python") -> Result:
     """Peer (a): Litestar+uvicorn, INSERT into Postgres, then 202, under the same load."""
     port = free_port()
     log = open(stack.logs / "usual.log", "ab")  # noqa: SIM115 - closed in finally
@@ -84,7 +103,7 @@ def usual(stack: Stack, concurrency: int, duration: float) -> Result:
         pids = {"usual": proc.pid, "postgres": stack.pids()["postgres"]}
         load = procstat.machine()["loadavg"]
         cpu0 = _cpu(pids)
-        result = loadgen(url, stack.token, concurrency, duration, False)
+        result = loadgen(url, stack.token, concurrency, duration, False, gen)
         result["cpu_us_per_request"] = _cpu_per_request(cpu0, _cpu(pids), result, _warmup(duration))
         return result | {"loadavg_before": load}
     finally:

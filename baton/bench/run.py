@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from baton.bench import procstat, stack
-from baton.bench.accept import accept, usual
+from baton.bench.accept import GENERATORS, accept, generator, usual
 from baton.bench.fanout import fanout
 from baton.bench.peers import broker, database
 from baton.bench.pipeline import pipeline_run, purge
@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per measurement")
     p.add_argument("--concurrency", type=int, default=64, help="accept: connections in flight")
+    p.add_argument(
+        "--loadgen",
+        choices=GENERATORS,
+        default="auto",
+        help="accept and the usual design: wrk when installed (auto), or the Python generator",
+    )
     p.add_argument("--rate", type=float, default=300.0, help="pipeline: messages/s offered")
     p.add_argument(
         "--light-rate",
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> Result:
         "started_at": time.strftime("%FT%TZ", time.gmtime()),
     }
     fast = ModelSettings(words_per_reply=args.words)
+    gen = generator(args.loadgen)
     with stack.running(fast, Path(args.logs) if args.logs else None) as st:
         say(f"stack up in {st.base}")
         if "accept" in chosen:
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace) -> Result:
                 f"accept: {args.concurrency} connections, {args.duration:.0f}s each (gateway alone)"
             )
             prof = _profiler(args, "accept", st.pids())
-            result["accept"] = accept(st, args.concurrency, args.duration)
+            result["accept"] = accept(st, args.concurrency, args.duration, gen)
             if prof is not None:
                 result["accept"]["profile"] = prof.stop()
             st.stop_services()
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> Result:
         if peers:
             say("peers: the usual design, the broker's and the database's ceilings")
             result["peers"] = {
-                "usual": usual(st, args.concurrency, args.duration),
+                "usual": usual(st, args.concurrency, args.duration, gen),
                 "broker": asyncio.run(
                     broker(st.nats.url, st.admin_password, min(args.duration, 5.0))
                 ),
