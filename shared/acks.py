@@ -38,7 +38,9 @@ class Acks:
         self.sweeper = asyncio.create_task(self._sweep())
 
     async def close(self) -> None:
-        """Stop the sweep; a request still waiting fails now rather than wait for ever."""
+        """Stop the sweep; a request still waiting fails now rather than wait for ever, and a
+        new one is refused (its reply could no longer arrive, nor its deadline be swept)."""
+        self.sub = None
         if self.sweeper is not None:
             self.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -32,6 +32,7 @@ T = TypeVar("T")
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # How often each replica reads its consumer's backlog into the pending gauges (one request).
 LAG_REFRESH_S = 5.0
+STALL_S = 1.0  # publish_async: longest wait for a free slot in the unacked window
 
 
 class _PubAckReply(msgspec.Struct):
@@ -170,7 +171,11 @@ class Bus:
         own: the caller must await it with one (see ``settle``) so a lost ack frees its slot.
         """
         with _producing(subject, msg_id, headers) as hdrs:
-            future = await self.js.publish_async(subject, messages.encode(event), headers=hdrs)
+            # With the connection's window of unacked publishes full, give up after a second
+            # (TooManyStalledMsgsError) instead of waiting for a slot for ever.
+            future = await self.js.publish_async(
+                subject, messages.encode(event), headers=hdrs, wait_stall=STALL_S
+            )
 
         def counted(f: asyncio.Future[PubAck]) -> None:
             if not f.cancelled() and f.exception() is None:

@@ -23,6 +23,9 @@ from shared.history import History, Turn
 from shared.metrics import ServiceMetrics
 
 _abort_decoder = msgspec.json.Decoder(m.RunAbort)
+# Token pushes of one call in flight without a PubAck before the call stops pushing (its answer
+# still arrives whole with the result): 32 calls x 64 stay well inside nats-py's window of 4,000.
+MAX_UNACKED_PUSHES = 64
 
 
 class Call:
@@ -160,6 +163,11 @@ class Handlers:
             nonlocal seq
             if not live:
                 return
+            if sum(not a.done() for a in acks) >= MAX_UNACKED_PUSHES:
+                # The broker stopped acking: stop pushing rather than fill the connection's
+                # window of unacked publishes, which every call in this process shares.
+                interrupted(TimeoutError(f"{MAX_UNACKED_PUSHES} token pushes unacknowledged"))
+                return
             seq += 1
             delta = m.TokenDelta(
                 conversation_id=c, run_id=t.run_id, attempt=t.attempt, seq=seq, text=text
@@ -215,19 +223,10 @@ class Handlers:
                 self._count(t.model, exc.usage)
                 failed = m.ExecFailed(
                     event_id=f"failed:{call_id}",
-                    message_id=t.message_id,
-                    conversation_id=c,
-                    project_id=p,
-                    causation_id=t.event_id,
-                    task_id=t.task_id,
-                    call_id=call_id,
-                    run_id=t.run_id,
-                    attempt=t.attempt,
-                    model=t.model,
                     error_class=error_class,
                     error=str(exc.cause)[:500],
                     usage=exc.usage,
-                    prices=t.prices,
+                    **_call_ids(t, call_id),
                 )
                 await self._publish_outcome(subjects.exec_failed(p, c), failed)
                 return f"failed:{error_class}"
@@ -243,18 +242,9 @@ class Handlers:
             self._count(t.model, outcome.usage)
             result = m.ExecResult(
                 event_id=f"result:{call_id}",
-                message_id=t.message_id,
-                conversation_id=c,
-                project_id=p,
-                causation_id=t.event_id,
-                task_id=t.task_id,
-                call_id=call_id,
-                run_id=t.run_id,
-                attempt=t.attempt,
-                model=t.model,
                 text=outcome.text,
                 usage=outcome.usage,
-                prices=t.prices,
+                **_call_ids(t, call_id),
                 stop_reason=outcome.stop_reason,
             )
             await self._publish_outcome(subjects.exec_result(p, c), result)
@@ -304,3 +294,19 @@ class Handlers:
         self.tokens.labels("output", model).inc(usage.output_tokens)
         self.tokens.labels("cache_read", model).inc(usage.cache_read_tokens)
         self.tokens.labels("cache_write", model).inc(usage.cache_write_tokens)
+
+
+def _call_ids(t: m.ExecTask, call_id: str) -> dict[str, Any]:
+    """What a call's outcome (result or failure) carries from its task."""
+    return {
+        "message_id": t.message_id,
+        "conversation_id": t.conversation_id,
+        "project_id": t.project_id,
+        "causation_id": t.event_id,
+        "task_id": t.task_id,
+        "call_id": call_id,
+        "run_id": t.run_id,
+        "attempt": t.attempt,
+        "model": t.model,
+        "prices": t.prices,
+    }

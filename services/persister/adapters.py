@@ -38,6 +38,22 @@ class StoredReply(msgspec.Struct, frozen=True):
     asked_at: datetime | None = None  # when the user message was accepted, if it was read too
 
 
+def _stored(row: Any, inserted: bool, **more: Any) -> StoredReply:
+    """A ``StoredReply`` from a row with the reply's columns (``more``: usage, cost, asked_at)."""
+    return StoredReply(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        project_id=row["project_id"],
+        user_id=row["user_id"],
+        reply_to=row["reply_to"],
+        kind=row["kind"],
+        content=row["content"],
+        created_at=row["created_at"],
+        inserted=inserted,
+        **more,
+    )
+
+
 RUN_COLUMNS = """
 INSERT INTO runs (run_id, message_id, conversation_id, project_id, user_id, status, status_rank,
                   verdict, reason, model, executor, attempts, estimated_tokens,
@@ -427,16 +443,9 @@ class Store:
                 # (and the run's usage) with a fresh snapshot.
                 stored = await self._reply(con, r.run_id, r.message_id, inserted=False)
                 return await self._with_run_usage(con, stored, r.run_id)
-            return StoredReply(
-                id=row["id"],
-                conversation_id=row["conversation_id"],
-                project_id=row["project_id"],
-                user_id=row["user_id"],
-                reply_to=row["reply_to"],
-                kind=row["kind"],
-                content=row["content"],
-                created_at=row["created_at"],
-                inserted=row["inserted"],
+            return _stored(
+                row,
+                row["inserted"],
                 usage=m.Usage(
                     input_tokens=int(row["input_tokens"]),
                     output_tokens=int(row["output_tokens"]),
@@ -541,17 +550,7 @@ class Store:
         row = await con.fetchrow(SELECT_REPLY, run_id)
         if row is None:
             raise BadData(f"reply for unknown message {message_id}")
-        return StoredReply(
-            id=row["id"],
-            conversation_id=row["conversation_id"],
-            project_id=row["project_id"],
-            user_id=row["user_id"],
-            reply_to=row["reply_to"],
-            kind=row["kind"],
-            content=row["content"],
-            created_at=row["created_at"],
-            inserted=inserted,
-        )
+        return _stored(row, inserted)
 
     async def _upsert_run(
         self,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Literal, cast
+from typing import Literal
 
 import msgspec
 from nats.aio.msg import Msg
@@ -105,11 +105,9 @@ class Handlers:
                 self.conversations.get(e.conversation_id),
                 return_exceptions=True,
             )
-            for outcome in (created_run, read):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            state, created = cast(tuple[core.RunState, bool], created_run)
-            known = cast(tuple[core.ConvState, int], read)
+            if isinstance(created_run, BaseException):
+                raise created_run
+            state, created = created_run
             if created:
                 self.verdicts.labels(state.verdict).inc()
                 if state.reservation is not None:
@@ -118,6 +116,11 @@ class Handlers:
                 # Another replica decided this run first without a hold (or the user cancelled
                 # it before its decision): give ours back.
                 await self.limiter.release(proposed.run_id, proposed.reservation.keys)  # type: ignore[union-attr]
+            # A failed read is raised only now: a hold this delivery will not keep is released
+            # first (its redelivery finds the run decided and would never give it back).
+            if isinstance(read, BaseException):
+                raise read
+            known = read
         if not state.position:  # a run cancelled before its decision: now it has its place
             state = msgspec.structs.replace(state, position=e.position)
         # A redelivered decision admits the same run again; what it emits is deduplicated.

@@ -102,3 +102,15 @@ async def test_a_publish_still_waiting_when_the_bus_closes_fails_instead_of_hang
             await asyncio.wait_for(waiting, 10)
     finally:
         await listener.close()
+
+
+async def test_a_publish_started_while_the_bus_closes_is_refused_at_once(infra: Infra) -> None:
+    # Between the PubAck subscription's close and the connection's drain, nothing would reply
+    # and no sweep would time the request out: it must fail at once, not wait for ever.
+    bus = await connect_bus(infra.nats_url)
+    try:
+        await bus.acks.close()
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await asyncio.wait_for(bus.acks.request("silent.subject", b"{}", {}, 60), 2)
+    finally:
+        await bus.close()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import structlog
+import structlog.testing
+from nats.js.api import DiscardPolicy
 
 from baton.offline_model import OfflineModelProcess
 from services.executor.adapters import Model
 from services.executor.config import Settings
-from services.executor.handlers import Handlers
+from services.executor.handlers import MAX_UNACKED_PUSHES, Handlers
 from services.persister.adapters import Store
 from shared import messages as m
 from shared import model, subjects
@@ -355,3 +360,49 @@ async def test_token_pushes_the_broker_refuses_stop_but_the_answer_arrives_whole
     registry = metrics.registry
     assert registry.get_sample_value("baton_executor_token_stream_interruptions_total") == 1
     assert bus.js.publish_async_pending() == 0
+
+
+async def test_pushes_stop_once_too_many_go_unacknowledged_and_the_answer_arrives_whole(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # A token stream that refuses every write with an error reply: nats-py never resolves
+    # those PubAcks, so without a bound each push would hold a slot of the connection's window
+    # (shared by every call of the process) until the call ends.
+    offline_model.update_settings(ttft_ms=0, tokens_per_second=0, words_per_reply=300)
+    bus = await connect_bus(infra.nats_url, "executor")
+    calls = structlog.testing.CapturingLogger()
+    bus.log = structlog.wrap_logger(calls, processors=[])
+    config = await bus.js.stream_info(subjects.STREAM_TOKENS)
+    await bus.js.update_stream(
+        dataclasses.replace(config.config, max_msgs=1, discard=DiscardPolicy.NEW)
+    )
+    await bus.js.purge_stream(subjects.STREAM_TOKENS)
+    await bus.js.publish(subjects.token_stream("p", "filler"), b"{}")  # the one it keeps
+    pool = await create_pool(infra.database_url)
+    e = user_event("Tell me a long story about message queues")
+    await Store(pool).insert_user_message(e)
+    cfg = Settings(coalesce_chars=1)
+    client = model.client(offline_model.url, "test-key", cfg.stall_timeout_s)
+    metrics = service_metrics("executor")
+    h = Handlers(bus, History(pool), Model(client), cfg, metrics)
+    task = _task(e)
+    await bus.publish(
+        subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
+    )
+    try:
+        async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+            [result] = decode_all(
+                await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1),
+                m.ExecResult,
+            )
+    finally:
+        await bus.js.update_stream(config.config)
+        await bus.js.purge_stream(subjects.STREAM_TOKENS)
+        await bus.close()
+        await pool.close()
+        await client.close()
+    assert len(result.text.split()) == 300
+    assert metrics.registry.get_sample_value("baton_executor_token_stream_interruptions_total") == 1
+    [stopped] = [c for c in calls.calls if c.kwargs.get("event") == "token_stream_interrupted"]
+    # Stopped by the bound while streaming, not by the sweep of late acks at the end.
+    assert f"{MAX_UNACKED_PUSHES} token pushes unacknowledged" in stopped.kwargs["error"]
