@@ -26,6 +26,10 @@ class StreamOutcome(msgspec.Struct):
     stop_reason: str
 
 
+class StreamEnded(Exception):
+    """The model's stream ended without ``message_stop``: a cut answer (class ``cut_stream``)."""
+
+
 class StreamFailed(Exception):
     """A model call that ended in an error, with what it had used until then."""
 
@@ -169,6 +173,7 @@ class Model:
         recording = span.is_recording()
         started = time.time_ns()
         message = _Message(usage=_StartUsage())
+        stopped = False
         try:
             if abort is not None and abort.is_set():
                 raise CallAborted("aborted before the call started")
@@ -209,8 +214,13 @@ class Model:
                         md = _message_delta.decode(data)
                         counts["output"] = md.usage.output_tokens
                         stop_reason = md.delta.stop_reason or ""
+                    elif event == b"message_stop":
+                        stopped = True
                     elif event == b"error":
                         raise _stream_error(self.client, data, response.http_response)
+                if not stopped:
+                    # A body that ends cleanly but early is a cut answer, not a complete one.
+                    raise StreamEnded("the stream ended before message_stop")
         except asyncio.CancelledError:
             if abort is None or not abort.is_set():
                 span.end()

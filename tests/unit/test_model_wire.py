@@ -19,7 +19,8 @@ import pytest
 from baton import offline_model
 from services.agent import core
 from services.agent.adapters import Classifier
-from services.executor.adapters import Model, StreamFailed, sse_events
+from services.executor.adapters import Model, StreamEnded, StreamFailed, sse_events
+from services.executor.core import classify
 from shared.messages import Usage
 
 
@@ -192,6 +193,14 @@ async def test_an_error_event_raises_what_the_sdks_own_stream_raises_with_usage_
     assert failed.cause.status_code == sdk.value.status_code == 200
 
 
+async def test_a_stream_that_ends_before_message_stop_is_a_cut_answer() -> None:
+    # The body ends cleanly after two deltas: not a complete answer, a cut one (policy retries).
+    seen, failed = await _stream(_sse(("message_start", START), _delta("a"), _delta("b")))
+    assert seen == ["a", "b"] and isinstance(failed, StreamFailed)
+    assert isinstance(failed.cause, StreamEnded) and classify(failed.cause) == "cut_stream"
+    assert failed.usage == Usage(input_tokens=11, output_tokens=2, cache_write_tokens=5)
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -343,7 +352,12 @@ async def test_the_executor_sends_the_request_the_sdks_stream_helper_sends() -> 
         "index": 0,
         "content_block": {"type": "text", "text": ""},
     }
-    body = _sse(("message_start", START), ("content_block_start", block), _delta("x"))
+    body = _sse(
+        ("message_start", START),
+        ("content_block_start", block),
+        _delta("x"),
+        ("message_stop", {"type": "message_stop"}),
+    )
     sent: list[httpx2.Request] = []
     client = anthropic.AsyncAnthropic(
         api_key="sk-ant-real-looking",
