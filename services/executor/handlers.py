@@ -149,7 +149,11 @@ class Handlers:
                 self.stream_interruptions.inc()
                 self.bus.log.warning("token_stream_interrupted", call_id=call_id, error=repr(exc))
 
+        unacked = 0
+
         def acked(f: asyncio.Future[PubAck]) -> None:
+            nonlocal unacked
+            unacked -= 1
             if not f.cancelled() and f.exception() is not None:
                 interrupted(f.exception())  # type: ignore[arg-type]
 
@@ -160,10 +164,10 @@ class Handlers:
         async def push(text: str) -> None:
             # Token pushes are best effort: a broker hiccup must not abort a call that is being
             # paid for; the answer still arrives whole with the result.
-            nonlocal seq
+            nonlocal seq, unacked
             if not live:
                 return
-            if sum(not a.done() for a in acks) >= MAX_UNACKED_PUSHES:
+            if unacked >= MAX_UNACKED_PUSHES:
                 # The broker stopped acking: stop pushing rather than fill the connection's
                 # window of unacked publishes, which every call in this process shares.
                 interrupted(TimeoutError(f"{MAX_UNACKED_PUSHES} token pushes unacknowledged"))
@@ -179,6 +183,7 @@ class Handlers:
             except (nats.errors.Error, TimeoutError, OSError) as exc:
                 interrupted(exc)
                 return
+            unacked += 1
             ack.add_done_callback(acked)
             acks.append(ack)
 
