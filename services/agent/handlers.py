@@ -61,6 +61,10 @@ class Handlers:
         return "fallback" if reason else "classified"
 
     async def _context(self, e: m.UserMessagePersisted) -> list[core.Turn]:
+        if e.position == 1:
+            # A conversation's first message: nothing came before it, so its history is itself
+            # (one database round trip less on the way to the first answer).
+            return [core.Turn("user", e.content)]
         try:
             turns = await self.history.upto(
                 e.conversation_id, e.message_id, self.settings.context_messages

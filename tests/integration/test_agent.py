@@ -19,17 +19,28 @@ from shared import messages as m
 from shared import model, subjects
 from shared.bus import Consumer
 from shared.db import create_pool
-from shared.history import History
+from shared.history import History, Turn
 from shared.metrics import ServiceMetrics
 from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,
     decode_all,
+    eventually,
     read_subject,
     running,
     service_metrics,
     user_event,
 )
+
+
+class CountingHistory(History):
+    """The real history reader, counting its reads."""
+
+    reads = 0
+
+    async def upto(self, conversation_id: str, message_id: str, limit: int) -> list[Turn]:
+        self.reads += 1
+        return await super().upto(conversation_id, message_id, limit)
 
 
 async def _run_agent(
@@ -38,29 +49,41 @@ async def _run_agent(
     e: m.UserMessageAccepted,
     metrics: ServiceMetrics | None = None,
     settings: Settings | None = None,
+    position: int = 0,
+    history: list[CountingHistory] | None = None,
 ) -> list[m.AgentDecision]:
     bus = await connect_bus(infra.nats_url, "agent")
     pool = await create_pool(infra.database_url)
     await Store(pool).insert_user_message(e)
     settings = settings or Settings()
     client = model.client(url, "test-key", 5.0)
+    reader = CountingHistory(pool)
+    if history is not None:
+        history.append(reader)
     h = Handlers(
         bus,
-        History(pool),
+        reader,
         Classifier(client, settings.model, settings.max_tokens),
         settings,
         metrics or service_metrics("agent"),
     )
-    persisted = m.UserMessagePersisted(**{f: getattr(e, f) for f in e.__struct_fields__})
+    fields = {f: getattr(e, f) for f in e.__struct_fields__}
+    persisted = m.UserMessagePersisted(**fields, position=position)
     await bus.publish(
-        subjects.persisted_user(e.project_id, e.conversation_id), persisted, msg_id="p"
+        subjects.persisted_user(e.project_id, e.conversation_id), persisted, msg_id=e.message_id
     )
-    async with running(Consumer(bus, subjects.AGENT_IN, m.UserMessagePersisted, h.user_message)):
+
+    async def with_this_one() -> list[m.AgentDecision] | None:
         found = await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1)
+        decisions = decode_all(found, m.AgentDecision)
+        return decisions if any(d.message_id == e.message_id for d in decisions) else None
+
+    async with running(Consumer(bus, subjects.AGENT_IN, m.UserMessagePersisted, h.user_message)):
+        decisions = await eventually(with_this_one)
     await bus.close()
     await pool.close()
     await client.close()
-    return decode_all(found, m.AgentDecision)
+    return decisions
 
 
 async def test_the_model_classifies_a_message_through_forced_tool_use(
@@ -73,6 +96,23 @@ async def test_the_model_classifies_a_message_through_forced_tool_use(
     assert 1 <= decision.decision.estimated_tokens <= 8192
     stats = offline_model.stats()
     assert stats["calls"] == 1 and stats["completed"] == 1
+
+
+async def test_a_conversations_first_message_is_classified_without_reading_history(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    e = user_event("What is a durable consumer?")
+    readers: list[CountingHistory] = []
+    [first] = await _run_agent(infra, offline_model.url, e, position=1, history=readers)
+    later = user_event("And an ephemeral one?", conversation_id=e.conversation_id)
+    found = await _run_agent(infra, offline_model.url, later, position=2, history=readers)
+    [second] = [d for d in found if d.message_id == later.message_id]
+    assert first.fallback is False and second.fallback is False
+    # Nothing comes before position 1; a later message reads what came before it.
+    assert [r.reads for r in readers] == [0, 1]
+    prompts = [str(c["body"]["messages"]) for c in offline_model.requests()[-2:]]
+    assert "What is a durable consumer?" in prompts[0]
+    assert "What is a durable consumer?" in prompts[1] and "And an ephemeral one?" in prompts[1]
 
 
 async def test_a_failing_model_leaves_a_marked_rule_based_decision(
