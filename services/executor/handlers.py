@@ -157,6 +157,15 @@ class Handlers:
             if not f.cancelled() and f.exception() is not None:
                 interrupted(f.exception())  # type: ignore[arg-type]
 
+        async def settle_pushes() -> None:
+            # Pushes go out without a round trip each; their acks are collected before the
+            # outcome is published, so every token a client can get is stored before the
+            # answer or the retry that follows it. A lost one is counted.
+            async with pushing:
+                for lost in await Bus.settle(acks, timeout=1.0):
+                    interrupted(lost)
+                acks.clear()
+
         async def send(text: str) -> None:
             async with pushing:
                 await push(text)
@@ -233,6 +242,7 @@ class Handlers:
                     usage=exc.usage,
                     **_call_ids(t, call_id),
                 )
+                await settle_pushes()
                 await self._publish_outcome(subjects.exec_failed(p, c), failed)
                 return f"failed:{error_class}"
             finally:
@@ -252,14 +262,11 @@ class Handlers:
                 **_call_ids(t, call_id),
                 stop_reason=outcome.stop_reason,
             )
+            await settle_pushes()
             await self._publish_outcome(subjects.exec_result(p, c), result)
             return "completed"
         finally:
-            # Every push is on the wire before the outcome (one connection keeps their order);
-            # here their acks are collected, so none is left waiting and a lost one is counted.
-            async with pushing:
-                for lost in await Bus.settle(acks, timeout=1.0):
-                    interrupted(lost)
+            await settle_pushes()  # after an error too: no PubAck is left waiting
 
     async def _publish_outcome(self, subject: str, event: m.ExecResult | m.ExecFailed) -> None:
         """Publish a call's outcome, riding out a broker restart: the call is already paid for.
