@@ -299,7 +299,16 @@ def test_double_texting_with_two_policy_and_two_executor_replicas(
             assert answers == [first, second]
         elif strategy == "reject":
             run = c.wait_status(second, "refused")
-            assert run["verdict"] == "stop"
+            # The verdict and the refusal are published together and stored by two consumers,
+            # so the run row may show the refusal a moment before its verdict (/state is
+            # eventually consistent); the verdict must follow, and be "stop".
+
+            def decided() -> dict[str, Any] | None:
+                latest: dict[str, Any] = c.runs()[second]
+                return latest if latest["verdict"] else None
+
+            run = c.wait(decided, f"{second}'s verdict")
+            assert run["verdict"] == "stop" and run["status"] == "refused"
             refusal = c.wait(
                 lambda: [m for m in c.messages() if m["run_id"] == second], "refusal reply"
             )
