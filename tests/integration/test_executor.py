@@ -18,9 +18,10 @@ from services.executor.handlers import MAX_UNACKED_PUSHES, Handlers
 from services.persister.adapters import Store
 from shared import messages as m
 from shared import model, subjects
-from shared.bus import Consumer
+from shared.bus import Bus, Consumer
 from shared.db import create_pool
 from shared.history import History
+from shared.metrics import ServiceMetrics
 from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,
@@ -327,16 +328,12 @@ async def test_an_abort_stops_a_streaming_call_and_reports_its_partial_usage(
     await client.close()
 
 
-async def test_token_pushes_the_broker_refuses_stop_but_the_answer_arrives_whole(
-    infra: Infra, offline_model: OfflineModelProcess
-) -> None:
-    # Pushes are not awaited one by one, so a refusal is learnt from its ack: counted once,
-    # pushing stops, and the call's outcome is published all the same.
-    offline_model.update_settings(ttft_ms=0, tokens_per_second=0, words_per_reply=20)
-    bus = await connect_bus(infra.nats_url, "executor")
-    await bus.js.delete_stream(subjects.STREAM_TOKENS)
+async def _one_task_pushing_each_word(
+    infra: Infra, offline_model: OfflineModelProcess, bus: Bus, question: str
+) -> tuple[m.ExecResult, ServiceMetrics]:
+    """One task through a running executor that pushes every word (``coalesce_chars=1``)."""
     pool = await create_pool(infra.database_url)
-    e = user_event("Tell me about message queues")
+    e = user_event(question)
     await Store(pool).insert_user_message(e)
     cfg = Settings(coalesce_chars=1)
     client = model.client(offline_model.url, "test-key", cfg.stall_timeout_s)
@@ -353,9 +350,25 @@ async def test_token_pushes_the_broker_refuses_stop_but_the_answer_arrives_whole
                 m.ExecResult,
             )
     finally:
-        await bus.close()
         await pool.close()
         await client.close()
+    return result, metrics
+
+
+async def test_token_pushes_the_broker_refuses_stop_but_the_answer_arrives_whole(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # Pushes are not awaited one by one, so a refusal is learnt from its ack: counted once,
+    # pushing stops, and the call's outcome is published all the same.
+    offline_model.update_settings(ttft_ms=0, tokens_per_second=0, words_per_reply=20)
+    bus = await connect_bus(infra.nats_url, "executor")
+    await bus.js.delete_stream(subjects.STREAM_TOKENS)
+    try:
+        result, metrics = await _one_task_pushing_each_word(
+            infra, offline_model, bus, "Tell me about message queues"
+        )
+    finally:
+        await bus.close()
     assert len(result.text.split()) > 3
     registry = metrics.registry
     assert registry.get_sample_value("baton_executor_token_stream_interruptions_total") == 1
@@ -378,29 +391,14 @@ async def test_pushes_stop_once_too_many_go_unacknowledged_and_the_answer_arrive
     )
     await bus.js.purge_stream(subjects.STREAM_TOKENS)
     await bus.js.publish(subjects.token_stream("p", "filler"), b"{}")  # the one it keeps
-    pool = await create_pool(infra.database_url)
-    e = user_event("Tell me a long story about message queues")
-    await Store(pool).insert_user_message(e)
-    cfg = Settings(coalesce_chars=1)
-    client = model.client(offline_model.url, "test-key", cfg.stall_timeout_s)
-    metrics = service_metrics("executor")
-    h = Handlers(bus, History(pool), Model(client), cfg, metrics)
-    task = _task(e)
-    await bus.publish(
-        subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
-    )
     try:
-        async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
-            [result] = decode_all(
-                await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1),
-                m.ExecResult,
-            )
+        result, metrics = await _one_task_pushing_each_word(
+            infra, offline_model, bus, "Tell me a long story about message queues"
+        )
     finally:
         await bus.js.update_stream(config.config)
         await bus.js.purge_stream(subjects.STREAM_TOKENS)
         await bus.close()
-        await pool.close()
-        await client.close()
     assert len(result.text.split()) == 300
     assert metrics.registry.get_sample_value("baton_executor_token_stream_interruptions_total") == 1
     [stopped] = [c for c in calls.calls if c.kwargs.get("event") == "token_stream_interrupted"]
