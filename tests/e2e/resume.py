@@ -21,6 +21,19 @@ Event = dict[str, Any]
 Resume = Callable[[str, int, int], Awaitable[list[Event]]]
 
 
+def feed(event: Event, line: str) -> bool:
+    """Add one SSE line to ``event``; True at the blank line that ends it (comments ignored)."""
+    if not line:
+        return True
+    field, _, value = line.partition(":")
+    value = value.removeprefix(" ")
+    if field == "data" and value:
+        event["data"] = json.loads(value)
+    elif field in ("event", "id"):
+        event[field] = value
+    return False
+
+
 async def read_events(
     client: httpx.AsyncClient,
     url: str,
@@ -49,21 +62,13 @@ async def read_events(
                 line = await asyncio.wait_for(anext(lines), idle_s)
             except TimeoutError:
                 break
-            if line.startswith(":"):
+            if not feed(event, line):
                 continue
-            if not line:
-                if "event" in event:
-                    out.append(event)
-                    if limit is not None and event["event"] == "message.completed":
-                        break
-                event = {}
-                continue
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "data" and value:
-                event["data"] = json.loads(value)
-            elif field in ("event", "id"):
-                event[field] = value
+            if "event" in event:
+                out.append(event)
+                if limit is not None and event["event"] == "message.completed":
+                    break
+            event = {}
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 
@@ -12,6 +11,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Pipeline
+from tests.e2e.resume import feed
 
 pytestmark = pytest.mark.e2e
 
@@ -33,22 +33,15 @@ async def _sse(
         async for line in resp.aiter_lines():
             if line.startswith(":"):
                 ready.set()
+            if not feed(event, line):
                 continue
-            if not line:
-                if "event" in event:
-                    out.append(event)
-                    if event["event"] == "message.completed":
-                        completed += 1
-                        if completed >= until_completed:
-                            return
-                event = {}
-                continue
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "data" and value:
-                event["data"] = json.loads(value)
-            elif field in ("event", "id"):
-                event[field] = value
+            if "event" in event:
+                out.append(event)
+                if event["event"] == "message.completed":
+                    completed += 1
+                    if completed >= until_completed:
+                        return
+            event = {}
 
 
 async def _conversation(
