@@ -261,9 +261,7 @@ class Handlers:
                 await self._carry_out(effect)
         return outcome or ""
 
-    async def _step(
-        self, c: machine.Continue, carry: _Carry
-    ) -> tuple[machine.Step, _Carry]:
+    async def _step(self, c: machine.Continue, carry: _Carry) -> tuple[machine.Step, _Carry]:
         """One input on one run and its conversation; returns the step and the records it
         leaves (what the next input on the same run or conversation starts from)."""
         # A cancel and a release decide on the records as they are now, as a first read does.
@@ -298,7 +296,9 @@ class Handlers:
             kept = _Carry(conv=conv_rec)
             if run_rec is not None:
                 kept.run = run_rec
-            return machine.Step(done.run, done.conversation, _after_writes(done), done.outcome), kept
+            return machine.Step(
+                done.run, done.conversation, _after_writes(done), done.outcome
+            ), kept
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _carry_out(self, effect: machine.Effect) -> None:

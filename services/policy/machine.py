@@ -29,7 +29,7 @@ import msgspec
 from services.policy import budget, core
 from services.policy.core import ConvState, Rules, RunState
 from shared import messages as m
-from shared import subjects
+from shared import runs, subjects
 
 # ---------------------------------------------------------------- phases (read from a record)
 
@@ -69,7 +69,7 @@ Phase = Running | Backoff | Cancelling | Done
 
 def phase_of(run: RunState) -> Phase:
     """The one place the record's fields are read as a phase."""
-    if run.status in core.TERMINAL:
+    if run.status in runs.TERMINAL:
         return Done(run.status, run.out_of_turn)
     if run.retry_at is not None:
         return Backoff(run.attempt, run.retry_at)
@@ -355,7 +355,11 @@ def _after(
         case Cancelling():
             timer = core.deadline_event(run, now + timedelta(seconds=rules.run_deadline_s))
             subject = subjects.policy_deadline(run.project_id, run.conversation_id)
-            effects = [emit(run, rules, now), _abort(run, "cancelled"), Publish(((subject, timer),))]
+            effects = [
+                emit(run, rules, now),
+                _abort(run, "cancelled"),
+                Publish(((subject, timer),)),
+            ]
             return None, tuple(effects)
     return None, ()
 
@@ -453,7 +457,9 @@ def settlement(
     tokens = max(0, budget.total_tokens(usage))
     cost_usd = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
     done = msgspec.structs.replace(r, settled=True, actual_tokens=tokens, actual_cost_usd=cost_usd)
-    return msgspec.structs.replace(run, reservation=done), (Settle(run.run_id, r, tokens, cost_usd),)
+    return msgspec.structs.replace(run, reservation=done), (
+        Settle(run.run_id, r, tokens, cost_usd),
+    )
 
 
 def _closing(new: RunState) -> tuple[RunState, tuple[Settle, ...]]:
@@ -470,7 +476,9 @@ def emit(run: RunState, rules: Rules, now: datetime, resume: bool = False) -> Pu
     """The run's verdict, and its task and timer or its reply, in this order. A redelivery
     emits the same ids again (JetStream keeps one copy)."""
     p, c = run.project_id, run.conversation_id
-    out: list[tuple[str, msgspec.Struct]] = [(subjects.policy_verdict(p, c), core.verdict_event(run))]
+    out: list[tuple[str, msgspec.Struct]] = [
+        (subjects.policy_verdict(p, c), core.verdict_event(run))
+    ]
     if isinstance(phase := phase_of(run), Running) and phase.deadline is not None:
         out.append((subjects.exec_task(p, c), core.task_for(run, phase.deadline)))
         # The attempt's timer: an attempt with no outcome by then is retried or failed.
