@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from shared import runs
+
 RETRY_S = 0.5
 GIVE_UP_S = 120.0
 
@@ -81,7 +83,7 @@ class Chat:
             try:
                 await asyncio.wait_for(connected.wait(), 15)
                 message_id = await self._post(client, content)
-                run_id.append(f"run-{message_id}")
+                run_id.append(runs.run_id(message_id))
                 return await asyncio.wait_for(asyncio.shield(done), GIVE_UP_S)
             finally:
                 reader.cancel()

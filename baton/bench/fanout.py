@@ -15,7 +15,7 @@ from baton.bench import procstat
 from baton.bench.http import SseStream, summary_ms
 from baton.bench.stack import Stack
 from shared import messages as m
-from shared import subjects
+from shared import runs, subjects
 
 Result = dict[str, Any]
 
@@ -57,7 +57,7 @@ async def fanout(stack: Stack, clients: int, hz: float, duration: float) -> Resu
         for cid in cids:
             delta = m.TokenDelta(
                 conversation_id=cid,
-                run_id=f"run-{cid}",
+                run_id=runs.run_id(cid),
                 attempt=1,
                 seq=k + 1,
                 text=repr(time.perf_counter()),

@@ -9,7 +9,7 @@ from services.agent import core
 from services.agent.adapters import Classifier
 from services.agent.config import Settings
 from shared import messages as m
-from shared import subjects
+from shared import runs, subjects
 from shared.bus import Bus
 from shared.errors import DependencyDown
 from shared.history import History
@@ -44,7 +44,7 @@ class Handlers:
             decision = core.fallback(e.content)
             self.fallbacks.labels(reason.split(":")[0]).inc()
         out = m.AgentDecision(
-            event_id=f"decision:{e.message_id}",
+            event_id=runs.decision_id(e.message_id),
             message_id=e.message_id,
             conversation_id=e.conversation_id,
             project_id=e.project_id,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import AsyncExitStack
+from typing import Any
+
 from services.agent import config
 from services.agent.adapters import Classifier
 from services.agent.handlers import Handlers
@@ -9,6 +13,7 @@ from shared import messages, model, runtime, subjects
 from shared.bus import Bus, Consumer, run_consumers
 from shared.db import create_pool
 from shared.history import History
+from shared.metrics import ServiceMetrics
 
 SERVICE = "agent"
 
@@ -16,11 +21,28 @@ SERVICE = "agent"
 async def amain() -> None:
     settings = config.from_env()
     log, metrics, port, stop = runtime.boot(SERVICE, settings)
+    # Everything opened is closed on every path, also when a later step fails (NATS down).
+    async with AsyncExitStack() as resources:
+        await _serve(resources, settings, log, metrics, port, stop)
+    log.info("stopped")
+
+
+async def _serve(
+    resources: AsyncExitStack,
+    settings: config.Settings,
+    log: Any,
+    metrics: ServiceMetrics,
+    port: int,
+    stop: asyncio.Event,
+) -> None:
     pool = await create_pool(str(settings.database_url), max_size=4)
+    resources.push_async_callback(pool.close)
     client = model.client(
         settings.anthropic_base_url, str(settings.anthropic_api_key), settings.model_timeout_s
     )
+    resources.push_async_callback(client.close)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
+    resources.push_async_callback(bus.close)
     h = Handlers(
         bus,
         History(pool),
@@ -38,13 +60,7 @@ async def amain() -> None:
     )
     metrics.up.set(1)
     log.info("started", metrics_port=port, model=settings.model)
-    try:
-        await run_consumers([consumer], stop, settings.shutdown_grace_s)
-    finally:
-        await bus.close()
-        await pool.close()
-        await client.close()
-        log.info("stopped")
+    await run_consumers([consumer], stop, settings.shutdown_grace_s)
 
 
 def main() -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import AsyncExitStack
+from typing import Any
+
 from services.executor import config
 from services.executor.adapters import Model
 from services.executor.handlers import Handlers
@@ -9,6 +13,7 @@ from shared import messages, model, runtime, subjects
 from shared.bus import Bus, Consumer, run_consumers
 from shared.db import Health, create_pool
 from shared.history import History
+from shared.metrics import ServiceMetrics
 
 SERVICE = "executor"
 
@@ -16,15 +21,33 @@ SERVICE = "executor"
 async def amain() -> None:
     settings = config.from_env()
     log, metrics, port, stop = runtime.boot(SERVICE, settings)
+    # Everything opened is closed on every path, also when a later step fails (NATS down).
+    async with AsyncExitStack() as resources:
+        await _serve(resources, settings, log, metrics, port, stop)
+    log.info("stopped")
+
+
+async def _serve(
+    resources: AsyncExitStack,
+    settings: config.Settings,
+    log: Any,
+    metrics: ServiceMetrics,
+    port: int,
+    stop: asyncio.Event,
+) -> None:
     pool = await create_pool(str(settings.database_url), max_size=4)
+    resources.push_async_callback(pool.close)
     client = model.client(
         settings.anthropic_base_url, str(settings.anthropic_api_key), settings.stall_timeout_s
     )
+    resources.push_async_callback(client.close)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
+    resources.push_async_callback(bus.close)
     aborts = await bus.js.key_value(subjects.BUCKET_ABORTS)
     h = Handlers(bus, History(pool), Model(client), settings, metrics, aborts)
     # Every replica hears every abort (a plain subscription, no queue group).
     abort_sub = await bus.nc.subscribe(subjects.EXEC_ABORT_ALL, cb=h.abort)
+    resources.push_async_callback(abort_sub.unsubscribe)
     health = Health(pool)
     consumer = Consumer(
         bus,
@@ -39,14 +62,7 @@ async def amain() -> None:
     )
     metrics.up.set(1)
     log.info("started", metrics_port=port)
-    try:
-        await run_consumers([consumer], stop, settings.shutdown_grace_s)
-    finally:
-        await abort_sub.unsubscribe()
-        await bus.close()
-        await pool.close()
-        await client.close()
-        log.info("stopped")
+    await run_consumers([consumer], stop, settings.shutdown_grace_s)
 
 
 def main() -> None:

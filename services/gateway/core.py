@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import time
 import uuid
@@ -15,6 +14,7 @@ import jwt
 import msgspec
 
 from shared import messages as m
+from shared import runs as vocab
 from shared import subjects
 from shared.subjects import is_safe_token
 
@@ -151,8 +151,7 @@ def parse_uuid(value: str, name: str) -> str:
         raise ApiError(422, "invalid_id", f"{name} must be a UUID") from exc
 
 
-RUN_ID_RE = re.compile(r"^run-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
-FINAL_STATUSES = frozenset({"completed", "refused", "clarified", "failed", "cancelled"})
+FINAL_STATUSES = vocab.TERMINAL
 
 
 def parse_cancel_ids(conversation_id: str, run_id: str) -> tuple[str, str, str]:
@@ -161,10 +160,10 @@ def parse_cancel_ids(conversation_id: str, run_id: str) -> tuple[str, str, str]:
         cid = str(uuid.UUID(conversation_id))
     except (ValueError, AttributeError, TypeError) as exc:
         raise ApiError(400, "invalid_id", "conversation id must be a UUID") from exc
-    match = RUN_ID_RE.fullmatch(run_id)
-    if match is None:
+    message_id = vocab.message_of(run_id)
+    if message_id is None:
         raise ApiError(400, "invalid_id", "run id must look like run-<message uuid>")
-    return cid, run_id, match.group(1)
+    return cid, run_id, message_id
 
 
 def check_idempotency_key(key: str | None, max_chars: int) -> str | None:
@@ -327,7 +326,7 @@ def parse_event_id(value: str | None) -> Position | None:
 
 def run_id_of(message_id: str) -> str:
     """The run a user message starts (see docs/decisions.md, Ids)."""
-    return f"run-{message_id}"
+    return vocab.run_id(message_id)
 
 
 def latest_tokens(deltas: list[m.TokenDelta]) -> dict[str, list[m.TokenDelta]]:
@@ -451,7 +450,7 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
         wanted = f"msg:{pos.key}"
         return events[ids.index(wanted) + 1 :] if wanted in ids else events
     start = next((i for i, e in enumerate(events) if e[1] == f"msg:{pos.key[4:]}"), None)
-    if not pos.key.startswith("run-") or start is None:
+    if not vocab.is_run_id(pos.key) or start is None:
         return events
     status: int | None = None
     toks: list[int] = []

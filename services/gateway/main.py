@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
@@ -121,11 +122,27 @@ async def amain() -> None:
         raise ConfigError("GATEWAY_JWT_SECRET (or BATON_JWT_SECRET) must be set")
     # uvicorn owns the signals here; it shuts the server down and we clean up after it.
     log, metrics, metrics_port, _ = runtime.boot(SERVICE, settings, signals=False)
+    # Everything opened is closed on every path, also when a later step fails (NATS down).
+    async with AsyncExitStack() as resources:
+        await _serve(resources, settings, log, metrics, metrics_port)
+    log.info("stopped")
+
+
+async def _serve(
+    resources: AsyncExitStack,
+    settings: config.Settings,
+    log: Any,
+    metrics: ServiceMetrics,
+    metrics_port: int,
+) -> None:
     pool = await create_pool(str(settings.database_url), max_size=10)
+    resources.push_async_callback(pool.close)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
+    resources.push_async_callback(bus.close)
     reads = ReadModel(pool)
     hub = Hub(bus, settings.sse_queue_size, log, metrics)
     await hub.start()
+    resources.push_async_callback(hub.stop)
     tokens = TokenLog(bus, settings.publish_timeout_s)
     limits_kv = None
     if settings.rate_gate:
@@ -165,13 +182,7 @@ async def amain() -> None:
         signal.signal(sig, lambda *_: None)
     metrics.up.set(1)
     log.info("started", http_port=settings.http_port, metrics_port=metrics_port)
-    try:
-        await server.serve()
-    finally:
-        await hub.stop()
-        await bus.close()
-        await pool.close()
-        log.info("stopped")
+    await server.serve()
 
 
 def main() -> None:

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import uuid
 
-from shared.messages import ReplyKind, RunStatus
+from shared import runs
 
 # Assistant message ids derive from the run, so a replayed result maps to the same row.
 ASSISTANT_NS = uuid.UUID("0b7f3c56-5d8e-4c7e-9a59-6a1f2c9e7d10")
 
-STATUS_RANK: dict[str, int] = {
-    "queued": 1,
-    "running": 2,
-    "completed": 3,
-    "refused": 3,
-    "clarified": 3,
-    "failed": 3,
-    "cancelled": 3,
-}
-
-REPLY_STATUS: dict[ReplyKind, RunStatus] = {
-    "answer": "completed",
-    "refusal": "refused",
-    "clarify": "clarified",
-    "failure": "failed",
-}
+STATUS_RANK = runs.STATUS_RANK
+REPLY_STATUS = runs.REPLY_STATUS
 
 
 def assistant_message_id(run_id: str) -> uuid.UUID:
@@ -33,8 +19,8 @@ def assistant_message_id(run_id: str) -> uuid.UUID:
 
 def rank(status: str) -> int:
     """How far along a status is; a run's stored status only ever moves forward."""
-    return STATUS_RANK.get(status, 0)
+    return runs.rank(status)
 
 
 def persisted_event_id(run_id: str) -> str:
-    return f"persisted:assistant:{run_id}"
+    return runs.persisted_id(run_id)

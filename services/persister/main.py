@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
 from services.persister import config
@@ -18,8 +19,24 @@ T = TypeVar("T")
 async def amain() -> None:
     settings = config.from_env()
     log, metrics, port, stop = runtime.boot(SERVICE, settings)
+    # Everything opened is closed on every path, also when a later step fails (NATS down).
+    async with AsyncExitStack() as resources:
+        await _serve(resources, settings, log, metrics, port, stop)
+    log.info("stopped")
+
+
+async def _serve(
+    resources: AsyncExitStack,
+    settings: config.Settings,
+    log: Any,
+    metrics: Any,
+    port: int,
+    stop: Any,
+) -> None:
     pool = await create_pool(str(settings.database_url), max_size=settings.pool_size)
+    resources.push_async_callback(pool.close)
     bus = await Bus.connect(settings, SERVICE, metrics, log)
+    resources.push_async_callback(bus.close)
     h = Handlers(bus, Store(pool), metrics)
     health = Health(pool)
 
@@ -45,12 +62,7 @@ async def amain() -> None:
     ]
     metrics.up.set(1)
     log.info("started", metrics_port=port)
-    try:
-        await run_consumers(consumers, stop, settings.shutdown_grace_s)
-    finally:
-        await bus.close()
-        await pool.close()
-        log.info("stopped")
+    await run_consumers(consumers, stop, settings.shutdown_grace_s)
 
 
 def main() -> None:

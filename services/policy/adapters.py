@@ -30,14 +30,15 @@ class Runs:
     def __init__(self, kv: Any) -> None:
         self.kv = kv
 
-    async def create(self, state: RunState) -> tuple[RunState, bool]:
-        """Store a new run, or return the one a previous trigger created (and False)."""
+    async def create(self, state: RunState) -> tuple[RunState, int, bool]:
+        """Store a new run, or return the one a previous trigger created (and False); with the
+        stored revision."""
         try:
-            await self.kv.create(state.run_id, _encoder.encode(state))
-            return state, True
+            revision = await self.kv.create(state.run_id, _encoder.encode(state))
+            return state, int(revision), True
         except nats.js.errors.KeyWrongLastSequenceError:
-            existing, _ = await self.get(state.run_id)
-            return existing, False
+            existing, revision = await self.get(state.run_id)
+            return existing, revision, False
 
     async def find(self, run_id: str) -> RunState | None:
         """The run if a previous trigger created it (None: this is the first)."""
@@ -56,9 +57,10 @@ class Runs:
             raise BadData(f"run {run_id} was deleted")
         return _decoder.decode(entry.value), int(entry.revision or 0)
 
-    async def update(self, state: RunState, revision: int) -> None:
+    async def update(self, state: RunState, revision: int) -> int:
+        """Store ``state`` if nobody changed it since ``revision``; return its new revision."""
         try:
-            await self.kv.update(state.run_id, _encoder.encode(state), last=revision)
+            return int(await self.kv.update(state.run_id, _encoder.encode(state), last=revision))
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             # Another replica changed the run since we read it: read again and decide again.
             raise RetryLater(f"run {state.run_id} changed concurrently", delay=0.05) from exc

@@ -9,6 +9,7 @@ from typing import Literal
 import msgspec
 
 from shared import messages as m
+from shared import runs
 
 CLARIFY_TEXT = (
     "Could you tell me a little more about what you need? I want to be sure I answer the "
@@ -29,7 +30,7 @@ FAILURE_TEXT = (
 RETRYABLE: frozenset[str] = frozenset(
     {"rate_limited", "overloaded", "timeout", "cut_stream", "server_error"}
 )
-TERMINAL: frozenset[str] = frozenset({"completed", "refused", "clarified", "failed", "cancelled"})
+TERMINAL = runs.TERMINAL
 # Failures for which another model may do better than waiting for the same one.
 FALLBACK_CLASSES: frozenset[str] = frozenset({"overloaded", "rate_limited"})
 
@@ -124,7 +125,7 @@ def has_limits(rules: Rules) -> bool:
 
 def run_id_for(message_id: str) -> str:
     """One run per user message, so a second trigger for the message finds the first run."""
-    return f"run-{message_id}"
+    return runs.run_id(message_id)
 
 
 def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
@@ -345,11 +346,11 @@ def superseded(conv: ConvState, position: int) -> bool:
 
 def deadline_event(state: RunState, due: datetime) -> m.RunDeadline:
     return m.RunDeadline(
-        event_id=f"deadline:{state.run_id}:{state.attempt}",
+        event_id=runs.deadline_id(state.run_id, state.attempt),
         message_id=state.message_id,
         conversation_id=state.conversation_id,
         project_id=state.project_id,
-        causation_id=f"task:{state.run_id}:{state.attempt}",
+        causation_id=runs.task_id(state.run_id, state.attempt),
         run_id=state.run_id,
         attempt=state.attempt,
         due=due,
@@ -360,7 +361,7 @@ def abort_event(
     state: RunState, attempt: int, reason: Literal["cancelled", "deadline"]
 ) -> m.RunAbort:
     return m.RunAbort(
-        event_id=f"abort:{state.run_id}:{attempt}",
+        event_id=runs.abort_id(state.run_id, attempt),
         message_id=state.message_id,
         conversation_id=state.conversation_id,
         project_id=state.project_id,
@@ -408,12 +409,12 @@ def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunSt
 
 def task_for(state: RunState, deadline: datetime) -> m.ExecTask:
     return m.ExecTask(
-        event_id=f"task:{state.run_id}:{state.attempt}",
+        event_id=runs.task_id(state.run_id, state.attempt),
         message_id=state.message_id,
         conversation_id=state.conversation_id,
         project_id=state.project_id,
-        causation_id=f"decision:{state.message_id}",
-        task_id=f"task:{state.run_id}:{state.attempt}",
+        causation_id=runs.decision_id(state.message_id),
+        task_id=runs.task_id(state.run_id, state.attempt),
         run_id=state.run_id,
         attempt=state.attempt,
         model=state.model,
@@ -426,7 +427,7 @@ def task_for(state: RunState, deadline: datetime) -> m.ExecTask:
 
 def verdict_event(state: RunState) -> m.RunVerdict:
     return m.RunVerdict(
-        event_id=f"verdict:{state.run_id}:{state.attempt}:{state.status}",
+        event_id=runs.verdict_id(state.run_id, state.attempt, state.status),
         message_id=state.message_id,
         conversation_id=state.conversation_id,
         project_id=state.project_id,
@@ -449,7 +450,7 @@ def reply_event(state: RunState) -> m.PolicyReply | None:
     if state.reply_kind is None:
         return None
     return m.PolicyReply(
-        event_id=f"reply:{state.run_id}",
+        event_id=runs.reply_id(state.run_id),
         message_id=state.message_id,
         conversation_id=state.conversation_id,
         project_id=state.project_id,
@@ -523,7 +524,7 @@ def queued_event(state: RunState, waiting: int) -> m.RunVerdict:
     """What clients and the run record see while a run waits for its conversation's turn."""
     return msgspec.structs.replace(
         verdict_event(state),
-        event_id=f"verdict:{state.run_id}:0:queued",
+        event_id=runs.verdict_id(state.run_id, 0, "queued"),
         status="queued",
         attempt=0,
         reason=f"waiting for earlier messages of the conversation ({waiting} waiting)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from contextlib import AsyncExitStack
 from typing import Any
 
 from services.policy import config, core, policyfile
@@ -33,7 +34,23 @@ async def amain() -> None:
     # A bad policy file stops the service before it touches anything (exit 2, key and line).
     book = policyfile.load(settings.policy_file) if settings.policy_file else None
     log, metrics, port, stop = runtime.boot(SERVICE, settings)
+    # Everything opened is closed on every path, also when a later step fails (NATS down).
+    async with AsyncExitStack() as resources:
+        await _serve(resources, settings, book, log, metrics, port, stop)
+    log.info("stopped")
+
+
+async def _serve(
+    resources: AsyncExitStack,
+    settings: config.Settings,
+    book: policyfile.Book | None,
+    log: Any,
+    metrics: Any,
+    port: int,
+    stop: asyncio.Event,
+) -> None:
     bus = await Bus.connect(settings, SERVICE, metrics, log)
+    resources.push_async_callback(bus.close)
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     limits_kv = await bus.js.key_value(subjects.BUCKET_LIMITS)
     aborts_kv = await bus.js.key_value(subjects.BUCKET_ABORTS)
@@ -47,7 +64,6 @@ async def amain() -> None:
         limiter=Limiter(limits_kv),
         book=book,
     )
-    watcher_task = None
     if settings.policy_file and book is not None:
         reloads = metrics.counter(
             "file_reloads_total", "Policy file changes seen, by outcome.", ("outcome",)
@@ -66,6 +82,7 @@ async def amain() -> None:
             settings.policy_file, book, changed, rejected, settings.policy_reload_s
         )
         watcher_task = asyncio.create_task(watcher.run(stop))
+        resources.callback(watcher_task.cancel)
         log.info("policy file loaded", path=settings.policy_file, projects=len(book.projects))
     b, n = settings.fetch_batch, settings.concurrency
     consumers: list[Consumer[Any]] = [
@@ -107,13 +124,7 @@ async def amain() -> None:
     ]
     metrics.up.set(1)
     log.info("started", metrics_port=port)
-    try:
-        await run_consumers(consumers, stop, settings.shutdown_grace_s)
-    finally:
-        if watcher_task is not None:
-            watcher_task.cancel()
-        await bus.close()
-        log.info("stopped")
+    await run_consumers(consumers, stop, settings.shutdown_grace_s)
 
 
 def main() -> None:

@@ -1,0 +1,519 @@
+"""A run's life as a pure state machine: ``step(run, conversation, input, rules, now)``.
+
+Every rule of what a run does next lives here (and in the helpers of ``core``): which record
+changes, what is published, in which order. ``handlers.py`` only interprets the result: it
+reads the records with their revisions, steps, writes them back by compare-and-set, carries
+out the effects in order and acks. Nothing here reads a clock, the environment or the network.
+
+The **phase** of a run is read from its record by ``phase_of`` (one tagged union, see
+``Phase``); the record keeps its stored fields so records written by earlier versions read the
+same. An **input** is what happened (a tagged union, ``Input``); an **effect** is what must be
+done about it (``Effect``). ``Continue`` is the effect that makes one input lead to another
+(the cancel of an earlier run, the start of the next one in line): the interpreter handles it
+depth-first, in place, which is the order the old recursive handler had.
+
+Adding a phase (the tool-calls issue: a run that waits for the user's approval of its tool
+calls) is a new member of ``Phase``, new members of ``Input`` (``ToolsApproved``,
+``ToolResult``) and perhaps of ``Effect`` (``PublishToolTask``), and a new ``case`` in the
+steps that must know about it; nothing in the interpreter changes for inputs that only publish.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Literal
+
+import msgspec
+
+from services.policy import budget, core
+from services.policy.core import ConvState, Rules, RunState
+from shared import messages as m
+from shared import runs, subjects
+
+# ---------------------------------------------------------------- phases (read from a record)
+
+
+class Running(msgspec.Struct, frozen=True, tag="running"):
+    """Approved; ``attempt`` is the current one. Its call is in flight once the conversation's
+    record marks the run started (before that it waits for its turn)."""
+
+    attempt: int
+    deadline: datetime | None
+
+
+class Backoff(msgspec.Struct, frozen=True, tag="backoff"):
+    """Attempt ``attempt`` waits for its backoff until ``retry_at``; no call is in flight."""
+
+    attempt: int
+    retry_at: datetime
+
+
+class Cancelling(msgspec.Struct, frozen=True, tag="cancelling"):
+    """The call of ``attempt`` was asked to stop; the executor's report (or the deadline) ends it."""
+
+    attempt: int
+
+
+class Done(msgspec.Struct, frozen=True, tag="done"):
+    """Ended (``kind``: completed, refused, clarified, failed, cancelled). ``skipped``: it ended
+    before its turn and is passed over when its turn comes. A refusal or a question still
+    publishes its reply at its turn."""
+
+    kind: m.RunStatus
+    skipped: bool = False
+
+
+Phase = Running | Backoff | Cancelling | Done
+
+
+def phase_of(run: RunState) -> Phase:
+    """The one place the record's fields are read as a phase."""
+    if run.status in runs.TERMINAL:
+        return Done(run.status, run.out_of_turn)
+    if run.retry_at is not None:
+        return Backoff(run.attempt, run.retry_at)
+    if run.cancel_requested:
+        return Cancelling(run.attempt)
+    return Running(run.attempt, run.deadline)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+class Admit(msgspec.Struct, frozen=True, tag="admit"):
+    """The run is decided (just now, or before: a redelivery): place it in its conversation."""
+
+    position: int
+
+
+class Start(msgspec.Struct, frozen=True, tag="start"):
+    """The run holds its conversation's slot: publish it, then mark it started."""
+
+
+class MarkStarted(msgspec.Struct, frozen=True, tag="mark_started"):
+    """Its task is out: the conversation's record says the run started (conversation only)."""
+
+    run_id: str
+
+
+class Release(msgspec.Struct, frozen=True, tag="release"):
+    """The run is finished: its slot passes to the next position (conversation only)."""
+
+    run_id: str
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
+    """Stop the run: the user asked (``how="user"``) or a newer message interrupts it."""
+
+    cause: str
+    why: str
+    how: Literal["user", "interrupt"]
+
+
+class Failed(msgspec.Struct, frozen=True, tag="failed"):
+    """An executor reported an attempt failed (a redelivery may repeat it; it may be stale)."""
+
+    report: m.ExecFailed
+
+
+class DeadlineDue(msgspec.Struct, frozen=True, tag="deadline"):
+    """An attempt's timer is due (the interpreter hands it back until then)."""
+
+    timer: m.RunDeadline
+
+
+class ReplyStored(msgspec.Struct, frozen=True, tag="reply_stored"):
+    """The persister stored the run's reply: it is closed, settled and its slot passed on."""
+
+    event: m.AssistantMessagePersisted
+
+
+Input = Admit | Start | MarkStarted | Release | Cancel | Failed | DeadlineDue | ReplyStored
+CONVERSATION_ONLY = (MarkStarted, Release)  # steps that need no run record
+
+# ---------------------------------------------------------------- effects
+
+
+class Publish(msgspec.Struct, frozen=True, tag="publish"):
+    """JetStream messages, in order, acked together; each one's id is its ``event_id``.
+    ``resume``: the stored trace of the run's own message, published on its behalf."""
+
+    events: tuple[tuple[str, msgspec.Struct], ...]
+    resume: dict[str, str] | None = None
+
+
+class Abort(msgspec.Struct, frozen=True, tag="abort"):
+    """Mark the attempt aborted (executors check before calling) and tell every executor."""
+
+    subject: str
+    event: m.RunAbort
+
+
+class Settle(msgspec.Struct, frozen=True, tag="settle"):
+    """Replace the run's holds by its real usage. Carried out *before* the records are written
+    (the counters settle a run once, so a crash in between is finished by the redelivery)."""
+
+    run_id: str
+    reservation: core.Reservation
+    tokens: int
+    cost_usd: float
+
+
+class Defer(msgspec.Struct, frozen=True, tag="defer"):
+    """Hand the message back to the server for ``delay`` seconds (a backoff, a timer)."""
+
+    why: str
+    delay: float
+
+
+class Count(msgspec.Struct, frozen=True, tag="count"):
+    """Add one to a metric (``verdicts``, ``retries``, ``cancels``, ``deadlines``, …)."""
+
+    metric: str
+    label: str = ""
+
+
+class Continue(msgspec.Struct, frozen=True, tag="continue"):
+    """Step ``input`` on run ``run_id`` of ``conversation_id`` now, before the effects after it."""
+
+    conversation_id: str
+    run_id: str
+    input: Input
+
+
+Effect = Publish | Abort | Settle | Defer | Count | Continue
+
+
+class Step(msgspec.Struct, frozen=True):
+    """What an input does: the records to write (None: unchanged), the effects, an outcome."""
+
+    run: RunState | None = None
+    conversation: ConvState | None = None
+    effects: tuple[Effect, ...] = ()
+    outcome: str = ""
+
+
+# ---------------------------------------------------------------- the step
+
+
+def step(run: RunState | None, conv: ConvState, inp: Input, rules: Rules, now: datetime) -> Step:
+    """What ``inp`` does to ``run`` (None only for conversation-only inputs) and ``conv``."""
+    match inp:
+        case MarkStarted(run_id=run_id):
+            if conv.active != run_id or conv.started:
+                return Step(outcome="unchanged")
+            return Step(conversation=core.mark_started(conv), outcome="started")
+        case Release(run_id=run_id):
+            return _release(conv, run_id)
+    assert run is not None, f"{type(inp).__name__} needs the run's record"
+    match inp:
+        case Admit(position=position):
+            return _admit(run, conv, position, rules, now)
+        case Start():
+            return _start(run, conv, rules, now)
+        case Cancel(cause=cause, why=why, how=how):
+            return _cancel(run, conv, cause, why, how, rules, now)
+        case Failed(report=f):
+            return _failed(run, conv, f, rules, now)
+        case DeadlineDue(timer=d):
+            return _deadline(run, conv, d, rules, now)
+        case ReplyStored(event=e):
+            return _reply_stored(run, e)
+    raise AssertionError(f"no step for {inp!r}")  # pragma: no cover
+
+
+def _admit(run: RunState, conv: ConvState, position: int, rules: Rules, now: datetime) -> Step:
+    position = run.position or position  # a run cancelled before its decision: now it has one
+    changed, admission = core.admit(conv, run.run_id, position)
+    conv = changed or conv
+    effects: list[Effect] = []
+    new: RunState | None = None
+    interrupt = rules.double_texting == "interrupt"
+    if admission == "start":
+        if interrupt and run.status == "running" and core.superseded(conv, position):
+            # Its turn came, but a newer message already waits: it is interrupted unrun.
+            effects.append(_follow(run, _superseded(run)))
+        else:
+            effects.append(_follow(run, Start()))
+    elif admission == "queued":
+        if run.out_of_turn:
+            effects.append(emit(run, rules, now))  # finished before its turn: it is skipped
+        else:
+            new, handled = _double_text(run, conv, position, rules, now, effects)
+            if not handled:
+                event = core.queued_event(run, len(conv.pending))
+                subject = subjects.policy_verdict(run.project_id, run.conversation_id)
+                effects.append(Publish(((subject, event),)))
+    return Step(new, changed, tuple(effects), admission)
+
+
+def _double_text(
+    run: RunState,
+    conv: ConvState,
+    position: int,
+    rules: Rules,
+    now: datetime,
+    effects: list[Effect],
+) -> tuple[RunState | None, bool]:
+    """A message while an earlier one is unfinished, by strategy: the run to write and whether
+    it was handled (rejected or superseded) rather than simply waiting."""
+    strategy = rules.double_texting
+    if strategy == "reject":
+        if run.status != "running":
+            return None, False  # a refusal or a question keeps its place, replies at its turn
+        # It never runs: its hold is given back now, not when its refusal is stored.
+        new, settle = _closing(core.reject(run))
+        effects.extend([*settle, Count("double_texts", "reject"), Count("verdicts", new.verdict)])
+        effects.append(emit(new, rules, now))
+        return new, True
+    if strategy == "interrupt":
+        if run.limited:
+            # Refused by a limit: it interrupts nothing and replies at its turn.
+            effects.append(Count("double_texts", "interrupt_limited"))
+            return None, False
+        if core.superseded(conv, position):
+            effects.append(_follow(run, _superseded(run)))  # a newer message is already here
+            return None, True
+        effects.append(Count("double_texts", "interrupt"))
+        why = "interrupted by a newer message"
+        for earlier in core.ahead_of(conv, position):
+            cancel = Cancel(f"interrupt:{run.run_id}", why, "interrupt")
+            effects.append(Continue(run.conversation_id, earlier, cancel))
+        return None, False
+    effects.append(Count("double_texts", "enqueue"))
+    return None, False
+
+
+def _start(run: RunState, conv: ConvState, rules: Rules, now: datetime) -> Step:
+    """Publish the run's verdict and task (or reply), then mark it started; a run that ended
+    before its turn (cancelled while queued, or rejected) passes the slot on instead."""
+    effects: list[Effect] = [emit(run, rules, now, resume=True)]
+    if run.out_of_turn or run.status == "cancelled":
+        effects.append(Continue(run.conversation_id, run.run_id, Release(run.run_id)))
+    else:
+        effects.append(Continue(run.conversation_id, run.run_id, MarkStarted(run.run_id)))
+    return Step(effects=tuple(effects), outcome="start")
+
+
+def _release(conv: ConvState, run_id: str) -> Step:
+    nxt = core.release(conv, run_id)
+    if nxt is None:
+        # Already released (a redelivery): finish starting the next run if a crash cut it off.
+        if conv.active is not None and not conv.started:
+            return Step(effects=(Continue(conv.conversation_id, conv.active, Start()),))
+        return Step(outcome="unchanged")
+    effects = () if nxt.active is None else (Continue(nxt.conversation_id, nxt.active, Start()),)
+    return Step(conversation=nxt, effects=effects, outcome="released")
+
+
+def _cancel(
+    run: RunState,
+    conv: ConvState,
+    cause: str,
+    why: str,
+    how: str,
+    rules: Rules,
+    now: datetime,
+) -> Step:
+    active = conv.active == run.run_id
+    # A call is in flight once the run started and no retry is waiting for its backoff.
+    in_flight = active and conv.started and run.status == "running" and run.retry_at is None
+    new = core.cancel(run, in_flight, active, cause, why)
+    if new is None:
+        # Finished, or asked already (a redelivery): finish what the first handling began.
+        settled, after = _after(run, conv, rules, now)
+        return Step(settled, None, after, "unchanged")
+    new, settle = _closing(new)
+    effects: list[Effect] = list(settle)
+    if active and new.status == "cancelled" and run.status == "running":
+        # Had it got as far as publishing its task (a crash before it was marked started), the
+        # executor finds the marker and never calls the model.
+        effects.append(_abort(run, "cancelled"))
+    if new.status == "cancelled":
+        effects.append(Count("cancels", f"{how}_queued" if not active else f"{how}_waiting"))
+    else:
+        effects.append(Count("cancels", f"{how}_in_flight"))
+    _, after = _after(new, conv, rules, now)
+    outcome = new.status if new.status == "cancelled" else "cancelling"
+    return Step(new, None, (*effects, *after), outcome)
+
+
+def _after(
+    run: RunState, conv: ConvState, rules: Rules, now: datetime
+) -> tuple[RunState | None, tuple[Effect, ...]]:
+    """What a run's cancel still needs: a cancelled run settles (if a crash cut that short) and
+    frees its conversation's slot if it holds it (a queued one is skipped at its turn); a
+    cancel in flight reaches the executors and has a timer to end it if none answers."""
+    match phase_of(run):
+        case Done(kind="cancelled"):
+            settled, settle = _closing(run)
+            effects: list[Effect] = [*settle, emit(run, rules, now)]
+            if conv.active == run.run_id:
+                effects.append(Continue(run.conversation_id, run.run_id, Release(run.run_id)))
+            return (settled if settle else None), tuple(effects)
+        case Cancelling():
+            timer = core.deadline_event(run, now + timedelta(seconds=rules.run_deadline_s))
+            subject = subjects.policy_deadline(run.project_id, run.conversation_id)
+            effects = [
+                emit(run, rules, now),
+                _abort(run, "cancelled"),
+                Publish(((subject, timer),)),
+            ]
+            return None, tuple(effects)
+    return None, ()
+
+
+def _failed(run: RunState, conv: ConvState, f: m.ExecFailed, rules: Rules, now: datetime) -> Step:
+    if run.cause == f.event_id and isinstance(phase_of(run), Backoff):
+        return _retry(run, f.attempt, rules, now)
+    new = core.on_failure(run, f, rules, now)
+    if new is None:
+        # Stale or a repeat; only the report that moved the run here may re-emit its state.
+        return _again(run, conv, rules, now) if core.caused_by(run, f) else Step(outcome="stale")
+    new, settle = _closing(core.spent(new, f))
+    return _attempt_over(new, conv, f.error_class, settle, rules, now)
+
+
+def _deadline(
+    run: RunState, conv: ConvState, d: m.RunDeadline, rules: Rules, now: datetime
+) -> Step:
+    if run.cause == d.event_id and isinstance(phase_of(run), Backoff):
+        return _retry(run, d.attempt, rules, now)
+    new = core.on_deadline(run, d, rules, now)
+    if new is None:
+        return _again(run, conv, rules, now) if run.cause == d.event_id else Step(outcome="stale")
+    new, settle = _closing(new)
+    # The late call may still be streaming somewhere: stop it, its usage still counts.
+    before: tuple[Effect, ...] = (*settle, Count("deadlines"), _abort(run, "deadline"))
+    return _attempt_over(new, conv, "timeout", before, rules, now)
+
+
+def _again(run: RunState, conv: ConvState, rules: Rules, now: datetime) -> Step:
+    """The redelivery of the event that moved the run here: emit its state again and finish
+    what the first handling began (a crash may have cut it short)."""
+    settled, after = _after(run, conv, rules, now)
+    return Step(settled, None, (emit(run, rules, now), *after), "stale")
+
+
+def _attempt_over(
+    new: RunState,
+    conv: ConvState,
+    error_class: str,
+    before: tuple[Effect, ...],
+    rules: Rules,
+    now: datetime,
+) -> Step:
+    """After an attempt failed: a retry waits for its backoff; a final state is emitted."""
+    if isinstance(phase := phase_of(new), Backoff):
+        wait = max((phase.retry_at - now).total_seconds(), 0.0)
+        effects = (
+            *before,
+            Count("retries", error_class),
+            emit(new, rules, now),  # run.status of the new attempt: clients drop partial text
+            Defer("retry after backoff", wait),
+        )
+        return Step(new, None, effects, "backoff")
+    effects = (
+        *before,
+        Count("verdicts", new.verdict),
+        emit(new, rules, now),
+        *_after(new, conv, rules, now)[1],
+    )
+    return Step(new, None, effects, new.status)
+
+
+def _retry(run: RunState, failed_attempt: int, rules: Rules, now: datetime) -> Step:
+    """The event that scheduled a retry is back: start the attempt, or wait on if early."""
+    due = core.retry_due(run, failed_attempt, rules, now)
+    if due is None:
+        assert run.retry_at is not None
+        wait = max((run.retry_at - now).total_seconds(), 0.0)
+        return Step(effects=(Defer("retry not due yet", wait),), outcome="early")
+    return Step(due, None, (emit(due, rules, now),), "retry")
+
+
+def _reply_stored(run: RunState, e: m.AssistantMessagePersisted) -> Step:
+    new = core.on_reply_persisted(run, e)
+    settled, settle = settlement(new or run, e.usage, e.cost_usd)
+    new = settled or new
+    # Done (also on a redelivery): the conversation's next run gets its turn.
+    release = Continue(run.conversation_id, run.run_id, Release(run.run_id))
+    return Step(new, None, (*settle, release), new.status if new is not None else "unchanged")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def settlement(
+    run: RunState, usage: m.Usage, cost_usd: float
+) -> tuple[RunState | None, tuple[Settle, ...]]:
+    """Settle the run's reservation with its real usage, once per run: the run to store (its
+    reservation marked settled) and the effect, or (None, ()) when there is nothing to settle."""
+    r = run.reservation
+    if r is None or r.settled:
+        return None, ()
+    # Counters must never be poisoned: negative or non-finite usage counts as nothing.
+    tokens = max(0, budget.total_tokens(usage))
+    cost_usd = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
+    done = msgspec.structs.replace(r, settled=True, actual_tokens=tokens, actual_cost_usd=cost_usd)
+    return msgspec.structs.replace(run, reservation=done), (
+        Settle(run.run_id, r, tokens, cost_usd),
+    )
+
+
+def _closing(new: RunState) -> tuple[RunState, tuple[Settle, ...]]:
+    """A run that ends with no reply to store (cancelled) settles here, with what its attempts
+    reported, and so does a run rejected before its turn (it never ran); any other run settles
+    when its reply is stored (that settles nothing twice)."""
+    if new.status != "cancelled" and not (new.status == "refused" and new.out_of_turn):
+        return new, ()
+    settled, effects = settlement(new, new.usage, new.cost_usd)
+    return settled or new, effects
+
+
+def emit(run: RunState, rules: Rules, now: datetime, resume: bool = False) -> Publish:
+    """The run's verdict, and its task and timer or its reply, in this order. A redelivery
+    emits the same ids again (JetStream keeps one copy)."""
+    p, c = run.project_id, run.conversation_id
+    out: list[tuple[str, msgspec.Struct]] = [
+        (subjects.policy_verdict(p, c), core.verdict_event(run))
+    ]
+    if isinstance(phase := phase_of(run), Running) and phase.deadline is not None:
+        out.append((subjects.exec_task(p, c), core.task_for(run, phase.deadline)))
+        # The attempt's timer: an attempt with no outcome by then is retried or failed.
+        timer = core.deadline_event(run, now + timedelta(seconds=rules.run_deadline_s))
+        out.append((subjects.policy_deadline(p, c), timer))
+    reply = core.reply_event(run)
+    if reply is not None:
+        out.append((subjects.policy_reply(p, c), reply))
+    return Publish(tuple(out), dict(run.trace_context) if resume else None)
+
+
+def _abort(run: RunState, reason: Literal["cancelled", "deadline"]) -> Abort:
+    subject = subjects.exec_abort(run.project_id, run.conversation_id)
+    return Abort(subject, core.abort_event(run, run.attempt, reason))
+
+
+def _superseded(run: RunState) -> Cancel:
+    return Cancel(f"superseded:{run.run_id}", "interrupted by a newer message", "interrupt")
+
+
+def _follow(run: RunState, inp: Input) -> Continue:
+    return Continue(run.conversation_id, run.run_id, inp)
+
+
+def deadline_wait(d: m.RunDeadline, now: datetime) -> float | None:
+    """Seconds until an attempt's timer is due; None once it is (then it is stepped)."""
+    return (d.due - now).total_seconds() if now < d.due else None
+
+
+def foreign_cancel(run: RunState, e: m.CancelRequested) -> str | None:
+    """Why a cancel may not touch this run (another conversation or user), or None."""
+    if (run.conversation_id, run.project_id, run.user_id) != (
+        e.conversation_id,
+        e.project_id,
+        e.user_id,
+    ):
+        return f"cancel of run {e.run_id} from another conversation or user"
+    return None
