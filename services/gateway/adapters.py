@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import Any
 
 import msgspec
+import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
@@ -22,6 +23,7 @@ from shared import messages as m
 from shared import ratelimit, subjects
 from shared.batching import GroupCommit
 from shared.bus import Bus
+from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
 
 _accepted = msgspec.json.Decoder(m.UserMessageAccepted)
@@ -206,6 +208,74 @@ def _user_message(r: Any) -> m.UserMessageAccepted:
     )
 
 
+class Inbox:
+    """Accepted user messages still in CHAT_IN, read back by subject.
+
+    Like TokenLog, with "get a message on this subject" requests (the gateway's NATS user needs
+    only ``STREAM.MSG.GET.CHAT_IN``, which duplicate answers already use). CHAT_IN keeps
+    messages by age (limits retention), so what the persister has consumed is still here.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def first(self, conversation_id: str, project: str = "*") -> m.UserMessageAccepted | None:
+        """The earliest accepted message of a conversation still in the stream, if any.
+
+        ``project`` "*" looks across projects: a conversation id is one conversation whichever
+        project posted into it, and the earliest message names its owner (as in the persister).
+        Raises what the bus raises when it cannot tell.
+        """
+        if not self.bus.nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        subject = subjects.chat_in(project, conversation_id)
+        try:
+            msg = await self.bus.js.get_msg(subjects.STREAM_CHAT_IN, 0, subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        if msg.data is None:
+            return None
+        return _accepted.decode(msg.data)
+
+
+class Owners:
+    """Who owns a conversation: the database's row, else its earliest message in CHAT_IN.
+
+    The stream covers what was accepted and is not stored yet (and, while the database cannot
+    be read, what it still holds). An owner the database named never changes, so it is kept
+    in a bounded table; owners found in the stream are looked up again until stored.
+    """
+
+    def __init__(self, reads: ReadModel, inbox: Inbox, max_entries: int = 100_000) -> None:
+        self.reads = reads
+        self.inbox = inbox
+        self.max_entries = max_entries
+        self.known: dict[str, core.Principal] = {}
+
+    async def of(self, conversation_id: str) -> core.Ownership:
+        hit = self.known.get(conversation_id)
+        if hit is not None:
+            return core.Ownership(hit)
+        stored_read = True
+        try:
+            row = await self.reads.owner(conversation_id)
+        except UNAVAILABLE:
+            row, stored_read = None, False
+        if row is not None:
+            owner = core.Principal(project=row[0], user=row[1])
+            if len(self.known) >= self.max_entries:
+                self.known.clear()
+            self.known[conversation_id] = owner
+            return core.Ownership(owner)
+        try:
+            first = await self.inbox.first(conversation_id)
+        except (nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError):
+            return core.Ownership(None, known=False)
+        if first is not None:
+            return core.Ownership(core.Principal(project=first.project_id, user=first.user_id))
+        return core.Ownership(None, known=stored_read)
+
+
 class TokenLog:
     """Reads a conversation's token deltas back from CHAT_STREAM for a resuming client.
 
@@ -254,7 +324,9 @@ class Hub:
 
     Each client (an SSE or WebSocket stream) gets a bounded queue of shared event objects, so a
     client costs at most ``queue_size`` references however much is published; one that falls
-    that far behind is cut off (it resumes with its last event id).
+    that far behind is cut off (it resumes with its last event id). Clients join a topic,
+    ``<project>.<conversation>`` (``topic()``), the last two tokens of every push subject: an
+    event reaches only watchers of its own project, whatever conversation id they asked for.
     """
 
     def __init__(
@@ -303,35 +375,36 @@ class Hub:
             for q in list(queues):
                 _close(q)
 
-    def join(self, conversation_id: str) -> asyncio.Queue[PushEvent | None]:
+    def join(self, topic: str) -> asyncio.Queue[PushEvent | None]:
         q: asyncio.Queue[PushEvent | None] = asyncio.Queue(self.queue_size)
-        self.clients[conversation_id].add(q)
+        self.clients[topic].add(q)
         return q
 
-    def leave(self, conversation_id: str, q: asyncio.Queue[PushEvent | None]) -> None:
-        queues = self.clients.get(conversation_id)
+    def leave(self, topic: str, q: asyncio.Queue[PushEvent | None]) -> None:
+        queues = self.clients.get(topic)
         if queues is not None:
             queues.discard(q)
             if not queues:
-                del self.clients[conversation_id]
+                del self.clients[topic]
 
     def was_slow(self, q: asyncio.Queue[PushEvent | None]) -> bool:
         """Whether this client's stream ended because it fell behind."""
         return q in self.slow
 
-    def drop(self, conversation_id: str, q: asyncio.Queue[PushEvent | None]) -> None:
+    def drop(self, topic: str, q: asyncio.Queue[PushEvent | None]) -> None:
         """Cut off a client that cannot keep up; it resumes with its last event id."""
         if q in self.slow:
             return
         self.slow.add(q)
-        self.leave(conversation_id, q)
+        self.leave(topic, q)
         _close(q)
         if self.drops is not None:
             self.drops.inc()
 
     async def _on_msg(self, msg: Msg) -> None:
-        conversation_id = msg.subject.rsplit(".", 1)[-1]
-        queues = self.clients.get(conversation_id)
+        s = msg.subject
+        topic = s[s.rfind(".", 0, s.rfind(".")) + 1 :]  # "<project>.<conversation>"
+        queues = self.clients.get(topic)
         if not queues:
             return
         try:
@@ -346,7 +419,12 @@ class Hub:
             try:
                 q.put_nowait(event)
             except asyncio.QueueFull:
-                self.drop(conversation_id, q)
+                self.drop(topic, q)
+
+
+def topic(project: str, conversation_id: str) -> str:
+    """The hub topic of a conversation's push events (its subjects' last two tokens)."""
+    return f"{project}.{conversation_id}"
 
 
 def _close(q: asyncio.Queue[PushEvent | None]) -> None:

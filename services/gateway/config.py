@@ -9,6 +9,9 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     jwt_secret: Secret = Secret("")
+    # Key of ids derived from an Idempotency-Key; empty: derived from jwt_secret (same on
+    # every replica). Changing it changes those ids (a retry across the change is a new submit).
+    id_secret: Secret = Secret("")
     max_body_bytes: int = 64 * 1024
     max_content_chars: int = 32_000
     max_idempotency_key_chars: int = 255

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import time
 import uuid
@@ -18,9 +19,8 @@ from shared import runs as vocab
 from shared import subjects
 from shared.subjects import is_safe_token
 
-# Ids derived from (project, user, Idempotency-Key) make a retried submit the same submit.
-MESSAGE_NS = uuid.UUID("5d1c9a3e-7f0b-4c52-9d7e-3b8f6a2e4c91")
-CONVERSATION_NS = uuid.UUID("a8e2f1c4-3b6d-4e9a-8c7f-1d5b2e9a6f03")
+# What the keyed-id secret is derived from the JWT secret with, when none is configured.
+ID_KEY_LABEL = b"baton keyed ids v1"
 
 
 class ApiError(Exception):
@@ -184,19 +184,37 @@ def content_hash(conversation_id: str | None, content: str) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def ids_for(p: Principal, key: str | None, conversation_id: str | None) -> tuple[str, str]:
-    """Message and conversation ids; deterministic when the client gives an Idempotency-Key."""
+def id_key(jwt_secret: str, id_secret: str = "") -> bytes:
+    """The key of keyed ids: the configured id secret, else one derived from the JWT secret.
+
+    Derived, so every gateway replica of a deployment agrees without a new setting; never the
+    JWT secret itself, so an id reveals nothing usable about the token key.
+    """
+    if id_secret:
+        return id_secret.encode()
+    return hmac.digest(jwt_secret.encode(), ID_KEY_LABEL, "sha256")
+
+
+def ids_for(
+    p: Principal, key: str | None, conversation_id: str | None, secret: bytes
+) -> tuple[str, str]:
+    """Message and conversation ids; deterministic when the client gives an Idempotency-Key.
+
+    Keyed ids are an HMAC-SHA256 of (project, user, key) under a server secret, so a retry
+    maps to the same ids and nobody without the secret can compute anyone's ids (I9).
+    """
     if key is None:
         message_id, new_conversation = random_uuids()
         return message_id, conversation_id or new_conversation
-    scope = f"{p.project}\n{p.user}\n{key}".encode()
-    message_id = name_uuid(MESSAGE_NS, scope)
-    return message_id, conversation_id or name_uuid(CONVERSATION_NS, scope)
+    # Project and user are [A-Za-z0-9_-] and a key is printable: the newlines are unambiguous.
+    digest = hmac.digest(secret, f"{p.project}\n{p.user}\n{key}".encode(), "sha256")
+    message_id = _v8(digest[:16])
+    return message_id, conversation_id or _v8(digest[16:])
 
 
 _VERSION_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
 _V4_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
-_V5_SET = (0x5000 << 64) | (0x8000 << 48)  # version 5, RFC 4122 variant
+_V8_SET = (0x8000 << 64) | (0x8000 << 48)  # version 8 (RFC 9562: custom), RFC 4122 variant
 
 
 def random_uuids() -> tuple[str, str]:
@@ -208,19 +226,79 @@ def random_uuids() -> tuple[str, str]:
     return _v4(raw[:16]), _v4(raw[16:])
 
 
-def name_uuid(namespace: uuid.UUID, name: bytes) -> str:
-    """``str(uuid.uuid5(namespace, name))``, the same id, without building UUID objects."""
-    digest = hashlib.sha1(namespace.bytes + name, usedforsecurity=False).digest()
-    return _formatted(int.from_bytes(digest[:16]) & _VERSION_CLEAR | _V5_SET)
-
-
 def _v4(raw: bytes) -> str:
     return _formatted(int.from_bytes(raw) & _VERSION_CLEAR | _V4_SET)
+
+
+def _v8(raw: bytes) -> str:
+    """A version 8 UUID of 16 bytes of a MAC (122 of its bits kept)."""
+    return _formatted(int.from_bytes(raw) & _VERSION_CLEAR | _V8_SET)
 
 
 def _formatted(value: int) -> str:
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# ---- who may watch and post into a conversation (I9) ---------------------------------------
+
+
+class Ownership(msgspec.Struct, frozen=True):
+    """Who owns a conversation, as far as the database and CHAT_IN could tell.
+
+    ``owner`` None with ``known`` True: both reads answered and nobody owns it yet. ``known``
+    False: a read failed and the other found no owner, so nobody can say (never an allow).
+    """
+
+    owner: Principal | None = None
+    known: bool = True
+
+
+NOT_FOUND = "conversation not found"
+
+
+def may_watch(o: Ownership, p: Principal) -> bool:
+    """Whether a push stream may open: True for the caller's own conversation, False for one
+    nobody owns yet (it opens, but sends no event before the conversation is the caller's);
+    404 for someone else's, 503 when it cannot be told.
+    """
+    if o.owner == p:
+        return True
+    if o.owner is not None:
+        raise ApiError(404, "not_found", NOT_FOUND)
+    if not o.known:
+        raise _owner_unknown()
+    return False
+
+
+def may_read(o: Ownership, p: Principal) -> None:
+    """Reads and cancels: the caller's own conversation only (404 also for nobody's)."""
+    if o.owner == p:
+        return
+    if o.owner is None and not o.known:
+        raise _owner_unknown()
+    raise ApiError(404, "not_found", NOT_FOUND)
+
+
+def may_post(o: Ownership, p: Principal) -> None:
+    """Posting into a given conversation id: the caller's own, or a new one nobody owns yet.
+
+    Someone else's is 404; one that cannot be told is 503 with Retry-After, never a 202 the
+    persister would then refuse (I1).
+    """
+    if o.owner is not None and o.owner != p:
+        raise ApiError(404, "not_found", NOT_FOUND)
+    if o.owner is None and not o.known:
+        raise _owner_unknown()
+
+
+def _owner_unknown() -> ApiError:
+    return ApiError(
+        503,
+        "database_unavailable",
+        "conversation store unavailable, retry",
+        {"Retry-After": "1"},
+    )
 
 
 def accepted(e: m.UserMessageAccepted, duplicate: bool) -> ChatAccepted:

@@ -17,7 +17,17 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from opentelemetry import trace
 
 from services.gateway import core
-from services.gateway.adapters import Hub, Publisher, PushEvent, RateGate, ReadModel, TokenLog
+from services.gateway.adapters import (
+    Hub,
+    Inbox,
+    Owners,
+    Publisher,
+    PushEvent,
+    RateGate,
+    ReadModel,
+    TokenLog,
+    topic,
+)
 from services.gateway.config import Settings
 from services.gateway.edge import ON_SEND_TIMEOUT
 from shared import messages as m
@@ -29,12 +39,19 @@ from shared.tracing import current_trace_id
 
 @dataclass
 class Watch:
-    """One client's view of a conversation: its hub queue and what a resume replays first."""
+    """One client's view of a conversation: its hub queue and what a resume replays first.
+
+    ``pending``: nobody owned the conversation when the stream opened; no event is sent before
+    it turns out to be the watcher's (``Api.claim``).
+    """
 
     conversation_id: str
+    topic: str
+    watcher: core.Principal
     queue: asyncio.Queue[PushEvent | None]
     replay: list[core.Push]
     live: core.LiveFilter
+    pending: bool = False
     ended: bool = False
 
 
@@ -50,8 +67,11 @@ class Api:
         metrics: ServiceMetrics,
         tokens: TokenLog,
         rate_gate: RateGate | None = None,
+        owners: Owners | None = None,
     ) -> None:
         self.settings = settings
+        self.owners = owners or Owners(reads, Inbox(publisher.bus))
+        self.id_key = core.id_key(str(settings.jwt_secret), str(settings.id_secret))
         self.rate_gate = rate_gate
         self.rate_limited = metrics.counter(
             "rate_limited_total", "Submits answered 429 early: the user was over a rate limit."
@@ -92,14 +112,7 @@ class Api:
     async def own(self, p: core.Principal, conversation_id: str) -> str:
         """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
         cid = core.parse_uuid(conversation_id, "conversation id")
-        try:
-            owner = await self.reads.owner(cid)
-        except UNAVAILABLE as exc:
-            raise core.ApiError(
-                503, "database_unavailable", "conversation store unavailable"
-            ) from exc
-        if owner != (p.project, p.user):
-            raise core.ApiError(404, "not_found", "conversation not found")
+        core.may_read(await self.owners.of(cid), p)
         return cid
 
     async def chat(self, request: Request[Any, Any, Any]) -> Response[Any]:
@@ -133,7 +146,7 @@ class Api:
         key = core.check_idempotency_key(idempotency_key, self.settings.max_idempotency_key_chars)
         req = core.parse_chat(body, self.settings.max_content_chars)
         digest = core.content_hash(req.conversation_id, req.content)
-        message_id, conversation_id = core.ids_for(p, key, req.conversation_id)
+        message_id, conversation_id = core.ids_for(p, key, req.conversation_id, self.id_key)
         if traceparent is None:
             span = trace.get_current_span()
             span.set_attribute("baton.message_id", message_id)
@@ -194,13 +207,8 @@ class Api:
         return core.accepted(original, False), {}
 
     async def _may_post(self, p: core.Principal, conversation_id: str) -> None:
-        try:
-            owner = await self.reads.owner(conversation_id)
-        except UNAVAILABLE:
-            # Accepting beats refusing: the persister re-checks ownership before it writes.
-            return
-        if owner is not None and owner != (p.project, p.user):
-            raise core.ApiError(404, "not_found", "conversation not found")
+        # No 202 the persister would refuse: an owner that cannot be told is a 503, not an allow.
+        core.may_post(await self.owners.of(conversation_id), p)
 
     async def _stored(self, message_id: str) -> m.UserMessageAccepted | None:
         try:
@@ -309,27 +317,36 @@ class Api:
         Shared by SSE and WebSocket, so both carry the same events with the same resume rules.
         """
         cid = core.parse_uuid(conversation_id, "conversation id")
-        # A conversation that is not stored yet may be the caller's brand-new one: allow it
-        # unless someone else owns it.
-        try:
-            owner = await self.reads.owner(cid)
-        except UNAVAILABLE:
-            owner = None
-        if owner is not None and owner != (p.project, p.user):
-            raise core.ApiError(404, "not_found", "conversation not found")
+        key = topic(p.project, cid)
         # Join the hub first: whatever happens from now on is buffered in the queue, so the
-        # replay below and the live events overlap rather than leave a gap.
-        queue = self.hub.join(cid)
+        # ownership check and the replay below overlap the live events rather than leave a gap.
+        queue = self.hub.join(key)
         replay: list[core.Push] = []
         live = core.LiveFilter([], 0)
-        if last_id:
-            try:
+        try:
+            # Decided before any event is sent: someone else's is 404, unknown 503. One nobody
+            # owns yet (a client may open its stream before its first post) opens pending and
+            # replays nothing: whatever the database holds by now is not known to be the caller's.
+            owned = core.may_watch(await self.owners.of(cid), p)
+            if last_id and owned:
                 replay = await self._replay(p, cid, last_id)
-            except BaseException:
-                self.hub.leave(cid, queue)
-                raise
-            live = core.LiveFilter(replay, queue.qsize())
-        return Watch(cid, queue, replay, live)
+                live = core.LiveFilter(replay, queue.qsize())
+        except BaseException:
+            self.hub.leave(key, queue)
+            raise
+        return Watch(cid, key, p, queue, replay, live, pending=not owned)
+
+    async def claim(self, w: Watch) -> bool:
+        """Before a pending stream's first event: whether the conversation is now the watcher's.
+
+        False: still nobody's (the event is not sent). ApiError: someone else's (404) or not
+        known (503); the stream ends without the event.
+        """
+        ownership = await self.owners.of(w.conversation_id)
+        if core.may_watch(ownership, w.watcher):
+            w.pending = False
+            return True
+        return False
 
     async def _replay(self, p: core.Principal, cid: str, last_id: str) -> list[core.Push]:
         """What a client that last saw ``last_id`` missed (everything, for an unknown id)."""
@@ -366,6 +383,12 @@ class Api:
                     continue
                 if ev is None:
                     return
+                if w.pending:
+                    try:
+                        if not await self.claim(w):
+                            continue
+                    except core.ApiError:
+                        return  # someone else's after all: end it; a reconnect gets the error
                 if w.live.fresh(ev.event, ev.id, ev.data):
                     yield _sse(ev.event, ev.id, ev.data)
         finally:
@@ -378,8 +401,8 @@ class Api:
         w.ended = True
         self.stream_clients.labels("sse").dec()
         if slow:
-            self.hub.drop(w.conversation_id, w.queue)  # counted once, however noticed
-        self.hub.leave(w.conversation_id, w.queue)
+            self.hub.drop(w.topic, w.queue)  # counted once, however noticed
+        self.hub.leave(w.topic, w.queue)
 
 
 def _sse(event: str, event_id: str, data: dict[str, Any]) -> ServerSentEventMessage:

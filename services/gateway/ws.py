@@ -54,7 +54,7 @@ class WebSockets:
                 await self._pump(socket, watch, lock)
             finally:
                 self.api.stream_clients.labels("websocket").dec()
-                self.api.hub.leave(watch.conversation_id, watch.queue)
+                self.api.hub.leave(watch.topic, watch.queue)
         except core.ApiError as exc:
             end = str(core.WS_TOO_BIG if exc.status == 413 else core.ws_close_code(exc.status))
             await self._refuse(socket, lock, exc)
@@ -105,7 +105,7 @@ class WebSockets:
             await self._events(socket, w, lock, reader)
         except _Closed as closed:
             if closed.code == core.WS_SLOW:
-                self.api.hub.drop(w.conversation_id, w.queue)  # counted once, however noticed
+                self.api.hub.drop(w.topic, w.queue)  # counted once, however noticed
             raise
         finally:
             reader.cancel()
@@ -131,6 +131,8 @@ class WebSockets:
                 raise _Closed(core.WS_GOING_AWAY, "gateway shutting down: reconnect")
             if ev.event == "heartbeat":
                 await self._send(socket, lock, core.ws_frame("heartbeat", None, {}))
+            elif w.pending and not await self.api.claim(w):
+                continue  # nobody's yet: nothing is sent (someone else's raises 4404)
             elif w.live.fresh(ev.event, ev.id, ev.data):
                 await self._send(socket, lock, core.ws_frame(ev.event, ev.id, ev.data))
 

@@ -156,8 +156,19 @@ def test_postgres_down_accepts_degrades_reads_and_catches_up(own_pipeline: OwnPi
         _until(p, _answered(p, accepted), 20, "answer before the outage")
 
         p.postgres.stop()
-        # An existing and a brand-new conversation: JetStream holds both until Postgres is back.
-        for i, conv in enumerate([cid, new_cid, cid, new_cid], start=1):
+        # A client-chosen id nobody can vouch for (it may be someone else's stored conversation)
+        # is refused with a retry, never a 202 the persister would refuse (issue 12 finding 6).
+        r = _post(http, new_cid, "Question 0 while the database is down", f"{new_cid}-0")
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"
+        # A new conversation the gateway names is accepted, and so is every further message into
+        # it and into the existing one: JetStream holds their first messages and says whose they
+        # are until Postgres is back.
+        r = http.post("/api/chat", json={"content": "Question 1 while the database is down"})
+        assert r.status_code == 202, r.text
+        new_cid = r.json()["message"]["conversation_id"]
+        accepted.append(r.json()["message"]["id"])
+        for i, conv in enumerate([cid, new_cid, cid], start=2):
             r = _post(http, conv, f"Question {i} while the database is down", f"{conv}-{i}")
             assert r.status_code == 202, r.text
             accepted.append(r.json()["message"]["id"])

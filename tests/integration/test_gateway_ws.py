@@ -339,7 +339,7 @@ async def test_duplicate_connections_each_get_every_event(gateway: Gateway) -> N
                 break
             await asyncio.sleep(0.02)
         assert gateway.metric("stream_clients", transport="websocket") == 1
-        assert len(gateway.hub.clients[e.conversation_id]) == 1
+        assert len(gateway.hub.clients[f"p1.{e.conversation_id}"]) == 1
 
 
 async def test_an_idle_stream_gets_heartbeats(infra: Infra) -> None:
@@ -461,6 +461,10 @@ async def test_a_resume_the_database_cannot_serve_is_4503_and_a_live_stream_stil
     gateway: Gateway,
 ) -> None:
     e = await stored(gateway)
+    # Accepted through the gateway, so CHAT_IN still tells whose it is while Postgres is away.
+    await gateway.bus.publish(
+        subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id
+    )
     await gateway.pool.close()  # the read model is gone
     url = f"{gateway.ws(e.conversation_id)}?last_event_id=msg:{e.message_id}"
     async with connect(url, additional_headers=auth()) as ws:

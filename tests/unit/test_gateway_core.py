@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 import uuid
 from datetime import UTC, datetime
@@ -117,10 +118,13 @@ def test_check_idempotency_key_passes_good_keys_through(key: str | None) -> None
 
 
 ALICE = Principal(project="acme", user="alice")
+KEY = gw.id_key("jwt-secret")
 
 
 def test_ids_for_is_deterministic_per_project_user_and_key() -> None:
-    assert gw.ids_for(ALICE, "k1", None) == gw.ids_for(Principal("acme", "alice"), "k1", None)
+    assert gw.ids_for(ALICE, "k1", None, KEY) == gw.ids_for(
+        Principal("acme", "alice"), "k1", None, gw.id_key("jwt-secret")
+    )
 
 
 @pytest.mark.parametrize(
@@ -128,19 +132,19 @@ def test_ids_for_is_deterministic_per_project_user_and_key() -> None:
     [(Principal("acme", "bob"), "k1"), (Principal("other", "alice"), "k1"), (ALICE, "k2")],
 )
 def test_ids_for_differs_across_users_projects_and_keys(principal: Principal, key: str) -> None:
-    mine, theirs = gw.ids_for(ALICE, "k1", None), gw.ids_for(principal, key, None)
+    mine, theirs = gw.ids_for(ALICE, "k1", None, KEY), gw.ids_for(principal, key, None, KEY)
     assert mine[0] != theirs[0] and mine[1] != theirs[1]
 
 
 def test_ids_for_with_a_key_keeps_a_given_conversation_and_the_message_id() -> None:
-    assert gw.ids_for(ALICE, "k1", CONV) == (gw.ids_for(ALICE, "k1", None)[0], CONV)
+    assert gw.ids_for(ALICE, "k1", CONV, KEY) == (gw.ids_for(ALICE, "k1", None, KEY)[0], CONV)
 
 
 def test_ids_for_without_a_key_is_random_but_keeps_a_given_conversation() -> None:
-    first, second = gw.ids_for(ALICE, None, None), gw.ids_for(ALICE, None, None)
+    first, second = gw.ids_for(ALICE, None, None, KEY), gw.ids_for(ALICE, None, None, KEY)
     assert first[0] != second[0] and first[1] != second[1]
     assert all(uuid.UUID(x) for x in (*first, *second))
-    assert gw.ids_for(ALICE, None, CONV)[1] == CONV
+    assert gw.ids_for(ALICE, None, CONV, KEY)[1] == CONV
 
 
 def test_random_uuids_are_version_4_uuids_in_canonical_form_and_all_distinct() -> None:
@@ -154,19 +158,35 @@ def test_random_uuids_are_version_4_uuids_in_canonical_form_and_all_distinct() -
     assert len(seen) == 4000
 
 
-@pytest.mark.parametrize("name", ["", "p1\nu1\nkey-1", "é\n😀\n" + "k" * 255, "\x00\n\n"])
-def test_name_uuid_is_exactly_uuid5(name: str) -> None:
-    for namespace in (gw.MESSAGE_NS, gw.CONVERSATION_NS):
-        assert gw.name_uuid(namespace, name.encode()) == str(uuid.uuid5(namespace, name))
+def test_keyed_ids_are_an_hmac_of_project_user_and_key_as_version_8_uuids() -> None:
+    digest = hmac.digest(KEY, b"acme\nalice\nretry-me", "sha256")
+    message_id, conversation_id = gw.ids_for(ALICE, "retry-me", None, KEY)
+    for value, raw in ((message_id, digest[:16]), (conversation_id, digest[16:])):
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant, str(parsed)) == (8, uuid.RFC_4122, value)
+        # 122 bits of the MAC survive: all but the version and variant bits.
+        mask = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+        assert parsed.int & mask == int.from_bytes(raw) & mask
 
 
-def test_keyed_ids_are_the_uuid5_ids_clients_already_hold() -> None:
-    # Retries after an upgrade must land on the same message: the derivation never changes.
-    scope = "acme\nada\nretry-me"
-    assert gw.ids_for(Principal("acme", "ada"), "retry-me", None) == (
-        str(uuid.uuid5(gw.MESSAGE_NS, scope)),
-        str(uuid.uuid5(gw.CONVERSATION_NS, scope)),
+def test_keyed_ids_cannot_be_computed_without_the_secret() -> None:
+    # The derivation before issue 12: uuid5 of public namespaces over project, user and key.
+    scope = "acme\nalice\nretry-me"
+    public = (
+        str(uuid.uuid5(uuid.UUID("5d1c9a3e-7f0b-4c52-9d7e-3b8f6a2e4c91"), scope)),
+        str(uuid.uuid5(uuid.UUID("a8e2f1c4-3b6d-4e9a-8c7f-1d5b2e9a6f03"), scope)),
     )
+    mine = gw.ids_for(ALICE, "retry-me", None, KEY)
+    other_secret = gw.ids_for(ALICE, "retry-me", None, gw.id_key("another-jwt-secret"))
+    assert not set(mine) & set(public)
+    assert not set(mine) & set(other_secret)
+
+
+def test_the_id_key_is_the_configured_secret_else_derived_from_the_jwt_secret() -> None:
+    assert gw.id_key("jwt", "configured") == b"configured"
+    derived = gw.id_key("jwt")
+    assert derived == gw.id_key("jwt", "") and derived != b"jwt" and len(derived) == 32
+    assert gw.id_key("jwt2") != derived
 
 
 def test_content_hash_is_a_stable_sha256_hex() -> None:
@@ -250,3 +270,32 @@ def test_parse_cancel_ids_refuses_malformed_ids_with_400(cid: str, rid: str) -> 
 def test_parse_cancel_ids_names_the_runs_message() -> None:
     cid = str(uuid.uuid4())
     assert gw.parse_cancel_ids(cid.upper(), f"run-{MID}") == (cid, f"run-{MID}", MID)
+
+
+# ---- who may watch, read and post (I9) -------------------------------------------------------
+
+BOB = Principal(project="acme", user="bob")
+OUTSIDER = Principal(project="other", user="alice")
+ACCESS = [
+    # (ownership, may_watch, may_read, may_post): True/False = allowed (watch: owned/pending)
+    (gw.Ownership(ALICE), True, None, None),
+    (gw.Ownership(BOB), 404, 404, 404),
+    (gw.Ownership(OUTSIDER), 404, 404, 404),
+    (gw.Ownership(None), False, 404, None),
+    (gw.Ownership(None, known=False), 503, 503, 503),
+]
+
+
+@pytest.mark.parametrize(("ownership", "watch", "read", "post"), ACCESS)
+def test_access_to_a_conversation_follows_its_owner_and_never_allows_on_a_failed_read(
+    ownership: gw.Ownership, watch: bool | int, read: int | None, post: int | None
+) -> None:
+    for check, expected in ((gw.may_watch, watch), (gw.may_read, read), (gw.may_post, post)):
+        if isinstance(expected, bool) or expected is None:
+            assert check(ownership, ALICE) == expected  # type: ignore[operator]
+            continue
+        with pytest.raises(ApiError) as info:
+            check(ownership, ALICE)  # type: ignore[operator]
+        assert info.value.status == expected
+        if expected == 503:
+            assert info.value.headers["Retry-After"] == "1"
