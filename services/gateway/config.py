@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.gateway.limits import EdgeLimits
 from shared.config import BaseSettings, Secret, load
 
 
@@ -23,6 +24,23 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     ws_max_frame_bytes: int = 4096
     ws_send_timeout_s: float = 10.0
     ws_ping_interval_s: float = 20.0
+    # The HTTP edge (services/gateway/limits.py): bounds applied before a request reaches a route.
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_client: int = 256
+
+    def edge_limits(self) -> EdgeLimits:
+        return EdgeLimits(
+            max_header_bytes=self.max_header_bytes,
+            max_headers=self.max_headers,
+            header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            max_connections=self.max_connections,
+            max_connections_per_client=self.max_connections_per_client,
+        )
 
 
 def from_env() -> Settings:

@@ -16,7 +16,7 @@ from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, Token
 from services.gateway.edge import HttpEdge
 from services.gateway.fastpath import FastAccept
 from services.gateway.handlers import Api, routes
-from services.gateway.server import GatewayServer, HttpProtocol
+from services.gateway.server import GatewayServer, protocol_for
 from shared import runtime, subjects
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
@@ -149,7 +149,9 @@ async def amain() -> None:
             access_log=False,
             # Nothing reads the client address; rewriting it from X-Forwarded-* costs every request.
             proxy_headers=False,
-            http=HttpProtocol,
+            # Bounded heads, read timeouts and connection counts (limits.py); httptools itself
+            # has none, and uvicorn's h11_max_incomplete_event_size applies only to h11.
+            http=protocol_for(settings.edge_limits()),
             timeout_graceful_shutdown=5,
             # Oversized client frames are refused by the protocol (close 1009) before they
             # are buffered; protocol pings find dead peers that never read.

@@ -1,0 +1,301 @@
+"""The HTTP edge's limits on a real gateway process: head size and count, read timeouts, connections.
+
+Each test talks raw TCP to ``python -m services.gateway`` (the uvicorn configuration the gateway
+really runs), on real NATS and Postgres. Clients bind to different loopback addresses
+(127.0.0.N) when a test needs several "client addresses".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from baton.embedded import NatsServer, PostgresServer, create_database, free_port
+from baton.migrate import migrate
+from baton.provision import provision
+from baton.supervisor import Child, service_env
+from tests.conftest import ExternalPostgres
+
+SECRET = "limits-secret-" + "x" * 32
+MIB = 1024 * 1024
+
+
+class RunningGateway:
+    def __init__(self, child: Child, port: int) -> None:
+        self.child = child
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def rss_bytes(self) -> int:
+        """The process's resident set (VmRSS in /proc/<pid>/status)."""
+        for line in Path(f"/proc/{self.child.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def log(self) -> str:
+        return self.child.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def backing(
+    postgres_server: PostgresServer | ExternalPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """One provisioned NATS and one migrated database for this module's gateways."""
+    nats = NatsServer(tmp_path_factory.mktemp("nats"))
+    nats.start()
+    try:
+        database_url = asyncio.run(
+            create_database(postgres_server.dsn(), f"baton_limits_{free_port()}")
+        )
+        asyncio.run(provision(nats.url))
+        asyncio.run(migrate(database_url))
+        yield nats.url, database_url
+    finally:
+        nats.stop()
+
+
+@pytest.fixture
+def start_gateway(
+    backing: tuple[str, str], tmp_path: Path
+) -> Iterator[Callable[..., RunningGateway]]:
+    """Starts gateway processes with extra ``GATEWAY_*`` settings; stops each by its pid."""
+    started: list[Child] = []
+
+    def start(**env: str) -> RunningGateway:
+        port = free_port()
+        child = Child(
+            "gateway",
+            [sys.executable, "-m", "services.gateway"],
+            service_env(
+                "gateway",
+                nats_url=backing[0],
+                database_url=backing[1],
+                metrics_port=free_port(),
+                jwt_secret=SECRET,
+                http_port=port,
+                extra={f"GATEWAY_{k.upper()}": v for k, v in env.items()},
+            ),
+            tmp_path / f"gateway-{len(started)}.log",
+        )
+        child.start()
+        started.append(child)
+        gw = RunningGateway(child, port)
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
+                    return gw
+            assert child.exit_code() is None, gw.log()
+            assert time.monotonic() < deadline, f"gateway not ready\n{gw.log()}"
+            time.sleep(0.1)
+
+    yield start
+    for child in started:
+        child.signal(__import__("signal").SIGTERM)
+        if not child.wait(15):
+            child.signal(__import__("signal").SIGKILL)
+            child.wait(5)
+
+
+def connect(gw: RunningGateway, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", gw.port))
+    return sock
+
+
+def answer(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout``)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(ConnectionResetError, TimeoutError, BrokenPipeError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def status_of(response: bytes) -> int:
+    assert response.startswith(b"HTTP/1.1 "), response[:200]
+    return int(response.split(b" ", 2)[1])
+
+
+def send_until_closed(sock: socket.socket, head: bytes, filler: bytes, total: int) -> int:
+    """Send ``head`` then ``filler`` up to ``total`` bytes or until the server stops taking them."""
+    sent = 0
+    sock.settimeout(10)
+    try:
+        sock.sendall(head)
+        while sent < total:
+            sock.sendall(filler)
+            sent += len(filler)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass
+    return sent
+
+
+def test_a_head_over_the_byte_limit_gets_431(start_gateway: Callable[..., RunningGateway]) -> None:
+    gw = start_gateway()
+    sock = connect(gw)
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * MIB + b"\r\n\r\n"
+    send_until_closed(sock, big, b"", 0)
+    assert status_of(answer(sock, 10)) == 431
+    sock.close()
+    assert httpx.get(f"{gw.url}/healthz").status_code == 200
+
+
+def test_more_headers_than_the_count_limit_get_431(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway()
+    sock = connect(gw)
+    many = b"".join(b"a%d: b\r\n" % i for i in range(101))  # 101 headers, about 800 bytes
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    assert status_of(answer(sock, 10)) == 431
+    sock.close()
+    # 95 headers (90 and the five httpx sends) are fine.
+    headers = {f"a{i}": "b" for i in range(90)}
+    assert httpx.get(f"{gw.url}/healthz", headers=headers).status_code == 200
+
+
+def test_a_hundred_thousand_headers_get_431(start_gateway: Callable[..., RunningGateway]) -> None:
+    gw = start_gateway()
+    sock = connect(gw)
+    many = b"".join(b"a%d: b\r\n" % i for i in range(100_000))
+    send_until_closed(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n", b"", 0)
+    assert status_of(answer(sock, 10)) == 431
+    sock.close()
+
+
+def test_unfinished_heads_cost_no_memory_once_refused(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway()
+    with httpx.Client(base_url=gw.url) as http:
+        for _ in range(50):  # warm up: the first requests allocate what every request reuses
+            http.get("/healthz")
+    before = gw.rss_bytes()
+    socks = [connect(gw) for _ in range(10)]
+    for sock in socks:
+        # 20 MB of one header that never ends, as the attack did.
+        send_until_closed(sock, b"GET /healthz HTTP/1.1\r\nX-A: ", b"a" * 65536, 20 * MIB)
+    peak = gw.rss_bytes()
+    for sock in socks:
+        sock.close()
+    assert httpx.get(f"{gw.url}/healthz").status_code == 200
+    after = gw.rss_bytes()
+    print(f"VmRSS before {before / MIB:.1f} MiB, peak {peak / MIB:.1f}, after {after / MIB:.1f}")
+    assert peak - before < 16 * MIB
+    assert after - before < 16 * MIB
+
+
+def test_a_head_not_finished_in_time_gets_408(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(header_timeout_s="1")
+    sock = connect(gw)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    assert status_of(answer(sock, 10)) == 408
+    assert time.monotonic() - started < 5
+    sock.close()
+
+
+def test_a_connection_that_sends_nothing_is_closed(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(header_timeout_s="1")
+    sock = connect(gw)
+    started = time.monotonic()
+    data = answer(sock, 10)
+    assert time.monotonic() - started < 5
+    assert data == b"" or status_of(data) == 408
+    sock.close()
+
+
+def test_a_body_not_finished_in_time_gets_408(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(body_timeout_s="1")
+    sock = connect(gw)
+    sock.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n" + b'{"content": "'
+    )
+    started = time.monotonic()
+    assert status_of(answer(sock, 10)) == 408
+    assert time.monotonic() - started < 5
+    sock.close()
+
+
+def test_connections_per_client_address_are_limited(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(max_connections_per_client="5")
+    held = [connect(gw, "127.0.0.2") for _ in range(5)]
+    extra = connect(gw, "127.0.0.2")
+    assert status_of(answer(extra, 5)) == 429
+    extra.close()
+    # Another address is not affected, and a freed slot is usable again.
+    assert httpx.get(f"{gw.url}/healthz").status_code == 200
+    held.pop().close()
+    deadline = time.monotonic() + 10
+    while True:
+        again = connect(gw, "127.0.0.2")
+        again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status = status_of(answer(again, 5))
+        again.close()
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # the server may not have seen the close yet
+    assert status == 200
+    for sock in held:
+        sock.close()
+
+
+def test_connections_in_total_are_limited(start_gateway: Callable[..., RunningGateway]) -> None:
+    gw = start_gateway(max_connections="6", max_connections_per_client="3")
+    held = [connect(gw, f"127.0.0.{n}") for n in (3, 3, 3, 4, 4, 4)]
+    extra = connect(gw, "127.0.0.5")
+    assert status_of(answer(extra, 5)) == 503
+    extra.close()
+    for sock in held:
+        sock.close()
+
+
+def test_slow_clients_are_cut_while_others_are_served(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(header_timeout_s="2")
+    slow = [connect(gw, f"127.0.1.{n % 50 + 1}") for n in range(250)]
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    for sock in slow:
+        sock.sendall(head)
+    open_socks = set(slow)
+    served = 0
+    started = time.monotonic()
+    with httpx.Client(base_url=gw.url, timeout=5) as http:
+        # A byte every 0.2 s on every slow connection, as slowloris does, and a normal client.
+        while open_socks and time.monotonic() - started < 20:
+            assert http.get("/healthz").status_code == 200
+            served += 1
+            for sock in list(open_socks):
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    open_socks.discard(sock)
+            time.sleep(0.2)
+    cut_after = time.monotonic() - started
+    for sock in slow:
+        sock.close()
+    assert not open_socks, f"{len(open_socks)} of 250 slow connections still open after 20 s"
+    assert cut_after < 10
+    assert served > 5
