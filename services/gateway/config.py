@@ -31,6 +31,9 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     body_timeout_s: float = 30.0
     max_connections: int = 4096
     max_connections_per_client: int = 256
+    # Unexpected errors are logged by type and place; their messages (which may quote the
+    # request) and tracebacks only with this on.
+    log_error_details: bool = False
 
     def edge_limits(self) -> EdgeLimits:
         return EdgeLimits(

@@ -133,6 +133,9 @@ def parse_chat(body: bytes, max_chars: int) -> ChatRequest:
         raise ApiError(400, "invalid_body", f"invalid request body: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError:
+        # Its repr quotes the bytes around the fault, the content: neither chained nor quoted.
+        raise ApiError(400, "invalid_json", "request body is not valid UTF-8") from None
     if not req.content.strip():
         raise ApiError(422, "empty_content", "content must not be empty")
     if len(req.content) > max_chars:
@@ -167,15 +170,27 @@ def parse_cancel_ids(conversation_id: str, run_id: str) -> tuple[str, str, str]:
     return cid, run_id, match.group(1)
 
 
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
 def check_idempotency_key(key: str | None, max_chars: int) -> str | None:
+    """The key as given, if it is 1..``max_chars`` visible ASCII characters (0x21-0x7E).
+
+    Both routes read header bytes as latin-1, one character per byte, so this is a rule on the
+    bytes: a UTF-8 or latin-1 key is refused, never stored as something the client did not send.
+    """
     if key is None:
         return None
     if not key or len(key) > max_chars:
         raise ApiError(
             400, "invalid_idempotency_key", f"Idempotency-Key must be 1..{max_chars} characters"
         )
-    if not key.isprintable():
-        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be printable")
+    if _VISIBLE_ASCII.fullmatch(key) is None:
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be visible ASCII characters (0x21-0x7E), no spaces",
+        )
     return key
 
 

@@ -235,7 +235,9 @@ def protocol_for(limits: EdgeLimits) -> type[HttpProtocol]:
         (HttpProtocol,),
         {
             "limits": limits,
-            "open_connections": Connections(limits.max_connections, limits.max_connections_per_client),
+            "open_connections": Connections(
+                limits.max_connections, limits.max_connections_per_client
+            ),
         },
     )
 
