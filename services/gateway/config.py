@@ -10,6 +10,8 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     jwt_secret: Secret = Secret("")
+    jwt_max_lifetime_s: float = 30 * 24 * 3600.0  # exp - iat (exp - now without iat)
+    jwt_leeway_s: float = 60.0  # how far an issuer's clock may be ahead of ours (iat, nbf)
     max_body_bytes: int = 64 * 1024
     max_content_chars: int = 32_000
     max_idempotency_key_chars: int = 255

@@ -7,17 +7,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
+import jwt
 import pytest
+import pytest_asyncio
+import structlog
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from tests.integration.gateway_process import RunningGateway, backing, start_gateway
+from baton.devtoken import make_token
+from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
+from services.gateway.config import Settings
+from services.gateway.handlers import Api
+from services.gateway.main import build_app
+from shared.db import create_pool
+from tests.integration.conftest import Infra
+from tests.integration.gateway_process import SECRET, RunningGateway, backing, start_gateway
+from tests.support import connect_bus, service_metrics
 
 __all__ = ["backing", "start_gateway"]  # fixtures, used by name
 
@@ -138,3 +152,116 @@ def test_a_visible_ascii_key_is_stored_as_sent(
     assert first.status_code == again.status_code == 202, first.text
     assert again.json()["message"]["id"] == first.json()["message"]["id"]
     assert again.headers["Idempotent-Replayed"] == "true"
+
+
+@pytest_asyncio.fixture
+async def routes(infra: Infra) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+    """``POST /api/chat`` both ways: the fast path, and the Litestar route behind it."""
+    settings = Settings(jwt_secret=SECRET)  # type: ignore[arg-type]
+    bus = await connect_bus(infra.nats_url, "gateway")
+    pool = await create_pool(infra.database_url)
+    reads = ReadModel(pool)
+    hub = Hub(bus, 64, bus.log)
+    await hub.start()
+    api = Api(
+        settings, Publisher(bus, 2.0), reads, hub, service_metrics("gateway"), TokenLog(bus, 2.0)
+    )
+    fast = build_app(api, bus, reads, settings)
+    apps = {"fast path": fast, "litestar": fast.app}  # without metrics, .app is the Litestar app
+    clients = {
+        name: httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        for name, app in apps.items()
+    }
+    yield clients
+    for client in clients.values():
+        await client.aclose()
+    await hub.stop()
+    await bus.close()
+    await pool.close()
+
+
+AUTH = {"Authorization": f"Bearer {make_token(SECRET, 'p1', 'u1')}"}
+
+
+@pytest.mark.parametrize("route", ["fast path", "litestar"])
+async def test_both_routes_answer_invalid_utf8_with_400_and_log_nothing_of_it(
+    routes: dict[str, httpx.AsyncClient], route: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        r = await routes[route].post(
+            "/api/chat",
+            content=b'{"content":"my password is hunter2 \xff"}',
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_json")
+    assert "hunter2" not in repr(logs)
+
+
+@pytest.mark.parametrize("route", ["fast path", "litestar"])
+@pytest.mark.parametrize(
+    ("key", "status"),
+    [("été".encode(), 400), ("ключ".encode(), 400), (b"a b", 400), (b"order-42:~!", 202)],
+)
+async def test_both_routes_apply_one_idempotency_key_rule(
+    routes: dict[str, httpx.AsyncClient], route: str, key: bytes, status: int
+) -> None:
+    headers = {**AUTH, "Idempotency-Key": key}
+    r = await routes[route].post("/api/chat", json={"content": "hi"}, headers=headers)  # type: ignore[arg-type]
+    assert r.status_code == status, r.text
+
+
+def _token(**claims: object) -> dict[str, str]:
+    now = time.time()
+    payload = {"sub": "u1", "project": "p1", "iat": now, "exp": now + 600, **claims}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return {"Authorization": "Bearer " + jwt.encode(payload, SECRET, algorithm="HS256")}
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({"exp": 10**20}, "token lifetime exceeds the maximum (2592000 s)"),
+        ({"iat": None, "exp": 10**20}, "token lifetime exceeds the maximum (2592000 s)"),
+        ({"iat": time.time() + 3600}, "token is not valid yet"),
+        ({"exp": "never"}, "invalid token"),
+    ],
+)
+def test_tokens_past_the_lifetime_rules_are_401_with_a_stable_message(
+    start_gateway: Callable[..., RunningGateway], claims: dict[str, object], message: str
+) -> None:
+    gw = start_gateway()
+    cid = uuid.uuid4()
+    with httpx.Client(base_url=gw.url, headers=_token(**claims), timeout=5) as http:
+        for r in (
+            http.post("/api/chat", json={"content": "hi"}),
+            http.get(f"/api/conversations/{cid}/messages"),
+        ):
+            assert r.status_code == 401, r.text
+            assert r.json()["error"]["message"] == message
+
+
+def test_a_shorter_maximum_lifetime_is_a_setting(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(jwt_max_lifetime_s="3600")
+    short = httpx.post(f"{gw.url}/api/chat", json={"content": "hi"}, headers=_token())
+    assert short.status_code == 202, short.text
+    day = httpx.post(
+        f"{gw.url}/api/chat", json={"content": "hi"}, headers=_token(exp=time.time() + 86400)
+    )
+    assert day.status_code == 401
+
+
+def test_baton_token_makes_a_token_the_gateway_accepts_by_default(
+    start_gateway: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    gw = start_gateway()
+    (tmp_path / "jwt_secret").write_text(SECRET)
+    made = subprocess.run(
+        [sys.executable, "-m", "baton", "token", "--data-dir", str(tmp_path),
+         "--project", "p1", "--user", "u1"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    headers = {"Authorization": f"Bearer {made.stdout.strip()}"}
+    r = httpx.post(f"{gw.url}/api/chat", json={"content": "hi"}, headers=headers)
+    assert r.status_code == 202, r.text
