@@ -7,12 +7,17 @@ really runs), on real NATS and Postgres. Clients bind to different loopback addr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import time
+import uuid
 from collections.abc import Callable
 
 import httpx
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
 from tests.integration.gateway_process import MIB, RunningGateway, backing, start_gateway
 
@@ -212,3 +217,30 @@ def test_slow_clients_are_cut_while_others_are_served(
     assert not open_socks, f"{len(open_socks)} of 250 slow connections still open after 20 s"
     assert cut_after < 10
     assert served > 5
+
+
+def test_a_websocket_holds_its_slot_until_it_closes(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(max_connections_per_client="2", ws_auth_timeout_s="30")
+
+    async def scenario() -> None:
+        url = f"ws://127.0.0.1:{gw.port}/api/conversations/{uuid.uuid4()}/ws"
+        first = await ws_connect(url)
+        second = await ws_connect(url)
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_connect(url)
+        assert refused.value.response.status_code == 429
+        await first.close()
+        await second.close()
+        deadline = time.monotonic() + 10
+        while True:  # the server frees a slot once it has seen the close
+            try:
+                third = await ws_connect(url)
+                break
+            except InvalidStatus:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        await third.close()
+
+    asyncio.run(scenario())
