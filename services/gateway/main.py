@@ -155,7 +155,8 @@ async def amain() -> None:
             lifespan="off",
             log_level="warning",
             access_log=False,
-            # Nothing reads the client address; rewriting it from X-Forwarded-* costs every request.
+            # The client address is the socket's peer (connection limits): X-Forwarded-* is the
+            # client's to forge, and rewriting from it costs every request.
             proxy_headers=False,
             # Bounded heads, read timeouts and connection counts (limits.py); httptools itself
             # has none, and uvicorn's h11_max_incomplete_event_size applies only to h11.
