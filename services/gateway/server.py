@@ -74,8 +74,9 @@ class HttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.address = ""
-        self.admitted = False  # counted in ``connections``, to be released once
+        self.admitted = False  # counted in ``open_connections``, to be released once
         self.reading_head = True  # the next bytes belong to a request head
+        self.awaiting_body = False  # the head is in, the body is not (yet)
         self.head_bytes = 0
         self.head_headers = 0
         self.head_timer: asyncio.TimerHandle | None = None
@@ -101,25 +102,35 @@ class HttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if not self.admitted or self.transport.is_closing():
             return
-        if not self.reading_head:
-            self.feed(data)
-            return
-        if self.head_timer is None:  # a new request after a keep-alive pause
-            self.head_timer = self.loop.call_later(self.limits.header_timeout_s, self.head_late)
-        room = self.limits.max_header_bytes - self.head_bytes
-        if len(data) <= room:
+        if self.reading_head:
+            room = self.limits.max_header_bytes - self.head_bytes
+            if len(data) > room:
+                # Only as much as the head may still take: what follows it may be a body.
+                self.head_bytes += room
+                self.feed(data[:room])
+                if self.transport.is_closing() or not self.admitted:
+                    return
+                if self.reading_head:
+                    self.refuse(HEAD_TOO_LARGE)
+                    return
+                self.data_received(data[room:])
+                return
             self.head_bytes += len(data)
-            self.feed(data)
-            return
-        # Only as much as the head may still take: what follows it may be a body.
-        self.head_bytes += room
-        self.feed(data[:room])
-        if self.transport.is_closing() or self.parser is None:
+        self.feed(data)
+        self.arm()
+
+    def arm(self) -> None:
+        """Start the clock of a head or a body that a read left unfinished.
+
+        Not before: a request that arrives whole (most do) never starts a timer.
+        """
+        if self.transport.is_closing():
             return
         if self.reading_head:
-            self.refuse(HEAD_TOO_LARGE)
-            return
-        self.data_received(data[room:])
+            if self.head_bytes and self.head_timer is None:
+                self.head_timer = self.loop.call_later(self.limits.header_timeout_s, self.head_late)
+        elif self.awaiting_body and self.body_timer is None:
+            self.body_timer = self.loop.call_later(self.limits.body_timeout_s, self.body_late)
 
     def feed(self, data: bytes) -> None:
         """uvicorn's ``data_received``, with a head refused for its header count."""
@@ -153,10 +164,10 @@ class HttpProtocol(HttpToolsProtocol):
             self.head_timer.cancel()
             self.head_timer = None
         super().on_headers_complete()
-        if not (self.parser.should_upgrade() and self._should_upgrade()):
-            self.body_timer = self.loop.call_later(self.limits.body_timeout_s, self.body_late)
+        self.awaiting_body = not (self.parser.should_upgrade() and self._should_upgrade())
 
     def on_message_complete(self) -> None:
+        self.awaiting_body = False
         if self.body_timer is not None:
             self.body_timer.cancel()
             self.body_timer = None
