@@ -51,6 +51,10 @@ class OneWritePerTurn:
         self.flush()
         self.transport.close()
 
+    def is_closing(self) -> bool:
+        # Asked on every read: spelled out, not found through __getattr__'s slow path.
+        return self.transport.is_closing()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
 
@@ -78,7 +82,6 @@ class HttpProtocol(HttpToolsProtocol):
         self.reading_head = True  # the next bytes belong to a request head
         self.awaiting_body = False  # the head is in, the body is not (yet)
         self.head_bytes = 0
-        self.head_headers = 0
         self.head_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
 
@@ -152,13 +155,10 @@ class HttpProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_headers += 1
-        if self.head_headers > self.limits.max_headers:
-            raise _Refused(TOO_MANY_HEADERS)
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
+        # Counted here, not per header: the byte bound already caps the list (a few thousand).
+        if len(self.headers) > self.limits.max_headers:
+            raise _Refused(TOO_MANY_HEADERS)
         self.reading_head = False
         if self.head_timer is not None:
             self.head_timer.cancel()
@@ -173,7 +173,7 @@ class HttpProtocol(HttpToolsProtocol):
             self.body_timer = None
         # The next bytes start a new head; its clock starts when they arrive.
         self.reading_head = True
-        self.head_bytes = self.head_headers = 0
+        self.head_bytes = 0
         super().on_message_complete()
 
     def head_late(self) -> None:
