@@ -127,6 +127,22 @@ def test_a_head_not_finished_in_time_gets_408(
     sock.close()
 
 
+def test_a_second_head_on_a_kept_alive_connection_is_timed_too(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway(header_timeout_s="1")
+    sock = connect(gw)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.settimeout(5)
+    first = sock.recv(65536)
+    assert status_of(first) == 200
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+    started = time.monotonic()
+    assert status_of(answer(sock, 10)) == 408
+    assert time.monotonic() - started < 5
+    sock.close()
+
+
 def test_a_connection_that_sends_nothing_is_closed(
     start_gateway: Callable[..., RunningGateway],
 ) -> None:
