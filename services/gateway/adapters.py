@@ -409,7 +409,8 @@ class Hub:
             return
         try:
             mapped = core.push_event(msg.subject, msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            # str(), never repr(): a UnicodeDecodeError's repr holds the bytes (content).
             self.log.warning("push_decode_failed", subject=msg.subject, error=str(exc))
             return
         if mapped is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.gateway.limits import EdgeLimits
 from shared.config import BaseSettings, Secret, load
 
 
@@ -12,6 +13,8 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     # Key of ids derived from an Idempotency-Key; empty: derived from jwt_secret (same on
     # every replica). Changing it changes those ids (a retry across the change is a new submit).
     id_secret: Secret = Secret("")
+    jwt_max_lifetime_s: float = 30 * 24 * 3600.0  # exp - iat (exp - now without iat)
+    jwt_leeway_s: float = 60.0  # how far an issuer's clock may be ahead of ours (iat, nbf)
     max_body_bytes: int = 64 * 1024
     max_content_chars: int = 32_000
     max_idempotency_key_chars: int = 255
@@ -26,6 +29,26 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     ws_max_frame_bytes: int = 4096
     ws_send_timeout_s: float = 10.0
     ws_ping_interval_s: float = 20.0
+    # The HTTP edge (services/gateway/limits.py): bounds applied before a request reaches a route.
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_client: int = 256
+    # Unexpected errors are logged by type and place; their messages (which may quote the
+    # request) and tracebacks only with this on.
+    log_error_details: bool = False
+
+    def edge_limits(self) -> EdgeLimits:
+        return EdgeLimits(
+            max_header_bytes=self.max_header_bytes,
+            max_headers=self.max_headers,
+            header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            max_connections=self.max_connections,
+            max_connections_per_client=self.max_connections_per_client,
+        )
 
 
 def from_env() -> Settings:

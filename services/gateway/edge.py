@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,24 @@ SERVICE = "gateway"
 ON_SEND_TIMEOUT = "baton.on_send_timeout"
 # Probes and scrapes would drown the request lines (they are still counted in the metrics).
 QUIET_ROUTES = frozenset({"/healthz", "/readyz"})
+
+
+def failure_fields(exc: BaseException, details: bool = False) -> dict[str, Any]:
+    """How a log line names an unexpected exception: its type and where it was raised.
+
+    An exception's message and repr may quote the request (a ``UnicodeDecodeError`` carries
+    the bytes it could not decode), so they, and the traceback that repeats them, are logged
+    only when ``details`` (``GATEWAY_LOG_ERROR_DETAILS``) says so.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)[-6:]
+    fields: dict[str, Any] = {
+        "error_type": type(exc).__name__,
+        "where": [f"{f.filename.rpartition('/')[2]}:{f.lineno}:{f.name}" for f in frames],
+    }
+    if details:
+        fields["error"] = repr(exc)
+        fields["exc_info"] = exc
+    return fields
 
 
 def outcome_of(status: int) -> str:

@@ -17,10 +17,10 @@ from opentelemetry import trace
 
 from services.gateway import core
 from services.gateway.deadlines import Deadlines
+from services.gateway.edge import HttpEdge, failure_fields
 from shared import tracing
 
 if TYPE_CHECKING:
-    from services.gateway.edge import HttpEdge
     from services.gateway.handlers import Api
 
 Scope = MutableMapping[str, Any]
@@ -43,11 +43,17 @@ class FastAccept:
     """An ASGI app: ``POST /api/chat`` handled here, anything else passed to ``app``."""
 
     def __init__(
-        self, app: ASGIApp, api: Api, max_body_bytes: int, edge: HttpEdge | None = None
+        self,
+        app: ASGIApp,
+        api: Api,
+        max_body_bytes: int,
+        edge: HttpEdge | None = None,
+        log_error_details: bool = False,
     ) -> None:
         self.app = app
         self.api = api
         self.max_body_bytes = max_body_bytes
+        self.log_error_details = log_error_details
         # Where this route counts itself, writes its line and finds its send bound.
         self.edge = edge
         tick_s = min(1.0, edge.send_timeout_s / 2) if edge is not None else 1.0
@@ -135,8 +141,8 @@ class FastAccept:
             return 413, _body_of(413, "body_too_large", "Request Entity Too Large"), {}
         except Exception as exc:
             # A bug, not a client error: logged with its traceback, answered in the usual shape.
-            structlog.get_logger().bind(service="gateway").exception(
-                "request_failed", path=ROUTE, error=repr(exc)
+            structlog.get_logger().bind(service="gateway").error(
+                "request_failed", path=ROUTE, **failure_fields(exc, self.log_error_details)
             )
             return 500, _body_of(500, "internal_error", "internal error"), {}
         return 202, _encoder.encode(payload), headers

@@ -93,7 +93,11 @@ class Api:
         )
         # The labelled child once, not a label lookup per accepted message.
         self.accepts_new = self.accepts.labels("false")
-        self.principals = core.Principals(str(settings.jwt_secret))
+        self.principals = core.Principals(
+            str(settings.jwt_secret),
+            max_lifetime_s=settings.jwt_max_lifetime_s,
+            leeway_s=settings.jwt_leeway_s,
+        )
         self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
         self.stream_clients = metrics.gauge(
             "stream_clients",

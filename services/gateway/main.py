@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -14,10 +15,10 @@ from litestar.openapi import OpenAPIConfig
 
 from services.gateway import config, core, ws
 from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, TokenLog
-from services.gateway.edge import HttpEdge
+from services.gateway.edge import HttpEdge, failure_fields
 from services.gateway.fastpath import FastAccept
 from services.gateway.handlers import Api, routes
-from services.gateway.server import GatewayServer, HttpProtocol
+from services.gateway.server import GatewayServer, protocol_for
 from shared import runtime, subjects
 from shared.bus import Bus
 from shared.db import UNAVAILABLE, create_pool
@@ -43,12 +44,18 @@ def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any
     return Response(error_body(exc.status_code, code, str(exc.detail)), status_code=exc.status_code)
 
 
-def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    # A bug, not a client error: log it with its traceback and answer in the usual shape.
-    structlog.get_logger().bind(service=SERVICE).exception(
-        "request_failed", path=request.url.path, error=repr(exc)
-    )
-    return Response(error_body(500, "internal_error", "internal error"), status_code=500)
+def unexpected_handler(
+    log_error_details: bool,
+) -> Callable[[Request[Any, Any, Any], Exception], Response[Any]]:
+    """What answers a bug: a ``500`` in the usual shape, and a log line without the request."""
+
+    def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        structlog.get_logger().bind(service=SERVICE).error(
+            "request_failed", path=request.url.path, **failure_fields(exc, log_error_details)
+        )
+        return Response(error_body(500, "internal_error", "internal error"), status_code=500)
+
+    return on_unexpected
 
 
 def build_app(
@@ -64,10 +71,11 @@ def build_app(
     (``edge.HttpEdge``; the fast path records itself through it).
     """
     app = litestar_app(api, bus, reads, settings)
+    details = settings.log_error_details
     if metrics is None:
-        return FastAccept(app, api, settings.max_body_bytes)
+        return FastAccept(app, api, settings.max_body_bytes, log_error_details=details)
     edge = HttpEdge(app, metrics, settings.sse_send_timeout_s)
-    return FastAccept(edge, api, settings.max_body_bytes, edge)
+    return FastAccept(edge, api, settings.max_body_bytes, edge, details)
 
 
 def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings) -> Litestar:
@@ -101,7 +109,7 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
         exception_handlers={
             core.ApiError: on_api_error,
             HTTPException: on_http_error,
-            Exception: on_unexpected,
+            Exception: unexpected_handler(settings.log_error_details),
         },
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="baton gateway", version="0.1.0", path="/schema"),
@@ -164,9 +172,12 @@ async def _serve(
             lifespan="off",
             log_level="warning",
             access_log=False,
-            # Nothing reads the client address; rewriting it from X-Forwarded-* costs every request.
+            # The client address is the socket's peer (connection limits): X-Forwarded-* is the
+            # client's to forge, and rewriting from it costs every request.
             proxy_headers=False,
-            http=HttpProtocol,
+            # Bounded heads, read timeouts and connection counts (limits.py); httptools itself
+            # has none, and uvicorn's h11_max_incomplete_event_size applies only to h11.
+            http=protocol_for(settings.edge_limits()),
             timeout_graceful_shutdown=5,
             # Oversized client frames are refused by the protocol (close 1009) before they
             # are buffered; protocol pings find dead peers that never read.

@@ -71,7 +71,7 @@ class WebSockets:
             frame = await self._first_frame(socket)
             header = f"Bearer {frame.token}"
             last_id = frame.last_event_id or last_id
-        p = core.authenticate(header, str(self.settings.jwt_secret))
+        p = self.api.principals.authenticate(header)  # the same rules (and cache) as HTTP
         return await self.api.watch(p, conversation_id, last_id)
 
     async def _first_frame(self, socket: WebSocket[Any, Any, Any]) -> core.ClientFrame:

@@ -39,7 +39,9 @@ def monitored(database_url: str, tmp_path: Path) -> Iterator[MonitoredPipeline]:
     nats = NatsServer(tmp_path / "nats", monitor_port=0)
     nats.start()
     try:
-        with _running(nats.url, database_url, tmp_path / "logs") as p:
+        # Every client comes from 127.0.0.1: one address may hold them all here.
+        extra = {"GATEWAY_MAX_CONNECTIONS_PER_CLIENT": str(CLIENTS + 50)}
+        with _running(nats.url, database_url, tmp_path / "logs", extra) as p:
             fields = {f: getattr(p, f) for f in Pipeline.__struct_fields__}
             yield MonitoredPipeline(**fields, nats=nats)
     finally:

@@ -112,7 +112,7 @@ def test_check_idempotency_key_rejects_bad_keys_with_400(key: str) -> None:
     assert (info.value.status, info.value.code) == (400, "invalid_idempotency_key")
 
 
-@pytest.mark.parametrize("key", [None, "k", "k" * 255, "order-42 retry", "clé-ünïcode"])
+@pytest.mark.parametrize("key", [None, "k", "k" * 255, "order-42-retry"])
 def test_check_idempotency_key_passes_good_keys_through(key: str | None) -> None:
     assert gw.check_idempotency_key(key, 255) == key
 
