@@ -1,4 +1,4 @@
-"""Per-service NATS users and their narrowest permissions, derived from shared/subjects.py."""
+"""Per-service NATS users and their narrowest permissions, derived from shared/wiring.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import msgspec
 
-from shared import subjects
+from shared import subjects, wiring
 
 ADMIN = "admin"
-SERVICES = ("gateway", "persister", "agent", "policy", "executor")
+SERVICES = tuple(wiring.WIRING)
 PASSWORDS_FILE = "nats_passwords.json"
 
 # Nobody but the admin may create, change or delete streams and consumers (I5): a user allowed
@@ -42,54 +42,17 @@ class Grant(msgspec.Struct, frozen=True):
     reads_buckets: tuple[str, ...] = ()  # get only: no put, create or update
 
 
+# Derived from the one table of the wiring, so the grants cannot drift from what runs.
 GRANTS: dict[str, Grant] = {
-    "gateway": Grant(
-        publishes=(subjects.chat_in(*ANY), subjects.chat_cancel(*ANY)),
-        listens=subjects.PUSH_SUBJECTS,
-        # A duplicate submit answers with the original message, read back by its sequence;
-        # a resuming SSE client gets the tokens it missed, read back the same way.
-        reads_streams=(subjects.STREAM_CHAT_IN, subjects.STREAM_TOKENS),
-        # An early 429 reads the rate windows policy keeps; policy alone writes them.
-        reads_buckets=(subjects.BUCKET_LIMITS,),
-    ),
-    "persister": Grant(
-        publishes=(subjects.persisted_user(*ANY), subjects.persisted_assistant(*ANY)),
-        consumers=(
-            subjects.PERSISTER_IN,
-            subjects.PERSISTER_VERDICTS,
-            subjects.PERSISTER_REPLIES,
-            subjects.PERSISTER_RESULTS,
-            subjects.PERSISTER_FAILED,
-        ),
-    ),
-    "agent": Grant(publishes=(subjects.agent_decision(*ANY),), consumers=(subjects.AGENT_IN,)),
-    "policy": Grant(
-        publishes=(
-            subjects.policy_verdict(*ANY),
-            subjects.policy_reply(*ANY),
-            subjects.exec_task(*ANY),  # policy alone (I5)
-            subjects.policy_deadline(*ANY),
-            subjects.exec_abort(*ANY),  # policy alone: only the authority stops a call
-        ),
-        consumers=(
-            subjects.POLICY_DECISIONS,
-            subjects.POLICY_OUTCOMES,
-            subjects.POLICY_FAILURES,
-            subjects.POLICY_CANCELS,
-            subjects.POLICY_DEADLINES,
-        ),
-        buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS, subjects.BUCKET_ABORTS),
-    ),
-    "executor": Grant(
-        publishes=(
-            subjects.token_stream(*ANY),
-            subjects.exec_result(*ANY),
-            subjects.exec_failed(*ANY),
-        ),
-        consumers=(subjects.EXECUTOR_TASKS,),
-        listens=(subjects.EXEC_ABORT_ALL,),
-        reads_buckets=(subjects.BUCKET_ABORTS,),
-    ),
+    name: Grant(
+        publishes=w.publishes,
+        consumers=w.consumers,
+        listens=w.listens,
+        reads_streams=w.reads_streams,
+        buckets=w.buckets,
+        reads_buckets=w.reads_buckets,
+    )
+    for name, w in wiring.WIRING.items()
 }
 
 

@@ -14,7 +14,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from shared import subjects
+from shared import subjects, wiring
 from shared.config import nats_servers
 
 DEFAULT_DEDUP_WINDOW_S = 120.0
@@ -79,7 +79,7 @@ async def provision(
             except nats.js.errors.NotFoundError:
                 await js.add_stream(cfg)
                 done.append(f"stream {spec.name} created")
-        for cspec in subjects.CONSUMERS:
+        for cspec in wiring.CONSUMERS:
             await js.add_consumer(cspec.stream, consumer_config(cspec, ack_wait_s))
             done.append(f"consumer {cspec.stream}/{cspec.durable} ready")
         buckets = (

@@ -93,9 +93,9 @@ class Bus:
         service: str,
         metrics: ServiceMetrics,
         log: structlog.stdlib.BoundLogger,
-        attempts: int = 60,
     ) -> Bus:
-        """Connect, retrying the first connection too; later drops reconnect forever."""
+        """Connect, retrying the first connection for ``nats_connect_timeout_s``, then giving up
+        with ``ConnectionError``; once connected, drops reconnect forever."""
 
         async def error_cb(exc: Exception) -> None:
             kind = "permission" if "permissions violation" in str(exc).lower() else "other"
@@ -119,25 +119,38 @@ class Bus:
             "error_cb": error_cb,
             "disconnected_cb": disconnected_cb,
             "reconnected_cb": reconnected_cb,
-            "max_reconnect_attempts": -1,
+            # With no limit, nats-py's first connect retries forever when nothing listens: the
+            # first connect tries each server twice per attempt (the loop below bounds the
+            # attempts); once connected, drops reconnect without limit.
+            "max_reconnect_attempts": 1,
             "reconnect_time_wait": 0.5,
             "connect_timeout": 2,
         }
         if settings.nats_user:
             options["user"] = settings.nats_user
             options["password"] = str(settings.nats_password)
-        last: Exception | None = None
-        for attempt in range(attempts):
+        deadline = time.monotonic() + settings.nats_connect_timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            nc: NATS | None = None
             try:
                 nc = await nats.connect(**options)
+                # nats-py reads the option at each drop: from now on it reconnects forever.
+                nc.options["max_reconnect_attempts"] = -1
                 bus = cls(nc, service, metrics, log)
                 await bus.acks.open()
                 return bus
             except (OSError, nats.errors.Error, TimeoutError) as exc:
-                last = exc
-                log.warning("nats_connect_failed", attempt=attempt + 1, error=str(exc))
-                await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
-        raise ConnectionError(f"could not connect to NATS at {settings.nats_url}: {last}")
+                if nc is not None:
+                    await nc.close()
+                log.warning("nats_connect_failed", attempt=attempt, error=str(exc))
+                wait = min(0.2 * attempt, 2.0)
+                if time.monotonic() + wait > deadline:
+                    raise ConnectionError(
+                        f"could not connect to NATS at {settings.nats_url}: {exc}"
+                    ) from exc
+                await asyncio.sleep(wait)
 
     async def publish(
         self,

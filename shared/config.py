@@ -26,6 +26,8 @@ class BaseSettings(msgspec.Struct, kw_only=True, frozen=True):
     nats_url: str = "nats://127.0.0.1:4222"
     nats_user: str = ""
     nats_password: Secret = Secret("")
+    # How long the first connect to NATS keeps trying before the service exits (non-zero).
+    nats_connect_timeout_s: float = 60.0
     database_url: Secret = Secret("")
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"

@@ -1,4 +1,4 @@
-"""The one place where stream, subject, consumer and bucket names are spelled."""
+"""The one place where stream, subject and bucket names are spelled (consumers: wiring.py)."""
 
 from __future__ import annotations
 
@@ -117,37 +117,7 @@ class ConsumerSpec(msgspec.Struct, frozen=True):
     max_ack_pending: int = 1000
 
 
-PERSISTER_IN = ConsumerSpec(STREAM_CHAT_IN, "persister-in", "chat.in.>")
-PERSISTER_VERDICTS = ConsumerSpec(STREAM_POLICY, "persister-verdicts", "policy.verdict.>")
-PERSISTER_REPLIES = ConsumerSpec(STREAM_POLICY, "persister-replies", "policy.reply.>")
-PERSISTER_RESULTS = ConsumerSpec(STREAM_RESULTS, "persister-results", "exec.result.>")
-PERSISTER_FAILED = ConsumerSpec(STREAM_RESULTS, "persister-failed", "exec.failed.>")
-AGENT_IN = ConsumerSpec(STREAM_PERSISTED, "agent", "chat.persisted.user.>", ack_wait_s=60.0)
-POLICY_DECISIONS = ConsumerSpec(STREAM_DECISIONS, "policy-decisions", "agent.decision.>")
-POLICY_OUTCOMES = ConsumerSpec(STREAM_PERSISTED, "policy-outcomes", "chat.persisted.assistant.>")
-POLICY_FAILURES = ConsumerSpec(STREAM_RESULTS, "policy-failures", "exec.failed.>")
-POLICY_CANCELS = ConsumerSpec(STREAM_CANCELS, "policy-cancels", "chat.cancel.>")
-# Deadline timers are handed back (nak with a delay) until due: one waits per run in flight.
-POLICY_DEADLINES = ConsumerSpec(
-    STREAM_POLICY, "policy-deadlines", "policy.deadline.>", max_deliver=100, max_ack_pending=100_000
-)
-# In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
-EXECUTOR_TASKS = ConsumerSpec(STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
-
-CONSUMERS: tuple[ConsumerSpec, ...] = (
-    PERSISTER_IN,
-    PERSISTER_VERDICTS,
-    PERSISTER_REPLIES,
-    PERSISTER_RESULTS,
-    PERSISTER_FAILED,
-    AGENT_IN,
-    POLICY_DECISIONS,
-    POLICY_OUTCOMES,
-    POLICY_FAILURES,
-    POLICY_CANCELS,
-    POLICY_DEADLINES,
-    EXECUTOR_TASKS,
-)
+# The durables themselves, and which service binds each, are declared in shared/wiring.py.
 
 
 class StreamSpec(msgspec.Struct, frozen=True):

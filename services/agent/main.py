@@ -9,8 +9,8 @@ from typing import Any
 from services.agent import config
 from services.agent.adapters import Classifier
 from services.agent.handlers import Handlers
-from shared import messages, model, runtime, subjects
-from shared.bus import Bus, Consumer, run_consumers
+from shared import model, runtime, wiring
+from shared.bus import Bus, run_consumers
 from shared.db import create_pool
 from shared.history import History
 from shared.metrics import ServiceMetrics
@@ -50,17 +50,12 @@ async def _serve(
         settings,
         metrics,
     )
-    consumer = Consumer(
-        bus,
-        subjects.AGENT_IN,
-        messages.UserMessagePersisted,
-        h.user_message,
-        batch=settings.fetch_batch,
-        concurrency=settings.concurrency,
+    consumers = wiring.consumers(
+        bus, SERVICE, h, batch=settings.fetch_batch, concurrency=settings.concurrency
     )
     metrics.up.set(1)
     log.info("started", metrics_port=port, model=settings.model)
-    await run_consumers([consumer], stop, settings.shutdown_grace_s)
+    await run_consumers(consumers, stop, settings.shutdown_grace_s)
 
 
 def main() -> None:

@@ -128,145 +128,7 @@ class Handlers:
         prompt = core.build_messages(history, self.settings.context_token_budget)
         if not prompt:
             prompt = [{"role": "user", "content": "(empty message)"}]
-        p, c = t.project_id, t.conversation_id
-        coalescer = core.Coalescer(self.settings.coalesce_chars, self.settings.coalesce_ms / 1000)
-        seq = 0
-        started = time.perf_counter()
-
-        live = True
-        # One push at a time, so seq order is publish order; a timer flushes a batch the model
-        # is slow to add to (a slow stream's words must not wait for the next word).
-        pushing = asyncio.Lock()
-        timer: asyncio.Task[None] | None = None
-        # PubAcks of the pushes still on their way: the stream is not held up by a round trip
-        # per push; they are awaited together when the call ends.
-        acks: list[asyncio.Future[PubAck]] = []
-
-        def interrupted(exc: BaseException) -> None:
-            nonlocal live
-            if live:
-                live = False
-                self.stream_interruptions.inc()
-                self.bus.log.warning("token_stream_interrupted", call_id=call_id, error=repr(exc))
-
-        unacked = 0
-
-        def acked(f: asyncio.Future[PubAck]) -> None:
-            nonlocal unacked
-            unacked -= 1
-            if not f.cancelled() and f.exception() is not None:
-                interrupted(f.exception())  # type: ignore[arg-type]
-
-        async def settle_pushes() -> None:
-            # Pushes go out without a round trip each; their acks are collected before the
-            # outcome is published, so every token a client can get is stored before the
-            # answer or the retry that follows it. A lost one is counted.
-            async with pushing:
-                for lost in await Bus.settle(acks, timeout=1.0):
-                    interrupted(lost)
-                acks.clear()
-
-        async def send(text: str) -> None:
-            async with pushing:
-                await push(text)
-
-        async def push(text: str) -> None:
-            # Token pushes are best effort: a broker hiccup must not abort a call that is being
-            # paid for; the answer still arrives whole with the result.
-            nonlocal seq, unacked
-            if not live:
-                return
-            if unacked >= MAX_UNACKED_PUSHES:
-                # The broker stopped acking: stop pushing rather than fill the connection's
-                # window of unacked publishes, which every call in this process shares.
-                interrupted(TimeoutError(f"{MAX_UNACKED_PUSHES} token pushes unacknowledged"))
-                return
-            seq += 1
-            delta = m.TokenDelta(
-                conversation_id=c, run_id=t.run_id, attempt=t.attempt, seq=seq, text=text
-            )
-            try:
-                ack = await self.bus.publish_async(
-                    subjects.token_stream(p, c), delta, msg_id=f"delta:{call_id}:{seq}"
-                )
-            except (nats.errors.Error, TimeoutError, OSError) as exc:
-                interrupted(exc)
-                return
-            unacked += 1
-            ack.add_done_callback(acked)
-            acks.append(ack)
-
-        async def on_text(text: str) -> None:
-            if seq == 0 and not coalescer.buffer:
-                self.ttft.labels(t.model).observe(time.perf_counter() - started)
-            nonlocal timer
-            batch = coalescer.add(text, time.perf_counter())
-            if batch:
-                await send(batch)
-            elif timer is None or timer.done():
-                timer = asyncio.create_task(flush_later())
-
-        async def flush_later() -> None:
-            await asyncio.sleep(coalescer.max_age_s)
-            batch = coalescer.flush()
-            if batch:
-                # Once taken from the coalescer a batch is pushed, even if the call ends now.
-                await asyncio.shield(send(batch))
-
-        try:
-            try:
-                call.task = asyncio.create_task(
-                    self.model.stream(
-                        t.model,
-                        core.system_blocks(self.settings.system_prompt),
-                        prompt,
-                        t.max_tokens,
-                        on_text,
-                        call_id,
-                        abort=call.abort,
-                    )
-                )
-                outcome = await self._outcome(call)
-            except StreamFailed as exc:
-                # What the model wrote before the failure reaches clients too (they see it cut).
-                rest = coalescer.flush()
-                if rest:
-                    await send(rest)
-                error_class = core.classify(exc.cause)
-                self.errors.labels(error_class).inc()
-                self._count(t.model, exc.usage)
-                failed = m.ExecFailed(
-                    event_id=f"failed:{call_id}",
-                    error_class=error_class,
-                    error=str(exc.cause)[:500],
-                    usage=exc.usage,
-                    **_call_ids(t, call_id),
-                )
-                await settle_pushes()
-                await self._publish_outcome(subjects.exec_failed(p, c), failed)
-                return f"failed:{error_class}"
-            finally:
-                self.model_seconds.labels(t.model).observe(time.perf_counter() - started)
-                if timer is not None:
-                    timer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await timer
-            rest = coalescer.flush()
-            if rest:
-                await send(rest)
-            self._count(t.model, outcome.usage)
-            result = m.ExecResult(
-                event_id=f"result:{call_id}",
-                text=outcome.text,
-                usage=outcome.usage,
-                **_call_ids(t, call_id),
-                stop_reason=outcome.stop_reason,
-            )
-            await settle_pushes()
-            await self._publish_outcome(subjects.exec_result(p, c), result)
-            return "completed"
-        finally:
-            await settle_pushes()  # after an error too: no PubAck is left waiting
+        return await ModelCall(self, t, call_id, call).run(prompt)
 
     async def _publish_outcome(self, subject: str, event: m.ExecResult | m.ExecFailed) -> None:
         """Publish a call's outcome, riding out a broker restart: the call is already paid for.
@@ -306,6 +168,171 @@ class Handlers:
         self.tokens.labels("output", model).inc(usage.output_tokens)
         self.tokens.labels("cache_read", model).inc(usage.cache_read_tokens)
         self.tokens.labels("cache_write", model).inc(usage.cache_write_tokens)
+
+
+class ModelCall:
+    """One model call of a task: its coalesced token pushes, then its one outcome.
+
+    The pushes are best effort (a broker hiccup stops them, never the call, which is being paid
+    for); the outcome, a result or a failure, is built in one place (``_outcome_of``) and
+    published once, after the PubAcks of the pushes are in.
+    """
+
+    def __init__(self, h: Handlers, t: m.ExecTask, call_id: str, call: Call) -> None:
+        self.h, self.t, self.call_id, self.call = h, t, call_id, call
+        self.coalescer = core.Coalescer(h.settings.coalesce_chars, h.settings.coalesce_ms / 1000)
+        self.seq = 0
+        self.live = True  # pushes go out until the broker fails one
+        self.unacked = 0
+        # One push at a time, so seq order is publish order; a timer flushes a batch the model
+        # is slow to add to (a slow stream's words must not wait for the next word).
+        self.pushing = asyncio.Lock()
+        self.timer: asyncio.Task[None] | None = None
+        # PubAcks of the pushes still on their way: the stream is not held up by a round trip
+        # per push; they are awaited together when the call ends.
+        self.acks: list[asyncio.Future[PubAck]] = []
+        self.started = time.perf_counter()
+
+    async def run(self, prompt: list[dict[str, Any]]) -> str:
+        """Stream the answer, push what is left, publish the outcome; the handled-as label."""
+        t = self.t
+        try:
+            ending = await self._stream(prompt)
+            # What the model wrote before a failure reaches clients too (they see it cut).
+            rest = self.coalescer.flush()
+            if rest:
+                await self._send(rest)
+            outcome = self._outcome_of(ending)
+            await self._settle_pushes()
+            if isinstance(outcome, m.ExecFailed):
+                subject, handled = subjects.exec_failed, f"failed:{outcome.error_class}"
+            else:
+                subject, handled = subjects.exec_result, "completed"
+            await self.h._publish_outcome(subject(t.project_id, t.conversation_id), outcome)
+            return handled
+        finally:
+            await self._settle_pushes()  # after an error too: no PubAck is left waiting
+
+    async def _stream(self, prompt: list[dict[str, Any]]) -> StreamOutcome | StreamFailed:
+        """The model's answer, or why there is none; the flush timer is stopped either way."""
+        h, t = self.h, self.t
+        try:
+            self.call.task = asyncio.create_task(
+                h.model.stream(
+                    t.model,
+                    core.system_blocks(h.settings.system_prompt),
+                    prompt,
+                    t.max_tokens,
+                    self._on_text,
+                    self.call_id,
+                    abort=self.call.abort,
+                )
+            )
+            return await h._outcome(self.call)
+        except StreamFailed as exc:
+            return exc
+        finally:
+            h.model_seconds.labels(t.model).observe(time.perf_counter() - self.started)
+            if self.timer is not None:
+                self.timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.timer
+
+    def _outcome_of(self, ending: StreamOutcome | StreamFailed) -> m.ExecResult | m.ExecFailed:
+        """The call's one outcome, counted: the answer, or the classified failure with its usage."""
+        h, t = self.h, self.t
+        h._count(t.model, ending.usage)
+        if isinstance(ending, StreamFailed):
+            error_class = core.classify(ending.cause)
+            h.errors.labels(error_class).inc()
+            return m.ExecFailed(
+                event_id=f"failed:{self.call_id}",
+                error_class=error_class,
+                error=str(ending.cause)[:500],
+                usage=ending.usage,
+                **_call_ids(t, self.call_id),
+            )
+        return m.ExecResult(
+            event_id=f"result:{self.call_id}",
+            text=ending.text,
+            usage=ending.usage,
+            **_call_ids(t, self.call_id),
+            stop_reason=ending.stop_reason,
+        )
+
+    async def _on_text(self, text: str) -> None:
+        if self.seq == 0 and not self.coalescer.buffer:
+            self.h.ttft.labels(self.t.model).observe(time.perf_counter() - self.started)
+        batch = self.coalescer.add(text, time.perf_counter())
+        if batch:
+            await self._send(batch)
+        elif self.timer is None or self.timer.done():
+            self.timer = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.coalescer.max_age_s)
+        batch = self.coalescer.flush()
+        if batch:
+            # Once taken from the coalescer a batch is pushed, even if the call ends now.
+            await asyncio.shield(self._send(batch))
+
+    async def _send(self, text: str) -> None:
+        async with self.pushing:
+            await self._push(text)
+
+    async def _push(self, text: str) -> None:
+        # Token pushes are best effort: a broker hiccup must not abort a call that is being
+        # paid for; the answer still arrives whole with the result.
+        if not self.live:
+            return
+        if self.unacked >= MAX_UNACKED_PUSHES:
+            # The broker stopped acking: stop pushing rather than fill the connection's
+            # window of unacked publishes, which every call in this process shares.
+            self._interrupted(TimeoutError(f"{MAX_UNACKED_PUSHES} token pushes unacknowledged"))
+            return
+        t = self.t
+        self.seq += 1
+        delta = m.TokenDelta(
+            conversation_id=t.conversation_id,
+            run_id=t.run_id,
+            attempt=t.attempt,
+            seq=self.seq,
+            text=text,
+        )
+        try:
+            ack = await self.h.bus.publish_async(
+                subjects.token_stream(t.project_id, t.conversation_id),
+                delta,
+                msg_id=f"delta:{self.call_id}:{self.seq}",
+            )
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            self._interrupted(exc)
+            return
+        self.unacked += 1
+        ack.add_done_callback(self._acked)
+        self.acks.append(ack)
+
+    def _acked(self, f: asyncio.Future[PubAck]) -> None:
+        self.unacked -= 1
+        if not f.cancelled() and f.exception() is not None:
+            self._interrupted(f.exception())  # type: ignore[arg-type]
+
+    def _interrupted(self, exc: BaseException) -> None:
+        if self.live:
+            self.live = False
+            self.h.stream_interruptions.inc()
+            self.h.bus.log.warning(
+                "token_stream_interrupted", call_id=self.call_id, error=repr(exc)
+            )
+
+    async def _settle_pushes(self) -> None:
+        # Pushes go out without a round trip each; their acks are collected before the
+        # outcome is published, so every token a client can get is stored before the
+        # answer or the retry that follows it. A lost one is counted.
+        async with self.pushing:
+            for lost in await Bus.settle(self.acks, timeout=1.0):
+                self._interrupted(lost)
+            self.acks.clear()
 
 
 def _call_ids(t: m.ExecTask, call_id: str) -> dict[str, Any]:

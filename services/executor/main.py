@@ -9,8 +9,8 @@ from typing import Any
 from services.executor import config
 from services.executor.adapters import Model
 from services.executor.handlers import Handlers
-from shared import messages, model, runtime, subjects
-from shared.bus import Bus, Consumer, run_consumers
+from shared import model, runtime, subjects, wiring
+from shared.bus import Bus, run_consumers
 from shared.db import Health, create_pool
 from shared.history import History
 from shared.metrics import ServiceMetrics
@@ -46,14 +46,14 @@ async def _serve(
     aborts = await bus.js.key_value(subjects.BUCKET_ABORTS)
     h = Handlers(bus, History(pool), Model(client), settings, metrics, aborts)
     # Every replica hears every abort (a plain subscription, no queue group).
-    abort_sub = await bus.nc.subscribe(subjects.EXEC_ABORT_ALL, cb=h.abort)
+    (aborts_subject,) = wiring.WIRING[SERVICE].listens
+    abort_sub = await bus.nc.subscribe(aborts_subject, cb=h.abort)
     resources.push_async_callback(abort_sub.unsubscribe)
     health = Health(pool)
-    consumer = Consumer(
+    consumers = wiring.consumers(
         bus,
-        subjects.EXECUTOR_TASKS,
-        messages.ExecTask,
-        h.task,
+        SERVICE,
+        h,
         batch=settings.fetch_batch,
         concurrency=settings.concurrency,
         # Tasks need the history from Postgres: while it is down, leave them in the stream.
@@ -62,7 +62,7 @@ async def _serve(
     )
     metrics.up.set(1)
     log.info("started", metrics_port=port)
-    await run_consumers([consumer], stop, settings.shutdown_grace_s)
+    await run_consumers(consumers, stop, settings.shutdown_grace_s)
 
 
 def main() -> None:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from typing import Any, TypeVar
+from typing import Any
 
 from services.persister import config
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers
-from shared import messages, runtime, subjects
-from shared.bus import Bus, Consumer, Handler, run_consumers
+from shared import runtime, wiring
+from shared.bus import Bus, run_consumers
 from shared.db import Health, create_pool
 
 SERVICE = "persister"
-T = TypeVar("T")
 
 
 async def amain() -> None:
@@ -40,26 +39,16 @@ async def _serve(
     h = Handlers(bus, Store(pool), metrics)
     health = Health(pool)
 
-    def consumer(spec: subjects.ConsumerSpec, schema: type[T], handler: Handler[T]) -> Consumer[T]:
-        # While Postgres is down nothing is fetched, so no delivery is burnt on a nak.
-        return Consumer(
-            bus,
-            spec,
-            schema,
-            handler,
-            batch=settings.fetch_batch,
-            concurrency=settings.concurrency,
-            ready=health.ready,
-            on_dependency_down=health.mark_down,
-        )
-
-    consumers: list[Consumer[Any]] = [
-        consumer(subjects.PERSISTER_IN, messages.UserMessageAccepted, h.user_message),
-        consumer(subjects.PERSISTER_VERDICTS, messages.RunVerdict, h.verdict),
-        consumer(subjects.PERSISTER_REPLIES, messages.PolicyReply, h.reply),
-        consumer(subjects.PERSISTER_RESULTS, messages.ExecResult, h.result),
-        consumer(subjects.PERSISTER_FAILED, messages.ExecFailed, h.failed_usage),
-    ]
+    # While Postgres is down nothing is fetched, so no delivery is burnt on a nak.
+    consumers = wiring.consumers(
+        bus,
+        SERVICE,
+        h,
+        batch=settings.fetch_batch,
+        concurrency=settings.concurrency,
+        ready=health.ready,
+        on_dependency_down=health.mark_down,
+    )
     metrics.up.set(1)
     log.info("started", metrics_port=port)
     await run_consumers(consumers, stop, settings.shutdown_grace_s)

@@ -10,8 +10,8 @@ from typing import Any
 from services.policy import config, core, policyfile
 from services.policy.adapters import Aborts, Conversations, Limiter, Runs
 from services.policy.handlers import Handlers
-from shared import messages, runtime, subjects
-from shared.bus import Bus, Consumer, run_consumers
+from shared import runtime, subjects, wiring
+from shared.bus import Bus, run_consumers
 
 SERVICE = "policy"
 
@@ -84,44 +84,9 @@ async def _serve(
         watcher_task = asyncio.create_task(watcher.run(stop))
         resources.callback(watcher_task.cancel)
         log.info("policy file loaded", path=settings.policy_file, projects=len(book.projects))
-    b, n = settings.fetch_batch, settings.concurrency
-    consumers: list[Consumer[Any]] = [
-        Consumer(
-            bus,
-            subjects.POLICY_DECISIONS,
-            messages.AgentDecision,
-            h.decision,
-            batch=b,
-            concurrency=n,
-        ),
-        Consumer(
-            bus, subjects.POLICY_FAILURES, messages.ExecFailed, h.failure, batch=b, concurrency=n
-        ),
-        Consumer(
-            bus,
-            subjects.POLICY_OUTCOMES,
-            messages.AssistantMessagePersisted,
-            h.reply_persisted,
-            batch=b,
-            concurrency=n,
-        ),
-        Consumer(
-            bus,
-            subjects.POLICY_CANCELS,
-            messages.CancelRequested,
-            h.cancel,
-            batch=b,
-            concurrency=n,
-        ),
-        Consumer(
-            bus,
-            subjects.POLICY_DEADLINES,
-            messages.RunDeadline,
-            h.deadline,
-            batch=b,
-            concurrency=n,
-        ),
-    ]
+    consumers = wiring.consumers(
+        bus, SERVICE, h, batch=settings.fetch_batch, concurrency=settings.concurrency
+    )
     metrics.up.set(1)
     log.info("started", metrics_port=port)
     await run_consumers(consumers, stop, settings.shutdown_grace_s)

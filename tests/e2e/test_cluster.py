@@ -32,7 +32,7 @@ from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
-from shared import subjects
+from shared import subjects, wiring
 from tests.e2e.conftest import wait_healthy, wait_services_up
 from tests.e2e.invariants import Client, check, settled
 
@@ -177,7 +177,7 @@ async def _make_leader(url: str, admin: dict[str, str], server: str) -> int:
         streams = [spec.name for spec in subjects.STREAMS] + [f"KV_{subjects.BUCKET_RUNS}"]
         groups = [(f"$JS.API.STREAM.LEADER.STEPDOWN.{n}", n, None) for n in streams] + [
             (f"$JS.API.CONSUMER.LEADER.STEPDOWN.{c.stream}.{c.durable}", c.stream, c.durable)
-            for c in subjects.CONSUMERS
+            for c in wiring.CONSUMERS
         ]
         led = 0
         for api, stream, durable in groups:

@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from baton import permissions, roles
-from shared import messages, subjects
+from shared import messages, subjects, wiring
 from shared.bus import Bus
 from shared.config import BaseSettings, Secret
 from tests.e2e.conftest import Pipeline, SecurePipeline
@@ -146,7 +146,7 @@ async def test_no_service_may_create_change_or_delete_streams_and_consumers(
                 js.delete_stream(subjects.STREAM_TASKS),
                 js.purge_stream(subjects.STREAM_TASKS),
                 js.add_consumer(subjects.STREAM_TASKS, ConsumerConfig(durable_name="evil")),
-                js.delete_consumer(subjects.STREAM_TASKS, subjects.EXECUTOR_TASKS.durable),
+                js.delete_consumer(subjects.STREAM_TASKS, wiring.EXECUTOR_TASKS.durable),
             )
             for attempt in attempts:
                 with pytest.raises(TimeoutError):
@@ -162,7 +162,7 @@ async def test_no_service_may_create_change_or_delete_streams_and_consumers(
         info = await js.stream_info(subjects.STREAM_TASKS)
         assert info.config.subjects == ["exec.task.>"]
         durables = {c.name for c in await js.consumers_info(subjects.STREAM_TASKS)}
-        assert durables == {subjects.EXECUTOR_TASKS.durable}
+        assert durables == {wiring.EXECUTOR_TASKS.durable}
     finally:
         await admin.close()
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from shared import subjects, tracing
+from shared import tracing, wiring
 from tests.e2e.conftest import Pipeline
 
 pytestmark = pytest.mark.e2e
@@ -115,7 +115,7 @@ def _until(p: Pipeline, check: Any, timeout: float = 60) -> Scrape:
 
 def test_every_metric_the_dashboard_and_rules_name_is_exposed(pipeline: Pipeline) -> None:
     _one_answer(pipeline, "What is a JetStream consumer?")
-    consumers = {(s.split("-")[0], s) for s in (c.durable for c in subjects.CONSUMERS)}
+    consumers = {(s.split("-")[0], s) for s in (c.durable for c in wiring.CONSUMERS)}
 
     def complete(s: Scrape) -> bool:
         # Backlog gauges of every consumer (refreshed every few seconds) and the answer.

@@ -16,7 +16,7 @@ from services.agent.config import Settings
 from services.agent.handlers import Handlers
 from services.persister.adapters import Store
 from shared import messages as m
-from shared import model, subjects
+from shared import model, subjects, wiring
 from shared.bus import Consumer
 from shared.db import create_pool
 from shared.history import History, Turn
@@ -78,7 +78,7 @@ async def _run_agent(
         decisions = decode_all(found, m.AgentDecision)
         return decisions if any(d.message_id == e.message_id for d in decisions) else None
 
-    async with running(Consumer(bus, subjects.AGENT_IN, m.UserMessagePersisted, h.user_message)):
+    async with running(Consumer(bus, wiring.AGENT_IN, m.UserMessagePersisted, h.user_message)):
         decisions = await eventually(with_this_one)
     await bus.close()
     await pool.close()

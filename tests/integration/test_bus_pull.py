@@ -6,7 +6,7 @@ import asyncio
 
 from nats.aio.msg import Msg
 
-from shared import subjects
+from shared import subjects, wiring
 from shared.bus import Bus, Pull
 from tests.integration.conftest import Infra
 from tests.support import connect_bus, user_event
@@ -27,7 +27,7 @@ async def test_a_lone_message_is_handed_over_while_the_batch_is_still_open(infra
         got.append(msg)
         arrived.set()
 
-    spec = subjects.PERSISTER_IN
+    spec = wiring.PERSISTER_IN
     pull = Pull(bus.nc, spec.stream, spec.durable, hand_over, expires_s=30.0)
     await pull.open()
     try:
@@ -46,7 +46,7 @@ async def test_a_lone_message_is_handed_over_while_the_batch_is_still_open(infra
 async def test_a_request_ends_as_soon_as_its_slots_are_filled(infra: Infra) -> None:
     bus = await connect_bus(infra.nats_url)
     got: list[Msg] = []
-    spec = subjects.PERSISTER_IN
+    spec = wiring.PERSISTER_IN
     pull = Pull(bus.nc, spec.stream, spec.durable, got.append, expires_s=30.0)
     await pull.open()
     try:
@@ -67,7 +67,7 @@ async def test_a_request_ends_as_soon_as_its_slots_are_filled(infra: Infra) -> N
 async def test_an_empty_stream_ends_the_request_at_its_expiry(infra: Infra) -> None:
     bus = await connect_bus(infra.nats_url)
     got: list[Msg] = []
-    spec = subjects.PERSISTER_IN
+    spec = wiring.PERSISTER_IN
     pull = Pull(bus.nc, spec.stream, spec.durable, got.append, expires_s=0.5)
     await pull.open()
     try:

@@ -8,7 +8,7 @@ import uuid
 from nats.aio.msg import Msg
 
 from shared import messages as m
-from shared import subjects
+from shared import subjects, wiring
 from shared.bus import Consumer
 from tests.integration.conftest import Infra
 from tests.support import connect_bus, eventually, running, user_event
@@ -24,7 +24,7 @@ async def test_pending_and_ack_pending_follow_the_consumer_backlog(infra: Infra)
 
     consumer = Consumer(
         bus,
-        subjects.PERSISTER_IN,
+        wiring.PERSISTER_IN,
         m.UserMessageAccepted,
         stuck,
         batch=2,
@@ -37,7 +37,7 @@ async def test_pending_and_ack_pending_follow_the_consumer_backlog(infra: Infra)
         await bus.publish(subjects.chat_in("p1", conversation), e, msg_id=e.event_id)
 
     registry = bus.metrics.registry
-    labels = {"consumer": subjects.PERSISTER_IN.durable}
+    labels = {"consumer": wiring.PERSISTER_IN.durable}
 
     def gauges() -> tuple[float | None, float | None]:
         return (

@@ -17,7 +17,7 @@ from baton import dlq
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers
 from shared import messages as m
-from shared import subjects
+from shared import subjects, wiring
 from shared.bus import Bus, Consumer
 from shared.db import create_pool
 from tests.integration.conftest import Infra
@@ -37,7 +37,7 @@ async def _persister_in(infra: Infra) -> tuple[Bus, Any, Consumer[m.UserMessageA
     bus = await connect_bus(infra.nats_url, "persister")
     pool = await create_pool(infra.database_url)
     h = Handlers(bus, Store(pool), service_metrics("persister"))
-    return bus, pool, Consumer(bus, subjects.PERSISTER_IN, m.UserMessageAccepted, h.user_message)
+    return bus, pool, Consumer(bus, wiring.PERSISTER_IN, m.UserMessageAccepted, h.user_message)
 
 
 async def _mine(url: str, subject: str) -> list[dlq.LetterInfo]:

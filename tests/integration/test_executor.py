@@ -17,7 +17,7 @@ from services.executor.config import Settings
 from services.executor.handlers import MAX_UNACKED_PUSHES, Handlers
 from services.persister.adapters import Store
 from shared import messages as m
-from shared import model, subjects
+from shared import model, subjects, wiring
 from shared.bus import Bus, Consumer
 from shared.db import create_pool
 from shared.history import History
@@ -66,7 +66,7 @@ async def _execute(
     await bus.publish(
         subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
     )
-    async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+    async with running(Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task)):
         outcome = await read_subject(bus, subjects.STREAM_RESULTS, outcome_subject, 1)
     deltas = decode_all(
         await read_subject(bus, subjects.STREAM_TOKENS, "chat.stream.>", 0, settle=0), m.TokenDelta
@@ -223,7 +223,7 @@ async def test_words_are_pushed_while_the_model_is_silent(
         subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
     )
     try:
-        async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+        async with running(Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task)):
             [delta] = decode_all(
                 await read_subject(bus, subjects.STREAM_TOKENS, "chat.stream.>", 1, timeout=10),
                 m.TokenDelta,
@@ -267,7 +267,7 @@ async def test_an_attempt_aborted_before_pickup_never_calls_the_model(
     await aborts.put(subjects.abort_key(task.run_id, task.attempt), b"1")
     subject = subjects.exec_task(e.project_id, e.conversation_id)
     await bus.publish(subject, task, msg_id=task.event_id)
-    async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+    async with running(Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task)):
         [failed] = decode_all(
             await read_subject(bus, subjects.STREAM_RESULTS, "exec.failed.>", 1), m.ExecFailed
         )
@@ -297,7 +297,7 @@ async def test_an_abort_stops_a_streaming_call_and_reports_its_partial_usage(
     p, c = e.project_id, e.conversation_id
     await bus.publish(subjects.exec_task(p, c), task, msg_id=task.event_id)
     try:
-        async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+        async with running(Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task)):
             # The call is streaming (a few tokens in at 10 per second).
             await eventually(lambda: _streaming(h))
             await asyncio.sleep(1.0)
@@ -344,7 +344,7 @@ async def _one_task_pushing_each_word(
         subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
     )
     try:
-        async with running(Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)):
+        async with running(Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task)):
             [result] = decode_all(
                 await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1),
                 m.ExecResult,

@@ -11,7 +11,7 @@ from services.executor.config import Settings
 from services.executor.handlers import Handlers
 from services.persister.adapters import Store
 from shared import messages as m
-from shared import model, subjects
+from shared import model, subjects, wiring
 from shared.bus import Consumer
 from shared.db import create_pool
 from shared.history import History
@@ -43,7 +43,7 @@ async def test_a_stream_three_times_longer_than_ack_wait_is_called_once(
     await bus.publish(
         subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
     )
-    consumer = Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, h.task)
+    consumer = Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task)
     async with running(consumer):
         [result] = decode_all(
             await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1, timeout=30),

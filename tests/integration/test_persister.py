@@ -13,7 +13,7 @@ from services.persister import core
 from services.persister.adapters import STORE_RESULT, Placed, Store
 from services.persister.handlers import Handlers
 from shared import messages as m
-from shared import subjects
+from shared import subjects, wiring
 from shared.bus import Consumer
 from shared.db import create_pool
 from shared.errors import BadData
@@ -35,11 +35,11 @@ async def _persister(infra: Infra):  # type: ignore[no-untyped-def]
     pool = await create_pool(infra.database_url)
     h = Handlers(bus, Store(pool), service_metrics("persister"))
     consumers = [
-        Consumer(bus, subjects.PERSISTER_IN, m.UserMessageAccepted, h.user_message),
-        Consumer(bus, subjects.PERSISTER_RESULTS, m.ExecResult, h.result),
-        Consumer(bus, subjects.PERSISTER_FAILED, m.ExecFailed, h.failed_usage),
-        Consumer(bus, subjects.PERSISTER_REPLIES, m.PolicyReply, h.reply),
-        Consumer(bus, subjects.PERSISTER_VERDICTS, m.RunVerdict, h.verdict),
+        Consumer(bus, wiring.PERSISTER_IN, m.UserMessageAccepted, h.user_message),
+        Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, h.result),
+        Consumer(bus, wiring.PERSISTER_FAILED, m.ExecFailed, h.failed_usage),
+        Consumer(bus, wiring.PERSISTER_REPLIES, m.PolicyReply, h.reply),
+        Consumer(bus, wiring.PERSISTER_VERDICTS, m.RunVerdict, h.verdict),
     ]
     return bus, pool, consumers
 
@@ -224,7 +224,7 @@ async def test_a_burst_is_written_in_few_transactions_and_a_foreign_message_fail
     for e in [*burst[:50], intruder, *burst[50:]]:
         await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
     consumer = Consumer(
-        bus, subjects.PERSISTER_IN, m.UserMessageAccepted, h.user_message, batch=64, concurrency=64
+        bus, wiring.PERSISTER_IN, m.UserMessageAccepted, h.user_message, batch=64, concurrency=64
     )
     async with running(consumer):
         await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 100)
@@ -297,7 +297,7 @@ async def test_two_persister_replicas_give_each_conversation_gapless_unique_posi
         await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
     # A redelivery must keep its first position.
     await bus.publish(subjects.chat_in("p1", convs[0]), events[0], msg_id="again")
-    ins = [c for _, _, consumers in replicas for c in consumers if c.spec == subjects.PERSISTER_IN]
+    ins = [c for _, _, consumers in replicas for c in consumers if c.spec == wiring.PERSISTER_IN]
     async with running(*ins):
         found = decode_all(
             await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 60),

@@ -13,7 +13,7 @@ from services.policy.config import Settings
 from services.policy.handlers import Handlers
 from services.policy.main import rules_from
 from shared import messages as m
-from shared import subjects
+from shared import subjects, wiring
 from shared.bus import Consumer
 from shared.errors import Deferred
 from tests.integration.conftest import Infra
@@ -43,9 +43,9 @@ async def _policy(infra: Infra, max_attempts: int = 2):  # type: ignore[no-untyp
     rules = rules_from(Settings(max_attempts=max_attempts))
     h = Handlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy"))
     consumers = [
-        Consumer(bus, subjects.POLICY_DECISIONS, m.AgentDecision, h.decision),
-        Consumer(bus, subjects.POLICY_FAILURES, m.ExecFailed, h.failure),
-        Consumer(bus, subjects.POLICY_OUTCOMES, m.AssistantMessagePersisted, h.reply_persisted),
+        Consumer(bus, wiring.POLICY_DECISIONS, m.AgentDecision, h.decision),
+        Consumer(bus, wiring.POLICY_FAILURES, m.ExecFailed, h.failure),
+        Consumer(bus, wiring.POLICY_OUTCOMES, m.AssistantMessagePersisted, h.reply_persisted),
     ]
     return bus, consumers
 
@@ -236,7 +236,7 @@ async def test_hostile_cancels_are_dead_lettered_and_leave_the_run_alone(infra: 
     rules = rules_from(Settings())
     h = Handlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy-2"))
     async with running(
-        *consumers, Consumer(bus, subjects.POLICY_CANCELS, m.CancelRequested, h.cancel)
+        *consumers, Consumer(bus, wiring.POLICY_CANCELS, m.CancelRequested, h.cancel)
     ):
         await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1)
         for i, c in enumerate(hostile):

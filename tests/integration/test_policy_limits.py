@@ -20,7 +20,7 @@ from services.policy import budget, core, policyfile
 from services.policy.adapters import Aborts, Conversations, Limiter, Runs
 from services.policy.handlers import Handlers
 from shared import messages as m
-from shared import ratelimit, subjects
+from shared import ratelimit, subjects, wiring
 from shared.bus import Bus, Consumer
 from shared.errors import Deferred
 from tests.integration.conftest import Infra
@@ -55,10 +55,10 @@ async def _replica(infra: Infra, rules: core.Rules) -> tuple[Bus, Handlers, list
         limiter=Limiter(limits_kv),
     )
     consumers: list[Consumer[Any]] = [
-        Consumer(bus, subjects.POLICY_DECISIONS, m.AgentDecision, h.decision, concurrency=16),
-        Consumer(bus, subjects.POLICY_OUTCOMES, m.AssistantMessagePersisted, h.reply_persisted),
-        Consumer(bus, subjects.POLICY_FAILURES, m.ExecFailed, h.failure),
-        Consumer(bus, subjects.POLICY_CANCELS, m.CancelRequested, h.cancel),
+        Consumer(bus, wiring.POLICY_DECISIONS, m.AgentDecision, h.decision, concurrency=16),
+        Consumer(bus, wiring.POLICY_OUTCOMES, m.AssistantMessagePersisted, h.reply_persisted),
+        Consumer(bus, wiring.POLICY_FAILURES, m.ExecFailed, h.failure),
+        Consumer(bus, wiring.POLICY_CANCELS, m.CancelRequested, h.cancel),
     ]
     return bus, h, consumers
 

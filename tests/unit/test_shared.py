@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from shared import messages as m
-from shared import subjects
+from shared import subjects, wiring
 from shared.config import BaseSettings, Secret, load, nats_servers
 from shared.errors import ConfigError
 
@@ -124,7 +124,7 @@ def covers(pattern: str, subject: str) -> bool:
 STREAMS = {s.name: s for s in subjects.STREAMS}
 
 
-@pytest.mark.parametrize("spec", subjects.CONSUMERS, ids=lambda c: c.durable)
+@pytest.mark.parametrize("spec", wiring.CONSUMERS, ids=lambda c: c.durable)
 def test_every_consumer_filter_is_covered_by_its_stream(spec: subjects.ConsumerSpec) -> None:
     assert spec.stream in STREAMS
     assert any(covers(p, spec.filter_subject) for p in STREAMS[spec.stream].subjects)

@@ -1,0 +1,141 @@
+"""The wiring between the services, declared once: what each consumes and what it publishes.
+
+Every copy is derived from this table: the consumers each ``main.py`` binds
+(``consumers``), the durables ``baton provision`` creates (``CONSUMERS``), the NATS user
+grants ``baton/permissions.py`` renders, and — checked by ``tests/unit/test_wiring.py`` —
+the consumes/publishes rows of each service's README.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from shared import messages, subjects
+from shared.bus import Bus, Consumer
+from shared.subjects import ConsumerSpec
+
+_ANY = ("*", "*")  # project and conversation tokens
+
+# ---- durable pull consumers (provisioned by the admin step; services only bind) ------------
+PERSISTER_IN = ConsumerSpec(subjects.STREAM_CHAT_IN, "persister-in", "chat.in.>")
+PERSISTER_VERDICTS = ConsumerSpec(subjects.STREAM_POLICY, "persister-verdicts", "policy.verdict.>")
+PERSISTER_REPLIES = ConsumerSpec(subjects.STREAM_POLICY, "persister-replies", "policy.reply.>")
+PERSISTER_RESULTS = ConsumerSpec(subjects.STREAM_RESULTS, "persister-results", "exec.result.>")
+PERSISTER_FAILED = ConsumerSpec(subjects.STREAM_RESULTS, "persister-failed", "exec.failed.>")
+AGENT_IN = ConsumerSpec(
+    subjects.STREAM_PERSISTED, "agent", "chat.persisted.user.>", ack_wait_s=60.0
+)
+POLICY_DECISIONS = ConsumerSpec(subjects.STREAM_DECISIONS, "policy-decisions", "agent.decision.>")
+POLICY_OUTCOMES = ConsumerSpec(
+    subjects.STREAM_PERSISTED, "policy-outcomes", "chat.persisted.assistant.>"
+)
+POLICY_FAILURES = ConsumerSpec(subjects.STREAM_RESULTS, "policy-failures", "exec.failed.>")
+POLICY_CANCELS = ConsumerSpec(subjects.STREAM_CANCELS, "policy-cancels", "chat.cancel.>")
+# Deadline timers are handed back (nak with a delay) until due: one waits per run in flight.
+POLICY_DEADLINES = ConsumerSpec(
+    subjects.STREAM_POLICY,
+    "policy-deadlines",
+    "policy.deadline.>",
+    max_deliver=100,
+    max_ack_pending=100_000,
+)
+# In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
+EXECUTOR_TASKS = ConsumerSpec(subjects.STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
+
+
+class Consumes(msgspec.Struct, frozen=True):
+    """One durable a service binds: what arrives on it and which handler method takes it."""
+
+    spec: ConsumerSpec
+    schema: type[Any]
+    handler: str  # the name of a method of the service's ``Handlers``
+
+
+class Wiring(msgspec.Struct, frozen=True):
+    """What one service does on the bus, in the terms of shared/subjects.py."""
+
+    consumes: tuple[Consumes, ...] = ()
+    publishes: tuple[str, ...] = ()  # subject patterns
+    listens: tuple[str, ...] = ()  # core subscriptions (no durable)
+    reads_streams: tuple[str, ...] = ()  # get a stored message by sequence
+    buckets: tuple[str, ...] = ()
+    reads_buckets: tuple[str, ...] = ()  # get only: no put, create or update
+
+    @property
+    def consumers(self) -> tuple[ConsumerSpec, ...]:
+        return tuple(c.spec for c in self.consumes)
+
+
+# Services in the order the deploy configs list their NATS users.
+WIRING: dict[str, Wiring] = {
+    "gateway": Wiring(
+        publishes=(subjects.chat_in(*_ANY), subjects.chat_cancel(*_ANY)),
+        listens=subjects.PUSH_SUBJECTS,
+        # A duplicate submit answers with the original message, read back by its sequence;
+        # a resuming SSE client gets the tokens it missed, read back the same way.
+        reads_streams=(subjects.STREAM_CHAT_IN, subjects.STREAM_TOKENS),
+        # An early 429 reads the rate windows policy keeps; policy alone writes them.
+        reads_buckets=(subjects.BUCKET_LIMITS,),
+    ),
+    "persister": Wiring(
+        consumes=(
+            Consumes(PERSISTER_IN, messages.UserMessageAccepted, "user_message"),
+            Consumes(PERSISTER_VERDICTS, messages.RunVerdict, "verdict"),
+            Consumes(PERSISTER_REPLIES, messages.PolicyReply, "reply"),
+            Consumes(PERSISTER_RESULTS, messages.ExecResult, "result"),
+            Consumes(PERSISTER_FAILED, messages.ExecFailed, "failed_usage"),
+        ),
+        publishes=(subjects.persisted_user(*_ANY), subjects.persisted_assistant(*_ANY)),
+    ),
+    "agent": Wiring(
+        consumes=(Consumes(AGENT_IN, messages.UserMessagePersisted, "user_message"),),
+        publishes=(subjects.agent_decision(*_ANY),),
+    ),
+    "policy": Wiring(
+        consumes=(
+            Consumes(POLICY_DECISIONS, messages.AgentDecision, "decision"),
+            Consumes(POLICY_OUTCOMES, messages.AssistantMessagePersisted, "reply_persisted"),
+            Consumes(POLICY_FAILURES, messages.ExecFailed, "failure"),
+            Consumes(POLICY_CANCELS, messages.CancelRequested, "cancel"),
+            Consumes(POLICY_DEADLINES, messages.RunDeadline, "deadline"),
+        ),
+        publishes=(
+            subjects.policy_verdict(*_ANY),
+            subjects.policy_reply(*_ANY),
+            subjects.exec_task(*_ANY),  # policy alone (I5)
+            subjects.policy_deadline(*_ANY),
+            subjects.exec_abort(*_ANY),  # policy alone: only the authority stops a call
+        ),
+        buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS, subjects.BUCKET_ABORTS),
+    ),
+    "executor": Wiring(
+        consumes=(Consumes(EXECUTOR_TASKS, messages.ExecTask, "task"),),
+        publishes=(
+            subjects.token_stream(*_ANY),
+            subjects.exec_result(*_ANY),
+            subjects.exec_failed(*_ANY),
+        ),
+        # Every replica hears every abort (a plain subscription, no queue group).
+        listens=(subjects.EXEC_ABORT_ALL,),
+        reads_buckets=(subjects.BUCKET_ABORTS,),
+    ),
+}
+
+# Every durable, in the order provisioning creates them.
+CONSUMERS: tuple[ConsumerSpec, ...] = tuple(s for w in WIRING.values() for s in w.consumers)
+
+
+def consumers(bus: Bus, service: str, handlers: object, **options: Any) -> list[Consumer[Any]]:
+    """The service's consumers, each bound to the ``handlers`` method its entry names.
+
+    ``options`` (batch, concurrency, ready, ...) are the same for all of a service's consumers.
+    """
+    built: list[Consumer[Any]] = []
+    for entry in WIRING[service].consumes:
+        handler = getattr(handlers, entry.handler, None)
+        if not callable(handler):
+            raise TypeError(f"{type(handlers).__name__} has no handler {entry.handler!r}")
+        built.append(Consumer(bus, entry.spec, entry.schema, handler, **options))
+    return built
