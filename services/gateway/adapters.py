@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import math
 import time
 import uuid
 import weakref
 from collections import defaultdict
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -113,9 +115,28 @@ class ReadModel:
                 "content": r["content"],
                 "created_at": r["created_at"],
                 "run_id": r["run_id"],
+                "pending": False,
             }
             for r in rows
         ]
+
+    async def last_user_message_at(self, conversation_id: str) -> datetime | None:
+        """When the conversation's last stored user message was accepted (None: none stored)."""
+        async with self.pool.acquire() as con:
+            at: datetime | None = await con.fetchval(
+                "SELECT created_at FROM messages WHERE conversation_id = $1 AND role = 'user' "
+                "ORDER BY position DESC LIMIT 1",
+                uuid.UUID(conversation_id),
+            )
+        return at
+
+    async def stored_ids(self, ids: list[str]) -> set[str]:
+        """Which of these message ids the persister has stored."""
+        if not ids:
+            return set()
+        async with self.pool.acquire() as con:
+            rows = await con.fetch("SELECT id FROM messages WHERE id = ANY($1::uuid[])", ids)
+        return {str(r["id"]) for r in rows}
 
     async def run_status(self, conversation_id: str, run_id: str) -> str | None:
         """The stored status of a run of this conversation (None: no record yet)."""
@@ -236,6 +257,57 @@ class Inbox:
         if msg.data is None:
             return None
         return _accepted.decode(msg.data)
+
+    async def pending(
+        self,
+        project: str,
+        conversation_id: str,
+        since: datetime | None,
+        limit: int,
+        slack_s: float = 30.0,
+    ) -> list[m.UserMessageAccepted]:
+        """Accepted messages of a conversation in stream order, from ``since`` - ``slack_s`` on.
+
+        At most ``limit`` of them, by "next message on this subject" requests (one per message,
+        the first one positioned by time): the caller drops those the database already holds.
+        ``since`` None reads from the conversation's first message. The slack covers a gateway
+        clock ahead of the server's (``created_at`` is stamped before the publish). Raises what
+        the bus raises when it cannot read.
+        """
+        if not self.bus.nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        subject = subjects.chat_in(project, conversation_id)
+        api = f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_CHAT_IN}"
+        request: dict[str, Any] = {"next_by_subj": subject}
+        if since is not None:
+            request["start_time"] = (since - timedelta(seconds=slack_s)).isoformat()
+        else:
+            request["seq"] = 1
+        out: list[m.UserMessageAccepted] = []
+        while len(out) < limit:
+            reply = await self.bus.nc.request(api, msgspec.json.encode(request), timeout=2.0)
+            got = _msg_get.decode(reply.data)
+            if got.message is None:
+                if got.error is not None and got.error.get("code") == 404:
+                    break
+                raise nats.errors.Error(f"CHAT_IN read failed: {got.error}")
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                out.append(_accepted.decode(base64.b64decode(got.message.data)))
+            request = {"next_by_subj": subject, "seq": got.message.seq + 1}
+        return out
+
+
+class _StoredMsg(msgspec.Struct):
+    seq: int
+    data: str = ""
+
+
+class _MsgGet(msgspec.Struct):
+    message: _StoredMsg | None = None
+    error: dict[str, Any] | None = None
+
+
+_msg_get = msgspec.json.Decoder(_MsgGet)
 
 
 class Owners:

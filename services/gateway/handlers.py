@@ -36,6 +36,9 @@ from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
 from shared.tracing import current_trace_id
 
+# At most this many accepted-but-not-stored messages are read back per request.
+PENDING_READ_LIMIT = 100
+
 
 @dataclass
 class Watch:
@@ -278,12 +281,39 @@ class Api:
     async def messages(
         self, request: Request[Any, Any, Any], conversation_id: str
     ) -> dict[str, Any]:
-        cid = await self.own(self.principal(request), conversation_id)
-        return {"conversation_id": cid, "messages": await self._read(self.reads.messages(cid))}
+        p = self.principal(request)
+        cid = await self.own(p, conversation_id)
+        stored = await self._read(self.reads.messages(cid))
+        pending = await self._read(self._pending(p, cid, {x["id"] for x in stored}))
+        return {"conversation_id": cid, "messages": core.merge_pending(stored, pending)}
 
     async def state(self, request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
-        cid = await self.own(self.principal(request), conversation_id)
-        return {"conversation_id": cid, "runs": await self._read(self.reads.runs(cid))}
+        p = self.principal(request)
+        cid = await self.own(p, conversation_id)
+        runs = await self._read(self.reads.runs(cid))
+        pending = await self._read(self._pending(p, cid, {r["message_id"] for r in runs}))
+        known = {r["run_id"] for r in runs}
+        more = [core.pending_run(e) for e in pending if core.run_id_of(e.message_id) not in known]
+        return {"conversation_id": cid, "runs": [*runs, *more]}
+
+    async def _pending(
+        self, p: core.Principal, cid: str, seen: set[str]
+    ) -> list[m.UserMessageAccepted]:
+        """The owner's accepted messages of this conversation the database does not hold yet.
+
+        Read from CHAT_IN after the last stored user message (read your writes: a 202 is visible
+        at once, also while the persister is behind or down). A stream that cannot be read
+        leaves them out: the stored messages still answer.
+        """
+        since = await self.reads.last_user_message_at(cid)
+        try:
+            accepted = await self.owners.inbox.pending(p.project, cid, since, PENDING_READ_LIMIT)
+        except (nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError) as exc:
+            structlog.get_logger().warning("pending_read_failed", error=type(exc).__name__)
+            return []
+        fresh = [e for e in accepted if e.message_id not in seen]
+        stored = seen | await self.reads.stored_ids([e.message_id for e in fresh])
+        return core.unstored(accepted, stored, cid, p)
 
     async def usage(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         p = self.principal(request)
@@ -356,6 +386,8 @@ class Api:
         try:
             messages = await self.reads.messages(cid)
             runs = await self.reads.runs(cid)
+            pending = await self._pending(p, cid, {x["id"] for x in messages})
+            messages = core.merge_pending(messages, pending)
         except UNAVAILABLE as exc:
             raise core.ApiError(
                 503, "database_unavailable", "conversation store unavailable, retry"
