@@ -67,6 +67,35 @@ class Publisher:
         return bool(ack.duplicate)
 
 
+_PAGE_COLUMNS = "id, role, kind, content, created_at, run_id, seq"
+_CONVERSATION = (
+    "id, title, created_at, last_activity_at, message_count, metadata::text AS metadata, "
+    "model, system_prompt"
+)
+# Pages are keyset range scans of an index (messages_conversation, conversations_recent), one
+# statement per shape so that a prepared statement's generic plan keeps the index condition.
+MESSAGES_NEWEST = (
+    f"SELECT {_PAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+    "ORDER BY created_at DESC, seq DESC LIMIT $2"
+)
+MESSAGES_BEFORE = (
+    f"SELECT {_PAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+    "AND (created_at, seq) < ($2, $3) ORDER BY created_at DESC, seq DESC LIMIT $4"
+)
+MESSAGES_AFTER = (
+    f"SELECT {_PAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+    "AND (created_at, seq) > ($2, $3) ORDER BY created_at, seq LIMIT $4"
+)
+CONVERSATIONS_NEWEST = (
+    f"SELECT {_CONVERSATION} FROM conversations WHERE project_id = $1 AND user_id = $2 "
+    "ORDER BY last_activity_at DESC, id DESC LIMIT $3"
+)
+CONVERSATIONS_BEFORE = (
+    f"SELECT {_CONVERSATION} FROM conversations WHERE project_id = $1 AND user_id = $2 "
+    "AND (last_activity_at, id) < ($3, $4::uuid) ORDER BY last_activity_at DESC, id DESC LIMIT $5"
+)
+
+
 class ReadModel:
     """Queries over what the persister wrote; this pool's role may only read."""
 
@@ -119,6 +148,88 @@ class ReadModel:
             }
             for r in rows
         ]
+
+    async def message_page(
+        self, conversation_id: str, limit: int, before: Any = None, after: Any = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of messages in conversation order and whether more lie beyond it.
+
+        The newest ``limit``, or those just before ``before`` / just after ``after`` (a
+        (created_at, seq) position): one range scan of ``messages_conversation``.
+        """
+        cid = uuid.UUID(conversation_id)
+        async with self.pool.acquire() as con:
+            if after is not None:
+                rows = await con.fetch(
+                    MESSAGES_AFTER,
+                    cid,
+                    after[0],
+                    after[1],
+                    limit + 1,
+                )
+            elif before is not None:
+                rows = await con.fetch(
+                    MESSAGES_BEFORE,
+                    cid,
+                    before[0],
+                    before[1],
+                    limit + 1,
+                )
+            else:
+                rows = await con.fetch(
+                    MESSAGES_NEWEST,
+                    cid,
+                    limit + 1,
+                )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if after is None:
+            rows = rows[::-1]
+        return [
+            {
+                "id": str(r["id"]),
+                "role": r["role"],
+                "kind": r["kind"],
+                "content": r["content"],
+                "created_at": r["created_at"],
+                "run_id": r["run_id"],
+                "pending": False,
+                "seq": r["seq"],
+            }
+            for r in rows
+        ], more
+
+    async def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self.pool.acquire() as con:
+            row = await con.fetchrow(
+                f"SELECT {_CONVERSATION} FROM conversations WHERE id = $1",
+                uuid.UUID(conversation_id),
+            )
+        return None if row is None else _conversation(row)
+
+    async def conversations(
+        self, project: str, user: str, limit: int, before: Any = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One user's conversations, most recent activity first, from just before ``before``
+        (a (last_activity_at, id) position): one range scan of ``conversations_recent``."""
+        async with self.pool.acquire() as con:
+            if before is None:
+                rows = await con.fetch(
+                    CONVERSATIONS_NEWEST,
+                    project,
+                    user,
+                    limit + 1,
+                )
+            else:
+                rows = await con.fetch(
+                    CONVERSATIONS_BEFORE,
+                    project,
+                    user,
+                    before[0],
+                    before[1],
+                    limit + 1,
+                )
+        return [_conversation(r) for r in rows[:limit]], len(rows) > limit
 
     async def last_user_message_at(self, conversation_id: str) -> datetime | None:
         """When the conversation's last stored user message was accepted (None: none stored)."""
@@ -213,6 +324,19 @@ class ReadModel:
     async def ping(self) -> None:
         async with self.pool.acquire() as con:
             await con.fetchval("SELECT 1")
+
+
+def _conversation(r: Any) -> dict[str, Any]:
+    return {
+        "id": str(r["id"]),
+        "title": r["title"],
+        "created_at": r["created_at"],
+        "last_activity_at": r["last_activity_at"],
+        "message_count": int(r["message_count"]),
+        "metadata": msgspec.json.decode(r["metadata"]),
+        "settings": {"model": r["model"], "system_prompt": r["system_prompt"]},
+        "pending": False,
+    }
 
 
 def _user_message(r: Any) -> m.UserMessageAccepted:
