@@ -306,3 +306,16 @@ async def test_pages_are_index_range_scans(gateway: Gateway) -> None:
                 f"Index Scan using {index}" in plan
             ), (name, plan)
             assert "Sort" not in plan and "Seq Scan" not in plan, (name, plan)
+
+
+async def test_the_openapi_document_describes_the_conversation_routes(gateway: Gateway) -> None:
+    spec = (await gateway.client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    listed = paths["/api/conversations"]["get"]
+    assert {p["name"] for p in listed["parameters"]} >= {"limit", "cursor"}
+    page = paths["/api/conversations/{conversation_id}/messages"]["get"]
+    assert {p["name"] for p in page["parameters"]} >= {"limit", "before", "after"}
+    assert "get" in paths["/api/conversations/{conversation_id}"]
+    schemas = spec["components"]["schemas"]
+    for name in ("MessagesPage", "ConversationsPage", "Conversation", "Message"):
+        assert any(k.endswith(name) for k in schemas), name
