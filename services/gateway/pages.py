@@ -105,7 +105,7 @@ def decode(value: str, kind: str) -> tuple[datetime, str]:
         raise _bad_cursor() from exc
     if k.kind != kind or not (0 <= k.at_us < 2**62):
         raise _bad_cursor()
-    if kind == "m" and not (k.tie.isdigit() and len(k.tie) <= 19):
+    if kind == "m" and not (k.tie.isascii() and k.tie.isdigit() and int(k.tie) < 2**63):
         raise _bad_cursor()
     if kind == "c":
         try:

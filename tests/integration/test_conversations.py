@@ -242,6 +242,8 @@ async def test_a_conversation_only_accepted_so_far_has_metadata_at_once(gateway:
         "before=WyJjIiwxLCIwMDAwMDAwMC0wMDAwLTAwMDAtMDAwMC0wMDAwMDAwMDAwMDAiXQ",  # a list cursor
         "before=WyJtIiwxLCJ4Il0",  # ["m",1,"x"]
         "before=WyJtIiwtMSwiMSJd",  # ["m",-1,"1"]
+        "before=WyJtIiwxLCI5OTk5OTk5OTk5OTk5OTk5OTk5Il0",  # a seq past bigint
+        "before=WyJtIiw5OTk5OTk5OTk5OTk5OTk5OTk5OTk5LCIxIl0",  # a time past any datetime
         "before=WyJtIiwxLCIxIl0&after=WyJtIiwxLCIxIl0",  # both
     ],
 )
