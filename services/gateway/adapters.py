@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import math
 import time
 import uuid
 import weakref
 from collections import defaultdict
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -65,6 +67,35 @@ class Publisher:
         return bool(ack.duplicate)
 
 
+_PAGE_COLUMNS = "id, role, kind, content, created_at, run_id, seq"
+_CONVERSATION = (
+    "id, title, created_at, last_activity_at, message_count, metadata::text AS metadata, "
+    "model, system_prompt"
+)
+# Pages are keyset range scans of an index (messages_conversation, conversations_recent), one
+# statement per shape so that a prepared statement's generic plan keeps the index condition.
+MESSAGES_NEWEST = (
+    f"SELECT {_PAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+    "ORDER BY created_at DESC, seq DESC LIMIT $2"
+)
+MESSAGES_BEFORE = (
+    f"SELECT {_PAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+    "AND (created_at, seq) < ($2, $3) ORDER BY created_at DESC, seq DESC LIMIT $4"
+)
+MESSAGES_AFTER = (
+    f"SELECT {_PAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+    "AND (created_at, seq) > ($2, $3) ORDER BY created_at, seq LIMIT $4"
+)
+CONVERSATIONS_NEWEST = (
+    f"SELECT {_CONVERSATION} FROM conversations WHERE project_id = $1 AND user_id = $2 "
+    "ORDER BY last_activity_at DESC, id DESC LIMIT $3"
+)
+CONVERSATIONS_BEFORE = (
+    f"SELECT {_CONVERSATION} FROM conversations WHERE project_id = $1 AND user_id = $2 "
+    "AND (last_activity_at, id) < ($3, $4::uuid) ORDER BY last_activity_at DESC, id DESC LIMIT $5"
+)
+
+
 class ReadModel:
     """Queries over what the persister wrote; this pool's role may only read."""
 
@@ -113,9 +144,110 @@ class ReadModel:
                 "content": r["content"],
                 "created_at": r["created_at"],
                 "run_id": r["run_id"],
+                "pending": False,
             }
             for r in rows
         ]
+
+    async def message_page(
+        self, conversation_id: str, limit: int, before: Any = None, after: Any = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of messages in conversation order and whether more lie beyond it.
+
+        The newest ``limit``, or those just before ``before`` / just after ``after`` (a
+        (created_at, seq) position): one range scan of ``messages_conversation``.
+        """
+        cid = uuid.UUID(conversation_id)
+        async with self.pool.acquire() as con:
+            if after is not None:
+                rows = await con.fetch(
+                    MESSAGES_AFTER,
+                    cid,
+                    after[0],
+                    after[1],
+                    limit + 1,
+                )
+            elif before is not None:
+                rows = await con.fetch(
+                    MESSAGES_BEFORE,
+                    cid,
+                    before[0],
+                    before[1],
+                    limit + 1,
+                )
+            else:
+                rows = await con.fetch(
+                    MESSAGES_NEWEST,
+                    cid,
+                    limit + 1,
+                )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if after is None:
+            rows = rows[::-1]
+        return [
+            {
+                "id": str(r["id"]),
+                "role": r["role"],
+                "kind": r["kind"],
+                "content": r["content"],
+                "created_at": r["created_at"],
+                "run_id": r["run_id"],
+                "pending": False,
+                "seq": r["seq"],
+            }
+            for r in rows
+        ], more
+
+    async def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        async with self.pool.acquire() as con:
+            row = await con.fetchrow(
+                f"SELECT {_CONVERSATION} FROM conversations WHERE id = $1",
+                uuid.UUID(conversation_id),
+            )
+        return None if row is None else _conversation(row)
+
+    async def conversations(
+        self, project: str, user: str, limit: int, before: Any = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One user's conversations, most recent activity first, from just before ``before``
+        (a (last_activity_at, id) position): one range scan of ``conversations_recent``."""
+        async with self.pool.acquire() as con:
+            if before is None:
+                rows = await con.fetch(
+                    CONVERSATIONS_NEWEST,
+                    project,
+                    user,
+                    limit + 1,
+                )
+            else:
+                rows = await con.fetch(
+                    CONVERSATIONS_BEFORE,
+                    project,
+                    user,
+                    before[0],
+                    before[1],
+                    limit + 1,
+                )
+        return [_conversation(r) for r in rows[:limit]], len(rows) > limit
+
+    async def last_user_message_at(self, conversation_id: str) -> datetime | None:
+        """When the conversation's last stored user message was accepted (None: none stored)."""
+        async with self.pool.acquire() as con:
+            at: datetime | None = await con.fetchval(
+                "SELECT created_at FROM messages WHERE conversation_id = $1 AND role = 'user' "
+                "ORDER BY position DESC LIMIT 1",
+                uuid.UUID(conversation_id),
+            )
+        return at
+
+    async def stored_ids(self, ids: list[str]) -> set[str]:
+        """Which of these message ids the persister has stored."""
+        if not ids:
+            return set()
+        async with self.pool.acquire() as con:
+            rows = await con.fetch("SELECT id FROM messages WHERE id = ANY($1::uuid[])", ids)
+        return {str(r["id"]) for r in rows}
 
     async def run_status(self, conversation_id: str, run_id: str) -> str | None:
         """The stored status of a run of this conversation (None: no record yet)."""
@@ -194,6 +326,19 @@ class ReadModel:
             await con.fetchval("SELECT 1")
 
 
+def _conversation(r: Any) -> dict[str, Any]:
+    return {
+        "id": str(r["id"]),
+        "title": r["title"],
+        "created_at": r["created_at"],
+        "last_activity_at": r["last_activity_at"],
+        "message_count": int(r["message_count"]),
+        "metadata": msgspec.json.decode(r["metadata"]),
+        "settings": {"model": r["model"], "system_prompt": r["system_prompt"]},
+        "pending": False,
+    }
+
+
 def _user_message(r: Any) -> m.UserMessageAccepted:
     return m.UserMessageAccepted(
         event_id=str(r["id"]),
@@ -236,6 +381,57 @@ class Inbox:
         if msg.data is None:
             return None
         return _accepted.decode(msg.data)
+
+    async def pending(
+        self,
+        project: str,
+        conversation_id: str,
+        since: datetime | None,
+        limit: int,
+        slack_s: float = 30.0,
+    ) -> list[m.UserMessageAccepted]:
+        """Accepted messages of a conversation in stream order, from ``since`` - ``slack_s`` on.
+
+        At most ``limit`` of them, by "next message on this subject" requests (one per message,
+        the first one positioned by time): the caller drops those the database already holds.
+        ``since`` None reads from the conversation's first message. The slack covers a gateway
+        clock ahead of the server's (``created_at`` is stamped before the publish). Raises what
+        the bus raises when it cannot read.
+        """
+        if not self.bus.nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        subject = subjects.chat_in(project, conversation_id)
+        api = f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_CHAT_IN}"
+        request: dict[str, Any] = {"next_by_subj": subject}
+        if since is not None:
+            request["start_time"] = (since - timedelta(seconds=slack_s)).isoformat()
+        else:
+            request["seq"] = 1
+        out: list[m.UserMessageAccepted] = []
+        while len(out) < limit:
+            reply = await self.bus.nc.request(api, msgspec.json.encode(request), timeout=2.0)
+            got = _msg_get.decode(reply.data)
+            if got.message is None:
+                if got.error is not None and got.error.get("code") == 404:
+                    break
+                raise nats.errors.Error(f"CHAT_IN read failed: {got.error}")
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                out.append(_accepted.decode(base64.b64decode(got.message.data)))
+            request = {"next_by_subj": subject, "seq": got.message.seq + 1}
+        return out
+
+
+class _StoredMsg(msgspec.Struct):
+    seq: int
+    data: str = ""
+
+
+class _MsgGet(msgspec.Struct):
+    message: _StoredMsg | None = None
+    error: dict[str, Any] | None = None
+
+
+_msg_get = msgspec.json.Decoder(_MsgGet)
 
 
 class Owners:

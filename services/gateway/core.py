@@ -373,6 +373,84 @@ def _owner_unknown() -> ApiError:
     )
 
 
+# ---- read your writes: accepted messages not stored yet ---------------------------------
+
+
+def pending_message(e: m.UserMessageAccepted) -> dict[str, Any]:
+    """An accepted, not yet stored user message as the messages route shows it."""
+    return {
+        "id": e.message_id,
+        "role": "user",
+        "kind": "message",
+        "content": e.content,
+        "created_at": e.created_at,
+        "run_id": None,
+        "pending": True,
+    }
+
+
+def unstored(
+    accepted: list[m.UserMessageAccepted], stored: set[str], conversation_id: str, owner: Principal
+) -> list[m.UserMessageAccepted]:
+    """The accepted messages the database does not hold yet, once each, in stream order.
+
+    Only the owner's (the persister refuses anyone else's message into this conversation).
+    """
+    seen: set[str] = set()
+    out: list[m.UserMessageAccepted] = []
+    for e in accepted:
+        if e.message_id in stored or e.message_id in seen:
+            continue
+        if (e.conversation_id, e.project_id, e.user_id) != (
+            conversation_id,
+            owner.project,
+            owner.user,
+        ):
+            continue
+        seen.add(e.message_id)
+        out.append(e)
+    return out
+
+
+def merge_pending(
+    messages: list[dict[str, Any]], pending: list[m.UserMessageAccepted]
+) -> list[dict[str, Any]]:
+    """Stored messages with the pending ones in their place (by acceptance time, stably)."""
+    if not pending:
+        return messages
+    extra = [pending_message(e) for e in pending]
+    return sorted([*messages, *extra], key=lambda x: x["created_at"])
+
+
+def pending_run(e: m.UserMessageAccepted) -> dict[str, Any]:
+    """The run an accepted, not yet stored message will start, as the state route shows it."""
+    return {
+        "run_id": run_id_of(e.message_id),
+        "message_id": e.message_id,
+        "status": "pending",
+        "verdict": "",
+        "reason": "",
+        "model": "",
+        "executor": "",
+        "attempts": 0,
+        "estimated_tokens": 0,
+        "reserved_tokens": 0,
+        "reserved_cost_usd": 0.0,
+        "actual_tokens": 0,
+        "limits": None,
+        "created_at": e.created_at,
+        "updated_at": e.created_at,
+        "usage": {
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cache_read_tokens": 0,
+            "cache_write_tokens": 0,
+            "cost_usd": 0.0,
+            "calls": 0,
+        },
+    }
+
+
 def accepted(e: m.UserMessageAccepted, duplicate: bool) -> ChatAccepted:
     return ChatAccepted(
         status="accepted",

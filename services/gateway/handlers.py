@@ -12,11 +12,11 @@ import msgspec
 import nats.errors
 import structlog
 from litestar import Request, Response, get, post
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from opentelemetry import trace
 
-from services.gateway import core
+from services.gateway import core, pages
 from services.gateway.adapters import (
     Hub,
     Inbox,
@@ -35,6 +35,9 @@ from shared import tracing
 from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
 from shared.tracing import current_trace_id
+
+# At most this many accepted-but-not-stored messages are read back per request.
+PENDING_READ_LIMIT = 100
 
 
 @dataclass
@@ -115,7 +118,7 @@ class Api:
 
     async def own(self, p: core.Principal, conversation_id: str) -> str:
         """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
-        cid = core.parse_uuid(conversation_id, "conversation id")
+        cid = pages.path_id(conversation_id)
         core.may_read(await self.owners.of(cid), p)
         return cid
 
@@ -280,14 +283,116 @@ class Api:
         )
 
     async def messages(
+        self,
+        request: Request[Any, Any, Any],
+        conversation_id: str,
+        limit: str | None = None,
+        before: str | None = None,
+        after: str | None = None,
+    ) -> pages.MessagesPage:
+        """One page of a conversation: the newest, or just before or after a cursor.
+
+        The newest end also shows the owner's accepted messages not stored yet (read your
+        writes), in their place; the page keeps its size by leaving out older ones.
+        """
+        p = self.principal(request)
+        q = pages.message_query(limit, before, after)
+        cid = await self.own(p, conversation_id)
+        rows, more = await self._read(self.reads.message_page(cid, q.limit, q.before, q.after))
+        has_older = more if q.after is None else True
+        has_newer = more if q.after is not None else q.before is not None
+        shown = rows
+        if not has_newer:
+            pending = await self._read(self._pending(p, cid, {x["id"] for x in rows}))
+            shown = core.merge_pending(rows, pending)
+            if len(shown) > q.limit:
+                shown, has_older = shown[-q.limit :], True
+        stored = [x for x in shown if not x["pending"]]
+        before_cursor = after_cursor = None
+        if stored:
+            before_cursor = pages.message_cursor(stored[0]) if has_older else None
+            after_cursor = pages.message_cursor(stored[-1])
+        elif rows:  # only pending ones fit: older ones are the stored ones up to the newest
+            last = {**rows[-1], "seq": rows[-1]["seq"] + 1}
+            before_cursor, after_cursor = pages.message_cursor(last), pages.message_cursor(rows[-1])
+        elif q.after is not None:
+            after_cursor = after
+        return pages.MessagesPage(
+            conversation_id=cid,
+            messages=[msgspec.convert(x, pages.Message) for x in shown],
+            before=before_cursor,
+            after=after_cursor,
+            has_older=has_older,
+            has_newer=has_newer,
+        )
+
+    async def conversation(
         self, request: Request[Any, Any, Any], conversation_id: str
-    ) -> dict[str, Any]:
-        cid = await self.own(self.principal(request), conversation_id)
-        return {"conversation_id": cid, "messages": await self._read(self.reads.messages(cid))}
+    ) -> pages.Conversation:
+        """A conversation's metadata; one only accepted so far (nothing stored) shows too."""
+        p = self.principal(request)
+        cid = await self.own(p, conversation_id)
+        row = await self._read(self.reads.conversation(cid))
+        pending = await self._read(self._pending(p, cid, set()))
+        if row is None:
+            if not pending:
+                raise core.ApiError(404, "not_found", core.NOT_FOUND)
+            first = pending[0]
+            row = {
+                "id": cid,
+                "title": "",
+                "created_at": first.created_at,
+                "last_activity_at": first.created_at,
+                "message_count": 0,
+                "metadata": {},
+                "settings": {"model": None, "system_prompt": None},
+                "pending": True,
+            }
+        if pending:
+            row["message_count"] += len(pending)
+            row["last_activity_at"] = max(row["last_activity_at"], pending[-1].created_at)
+        return msgspec.convert(row, pages.Conversation)
+
+    async def conversations(
+        self, request: Request[Any, Any, Any], limit: str | None, cursor: str | None
+    ) -> pages.ConversationsPage:
+        """The caller's conversations, most recent activity first."""
+        p = self.principal(request)
+        n = pages.limit_of(limit, pages.DEFAULT_CONVERSATIONS, pages.MAX_CONVERSATIONS)
+        before = None if cursor is None else pages.decode(cursor, "c")
+        rows, more = await self._read(self.reads.conversations(p.project, p.user, n, before))
+        return pages.ConversationsPage(
+            conversations=[msgspec.convert(r, pages.Conversation) for r in rows],
+            cursor=pages.conversation_cursor(rows[-1]) if more else None,
+        )
 
     async def state(self, request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
-        cid = await self.own(self.principal(request), conversation_id)
-        return {"conversation_id": cid, "runs": await self._read(self.reads.runs(cid))}
+        p = self.principal(request)
+        cid = await self.own(p, conversation_id)
+        runs = await self._read(self.reads.runs(cid))
+        pending = await self._read(self._pending(p, cid, {r["message_id"] for r in runs}))
+        known = {r["run_id"] for r in runs}
+        more = [core.pending_run(e) for e in pending if core.run_id_of(e.message_id) not in known]
+        return {"conversation_id": cid, "runs": [*runs, *more]}
+
+    async def _pending(
+        self, p: core.Principal, cid: str, seen: set[str]
+    ) -> list[m.UserMessageAccepted]:
+        """The owner's accepted messages of this conversation the database does not hold yet.
+
+        Read from CHAT_IN after the last stored user message (read your writes: a 202 is visible
+        at once, also while the persister is behind or down). A stream that cannot be read
+        leaves them out: the stored messages still answer.
+        """
+        since = await self.reads.last_user_message_at(cid)
+        try:
+            accepted = await self.owners.inbox.pending(p.project, cid, since, PENDING_READ_LIMIT)
+        except (nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError) as exc:
+            structlog.get_logger().warning("pending_read_failed", error=type(exc).__name__)
+            return []
+        fresh = [e for e in accepted if e.message_id not in seen]
+        stored = seen | await self.reads.stored_ids([e.message_id for e in fresh])
+        return core.unstored(accepted, stored, cid, p)
 
     async def usage(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
         p = self.principal(request)
@@ -360,6 +465,8 @@ class Api:
         try:
             messages = await self.reads.messages(cid)
             runs = await self.reads.runs(cid)
+            pending = await self._pending(p, cid, {x["id"] for x in messages})
+            messages = core.merge_pending(messages, pending)
         except UNAVAILABLE as exc:
             raise core.ApiError(
                 503, "database_unavailable", "conversation store unavailable, retry"
@@ -438,11 +545,32 @@ def routes(api: Api) -> list[Any]:
             span.set_attribute("http.response.status_code", response.status_code)
             return response
 
-    @get("/api/conversations/{conversation_id:str}/messages", summary="Messages in order")
-    async def messages(
+    @get("/api/conversations", summary="The caller's conversations, most recent activity first")
+    async def conversations(
+        request: Request[Any, Any, Any],
+        limit: FromQuery[str | None] = None,
+        cursor: FromQuery[str | None] = None,
+    ) -> pages.ConversationsPage:
+        return await api.conversations(request, limit, cursor)
+
+    @get("/api/conversations/{conversation_id:str}", summary="A conversation's metadata")
+    async def conversation(
         request: Request[Any, Any, Any], conversation_id: FromPath[str]
-    ) -> dict[str, Any]:
-        return await api.messages(request, conversation_id)
+    ) -> pages.Conversation:
+        return await api.conversation(request, conversation_id)
+
+    @get(
+        "/api/conversations/{conversation_id:str}/messages",
+        summary="A page of messages in conversation order (newest page by default)",
+    )
+    async def messages(
+        request: Request[Any, Any, Any],
+        conversation_id: FromPath[str],
+        limit: FromQuery[str | None] = None,
+        before: FromQuery[str | None] = None,
+        after: FromQuery[str | None] = None,
+    ) -> pages.MessagesPage:
+        return await api.messages(request, conversation_id, limit, before, after)
 
     @get("/api/conversations/{conversation_id:str}/state", summary="Runs and verdicts")
     async def state(
@@ -470,4 +598,4 @@ def routes(api: Api) -> list[Any]:
     async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
         return await api.usage(request)
 
-    return [chat, messages, state, events, cancel, usage]
+    return [chat, conversations, conversation, messages, state, events, cancel, usage]

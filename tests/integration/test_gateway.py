@@ -237,7 +237,7 @@ async def test_other_users_and_projects_get_404_for_a_conversation(gateway: Gate
     )
     assert missing.status_code == 404
     bad = await gateway.client.get("/api/conversations/not-a-uuid/messages", headers=gateway.auth())
-    assert bad.status_code == 422
+    assert bad.status_code == 400
 
 
 async def test_usage_starts_at_zero_for_a_new_project(gateway: Gateway) -> None:
