@@ -16,7 +16,7 @@ import pytest
 
 from baton.embedded import NatsServer, free_port
 from baton.supervisor import Child, Supervisor
-from tests.e2e.conftest import Pipeline, _running, wait_healthy
+from tests.e2e.conftest import STARTUP_S, Pipeline, _running, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def _replicated(
         second = Supervisor(extra, say=lambda line: None)
         second.start_all()
         try:
-            wait_healthy(f"http://127.0.0.1:{port}", 30)
+            wait_healthy(f"http://127.0.0.1:{port}", STARTUP_S)
             yield Replicated(p, [p.gateway, f"http://127.0.0.1:{port}"])
         finally:
             second.stop_all(grace_s=10)
