@@ -102,11 +102,18 @@ class SecurePipeline(Pipeline, kw_only=True):
 @pytest.fixture
 def secure_pipeline(database_url: str, tmp_path: Path) -> Iterator[SecurePipeline]:
     """A NATS of its own with one user per service; services use their own database roles."""
+    with secure_running(database_url, tmp_path) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def secure_running(database_url: str, base: Path) -> Iterator[SecurePipeline]:
+    """``secure_pipeline``'s stack, for fixtures of any scope."""
     passwords = permissions.new_passwords()
-    nats = NatsServer(tmp_path / "nats", config_text=permissions.authorization(passwords))
+    nats = NatsServer(base / "nats", config_text=permissions.authorization(passwords))
     nats.start()
     try:
-        with _running(nats.url, database_url, tmp_path / "logs", passwords=passwords) as p:
+        with _running(nats.url, database_url, base / "logs", passwords=passwords) as p:
             fields = {f: getattr(p, f) for f in Pipeline.__struct_fields__}
             yield SecurePipeline(**fields, nats=nats)
     finally:
