@@ -242,12 +242,16 @@ def start_services(children: list[Child], timeout: float) -> None:
             elif child.name not in up and _started(child):
                 up.add(child.name)
         if len(up) == len(children):
-            # A service that lost its HTTP port exits just after it reported itself up.
+            # The gateway reports itself up, then binds its HTTP port: one that lost it logs
+            # so and exits after its clean-up (and /readyz there was another process's).
             time.sleep(0.2)
-            if all(c.exit_code() is None for c in children):
+            lost = [c for c in children if _PORT_TAKEN in _log_since(c, offsets[c.name]).lower()]
+            for child in lost:
+                child.wait(30)  # restarted on fresh ports by the next round
+            if not lost and all(c.exit_code() is None for c in children):
                 return
-        elif time.monotonic() > deadline:
-            late = [c for c in children if c.name not in up]
+        if time.monotonic() > deadline:
+            late = [c for c in children if c.name not in up or c.exit_code() is not None]
             names = ", ".join(c.name for c in late)
             raise TimeoutError(f"not up after {timeout:.0f} s: {names}\n{_tails(late)}")
         time.sleep(0.05)
