@@ -596,6 +596,11 @@ async def _stream(
             if await watch.sleep(wait):
                 break
             pending.append(prefix + msgspec.json.encode(plan.chunks[i]) + _DELTA_SUFFIX)
+            if not slow:
+                # The pace of now: a change through /_control/settings applies to a stream
+                # under way too (tests hold a call open slowly, then let it finish).
+                tps = state.settings.tokens_per_second
+                gap = 1 / tps if tps > 0 else 0
             sent, due = sent + 1, due + gap
         if sent < len(plan.chunks):
             return await flush()

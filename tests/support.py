@@ -84,8 +84,9 @@ def decode_all(msgs: list[Msg], kind: type[T]) -> list[T]:
     return [msgspec.json.decode(x.data, type=kind) for x in msgs]
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 15.0) -> T:
-    """Poll ``check`` until it returns something truthy."""
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 60.0) -> T:
+    """Poll ``check`` until it returns something truthy (the bound only ends a wait that
+    failed; it is generous so that a busy machine is not a failure)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         value = await check()

@@ -17,13 +17,17 @@ import pytest
 
 from baton import permissions, roles
 from baton.devtoken import make_token
-from baton.embedded import NatsServer, PostgresServer, create_database, free_port
+from baton.embedded import NatsServer, PostgresServer, create_database, free_ports
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
+# Bound on a stack's start-up. It times nothing a test checks: quiet, five services are up in
+# about 2 s (docs/benchmarks.md), but on two cores under a load of 15 a start took 20 s, and a
+# tight bound there only turns a busy machine into a red suite.
+STARTUP_S = 120.0
 SECRET = "e2e-secret-" + "s" * 32
 
 
@@ -98,11 +102,18 @@ class SecurePipeline(Pipeline, kw_only=True):
 @pytest.fixture
 def secure_pipeline(database_url: str, tmp_path: Path) -> Iterator[SecurePipeline]:
     """A NATS of its own with one user per service; services use their own database roles."""
+    with secure_running(database_url, tmp_path) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def secure_running(database_url: str, base: Path) -> Iterator[SecurePipeline]:
+    """``secure_pipeline``'s stack, for fixtures of any scope."""
     passwords = permissions.new_passwords()
-    nats = NatsServer(tmp_path / "nats", config_text=permissions.authorization(passwords))
+    nats = NatsServer(base / "nats", config_text=permissions.authorization(passwords))
     nats.start()
     try:
-        with _running(nats.url, database_url, tmp_path / "logs", passwords=passwords) as p:
+        with _running(nats.url, database_url, base / "logs", passwords=passwords) as p:
             fields = {f: getattr(p, f) for f in Pipeline.__struct_fields__}
             yield SecurePipeline(**fields, nats=nats)
     finally:
@@ -137,8 +148,12 @@ def _running(
             return database_url
         return roles.dsn_for(database_url, name) if name in roles.SERVICES_WITH_DB else ""
 
-    port = free_port()
-    with OfflineModelProcess(ModelSettings(tokens_per_second=400)) as model:
+    instances = [
+        (name, n) for name in SERVICES for n in range(1, (replicas or {}).get(name, 1) + 1)
+    ]
+    # Distinct by construction: free_port() twice in a row may hand out the same port.
+    port, *metrics_ports = free_ports(1 + len(instances))
+    with OfflineModelProcess(ModelSettings(tokens_per_second=400), timeout=STARTUP_S) as model:
         children = [
             Child(
                 name if n == 1 else f"{name}-{n}",
@@ -147,7 +162,7 @@ def _running(
                     name if n == 1 else f"{name}-{n}",
                     nats_url=nats_url,
                     database_url=dsn(name),
-                    metrics_port=free_port(),
+                    metrics_port=metrics_port,
                     jwt_secret=SECRET,
                     http_port=port,
                     model_url=model.url,
@@ -157,18 +172,13 @@ def _running(
                 ),
                 logs / f"{name if n == 1 else f'{name}-{n}'}.log",
             )
-            for name in SERVICES
-            for n in range(1, (replicas or {}).get(name, 1) + 1)
+            for (name, n), metrics_port in zip(instances, metrics_ports, strict=True)
         ]
         supervisor = Supervisor(children, say=lambda line: None)
-        supervisor.start_all()
-        gateway = f"http://127.0.0.1:{port}"
-        p = Pipeline(
-            gateway, model, supervisor, database_url, nats_url, logs, dict(passwords or {})
-        )
+        p = Pipeline("", model, supervisor, database_url, nats_url, logs, dict(passwords or {}))
         try:
-            wait_healthy(gateway, 30)
-            wait_services_up(children, 30)
+            start_services(children, STARTUP_S)
+            p.gateway = f"http://127.0.0.1:{p.child('gateway').env['GATEWAY_HTTP_PORT']}"
             yield p
         finally:
             supervisor.stop_all(grace_s=10)
@@ -200,6 +210,93 @@ def wait_services_up(children: list[Child], timeout: float) -> None:
             with contextlib.suppress(httpx.TransportError):
                 if f"baton_{service}_up 1.0" in httpx.get(url, timeout=1).text.splitlines():
                     break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{child.name} not up")
+            if child.exit_code() is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} not up\n{_tails([child])}")
             time.sleep(0.05)
+
+
+# What a service's log says when a port it was given is taken (Python's errno 98 message).
+_PORT_TAKEN = "address already in use"
+
+
+def start_services(children: list[Child], timeout: float) -> None:
+    """Start ``children``; return once each reports itself up (the gateway also answers
+    ``/readyz``) and none has exited.
+
+    A port from ``free_ports`` was only free a moment ago: another worker's process may bind it
+    first. A child that exits on a taken port starts again on fresh ports (on 2026-12-01 the
+    executor died on its metrics port, and the wait read the agent's metrics there for 30 s).
+    Any other early exit fails at once, with the child's log.
+    """
+    deadline = time.monotonic() + timeout
+    offsets: dict[str, int] = {}
+    for child in children:
+        offsets[child.name] = _log_size(child)
+        child.start()
+    up: set[str] = set()
+    while True:
+        for child in children:
+            if child.exit_code() is not None:
+                up.discard(child.name)
+                _restart_on_fresh_ports(child, offsets)
+            elif child.name not in up and _started(child):
+                up.add(child.name)
+        if len(up) == len(children):
+            # The gateway reports itself up, then binds its HTTP port: one that lost it logs
+            # so and exits after its clean-up (and /readyz there was another process's).
+            time.sleep(0.2)
+            lost = [c for c in children if _PORT_TAKEN in _log_since(c, offsets[c.name]).lower()]
+            for child in lost:
+                child.wait(30)  # restarted on fresh ports by the next round
+            if not lost and all(c.exit_code() is None for c in children):
+                return
+        if time.monotonic() > deadline:
+            late = [c for c in children if c.name not in up or c.exit_code() is not None]
+            names = ", ".join(c.name for c in late)
+            raise TimeoutError(f"not up after {timeout:.0f} s: {names}\n{_tails(late)}")
+        time.sleep(0.05)
+
+
+def _started(child: Child) -> bool:
+    url = f"http://127.0.0.1:{child.env['BATON_METRICS_PORT']}/metrics"
+    service = child.argv[-1].rpartition(".")[2]  # python -m services.<name>
+    try:
+        if f"baton_{service}_up 1.0" not in httpx.get(url, timeout=2).text.splitlines():
+            return False
+        if "GATEWAY_HTTP_PORT" not in child.env:
+            return True
+        ready = f"http://127.0.0.1:{child.env['GATEWAY_HTTP_PORT']}/readyz"
+        return httpx.get(ready, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _restart_on_fresh_ports(child: Child, offsets: dict[str, int]) -> None:
+    log = _log_since(child, offsets[child.name])
+    if _PORT_TAKEN not in log.lower():
+        raise RuntimeError(f"{child.name} exited with {child.exit_code()} while starting:\n{log}")
+    for var in ("BATON_METRICS_PORT", "GATEWAY_HTTP_PORT"):
+        if var in child.env:
+            child.env[var] = str(free_ports(1)[0])
+    offsets[child.name] = _log_size(child)
+    child.start()
+
+
+def _log_size(child: Child) -> int:
+    try:
+        return child.log_path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _log_since(child: Child, offset: int) -> str:
+    try:
+        with child.log_path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")[-4000:]
+    except FileNotFoundError:
+        return ""
+
+
+def _tails(children: list[Child]) -> str:
+    return "\n".join(f"== {c.name}\n{_log_since(c, max(0, _log_size(c) - 2000))}" for c in children)

@@ -27,13 +27,13 @@ import nats
 import pytest
 
 from baton import permissions, roles
-from baton.embedded import NatsCluster, NatsServer, free_port
+from baton.embedded import NatsCluster, NatsServer, free_ports
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
 from shared import subjects, wiring
-from tests.e2e.conftest import wait_healthy, wait_services_up
+from tests.e2e.conftest import STARTUP_S, wait_healthy, wait_services_up
 from tests.e2e.invariants import Client, check, settled
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -93,10 +93,12 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
         settings = ModelSettings(tokens_per_second=200, words_per_reply=16)
         with OfflineModelProcess(settings) as model:
             replicas: list[Replica] = []
+            # Distinct by construction: free_port() twice in a row may hand out the same port.
+            ports = iter(free_ports(2 * len(SERVICES) * REPLICAS))
             for service in SERVICES:
                 for n in range(1, REPLICAS + 1):
                     instance = f"{service}-{n}"
-                    port = free_port() if service == "gateway" else 0
+                    port = next(ports) if service == "gateway" else 0
                     env = service_env(
                         service,
                         nats_url=cluster.url,  # every node: a client of a dead one moves on
@@ -107,7 +109,7 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
                         ),
                         nats_user=service,
                         nats_password=passwords[service],
-                        metrics_port=free_port(),
+                        metrics_port=next(ports),
                         jwt_secret=SECRET,
                         http_port=port,
                         model_url=model.url,
@@ -126,8 +128,8 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
             w = World(cluster, database_url, admin, model, supervisor, replicas, logs)
             try:
                 for gateway in w.gateways:
-                    wait_healthy(gateway, 60)
-                wait_services_up(supervisor.children, 60)
+                    wait_healthy(gateway, STARTUP_S)
+                wait_services_up(supervisor.children, STARTUP_S)
                 yield w
             finally:
                 supervisor.stop_all(grace_s=10)

@@ -120,7 +120,7 @@ class Events:
 
     def __enter__(self) -> Events:
         self.thread.start()
-        assert self.connected.wait(10), "SSE did not connect"
+        assert self.connected.wait(60), "SSE did not connect"
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.aio.client import Client as NATS
 
 from shared import subjects
 from tests.integration.conftest import Infra
@@ -64,7 +65,7 @@ async def test_a_publish_nobody_answers_times_out_and_leaves_nothing_waiting(inf
         heard.append(msg.reply)  # a subscriber that never replies: not "no responders"
 
     await listener.nc.subscribe("silent.subject", cb=silent)
-    await listener.nc.flush()
+    await _server_has_subscriptions(listener.nc)
     try:
         started = asyncio.get_running_loop().time()
         with pytest.raises(nats.errors.TimeoutError):
@@ -78,6 +79,19 @@ async def test_a_publish_nobody_answers_times_out_and_leaves_nothing_waiting(inf
         await listener.close()
         await bus.close()
     assert 0.5 <= waited < 5 and bus.acks.waiting == {}
+
+
+async def _server_has_subscriptions(nc: NATS) -> None:
+    """Return once the server holds every subscription made so far on ``nc``.
+
+    One ``flush()`` is not enough with nats-py 2.16: it writes its PING to the socket at once,
+    while the SUB still waits in the pending buffer for the flusher task, so the PONG can come
+    back before the server saw the SUB. Another connection's publish then meets no subscriber
+    (the "no responders" of 2026-12-01 on a busy machine). By the first PONG the flusher has
+    written the SUB, so the second PING follows it on the wire.
+    """
+    await nc.flush()
+    await nc.flush()
 
 
 async def test_a_publish_still_waiting_when_the_bus_closes_fails_instead_of_hanging(

@@ -201,7 +201,15 @@ async def test_nats_cluster_keeps_r3_streams_when_a_node_dies_and_stops_by_pid(
         nc = await nats.connect(servers=cluster.urls)
         js = nc.jetstream()
         await js.add_stream(name="EVENTS", subjects=["events.>"], num_replicas=3)
-        await js.publish("events.one", b"before")
+        # The stream exists once add_stream returns, but the node this client talks to may not
+        # route its subjects yet (no responders) on a busy machine: retry until it takes the
+        # message, with an id so that a retry after a lost ack stores it once.
+        for _ in range(300):
+            try:
+                await js.publish("events.one", b"before", timeout=1, headers={"Nats-Msg-Id": "1"})
+                break
+            except (nats.errors.Error, TimeoutError):
+                await asyncio.sleep(0.1)
         info = await js.stream_info("EVENTS")
         leader = next(n for n in cluster.nodes if n.server_name == info.cluster.leader)
         leader.kill()

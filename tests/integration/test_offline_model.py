@@ -533,6 +533,23 @@ async def test_pacing_honours_ttft_and_tokens_per_second(
     assert time.monotonic() - started >= 0.2 + 10 / 100 - 0.01
 
 
+async def test_a_pace_change_applies_to_a_stream_under_way(
+    model: OfflineModelProcess, client: anthropic.AsyncAnthropic
+) -> None:
+    """Tests slow the model to hold a call open, then set ``tokens_per_second=0`` to let it
+    finish: the running stream must take the new pace, not the one it started with."""
+    model.update_settings(ttft_ms=0, tokens_per_second=2, words_per_reply=120)  # 60 s at 2/s
+    words = 0
+    async with client.messages.stream(model=MODEL, max_tokens=400, messages=HELLO) as stream:
+        async for _ in stream.text_stream:
+            words += 1
+            if words == 2:
+                model.update_settings(tokens_per_second=0)
+                changed = time.monotonic()
+    assert words == 120
+    assert time.monotonic() - changed < 20, "the stream kept its old pace"
+
+
 async def test_client_hang_up_is_counted(
     model: OfflineModelProcess, client: anthropic.AsyncAnthropic
 ) -> None:

@@ -472,14 +472,18 @@ async def test_a_run_cancelled_while_queued_gives_its_reservation_back(infra: In
         cancels = subjects.chat_cancel(p, first.conversation_id)
         await bus.publish(cancels, _cancel(queued), msg_id="c2")
 
-        async def given_back() -> budget.Counter | None:
-            c = await _counter(bus, subjects.budget_key(day, p))
-            return c if run_id not in c.open else None
+        runs = Runs(await bus.js.key_value(subjects.BUCKET_RUNS))
 
-        c = await eventually(given_back)
+        async def given_back() -> tuple[budget.Counter, core.RunState] | None:
+            # The hold is given back first, the run's record written after it: wait for both.
+            c = await _counter(bus, subjects.budget_key(day, p))
+            state, _ = await runs.get(run_id)
+            settled = state.reservation is not None and state.reservation.settled
+            return (c, state) if run_id not in c.open and settled else None
+
+        c, state = await eventually(given_back)
         assert list(c.open) == [core.run_id_for(first.message_id)]
         assert (c.settled_runs, c.settled_tokens) == (1, 0)
-        state, _ = await Runs(await bus.js.key_value(subjects.BUCKET_RUNS)).get(run_id)
         assert state.status == "cancelled" and state.out_of_turn
         assert state.reservation is not None and state.reservation.settled
     await bus.close()
