@@ -8,6 +8,7 @@ import io
 import socket
 import subprocess
 import sys
+from pathlib import PurePosixPath
 
 import pytest
 
@@ -69,3 +70,18 @@ def test_the_model_command_line_of_the_manifests_serves() -> None:
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_compose_mounts_the_policy_file_as_a_directory_policy_reads() -> None:
+    import yaml
+
+    from services.policy import policyfile
+
+    policy = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["policy"]
+    path = PurePosixPath(policy["environment"]["BATON_POLICY_FILE"])
+    [mount] = [v for v in policy["volumes"] if v.split(":")[1] == str(path.parent)]
+    source, _, mode = mount.split(":")
+    # A directory: an edit that replaces the file is seen (a file mount keeps the old inode).
+    assert (ROOT / source).is_dir() and mode == "ro"
+    book = policyfile.parse((ROOT / source / path.name).read_bytes(), "compose")
+    assert book == policyfile.parse((ROOT / "policy.example.toml").read_bytes())
