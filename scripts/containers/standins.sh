@@ -60,8 +60,9 @@ for s in nats postgres prometheus; do
       postgres) cp "$CACHE"/standins/pgserver-*.whl "$HERE/pg-entrypoint.sh" "$ctx/" ;;
       prometheus) cp "$CACHE/standins/prometheus" "$ctx/" ;;
     esac
-    DOCKER_BUILDKIT=0 docker build -q --network host --label "baton.standin-key=$key" -t "$tag" "$ctx" >/dev/null \
-      || { rm -rf "$ctx"; say "building the $s stand-in failed"; exit 1; }
+    DOCKER_BUILDKIT=0 docker build -q --network host --label "baton.standin-key=$key" -t "$tag" "$ctx" \
+      >"$CACHE/standin-$s.log" 2>&1 \
+      || { rm -rf "$ctx"; tail -n 20 "$CACHE/standin-$s.log" >&2; say "building the $s stand-in failed"; exit 1; }
     rm -rf "$ctx"
     say "$tag stands in for $image"
   fi
