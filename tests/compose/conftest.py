@@ -46,7 +46,7 @@ class Stack:
     compose: list[str]
     secrets: dict[str, str]
     image: str
-    ips: dict[str, str] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict)
 
     def docker(self, *args: str, timeout: float = 120, check: bool = True) -> str:
         out = subprocess.run(
@@ -65,7 +65,10 @@ class Stack:
         return out.stdout
 
     def container(self, service: str) -> str:
-        return self.compose_run("ps", "-q", service).strip()
+        """The service's container id (kept: a restart keeps it; docker-compose v1 is slow)."""
+        if service not in self.ids:
+            self.ids[service] = self.compose_run("ps", "-q", service).strip()
+        return self.ids[service]
 
     def inspect(self, service: str) -> dict[str, Any]:
         doc: list[dict[str, Any]] = json.loads(self.docker("inspect", self.container(service)))
