@@ -16,6 +16,8 @@ cmd=${1:?start|stop} RUN=${2:?run dir}
 stop() {
   [ -f "$RUN/docker.pid" ] || { rm -rf "$RUN"; return 0; }
   local pid; pid=$(cat "$RUN/docker.pid")
+  # Images no tag points to any more (earlier builds); the tagged ones are the next layer cache.
+  timeout 60 docker -H "unix://$RUN/docker.sock" image prune -f >/dev/null 2>&1 || true
   if kill -TERM "$pid" 2>/dev/null; then
     for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -0 "$pid" 2>/dev/null && { say "dockerd $pid still running after 30 s: KILL"; kill -KILL "$pid"; }
@@ -49,7 +51,19 @@ start() {
   local host=unix://$RUN/docker.sock
   # The lock is inherited by dockerd (fd 9) and held as long as it runs.
   exec 9>"$CACHE/engine.lock"
-  flock -n 9 || { say "another private engine uses $CACHE/docker: waiting (up to 15 min)"; flock -w 900 9; }
+  if ! flock -n 9; then
+    # Its owner (the process that started it) gone, e.g. a test run killed: stop it by its pid.
+    local other owner
+    other=$(cat "$CACHE/engine.run" 2>/dev/null || true)
+    owner=$(cat "$other/owner" 2>/dev/null || true)
+    if [ -n "$other" ] && [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null; then
+      say "stopping the private engine left by process $owner ($other)"
+      RUN=$other stop
+    fi
+    flock -n 9 || { say "another private engine uses $CACHE/docker: waiting (up to 15 min)"; flock -w 900 9; }
+  fi
+  echo "$PPID" >"$RUN/owner"
+  echo "$RUN" >"$CACHE/engine.run"
   HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= http_proxy= https_proxy= \
     setsid dockerd --host "$host" --data-root "$CACHE/docker" --exec-root "$RUN/exec" \
     --pidfile "$RUN/docker.pid" --storage-driver overlay2 --iptables=false --ip-forward=false \
