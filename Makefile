@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test check fmt clean install tools bytecode monitoring deploy-configs
+.PHONY: up test check fmt clean install tools bytecode monitoring deploy-configs image compose-test container-tools
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/baton up $(ARGS)
 
-test: $(STAMP) tools bytecode
+test: $(STAMP) tools container-tools bytecode
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The project's own bytecode, once: with PYTHONDONTWRITEBYTECODE=1 (set on CI machines) each of
@@ -41,6 +41,25 @@ tools:
 	  dpkg-deb --fsys-tarfile $$tmp/prometheus_*.deb | tar -xO ./usr/bin/promtool > $$tmp/promtool && \
 	  chmod +x $$tmp/promtool && mv $$tmp/promtool $(BIN)/promtool; \
 	  rm -rf $$tmp; test -x $(BIN)/promtool || echo "promtool unavailable: its checks will skip"; }
+
+# Containers (docs/operations.md). The engine is the one answering, else a private dockerd started
+# for the command and stopped by its pid; the base, the layer cache and the stand-ins are cached
+# in ~/.cache/baton-containers (BATON_CONTAINER_CACHE), keyed on what they are made from.
+CONTAINERS := scripts/containers
+
+# docker.io, docker-compose, debootstrap from Debian where missing (root, apt); else says so.
+container-tools:
+	@$(CONTAINERS)/tools.sh
+
+# The one image (baton:latest, or BATON_IMAGE), on the official Python image where a registry
+# gives it, else on a base made from Debian's packages (BATON_PYTHON_IMAGE picks another).
+image: container-tools
+	@$(CONTAINERS)/with-engine.sh $(CONTAINERS)/image.sh
+
+# docker-compose.yml run for real: image, stack, the typical journey, a killed service, down -v.
+# Also part of `make test` (marker "compose"); it skips, with the reason, where no engine can start.
+compose-test: $(STAMP) container-tools
+	$(BIN)/python -m pytest -m compose tests/compose $(PYTEST_ARGS)
 
 # The Prometheus Operator's copy of the alert rules, regenerated from k8s/monitoring/rules.yaml.
 monitoring: $(STAMP)

@@ -123,14 +123,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_model(args: argparse.Namespace) -> int:
     from baton import offline_model
 
-    offline_model.main(args.rest)
+    offline_model.serve(args)
     return 0
+
+
+def version() -> str:
+    """The version and commit: stamped into the image (BATON_VERSION, BATON_COMMIT) by
+    `make image`, else the installed package's version."""
+    stamped = os.environ.get("BATON_VERSION", "")
+    if not stamped:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as installed
+
+        try:
+            stamped = installed("baton")
+        except PackageNotFoundError:
+            stamped = "unknown"
+    commit = os.environ.get("BATON_COMMIT", "")
+    return f"baton {stamped} ({commit})" if commit else f"baton {stamped}"
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="baton", description="baton: a chat backend that never loses a message"
     )
+    p.add_argument("--version", action="version", version=version())
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run everything on this machine")
@@ -233,7 +250,11 @@ def parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     model = sub.add_parser("model", help="run the offline Anthropic-compatible model server")
-    model.add_argument("rest", nargs=argparse.REMAINDER)
+    # The server's own options, declared here (a REMAINDER positional in a subparser would refuse
+    # `baton model --host …`, the command line of compose and the dev cluster).
+    from baton.offline_model import add_arguments as add_model_arguments
+
+    add_model_arguments(model)
     model.set_defaults(func=_cmd_model)
     return p
 

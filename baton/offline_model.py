@@ -750,11 +750,8 @@ def create_app(settings: ModelSettings) -> App:
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Serve the offline model until SIGINT/SIGTERM, then exit 0."""
-    import uvicorn  # here so importing the module for create_app stays light
-
-    parser = argparse.ArgumentParser(prog="python -m baton.offline_model", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's options: `python -m baton.offline_model` and `baton model` take the same."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ttft-ms", type=float, default=0.0)
@@ -762,7 +759,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--words-per-reply", type=int, default=24)
     parser.add_argument("--seed", default="")
     parser.add_argument("--port-file", type=Path, default=None)
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the offline model until SIGINT/SIGTERM, then exit 0."""
+    parser = argparse.ArgumentParser(prog="python -m baton.offline_model", description=__doc__)
+    add_arguments(parser)
+    serve(parser.parse_args(argv))
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Serve with parsed `add_arguments` options until SIGINT/SIGTERM."""
+    import uvicorn  # here so importing the module for create_app stays light
+
     settings = ModelSettings(args.ttft_ms, args.tokens_per_second, args.words_per_reply, args.seed)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -36,31 +36,51 @@ class ExternalNats:
     url: str
 
 
-def _docker_answers() -> bool:
-    """Whether a Docker engine answers right now (never on the project's own CI machine)."""
+POSTGRES_IMAGE = "postgres:16-alpine"
+
+
+def _docker_can_run(image: str) -> bool:
+    """Whether a Docker engine answers and has, or can pull, ``image`` (and testcontainers'
+    Ryuk unless it is disabled). An engine that answers but cannot pull (no registry here)
+    is not a reason to leave the embedded servers."""
     if os.environ.get("TEST_NO_DOCKER"):
         return False
     try:
         import docker
 
-        docker.from_env(timeout=2).ping()
-        return True
+        client = docker.from_env(timeout=30)
+        client.ping()
     except Exception:
+        return False  # no engine answers: the usual case
+    try:
+        images = [image]
+        if os.environ.get("TESTCONTAINERS_RYUK_DISABLED", "").lower() != "true":
+            from testcontainers.core.config import testcontainers_config
+
+            images.append(testcontainers_config.ryuk_image)
+        for name in images:
+            try:
+                client.images.get(name)
+            except docker.errors.ImageNotFound:
+                client.images.pull(name)
+        return True
+    except Exception as exc:
+        print(f"embedded Postgres, not testcontainers: {image} cannot be had ({exc})")
         return False
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer | ExternalPostgres]:
     """TEST_DATABASE_URL's server if set, else testcontainers' Postgres when a Docker engine
-    answers, else an embedded Postgres for the whole session."""
+    answers and can have its image, else an embedded Postgres for the whole session."""
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
         yield ExternalPostgres(url)
         return
-    if _docker_answers():
+    if _docker_can_run(POSTGRES_IMAGE):
         from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+        with PostgresContainer(POSTGRES_IMAGE, driver=None) as pg:
             yield ExternalPostgres(pg.get_connection_url())
         return
     # Not pytest's tmp dir: it is mode 0700 under root, which the unprivileged postgres can't enter.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,34 @@ def test_a_changed_file_is_picked_up_and_a_bad_change_keeps_the_previous_rules(
 
     asyncio.run(poll())
     assert seen[-1].rules_for("x").limits.max_concurrent_runs == 5
+
+
+def test_a_configmap_update_swapped_in_by_the_kubelet_is_picked_up(tmp_path: Path) -> None:
+    """The kubelet's layout for a ConfigMap volume (k8s/base/policy-rules.yaml): policy.toml is a
+    link to ..data/policy.toml, ..data a link to a timestamped directory; an update writes a new
+    directory and renames a new ..data link over the old one, then removes the old directory."""
+    mount = tmp_path / "policy"
+    mount.mkdir()
+
+    def publish(version: str, data: bytes, stamp: int) -> None:
+        target = mount / f"..{version}"
+        target.mkdir()
+        (target / "policy.toml").write_bytes(data)
+        os.utime(target / "policy.toml", ns=(stamp, stamp))
+        old = os.readlink(mount / "..data") if (mount / "..data").is_symlink() else None
+        (mount / "..data_tmp").symlink_to(target.name)
+        os.replace(mount / "..data_tmp", mount / "..data")
+        if old is not None:
+            shutil.rmtree(mount / old)
+
+    publish("2026_01_01_00_00_00.1", GOOD, 10**18)
+    (mount / "policy.toml").symlink_to("..data/policy.toml")
+    path = mount / "policy.toml"
+    seen: list[policyfile.Book] = []
+    errors: list[PolicyFileError] = []
+    watcher = policyfile.Watcher(path, policyfile.load(path), seen.append, errors.append)
+    assert watcher.check() is False
+    changed = GOOD.replace(b"max_concurrent_runs = 5", b"max_concurrent_runs = 9")
+    publish("2026_01_01_00_01_00.2", changed, 2 * 10**18)
+    assert watcher.check() is True and not errors
+    assert seen[-1].rules_for("x").limits.max_concurrent_runs == 9
