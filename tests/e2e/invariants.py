@@ -33,6 +33,9 @@ class Client:
         self.accepted: dict[str, str] = {}  # idempotency key -> message id
         self.replays = 0
         self.mismatches: list[str] = []
+        # Accept availability: every POST tried and how long each submit took to get its 202.
+        self.posts = 0
+        self.waits: list[float] = []
 
     async def submit(self, project: str, user: str, cid: str, key: str, content: str) -> str:
         headers = {
@@ -40,14 +43,17 @@ class Client:
             "Idempotency-Key": key,
         }
         body = {"conversation_id": cid, "content": content}
-        deadline = time.monotonic() + 120
+        first = time.monotonic()
+        deadline = first + 120
         turn = hash(key)
         while True:
             gateway = self.gateways[turn % len(self.gateways)]
             turn += 1
             try:
+                self.posts += 1
                 r = await self.http.post(f"{gateway}/api/chat", json=body, headers=headers)
                 if r.status_code == 202:
+                    self.waits.append(time.monotonic() - first)
                     mid = str(r.json()["message"]["id"])
                     known = self.accepted.setdefault(key, mid)
                     if known != mid:
@@ -59,6 +65,19 @@ class Client:
                 pass  # the gateway is down or restarting: retry, as a client would
             assert time.monotonic() < deadline, f"submit {key} never accepted"
             await asyncio.sleep(0.2)
+
+
+def availability(client: Client, within_s: float = 15.0) -> str:
+    """Accept availability as clients saw it: the share of POSTs answered 202, the share of
+    submits accepted within ``within_s`` of their first try, and the longest wait for a 202."""
+    waits = client.waits
+    accepted = sum(1 for w in waits if w <= within_s)
+    posts = max(client.posts, 1)
+    return (
+        f"accept_posts={len(waits)}/{client.posts}({100 * len(waits) / posts:.1f}%) "
+        f"accepted_within_{within_s:.0f}s={accepted}/{len(waits)} "
+        f"accept_wait_max={max(waits, default=0.0):.1f}s"
+    )
 
 
 async def settled(dsn: str, expected: int, timeout: float = 180) -> None:
