@@ -60,9 +60,13 @@ GRANTS: dict[str, Grant] = {
             subjects.PERSISTER_REPLIES,
             subjects.PERSISTER_RESULTS,
             subjects.PERSISTER_FAILED,
+            subjects.PERSISTER_USAGE,
         ),
     ),
-    "agent": Grant(publishes=(subjects.agent_decision(*ANY),), consumers=(subjects.AGENT_IN,)),
+    "agent": Grant(
+        publishes=(subjects.agent_decision(*ANY), subjects.agent_usage(*ANY)),
+        consumers=(subjects.AGENT_IN,),
+    ),
     "policy": Grant(
         publishes=(
             subjects.policy_verdict(*ANY),

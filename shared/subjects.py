@@ -45,6 +45,10 @@ def agent_decision(project: str, conversation: str) -> str:
     return f"agent.decision.{project}.{conversation}"
 
 
+def agent_usage(project: str, conversation: str) -> str:
+    return f"agent.usage.{project}.{conversation}"
+
+
 def policy_verdict(project: str, conversation: str) -> str:
     return f"policy.verdict.{project}.{conversation}"
 
@@ -122,6 +126,7 @@ PERSISTER_VERDICTS = ConsumerSpec(STREAM_POLICY, "persister-verdicts", "policy.v
 PERSISTER_REPLIES = ConsumerSpec(STREAM_POLICY, "persister-replies", "policy.reply.>")
 PERSISTER_RESULTS = ConsumerSpec(STREAM_RESULTS, "persister-results", "exec.result.>")
 PERSISTER_FAILED = ConsumerSpec(STREAM_RESULTS, "persister-failed", "exec.failed.>")
+PERSISTER_USAGE = ConsumerSpec(STREAM_DECISIONS, "persister-usage", "agent.usage.>")
 AGENT_IN = ConsumerSpec(STREAM_PERSISTED, "agent", "chat.persisted.user.>", ack_wait_s=60.0)
 POLICY_DECISIONS = ConsumerSpec(STREAM_DECISIONS, "policy-decisions", "agent.decision.>")
 POLICY_OUTCOMES = ConsumerSpec(STREAM_PERSISTED, "policy-outcomes", "chat.persisted.assistant.>")
@@ -140,6 +145,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     PERSISTER_REPLIES,
     PERSISTER_RESULTS,
     PERSISTER_FAILED,
+    PERSISTER_USAGE,
     AGENT_IN,
     POLICY_DECISIONS,
     POLICY_OUTCOMES,
@@ -162,7 +168,7 @@ class StreamSpec(msgspec.Struct, frozen=True):
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_CHAT_IN, ("chat.in.>",)),
     StreamSpec(STREAM_PERSISTED, ("chat.persisted.>",)),
-    StreamSpec(STREAM_DECISIONS, ("agent.decision.>",)),
+    StreamSpec(STREAM_DECISIONS, ("agent.decision.>", "agent.usage.>")),
     StreamSpec(STREAM_POLICY, ("policy.>",)),
     StreamSpec(STREAM_TASKS, ("exec.task.>",)),
     StreamSpec(STREAM_RESULTS, ("exec.result.>", "exec.failed.>")),

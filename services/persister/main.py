@@ -42,6 +42,7 @@ async def amain() -> None:
         consumer(subjects.PERSISTER_REPLIES, messages.PolicyReply, h.reply),
         consumer(subjects.PERSISTER_RESULTS, messages.ExecResult, h.result),
         consumer(subjects.PERSISTER_FAILED, messages.ExecFailed, h.failed_usage),
+        consumer(subjects.PERSISTER_USAGE, messages.ModelUsage, h.model_usage),
     ]
     metrics.up.set(1)
     log.info("started", metrics_port=port)

@@ -96,6 +96,7 @@ class Handlers:
         else:
             proposed = core.decide(e, rules, now)
             proposed.trace_context = tracing.carrier()
+            proposed.classification, proposed.classification_cost_usd = e.usage, e.cost_usd
             if limited:
                 proposed = await self._limit(proposed, rules, now)
             # The conversation's record is read while the run is created (one round trip less);
@@ -191,6 +192,10 @@ class Handlers:
         # Counters must never be poisoned: negative or non-finite usage counts as nothing.
         tokens = max(0, budget.total_tokens(usage))
         cost_usd = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
+        # The agent's call that decided the run counts too (its usage came with the decision).
+        tokens += max(0, budget.total_tokens(state.classification))
+        extra = state.classification_cost_usd
+        cost_usd += extra if math.isfinite(extra) and extra > 0 else 0.0
         if await self.limiter.settle(state.run_id, r, tokens, cost_usd):
             self.settled_tokens.inc(tokens)
         done = msgspec.structs.replace(
