@@ -23,7 +23,6 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     # one agent at ~32 messages/s (baton bench, realistic pace; docs/benchmarks.md).
     concurrency: int = 128
 
-
     def prices(self) -> Prices:
         return Prices(
             input=self.price_input,

@@ -18,6 +18,7 @@ from baton.devtoken import make_token
 from baton.offline_model import OfflineModelProcess
 
 EXECUTOR_MODEL = "claude-sonnet-4-6"
+CLASSIFY_PREFIX = "classify:"  # the agent's call ids: classify:<message id>#<delivery>
 
 
 class Client:
@@ -146,8 +147,13 @@ async def check(
             "SELECT kind, count(*) FROM messages WHERE role = 'assistant' GROUP BY kind"
         )
     )
-    # I4: every usage row is a real model call with exactly the tokens the model served...
-    ledger = {k: v for k, v in model.calls().items() if v["model"] == executor_model}
+    # I4: every usage row is a real model call with exactly the tokens the model served — the
+    # executor's answer attempts and the agent's classifications alike...
+    ledger = {
+        k: v
+        for k, v in model.calls().items()
+        if v["model"] == executor_model or k.startswith(CLASSIFY_PREFIX)
+    }
     rows = await con.fetch("SELECT * FROM usage")
     by_call = {r["call_id"]: r for r in rows}
     for call_id, r in by_call.items():
@@ -161,8 +167,17 @@ async def check(
             served["cache_read_input_tokens"],
             served["cache_creation_input_tokens"],
         ), call_id
-    # ...and a call without a usage row is one whose executor died with it: its task was
-    # delivered again afterwards (a later call of the same task exists).
+        purpose = "classification" if call_id.startswith(CLASSIFY_PREFIX) else "answer"
+        assert r["purpose"] == purpose, call_id
+    # Every accepted message was classified, and each of its classification calls billed.
+    classified = {
+        c.removeprefix(CLASSIFY_PREFIX).rsplit("#", 1)[0]
+        for c, r in by_call.items()
+        if r["purpose"] == "classification"
+    }
+    assert classified >= accepted, len(accepted - classified)
+    # ...and a call without a usage row is one whose process died with it (an executor, or the
+    # agent): its work was delivered again afterwards (a later call of the same work exists).
     unbilled = sorted(set(ledger) - set(by_call))
     for call_id in unbilled:
         task, delivery = call_id.rsplit("#", 1)
@@ -186,6 +201,9 @@ async def check(
     return (
         f"accepted={len(accepted)} replayed={client.replays} stored={len(users)} "
         f"outcomes={len(outcomes)} kinds={kinds} usage_rows={len(rows)} "
-        f"model_calls={len(ledger)} died_with_executor={len(unbilled)} totals=ok "
+        f"model_calls={len(ledger)} classification_calls="
+        f"{sum(1 for c in ledger if c.startswith(CLASSIFY_PREFIX))} "
+        f"died_with_executor={sum(1 for c in unbilled if not c.startswith(CLASSIFY_PREFIX))} "
+        f"died_with_agent={sum(1 for c in unbilled if c.startswith(CLASSIFY_PREFIX))} totals=ok "
         f"ordered_conversations={len(by_conv)}"
     )

@@ -44,7 +44,9 @@ async def _agent_and_persister(infra: Infra, model_url: str) -> AsyncIterator[An
     )
     persister = PersisterHandlers(persister_bus, Store(pool), service_metrics("persister"))
     consumers = [
-        Consumer(persister_bus, subjects.PERSISTER_IN, m.UserMessageAccepted, persister.user_message),
+        Consumer(
+            persister_bus, subjects.PERSISTER_IN, m.UserMessageAccepted, persister.user_message
+        ),
         Consumer(persister_bus, subjects.PERSISTER_USAGE, m.ModelUsage, persister.model_usage),
         Consumer(agent_bus, subjects.AGENT_IN, m.UserMessagePersisted, agent.user_message),
     ]

@@ -98,9 +98,9 @@ def test_a_child_killed_from_outside_every_few_seconds_is_restarted_at_once(tmp_
         for kills in range(1, 6):
             _run_until(sup, lambda: victim.exit_code() is None)
             started = victim.started_at
-            _run_until(sup, lambda: time.monotonic() - started > 0.6)
+            _run_until(sup, lambda s=started: time.monotonic() - s > 0.6)
             victim.signal(signal.SIGKILL)
-            _run_until(sup, lambda: len(_delays(said, "victim")) == kills)
+            _run_until(sup, lambda k=kills: len(_delays(said, "victim")) == k)
         _run_until(sup, lambda: len(_delays(said, "crasher")) >= 4)
     finally:
         sup.stop_all(grace_s=5)
