@@ -324,15 +324,18 @@ class Api:
         live = core.LiveFilter([], 0)
         if last_id:
             try:
-                replay = await self._replay(p, cid, last_id)
+                replay, seen = await self._replay(p, cid, last_id)
             except BaseException:
                 self.hub.leave(cid, queue)
                 raise
-            live = core.LiveFilter(replay, queue.qsize())
+            live = core.LiveFilter(replay, queue.qsize(), seen)
         return Watch(cid, queue, replay, live)
 
-    async def _replay(self, p: core.Principal, cid: str, last_id: str) -> list[core.Push]:
-        """What a client that last saw ``last_id`` missed (everything, for an unknown id)."""
+    async def _replay(
+        self, p: core.Principal, cid: str, last_id: str
+    ) -> tuple[list[core.Push], set[str]]:
+        """What a client that last saw ``last_id`` missed (everything, for an unknown id), and
+        the ids of the statuses and messages it got before (never sent to it again)."""
         pos = core.parse_event_id(last_id)
         # The database first, the token log second: an answer stored before the read has all
         # its tokens in the log by the time the log is read.
@@ -350,7 +353,7 @@ class Api:
         events = core.timeline(cid, messages, runs, deltas)
         missed = core.resume(events, pos, runs)
         self.sse_resumes.labels(str(pos is not None and len(missed) < len(events)).lower()).inc()
-        return missed
+        return missed, core.seen_before(events, missed, pos)
 
     async def _stream(self, w: Watch) -> AsyncGenerator[ServerSentEventMessage, None]:
         self.stream_clients.labels("sse").inc()
