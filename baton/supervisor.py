@@ -11,7 +11,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
-HEALTHY_AFTER_S = 30.0
+# A child that ran this long was healthy: its next crash starts the backoff from the beginning.
+HEALTHY_AFTER_S = 10.0
+# Each stretch this long that a child ran before dying forgives one step of its backoff, so a
+# process killed from outside every few seconds restarts at once, and only a process that dies
+# right after starting (a crash loop: bad config, a dependency it cannot reach) waits longer.
+FORGIVE_EVERY_S = 2.0
+
+
+def backoff_level(level: int, ran_s: float, healthy_after_s: float, forgive_every_s: float) -> int:
+    """The backoff step for the next restart, after a run that lasted ``ran_s``."""
+    if ran_s >= healthy_after_s:
+        return 0
+    return max(0, level - int(ran_s // forgive_every_s)) if forgive_every_s > 0 else level
 
 
 def service_env(
@@ -62,7 +74,8 @@ class Child:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
-        self.restarts = 0
+        self.restarts = 0  # ever, for reports
+        self.level = 0  # the backoff step its next crash waits (see ``backoff_level``)
         self.next_start = 0.0
 
     @classmethod
@@ -107,9 +120,18 @@ class Child:
 class Supervisor:
     """Keeps a set of children running until told to stop."""
 
-    def __init__(self, children: list[Child], say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        children: list[Child],
+        say: Callable[[str], None] = print,
+        *,
+        healthy_after_s: float = HEALTHY_AFTER_S,
+        forgive_every_s: float = FORGIVE_EVERY_S,
+    ) -> None:
         self.children = children
         self.say = say
+        self.healthy_after_s = healthy_after_s
+        self.forgive_every_s = forgive_every_s
         self.stopping = False
 
     def start_all(self) -> None:
@@ -117,21 +139,22 @@ class Supervisor:
             child.start()
 
     def poll(self) -> None:
-        """Restart children that died, with a backoff that resets after a healthy stretch."""
+        """Restart children that died, with a backoff that reflects how long each one ran."""
         now = time.monotonic()
         for child in self.children:
             code = child.exit_code()
             if self.stopping or code is None:
                 continue
             if child.next_start == 0.0:
-                ran = now - child.started_at
-                if ran > HEALTHY_AFTER_S:
-                    child.restarts = 0
-                delay = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
+                child.level = backoff_level(
+                    child.level, now - child.started_at, self.healthy_after_s, self.forgive_every_s
+                )
+                delay = BACKOFF_S[min(child.level, len(BACKOFF_S) - 1)]
                 child.next_start = now + delay
                 self.say(f"{child.name} exited with code {code}; restarting in {delay:.1f}s")
             elif now >= child.next_start:
                 child.restarts += 1
+                child.level += 1
                 child.next_start = 0.0
                 child.start()
                 self.say(f"{child.name} restarted (pid {child.pid}, restart #{child.restarts})")

@@ -16,6 +16,8 @@ Executor = Literal["chat", "code"]
 Verdict = Literal["approve", "downgrade", "override", "clarify", "stop"]
 RunStatus = Literal["queued", "running", "completed", "refused", "clarified", "failed", "cancelled"]
 ReplyKind = Literal["answer", "refusal", "clarify", "failure"]
+# What a model call was for (the usage table's ``purpose``): reports split spend by it.
+Purpose = Literal["classification", "answer"]
 ErrorClass = Literal[
     "rate_limited",
     "overloaded",
@@ -66,16 +68,6 @@ class Decision(msgspec.Struct, kw_only=True, frozen=True):
     ambiguous: bool = False
 
 
-class AgentDecision(Event, kw_only=True, frozen=True):
-    """Published by the agent on agent.decision."""
-
-    user_id: str
-    decision: Decision
-    fallback: bool = False
-    fallback_reason: str = ""
-    position: int = 0  # the message's place in its conversation, passed through
-
-
 class Prices(msgspec.Struct, kw_only=True, frozen=True):
     """USD per million tokens, snapshotted into the task so billing never looks anything up."""
 
@@ -100,6 +92,21 @@ class Usage(msgspec.Struct, kw_only=True, frozen=True):
         ) / 1_000_000
 
 
+class AgentDecision(Event, kw_only=True, frozen=True):
+    """Published by the agent on agent.decision."""
+
+    user_id: str
+    decision: Decision
+    fallback: bool = False
+    fallback_reason: str = ""
+    position: int = 0  # the message's place in its conversation, passed through
+    # The classification call this decision came from (its usage row is written from the
+    # ModelUsage the agent published before it); policy counts it against the run's budgets.
+    call_id: str = ""
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+
+
 class Limits(msgspec.Struct, kw_only=True, frozen=True):
     """A project's limits as policy applied them (None: no limit). Daily means the UTC day."""
 
@@ -110,6 +117,20 @@ class Limits(msgspec.Struct, kw_only=True, frozen=True):
     user_messages_per_minute: int | None = None
     user_messages_per_hour: int | None = None
     max_concurrent_runs: int | None = None
+
+
+class ModelUsage(Event, kw_only=True, frozen=True):
+    """Published by the agent on agent.usage: what one of its model calls used, for the
+    persister to record once (by ``call_id``); failed calls too, with what they used."""
+
+    call_id: str
+    run_id: str  # the run the message gets (its usage rows are reported with the run)
+    user_id: str
+    purpose: Purpose
+    model: str
+    outcome: str  # "completed" or the error's class
+    usage: Usage
+    prices: Prices
 
 
 class LimitsSnapshot(msgspec.Struct, kw_only=True, frozen=True):

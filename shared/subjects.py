@@ -45,6 +45,10 @@ def agent_decision(project: str, conversation: str) -> str:
     return f"agent.decision.{project}.{conversation}"
 
 
+def agent_usage(project: str, conversation: str) -> str:
+    return f"agent.usage.{project}.{conversation}"
+
+
 def policy_verdict(project: str, conversation: str) -> str:
     return f"policy.verdict.{project}.{conversation}"
 
@@ -132,7 +136,7 @@ class StreamSpec(msgspec.Struct, frozen=True):
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_CHAT_IN, ("chat.in.>",)),
     StreamSpec(STREAM_PERSISTED, ("chat.persisted.>",)),
-    StreamSpec(STREAM_DECISIONS, ("agent.decision.>",)),
+    StreamSpec(STREAM_DECISIONS, ("agent.decision.>", "agent.usage.>")),
     StreamSpec(STREAM_POLICY, ("policy.>",)),
     StreamSpec(STREAM_TASKS, ("exec.task.>",)),
     StreamSpec(STREAM_RESULTS, ("exec.result.>", "exec.failed.>")),

@@ -24,6 +24,8 @@ PERSISTER_VERDICTS = ConsumerSpec(subjects.STREAM_POLICY, "persister-verdicts", 
 PERSISTER_REPLIES = ConsumerSpec(subjects.STREAM_POLICY, "persister-replies", "policy.reply.>")
 PERSISTER_RESULTS = ConsumerSpec(subjects.STREAM_RESULTS, "persister-results", "exec.result.>")
 PERSISTER_FAILED = ConsumerSpec(subjects.STREAM_RESULTS, "persister-failed", "exec.failed.>")
+# The agent's classification calls, billed by the persister (one row per call id).
+PERSISTER_USAGE = ConsumerSpec(subjects.STREAM_DECISIONS, "persister-usage", "agent.usage.>")
 AGENT_IN = ConsumerSpec(
     subjects.STREAM_PERSISTED, "agent", "chat.persisted.user.>", ack_wait_s=60.0
 )
@@ -86,12 +88,13 @@ WIRING: dict[str, Wiring] = {
             Consumes(PERSISTER_REPLIES, messages.PolicyReply, "reply"),
             Consumes(PERSISTER_RESULTS, messages.ExecResult, "result"),
             Consumes(PERSISTER_FAILED, messages.ExecFailed, "failed_usage"),
+            Consumes(PERSISTER_USAGE, messages.ModelUsage, "model_usage"),
         ),
         publishes=(subjects.persisted_user(*_ANY), subjects.persisted_assistant(*_ANY)),
     ),
     "agent": Wiring(
         consumes=(Consumes(AGENT_IN, messages.UserMessagePersisted, "user_message"),),
-        publishes=(subjects.agent_decision(*_ANY),),
+        publishes=(subjects.agent_decision(*_ANY), subjects.agent_usage(*_ANY)),
     ),
     "policy": Wiring(
         consumes=(

@@ -8,6 +8,10 @@ import anthropic
 import msgspec
 
 from services.agent import core
+from shared import messages as m
+
+# The offline model's ledger is keyed by this header, so usage can be reconciled call by call.
+CALL_ID_HEADER = "x-baton-call-id"
 
 
 # The fields of a Messages API reply the agent reads; anything else is skipped unread.
@@ -17,8 +21,16 @@ class _Block(msgspec.Struct):
     input: Any = None
 
 
+class _Usage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
 class _Reply(msgspec.Struct):
     content: list[_Block]
+    usage: _Usage = msgspec.field(default_factory=_Usage)
 
 
 _reply = msgspec.json.Decoder(_Reply)
@@ -45,8 +57,9 @@ class Classifier:
         ]
         self.tool_choice: Any = {"type": "tool", "name": core.TOOL_NAME}
 
-    async def classify(self, transcript: str) -> tuple[bool, Any]:
-        """Whether the model called the tool, and the input it gave (anything at all).
+    async def classify(self, transcript: str, call_id: str = "") -> tuple[bool, Any, m.Usage]:
+        """Whether the model called the tool, the input it gave (anything at all), and what the
+        call used (what the provider bills).
 
         A 2xx body that is not a Messages reply raises the SDK's ``APIResponseValidationError``.
         """
@@ -57,6 +70,7 @@ class Classifier:
             messages=[{"role": "user", "content": transcript}],
             tools=self.tools,
             tool_choice=self.tool_choice,
+            extra_headers={CALL_ID_HEADER: call_id} if call_id else None,
         )
         response = raw.http_response
         try:
@@ -65,7 +79,14 @@ class Classifier:
             raise anthropic.APIResponseValidationError(
                 response, None, message=f"unreadable Messages reply: {exc}"
             ) from None
+        u = reply.usage
+        usage = m.Usage(
+            input_tokens=max(0, u.input_tokens),
+            output_tokens=max(0, u.output_tokens),
+            cache_read_tokens=max(0, u.cache_read_input_tokens or 0),
+            cache_write_tokens=max(0, u.cache_creation_input_tokens or 0),
+        )
         for block in reply.content:
             if block.type == "tool_use" and block.name == core.TOOL_NAME:
-                return True, block.input
-        return False, None
+                return True, block.input, usage
+        return False, None, usage

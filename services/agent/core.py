@@ -30,6 +30,17 @@ _CODE_RE = re.compile(
 _GREETING_RE = re.compile(r"^\s*(hi|hello|hey|good (morning|evening|afternoon))\b", re.I)
 
 
+def call_id(message_id: str, delivery: int) -> str:
+    """One classification call: the message and the delivery that made it (``#`` as the
+    executor's calls: the part after it says which delivery of the same work this was)."""
+    return f"classify:{message_id}#{delivery}"
+
+
+def run_id_for(message_id: str) -> str:
+    """The run policy creates for the message (spelled as policy spells it)."""
+    return f"run-{message_id}"
+
+
 def tool_schema() -> dict[str, Any]:
     """The Decision schema, inlined, as the tool's ``input_schema``."""
     _, components = msgspec.json.schema_components([Decision], ref_template="#/$defs/{name}")

@@ -34,12 +34,35 @@ class Handlers:
         )
         self.model_seconds = metrics.histogram("model_seconds", "Classification call latency.")
 
-    async def user_message(self, e: m.UserMessagePersisted, _msg: Msg) -> str:
+    async def user_message(self, e: m.UserMessagePersisted, msg: Msg) -> str:
         turns = await self._context(e)
         transcript = core.render_transcript(
             core.select_context(turns, self.settings.context_token_budget)
         )
-        decision, reason = await self._classify(transcript)
+        # Each delivery that reaches the model is a call of its own, billed on its own.
+        call_id = core.call_id(e.message_id, msg.metadata.num_delivered or 1)
+        decision, reason, usage = await self._classify(transcript, call_id)
+        prices = self.settings.prices()
+        # The usage goes out before the decision: once policy acts on the decision, the call it
+        # came from is already on its way to the persister (which alone writes the database).
+        spent = m.ModelUsage(
+            event_id=f"usage:{call_id}",
+            message_id=e.message_id,
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            causation_id=e.event_id,
+            call_id=call_id,
+            run_id=core.run_id_for(e.message_id),
+            user_id=e.user_id,
+            purpose="classification",
+            model=self.settings.model,
+            outcome=reason.split(":")[0] if reason.startswith("model_error") else "completed",
+            usage=usage,
+            prices=prices,
+        )
+        await self.bus.publish(
+            subjects.agent_usage(e.project_id, e.conversation_id), spent, msg_id=spent.event_id
+        )
         if decision is None:
             decision = core.fallback(e.content)
             self.fallbacks.labels(reason.split(":")[0]).inc()
@@ -54,6 +77,9 @@ class Handlers:
             fallback=bool(reason),
             fallback_reason=reason[:500],
             position=e.position,
+            call_id=call_id,
+            usage=usage,
+            cost_usd=usage.cost_usd(prices),
         )
         await self.bus.publish(
             subjects.agent_decision(e.project_id, e.conversation_id), out, msg_id=out.event_id
@@ -74,15 +100,18 @@ class Handlers:
         # Degraded but moving: without history, the message itself is the context.
         return turns or [core.Turn("user", e.content)]
 
-    async def _classify(self, transcript: str) -> tuple[m.Decision | None, str]:
+    async def _classify(
+        self, transcript: str, call_id: str
+    ) -> tuple[m.Decision | None, str, m.Usage]:
         try:
             with self.model_seconds.time():
-                called, raw = await self.classifier.classify(transcript)
+                called, raw, usage = await self.classifier.classify(transcript, call_id)
         except anthropic.APIError as exc:
-            return None, f"model_error: {type(exc).__name__}"
+            # An error reply bills nothing; a call cut by a timeout is counted as nothing too.
+            return None, f"model_error: {type(exc).__name__}", m.Usage()
         if not called:
-            return None, "no_tool_use: model did not call the tool"
+            return None, "no_tool_use: model did not call the tool", usage
         checked = core.validate(raw)
         if isinstance(checked, str):
-            return None, f"invalid_output: {checked}"
-        return checked, ""
+            return None, f"invalid_output: {checked}", usage
+        return checked, "", usage

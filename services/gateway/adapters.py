@@ -265,12 +265,20 @@ class ReadModel:
                 "SELECT r.run_id, r.message_id, r.status, r.verdict, r.reason, r.model, "
                 "r.executor, r.attempts, r.estimated_tokens, r.created_at, r.updated_at, "
                 "r.limits::text AS limits, r.reserved_tokens, r.reserved_cost_usd, "
-                "COALESCE(SUM(u.input_tokens), 0) AS input_tokens, "
-                "COALESCE(SUM(u.output_tokens), 0) AS output_tokens, "
-                "COALESCE(SUM(u.cache_read_tokens), 0) AS cache_read_tokens, "
-                "COALESCE(SUM(u.cache_write_tokens), 0) AS cache_write_tokens, "
-                "COALESCE(SUM(u.cost_usd), 0) AS cost_usd, COUNT(u.call_id) AS calls "
-                "FROM runs r LEFT JOIN usage u ON u.run_id = r.run_id "
+                # The run's answer calls; the agent's classification of its message apart.
+                "COALESCE(SUM(u.input_tokens) FILTER (WHERE NOT k), 0) AS input_tokens, "
+                "COALESCE(SUM(u.output_tokens) FILTER (WHERE NOT k), 0) AS output_tokens, "
+                "COALESCE(SUM(u.cache_read_tokens) FILTER (WHERE NOT k), 0) AS cache_read_tokens, "
+                "COALESCE(SUM(u.cache_write_tokens) FILTER (WHERE NOT k), 0) "
+                "AS cache_write_tokens, "
+                "COALESCE(SUM(u.cost_usd) FILTER (WHERE NOT k), 0) AS cost_usd, "
+                "COUNT(u.call_id) FILTER (WHERE NOT k) AS calls, "
+                "COALESCE(SUM(u.input_tokens) FILTER (WHERE k), 0) AS c_input_tokens, "
+                "COALESCE(SUM(u.output_tokens) FILTER (WHERE k), 0) AS c_output_tokens, "
+                "COALESCE(SUM(u.cost_usd) FILTER (WHERE k), 0) AS c_cost_usd, "
+                "COUNT(u.call_id) FILTER (WHERE k) AS c_calls "
+                "FROM runs r LEFT JOIN (SELECT *, purpose = 'classification' AS k FROM usage) u "
+                "ON u.run_id = r.run_id "
                 "WHERE r.conversation_id = $1 GROUP BY r.run_id ORDER BY r.created_at",
                 uuid.UUID(conversation_id),
             )
@@ -304,6 +312,13 @@ class ReadModel:
                     "cache_write_tokens": int(r["cache_write_tokens"]),
                     "cost_usd": float(r["cost_usd"]),
                     "calls": int(r["calls"]),
+                },
+                # What deciding the run cost: the agent's classification call(s).
+                "classification": {
+                    "input_tokens": int(r["c_input_tokens"]),
+                    "output_tokens": int(r["c_output_tokens"]),
+                    "cost_usd": float(r["c_cost_usd"]),
+                    "calls": int(r["c_calls"]),
                 },
             }
             for r in rows

@@ -9,7 +9,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -657,7 +657,13 @@ def timeline(
             out.append(status_push(run, run["attempts"], run["status"]))
             continue
         if run is not None and run_id not in replied:
-            out.append(status_push(run, run["attempts"], run["status"]))
+            streaming = deltas_of_run[0].attempt if deltas_of_run else 0
+            if streaming > run["attempts"]:
+                # The tokens of an attempt the database has not recorded yet: the status of
+                # that attempt comes first, as it did live (never its tokens without it).
+                out.append(status_push(run, streaming, "running"))
+            else:
+                out.append(status_push(run, run["attempts"], run["status"]))
             if deltas_of_run and deltas_of_run[0].attempt < run["attempts"]:
                 deltas_of_run = []  # a newer attempt has started and not streamed yet
         out.extend(token_push(d) for d in deltas_of_run)
@@ -713,11 +719,33 @@ def _run_id(pos: Position) -> str:
     return f"run:{pos.key}:{pos.attempt}:{pos.status}"
 
 
-class LiveFilter:
-    """Drops live events a replay already sent; only the ones buffered during the replay."""
+def seen_before(events: list[Push], missed: list[Push], pos: Position | None) -> set[str]:
+    """Ids of the statuses and messages a client at ``pos`` already got (none, for an unknown
+    position): everything of the timeline before what it missed, and the status of the attempt
+    whose token it names (a token always comes after its attempt's status)."""
+    if pos is None:
+        return set()
+    left = {e[1] for e in missed}
+    seen = {e[1] for e in events if e[0] != "token" and e[1] not in left}
+    if pos.kind == "tok":
+        seen.add(f"run:{pos.key}:{pos.attempt}:running")
+    elif pos.kind == "run":
+        seen.add(_run_id(pos))
+    return seen
 
-    def __init__(self, replayed: list[Push], buffered: int) -> None:
-        self.ids = {e[1] for e in replayed}
+
+class LiveFilter:
+    """Drops live events this connection already carried: one id, one event.
+
+    A status or message goes out once per id, replayed or live: policy announces an attempt's
+    ``running`` when it schedules the retry and again when the retry starts (and a cancel in
+    flight re-announces its run), and a redelivered reply is published again. Tokens are
+    checked against the replay only while the events buffered during it drain.
+    """
+
+    def __init__(self, replayed: list[Push], buffered: int, seen: Iterable[str] = ()) -> None:
+        # ``seen``: what the client got before it reconnected (see ``seen_before``).
+        self.ids = {e[1] for e in replayed if e[0] != "token"} | set(seen)
         self.high: dict[str, tuple[int, int]] = {}
         for kind, _, data in replayed:
             if kind == "token":
@@ -725,11 +753,15 @@ class LiveFilter:
         self.left = buffered
 
     def fresh(self, event: str, event_id: str, data: dict[str, Any]) -> bool:
-        if self.left <= 0:
-            return True
-        self.left -= 1
+        buffered = self.left > 0
+        self.left -= buffered
         if event != "token":
-            return event_id not in self.ids
+            if event_id in self.ids:
+                return False
+            self.ids.add(event_id)
+            return True
+        if not buffered:
+            return True
         high = self.high.get(data["run_id"])
         return high is None or (data["attempt"], data["seq"]) > high
 

@@ -438,8 +438,8 @@ class Api:
             # replays nothing: whatever the database holds by now is not known to be the caller's.
             owned = core.may_watch(await self.owners.of(cid), p)
             if last_id and owned:
-                replay = await self._replay(p, cid, last_id)
-                live = core.LiveFilter(replay, queue.qsize())
+                replay, seen = await self._replay(p, cid, last_id)
+                live = core.LiveFilter(replay, queue.qsize(), seen)
         except BaseException:
             self.hub.leave(key, queue)
             raise
@@ -457,8 +457,11 @@ class Api:
             return True
         return False
 
-    async def _replay(self, p: core.Principal, cid: str, last_id: str) -> list[core.Push]:
-        """What a client that last saw ``last_id`` missed (everything, for an unknown id)."""
+    async def _replay(
+        self, p: core.Principal, cid: str, last_id: str
+    ) -> tuple[list[core.Push], set[str]]:
+        """What a client that last saw ``last_id`` missed (everything, for an unknown id), and
+        the ids of the statuses and messages it got before (never sent to it again)."""
         pos = core.parse_event_id(last_id)
         # The database first, the token log second: an answer stored before the read has all
         # its tokens in the log by the time the log is read.
@@ -478,7 +481,7 @@ class Api:
         events = core.timeline(cid, messages, runs, deltas)
         missed = core.resume(events, pos, runs)
         self.sse_resumes.labels(str(pos is not None and len(missed) < len(events)).lower()).inc()
-        return missed
+        return missed, core.seen_before(events, missed, pos)
 
     async def _stream(self, w: Watch) -> AsyncGenerator[ServerSentEventMessage, None]:
         self.stream_clients.labels("sse").inc()

@@ -170,13 +170,13 @@ SELECT COALESCE(SUM(input_tokens), 0) AS input_tokens,
        COALESCE(SUM(cache_read_tokens), 0) AS cache_read_tokens,
        COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens,
        COALESCE(SUM(cost_usd), 0) AS cost_usd
-FROM usage WHERE run_id = $1
+FROM usage WHERE run_id = $1 AND purpose <> 'classification'
 """
 
 INSERT_USAGE = """
 INSERT INTO usage (call_id, task_id, run_id, attempt, project_id, model, outcome, input_tokens,
-                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, purpose)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 ON CONFLICT (call_id) DO NOTHING
 RETURNING call_id
 """
@@ -270,7 +270,7 @@ CROSS JOIN LATERAL (
            COALESCE(sum(cache_write_tokens), 0) AS cache_write_tokens,
            COALESCE(sum(cost_usd), 0) AS cost_usd
     FROM (SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
-          FROM usage WHERE run_id = $4
+          FROM usage WHERE run_id = $4 AND purpose <> 'classification'
           UNION ALL
           SELECT * FROM used) AS z
 ) AS t
@@ -465,6 +465,20 @@ class Store:
         ):
             await self._add_usage(con, f.call_id, f, f.usage, f.prices, f.error_class)
 
+    async def store_model_usage(self, u: m.ModelUsage) -> bool:
+        """A call the agent made (a classification): counted once, like an executor's call.
+
+        True if this delivery wrote it. No task, no attempt: the call came before the run.
+        """
+        async with (
+            unavailable_is_transient("store model usage"),
+            self.pool.acquire() as con,
+            con.transaction(),
+        ):
+            return await self._add_usage(
+                con, u.call_id, u, u.usage, u.prices, u.outcome, purpose=u.purpose
+            )
+
     async def store_reply(self, p: m.PolicyReply) -> StoredReply:
         async with (
             unavailable_is_transient("store reply"),
@@ -498,19 +512,21 @@ class Store:
         self,
         con: Any,
         call_id: str,
-        e: m.ExecResult | m.ExecFailed,
+        e: m.ExecResult | m.ExecFailed | m.ModelUsage,
         usage: m.Usage,
         prices: m.Prices,
         outcome: str,
+        purpose: m.Purpose = "answer",
     ) -> bool:
         """Count one call's usage; True if this call wrote it (False: an earlier delivery did)."""
         cost = usage.cost_usd(prices)
+        task_id, attempt = ("", 0) if isinstance(e, m.ModelUsage) else (e.task_id, e.attempt)
         inserted = await con.fetchval(
             INSERT_USAGE,
             call_id,
-            e.task_id,
+            task_id,
             e.run_id,
-            e.attempt,
+            attempt,
             e.project_id,
             e.model,
             outcome,
@@ -519,6 +535,7 @@ class Store:
             usage.cache_read_tokens,
             usage.cache_write_tokens,
             cost,
+            purpose,
         )
         if inserted is not None:
             await con.execute(

@@ -117,6 +117,12 @@ class InstrumentedStore(Store):
             await super().store_failed_usage(f)
         self._count(billed)
 
+    async def store_model_usage(self, u: m.ModelUsage) -> bool:
+        with self._write("model_usage") as billed:
+            inserted = await super().store_model_usage(u)
+        self._count(billed)
+        return inserted
+
 
 class Handlers:
     def __init__(self, bus: Bus, store: Store, metrics: ServiceMetrics) -> None:
@@ -178,6 +184,10 @@ class Handlers:
     async def failed_usage(self, f: m.ExecFailed, _msg: Msg) -> str:
         await self.store.store_failed_usage(f)
         return f.error_class
+
+    async def model_usage(self, u: m.ModelUsage, _msg: Msg) -> str:
+        """One of the agent's calls: its usage row (once per call id) and the project totals."""
+        return "inserted" if await self.store.store_model_usage(u) else "duplicate"
 
     async def _announce(self, stored: StoredReply, run_id: str, cause: str) -> None:
         # The usage of every call of the run (failed attempts too): what policy settles with.

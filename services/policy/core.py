@@ -116,6 +116,10 @@ class RunState(msgspec.Struct, kw_only=True):
     # Refused by a limit (rate, budget, runs in flight): under ``interrupt`` it stops nothing
     # (a message that cannot run must not cancel the answer the user is already getting).
     limited: bool = False
+    # What the agent's classification call used (from its decision): settled with the run's
+    # reservation, so the budgets count every model call, not only the answer attempts.
+    classification: m.Usage = m.Usage()
+    classification_cost_usd: float = 0.0
 
 
 def has_limits(rules: Rules) -> bool:

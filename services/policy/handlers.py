@@ -108,6 +108,7 @@ class Handlers:
         else:
             proposed = core.decide(e, rules, now)
             proposed.trace_context = tracing.carrier()
+            proposed.classification, proposed.classification_cost_usd = e.usage, e.cost_usd
             if limited:
                 proposed = await self._limit(proposed, rules, now)
             # The conversation's record is read while the run is created (one round trip less);

@@ -456,6 +456,10 @@ def settlement(
     # Counters must never be poisoned: negative or non-finite usage counts as nothing.
     tokens = max(0, budget.total_tokens(usage))
     cost_usd = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
+    # The agent's call that decided the run counts too (its usage came with the decision).
+    tokens += max(0, budget.total_tokens(run.classification))
+    extra = run.classification_cost_usd
+    cost_usd += extra if math.isfinite(extra) and extra > 0 else 0.0
     done = msgspec.structs.replace(r, settled=True, actual_tokens=tokens, actual_cost_usd=cost_usd)
     return msgspec.structs.replace(run, reservation=done), (
         Settle(run.run_id, r, tokens, cost_usd),

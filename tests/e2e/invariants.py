@@ -18,6 +18,7 @@ from baton.devtoken import make_token
 from baton.offline_model import OfflineModelProcess
 
 EXECUTOR_MODEL = "claude-sonnet-4-6"
+CLASSIFY_PREFIX = "classify:"  # the agent's call ids: classify:<message id>#<delivery>
 
 
 class Client:
@@ -33,6 +34,9 @@ class Client:
         self.accepted: dict[str, str] = {}  # idempotency key -> message id
         self.replays = 0
         self.mismatches: list[str] = []
+        # Accept availability: every POST tried and how long each submit took to get its 202.
+        self.posts = 0
+        self.waits: list[float] = []
 
     async def submit(self, project: str, user: str, cid: str, key: str, content: str) -> str:
         headers = {
@@ -40,14 +44,17 @@ class Client:
             "Idempotency-Key": key,
         }
         body = {"conversation_id": cid, "content": content}
-        deadline = time.monotonic() + 120
+        first = time.monotonic()
+        deadline = first + 120
         turn = hash(key)
         while True:
             gateway = self.gateways[turn % len(self.gateways)]
             turn += 1
             try:
+                self.posts += 1
                 r = await self.http.post(f"{gateway}/api/chat", json=body, headers=headers)
                 if r.status_code == 202:
+                    self.waits.append(time.monotonic() - first)
                     mid = str(r.json()["message"]["id"])
                     known = self.accepted.setdefault(key, mid)
                     if known != mid:
@@ -59,6 +66,19 @@ class Client:
                 pass  # the gateway is down or restarting: retry, as a client would
             assert time.monotonic() < deadline, f"submit {key} never accepted"
             await asyncio.sleep(0.2)
+
+
+def availability(client: Client, within_s: float = 15.0) -> str:
+    """Accept availability as clients saw it: the share of POSTs answered 202, the share of
+    submits accepted within ``within_s`` of their first try, and the longest wait for a 202."""
+    waits = client.waits
+    accepted = sum(1 for w in waits if w <= within_s)
+    posts = max(client.posts, 1)
+    return (
+        f"accept_posts={len(waits)}/{client.posts}({100 * len(waits) / posts:.1f}%) "
+        f"accepted_within_{within_s:.0f}s={accepted}/{len(waits)} "
+        f"accept_wait_max={max(waits, default=0.0):.1f}s"
+    )
 
 
 async def settled(dsn: str, expected: int, timeout: float = 180) -> None:
@@ -127,8 +147,13 @@ async def check(
             "SELECT kind, count(*) FROM messages WHERE role = 'assistant' GROUP BY kind"
         )
     )
-    # I4: every usage row is a real model call with exactly the tokens the model served...
-    ledger = {k: v for k, v in model.calls().items() if v["model"] == executor_model}
+    # I4: every usage row is a real model call with exactly the tokens the model served — the
+    # executor's answer attempts and the agent's classifications alike...
+    ledger = {
+        k: v
+        for k, v in model.calls().items()
+        if v["model"] == executor_model or k.startswith(CLASSIFY_PREFIX)
+    }
     rows = await con.fetch("SELECT * FROM usage")
     by_call = {r["call_id"]: r for r in rows}
     for call_id, r in by_call.items():
@@ -142,8 +167,17 @@ async def check(
             served["cache_read_input_tokens"],
             served["cache_creation_input_tokens"],
         ), call_id
-    # ...and a call without a usage row is one whose executor died with it: its task was
-    # delivered again afterwards (a later call of the same task exists).
+        purpose = "classification" if call_id.startswith(CLASSIFY_PREFIX) else "answer"
+        assert r["purpose"] == purpose, call_id
+    # Every accepted message was classified, and each of its classification calls billed.
+    classified = {
+        c.removeprefix(CLASSIFY_PREFIX).rsplit("#", 1)[0]
+        for c, r in by_call.items()
+        if r["purpose"] == "classification"
+    }
+    assert classified >= accepted, len(accepted - classified)
+    # ...and a call without a usage row is one whose process died with it (an executor, or the
+    # agent): its work was delivered again afterwards (a later call of the same work exists).
     unbilled = sorted(set(ledger) - set(by_call))
     for call_id in unbilled:
         task, delivery = call_id.rsplit("#", 1)
@@ -167,6 +201,9 @@ async def check(
     return (
         f"accepted={len(accepted)} replayed={client.replays} stored={len(users)} "
         f"outcomes={len(outcomes)} kinds={kinds} usage_rows={len(rows)} "
-        f"model_calls={len(ledger)} died_with_executor={len(unbilled)} totals=ok "
+        f"model_calls={len(ledger)} classification_calls="
+        f"{sum(1 for c in ledger if c.startswith(CLASSIFY_PREFIX))} "
+        f"died_with_executor={sum(1 for c in unbilled if not c.startswith(CLASSIFY_PREFIX))} "
+        f"died_with_agent={sum(1 for c in unbilled if c.startswith(CLASSIFY_PREFIX))} totals=ok "
         f"ordered_conversations={len(by_conv)}"
     )

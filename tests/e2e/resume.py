@@ -34,6 +34,13 @@ def feed(event: Event, line: str) -> bool:
     return False
 
 
+def ends_run(event: Event) -> bool:
+    """Whether nothing more of its run follows: its answer, failure notice or cancel."""
+    if event["event"] in ("message.completed", "run.failed"):
+        return True
+    return event["event"] == "run.status" and event["data"]["status"] in ("cancelled", "failed")
+
+
 async def read_events(
     client: httpx.AsyncClient,
     url: str,
@@ -43,8 +50,10 @@ async def read_events(
     limit: int | None = None,
     idle_s: float = 10.0,
     query: bool = False,
+    stop_at_answer: bool = True,
 ) -> list[Event]:
-    """Events of one SSE connection: until ``limit`` events, an answer, or ``idle_s`` idle."""
+    """Events of one SSE connection: until ``limit`` events, the end of a run (an answer, a
+    failure, a cancel; unless told not to stop there), or ``idle_s`` idle."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     params = {}
     if last_id is not None:
@@ -66,7 +75,7 @@ async def read_events(
                 continue
             if "event" in event:
                 out.append(event)
-                if limit is not None and event["event"] == "message.completed":
+                if limit is not None and stop_at_answer and ends_run(event):
                     break
             event = {}
     return out
@@ -95,6 +104,7 @@ async def read_ws(
     limit: int | None = None,
     idle_s: float = 10.0,
     first_frame: bool = False,
+    stop_at_answer: bool = True,
 ) -> list[Event]:
     """Events of one WebSocket connection (not ready/heartbeat/pong): until ``limit`` events,
     an answer, or ``idle_s`` idle. Authenticates by header or, like a browser, by a first frame.
@@ -113,7 +123,7 @@ async def read_ws(
                     continue
                 assert frame["event"] != "error", frame
                 out.append(frame)
-                if limit is not None and frame["event"] == "message.completed":
+                if limit is not None and stop_at_answer and ends_run(frame):
                     break
     return out
 
@@ -179,8 +189,7 @@ async def drop_and_resume(
 
 def assert_reassembled(seen: list[Event], answers: list[Any], prompts: list[str]) -> None:
     """No event twice; every prompt and answer once, in order; tokens concatenate to answers."""
-    ids = Counter(e["id"] for e in seen if e["event"] != "run.status")
-    assert [i for i, n in ids.items() if n > 1] == [], "an event arrived twice"
+    assert_no_repeat(seen)
     created = [e["data"]["content"] for e in seen if e["event"] == "message.created"]
     assert created == prompts[: len(answers)]
     completed = [e["data"]["content"] for e in seen if e["event"] == "message.completed"]
@@ -191,3 +200,163 @@ def assert_reassembled(seen: list[Event], answers: list[Any], prompts: list[str]
         assert [t["seq"] for t in tokens] == list(range(1, len(tokens) + 1))
         assert len(tokens) > 10
         assert "".join(t["text"] for t in tokens) == answer["content"]
+
+
+def assert_no_repeat(events: list[Event]) -> None:
+    """No event id twice: a run's status included (one id, one event)."""
+    ids = Counter(e["id"] for e in events)
+    twice = [i for i, n in ids.items() if n > 1]
+    assert twice == [], f"arrived twice: {twice}"
+
+
+def assert_no_gap(events: list[Event]) -> None:
+    """A client that knew of an earlier attempt of a run is told of the newer one before its
+    first token (so it drops the partial text). A finished run replayed from its start shows
+    only its answer's attempt, with no status: there is nothing to drop."""
+    announced: set[tuple[str, int]] = set()
+    earliest: dict[str, int] = {}
+    for e in events:
+        d = e.get("data", {})
+        if e["event"] not in ("run.status", "token"):
+            continue
+        earliest.setdefault(d["run_id"], d["attempt"])
+        if e["event"] == "run.status":
+            announced.add((d["run_id"], d["attempt"]))
+        elif earliest[d["run_id"]] < d["attempt"]:
+            assert (d["run_id"], d["attempt"]) in announced, f"no run.status before {e['id']}"
+
+
+EXECUTOR_MODEL = "claude-sonnet-4-6"
+Plan = list[tuple[str, str]]  # (prompt, "clean" | "retry" | "cancel")
+
+
+def faulty_plan(n: int, topic: str) -> Plan:
+    kinds = ("retry", "cancel", "clean")
+    return [(f"[{i:02d}] Tell me about {topic}", kinds[i % 3]) for i in range(n)]
+
+
+async def drop_and_resume_faulty(
+    p: Pipeline,
+    client: httpx.AsyncClient,
+    cid: str,
+    token: str,
+    plan: Plan,
+    first: Callable[[], Coroutine[Any, Any, list[Event]]],
+    resume: Resume,
+    *,
+    seed: int,
+    timeout_s: float,
+    unknown_every: int = 4,
+) -> tuple[list[Event], list[list[Event]], list[Any]]:
+    """The drop-and-resume drill through retried and cancelled runs, not only clean ones.
+
+    A ``retry`` prompt's first executor call is answered 529 (policy retries it after its
+    backoff); a ``cancel`` prompt is cancelled once the client has seen one of its tokens. The
+    client reconnects after 1 to 4 events, from the last event it saw, and every
+    ``unknown_every``-th time with an id the gateway never sent (it then gets the whole
+    conversation again). Returns the events of the known-position chain (each connection opened
+    with an unknown id contributes only what the chain had not seen), those connections' own
+    events, and the runs' stored state.
+    """
+    rnd = random.Random(seed)
+    auth = {"Authorization": f"Bearer {token}"}
+    seen: list[Event] = []
+    fulls: list[list[Event]] = []
+    runs: list[str] = []
+    cancels: list[asyncio.Task[None]] = []
+    resumes = 0
+
+    streaming: dict[str, asyncio.Event] = {}  # set once the client saw a token of the run
+
+    def add(events: list[Event]) -> None:
+        seen.extend(events)
+        for e in events:
+            if e["event"] == "token" and e["data"]["run_id"] in streaming:
+                streaming[e["data"]["run_id"]].set()
+
+    async def cancel_once_streaming(run_id: str) -> None:
+        await streaming[run_id].wait()
+        r = await client.post(
+            f"{p.gateway}/api/conversations/{cid}/runs/{run_id}/cancel", headers=auth
+        )
+        assert r.status_code == 202, r.text
+
+    async def post(i: int) -> None:
+        prompt, kind = plan[i]
+        if kind == "retry":
+            p.model.add_faults(
+                [{"kind": "529", "count": 1, "match": prompt[:4], "model": EXECUTOR_MODEL}]
+            )
+        r = await client.post(
+            f"{p.gateway}/api/chat",
+            json={"conversation_id": cid, "content": prompt},
+            headers={**auth, "Idempotency-Key": f"{cid}-{i}"},
+        )
+        assert r.status_code == 202, r.text
+        runs.append(f"run-{r.json()['message']['id']}")
+        if kind == "cancel":
+            streaming[runs[-1]] = asyncio.Event()
+            cancels.append(asyncio.create_task(cancel_once_streaming(runs[-1])))
+
+    def ended(run_id: str) -> bool:
+        return any(e.get("data", {}).get("run_id") == run_id and ends_run(e) for e in seen)
+
+    async def run() -> None:
+        nonlocal resumes
+        opening = asyncio.create_task(first())
+        await asyncio.sleep(0.3)
+        await post(0)
+        add(await opening)
+        while True:
+            if all(ended(r) for r in runs):
+                if len(runs) == len(plan):
+                    return
+                await post(len(runs))
+            resumes += 1
+            n = rnd.randint(1, 4)
+            if resumes % unknown_every == 0:
+                known = {e["id"] for e in seen}
+                conn = await resume(f"unknown-{resumes}", len(known) + n, resumes)
+                fulls.append(conn)
+                add([e for e in conn if e["id"] not in known])
+            else:
+                add(await resume(seen[-1]["id"], n, resumes))
+
+    try:
+        await asyncio.wait_for(run(), timeout_s)
+    finally:
+        for task in cancels:
+            task.cancel()
+    state = await client.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)
+    return seen, fulls, state.json()["runs"]
+
+
+def assert_faulty_reassembled(
+    seen: list[Event], fulls: list[list[Event]], runs: list[Any], answers: list[Any], plan: Plan
+) -> None:
+    """No repeat and no gap, across reconnects and within each full replay; every run's end."""
+    assert_no_repeat(seen)
+    assert_no_gap(seen)
+    for conn in fulls:
+        assert_no_repeat(conn)
+        assert_no_gap(conn)
+    assert [r["status"] for r in runs] != [] and len(runs) == len(plan)
+    by_run = {a["run_id"]: a for a in answers}
+    statuses = [(e["data"]["run_id"], e["data"]) for e in seen if e["event"] == "run.status"]
+    for (_, kind), run in zip(plan, runs, strict=True):
+        rid = run["run_id"]
+        if kind == "retry":
+            assert (run["status"], run["attempts"]) == ("completed", 2), run
+            # The retried attempt announced once (never twice, never missing).
+            twos = [d for r, d in statuses if r == rid and d["attempt"] == 2]
+            assert [d["status"] for d in twos] == ["running"], twos
+        if run["status"] == "cancelled":
+            ends = [d for r, d in statuses if r == rid and d["status"] == "cancelled"]
+            assert len(ends) == 1, ends
+            assert rid not in by_run
+            continue
+        answer = by_run[rid]
+        tokens = answer_tokens(seen, rid)
+        assert [t["seq"] for t in tokens] == list(range(1, len(tokens) + 1))
+        assert "".join(t["text"] for t in tokens) == answer["content"]
+    assert sum(r["status"] == "cancelled" for r in runs) >= 1  # the drill did cancel some

@@ -92,6 +92,21 @@ def test_baton_up_answers_stops_cleanly_and_keeps_conversations(data_dir: Path) 
         cid = r.json()["message"]["conversation_id"]
         first = _answered(up, cid)
         assert [m["role"] for m in first] == ["user", "assistant"]
+        # Billed token for token as the model served it: the agent's call and the answer's.
+        served: dict[str, int] = {}
+        billed: dict[str, Any] = {}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            served = httpx.get(f"{up.info['model']}/_control/stats").json()
+            billed = httpx.get(f"{up.info['gateway']}/api/usage", headers=up.auth).json()
+            if all(billed[k] == served[k] for k in ("input_tokens", "output_tokens")):
+                break
+            time.sleep(0.2)
+        assert (billed["input_tokens"], billed["output_tokens"]) == (
+            served["input_tokens"],
+            served["output_tokens"],
+        )
+        assert served["calls"] == 2 and billed["runs"] == 1
     finally:
         pids = dict(up.info["pids"]) if hasattr(up, "info") else {}
         up.stop()

@@ -27,7 +27,7 @@ from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
-from tests.e2e.invariants import Client, check, settled
+from tests.e2e.invariants import Client, availability, check, settled
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
 
@@ -173,7 +173,7 @@ async def test_invariants_hold_while_everything_is_killed_and_restarted(world: W
         summary = await check(con, client, world.model, MESSAGES)
     finally:
         await con.close()
-    print(f"chaos seed={SEED} actions={','.join(chaos_log)} {summary}")
+    print(f"chaos seed={SEED} actions={','.join(chaos_log)} {summary} {availability(client)}")
     assert sorted(chaos_log) == sorted(
         [*(s for s in SERVICES for _ in range(2)), "nats", "postgres"]
     )

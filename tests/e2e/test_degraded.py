@@ -129,7 +129,11 @@ def _assert_exactly_once(p: Pipeline, ids: list[str]) -> None:
     assert sorted((r["kind"], r["n"]) for r in replies) == [("answer", 1)] * len(ids)
     runs = _query(p, "SELECT status, attempts FROM runs")
     assert [(r["status"], r["attempts"]) for r in runs] == [("completed", 1)] * len(ids)
-    usage = _query(p, "SELECT count(*) AS n, coalesce(sum(output_tokens), 0) AS o FROM usage")[0]
+    usage = _query(
+        p,
+        "SELECT count(*) AS n, coalesce(sum(output_tokens), 0) AS o FROM usage"
+        " WHERE purpose = 'answer'",
+    )[0]
     stats = p.model.stats()["by_model"][ANSWER_MODEL]
     assert (usage["n"], usage["o"]) == (stats["calls"], stats["output_tokens"])
     totals = _query(p, "SELECT coalesce(sum(runs), 0) AS runs FROM project_usage")[0]

@@ -154,7 +154,7 @@ def usage_rows(p: Pipeline, run_id: str) -> list[dict[str, Any]]:
         try:
             rows = await con.fetch(
                 "SELECT call_id, attempt, model, outcome, input_tokens, output_tokens "
-                "FROM usage WHERE run_id = $1 ORDER BY attempt, call_id",
+                "FROM usage WHERE run_id = $1 AND purpose = 'answer' ORDER BY attempt, call_id",
                 run_id,
             )
         finally:
@@ -487,7 +487,9 @@ def test_a_cancelled_run_frees_the_only_runs_in_flight_slot_and_settles_its_part
         )
         assert ended["outcome"] == "client_disconnected"
         c.wait(lambda: usage_rows(p, first), "usage row")
-        billed = _billed_tokens(p, first)  # input, output and cache tokens, as budgets count
+        # Input, output and cache tokens of every call of the run, the agent's classification
+        # included, as budgets count them.
+        billed = _billed_tokens(p, first)
         assert billed > 0
         # The day's project counter settled the cancelled run with its partial usage, once.
         day = budget.day_of(datetime.now(UTC))

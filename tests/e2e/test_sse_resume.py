@@ -13,8 +13,11 @@ from tests.e2e.conftest import Pipeline
 from tests.e2e.resume import (
     Event,
     answer_tokens,
+    assert_faulty_reassembled,
     assert_reassembled,
     drop_and_resume,
+    drop_and_resume_faulty,
+    faulty_plan,
     read_events,
     stored_answers,
 )
@@ -51,6 +54,45 @@ async def test_fifty_random_drops_reassemble_exactly_the_stored_answers(
         )
     assert resumes >= 50, resumes
     assert_reassembled(seen, answers, prompts)
+
+
+async def test_random_drops_through_retried_and_cancelled_runs_repeat_nothing_and_miss_nothing(
+    pipeline: Pipeline,
+) -> None:
+    pipeline.model.update_settings(tokens_per_second=40, words_per_reply=40)
+    token = pipeline.token("acme", "frank")
+    cid = str(uuid.uuid4())
+    url = f"{pipeline.gateway}/api/conversations/{cid}/events"
+    plan = faulty_plan(6, "streams that fail and stop")
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def resume(last_id: str, limit: int, n: int) -> list[Event]:
+            full = last_id.startswith("unknown-")
+            return await read_events(
+                client,
+                url,
+                token,
+                last_id,
+                limit=limit,
+                query=n % 5 == 0,
+                idle_s=2.0 if full else 10.0,
+                stop_at_answer=not full,
+            )
+
+        seen, fulls, runs = await drop_and_resume_faulty(
+            pipeline,
+            client,
+            cid,
+            token,
+            plan,
+            lambda: read_events(client, url, token, limit=2),
+            resume,
+            seed=20261201,
+            timeout_s=150,
+        )
+        answers = await stored_answers(client, pipeline, cid, token)
+    assert len(fulls) >= 3
+    assert_faulty_reassembled(seen, fulls, runs, answers, plan)
 
 
 async def test_resume_after_the_run_finished_and_with_unknown_ids(pipeline: Pipeline) -> None:

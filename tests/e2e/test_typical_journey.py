@@ -157,8 +157,12 @@ async def test_two_projects_two_conversations_each_get_every_answer_once(
             assert [r["run_id"] for r in runs] == [a["run_id"] for a in answers]
             usage = res["usage"]
             assert usage["runs"] == 2
-            assert usage["output_tokens"] == sum(r["usage"]["output_tokens"] for r in runs) > 0
-            assert usage["input_tokens"] == sum(r["usage"]["input_tokens"] for r in runs) > 0
+            # Every model call is billed: each run's answer and the classification deciding it.
+            assert [r["classification"]["calls"] for r in runs] == [1, 1]
+            for kind in ("input_tokens", "output_tokens"):
+                answered = sum(r["usage"][kind] for r in runs)
+                classified = sum(r["classification"][kind] for r in runs)
+                assert usage[kind] == answered + classified and answered > 0 and classified > 0
             assert usage["cost_usd"] > 0
 
         # Conversations are private: the other project's token sees nothing.
@@ -168,15 +172,25 @@ async def test_two_projects_two_conversations_each_get_every_answer_once(
         )
         assert r.status_code == 404
 
-    # Billing reconciles with the model's own count of what it served to the executor.
-    stats = pipeline.model.stats()["by_model"]["claude-sonnet-4-6"]
-    assert stats["calls"] == 4
+    # Billing reconciles with the model's own count of what it served: to the executor and to
+    # the agent, model by model (the whole ledger: nothing it served goes unbilled).
+    by_model = pipeline.model.stats()["by_model"]
+    assert by_model["claude-sonnet-4-6"]["calls"] == 4
+    assert by_model["claude-haiku-4-5"]["calls"] == 4
     con = await asyncpg.connect(pipeline.database_url)
     try:
-        row = await con.fetchrow(
-            "SELECT sum(output_tokens) AS o, sum(input_tokens) AS i, count(*) AS n FROM usage"
+        rows = await con.fetch(
+            "SELECT model, purpose, sum(output_tokens) AS o, sum(input_tokens) AS i, "
+            "count(*) AS n FROM usage GROUP BY model, purpose"
         )
-        assert (row["n"], row["o"], row["i"]) == (4, stats["output_tokens"], stats["input_tokens"])
+        billed = {(r["model"], r["purpose"]): (r["n"], r["o"], r["i"]) for r in rows}
+        assert billed == {
+            (name, purpose): (4, by_model[name]["output_tokens"], by_model[name]["input_tokens"])
+            for name, purpose in (
+                ("claude-sonnet-4-6", "answer"),
+                ("claude-haiku-4-5", "classification"),
+            )
+        }
         assert await con.fetchval("SELECT count(*) FROM messages") == 8
     finally:
         await con.close()

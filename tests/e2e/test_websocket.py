@@ -12,8 +12,11 @@ from tests.e2e.conftest import Pipeline
 from tests.e2e.resume import (
     Event,
     answer_tokens,
+    assert_faulty_reassembled,
     assert_reassembled,
     drop_and_resume,
+    drop_and_resume_faulty,
+    faulty_plan,
     read_ws,
     stored_answers,
     ws_url,
@@ -79,3 +82,41 @@ async def test_thirty_random_websocket_drops_reassemble_exactly_the_stored_answe
         )
     assert resumes >= 30, resumes
     assert_reassembled(seen, answers, prompts)
+
+
+async def test_websocket_drops_through_retried_and_cancelled_runs_repeat_nothing_and_miss_nothing(
+    pipeline: Pipeline,
+) -> None:
+    pipeline.model.update_settings(tokens_per_second=40, words_per_reply=30)
+    token = pipeline.token("acme", "gina")
+    cid = str(uuid.uuid4())
+    url = ws_url(pipeline, cid)
+    plan = faulty_plan(6, "sockets that fail and stop")
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def resume(last_id: str, limit: int, n: int) -> list[Event]:
+            full = last_id.startswith("unknown-")
+            return await read_ws(
+                url,
+                token,
+                last_id,
+                limit=limit,
+                first_frame=n % 2 == 0,
+                idle_s=2.0 if full else 10.0,
+                stop_at_answer=not full,
+            )
+
+        seen, fulls, runs = await drop_and_resume_faulty(
+            pipeline,
+            client,
+            cid,
+            token,
+            plan,
+            lambda: read_ws(url, token, limit=2),
+            resume,
+            seed=20261202,
+            timeout_s=150,
+        )
+        answers = await stored_answers(client, pipeline, cid, token)
+    assert len(fulls) >= 3
+    assert_faulty_reassembled(seen, fulls, runs, answers, plan)

@@ -557,3 +557,37 @@ async def test_under_interrupt_a_message_refused_by_a_limit_interrupts_nothing(
     assert (b.status, b.limited) == ("refused", True) and "in progress" in b.reply_text
     assert len((await _counter(bus, subjects.active_key("p1"))).open) == 1
     await bus.close()
+
+
+async def test_the_agents_classification_call_counts_against_the_days_budgets(
+    infra: Infra,
+) -> None:
+    # Every model call counts against the caps: the answer's, and the call that decided it.
+    rules = _rules(m.Limits(project_daily_tokens=10 * PER_RUN, user_daily_tokens=10 * PER_RUN))
+    bus, _, consumers = await _replica(infra, rules)
+    classified = m.Usage(input_tokens=120, output_tokens=30)
+    d = msgspec.structs.replace(
+        _decision(), call_id="classify:x#1", usage=classified, cost_usd=0.00027
+    )
+    async with running(*consumers):
+        await bus.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id="d")
+        [task] = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )
+        await bus.publish(
+            subjects.persisted_assistant("p1", task.conversation_id),
+            _persisted(task, 100),
+            msg_id=task.run_id,
+        )
+        day = budget.day_of(datetime.now(UTC))
+        keys = (subjects.budget_key(day, "p1"), subjects.budget_key(day, "p1", "u1"))
+
+        async def settled() -> list[budget.Counter] | None:
+            cs = [await _counter(bus, k) for k in keys]
+            return cs if all(c.settled_runs == 1 for c in cs) else None
+
+        counters = await eventually(settled)
+    for c in counters:
+        assert (c.settled_tokens, c.open) == (100 + 150, {})
+        assert c.settled_cost_usd == pytest.approx(0.001 + 0.00027)
+    await bus.close()

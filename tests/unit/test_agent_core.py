@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from services.agent import core as agent_core
 from services.agent.core import (
     Turn,
     fallback,
@@ -16,6 +17,7 @@ from services.agent.core import (
     tool_schema,
     validate,
 )
+from services.policy import core as policy_core
 from shared.messages import Decision
 
 GOOD: dict[str, Any] = {
@@ -116,3 +118,9 @@ def test_tool_schema_is_an_inline_object_schema_of_the_decision() -> None:
     assert {"intent", "complexity", "action", "executor", "estimated_tokens"} <= set(
         schema["required"]
     )
+
+
+def test_the_agent_names_a_messages_run_and_call_as_policy_and_the_ledger_do() -> None:
+    assert agent_core.run_id_for("m-1") == policy_core.run_id_for("m-1")
+    # Delivery after "#", as the executor's call ids: the chaos check reads both the same way.
+    assert agent_core.call_id("m-1", 2).rsplit("#", 1) == ["classify:m-1", "2"]

@@ -154,8 +154,37 @@ def test_live_filter_drops_only_what_the_replay_covered() -> None:
     assert not live.fresh("message.completed", f"msg:{A1}", {})
     assert live.fresh("message.created", f"msg:{U2}", {})
     assert live.fresh("token", f"tok:{R2}:2:1", {"run_id": R2, "attempt": 2, "seq": 1})
-    # Past the events buffered during the replay, everything is new.
-    assert live.fresh("message.completed", f"msg:{A1}", {})
+    # Past the events buffered during the replay, tokens are new...
+    assert live.fresh("token", f"tok:{R2}:1:1", {"run_id": R2, "attempt": 1, "seq": 1})
+    # ...but a message the connection carried is never sent twice.
+    assert not live.fresh("message.completed", f"msg:{A1}", {})
+    assert not live.fresh("message.created", f"msg:{U2}", {})
+
+
+def test_a_status_announced_twice_under_one_id_reaches_the_client_once() -> None:
+    # Policy announces attempt 2 when it schedules the retry, and again when the retry starts.
+    status = {"run_id": R1, "attempt": 2, "status": "running"}
+    for replayed, buffered in (
+        ([], 0),
+        (gw.timeline(CID, [msg(U1, "user", "hi")], [run(R1, "running", 2)], []), 1),
+    ):
+        live = gw.LiveFilter(replayed, buffered)
+        first = live.fresh("run.status", f"run:{R1}:2:running", status)
+        assert first is (not replayed)
+        assert not live.fresh("run.status", f"run:{R1}:2:running", status)
+        assert live.fresh("run.status", f"run:{R1}:2:completed", status)
+
+
+def test_tokens_of_an_attempt_the_database_has_not_recorded_come_after_its_status() -> None:
+    # The client reconnects with an unknown id: the whole timeline, never a token of attempt 2
+    # without the status that announces attempt 2.
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, "running", attempts=1)]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 2, 1, "A"), tok(R1, 2, 2, "B")])
+    assert [e[1] for e in events] == [
+        f"msg:{U1}", f"run:{R1}:2:running", f"tok:{R1}:2:1", f"tok:{R1}:2:2"
+    ]  # fmt: skip
+    assert events[1][2]["attempt"] == 2
 
 
 def test_a_newer_attempt_that_has_not_streamed_yet_hides_the_old_tokens() -> None:
@@ -176,3 +205,22 @@ def test_a_cancelled_run_replays_its_partial_text_then_the_status_that_ended_it(
     # A client that saw the partial text gets the cancel and nothing after it.
     missed = gw.resume(events, gw.parse_event_id(f"tok:{R1}:1:1"), [run(R1, "cancelled")])
     assert [e[1] for e in missed] == [f"run:{R1}:1:cancelled"]
+
+
+def test_a_status_seen_before_the_reconnect_is_not_sent_again_live() -> None:
+    # A cancel in flight re-announces the attempt's running status: the client resuming from a
+    # token of that attempt had it already.
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, "running")]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 1, 1, "a"), tok(R1, 1, 2, "b")])
+    for last in (f"tok:{R1}:1:1", f"run:{R1}:1:running", f"msg:{U1}"):
+        pos = gw.parse_event_id(last)
+        missed = gw.resume(events, pos, runs)
+        live = gw.LiveFilter(missed, 0, gw.seen_before(events, missed, pos))
+        status = {"run_id": R1, "attempt": 1, "status": "running"}
+        sent_before = last != f"msg:{U1}"  # from the user message, the status was missed
+        assert (f"run:{R1}:1:running" in {e[1] for e in missed}) is not sent_before
+        assert not live.fresh("run.status", f"run:{R1}:1:running", status), last
+        assert not live.fresh("message.created", f"msg:{U1}", {}), last
+    # An unknown position replays everything: nothing counts as seen but what the replay sent.
+    assert gw.seen_before(events, events, None) == set()

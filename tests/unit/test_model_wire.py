@@ -278,7 +278,33 @@ async def test_the_classifier_returns_the_tool_input_verbatim(body: bytes, expec
     client = _client(
         lambda r: httpx2.Response(200, content=body, headers={"content-type": "application/json"})
     )
-    assert await Classifier(client, "m", 64).classify("hi") == expected
+    called, raw, usage = await Classifier(client, "m", 64).classify("hi")
+    assert (called, raw) == expected and usage == Usage()
+    await client.close()
+
+
+async def test_the_classifier_returns_what_the_call_used_and_tags_it_with_its_call_id() -> None:
+    seen: list[str] = []
+
+    def reply(r: httpx2.Request) -> httpx2.Response:
+        seen.append(r.headers.get("x-baton-call-id", ""))
+        body = msgspec.json.encode(
+            {
+                "content": [{"type": "tool_use", "name": "classify_message", "input": {}}],
+                "usage": {
+                    "input_tokens": 120,
+                    "output_tokens": 34,
+                    "cache_read_input_tokens": 5,
+                    "cache_creation_input_tokens": None,
+                },
+            }
+        )
+        return httpx2.Response(200, content=body, headers={"content-type": "application/json"})
+
+    client = _client(reply)
+    _, _, usage = await Classifier(client, "m", 64).classify("hi", "classify:m1#2")
+    assert usage == Usage(input_tokens=120, output_tokens=34, cache_read_tokens=5)
+    assert seen == ["classify:m1#2"]
     await client.close()
 
 
