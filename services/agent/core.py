@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from shared import runs
 from shared.history import Turn, estimate_tokens
 from shared.history import newest_within as select_context
 from shared.messages import Complexity, Decision, Intent
@@ -37,8 +38,8 @@ def call_id(message_id: str, delivery: int) -> str:
 
 
 def run_id_for(message_id: str) -> str:
-    """The run policy creates for the message (spelled as policy spells it)."""
-    return f"run-{message_id}"
+    """The run policy creates for the message (the one vocabulary's spelling)."""
+    return runs.run_id(message_id)
 
 
 def tool_schema() -> dict[str, Any]:
