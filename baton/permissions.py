@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from baton import private
 from shared import subjects
 
 ADMIN = "admin"
@@ -146,10 +146,8 @@ def passwords_for(data_dir: Path) -> dict[str, str]:
     """The data dir's NATS passwords, created on first use and readable only by its owner."""
     path = data_dir / PASSWORDS_FILE
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(new_passwords(), fh)
+        private.make_dir(data_dir)
+        private.create_once(path, json.dumps(new_passwords()))
     stored: dict[str, str] = json.loads(path.read_text())
     missing = {n for n in (ADMIN, *SERVICES) if n not in stored}
     if missing:
