@@ -129,13 +129,14 @@ def permissions(service: str) -> dict[str, Any]:
 
 
 def authorization(passwords: dict[str, str]) -> str:
-    """The nats-server ``authorization`` block: the admin, then one user per service."""
-    users: list[dict[str, Any]] = [{"user": ADMIN, "password": passwords[ADMIN]}]
-    for service in SERVICES:
-        users.append(
-            {"user": service, "password": passwords[service], "permissions": permissions(service)}
-        )
-    return "authorization " + json.dumps({"users": users}, indent=2)
+    """nats-server's users: the admin with the streams, each service in an account of its own.
+
+    The users and their permissions are the ones above; the accounts (baton/accounts.py) keep
+    a server's answer to a reply subject out of the streams a service may not publish to.
+    """
+    from baton import accounts  # it builds on this module's grants
+
+    return accounts.accounts_block(passwords)
 
 
 def new_passwords() -> dict[str, str]:
