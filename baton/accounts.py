@@ -105,7 +105,10 @@ def accounts_config(passwords: Mapping[str, str]) -> dict[str, Any]:
                 }
             ],
             "imports": [
-                *({"service": {"account": STREAMS_ACCOUNT, "subject": s}} for s in requests(service)),
+                *(
+                    {"service": {"account": STREAMS_ACCOUNT, "subject": s}}
+                    for s in requests(service)
+                ),
                 *(
                     {"stream": {"account": account(publisher), "subject": s}}
                     for publisher, s in listens(service)
