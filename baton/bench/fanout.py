@@ -10,7 +10,6 @@ from typing import Any
 import msgspec
 import nats
 
-from baton import permissions
 from baton.bench import procstat
 from baton.bench.http import SseStream, summary_ms
 from baton.bench.stack import Stack
