@@ -603,8 +603,9 @@ def _service_user() -> pwd.struct_passwd:
 def _grant_search(path: Path, user: pwd.struct_passwd) -> None:
     """Let the service user pass through `path`'s ancestors (search, never read).
 
-    A private directory of ours (0700, e.g. baton's data dir) lets the user's group search it
-    (0710), so it stays closed to everybody else; any other ancestor gets the o+x bit.
+    The directory holding it, when private and ours (0700: baton's data dir), lets the user's
+    group search it (0710), so it stays closed to everybody else; any other ancestor gets the
+    o+x bit, as a home directory always did.
     """
     for parent in path.parents:
         st = parent.stat()
@@ -615,7 +616,7 @@ def _grant_search(path: Path, user: pwd.struct_passwd) -> None:
             or (st.st_gid == user.pw_gid and mode & stat.S_IXGRP)
         ):
             continue
-        if st.st_uid == os.geteuid() and not mode & 0o077:
+        if parent == path.parent and st.st_uid == os.geteuid() and not mode & 0o077:
             os.chown(parent, -1, user.pw_gid)
             parent.chmod(mode | stat.S_IXGRP)
         else:
