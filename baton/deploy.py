@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from baton import permissions, roles
+from baton import accounts, permissions, roles
 
 NATS_STORE_DIR = "/data/jetstream"
 _VAR = re.compile(r'"(\$[A-Z][A-Z0-9_]*)"')
@@ -31,29 +31,16 @@ def db_password_var(service: str) -> str:
     return f"DB_PASSWORD_{service.upper()}"
 
 
-def nats_users(password: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """The admin, then one user per service with its permissions; passwords as env references."""
-
-    def secret(user: str) -> str:
-        return password[user] if password else f"${password_var(user)}"
-
-    users: list[dict[str, Any]] = [
-        {"user": permissions.ADMIN, "password": secret(permissions.ADMIN)}
-    ]
-    for service in permissions.SERVICES:
-        users.append(
-            {
-                "user": service,
-                "password": secret(service),
-                "permissions": permissions.permissions(service),
-            }
-        )
-    return users
+def nats_accounts(password: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The accounts (baton/accounts.py) with passwords as env references unless given."""
+    users = [permissions.ADMIN, *permissions.SERVICES]
+    secrets = {u: password[u] if password else f"${password_var(u)}" for u in users}
+    return accounts.accounts_config(secrets)
 
 
 def nats_conf(store_dir: str = NATS_STORE_DIR, max_file_store: str = "10G") -> str:
     """A single-node nats-server config (compose): JetStream on file storage, monitoring, users."""
-    auth = json.dumps({"users": nats_users()}, indent=2)
+    auth = json.dumps(nats_accounts(), indent=2)
     # nats-server expands a bare $VAR from the environment; quoted, it would be a literal.
     auth = _VAR.sub(r"\1", auth)
     return "\n".join(
@@ -67,7 +54,7 @@ def nats_conf(store_dir: str = NATS_STORE_DIR, max_file_store: str = "10G") -> s
             f'  store_dir: "{store_dir}"',
             f"  max_file_store: {max_file_store}",
             "}",
-            f"authorization {auth}",
+            f"accounts {auth}",
             "",
         ]
     )
@@ -79,14 +66,11 @@ def helm_values() -> dict[str, Any]:
     The chart renders ``<< $VAR >>`` unquoted, so nats-server reads the passwords from the
     pod's environment, which `container.env` fills from the `baton-nats-users` Secret.
     """
-    users = []
-    for user in nats_users():
-        users.append({**user, "password": f"<< {user['password']} >>"})
+    users = [permissions.ADMIN, *permissions.SERVICES]
+    merged = nats_accounts({u: f"<< ${password_var(u)} >>" for u in users})
     env = {
-        password_var(u["user"]): {
-            "valueFrom": {
-                "secretKeyRef": {"name": "baton-nats-users", "key": password_var(u["user"])}
-            }
+        password_var(u): {
+            "valueFrom": {"secretKeyRef": {"name": "baton-nats-users", "key": password_var(u)}}
         }
         for u in users
     }
@@ -99,7 +83,7 @@ def helm_values() -> dict[str, Any]:
                 "memoryStore": {"enabled": False},
             },
             "monitor": {"enabled": True, "port": 8222},
-            "merge": {"authorization": {"users": users}},
+            "merge": {"accounts": merged},
         },
         "container": {
             "env": env,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
 
 import jwt
+
+from baton import private
 
 SECRET_FILE = "jwt_secret"
 
@@ -16,10 +17,8 @@ def secret_for(data_dir: Path) -> str:
     """The data dir's signing secret, created on first use and readable only by its owner."""
     path = data_dir / SECRET_FILE
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(48))
+        private.make_dir(data_dir)
+        private.create_once(path, secrets.token_urlsafe(48))
     return path.read_text().strip()
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +31,8 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 import asyncpg
+
+from baton import private
 
 __all__ = [
     "SERVICE_USER",
@@ -214,6 +217,12 @@ atexit.register(_RUNNING.stop_all)
 # --------------------------------------------------------------------------- NATS
 
 
+def _make_log_dir(log_file: Path) -> None:
+    """Create a missing log directory as 0700; one that exists is the caller's to keep."""
+    if not log_file.parent.exists():
+        private.make_dir(log_file.parent)
+
+
 def _nats_binary() -> str:
     found = shutil.which("nats-server")
     if found:
@@ -306,8 +315,9 @@ class NatsServer(_Started):
         if self.pid is not None:
             return
         binary = _nats_binary()
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # The config holds every user's password, the store every message: owner only.
+        private.make_dir(self.store_dir)
+        _make_log_dir(self.log_file)
         # Repick ports only before the first success: a restart must keep the port clients know.
         repick = not self._started and (self._auto_port or self._auto_monitor)
 
@@ -334,10 +344,10 @@ class NatsServer(_Started):
             lines.append(f"http: 127.0.0.1:{self._monitor_port}")
         if self.config_text:
             lines.append(self.config_text)
-        self.config_file.write_text("\n".join(lines) + "\n")
+        private.write_file(self.config_file, "\n".join(lines) + "\n")
 
     def _spawn(self, binary: str) -> None:
-        self._log = self.log_file.open("ab")
+        self._log = private.open_log(self.log_file)
         self._proc = subprocess.Popen(
             [binary, "-c", str(self.config_file)],
             stdin=subprocess.DEVNULL,
@@ -590,12 +600,27 @@ def _service_user() -> pwd.struct_passwd:
             ) from None
 
 
-def _grant_search(path: Path) -> None:
-    """Add the search (o+x, not read) bit to `path`'s ancestors so the service user can reach it."""
+def _grant_search(path: Path, user: pwd.struct_passwd) -> None:
+    """Let the service user pass through `path`'s ancestors (search, never read).
+
+    The directory holding it, when private and ours (0700: baton's data dir), lets the user's
+    group search it (0710), so it stays closed to everybody else; any other ancestor gets the
+    o+x bit, as a home directory always did.
+    """
     for parent in path.parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+        st = parent.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if (
+            mode & stat.S_IXOTH
+            or (st.st_uid == user.pw_uid and mode & stat.S_IXUSR)
+            or (st.st_gid == user.pw_gid and mode & stat.S_IXGRP)
+        ):
+            continue
+        if parent == path.parent and st.st_uid == os.geteuid() and not mode & 0o077:
+            os.chown(parent, -1, user.pw_gid)
+            parent.chmod(mode | stat.S_IXGRP)
+        else:
+            parent.chmod(mode | stat.S_IXOTH)
 
 
 def _socket_parent() -> str:
@@ -620,8 +645,25 @@ def _probe_postgres(dsn: str) -> str:
         return pool.submit(asyncio.run, connect()).result()
 
 
+# Every role, the superuser included, proves its password; nothing is trusted, not even local
+# connections, and no peer line is needed: pg_ctl stops the server by signal, not by login.
+_PG_HBA = """\
+# Written by baton (baton/embedded.py) when it starts this server; edits are replaced.
+# Every role, the superuser included, proves its password (SCRAM-SHA-256); nothing is trusted.
+# TYPE  DATABASE  USER  ADDRESS       METHOD
+local   all       all                 scram-sha-256
+host    all       all   127.0.0.1/32  scram-sha-256
+host    all       all   ::1/128       scram-sha-256
+"""
+
+
 class PostgresServer(_Started):
-    """A postgres child process on 127.0.0.1 with trust auth, run unprivileged when we are root."""
+    """A postgres child process on 127.0.0.1, run unprivileged when we are root.
+
+    Every connection needs a password (SCRAM-SHA-256), the superuser ``postgres`` included;
+    its password is created on the first start and kept, readable by its owner only, in
+    `password_file` (``<data_dir>.password`` next to the data directory); `dsn()` carries it.
+    """
 
     def __init__(
         self,
@@ -640,14 +682,28 @@ class PostgresServer(_Started):
         self._log: IO[bytes] | None = None
         self._started = False
         self._socket_dir: Path | None = None
+        self.password_file = self.data_dir.with_name(self.data_dir.name + ".password")
+        self._password: str | None = None
 
     @property
     def port(self) -> int:
         """The TCP port (0 until the first start when it was left to us)."""
         return self._port
 
+    @property
+    def password(self) -> str:
+        """The superuser's password, created (0600, next to the data dir) on first use."""
+        if self._password is None:
+            self.password_file.parent.mkdir(parents=True, exist_ok=True)
+            private.create_once(self.password_file, secrets.token_urlsafe(32) + "\n")
+            self._password = self.password_file.read_text().strip()
+        return self._password
+
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self._port}/{urllib.parse.quote(database)}"
+        secret = urllib.parse.quote(self.password, safe="")
+        return (
+            f"postgresql://postgres:{secret}@127.0.0.1:{self._port}/{urllib.parse.quote(database)}"
+        )
 
     @property
     def pid(self) -> int | None:
@@ -685,26 +741,41 @@ class PostgresServer(_Started):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             user = _service_user()
-            _grant_search(self.data_dir)
-            _grant_search(bin_dir / "postgres")
+            _grant_search(self.data_dir, user)
+            _grant_search(bin_dir / "postgres", user)
             st = self.data_dir.stat()
             if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
                 os.chown(self.data_dir, user.pw_uid, user.pw_gid)
         # Postgres refuses a data directory that group or others can read.
         self.data_dir.chmod(0o700)
 
-    def _initdb(self, bin_dir: Path) -> None:
+    def _initdb(self, bin_dir: Path) -> bool:
+        """Create the cluster, its superuser with our password; False if it existed."""
         if (self.data_dir / "PG_VERSION").exists():
-            return
+            return False
+        run_as = self._run_as()
+        owner = (run_as["user"], run_as["group"]) if run_as else None
+        # The password in a file only initdb's user can read, removed at once; never in argv.
+        pw_dir = Path(tempfile.mkdtemp(prefix="baton-pw-"))
+        try:
+            if owner:
+                os.chown(pw_dir, *owner)
+            pwfile = pw_dir / "pwfile"
+            private.write_file(pwfile, self.password + "\n", owner=owner)
+            return self._run_initdb(bin_dir, pwfile, run_as)
+        finally:
+            shutil.rmtree(pw_dir, ignore_errors=True)
+
+    def _run_initdb(self, bin_dir: Path, pwfile: Path, run_as: dict[str, Any]) -> bool:
         result = subprocess.run(
             [
                 str(bin_dir / "initdb"),
                 "-D",
                 str(self.data_dir),
-                "-A",
-                "trust",
+                "--auth=scram-sha-256",
                 "-U",
                 "postgres",
+                f"--pwfile={pwfile}",
                 "--encoding=UTF8",
                 "--no-locale",
                 "--no-instructions",
@@ -715,11 +786,50 @@ class PostgresServer(_Started):
             check=False,
             timeout=120,
             cwd=self.data_dir,
-            **self._run_as(),
+            **run_as,
         )
         if result.returncode != 0:
             tail = result.stdout.decode("utf-8", "replace")[-_LOG_TAIL_BYTES:]
             raise EmbeddedServerError(f"initdb failed for {self.data_dir}", tail)
+        return True
+
+    def _secure(self, bin_dir: Path, fresh: bool) -> None:
+        """Make the cluster demand passwords: our pg_hba.conf, and the superuser's password set.
+
+        A cluster that had another pg_hba.conf (an older baton trusted every local user) gets
+        the password first, in single-user mode, so there is no moment it is up and open.
+        """
+        hba = self.data_dir / "pg_hba.conf"
+        with contextlib.suppress(OSError):
+            if hba.read_text() == _PG_HBA:
+                return
+        if not fresh:
+            self._set_superuser_password(bin_dir)
+        run_as = self._run_as()
+        owner = (run_as["user"], run_as["group"]) if run_as else None
+        private.write_file(hba, _PG_HBA, owner=owner)
+
+    def _set_superuser_password(self, bin_dir: Path) -> None:
+        literal = "'" + self.password.replace("'", "''") + "'"
+        result = subprocess.run(
+            [str(bin_dir / "postgres"), "--single", "-D", str(self.data_dir), "postgres"],
+            input=(
+                "SET password_encryption = 'scram-sha-256';\n"
+                f"ALTER ROLE postgres PASSWORD {literal};\n"
+            ).encode(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            check=False,
+            timeout=120,
+            cwd=self.data_dir,
+            **self._run_as(),
+        )
+        if result.returncode != 0 or b"ERROR" in result.stdout:
+            # The output echoes no password: single-user mode prints results, not statements.
+            tail = result.stdout.decode("utf-8", "replace")[-_LOG_TAIL_BYTES:]
+            raise EmbeddedServerError(
+                f"could not set the superuser's password in {self.data_dir}", tail
+            )
 
     def start(self, timeout: float = 30.0) -> None:
         """Init the cluster if needed, start postgres, return once a real connection works."""
@@ -729,8 +839,8 @@ class PostgresServer(_Started):
             return
         bin_dir = _pg_bin_dir()
         self._prepare_dirs(bin_dir)
-        self._initdb(bin_dir)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._secure(bin_dir, fresh=self._initdb(bin_dir))
+        _make_log_dir(self.log_file)
         # Repick the port only before the first success: a restart must keep the port clients know.
         repick = self._auto_port and not self._started
 
@@ -753,12 +863,13 @@ class PostgresServer(_Started):
             "unix_socket_directories": str(self._socket_dir),
             "fsync": "on",
             "logging_collector": "off",
+            "password_encryption": "scram-sha-256",
             **self.settings,
         }
         args = [str(bin_dir / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
-        self._log = self.log_file.open("ab")
+        self._log = private.open_log(self.log_file)
         self._proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -782,6 +893,12 @@ class PostgresServer(_Started):
                 with socket.create_connection(("127.0.0.1", self._port), timeout=0.5):
                     pass
                 served = _probe_postgres(self.dsn())
+            except asyncpg.InvalidPasswordError:
+                raise EmbeddedServerError(
+                    f"the postgres on port {self._port} refused our password: it is served by "
+                    f"another postgres, or {self.password_file} is not this cluster's",
+                    _read_tail(self.log_file),
+                ) from None
             except Exception as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             else:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from baton import private
 from shared import subjects, wiring
 
 ADMIN = "admin"
@@ -92,13 +92,14 @@ def permissions(service: str) -> dict[str, Any]:
 
 
 def authorization(passwords: dict[str, str]) -> str:
-    """The nats-server ``authorization`` block: the admin, then one user per service."""
-    users: list[dict[str, Any]] = [{"user": ADMIN, "password": passwords[ADMIN]}]
-    for service in SERVICES:
-        users.append(
-            {"user": service, "password": passwords[service], "permissions": permissions(service)}
-        )
-    return "authorization " + json.dumps({"users": users}, indent=2)
+    """nats-server's users: the admin with the streams, each service in an account of its own.
+
+    The users and their permissions are the ones above; the accounts (baton/accounts.py) keep
+    a server's answer to a reply subject out of the streams a service may not publish to.
+    """
+    from baton import accounts  # it builds on this module's grants
+
+    return accounts.accounts_block(passwords)
 
 
 def new_passwords() -> dict[str, str]:
@@ -109,10 +110,8 @@ def passwords_for(data_dir: Path) -> dict[str, str]:
     """The data dir's NATS passwords, created on first use and readable only by its owner."""
     path = data_dir / PASSWORDS_FILE
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(new_passwords(), fh)
+        private.make_dir(data_dir)
+        private.create_once(path, json.dumps(new_passwords()))
     stored: dict[str, str] = json.loads(path.read_text())
     missing = {n for n in (ADMIN, *SERVICES) if n not in stored}
     if missing:

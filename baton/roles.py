@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import urllib.parse
 
 import asyncpg
@@ -21,6 +23,20 @@ def role(service: str) -> str:
     return f"baton_{service}"
 
 
+def password_for(admin_dsn: str, service: str) -> str:
+    """The role's password, derived from the superuser's (empty when the admin DSN has none).
+
+    An HMAC keyed by the superuser's password: whoever holds it could set any role's password
+    anyway, and a service's own password reveals neither the superuser's nor another role's.
+    """
+    admin = urllib.parse.unquote(urllib.parse.urlsplit(admin_dsn).password or "")
+    if not admin:
+        return ""
+    return hmac.new(
+        admin.encode(), f"baton-role:{role(service)}".encode(), hashlib.sha256
+    ).hexdigest()
+
+
 async def ensure_roles(admin_dsn: str) -> list[str]:
     """Create the roles (cluster-wide, once) and grant them this database's tables; idempotent.
 
@@ -37,6 +53,11 @@ async def ensure_roles(admin_dsn: str) -> list[str]:
                 done.append(f"role {name} created")
             except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
                 pass  # roles are cluster-wide: another database (or a racing test) made it
+            password = password_for(admin_dsn, service)
+            if password:
+                # ALTER ROLE takes no parameters; quote_literal makes the password one literal.
+                literal = await con.fetchval("SELECT quote_literal($1::text)", password)
+                await con.execute(f'ALTER ROLE "{name}" PASSWORD {literal}')
         database = await con.fetchval("SELECT current_database()")
         async with con.transaction():
             for service in SERVICES_WITH_DB:
@@ -55,10 +76,14 @@ async def ensure_roles(admin_dsn: str) -> list[str]:
 
 
 def dsn_for(admin_dsn: str, service: str) -> str:
-    """The admin DSN with the service's role as its user (no password: trust auth in dev)."""
+    """The admin DSN with the service's role and its password (`password_for`) as the user."""
     parts = urllib.parse.urlsplit(admin_dsn)
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    netloc = f"{role(service)}@{host}" + (f":{parts.port}" if parts.port else "")
+    user = role(service)
+    password = password_for(admin_dsn, service)
+    if password:
+        user += ":" + urllib.parse.quote(password, safe="")
+    netloc = f"{user}@{host}" + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

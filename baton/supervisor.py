@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from baton import private
+
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 # A child that ran this long was healthy: its next crash starts the backoff from the beginning.
 HEALTHY_AFTER_S = 10.0
@@ -87,8 +89,10 @@ class Child:
         return self.proc.pid if self.proc is not None else None
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
+        if not self.log_path.parent.exists():
+            private.make_dir(self.log_path.parent)
+        # Logs may hold ids and errors of every user: owner only (0600), also when appended.
+        with private.open_log(self.log_path) as log:
             # Own session: a terminal's Ctrl-C reaches the supervisor, which stops children in order.
             self.proc = subprocess.Popen(
                 self.argv,

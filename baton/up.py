@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from types import FrameType
@@ -16,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from baton import devtoken, permissions, roles
+from baton import devtoken, permissions, private, roles
 from baton.embedded import NatsServer, PostgresServer, free_port
 from baton.migrate import migrate
 from baton.provision import provision
@@ -33,6 +34,12 @@ async def ensure_database(admin_dsn: str, name: str) -> None:
             await con.execute(f'CREATE DATABASE "{name}"')
     finally:
         await con.close()
+
+
+def _without_password(dsn: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    netloc = f"{parts.username}@{parts.hostname}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def wait_http(url: str, timeout: float) -> bool:
@@ -67,7 +74,9 @@ class Stack:
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Secrets, logs and data live here: for this user only (0700, files 0600).
+        private.make_dir(self.data_dir)
+        private.make_dir(self.logs)
         secret = devtoken.secret_for(self.data_dir)
         passwords = permissions.passwords_for(self.data_dir)
         nats = NatsServer(
@@ -150,7 +159,9 @@ class Stack:
                 "metrics": {n: f"http://127.0.0.1:{p}/metrics" for n, p in metrics.items()},
                 "nats": nats.url,
                 "nats_passwords": str(self.data_dir / permissions.PASSWORDS_FILE),
-                "database": dsn,
+                # Without its password, which stays in its own file (DSNs get pasted around).
+                "database": _without_password(dsn),
+                "database_password_file": str(pg.password_file),
                 "model": model_url or "https://api.anthropic.com",
                 "pids": {
                     **{c.name: c.pid for c in children},
@@ -160,7 +171,8 @@ class Stack:
                 },
                 "logs": str(self.logs),
             }
-            endpoints.write_text(json.dumps(info, indent=2))
+            # It holds a 30-day token: 0600 from the first byte, and never seen half-written.
+            private.write_file(endpoints, json.dumps(info, indent=2))
             self._banner(info)
             while not self.stop_requested:
                 supervisor.poll()

@@ -10,7 +10,6 @@ from typing import Any
 import msgspec
 import nats
 
-from baton import permissions
 from baton.bench import procstat
 from baton.bench.http import SseStream, summary_ms
 from baton.bench.stack import Stack
@@ -46,7 +45,13 @@ async def fanout(stack: Stack, clients: int, hz: float, duration: float) -> Resu
                 latencies.append(now - float(msgspec.json.decode(data)["text"]))
 
     readers = [asyncio.create_task(reader(s)) for s in streams]
-    nc = await nats.connect(stack.nats.url, user=permissions.ADMIN, password=stack.admin_password)
+    # As the executor, the one that publishes token deltas: the gateway hears its account only.
+    nc = await nats.connect(
+        stack.nats.url,
+        user="executor",
+        password=stack.passwords["executor"],
+        inbox_prefix=subjects.inbox_prefix("executor"),
+    )
     ticks = int(duration * hz)
     sent = 0
     load0 = procstat.machine()["loadavg"]

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+
+from baton import roles
 
 pytestmark = pytest.mark.e2e
 
@@ -139,3 +145,82 @@ def test_baton_up_refuses_a_bad_policy_file_before_starting_anything(
     assert done.returncode == 2
     assert b"allowed_models" in done.stderr and b"not in any [tiers.*]" in done.stderr
     assert not (data_dir / "endpoints.json").exists()  # nothing was started
+
+
+def _refused(dsn: str, **kwargs: Any) -> bool:
+    """Whether Postgres refuses this connection for want of the right password."""
+
+    async def attempt() -> bool:
+        try:
+            con = await asyncpg.connect(dsn, timeout=5, **kwargs)
+        except asyncpg.InvalidAuthorizationSpecificationError:
+            return True
+        await con.close()
+        return False
+
+    return asyncio.run(attempt())
+
+
+def _as(dsn: str, user: str, password: str | None) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    auth = user if password is None else f"{user}:{urllib.parse.quote(password, safe='')}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{auth}@{parts.hostname}:{parts.port}"))
+
+
+def test_baton_up_keeps_its_secrets_and_its_database_from_other_local_users(
+    data_dir: Path,
+) -> None:
+    old = os.umask(0o022)  # a common umask: the modes below must not come from it
+    try:
+        up = Up(data_dir)
+    finally:
+        os.umask(old)
+    try:
+        mode = {p: stat.S_IMODE(p.stat().st_mode) for p in [data_dir, *data_dir.rglob("*")]}
+        secrets = [
+            data_dir / name
+            for name in (
+                "nats/nats-server.conf",
+                "endpoints.json",
+                "jwt_secret",
+                "postgres.password",
+            )
+        ]
+        logs = sorted((data_dir / "logs").glob("*.log"))
+        assert {p.name for p in logs} >= {"nats.log", "postgres.log", "gateway.log", "policy.log"}
+        for path in [*secrets, *logs, data_dir / "nats_passwords.json"]:
+            assert mode.get(path) == 0o600, f"{path} is {mode.get(path)}"
+        for name in ("logs", "nats", "postgres"):
+            assert mode[data_dir / name] == 0o700, f"{name} is {mode[data_dir / name]:o}"
+        # As root, Postgres runs as its own user, who must pass through the data dir: its group
+        # may search it (no listing, no reading); nobody else may even do that.
+        expected = 0o710 if os.geteuid() == 0 else 0o700
+        assert mode[data_dir] == expected, f"{data_dir} is {mode[data_dir]:o}"
+        # Whatever else lies there, nothing is open to users outside the owner and its group.
+        assert not [p for p, m in mode.items() if m & 0o007], "world-accessible paths"
+
+        database = up.info["database"]
+        assert ":" not in (urllib.parse.urlsplit(database).netloc.split("@")[0])  # no password
+        admin = (data_dir / "postgres.password").read_text().strip()
+        con_dsn = _as(database, "postgres", admin)
+        assert not _refused(con_dsn)
+        socket_dir = asyncio.run(_show(con_dsn, "unix_socket_directories"))
+        port = urllib.parse.urlsplit(database).port
+        for user in ("postgres", *(roles.role(s) for s in roles.SERVICES_WITH_DB)):
+            for password in (None, "", "wrong-password"):
+                assert _refused(_as(database, user, password)), (user, password)
+                assert _refused(_as(database, user, password), host=socket_dir, port=port), (
+                    user,
+                    password,
+                )
+    finally:
+        up.stop()
+
+
+async def _show(dsn: str, setting: str) -> str:
+    con = await asyncpg.connect(dsn)
+    try:
+        value: str = await con.fetchval(f"SHOW {setting}")
+        return value
+    finally:
+        await con.close()

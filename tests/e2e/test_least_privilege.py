@@ -364,3 +364,113 @@ async def test_cancel_works_as_its_own_users_and_only_policy_may_abort_calls(
     assert p.model.calls()[call]["outcome"] == "client_disconnected"
     for service in permissions.SERVICES:
         assert _permission_errors(p, service) == 0, f"{service}\n{p.log_tail()}"
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a trailing ``>`` one or more."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(want) == len(got)
+
+
+def _may_publish(user: str, subject: str) -> bool:
+    publish = permissions.permissions(user)["publish"]
+    allowed = any(_matches(p, subject) for p in publish["allow"])
+    return allowed and not any(_matches(p, subject) for p in publish["deny"])
+
+
+def _concrete(pattern: str) -> str:
+    return ".".join("acme" if t == "*" else t for t in pattern.split(".")).replace(">", "x.y")
+
+
+# Streams the services consume; the dead letters are left out: every service may add to them.
+_TARGET_STREAMS = [s for s in subjects.STREAMS if s.name != subjects.STREAM_DLQ]
+
+
+def _requests(user: str) -> list[tuple[str, bytes]]:
+    """The JetStream API requests the user is allowed, each with a body that gets an answer."""
+    bodies = {
+        "$JS.API.CONSUMER.MSG.NEXT.": b'{"batch":1,"no_wait":true}',
+        "$JS.API.STREAM.MSG.GET.": b'{"seq":1}',
+        "$JS.API.DIRECT.GET.": b'{"seq":1}',
+    }
+    found = []
+    for subject in permissions.permissions(user)["publish"]["allow"]:
+        if subject.startswith("$JS.API.") and "*" not in subject and ">" not in subject:
+            body = next((b for prefix, b in bodies.items() if subject.startswith(prefix)), b"")
+            found.append((subject, body))
+    return found
+
+
+async def _counts(p: Pipeline) -> dict[str, int]:
+    nc = await _connect(p, permissions.ADMIN, [])
+    try:
+        js = nc.jetstream()
+        return {s.name: int((await js.stream_info(s.name)).state.messages) for s in _TARGET_STREAMS}
+    finally:
+        await nc.close()
+
+
+def _own_stream_subjects(user: str) -> list[str]:
+    """One subject of each kind the user publishes that a stream stores."""
+    own = [_concrete(pattern) for pattern in permissions.GRANTS[user].publishes]
+    return [
+        subject
+        for subject in own
+        if any(_matches(pattern, subject) for s in _TARGET_STREAMS for pattern in s.subjects)
+    ]
+
+
+async def test_no_service_gets_the_server_to_write_into_a_stream_it_may_not_publish_to(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    """A reply subject is where the server answers: it must not be a way around a denial (I5).
+
+    Every JetStream request a service is allowed (consumer info, pull, message and direct
+    gets, bucket info) and the PubAck of its own publishes are sent with a reply subject in a
+    stream it may not publish to: the server answers there, and nothing may store that.
+    """
+    p = secure_pipeline
+    # Each service's own publishes, stored once now, so the attack below only repeats them
+    # (a duplicate id is not stored again, but its PubAck still goes to the reply subject).
+    for user in permissions.SERVICES:
+        nc = await _connect(p, user, [])
+        try:
+            for subject in _own_stream_subjects(user):
+                await nc.jetstream(timeout=5).publish(subject, b"{}", headers={"Nats-Msg-Id": user})
+        finally:
+            await nc.close()
+    before = await _counts(p)
+    attempts = 0
+    for user in permissions.SERVICES:
+        targets = [
+            _concrete(pattern)
+            for stream in _TARGET_STREAMS
+            for pattern in stream.subjects
+            if not _may_publish(user, _concrete(pattern))
+        ]
+        assert targets and _requests(user) and _own_stream_subjects(user), user
+        nc = await _connect(p, user, [])
+        try:
+            for target in targets:
+                for subject, body in _requests(user):
+                    await nc.publish(subject, body, reply=target)
+                    attempts += 1
+                for subject in _own_stream_subjects(user):
+                    await nc.publish(subject, b"{}", reply=target, headers={"Nats-Msg-Id": user})
+                    attempts += 1
+            # A request of its own answered: the server has read everything sent before it.
+            info = next(r for r in _requests(user) if ".INFO." in r[0])
+            await nc.request(*info, timeout=5)
+        finally:
+            await nc.close()
+    assert attempts > 50
+    after = before
+    for _ in range(10):  # answers pass through the server's internal queues: give them time
+        await asyncio.sleep(0.1)
+        after = await _counts(p)
+    assert after == before, {n: after[n] - before[n] for n in before if after[n] != before[n]}

@@ -16,7 +16,7 @@ import asyncpg
 import nats
 import pytest
 
-from baton import deploy, permissions
+from baton import accounts, deploy, permissions
 from baton.embedded import _nats_binary, free_port
 from baton.migrate import migrate
 from baton.provision import provision
@@ -35,7 +35,11 @@ def test_the_committed_nats_configs_match_the_permissions() -> None:
 
 def test_helm_values_take_every_password_from_the_secret() -> None:
     values = deploy.helm_values()
-    users = values["config"]["merge"]["authorization"]["users"]
+    merged = values["config"]["merge"]["accounts"]
+    assert merged == accounts.accounts_config(
+        {u: f"<< ${deploy.password_var(u)} >>" for u in (permissions.ADMIN, *permissions.SERVICES)}
+    )
+    users = [user for account in merged.values() for user in account["users"]]
     assert [u["user"] for u in users] == [permissions.ADMIN, *permissions.SERVICES]
     for user in users:
         var = deploy.helm_var(user["password"])
