@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from baton import accounts, permissions
-from shared import subjects
+from shared import subjects, wiring
 
 PASSWORDS = {u: f"pw-{u}" for u in (permissions.ADMIN, *permissions.SERVICES)}
 
@@ -35,7 +35,7 @@ def test_a_service_imports_exactly_its_publish_allow_list_from_the_streams_accou
     exports = {e["service"]: e for e in config[accounts.STREAMS_ACCOUNT]["exports"]}
     assert exports[subjects.exec_task("*", "*")]["accounts"] == ["POLICY"]
     assert exports[subjects.exec_abort("*", "*")]["accounts"] == ["POLICY"]
-    pull = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM_TASKS}.{subjects.EXECUTOR_TASKS.durable}"
+    pull = f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM_TASKS}.{wiring.EXECUTOR_TASKS.durable}"
     assert exports[pull] == {"service": pull, "accounts": ["EXECUTOR"], "response_type": "stream"}
 
 
