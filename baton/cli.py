@@ -1,4 +1,4 @@
-"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, dlq, bench."""
+"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, mcp, dlq, bench."""
 
 from __future__ import annotations
 
@@ -127,6 +127,13 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    from baton import mcp_server
+
+    mcp_server.serve(args.host, args.port, args.ledger, args.port_file)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="baton", description="baton: a chat backend that never loses a message"
@@ -235,6 +242,13 @@ def parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="run the offline Anthropic-compatible model server")
     model.add_argument("rest", nargs=argparse.REMAINDER)
     model.set_defaults(func=_cmd_model)
+
+    mcp = sub.add_parser("mcp", help="run baton's demo MCP server (streamable HTTP)")
+    mcp.add_argument("--host", default="127.0.0.1")
+    mcp.add_argument("--port", type=int, default=0, help="0: a free port")
+    mcp.add_argument("--ledger", type=Path, required=True, help="append-only executions file")
+    mcp.add_argument("--port-file", type=Path, default=None)
+    mcp.set_defaults(func=_cmd_mcp)
     return p
 
 

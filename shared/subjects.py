@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import msgspec
@@ -25,6 +26,7 @@ STREAM_RESULTS = "EXEC_RESULTS"
 STREAM_TOKENS = "CHAT_STREAM"
 STREAM_DLQ = "DEAD_LETTERS"
 STREAM_CANCELS = "CHAT_CANCEL"
+STREAM_TOOLS = "TOOLS"
 
 # ---- subjects ------------------------------------------------------------------------------
 
@@ -81,6 +83,35 @@ def exec_failed(project: str, conversation: str) -> str:
     return f"exec.failed.{project}.{conversation}"
 
 
+def tool_task(project: str, conversation: str) -> str:
+    """Policy alone publishes here (like exec.task): one authorized tool call to run."""
+    return f"tool.task.{project}.{conversation}"
+
+
+def tool_result(project: str, conversation: str) -> str:
+    """The executor (a call ran) and policy (a call refused) publish here."""
+    return f"tool.result.{project}.{conversation}"
+
+
+def tool_approval(project: str, conversation: str) -> str:
+    """The gateway publishes the user's decisions here."""
+    return f"tool.approval.{project}.{conversation}"
+
+
+def tool_started(call_id: str) -> str:
+    """Create-only marker (expected last subject sequence 0): this call was invoked once.
+
+    Call ids are the model's tool_use ids (``toolu_…``); anything unsafe is hashed to a token.
+    """
+    return f"tool.started.{safe_call_token(call_id)}"
+
+
+def safe_call_token(call_id: str) -> str:
+    if is_safe_token(call_id):
+        return call_id
+    return "h" + hashlib.sha256(call_id.encode()).hexdigest()[:40]
+
+
 def token_stream(project: str, conversation: str) -> str:
     return f"chat.stream.{project}.{conversation}"
 
@@ -133,6 +164,8 @@ POLICY_DEADLINES = ConsumerSpec(
 )
 # In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
 EXECUTOR_TASKS = ConsumerSpec(STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
+# Tool calls: few deliveries on purpose (a redelivered started call is reported, not rerun).
+EXECUTOR_TOOLS = ConsumerSpec(STREAM_TOOLS, "executor-tools", "tool.task.>", ack_wait_s=30.0)
 
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     PERSISTER_IN,
@@ -171,6 +204,18 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_DLQ, ("dlq.>",), max_age_s=30 * 24 * 3600.0),
     StreamSpec(STREAM_CANCELS, ("chat.cancel.>",), max_age_s=24 * 3600.0),
 )
+
+# Tool tasks, results, approvals and the create-only "started" markers (kept as long as a task
+# could be redelivered, and then some). Not yet in STREAMS / CONSUMERS: they join them (with
+# their NATS grants) when policy starts publishing tool tasks; tests provision them directly.
+TOOL_STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec(
+        STREAM_TOOLS,
+        ("tool.task.>", "tool.result.>", "tool.approval.>", "tool.started.>"),
+        max_age_s=7 * 24 * 3600.0,
+    ),
+)
+TOOL_CONSUMERS: tuple[ConsumerSpec, ...] = (EXECUTOR_TOOLS,)
 
 # ---- key-value buckets ---------------------------------------------------------------------
 BUCKET_RUNS = "baton_runs"
