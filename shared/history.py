@@ -27,6 +27,9 @@ LIMIT $3
 class Turn(msgspec.Struct, frozen=True):
     role: str
     content: str
+    # Anthropic content blocks when the turn is more than text (tool_use, tool_result); the
+    # text above is then only what windowing counts.
+    blocks: tuple[dict[str, Any], ...] = ()
 
 
 def estimate_tokens(text: str) -> int:

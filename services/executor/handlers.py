@@ -224,6 +224,7 @@ class Handlers:
                         on_text,
                         call_id,
                         abort=call.abort,
+                        tools=core.api_tools(t.tools),
                     )
                 )
                 outcome = await self._outcome(call)
@@ -261,6 +262,8 @@ class Handlers:
                 usage=outcome.usage,
                 **_call_ids(t, call_id),
                 stop_reason=outcome.stop_reason,
+                tool_calls=outcome.tool_calls,
+                round=t.round,
             )
             await settle_pushes()
             await self._publish_outcome(subjects.exec_result(p, c), result)
