@@ -57,8 +57,10 @@ def calculate(expression: str) -> float | int:
     def walk(node: ast.AST) -> float | int:
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value  # type: ignore[no-any-return]
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            if isinstance(node.value, bool):
+                raise ValueError("not a number: a boolean")
+            return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             left, right = walk(node.left), walk(node.right)
             if isinstance(node.op, ast.Pow) and abs(right) > 64:
@@ -82,11 +84,12 @@ class Ledger:
             if entry.get("idempotency_key"):
                 self.by_key.setdefault(entry["idempotency_key"], entry)
 
-    async def execute(self, tool: str, key: str, make: Any) -> dict[str, Any]:
-        """Run ``make()`` once per key (an empty key: every time) and record the execution."""
+    async def execute(self, tool: str, key: str, make: Any) -> tuple[dict[str, Any], bool]:
+        """Run ``make()`` once per key (an empty key: every time) and record the execution;
+        the result, and whether it ran now (False: the key's first result, nothing ran)."""
         async with self.lock:
             if key and key in self.by_key:
-                return dict(self.by_key[key]["result"])
+                return dict(self.by_key[key]["result"]), False
             result: dict[str, Any] = make()
             entry = {"tool": tool, "idempotency_key": key, "result": result, "at": _now()}
             line = json.dumps(entry, sort_keys=True) + "\n"
@@ -99,7 +102,7 @@ class Ledger:
                 os.close(fd)
             if key:
                 self.by_key[key] = entry
-            return result
+            return result, True
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
@@ -141,7 +144,9 @@ def build(ledger_path: Path) -> MCPServer[Any]:
         description="Create a task or reminder for the user, e.g. 'call John'. "
         "Side effect: the task is recorded."
     )
-    async def create_task(title: str, ctx: Context[Any, Any], due: str = "") -> dict[str, Any]:
+    async def create_task(
+        title: str, ctx: Context[Any, Any], due: str = "", reply_after_s: float = 0.0
+    ) -> dict[str, Any]:
         meta = ctx.request_context.meta or {}
         key = str(meta.get(IDEMPOTENCY_META_KEY) or "")[:200]
         if not title.strip():
@@ -150,7 +155,11 @@ def build(ledger_path: Path) -> MCPServer[Any]:
         def make() -> dict[str, Any]:
             return {"task_id": "task_" + uuid.uuid4().hex[:12], "title": title[:500], "due": due}
 
-        return await ledger.execute("create_task", key, make)
+        result, ran = await ledger.execute("create_task", key, make)
+        if ran:
+            # Done, but slow to say so: how tests cut a caller off after the side effect.
+            await asyncio.sleep(max(0.0, min(reply_after_s, 3600.0)))
+        return result
 
     @server.tool(description="Wait the given seconds (at most 3600), then say so. For tests.")
     async def wait(seconds: float) -> str:

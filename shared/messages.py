@@ -314,6 +314,18 @@ class ToolResult(Event, kw_only=True, frozen=True):
     duration_s: float = 0.0
 
 
+class ToolCallRecord(msgspec.Struct, kw_only=True, frozen=True):
+    """The executor's own record of one call on tool.call.<call id>: ``started`` (create-only,
+    before the tool is invoked), then ``finished`` carrying the result that was published."""
+
+    v: int = SCHEMA_VERSION
+    call_id: str
+    state: Literal["started", "finished"]
+    delivery: int  # the task delivery that wrote it
+    at: datetime
+    result: ToolResult | None = None  # with ``finished``
+
+
 class ToolApprovalRequested(Event, kw_only=True, frozen=True):
     """Published by policy on policy.verdict with the run's ``requires_action`` status: one call
     waits for the user. ``event_id`` is ``approval-requested:<call id>``."""

@@ -98,12 +98,11 @@ def tool_approval(project: str, conversation: str) -> str:
     return f"tool.approval.{project}.{conversation}"
 
 
-def tool_started(call_id: str) -> str:
-    """Create-only marker (expected last subject sequence 0): this call was invoked once.
-
-    Call ids are the model's tool_use ids (``toolu_…``); anything unsafe is hashed to a token.
-    """
-    return f"tool.started.{safe_call_token(call_id)}"
+def tool_call_record(call_id: str) -> str:
+    """One call's own record: ``started`` written create-only (expected last subject sequence
+    0) before the tool is invoked, then ``finished`` with its result (expected: the started
+    sequence). Call ids are the model's tool_use ids; an unsafe one is hashed to a token."""
+    return f"tool.call.{safe_call_token(call_id)}"
 
 
 def safe_call_token(call_id: str) -> str:
@@ -205,13 +204,13 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_CANCELS, ("chat.cancel.>",), max_age_s=24 * 3600.0),
 )
 
-# Tool tasks, results, approvals and the create-only "started" markers (kept as long as a task
+# Tool tasks, results, approvals and each call's record (started, finished) (kept as long as a task
 # could be redelivered, and then some). Not yet in STREAMS / CONSUMERS: they join them (with
 # their NATS grants) when policy starts publishing tool tasks; tests provision them directly.
 TOOL_STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         STREAM_TOOLS,
-        ("tool.task.>", "tool.result.>", "tool.approval.>", "tool.started.>"),
+        ("tool.task.>", "tool.result.>", "tool.approval.>", "tool.call.>"),
         max_age_s=7 * 24 * 3600.0,
     ),
 )

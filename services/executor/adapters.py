@@ -210,7 +210,7 @@ class Model:
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=max_tokens,
                 stream=True,
-                **({"tools": tools} if tools else {}),  # type: ignore[arg-type]
+                tools=tools or anthropic.omit,  # type: ignore[arg-type]
                 # Ignored by the API; lets the offline model's ledger be matched call by call.
                 extra_headers=headers or None,
             ) as response:

@@ -100,6 +100,22 @@ class ToolUses:
         return tuple(self.done)
 
 
+def tool_result_text(content: Any, structured: Any = None) -> str:
+    """What a tool returned, as the text of a ``tool_result`` block: its text parts joined;
+    structured content (JSON) when it has no text; other parts (images, …) named only."""
+    texts: list[str] = []
+    for part in content or ():
+        kind = getattr(part, "type", None)
+        text = getattr(part, "text", None)
+        if kind == "text" and isinstance(text, str):
+            texts.append(text)
+        elif kind:
+            texts.append(f"[{kind} content]")
+    if not texts and structured is not None:
+        return msgspec.json.encode(structured).decode()
+    return "\n".join(texts)
+
+
 def assistant_blocks(text: str, calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
     """The assistant turn as API content blocks: its text, then its tool_use blocks.
 
