@@ -132,8 +132,10 @@ class Stack:
             tools_url = f"http://127.0.0.1:{tools_port}/mcp"
             tools = Child(
                 "mcp-tools",
-                [sys.executable, "-m", "baton.mcp_server", "--port", str(tools_port)]
-                + ["--ledger", str(self.data_dir / "mcp-ledger.jsonl")],
+                [
+                    *(sys.executable, "-m", "baton.mcp_server", "--port", str(tools_port)),
+                    *("--ledger", str(self.data_dir / "mcp-ledger.jsonl")),
+                ],
                 dict(os.environ),
                 self.logs / "mcp-tools.log",
             )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 import hashlib
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -162,7 +162,11 @@ class ToolSpec(msgspec.Struct, kw_only=True, frozen=True):
 
     def api(self) -> dict[str, Any]:
         """The Messages API's shape of this tool."""
-        return {"name": self.name, "description": self.description, "input_schema": self.input_schema}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.input_schema,
+        }
 
 
 def input_digest(value: Any) -> str:
@@ -292,7 +296,9 @@ class ToolTask(Event, kw_only=True, frozen=True):
     round: int
     call: ToolCall
     server: str  # the MCP server's name in the policy file
-    idempotent: bool = False  # may a redelivered, already started call run again (with its id as key)?
+    idempotent: bool = (
+        False  # may a redelivered, already started call run again (with its id as key)?
+    )
     timeout_s: float = 30.0
     deadline: datetime | None = None  # past it the executor does not start the call
 
@@ -326,9 +332,30 @@ class ToolCallRecord(msgspec.Struct, kw_only=True, frozen=True):
     result: ToolResult | None = None  # with ``finished``
 
 
+class ToolTurnPersisted(Event, kw_only=True, frozen=True):
+    """Published by the persister on chat.persisted.tool_turn once the model's tool_use turn of a
+    round is stored: the calls as stored (the first model call's, if a redelivered task made a
+    second one) are the ones policy decides on. ``event_id`` is ``persisted:toolturn:<run>:<round>``."""
+
+    run_id: str
+    user_id: str = ""
+    round: int
+    call_id: str  # the model call whose turn was stored
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...]
+    usage: Usage = Usage()  # of every call of the run so far
+
+
+class ToolResultPersisted(Event, kw_only=True, frozen=True):
+    """Published by the persister on chat.persisted.tool_result once a call's result is stored
+    (the first one for the call wins). ``event_id`` is ``persisted:toolresult:<call id>``."""
+
+    result: ToolResult
+
+
 class ToolApprovalRequested(Event, kw_only=True, frozen=True):
-    """Published by policy on policy.verdict with the run's ``requires_action`` status: one call
-    waits for the user. ``event_id`` is ``approval-requested:<call id>``."""
+    """Published by policy on tool.requested with the run's ``requires_action`` status: one
+    call waits for the user. ``event_id`` is ``approval-requested:<call id>``."""
 
     run_id: str
     user_id: str

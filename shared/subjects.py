@@ -93,6 +93,19 @@ def tool_result(project: str, conversation: str) -> str:
     return f"tool.result.{project}.{conversation}"
 
 
+def tool_requested(project: str, conversation: str) -> str:
+    """Policy publishes here: a call waits for the user's approval (pushed to clients)."""
+    return f"tool.requested.{project}.{conversation}"
+
+
+def persisted_tool_turn(project: str, conversation: str) -> str:
+    return f"chat.persisted.tool_turn.{project}.{conversation}"
+
+
+def persisted_tool_result(project: str, conversation: str) -> str:
+    return f"chat.persisted.tool_result.{project}.{conversation}"
+
+
 def tool_approval(project: str, conversation: str) -> str:
     """The gateway publishes the user's decisions here."""
     return f"tool.approval.{project}.{conversation}"
@@ -210,11 +223,12 @@ STREAMS: tuple[StreamSpec, ...] = (
 TOOL_STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         STREAM_TOOLS,
-        ("tool.task.>", "tool.result.>", "tool.approval.>", "tool.call.>"),
+        ("tool.task.>", "tool.result.>", "tool.requested.>", "tool.approval.>", "tool.call.>"),
         max_age_s=7 * 24 * 3600.0,
     ),
 )
-TOOL_CONSUMERS: tuple[ConsumerSpec, ...] = (EXECUTOR_TOOLS,)
+PERSISTER_TOOL_RESULTS = ConsumerSpec(STREAM_TOOLS, "persister-tool-results", "tool.result.>")
+TOOL_CONSUMERS: tuple[ConsumerSpec, ...] = (EXECUTOR_TOOLS, PERSISTER_TOOL_RESULTS)
 
 # ---- key-value buckets ---------------------------------------------------------------------
 BUCKET_RUNS = "baton_runs"

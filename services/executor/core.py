@@ -7,10 +7,10 @@ from typing import Any
 import anthropic
 import msgspec
 
-from shared.history import Turn, estimate_tokens, newest_within
+from shared.history import Turn, assistant_blocks, estimate_tokens, newest_within
 from shared.messages import ErrorClass, ToolCall, ToolSpec, input_digest
 
-__all__ = ["Turn", "estimate_tokens"]
+__all__ = ["Turn", "assistant_blocks", "estimate_tokens"]
 
 
 def build_messages(history: list[Turn], budget_tokens: int) -> list[dict[str, Any]]:
@@ -114,19 +114,6 @@ def tool_result_text(content: Any, structured: Any = None) -> str:
     if not texts and structured is not None:
         return msgspec.json.encode(structured).decode()
     return "\n".join(texts)
-
-
-def assistant_blocks(text: str, calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
-    """The assistant turn as API content blocks: its text, then its tool_use blocks.
-
-    An input that is not a JSON object (malformed model output) is sent back as ``{}``, as
-    the API accepts only objects; its tool_result says why it did not run.
-    """
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-    for c in calls:
-        value = c.input if isinstance(c.input, dict) else {}
-        blocks.append({"type": "tool_use", "id": c.id, "name": c.name, "input": value})
-    return blocks
 
 
 def system_blocks(prompt: str) -> list[dict[str, Any]]:

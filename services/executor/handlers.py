@@ -115,7 +115,12 @@ class Handlers:
             # The abort mark and the history are read together: one wait instead of two in a row.
             aborted, history = await asyncio.gather(
                 self._was_aborted(t),
-                self.history.upto(t.conversation_id, t.message_id, self.settings.context_messages),
+                self.history.upto(
+                    t.conversation_id,
+                    t.message_id,
+                    self.settings.context_messages,
+                    tools=bool(t.tools),  # tool exchanges only where tools are offered
+                ),
             )
             if aborted:
                 self.aborted.labels("before_call").inc()

@@ -90,7 +90,9 @@ class McpTools:
             except BaseException as exc:  # closing a broken session must not hide the outcome
                 if isinstance(exc, asyncio.CancelledError):
                     raise
-        return bool(result.is_error), core.tool_result_text(result.content, result.structured_content)
+        return bool(result.is_error), core.tool_result_text(
+            result.content, result.structured_content
+        )
 
 
 IDEMPOTENCY_KEY = "idempotency_key"  # the _meta key baton's MCP server honours (docs/tools.md)
@@ -116,7 +118,9 @@ class ToolRunner:
         delivery = msg.metadata.num_delivered
         started_seq = 0
         record_subject = subjects.tool_call_record(t.call.id)
-        if m.input_digest(t.call.input) != t.call.input_digest or not isinstance(t.call.input, dict):
+        if m.input_digest(t.call.input) != t.call.input_digest or not isinstance(
+            t.call.input, dict
+        ):
             # Never run arguments other than the ones authorized (I8).
             result = self._result(t, "invalid", "the call's input does not match its digest")
             await self._publish(t, result)
@@ -239,7 +243,11 @@ class ToolRunner:
         In this order, a crash between the two republishes the same result on redelivery.
         """
         record = m.ToolCallRecord(
-            call_id=t.call.id, state="finished", delivery=delivery, at=datetime.now(UTC), result=result
+            call_id=t.call.id,
+            state="finished",
+            delivery=delivery,
+            at=datetime.now(UTC),
+            result=result,
         )
         try:
             await self.bus.publish(
@@ -260,7 +268,9 @@ class ToolRunner:
         self.calls.labels(t.call.name, result.outcome).inc()
         try:
             await self.bus.publish(
-                subjects.tool_result(t.project_id, t.conversation_id), result, msg_id=result.event_id
+                subjects.tool_result(t.project_id, t.conversation_id),
+                result,
+                msg_id=result.event_id,
             )
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             raise Transient(f"tool result not published: {exc!r}") from exc

@@ -300,11 +300,15 @@ def _check_tools(t: Tools) -> str:
             return f"{where}.env: only a stdio command has an environment"
         for tool, rule in server.tools.items():
             if tool in seen:
-                return f"{where}.tools.{tool}: tool {tool!r} is also offered by server {seen[tool]!r}"
+                return (
+                    f"{where}.tools.{tool}: tool {tool!r} is also offered by server {seen[tool]!r}"
+                )
             seen[tool] = name
             schema = rule.input_schema
             if schema is not None and schema.get("type") != "object":
-                return f'{where}.tools.{tool}.input_schema: must be a JSON Schema with type "object"'
+                return (
+                    f'{where}.tools.{tool}.input_schema: must be a JSON Schema with type "object"'
+                )
     return ""
 
 

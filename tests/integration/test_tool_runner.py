@@ -48,7 +48,10 @@ async def bus(infra: Infra) -> AsyncIterator[Bus]:
 
 def _task(tool: str, args: Any, *, idempotent: bool = False, timeout_s: float = 10.0) -> m.ToolTask:
     call = m.ToolCall(
-        id="toolu_" + uuid.uuid4().hex[:24], name=tool, input=args, input_digest=m.input_digest(args)
+        id="toolu_" + uuid.uuid4().hex[:24],
+        name=tool,
+        input=args,
+        input_digest=m.input_digest(args),
     )
     return m.ToolTask(
         event_id=f"tooltask:{call.id}",
