@@ -78,7 +78,7 @@ class _ContentBlock(msgspec.Struct):
 
 
 class _BlockStart(msgspec.Struct):
-    content_block: _ContentBlock
+    content_block: _ContentBlock | None = None  # only tool_use blocks are read
     index: int = 0
 
 
@@ -235,7 +235,7 @@ class Model:
                     elif event == b"content_block_start":
                         start = _block_start.decode(data)
                         block = start.content_block
-                        if block.type == "tool_use":
+                        if block is not None and block.type == "tool_use":
                             uses.start(start.index, block.id, block.name, block.input)
                     elif event == b"content_block_stop":
                         uses.stop(_block_stop.decode(data).index)
