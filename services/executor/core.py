@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import msgspec
@@ -98,6 +98,32 @@ class ToolUses:
     def calls(self) -> tuple[ToolCall, ...]:
         """The finished calls in stream order (a block never stopped is not a call)."""
         return tuple(self.done)
+
+
+ToolStep = Literal["invalid", "republish", "expired", "start", "rerun", "unknown"]
+
+
+def tool_step(
+    recorded: Literal["none", "started", "finished"],
+    idempotent: bool,
+    digest_matches: bool,
+    expired: bool,
+) -> ToolStep:
+    """What one delivery of a tool task does, from the call's own record (I8).
+
+    ``invalid``: the input is not what was authorized, never run. ``republish``: it finished
+    before, send that result again. ``expired``: not started and past its deadline. ``start``:
+    never started, write ``started`` and run it. ``rerun``: started, never finished, and
+    idempotent: run again with the call id as key. ``unknown``: started, never finished, not
+    idempotent: it may have run, so it is not run again.
+    """
+    if not digest_matches:
+        return "invalid"
+    if recorded == "finished":
+        return "republish"
+    if recorded == "started":
+        return "rerun" if idempotent else "unknown"
+    return "expired" if expired else "start"
 
 
 def tool_result_text(content: Any, structured: Any = None) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import nats.errors
@@ -98,6 +98,14 @@ class McpTools:
 IDEMPOTENCY_KEY = "idempotency_key"  # the _meta key baton's MCP server honours (docs/tools.md)
 
 
+def _state(last: tuple[m.ToolCallRecord, int] | None) -> Literal["none", "started", "finished"]:
+    """The call's record as ``core.tool_step`` reads it (a finished record without its result
+    counts as started only: nothing to republish)."""
+    if last is None:
+        return "none"
+    return "finished" if last[0].state == "finished" and last[0].result is not None else "started"
+
+
 class ToolRunner:
     """The inbound edge for ``tool.task.>`` (durable ``executor-tools``)."""
 
@@ -116,48 +124,51 @@ class ToolRunner:
 
     async def task(self, t: m.ToolTask, msg: Msg) -> str:
         delivery = msg.metadata.num_delivered
-        started_seq = 0
-        record_subject = subjects.tool_call_record(t.call.id)
-        if m.input_digest(t.call.input) != t.call.input_digest or not isinstance(
+        subject = subjects.tool_call_record(t.call.id)
+        valid = m.input_digest(t.call.input) == t.call.input_digest and isinstance(
             t.call.input, dict
-        ):
-            # Never run arguments other than the ones authorized (I8).
-            result = self._result(t, "invalid", "the call's input does not match its digest")
-            await self._publish(t, result)
-            return "invalid"
-        last = await self._last_record(record_subject)
-        if last is not None and last[0].state == "finished" and last[0].result is not None:
-            # Finished before (the ack of that delivery was lost): the same result again.
-            await self._publish(t, last[0].result)
-            return "republished"
-        if last is None:
-            if t.deadline is not None and datetime.now(UTC) > t.deadline:
-                result = self._result(t, "timeout", "not started: the run's deadline passed")
-                await self._publish(t, result)
-                return "expired"
-            mine = await self._mark_started(t, record_subject, delivery)
-            if mine is not None:
-                started_seq = mine
-            else:
-                last = await self._last_record(record_subject)  # another delivery won the race
+        )
+        last = await self._last_record(subject) if valid else None
+        expired = t.deadline is not None and datetime.now(UTC) > t.deadline
+        step = core.tool_step(_state(last), t.idempotent, valid, expired)
+        if step == "start":
+            seq = await self._mark_started(t, subject, delivery)
+            if seq is None:
+                # Another delivery wrote ``started`` between our read and our write.
+                last = await self._last_record(subject)
                 if last is None:
                     raise Transient("the call's started record was not readable")
-        if last is not None:
-            started_seq = last[1]
-            if not t.idempotent:
-                # Started by an earlier delivery that never finished: it may have run. Running
-                # it again could do it twice, so the outcome is reported as unknown (I8).
-                result = self._result(
-                    t,
-                    "unknown",
-                    "the outcome of this call is unknown: it was started once and interrupted; "
-                    "it was not run again because the tool is not idempotent",
+                step = core.tool_step(_state(last), t.idempotent, valid, expired)
+            else:
+                last = (
+                    m.ToolCallRecord(
+                        call_id=t.call.id, state="started", delivery=delivery, at=datetime.now(UTC)
+                    ),
+                    seq,
                 )
-                await self._finish(t, record_subject, started_seq, delivery, result)
-                return "unknown"
-        result = await self._invoke(t)
-        await self._finish(t, record_subject, started_seq, delivery, result)
-        return result.outcome
+        if step == "invalid":
+            # Never run arguments other than the ones authorized (I8).
+            bad = "the call's input does not match its authorized digest (or is not an object)"
+            await self._publish(t, self._result(t, "invalid", bad))
+        elif step == "expired":
+            await self._publish(t, self._result(t, "timeout", "not started: the deadline passed"))
+        elif step == "republish":
+            # Finished before (the ack of that delivery was lost): the same result again.
+            assert last is not None and last[0].result is not None
+            await self._publish(t, last[0].result)
+        elif step == "unknown":
+            assert last is not None
+            unknown = self._result(
+                t,
+                "unknown",
+                "the outcome of this call is unknown: it was started once and interrupted; "
+                "it was not run again because the tool is not idempotent",
+            )
+            await self._finish(t, subject, last[1], delivery, unknown)
+        else:  # start (this delivery wrote ``started``) or rerun (idempotent, with its key)
+            assert last is not None
+            await self._finish(t, subject, last[1], delivery, await self._invoke(t))
+        return step
 
     async def _invoke(self, t: m.ToolTask) -> m.ToolResult:
         started = time.perf_counter()

@@ -266,3 +266,74 @@ async def test_the_ledger_runs_a_key_once_and_remembers_it_after_a_restart(tmp_p
     restarted = Ledger(path)
     assert await restarted.execute("create_task", "k1", make) == ({"n": 0}, False)
     assert [e["result"]["n"] for e in read_ledger(path)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("recorded", "idempotent", "digest_matches", "expired", "step"),
+    [
+        ("none", False, True, False, "start"),
+        ("none", True, True, False, "start"),
+        ("none", False, True, True, "expired"),
+        ("started", False, True, False, "unknown"),  # may have run: never twice
+        ("started", True, True, False, "rerun"),  # with the call id as idempotency key
+        ("started", True, True, True, "rerun"),  # it started in time
+        ("finished", False, True, False, "republish"),
+        ("finished", True, True, True, "republish"),
+        ("none", True, False, False, "invalid"),
+        ("started", True, False, False, "invalid"),
+        ("finished", True, False, False, "invalid"),
+    ],
+)
+def test_what_a_tool_task_delivery_does(
+    recorded: Any, idempotent: bool, digest_matches: bool, expired: bool, step: str
+) -> None:
+    assert core.tool_step(recorded, idempotent, digest_matches, expired) == step
+
+
+def test_only_a_tool_use_stop_with_calls_is_a_tool_turn() -> None:
+    from services.persister.core import is_tool_turn
+
+    call = m.ToolCall(id="t", name="x", input={}, input_digest=m.input_digest({}))
+    base = m.ExecResult(
+        event_id="e", message_id="m", conversation_id="c", project_id="p", task_id="t",
+        call_id="c1", run_id="r", attempt=1, model="m", text="", usage=m.Usage(),
+        prices=m.Prices(),
+    )  # fmt: skip
+    assert is_tool_turn(msgspec.structs.replace(base, stop_reason="tool_use", tool_calls=(call,)))
+    assert not is_tool_turn(msgspec.structs.replace(base, stop_reason="tool_use"))
+    assert not is_tool_turn(
+        msgspec.structs.replace(base, stop_reason="max_tokens", tool_calls=(call,))
+    )
+    assert not is_tool_turn(base)
+
+
+TOOL_BUILDERS = [subjects.tool_task, subjects.tool_result, subjects.tool_requested,
+                 subjects.tool_approval]  # fmt: skip
+
+
+@pytest.mark.parametrize("build", TOOL_BUILDERS, ids=lambda b: b.__name__)
+def test_tool_subjects_are_captured_by_the_tools_stream_and_no_other(build: Any) -> None:
+    from tests.unit.test_shared import covers
+
+    subject = build("acme", "c1")
+    streams = [*subjects.STREAMS, *subjects.TOOL_STREAMS]
+    assert [s.name for s in streams if any(covers(p, subject) for p in s.subjects)] == ["TOOLS"]
+    record = subjects.tool_call_record("toolu_1")
+    assert [s.name for s in streams if any(covers(p, record) for p in s.subjects)] == ["TOOLS"]
+
+
+@pytest.mark.parametrize("build", [subjects.persisted_tool_turn, subjects.persisted_tool_result])
+def test_persisted_tool_subjects_are_never_read_as_user_or_assistant_messages(build: Any) -> None:
+    subject = build("acme", "c1")
+    assert subject.startswith("chat.persisted.")
+    assert not subject.startswith(
+        (subjects.PREFIX_PERSISTED_USER, subjects.PREFIX_PERSISTED_ASSISTANT)
+    )
+    from tests.unit.test_shared import covers
+
+    for spec in (subjects.AGENT_IN, subjects.POLICY_OUTCOMES):
+        assert not covers(spec.filter_subject, subject)
+    from services.gateway.core import push_event
+
+    assert any(covers(p, subject) for p in subjects.PUSH_SUBJECTS)
+    assert push_event(subject, b"{}") is None  # the gateway hears it and pushes nothing
