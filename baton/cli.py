@@ -130,7 +130,10 @@ def _cmd_model(args: argparse.Namespace) -> int:
 def _cmd_mcp(args: argparse.Namespace) -> int:
     from baton import mcp_server
 
-    mcp_server.serve(args.host, args.port, args.ledger, args.port_file)
+    if args.stdio:
+        mcp_server.serve_stdio(args.ledger)
+    else:
+        mcp_server.serve(args.host, args.port, args.ledger, args.port_file)
     return 0
 
 
@@ -248,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
     mcp.add_argument("--port", type=int, default=0, help="0: a free port")
     mcp.add_argument("--ledger", type=Path, required=True, help="append-only executions file")
     mcp.add_argument("--port-file", type=Path, default=None)
+    mcp.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout instead")
     mcp.set_defaults(func=_cmd_mcp)
     return p
 

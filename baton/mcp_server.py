@@ -90,7 +90,8 @@ class Ledger:
         async with self.lock:
             if key and key in self.by_key:
                 return dict(self.by_key[key]["result"]), False
-            result: dict[str, Any] = make()
+            # As stored (sorted keys), so a repeat of the key answers byte for byte the same.
+            result: dict[str, Any] = json.loads(json.dumps(make(), sort_keys=True))
             entry = {"tool": tool, "idempotency_key": key, "result": result, "at": _now()}
             line = json.dumps(entry, sort_keys=True) + "\n"
             # One write per line with O_APPEND, flushed before the caller hears of it.
@@ -188,14 +189,23 @@ def serve(host: str, port: int, ledger: Path, port_file: Path | None = None) -> 
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def serve_stdio(ledger: Path) -> None:
+    """Serve one client over stdin/stdout (the client starts this process)."""
+    build(ledger).run("stdio")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="baton mcp", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--ledger", type=Path, required=True, help="append-only executions file")
     parser.add_argument("--port-file", type=Path, default=None)
+    parser.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.ledger, args.port_file)
+    if args.stdio:
+        serve_stdio(args.ledger)
+    else:
+        serve(args.host, args.port, args.ledger, args.port_file)
 
 
 class MCPServerProcess:

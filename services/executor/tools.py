@@ -37,11 +37,17 @@ class McpTools:
     """Calls tools on MCP servers with the official ``mcp`` client (streamable HTTP or stdio).
 
     ``servers`` maps a server's name (as policy names it in the task) to its URL, or to a
-    stdio command line. A session per call: simple, and no state survives a crash.
+    stdio command line (``envs``: extra environment per stdio server). A session per call:
+    simple, and no state survives a crash.
     """
 
-    def __init__(self, servers: dict[str, str | list[str]]) -> None:
+    def __init__(
+        self,
+        servers: dict[str, str | list[str]],
+        envs: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.servers = servers
+        self.envs = envs or {}
 
     def _target(self, server: str) -> Any:
         from mcp import StdioServerParameters
@@ -50,7 +56,8 @@ class McpTools:
         if where is None:
             raise Unreachable(f"no MCP server {server!r} is configured")
         if isinstance(where, list):
-            return StdioServerParameters(command=where[0], args=where[1:])
+            env = self.envs.get(server)
+            return StdioServerParameters(command=where[0], args=where[1:], env=env or None)
         return where
 
     async def call(

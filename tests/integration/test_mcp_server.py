@@ -86,3 +86,21 @@ async def test_baton_mcp_command_serves_on_the_port_it_is_given(tmp_path: object
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_a_stdio_server_is_called_through_the_executors_client(tmp_path: object) -> None:
+    import sys
+    from pathlib import Path
+
+    from baton.mcp_server import read_ledger
+    from services.executor.tools import McpTools
+
+    ledger = Path(str(tmp_path)) / "ledger.jsonl"
+    command = [sys.executable, "-m", "baton.mcp_server", "--stdio", "--ledger", str(ledger)]
+    repo = str(Path(__file__).resolve().parents[2])
+    tools = McpTools({"local": command}, {"local": {"PYTHONPATH": repo}})
+    is_error, text = await tools.call("local", "create_task", {"title": "over stdio"}, "k-1", 30)
+    again = await tools.call("local", "create_task", {"title": "over stdio"}, "k-1", 30)
+    assert not is_error and "over stdio" in text
+    assert again == (False, text)  # a new process, the same key: the ledger answers
+    assert [e["idempotency_key"] for e in read_ledger(ledger)] == ["k-1"]
