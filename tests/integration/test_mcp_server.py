@@ -4,11 +4,14 @@ executions it records, and the idempotency key it honours (also across a restart
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from mcp import Client
 
 from baton.mcp_server import MCPServerProcess
+
+REPO = str(Path(__file__).resolve().parents[2])  # the stdio child imports this checkout
 
 
 @pytest.fixture
@@ -66,7 +69,6 @@ async def test_the_same_idempotency_key_gives_the_same_result_and_no_second_exec
 async def test_baton_mcp_command_serves_on_the_port_it_is_given(tmp_path: object) -> None:
     import asyncio
     import sys
-    from pathlib import Path
 
     from baton.embedded import free_port
 
@@ -90,15 +92,13 @@ async def test_baton_mcp_command_serves_on_the_port_it_is_given(tmp_path: object
 
 async def test_a_stdio_server_is_called_through_the_executors_client(tmp_path: object) -> None:
     import sys
-    from pathlib import Path
 
     from baton.mcp_server import read_ledger
     from services.executor.tools import McpTools
 
     ledger = Path(str(tmp_path)) / "ledger.jsonl"
     command = [sys.executable, "-m", "baton.mcp_server", "--stdio", "--ledger", str(ledger)]
-    repo = str(Path(__file__).resolve().parents[2])
-    tools = McpTools({"local": command}, {"local": {"PYTHONPATH": repo}})
+    tools = McpTools({"local": command}, {"local": {"PYTHONPATH": REPO}})
     is_error, text = await tools.call("local", "create_task", {"title": "over stdio"}, "k-1", 30)
     again = await tools.call("local", "create_task", {"title": "over stdio"}, "k-1", 30)
     assert not is_error and "over stdio" in text
