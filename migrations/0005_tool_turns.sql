@@ -14,9 +14,9 @@ CREATE TABLE tool_turns (
 );
 CREATE INDEX tool_turns_reply_to ON tool_turns (reply_to);
 
--- One result per tool call (the model's tool_use id): the first stored wins.
+-- One result per tool call (the run and the model's tool_use id): the first stored wins.
 CREATE TABLE tool_results (
-    tool_use_id   text PRIMARY KEY,
+    tool_use_id   text NOT NULL,
     run_id        text NOT NULL,
     round         int NOT NULL,
     name          text NOT NULL,
@@ -24,6 +24,7 @@ CREATE TABLE tool_results (
     is_error      boolean NOT NULL,
     content       text NOT NULL,
     input_digest  text NOT NULL DEFAULT '',
-    created_at    timestamptz NOT NULL DEFAULT now()
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, tool_use_id)
 );
 CREATE INDEX tool_results_run ON tool_results (run_id, round);

@@ -169,6 +169,12 @@ class ToolSpec(msgspec.Struct, kw_only=True, frozen=True):
         }
 
 
+def call_key(run_id: str, call_id: str) -> str:
+    """What ids of a tool call derive from: its run and the model's tool_use id, so a model that
+    repeated an id in another run could never reach that run's call, result or approval."""
+    return f"{run_id}:{call_id}"
+
+
 def input_digest(value: Any) -> str:
     """sha256 (hex) of the canonical JSON of a tool call's input: sorted keys, no spaces."""
     return hashlib.sha256(canonical_json(value)).hexdigest()
@@ -287,7 +293,7 @@ class RunDeadline(Event, kw_only=True, frozen=True):
 class ToolTask(Event, kw_only=True, frozen=True):
     """Published by policy alone on tool.task: run one authorized tool call once.
 
-    ``event_id`` is ``tooltask:<call id>``; ``input`` is exactly what was authorized (its digest
+    ``event_id`` is ``tooltask:<call key>``; ``input`` is exactly what was authorized (its digest
     is checked again by the executor before it runs anything).
     """
 
@@ -296,9 +302,8 @@ class ToolTask(Event, kw_only=True, frozen=True):
     round: int
     call: ToolCall
     server: str  # the MCP server's name in the policy file
-    idempotent: bool = (
-        False  # may a redelivered, already started call run again (with its id as key)?
-    )
+    # May a redelivered, already started call run again (with its call id as key)?
+    idempotent: bool = False
     timeout_s: float = 30.0
     deadline: datetime | None = None  # past it the executor does not start the call
 
@@ -306,7 +311,7 @@ class ToolTask(Event, kw_only=True, frozen=True):
 class ToolResult(Event, kw_only=True, frozen=True):
     """Published on tool.result by the executor (a call ran, or its outcome is unknown) or by
     policy (``denied`` / ``over_limit`` / ``invalid``): what goes back to the model as the
-    ``tool_result`` block of ``call_id``. ``event_id`` is ``toolresult:<call id>``."""
+    ``tool_result`` block of ``call_id``. ``event_id`` is ``toolresult:<call key>``."""
 
     run_id: str
     round: int
@@ -348,14 +353,14 @@ class ToolTurnPersisted(Event, kw_only=True, frozen=True):
 
 class ToolResultPersisted(Event, kw_only=True, frozen=True):
     """Published by the persister on chat.persisted.tool_result once a call's result is stored
-    (the first one for the call wins). ``event_id`` is ``persisted:toolresult:<call id>``."""
+    (the first one for the call wins). ``event_id`` is ``persisted:toolresult:<call key>``."""
 
     result: ToolResult
 
 
 class ToolApprovalRequested(Event, kw_only=True, frozen=True):
     """Published by policy on tool.requested with the run's ``requires_action`` status: one
-    call waits for the user. ``event_id`` is ``approval-requested:<call id>``."""
+    call waits for the user. ``event_id`` is ``approval-requested:<call key>``."""
 
     run_id: str
     user_id: str
@@ -367,7 +372,7 @@ class ToolApprovalRequested(Event, kw_only=True, frozen=True):
 
 class ToolApprovalDecided(Event, kw_only=True, frozen=True):
     """Published by the gateway on tool.approval: the user's answer for one call. It authorizes
-    only the arguments whose digest it carries. ``event_id`` is ``approval:<call id>``, so a
+    only the arguments whose digest it carries. ``event_id`` is ``approval:<call key>``, so a
     repeat is a duplicate, never a second decision."""
 
     run_id: str

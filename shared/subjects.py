@@ -111,17 +111,12 @@ def tool_approval(project: str, conversation: str) -> str:
     return f"tool.approval.{project}.{conversation}"
 
 
-def tool_call_record(call_id: str) -> str:
+def tool_call_record(run_id: str, call_id: str) -> str:
     """One call's own record: ``started`` written create-only (expected last subject sequence
     0) before the tool is invoked, then ``finished`` with its result (expected: the started
-    sequence). Call ids are the model's tool_use ids; an unsafe one is hashed to a token."""
-    return f"tool.call.{safe_call_token(call_id)}"
-
-
-def safe_call_token(call_id: str) -> str:
-    if is_safe_token(call_id):
-        return call_id
-    return "h" + hashlib.sha256(call_id.encode()).hexdigest()[:40]
+    sequence). Keyed by run and tool_use id, hashed into one safe token."""
+    digest = hashlib.sha256(f"{run_id}\0{call_id}".encode()).hexdigest()[:40]
+    return f"tool.call.{digest}"
 
 
 def token_stream(project: str, conversation: str) -> str:

@@ -131,7 +131,7 @@ class ToolRunner:
 
     async def task(self, t: m.ToolTask, msg: Msg) -> str:
         delivery = msg.metadata.num_delivered
-        subject = subjects.tool_call_record(t.call.id)
+        subject = subjects.tool_call_record(t.run_id, t.call.id)
         valid = m.input_digest(t.call.input) == t.call.input_digest and isinstance(
             t.call.input, dict
         )
@@ -208,7 +208,7 @@ class ToolRunner:
         duration_s: float = 0.0,
     ) -> m.ToolResult:
         return m.ToolResult(
-            event_id=f"toolresult:{t.call.id}",
+            event_id=f"toolresult:{m.call_key(t.run_id, t.call.id)}",
             message_id=t.message_id,
             conversation_id=t.conversation_id,
             project_id=t.project_id,
@@ -244,7 +244,7 @@ class ToolRunner:
                 record,
                 # Per delivery: a retried publish of this delivery is a duplicate (ours), while
                 # an earlier delivery's record fails the expected-sequence check.
-                msg_id=f"started:{t.call.id}:{delivery}",
+                msg_id=f"started:{m.call_key(t.run_id, t.call.id)}:{delivery}",
                 headers={EXPECTED_LAST_SUBJECT_SEQ: "0"},
             )
         except nats.js.errors.APIError as exc:
@@ -271,7 +271,7 @@ class ToolRunner:
             await self.bus.publish(
                 subject,
                 record,
-                msg_id=f"finished:{t.call.id}",
+                msg_id=f"finished:{m.call_key(t.run_id, t.call.id)}",
                 headers={EXPECTED_LAST_SUBJECT_SEQ: str(started_seq)},
             )
         except nats.js.errors.APIError as exc:

@@ -42,13 +42,13 @@ INSERT_TOOL_RESULT = """
 INSERT INTO tool_results (tool_use_id, run_id, round, name, outcome, is_error, content,
                           input_digest)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (tool_use_id) DO NOTHING
+ON CONFLICT (run_id, tool_use_id) DO NOTHING
 RETURNING tool_use_id
 """
 
 SELECT_TOOL_RESULT = """
 SELECT tool_use_id, run_id, round, name, outcome, is_error, content, input_digest
-FROM tool_results WHERE tool_use_id = $1
+FROM tool_results WHERE run_id = $1 AND tool_use_id = $2
 """
 
 
@@ -566,7 +566,7 @@ class Store:
             )
             if won is not None:
                 return r, True
-            row = await con.fetchrow(SELECT_TOOL_RESULT, r.call_id)
+            row = await con.fetchrow(SELECT_TOOL_RESULT, r.run_id, r.call_id)
         return (
             msgspec.structs.replace(
                 r,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from shared.messages import ExecResult, ReplyKind, RunStatus
+from shared.messages import ExecResult, ReplyKind, RunStatus, call_key
 
 # Assistant message ids derive from the run, so a replayed result maps to the same row.
 ASSISTANT_NS = uuid.UUID("0b7f3c56-5d8e-4c7e-9a59-6a1f2c9e7d10")
@@ -49,5 +49,5 @@ def tool_turn_event_id(run_id: str, round_: int) -> str:
     return f"persisted:toolturn:{run_id}:{round_}"
 
 
-def tool_result_event_id(call_id: str) -> str:
-    return f"persisted:toolresult:{call_id}"
+def tool_result_event_id(run_id: str, call_id: str) -> str:
+    return f"persisted:toolresult:{call_key(run_id, call_id)}"

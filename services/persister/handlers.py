@@ -204,7 +204,7 @@ class Handlers:
         """A tool call's result, stored once, then announced (policy continues the run on it)."""
         stored, inserted = await self.store.store_tool_result(r)
         event = m.ToolResultPersisted(
-            event_id=core.tool_result_event_id(r.call_id),
+            event_id=core.tool_result_event_id(r.run_id, r.call_id),
             message_id=r.message_id,
             conversation_id=r.conversation_id,
             project_id=r.project_id,

@@ -46,19 +46,27 @@ async def bus(infra: Infra) -> AsyncIterator[Bus]:
     await b.close()
 
 
-def _task(tool: str, args: Any, *, idempotent: bool = False, timeout_s: float = 10.0) -> m.ToolTask:
+def _task(
+    tool: str,
+    args: Any,
+    *,
+    idempotent: bool = False,
+    timeout_s: float = 10.0,
+    run_id: str = "run-1",
+    call_id: str = "",
+) -> m.ToolTask:
     call = m.ToolCall(
-        id="toolu_" + uuid.uuid4().hex[:24],
+        id=call_id or "toolu_" + uuid.uuid4().hex[:24],
         name=tool,
         input=args,
         input_digest=m.input_digest(args),
     )
     return m.ToolTask(
-        event_id=f"tooltask:{call.id}",
+        event_id=f"tooltask:{m.call_key(run_id, call.id)}",
         message_id=str(uuid.uuid4()),
         conversation_id=str(uuid.uuid4()),
         project_id="p1",
-        run_id="run-1",
+        run_id=run_id,
         user_id="u1",
         round=1,
         call=call,
@@ -73,8 +81,10 @@ async def _publish(bus: Bus, t: m.ToolTask, msg_id: str = "") -> None:
     await bus.publish(subject, t, msg_id=msg_id or t.event_id)
 
 
-async def _results(bus: Bus, call_id: str, at_least: int = 1) -> list[m.ToolResult]:
-    """Every ToolResult of ``call_id`` in the stream (waits for ``at_least``)."""
+async def _results(
+    bus: Bus, call_id: str, at_least: int = 1, run_id: str = "run-1"
+) -> list[m.ToolResult]:
+    """Every ToolResult of ``call_id`` in ``run_id`` in the stream (waits for ``at_least``)."""
 
     async def read() -> list[m.ToolResult] | None:
         sub = await bus.js.subscribe("tool.result.>", ordered_consumer=True)
@@ -86,7 +96,7 @@ async def _results(bus: Bus, call_id: str, at_least: int = 1) -> list[m.ToolResu
                 except (TimeoutError, nats.errors.TimeoutError):
                     break
                 r = msgspec.json.decode(msg.data, type=m.ToolResult)
-                if r.call_id == call_id:
+                if (r.run_id, r.call_id) == (run_id, call_id):
                     found.append(r)
         finally:
             await sub.unsubscribe()
@@ -145,7 +155,7 @@ async def test_an_auto_call_runs_once_and_reports_the_tools_result(
     result = await _run_one(bus, _runner(bus, mcp_server.url), t)
     assert (result.outcome, result.is_error, result.executions) == ("ok", False, 1)
     assert "call John" in result.content
-    assert result.event_id == f"toolresult:{t.call.id}"
+    assert result.event_id == f"toolresult:run-1:{t.call.id}"
     assert result.input_digest == t.call.input_digest
     runs = mcp_server.executions()[before:]
     assert [e["idempotency_key"] for e in runs] == [""]  # a key only for idempotent tools
@@ -247,3 +257,20 @@ async def test_a_task_past_its_deadline_is_not_started(
     result = await _run_one(bus, _runner(bus, mcp_server.url), late)
     assert (result.outcome, result.executions) == ("timeout", 0)
     assert len(mcp_server.executions()) == before
+
+
+async def test_a_tool_use_id_repeated_in_another_run_is_another_call(
+    bus: Bus, mcp_server: MCPServerProcess
+) -> None:
+    runner = _runner(bus, mcp_server.url)
+    same = "toolu_" + uuid.uuid4().hex[:24]
+    before = len(mcp_server.executions())
+    one = await _run_one(bus, runner, _task("create_task", {"title": "a"}, call_id=same))
+    other = _task("create_task", {"title": "b"}, call_id=same, run_id="run-2")
+    await _publish(bus, other)
+    async with running(Consumer(bus, subjects.EXECUTOR_TOOLS, m.ToolTask, runner.task)):
+        (two,) = await _results(bus, same, run_id="run-2")
+    # Never the other run's result, never "unknown" because of it: its own execution.
+    assert (one.outcome, two.outcome) == ("ok", "ok")
+    assert '"b"' in two.content and two.event_id != one.event_id
+    assert [e["result"]["title"] for e in mcp_server.executions()[before:]] == ["a", "b"]

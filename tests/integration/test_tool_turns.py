@@ -119,7 +119,7 @@ def _exec_task(e: m.UserMessageAccepted, round_: int, tools: tuple[m.ToolSpec, .
 def _tool_task(turn: m.ToolTurnPersisted) -> m.ToolTask:
     (call,) = turn.tool_calls
     return m.ToolTask(
-        event_id=f"tooltask:{call.id}",
+        event_id=f"tooltask:{m.call_key(turn.run_id, call.id)}",
         message_id=turn.message_id,
         conversation_id=turn.conversation_id,
         project_id=turn.project_id,

@@ -228,9 +228,13 @@ def test_tool_result_text_joins_text_parts_and_falls_back_to_structured_content(
 
 
 def test_call_ids_become_safe_subject_tokens() -> None:
-    assert subjects.tool_call_record("toolu_01AbC") == "tool.call.toolu_01AbC"
-    hashed = subjects.tool_call_record("a.b>*")
-    assert subjects.is_safe_token(hashed.removeprefix("tool.call."))
+    record = subjects.tool_call_record("run-1", "toolu_01AbC")
+    assert subjects.is_safe_token(record.removeprefix("tool.call."))
+    assert subjects.is_safe_token(
+        subjects.tool_call_record("r", "a.b>*").removeprefix("tool.call.")
+    )
+    # The same tool_use id in another run is another call, with its own record.
+    assert subjects.tool_call_record("run-2", "toolu_01AbC") != record
 
 
 @pytest.mark.parametrize(
@@ -318,7 +322,7 @@ def test_tool_subjects_are_captured_by_the_tools_stream_and_no_other(build: Any)
     subject = build("acme", "c1")
     streams = [*subjects.STREAMS, *subjects.TOOL_STREAMS]
     assert [s.name for s in streams if any(covers(p, subject) for p in s.subjects)] == ["TOOLS"]
-    record = subjects.tool_call_record("toolu_1")
+    record = subjects.tool_call_record("run-1", "toolu_1")
     assert [s.name for s in streams if any(covers(p, record) for p in s.subjects)] == ["TOOLS"]
 
 
