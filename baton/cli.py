@@ -1,4 +1,4 @@
-"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, dlq, bench."""
+"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, mcp, dlq, bench."""
 
 from __future__ import annotations
 
@@ -143,6 +143,16 @@ def version() -> str:
     return f"baton {stamped} ({commit})" if commit else f"baton {stamped}"
 
 
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    from baton import mcp_server
+
+    if args.stdio:
+        mcp_server.serve_stdio(args.ledger)
+    else:
+        mcp_server.serve(args.host, args.port, args.ledger, args.port_file)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="baton", description="baton: a chat backend that never loses a message"
@@ -256,6 +266,14 @@ def parser() -> argparse.ArgumentParser:
 
     add_model_arguments(model)
     model.set_defaults(func=_cmd_model)
+
+    mcp = sub.add_parser("mcp", help="run baton's demo MCP server (streamable HTTP)")
+    mcp.add_argument("--host", default="127.0.0.1")
+    mcp.add_argument("--port", type=int, default=0, help="0: a free port")
+    mcp.add_argument("--ledger", type=Path, required=True, help="append-only executions file")
+    mcp.add_argument("--port-file", type=Path, default=None)
+    mcp.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout instead")
+    mcp.set_defaults(func=_cmd_mcp)
     return p
 
 

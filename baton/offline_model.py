@@ -187,6 +187,40 @@ def _tokens(text: str) -> int:
     return len(_TOKEN_RE.findall(text))
 
 
+_REMIND_RE = re.compile(r"\b(?:remind me|create a task|add a task)(?: to)?\s+(.+)", re.I | re.S)
+_ARITHMETIC_RE = re.compile(r"[-+(]*\d[\d.\s]*(?:[-+*/%]+[\s(]*\d[\d.\s)]*)+")
+
+
+def _wanted_tool(text: str, offered: set[str]) -> tuple[str, dict[str, Any]] | None:
+    """The tool call a user's message asks for, when that tool is offered (deterministic):
+    "remind me to …" → ``create_task``, "what time …" → ``current_time``, arithmetic →
+    ``calculator``; anything else is answered with text."""
+    low = text.lower()
+    remind = _REMIND_RE.search(text)
+    if remind and "create_task" in offered:
+        title = remind.group(1).strip().rstrip(".!?").strip()[:200] or "a task"
+        return "create_task", {"title": title}
+    if ("what time" in low or "the time" in low) and "current_time" in offered:
+        return "current_time", {"timezone": "UTC"}
+    arithmetic = _ARITHMETIC_RE.search(text)
+    if arithmetic and "calculator" in offered:
+        return "calculator", {"expression": arithmetic.group(0).strip()}
+    return None
+
+
+def _tool_results(message: dict[str, Any]) -> list[str]:
+    """The texts of a user turn's tool_result blocks (none: it is not a tool_result turn)."""
+    content = message.get("content")
+    if message.get("role") != "user" or not isinstance(content, list):
+        return []
+    out = []
+    for block in content:
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            prefix = "(error) " if block.get("is_error") else ""
+            out.append(prefix + _block_text(block))
+    return out
+
+
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
         if message["role"] == "user":
@@ -434,6 +468,23 @@ class _State:
             text = msgspec.json.encode(value).decode()
             chunks = [text[i : i + 12] for i in range(0, len(text), 12)]
             return _Plan(model, block, chunks, "tool_use", usage)
+        if tools and choice.get("type", "auto") == "auto":
+            results = _tool_results(body["messages"][-1])
+            if results:
+                # The turn after tool_result blocks: a final answer that uses the results.
+                words = " ".join(results).split()[:60] or ["(no", "output)"]
+                chunks = [w + " " for w in ["Done.", "The", "tool", "said:", *words[:-1]]]
+                chunks.append(words[-1])
+                stop = "end_turn" if len(chunks) <= body["max_tokens"] else "max_tokens"
+                return _Plan(model, None, chunks[: body["max_tokens"]], stop, usage)
+            wanted = _wanted_tool(user_text, {t["name"] for t in tools})
+            if wanted is not None:
+                name, value = wanted
+                tool_id = "toolu_" + os.urandom(12).hex()  # unique like the API's, never reused
+                block = {"type": "tool_use", "id": tool_id, "name": name, "input": value}
+                text = msgspec.json.encode(value).decode()
+                chunks = [text[i : i + 12] for i in range(0, len(text), 12)]
+                return _Plan(model, block, chunks, "tool_use", usage)
         echo = [word[:40] for word in user_text.split()[:5]]
         if echo:
             echo = ["You", "asked", "about", *echo[:-1], (echo[-1].rstrip(".?!,;:") or "it") + "."]

@@ -10,11 +10,19 @@ import asyncpg
 
 # Tables each role may touch; policy has no role at all (it never reads the database).
 WRITER = "persister"
-TABLES = ("conversations", "messages", "runs", "usage", "project_usage")
+TABLES = (
+    "conversations",
+    "messages",
+    "runs",
+    "usage",
+    "project_usage",
+    "tool_turns",
+    "tool_results",
+)
 READS: dict[str, tuple[str, ...]] = {
     "gateway": TABLES,  # the read model behind the HTTP API
     "agent": ("messages",),  # conversation history
-    "executor": ("messages",),
+    "executor": ("messages", "tool_turns", "tool_results"),  # history with its tool exchanges
 }
 SERVICES_WITH_DB = (WRITER, *READS)
 

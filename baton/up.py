@@ -55,6 +55,21 @@ def wait_http(url: str, timeout: float) -> bool:
     return False
 
 
+def wait_http_any(url: str, timeout: float) -> bool:
+    """Whether ``url`` answers HTTP at all within ``timeout`` (an MCP endpoint GET is a 4xx)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def say(line: str) -> None:
     print(f"[baton] {line}", flush=True)
 
@@ -87,6 +102,7 @@ class Stack:
         pg = PostgresServer(self.data_dir / "postgres", log_file=self.logs / "postgres.log")
         supervisor: Supervisor | None = None
         model: Child | None = None
+        tools: Child | None = None
         endpoints = self.data_dir / "endpoints.json"
         try:
             say(f"data dir {self.data_dir}")
@@ -119,6 +135,23 @@ class Stack:
                 say(f"ANTHROPIC_API_KEY is not set: using the offline model at {model_url}")
             else:
                 say("using the Anthropic API (ANTHROPIC_API_KEY is set)")
+
+            # baton's demo MCP server (docs/tools.md); its ledger of executions survives restarts.
+            tools_port = free_port()
+            tools_url = f"http://127.0.0.1:{tools_port}/mcp"
+            tools = Child(
+                "mcp-tools",
+                [
+                    *(sys.executable, "-m", "baton.mcp_server", "--port", str(tools_port)),
+                    *("--ledger", str(self.data_dir / "mcp-ledger.jsonl")),
+                ],
+                dict(os.environ),
+                self.logs / "mcp-tools.log",
+            )
+            tools.start()
+            if not wait_http_any(tools_url, 20):
+                raise RuntimeError(f"MCP server did not start; see {tools.log_path}")
+            say(f"demo MCP server (tools) at {tools_url}")
 
             metrics = {name: free_port() for name in SERVICES}
             children = [
@@ -163,11 +196,13 @@ class Stack:
                 "database": _without_password(dsn),
                 "database_password_file": str(pg.password_file),
                 "model": model_url or "https://api.anthropic.com",
+                "mcp": tools_url,
                 "pids": {
                     **{c.name: c.pid for c in children},
                     "nats": nats.pid,
                     "postgres": pg.pid,
                     **({"offline-model": model.pid} if model is not None else {}),
+                    "mcp-tools": tools.pid,
                 },
                 "logs": str(self.logs),
             }
@@ -179,6 +214,9 @@ class Stack:
                 if model is not None and model.exit_code() is not None:
                     say("offline model exited; restarting it")
                     model.start()
+                if tools.exit_code() is not None:
+                    say("MCP server exited; restarting it")
+                    tools.start()
                 time.sleep(0.2)
             say("stopping")
             return 0
@@ -193,6 +231,11 @@ class Stack:
                 if not model.wait(5):
                     model.signal(signal.SIGKILL)
                     model.wait(5)
+            if tools is not None:
+                tools.signal(signal.SIGTERM)
+                if not tools.wait(5):
+                    tools.signal(signal.SIGKILL)
+                    tools.wait(5)
             endpoints.unlink(missing_ok=True)
             pg.stop()
             nats.stop()
@@ -219,6 +262,8 @@ Try it:
 
   # then, with the conversation_id it returns:
   curl -s {gateway}/api/conversations/<conversation_id>/messages -H "Authorization: Bearer {token}"
+
+Tools (MCP, streamable HTTP): {info["mcp"]}
 
 Metrics:
 """

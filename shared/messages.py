@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -164,6 +165,55 @@ class RunVerdict(Event, kw_only=True, frozen=True):
     reserved_cost_usd: float = 0.0
 
 
+ToolApproval = Literal["auto", "ask", "deny"]
+# How a tool call ended: ``ok`` / ``error`` (the tool said so) / ``timeout`` ran (or may have);
+# ``unknown``: a crash cut a started call of a non-idempotent tool, so it is never run again;
+# ``denied`` / ``over_limit`` / ``invalid``: policy never let it run (set by policy).
+ToolOutcome = Literal["ok", "error", "timeout", "unknown", "denied", "over_limit", "invalid"]
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class ToolSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """A tool policy grants a run, as offered to the model (``server`` names its MCP server)."""
+
+    name: ToolName
+    description: str = ""
+    input_schema: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object"})
+    server: str  # the MCP server's name in the policy file
+
+    def api(self) -> dict[str, Any]:
+        """The Messages API's shape of this tool."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.input_schema,
+        }
+
+
+def call_key(run_id: str, call_id: str) -> str:
+    """What ids of a tool call derive from: its run and the model's tool_use id, so a model that
+    repeated an id in another run could never reach that run's call, result or approval."""
+    return f"{run_id}:{call_id}"
+
+
+def input_digest(value: Any) -> str:
+    """sha256 (hex) of the canonical JSON of a tool call's input: sorted keys, no spaces."""
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    return msgspec.json.encode(value, order="sorted")
+
+
+class ToolCall(msgspec.Struct, kw_only=True, frozen=True):
+    """One ``tool_use`` block of a model's answer; ``id`` is the model's, stable through every hop."""
+
+    id: str  # the model's tool_use id (toolu_…)
+    name: str  # as the model wrote it: policy checks it against the granted tools
+    input: Any  # as the model wrote it (untrusted, I7): normally a JSON object
+    input_digest: str  # input_digest(input); an approval binds to it
+
+
 class ExecTask(Event, kw_only=True, frozen=True):
     """Published by policy alone on exec.task: one attempt at answering one message."""
 
@@ -175,6 +225,8 @@ class ExecTask(Event, kw_only=True, frozen=True):
     max_tokens: int
     prices: Prices
     deadline: datetime
+    tools: tuple[ToolSpec, ...] = ()  # exactly the tools policy grants this run; none: text only
+    round: int = 0  # the tool round: 0 first, n after the model's n-th tool_use turn
 
 
 class ExecResult(Event, kw_only=True, frozen=True):
@@ -189,6 +241,9 @@ class ExecResult(Event, kw_only=True, frozen=True):
     usage: Usage
     prices: Prices
     stop_reason: str = ""
+    # With stop_reason "tool_use": the calls the model asks for (text is what it wrote besides).
+    tool_calls: tuple[ToolCall, ...] = ()
+    round: int = 0  # the task's round, passed through
 
 
 class ExecFailed(Event, kw_only=True, frozen=True):
@@ -254,6 +309,100 @@ class RunDeadline(Event, kw_only=True, frozen=True):
     run_id: str
     attempt: int
     due: datetime
+
+
+class ToolTask(Event, kw_only=True, frozen=True):
+    """Published by policy alone on tool.task: run one authorized tool call once.
+
+    ``event_id`` is ``tooltask:<call key>``; ``input`` is exactly what was authorized (its digest
+    is checked again by the executor before it runs anything).
+    """
+
+    run_id: str
+    user_id: str
+    round: int
+    call: ToolCall
+    server: str  # the MCP server's name in the policy file
+    # May a redelivered, already started call run again (with its call id as key)?
+    idempotent: bool = False
+    timeout_s: float = 30.0
+    deadline: datetime | None = None  # past it the executor does not start the call
+
+
+class ToolResult(Event, kw_only=True, frozen=True):
+    """Published on tool.result by the executor (a call ran, or its outcome is unknown) or by
+    policy (``denied`` / ``over_limit`` / ``invalid``): what goes back to the model as the
+    ``tool_result`` block of ``call_id``. ``event_id`` is ``toolresult:<call key>``."""
+
+    run_id: str
+    round: int
+    call_id: str  # the ToolCall's id (the model's tool_use id)
+    name: str
+    outcome: ToolOutcome
+    is_error: bool
+    content: str  # the tool's text (or the reason it did not run), as the model will see it
+    input_digest: str = ""
+    executions: int = 0  # invocations this delivery made (0 when it did not run the tool)
+    duration_s: float = 0.0
+
+
+class ToolCallRecord(msgspec.Struct, kw_only=True, frozen=True):
+    """The executor's own record of one call on tool.call.<call id>: ``started`` (create-only,
+    before the tool is invoked), then ``finished`` carrying the result that was published."""
+
+    v: int = SCHEMA_VERSION
+    call_id: str
+    state: Literal["started", "finished"]
+    delivery: int  # the task delivery that wrote it
+    at: datetime
+    result: ToolResult | None = None  # with ``finished``
+
+
+class ToolTurnPersisted(Event, kw_only=True, frozen=True):
+    """Published by the persister on chat.persisted.tool_turn once the model's tool_use turn of a
+    round is stored: the calls as stored (the first model call's, if a redelivered task made a
+    second one) are the ones policy decides on. ``event_id`` is ``persisted:toolturn:<run>:<round>``."""
+
+    run_id: str
+    user_id: str = ""
+    round: int
+    call_id: str  # the model call whose turn was stored
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...]
+    usage: Usage = Usage()  # of every call of the run so far
+
+
+class ToolResultPersisted(Event, kw_only=True, frozen=True):
+    """Published by the persister on chat.persisted.tool_result once a call's result is stored
+    (the first one for the call wins). ``event_id`` is ``persisted:toolresult:<call key>``."""
+
+    result: ToolResult
+
+
+class ToolApprovalRequested(Event, kw_only=True, frozen=True):
+    """Published by policy on tool.requested with the run's ``requires_action`` status: one
+    call waits for the user. ``event_id`` is ``approval-requested:<call key>``."""
+
+    run_id: str
+    user_id: str
+    round: int
+    call: ToolCall
+    server: str
+    expires_at: datetime
+
+
+class ToolApprovalDecided(Event, kw_only=True, frozen=True):
+    """Published by the gateway on tool.approval: the user's answer for one call. It authorizes
+    only the arguments whose digest it carries. ``event_id`` is ``approval:<call key>``, so a
+    repeat is a duplicate, never a second decision."""
+
+    run_id: str
+    user_id: str
+    call_id: str
+    approve: bool
+    input_digest: str
+    reason: str = ""
+    decided_at: datetime
 
 
 class TokenDelta(msgspec.Struct, kw_only=True, frozen=True):

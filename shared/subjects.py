@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import msgspec
@@ -25,6 +26,7 @@ STREAM_RESULTS = "EXEC_RESULTS"
 STREAM_TOKENS = "CHAT_STREAM"
 STREAM_DLQ = "DEAD_LETTERS"
 STREAM_CANCELS = "CHAT_CANCEL"
+STREAM_TOOLS = "TOOLS"
 
 # ---- subjects ------------------------------------------------------------------------------
 
@@ -85,6 +87,42 @@ def exec_failed(project: str, conversation: str) -> str:
     return f"exec.failed.{project}.{conversation}"
 
 
+def tool_task(project: str, conversation: str) -> str:
+    """Policy alone publishes here (like exec.task): one authorized tool call to run."""
+    return f"tool.task.{project}.{conversation}"
+
+
+def tool_result(project: str, conversation: str) -> str:
+    """The executor (a call ran) and policy (a call refused) publish here."""
+    return f"tool.result.{project}.{conversation}"
+
+
+def tool_requested(project: str, conversation: str) -> str:
+    """Policy publishes here: a call waits for the user's approval (pushed to clients)."""
+    return f"tool.requested.{project}.{conversation}"
+
+
+def persisted_tool_turn(project: str, conversation: str) -> str:
+    return f"chat.persisted.tool_turn.{project}.{conversation}"
+
+
+def persisted_tool_result(project: str, conversation: str) -> str:
+    return f"chat.persisted.tool_result.{project}.{conversation}"
+
+
+def tool_approval(project: str, conversation: str) -> str:
+    """The gateway publishes the user's decisions here."""
+    return f"tool.approval.{project}.{conversation}"
+
+
+def tool_call_record(run_id: str, call_id: str) -> str:
+    """One call's own record: ``started`` written create-only (expected last subject sequence
+    0) before the tool is invoked, then ``finished`` with its result (expected: the started
+    sequence). Keyed by run and tool_use id, hashed into one safe token."""
+    digest = hashlib.sha256(f"{run_id}\0{call_id}".encode()).hexdigest()[:40]
+    return f"tool.call.{digest}"
+
+
 def token_stream(project: str, conversation: str) -> str:
     return f"chat.stream.{project}.{conversation}"
 
@@ -122,6 +160,8 @@ class ConsumerSpec(msgspec.Struct, frozen=True):
 
 
 # The durables themselves, and which service binds each, are declared in shared/wiring.py.
+# Tool calls: few deliveries on purpose (a redelivered started call is reported, not rerun).
+EXECUTOR_TOOLS = ConsumerSpec(STREAM_TOOLS, "executor-tools", "tool.task.>", ack_wait_s=30.0)
 
 
 class StreamSpec(msgspec.Struct, frozen=True):
@@ -145,6 +185,19 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_DLQ, ("dlq.>",), max_age_s=30 * 24 * 3600.0),
     StreamSpec(STREAM_CANCELS, ("chat.cancel.>",), max_age_s=24 * 3600.0),
 )
+
+# Tool tasks, results, approvals and each call's record (started, finished) (kept as long as a task
+# could be redelivered, and then some). Not yet in STREAMS / CONSUMERS: they join them (with
+# their NATS grants) when policy starts publishing tool tasks; tests provision them directly.
+TOOL_STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec(
+        STREAM_TOOLS,
+        ("tool.task.>", "tool.result.>", "tool.requested.>", "tool.approval.>", "tool.call.>"),
+        max_age_s=7 * 24 * 3600.0,
+    ),
+)
+PERSISTER_TOOL_RESULTS = ConsumerSpec(STREAM_TOOLS, "persister-tool-results", "tool.result.>")
+TOOL_CONSUMERS: tuple[ConsumerSpec, ...] = (EXECUTOR_TOOLS, PERSISTER_TOOL_RESULTS)
 
 # ---- key-value buckets ---------------------------------------------------------------------
 BUCKET_RUNS = "baton_runs"

@@ -12,8 +12,8 @@ import msgspec
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.executor.core import CallAborted
-from shared.messages import Usage
+from services.executor.core import CallAborted, ToolUses
+from shared.messages import ToolCall, Usage
 
 CALL_ID_HEADER = "x-baton-call-id"
 
@@ -24,6 +24,7 @@ class StreamOutcome(msgspec.Struct):
     text: str
     usage: Usage
     stop_reason: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class StreamEnded(Exception):
@@ -61,10 +62,28 @@ class _MessageStart(msgspec.Struct):
 class _Delta(msgspec.Struct):
     type: str
     text: str = ""
+    partial_json: str = ""
 
 
 class _BlockDelta(msgspec.Struct):
     delta: _Delta
+    index: int = 0
+
+
+class _ContentBlock(msgspec.Struct):
+    type: str
+    id: str = ""
+    name: str = ""
+    input: Any = None
+
+
+class _BlockStart(msgspec.Struct):
+    content_block: _ContentBlock | None = None  # only tool_use blocks are read
+    index: int = 0
+
+
+class _BlockStop(msgspec.Struct):
+    index: int = 0
 
 
 class _StopDelta(msgspec.Struct):
@@ -82,6 +101,8 @@ class _MessageDelta(msgspec.Struct):
 
 _start = msgspec.json.Decoder(_MessageStart)
 _block_delta = msgspec.json.Decoder(_BlockDelta)
+_block_start = msgspec.json.Decoder(_BlockStart)
+_block_stop = msgspec.json.Decoder(_BlockStop)
 _message_delta = msgspec.json.Decoder(_MessageDelta)
 _any = msgspec.json.Decoder()
 
@@ -149,10 +170,13 @@ class Model:
         on_text: Callable[[str], Awaitable[None]],
         call_id: str = "",
         abort: asyncio.Event | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> StreamOutcome:
         """Stream one call. Cancelling the task that runs it after setting ``abort`` ends the
         call (the connection is closed, so the model stops) and raises ``StreamFailed`` with
-        what it used; a cancel without ``abort`` (shutdown) stays a cancel."""
+        what it used; a cancel without ``abort`` (shutdown) stays a cancel. ``tools`` (the API's
+        shape) are offered to the model; its ``tool_use`` blocks come back in the outcome."""
+        uses = ToolUses()
         counts = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0, "deltas": 0}
         parts: list[str] = []
         stop_reason = ""
@@ -186,6 +210,7 @@ class Model:
                 messages=messages,  # type: ignore[arg-type]
                 max_tokens=max_tokens,
                 stream=True,
+                tools=tools or anthropic.omit,  # type: ignore[arg-type]
                 # Ignored by the API; lets the offline model's ledger be matched call by call.
                 extra_headers=headers or None,
             ) as response:
@@ -195,7 +220,8 @@ class Model:
                         span.set_attribute("anthropic.request.id", request_id)
                 async for event, data in sse_events(response.http_response.aiter_bytes()):
                     if event == b"content_block_delta":
-                        delta = _block_delta.decode(data).delta
+                        block_delta = _block_delta.decode(data)
+                        delta = block_delta.delta
                         if delta.type == "text_delta":
                             if recording and not counts["deltas"]:
                                 ttfc = (time.time_ns() - started) / 1e9
@@ -203,6 +229,16 @@ class Model:
                             counts["deltas"] += 1
                             parts.append(delta.text)
                             await on_text(delta.text)
+                        elif delta.type == "input_json_delta":
+                            counts["deltas"] += 1  # generated (and billed) like text
+                            uses.delta(block_delta.index, delta.partial_json)
+                    elif event == b"content_block_start":
+                        start = _block_start.decode(data)
+                        block = start.content_block
+                        if block is not None and block.type == "tool_use":
+                            uses.start(start.index, block.id, block.name, block.input)
+                    elif event == b"content_block_stop":
+                        uses.stop(_block_stop.decode(data).index)
                     elif event == b"message_start":
                         message = _start.decode(data).message
                         u = message.usage
@@ -237,7 +273,12 @@ class Model:
             _end_span(span, message, counts, stop_reason, exc)
             raise StreamFailed(exc, _usage(counts)) from exc
         _end_span(span, message, counts, stop_reason, None)
-        return StreamOutcome(text="".join(parts), usage=_usage(counts), stop_reason=stop_reason)
+        return StreamOutcome(
+            text="".join(parts),
+            usage=_usage(counts),
+            stop_reason=stop_reason,
+            tool_calls=uses.calls(),
+        )
 
 
 def _stream_error(

@@ -1,15 +1,16 @@
-"""Pure executor logic: the prompt from history, delta coalescing, failure classes."""
+"""Pure executor logic: the prompt from history, tool_use parsing, delta coalescing, failure classes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
+import msgspec
 
-from shared.history import Turn, estimate_tokens, newest_within
-from shared.messages import ErrorClass
+from shared.history import Turn, assistant_blocks, estimate_tokens, newest_within
+from shared.messages import ErrorClass, ToolCall, ToolSpec, input_digest
 
-__all__ = ["Turn", "estimate_tokens"]
+__all__ = ["Turn", "assistant_blocks", "estimate_tokens"]
 
 
 def build_messages(history: list[Turn], budget_tokens: int) -> list[dict[str, Any]]:
@@ -21,13 +22,124 @@ def build_messages(history: list[Turn], budget_tokens: int) -> list[dict[str, An
     kept = newest_within(history, budget_tokens)
     merged: list[dict[str, Any]] = []
     for turn in kept:
+        content: str | list[dict[str, Any]] = list(turn.blocks) if turn.blocks else turn.content
         if merged and merged[-1]["role"] == turn.role:
-            merged[-1]["content"] += "\n\n" + turn.content
+            before = merged[-1]["content"]
+            if isinstance(before, str) and isinstance(content, str):
+                merged[-1]["content"] = before + "\n\n" + content
+            else:
+                merged[-1]["content"] = _as_blocks(before) + _as_blocks(content)
         else:
-            merged.append({"role": turn.role, "content": turn.content})
+            merged.append({"role": turn.role, "content": content})
     while merged and merged[0]["role"] != "user":
         merged.pop(0)
+    # A window that starts inside a tool exchange would begin with tool_result blocks whose
+    # tool_use was cut off, which the API refuses: such a leading user turn is dropped too.
+    while merged and _has_tool_results(merged[0]["content"]):
+        merged.pop(0)
+        while merged and merged[0]["role"] != "user":
+            merged.pop(0)
     return merged
+
+
+def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return content
+
+
+def _has_tool_results(content: str | list[dict[str, Any]]) -> bool:
+    return isinstance(content, list) and any(b.get("type") == "tool_result" for b in content)
+
+
+def api_tools(tools: tuple[ToolSpec, ...]) -> list[dict[str, Any]]:
+    """The ``tools`` parameter of a call: exactly the tools policy granted the task."""
+    return [t.api() for t in tools]
+
+
+class ToolUses:
+    """Assembles ``tool_use`` content blocks from a stream's events (``content_block_start``
+    names the call, ``input_json_delta`` pieces carry its input as partial JSON).
+
+    The input is the model's output, so it is not trusted (I7): text that does not parse as
+    JSON is kept as a string, for policy to refuse (``invalid``); nothing here raises.
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[int, tuple[str, str, list[str], Any]] = {}
+        self.done: list[ToolCall] = []
+
+    def start(self, index: int, block_id: str, name: str, initial: Any = None) -> None:
+        self.open[index] = (block_id, name, [], initial)
+
+    def delta(self, index: int, partial_json: str) -> None:
+        if index in self.open:
+            self.open[index][2].append(partial_json)
+
+    def stop(self, index: int) -> None:
+        opened = self.open.pop(index, None)
+        if opened is None:
+            return
+        block_id, name, parts, initial = opened
+        raw = "".join(parts)
+        value: Any
+        if not raw.strip():
+            # No deltas: the start block's input is the whole input (the non-streamed shape).
+            value = initial if initial is not None else {}
+        else:
+            try:
+                value = msgspec.json.decode(raw)
+            except (msgspec.DecodeError, RecursionError):
+                value = raw
+        self.done.append(
+            ToolCall(id=block_id, name=name, input=value, input_digest=input_digest(value))
+        )
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        """The finished calls in stream order (a block never stopped is not a call)."""
+        return tuple(self.done)
+
+
+ToolStep = Literal["invalid", "republish", "expired", "start", "rerun", "unknown"]
+
+
+def tool_step(
+    recorded: Literal["none", "started", "finished"],
+    idempotent: bool,
+    digest_matches: bool,
+    expired: bool,
+) -> ToolStep:
+    """What one delivery of a tool task does, from the call's own record (I8).
+
+    ``invalid``: the input is not what was authorized, never run. ``republish``: it finished
+    before, send that result again. ``expired``: not started and past its deadline. ``start``:
+    never started, write ``started`` and run it. ``rerun``: started, never finished, and
+    idempotent: run again with the call id as key. ``unknown``: started, never finished, not
+    idempotent: it may have run, so it is not run again.
+    """
+    if not digest_matches:
+        return "invalid"
+    if recorded == "finished":
+        return "republish"
+    if recorded == "started":
+        return "rerun" if idempotent else "unknown"
+    return "expired" if expired else "start"
+
+
+def tool_result_text(content: Any, structured: Any = None) -> str:
+    """What a tool returned, as the text of a ``tool_result`` block: its text parts joined;
+    structured content (JSON) when it has no text; other parts (images, …) named only."""
+    texts: list[str] = []
+    for part in content or ():
+        kind = getattr(part, "type", None)
+        text = getattr(part, "text", None)
+        if kind == "text" and isinstance(text, str):
+            texts.append(text)
+        elif kind:
+            texts.append(f"[{kind} content]")
+    if not texts and structured is not None:
+        return msgspec.json.encode(structured).decode()
+    return "\n".join(texts)
 
 
 def system_blocks(prompt: str) -> list[dict[str, Any]]:

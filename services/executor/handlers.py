@@ -115,7 +115,12 @@ class Handlers:
             # The abort mark and the history are read together: one wait instead of two in a row.
             aborted, history = await asyncio.gather(
                 self._was_aborted(t),
-                self.history.upto(t.conversation_id, t.message_id, self.settings.context_messages),
+                self.history.upto(
+                    t.conversation_id,
+                    t.message_id,
+                    self.settings.context_messages,
+                    tools=bool(t.tools),  # tool exchanges only where tools are offered
+                ),
             )
             if aborted:
                 self.aborted.labels("before_call").inc()
@@ -226,6 +231,7 @@ class ModelCall:
                     self._on_text,
                     self.call_id,
                     abort=self.call.abort,
+                    tools=core.api_tools(t.tools),
                 )
             )
             return await h._outcome(self.call)
@@ -258,6 +264,8 @@ class ModelCall:
             usage=ending.usage,
             **_call_ids(t, self.call_id),
             stop_reason=ending.stop_reason,
+            tool_calls=ending.tool_calls,
+            round=t.round,
         )
 
     async def _on_text(self, text: str) -> None:

@@ -9,9 +9,47 @@ from typing import Any
 import msgspec
 
 from services.persister import core
+from shared import history
 from shared import messages as m
 from shared.db import unavailable_is_transient
 from shared.errors import BadData, Transient
+
+
+class StoredToolTurn(msgspec.Struct, frozen=True):
+    """A round's tool_use turn as stored (the first model call's wins), and the run's usage."""
+
+    call_id: str
+    text: str
+    tool_calls: tuple[m.ToolCall, ...]
+    user_id: str
+    inserted: bool
+    usage: m.Usage = m.Usage()
+
+
+INSERT_TOOL_TURN = """
+INSERT INTO tool_turns (run_id, round, call_id, conversation_id, reply_to, content)
+SELECT $1, $2, $3, u.conversation_id, u.id, $5::jsonb FROM messages u WHERE u.id = $4
+ON CONFLICT (run_id, round) DO NOTHING
+RETURNING call_id
+"""
+
+SELECT_TOOL_TURN = """
+SELECT t.call_id, t.content, u.user_id FROM tool_turns t JOIN messages u ON u.id = t.reply_to
+WHERE t.run_id = $1 AND t.round = $2
+"""
+
+INSERT_TOOL_RESULT = """
+INSERT INTO tool_results (tool_use_id, run_id, round, name, outcome, is_error, content,
+                          input_digest)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (run_id, tool_use_id) DO NOTHING
+RETURNING tool_use_id
+"""
+
+SELECT_TOOL_RESULT = """
+SELECT tool_use_id, run_id, round, name, outcome, is_error, content, input_digest
+FROM tool_results WHERE run_id = $1 AND tool_use_id = $2
+"""
 
 
 class Placed(msgspec.Struct, frozen=True):
@@ -455,6 +493,90 @@ class Store:
                 cost_usd=float(row["cost_usd"]),
                 asked_at=row["asked_at"],
             )
+
+    async def store_tool_turn(self, r: m.ExecResult) -> StoredToolTurn:
+        """A model call that ended asking for tools: its usage (once per call) and its turn
+        (once per run and round), in one transaction; the turn as stored comes back."""
+        content = history.assistant_blocks(r.text, r.tool_calls)
+        async with (
+            unavailable_is_transient("store tool turn"),
+            self.pool.acquire() as con,
+            con.transaction(),
+        ):
+            await self._add_usage(con, r.call_id, r, r.usage, r.prices, "tool_use")
+            won = await con.fetchval(
+                INSERT_TOOL_TURN,
+                r.run_id,
+                r.round,
+                r.call_id,
+                uuid.UUID(r.message_id),
+                msgspec.json.encode(content).decode(),
+            )
+            row = await con.fetchrow(SELECT_TOOL_TURN, r.run_id, r.round)
+            if row is None:
+                raise BadData(f"tool turn for unknown message {r.message_id}")
+            usage = await con.fetchrow(RUN_USAGE, r.run_id)
+        if won is not None:
+            calls, text = r.tool_calls, r.text
+        else:
+            # An earlier model call of this round was stored first: its calls stand.
+            stored = (
+                msgspec.json.decode(row["content"])
+                if isinstance(row["content"], str)
+                else row["content"]
+            )
+            text = " ".join(b["text"] for b in stored if b.get("type") == "text")
+            calls = tuple(
+                m.ToolCall(
+                    id=b["id"],
+                    name=b["name"],
+                    input=b["input"],
+                    input_digest=m.input_digest(b["input"]),
+                )
+                for b in stored
+                if b.get("type") == "tool_use"
+            )
+        return StoredToolTurn(
+            call_id=row["call_id"],
+            text=text,
+            tool_calls=calls,
+            user_id=row["user_id"],
+            inserted=won is not None,
+            usage=m.Usage(
+                input_tokens=int(usage["input_tokens"]),
+                output_tokens=int(usage["output_tokens"]),
+                cache_read_tokens=int(usage["cache_read_tokens"]),
+                cache_write_tokens=int(usage["cache_write_tokens"]),
+            ),
+        )
+
+    async def store_tool_result(self, r: m.ToolResult) -> tuple[m.ToolResult, bool]:
+        """A call's result (the first one stored for the call wins) and whether this stored it."""
+        async with unavailable_is_transient("store tool result"), self.pool.acquire() as con:
+            won = await con.fetchval(
+                INSERT_TOOL_RESULT,
+                r.call_id,
+                r.run_id,
+                r.round,
+                r.name,
+                r.outcome,
+                r.is_error,
+                r.content,
+                r.input_digest,
+            )
+            if won is not None:
+                return r, True
+            row = await con.fetchrow(SELECT_TOOL_RESULT, r.run_id, r.call_id)
+        return (
+            msgspec.structs.replace(
+                r,
+                outcome=row["outcome"],
+                is_error=row["is_error"],
+                content=row["content"],
+                input_digest=row["input_digest"],
+            ),
+            False,
+        )
 
     async def store_failed_usage(self, f: m.ExecFailed) -> None:
         """A failed or cut call still used tokens; they are counted once, like any other call."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from shared import runs
+from shared.messages import ExecResult, call_key
 
 # Assistant message ids derive from the run, so a replayed result maps to the same row.
 ASSISTANT_NS = uuid.UUID("0b7f3c56-5d8e-4c7e-9a59-6a1f2c9e7d10")
@@ -24,3 +25,16 @@ def rank(status: str) -> int:
 
 def persisted_event_id(run_id: str) -> str:
     return runs.persisted_id(run_id)
+
+
+def is_tool_turn(r: ExecResult) -> bool:
+    """A model call that ended asking for tools: stored as a tool turn, not as the run's answer."""
+    return r.stop_reason == "tool_use" and bool(r.tool_calls)
+
+
+def tool_turn_event_id(run_id: str, round_: int) -> str:
+    return f"persisted:toolturn:{run_id}:{round_}"
+
+
+def tool_result_event_id(run_id: str, call_id: str) -> str:
+    return f"persisted:toolresult:{call_key(run_id, call_id)}"

@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from nats.aio.msg import Msg
 
 from services.persister import core
-from services.persister.adapters import Placed, Store, StoredReply
+from services.persister.adapters import Placed, Store, StoredReply, StoredToolTurn
 from shared import messages as m
 from shared import subjects
 from shared.batching import GroupCommit
@@ -172,6 +172,8 @@ class Handlers:
         return v.status
 
     async def result(self, r: m.ExecResult, _msg: Msg) -> str:
+        if core.is_tool_turn(r):
+            return await self._tool_turn(r)
         stored = await self.store.store_result(r)
         await self._announce(stored, r.run_id, r.event_id)
         return "inserted" if stored.inserted else "duplicate"
@@ -180,6 +182,47 @@ class Handlers:
         stored = await self.store.store_reply(p)
         await self._announce(stored, p.run_id, p.event_id)
         return "inserted" if stored.inserted else "duplicate"
+
+    async def _tool_turn(self, r: m.ExecResult) -> str:
+        turn: StoredToolTurn = await self.store.store_tool_turn(r)
+        event = m.ToolTurnPersisted(
+            event_id=core.tool_turn_event_id(r.run_id, r.round),
+            message_id=r.message_id,
+            conversation_id=r.conversation_id,
+            project_id=r.project_id,
+            causation_id=r.event_id,
+            run_id=r.run_id,
+            user_id=turn.user_id,
+            round=r.round,
+            call_id=turn.call_id,
+            text=turn.text,
+            tool_calls=turn.tool_calls,
+            usage=turn.usage,
+        )
+        await self.bus.publish(
+            subjects.persisted_tool_turn(r.project_id, r.conversation_id),
+            event,
+            msg_id=event.event_id,
+        )
+        return "tool_turn" if turn.inserted else "tool_turn_duplicate"
+
+    async def tool_result(self, r: m.ToolResult, _msg: Msg) -> str:
+        """A tool call's result, stored once, then announced (policy continues the run on it)."""
+        stored, inserted = await self.store.store_tool_result(r)
+        event = m.ToolResultPersisted(
+            event_id=core.tool_result_event_id(r.run_id, r.call_id),
+            message_id=r.message_id,
+            conversation_id=r.conversation_id,
+            project_id=r.project_id,
+            causation_id=r.event_id,
+            result=stored,
+        )
+        await self.bus.publish(
+            subjects.persisted_tool_result(r.project_id, r.conversation_id),
+            event,
+            msg_id=event.event_id,
+        )
+        return "inserted" if inserted else "duplicate"
 
     async def failed_usage(self, f: m.ExecFailed, _msg: Msg) -> str:
         await self.store.store_failed_usage(f)

@@ -79,6 +79,60 @@ class Downgrade(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     to_tier: Name
 
 
+class ToolRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One tool of an MCP server as a project may use it (a tool not listed is never offered)."""
+
+    approval: m.ToolApproval = "ask"  # auto: runs at once; ask: the user approves; deny: never
+    idempotent: bool = False  # may a call a crash cut be run again (with its call id as key)?
+    per_user_daily: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None  # UTC day
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # What the model is shown; absent: the server's own description and schema (tools/list).
+    description: Annotated[str, msgspec.Meta(max_length=4000)] | None = None
+    input_schema: dict[str, Any] | None = None
+
+
+class ToolServer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An MCP server: streamable HTTP at ``url``, or a ``command`` spoken to over stdio."""
+
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]{1,2000}$")] | None = None
+    command: Annotated[list[str], msgspec.Meta(min_length=1, max_length=64)] | None = None
+    env: dict[str, str] = msgspec.field(default_factory=dict)  # for a stdio command
+    tools: Annotated[dict[m.ToolName, ToolRule], msgspec.Meta(max_length=256)] = msgspec.field(
+        default_factory=dict
+    )
+
+
+class Tools(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A project's tools: its MCP servers and, per run, the most tool rounds."""
+
+    max_rounds: Annotated[int, msgspec.Meta(ge=0, le=100)] = 5
+    approval_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] = 600.0
+    servers: Annotated[dict[Name, ToolServer], msgspec.Meta(max_length=64)] = msgspec.field(
+        default_factory=dict
+    )
+
+
+class GrantedTool(msgspec.Struct, frozen=True):
+    """A tool as policy resolves it for a project: where it lives and its rules."""
+
+    name: str
+    server: str
+    rule: ToolRule
+
+
+class ToolPolicy(msgspec.Struct, frozen=True):
+    """The resolved tool rules of one project (not yet applied by policy: issue 15, step 2)."""
+
+    max_rounds: int = 5
+    approval_timeout_s: float = 600.0
+    servers: dict[str, ToolServer] = msgspec.field(default_factory=dict)
+    tools: dict[str, GrantedTool] = msgspec.field(default_factory=dict)  # by tool name
+
+    def offered(self) -> list[GrantedTool]:
+        """The tools a run may offer the model: every listed one not set to ``deny``."""
+        return [t for t in self.tools.values() if t.rule.approval != "deny"]
+
+
 class ProjectPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The rules of one project as written (after merging its overrides onto the defaults)."""
 
@@ -103,6 +157,7 @@ class ProjectPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     caps: Caps = Caps()
     rate: Rate = Rate()
     downgrade: Downgrade | None = None
+    tools: Tools = Tools()
 
 
 class PolicyFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -129,9 +184,14 @@ class Book(msgspec.Struct, frozen=True):
 
     defaults: Rules
     projects: dict[str, Rules] = msgspec.field(default_factory=dict)
+    default_tools: ToolPolicy = ToolPolicy()
+    project_tools: dict[str, ToolPolicy] = msgspec.field(default_factory=dict)
 
     def rules_for(self, project: str) -> Rules:
         return self.projects.get(project, self.defaults)
+
+    def tools_for(self, project: str) -> ToolPolicy:
+        return self.project_tools.get(project, self.default_tools)
 
 
 def parse(data: bytes, source: str = "policy file") -> Book:
@@ -152,12 +212,18 @@ def parse(data: bytes, source: str = "policy file") -> Book:
     except msgspec.ValidationError as exc:
         raise PolicyFileError(f"{source}: {_where(text, '', exc)}") from exc
     tiers = DEFAULT_TIERS if top.tiers is None else top.tiers
-    defaults = _resolve(top.defaults, tiers, text, "defaults", source)
-    projects = {
-        pid: _resolve(_merge(top.defaults, over), tiers, text, f"projects.{pid}", source)
-        for pid, over in top.projects.items()
-    }
-    return Book(defaults=defaults, projects=projects)
+    defaults, default_tools = _resolve(top.defaults, tiers, text, "defaults", source)
+    projects: dict[str, Rules] = {}
+    project_tools: dict[str, ToolPolicy] = {}
+    for pid, over in top.projects.items():
+        merged = _merge(top.defaults, over)
+        projects[pid], project_tools[pid] = _resolve(merged, tiers, text, f"projects.{pid}", source)
+    return Book(
+        defaults=defaults,
+        projects=projects,
+        default_tools=default_tools,
+        project_tools=project_tools,
+    )
 
 
 def load(path: str | Path) -> Book:
@@ -179,20 +245,84 @@ def _merge(defaults: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         base, mine = defaults.get(key), over.get(key)
         if isinstance(base, dict) and isinstance(mine, dict):
             merged[key] = {**base, **mine}
+    # Tools merge key by key, and servers by name: a project names a server to replace it whole.
+    base, mine = defaults.get("tools"), over.get("tools")
+    if isinstance(base, dict) and isinstance(mine, dict):
+        servers = base.get("servers"), mine.get("servers")
+        merged["tools"] = {**base, **mine}
+        if isinstance(servers[0], dict) and isinstance(servers[1], dict):
+            merged["tools"]["servers"] = {**servers[0], **servers[1]}
     return merged
 
 
 def _resolve(
     raw: dict[str, Any], tiers: dict[str, Tier], text: str, table: str, source: str
-) -> Rules:
+) -> tuple[Rules, ToolPolicy]:
     try:
         p = msgspec.convert(raw, ProjectPolicy, strict=True)
     except msgspec.ValidationError as exc:
-        raise PolicyFileError(f"{source}: [{table}] {_where(text, table, exc)}") from exc
-    problem = _check(p, tiers)
+        named = _tool_error(raw.get("tools"), text, table)
+        raise PolicyFileError(f"{source}: [{table}] {named or _where(text, table, exc)}") from exc
+    problem = _check(p, tiers) or _check_tools(p.tools)
     if problem:
         raise PolicyFileError(f"{source}: [{table}] {problem}")
-    return to_rules(p, tiers)
+    return to_rules(p, tiers), to_tool_policy(p.tools)
+
+
+def _tool_error(tools: Any, text: str, table: str) -> str:
+    """The error of the first bad server or tool, by name (msgspec's paths omit dict keys)."""
+    if not isinstance(tools, dict) or not isinstance(tools.get("servers"), dict):
+        return ""
+    for name, server in tools["servers"].items():
+        if not isinstance(server, dict):
+            continue
+        rules = server.get("tools")
+        for tool, rule in (rules if isinstance(rules, dict) else {}).items():
+            try:
+                msgspec.convert(rule, ToolRule, strict=True)
+            except msgspec.ValidationError as exc:
+                return _where(text, f"{table}.tools.servers.{name}.tools.{tool}", exc)
+        try:
+            msgspec.convert({**server, "tools": {}}, ToolServer, strict=True)
+        except msgspec.ValidationError as exc:
+            return _where(text, f"{table}.tools.servers.{name}", exc)
+    return ""
+
+
+def _check_tools(t: Tools) -> str:
+    """A server is reached one way, and a tool name means one tool across a project's servers."""
+    seen: dict[str, str] = {}
+    for name, server in t.servers.items():
+        where = f"tools.servers.{name}"
+        if (server.url is None) == (server.command is None):
+            return f"{where}: give exactly one of url (streamable HTTP) or command (stdio)"
+        if server.env and server.command is None:
+            return f"{where}.env: only a stdio command has an environment"
+        for tool, rule in server.tools.items():
+            if tool in seen:
+                return (
+                    f"{where}.tools.{tool}: tool {tool!r} is also offered by server {seen[tool]!r}"
+                )
+            seen[tool] = name
+            schema = rule.input_schema
+            if schema is not None and schema.get("type") != "object":
+                return (
+                    f'{where}.tools.{tool}.input_schema: must be a JSON Schema with type "object"'
+                )
+    return ""
+
+
+def to_tool_policy(t: Tools) -> ToolPolicy:
+    return ToolPolicy(
+        max_rounds=t.max_rounds,
+        approval_timeout_s=t.approval_timeout_s,
+        servers=dict(t.servers),
+        tools={
+            tool: GrantedTool(name=tool, server=name, rule=rule)
+            for name, server in t.servers.items()
+            for tool, rule in server.tools.items()
+        },
+    )
 
 
 def _check(p: ProjectPolicy, tiers: dict[str, Tier]) -> str:

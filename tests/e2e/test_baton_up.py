@@ -71,6 +71,14 @@ class Up:
         assert self.proc.wait(60) == 0, self.output()
 
 
+async def _create_task(url: str, title: str) -> None:
+    from mcp import Client
+
+    async with Client(url) as client:
+        result = await client.call_tool("create_task", {"title": title})
+    assert not result.is_error
+
+
 def _answered(up: Up, cid: str) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -113,6 +121,10 @@ def test_baton_up_answers_stops_cleanly_and_keeps_conversations(data_dir: Path) 
             served["output_tokens"],
         )
         assert served["calls"] == 2 and billed["runs"] == 1
+        # The demo MCP server runs beside it, its URL printed; its ledger is in the data dir.
+        assert up.info["mcp"] in out and "mcp-tools" in up.info["pids"]
+        asyncio.run(_create_task(up.info["mcp"], "from baton up"))
+        assert "from baton up" in (data_dir / "mcp-ledger.jsonl").read_text()
     finally:
         pids = dict(up.info["pids"]) if hasattr(up, "info") else {}
         up.stop()

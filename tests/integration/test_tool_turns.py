@@ -1,0 +1,287 @@
+"""A tool round through the real executor, persister, MCP server, NATS, Postgres and offline
+model (policy's part played by the test: it publishes the tasks policy will publish)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import nats
+import pytest
+
+from baton.mcp_server import MCPServerProcess
+from baton.offline_model import OfflineModelProcess
+from baton.provision import consumer_config, stream_config
+from services.executor.adapters import Model
+from services.executor.config import Settings
+from services.executor.handlers import Handlers as ExecutorHandlers
+from services.executor.tools import McpTools, ToolRunner
+from services.persister.adapters import Store
+from services.persister.handlers import Handlers as PersisterHandlers
+from shared import messages as m
+from shared import model, subjects
+from shared.bus import Bus, Consumer
+from shared.db import create_pool
+from shared.history import History
+from tests.integration.conftest import Infra
+from tests.support import (
+    connect_bus,
+    decode_all,
+    read_subject,
+    running,
+    service_metrics,
+    user_event,
+)
+
+CREATE_TASK = m.ToolSpec(
+    name="create_task",
+    description="Create a task or reminder for the user.",
+    input_schema={
+        "type": "object",
+        "properties": {"title": {"type": "string"}},
+        "required": ["title"],
+    },
+    server="demo",
+)
+
+
+@pytest.fixture(scope="module")
+def mcp_server() -> Iterator[MCPServerProcess]:
+    with MCPServerProcess() as server:
+        yield server
+
+
+@dataclass
+class Stack:
+    bus: Bus
+    pool: asyncpg.Pool
+    executor: ExecutorHandlers
+    persister: PersisterHandlers
+    runner: ToolRunner
+    consumers: list[Consumer[Any]]
+
+
+@pytest.fixture
+async def stack(
+    infra: Infra, offline_model: OfflineModelProcess, mcp_server: MCPServerProcess
+) -> AsyncIterator[Stack]:
+    nc = await nats.connect(infra.nats_url)
+    js = nc.jetstream()
+    for spec in subjects.TOOL_STREAMS:
+        await js.add_stream(stream_config(spec, 120.0, 1))
+    for cspec in subjects.TOOL_CONSUMERS:
+        await js.add_consumer(cspec.stream, consumer_config(cspec))
+    await nc.close()
+    bus = await connect_bus(infra.nats_url, "tools")
+    pool = await create_pool(infra.database_url)
+    client = model.client(offline_model.url, "test-key", 30.0)
+    executor = ExecutorHandlers(
+        bus, History(pool), Model(client), Settings(), service_metrics("executor")
+    )
+    persister = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
+    runner = ToolRunner(bus, McpTools({"demo": mcp_server.url}), service_metrics("executor"))
+    consumers: list[Consumer[Any]] = [
+        Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, executor.task),
+        Consumer(bus, subjects.EXECUTOR_TOOLS, m.ToolTask, runner.task),
+        Consumer(bus, subjects.PERSISTER_RESULTS, m.ExecResult, persister.result),
+        Consumer(bus, subjects.PERSISTER_TOOL_RESULTS, m.ToolResult, persister.tool_result),
+    ]
+    yield Stack(bus, pool, executor, persister, runner, consumers)
+    await bus.close()
+    await pool.close()
+    await client.close()
+
+
+def _exec_task(e: m.UserMessageAccepted, round_: int, tools: tuple[m.ToolSpec, ...]) -> m.ExecTask:
+    run_id = f"run-{e.message_id}"
+    task_id = f"task:{run_id}:1:{round_}"
+    return m.ExecTask(
+        event_id=task_id,
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        task_id=task_id,
+        run_id=run_id,
+        attempt=1,
+        model="claude-sonnet-4-6",
+        executor="chat",
+        max_tokens=512,
+        prices=m.Prices(input=3.0, output=15.0),
+        deadline=datetime.now(UTC) + timedelta(minutes=5),
+        tools=tools,
+        round=round_,
+    )
+
+
+def _tool_task(turn: m.ToolTurnPersisted) -> m.ToolTask:
+    (call,) = turn.tool_calls
+    return m.ToolTask(
+        event_id=f"tooltask:{m.call_key(turn.run_id, call.id)}",
+        message_id=turn.message_id,
+        conversation_id=turn.conversation_id,
+        project_id=turn.project_id,
+        run_id=turn.run_id,
+        user_id=turn.user_id,
+        round=turn.round,
+        call=call,
+        server="demo",
+    )
+
+
+async def _publish(bus: Bus, subject: str, event: Any) -> None:
+    await bus.publish(subject, event, msg_id=event.event_id)
+
+
+async def test_a_tool_round_runs_the_tool_once_and_the_answer_uses_its_result(
+    stack: Stack, offline_model: OfflineModelProcess, mcp_server: MCPServerProcess
+) -> None:
+    bus = stack.bus
+    e = user_event("Please remind me to call John tomorrow.")
+    await Store(stack.pool).insert_user_message(e)
+    p, c = e.project_id, e.conversation_id
+    executed_before = len(mcp_server.executions())
+    async with running(*stack.consumers):
+        # Round 0: the model asks for the tool; the persister stores the turn, not an answer.
+        await _publish(bus, subjects.exec_task(p, c), _exec_task(e, 0, (CREATE_TASK,)))
+        [first] = decode_all(
+            await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1), m.ExecResult
+        )
+        assert first.stop_reason == "tool_use"
+        [call] = first.tool_calls
+        assert (call.name, call.input) == ("create_task", {"title": "call John tomorrow"})
+        assert call.id.startswith("toolu_") and call.input_digest == m.input_digest(call.input)
+        assert first.usage.input_tokens > 0 and first.usage.output_tokens > 0
+        [turn] = decode_all(
+            await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.tool_turn.>", 1),
+            m.ToolTurnPersisted,
+        )
+        assert turn.tool_calls == first.tool_calls and turn.call_id == first.call_id
+        assert turn.user_id == e.user_id and turn.usage == first.usage  # billed once, so far
+
+        # The tool runs (policy would publish this task for an auto or approved call).
+        await _publish(bus, subjects.tool_task(p, c), _tool_task(turn))
+        [stored] = decode_all(
+            await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.tool_result.>", 1),
+            m.ToolResultPersisted,
+        )
+        assert (stored.result.call_id, stored.result.outcome) == (call.id, "ok")
+
+        # Round 1: the model gets the tool_use and tool_result blocks and answers with text.
+        await _publish(bus, subjects.exec_task(p, c), _exec_task(e, 1, (CREATE_TASK,)))
+        results = decode_all(
+            await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 2), m.ExecResult
+        )
+        final = next(r for r in results if r.round == 1)
+        [answer] = decode_all(
+            await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1),
+            m.AssistantMessagePersisted,
+        )
+
+    assert final.stop_reason == "end_turn" and not final.tool_calls
+    executions = mcp_server.executions()[executed_before:]
+    assert len(executions) == 1  # counted on the tool's side
+    assert executions[0]["result"]["task_id"] in final.text
+    assert answer.content == final.text and answer.kind == "answer"
+    assert answer.usage == m.Usage(
+        input_tokens=first.usage.input_tokens + final.usage.input_tokens,
+        output_tokens=first.usage.output_tokens + final.usage.output_tokens,
+        cache_read_tokens=first.usage.cache_read_tokens + final.usage.cache_read_tokens,
+        cache_write_tokens=first.usage.cache_write_tokens + final.usage.cache_write_tokens,
+    )
+    # What the model was sent in round 1: real Anthropic content blocks.
+    body = offline_model.requests()[-1]["body"]
+    assert [t["name"] for t in body["tools"]] == ["create_task"]
+    user, assistant, results_turn = body["messages"]
+    assert user == {"role": "user", "content": e.content}
+    assert assistant["content"] == [
+        {"type": "tool_use", "id": call.id, "name": "create_task", "input": call.input}
+    ]
+    [block] = results_turn["content"]
+    assert (block["type"], block["tool_use_id"], block["is_error"]) == (
+        "tool_result",
+        call.id,
+        False,
+    )
+    async with stack.pool.acquire() as con:
+        outcomes = await con.fetch(
+            "SELECT outcome FROM usage WHERE run_id = $1 ORDER BY created_at", first.run_id
+        )
+    assert [r["outcome"] for r in outcomes] == ["tool_use", "completed"]
+
+
+async def test_a_second_model_call_for_the_same_round_never_replaces_the_stored_calls(
+    stack: Stack,
+) -> None:
+    e = user_event("remind me to feed the cat")
+    store = Store(stack.pool)
+    await store.insert_user_message(e)
+
+    def result(call_id: str, tool_use_id: str) -> m.ExecResult:
+        call = m.ToolCall(
+            id=tool_use_id,
+            name="create_task",
+            input={"title": "feed the cat"},
+            input_digest=m.input_digest({"title": "feed the cat"}),
+        )
+        return m.ExecResult(
+            event_id=f"result:{call_id}",
+            message_id=e.message_id,
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            task_id="task:r:1:0",
+            call_id=call_id,
+            run_id=f"run-{e.message_id}",
+            attempt=1,
+            model="claude-sonnet-4-6",
+            text="",
+            usage=m.Usage(input_tokens=10, output_tokens=5),
+            prices=m.Prices(input=3.0, output=15.0),
+            stop_reason="tool_use",
+            tool_calls=(call,),
+        )
+
+    first = await store.store_tool_turn(result("task:r:1:0#1", "toolu_first"))
+    # A redelivered task called the model again: new usage, new tool_use ids, same round.
+    second = await store.store_tool_turn(result("task:r:1:0#2", "toolu_second"))
+    assert first.inserted and not second.inserted
+    assert [c.id for c in second.tool_calls] == ["toolu_first"]
+    assert second.call_id == "task:r:1:0#1"
+    assert second.usage == m.Usage(input_tokens=20, output_tokens=10)  # both calls billed once
+
+
+async def test_a_text_only_history_is_read_as_before_when_no_tools_are_offered(
+    stack: Stack,
+) -> None:
+    e = user_event("remind me to call John")
+    store = Store(stack.pool)
+    await store.insert_user_message(e)
+    call = m.ToolCall(id="toolu_x", name="create_task", input={}, input_digest=m.input_digest({}))
+    r = m.ExecResult(
+        event_id="result:c1",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        task_id="t",
+        call_id="c1",
+        run_id=f"run-{e.message_id}",
+        attempt=1,
+        model="claude-sonnet-4-6",
+        text="On it.",
+        usage=m.Usage(),
+        prices=m.Prices(),
+        stop_reason="tool_use",
+        tool_calls=(call,),
+    )
+    await store.store_tool_turn(r)
+    history = History(stack.pool)
+    plain = await history.upto(e.conversation_id, e.message_id, 50)
+    assert [(t.role, t.content, t.blocks) for t in plain] == [("user", e.content, ())]
+    with_tools = await history.upto(e.conversation_id, e.message_id, 50, tools=True)
+    assert [t.role for t in with_tools] == ["user", "assistant", "user"]
+    assert with_tools[1].blocks[0] == {"type": "text", "text": "On it."}
+    # No result was recorded: the model is told so, as an error, so the history stays valid.
+    [missing] = with_tools[2].blocks
+    assert (missing["tool_use_id"], missing["is_error"]) == ("toolu_x", True)
