@@ -22,7 +22,7 @@ from services.executor.tools import McpTools, ToolRunner
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers as PersisterHandlers
 from shared import messages as m
-from shared import model, subjects
+from shared import model, subjects, wiring
 from shared.bus import Bus, Consumer
 from shared.db import create_pool
 from shared.history import History
@@ -84,9 +84,9 @@ async def stack(
     persister = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
     runner = ToolRunner(bus, McpTools({"demo": mcp_server.url}), service_metrics("executor"))
     consumers: list[Consumer[Any]] = [
-        Consumer(bus, subjects.EXECUTOR_TASKS, m.ExecTask, executor.task),
+        Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, executor.task),
         Consumer(bus, subjects.EXECUTOR_TOOLS, m.ToolTask, runner.task),
-        Consumer(bus, subjects.PERSISTER_RESULTS, m.ExecResult, persister.result),
+        Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, persister.result),
         Consumer(bus, subjects.PERSISTER_TOOL_RESULTS, m.ToolResult, persister.tool_result),
     ]
     yield Stack(bus, pool, executor, persister, runner, consumers)

@@ -17,7 +17,7 @@ from baton.mcp_server import Ledger, calculate, read_ledger
 from services.executor import core
 from services.executor.adapters import Model
 from shared import messages as m
-from shared import subjects
+from shared import subjects, wiring
 from shared.history import NO_RESULT, Turn, assistant_blocks, interleave, tool_exchange
 
 
@@ -335,7 +335,7 @@ def test_persisted_tool_subjects_are_never_read_as_user_or_assistant_messages(bu
     )
     from tests.unit.test_shared import covers
 
-    for spec in (subjects.AGENT_IN, subjects.POLICY_OUTCOMES):
+    for spec in (wiring.AGENT_IN, wiring.POLICY_OUTCOMES):
         assert not covers(spec.filter_subject, subject)
     from services.gateway.core import push_event
 
