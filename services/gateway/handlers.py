@@ -16,7 +16,7 @@ from litestar.params import FromPath
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from opentelemetry import trace
 
-from services.gateway import core
+from services.gateway import auth, core
 from services.gateway.adapters import (
     Hub,
     Inbox,
@@ -93,7 +93,7 @@ class Api:
         )
         # The labelled child once, not a label lookup per accepted message.
         self.accepts_new = self.accepts.labels("false")
-        self.principals = core.Principals(
+        self.principals = auth.Principals(
             str(settings.jwt_secret),
             max_lifetime_s=settings.jwt_max_lifetime_s,
             leeway_s=settings.jwt_leeway_s,
