@@ -30,6 +30,7 @@ from services.gateway.adapters import (
 )
 from services.gateway.config import Settings
 from services.gateway.edge import ON_SEND_TIMEOUT
+from services.gateway.front import request_id
 from shared import messages as m
 from shared import tracing
 from shared.db import UNAVAILABLE
@@ -427,6 +428,7 @@ def routes(api: Api) -> list[Any]:
         # Each submitted message starts its own trace, which every later hop continues.
         attributes = {"http.request.method": "POST", "http.route": "/api/chat"}
         with tracing.root_span("POST /api/chat", request.headers, attributes) as span:
+            span.set_attribute("baton.request_id", request_id())
             try:
                 response = await api.chat(request)
             except core.ApiError as exc:
