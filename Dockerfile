@@ -1,7 +1,7 @@
 # One image for every baton service; the command picks what runs:
 #   docker run baton run gateway        (or persister, agent, policy, executor)
 #   docker run baton migrate | roles | provision | dlq list | model
-# Build: docker build -t baton .
+# Build: docker build -t baton .   (stamp the build: see the runtime stage ARGs)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: the dependencies in a virtualenv (compilers and pip stay in this stage) ----------
@@ -23,6 +23,12 @@ RUN /opt/venv/bin/pip install . \
 
 # ---- runtime: the venv, the code, a non-root user, nothing else ------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
+# Stamped by the build (GET /version, baton_build_info): docker build \
+#   --build-arg BATON_GIT_COMMIT=$(git rev-parse HEAD) --build-arg BATON_BUILD_TIME=$(date -u +%FT%TZ) .
+ARG BATON_VERSION=0.1.0
+ARG BATON_GIT_COMMIT=unknown
+ARG BATON_BUILD_TIME=unknown
+ENV BATON_VERSION=${BATON_VERSION} BATON_GIT_COMMIT=${BATON_GIT_COMMIT} BATON_BUILD_TIME=${BATON_BUILD_TIME}
 LABEL org.opencontainers.image.title="baton" \
       org.opencontainers.image.description="baton chat backend: gateway, persister, agent, policy, executor"
 RUN groupadd --system --gid 10001 baton \

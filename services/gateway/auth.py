@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -119,3 +121,75 @@ class Principals:
             self.known.clear()
         self.known[header] = (principal, expires)
         return principal
+
+
+# ---- stream tokens (browsers: EventSource and WebSocket cannot send a header) ---------------
+
+STREAM_KEY_LABEL = b"baton stream tokens v1"
+STREAM_AUDIENCE = "baton:stream"
+
+
+class StreamTokens:
+    """Short-lived tokens that open one conversation's push stream, and nothing else.
+
+    Signed with a key derived from the JWT secret (never the secret itself): a stream token is
+    no bearer token and a bearer token is no stream token, whichever place each is put in.
+    The audience and the conversation claim scope it; ``ttl_s`` bounds it to minutes.
+    """
+
+    def __init__(
+        self, jwt_secret: str, ttl_s: float = 300.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.key = hmac.digest(jwt_secret.encode(), STREAM_KEY_LABEL, "sha256")
+        self.ttl_s = ttl_s
+        self.clock = clock
+
+    def mint(self, p: Principal, conversation_id: str) -> tuple[str, float]:
+        """A token for ``p`` to watch ``conversation_id`` (owned by ``p``), and its expiry."""
+        now = self.clock()
+        expires = now + self.ttl_s
+        claims = {
+            "sub": p.user,
+            "project": p.project,
+            "cid": conversation_id,
+            "aud": STREAM_AUDIENCE,
+            "iat": int(now),
+            "exp": int(expires),
+        }
+        return jwt.encode(claims, self.key, algorithm="HS256"), float(int(expires))
+
+    def verify(self, token: str, conversation_id: str) -> Principal:
+        """The watcher a stream token names, if it is valid for this conversation now."""
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=["HS256"],
+                audience=STREAM_AUDIENCE,
+                options={"require": ["sub", "project", "cid", "aud", "exp"], "verify_iat": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise _unauthenticated("stream token has expired; ask for a new one") from None
+        except jwt.PyJWTError:
+            raise _unauthenticated(
+                "access_token must be a stream token of this conversation "
+                "(POST /api/conversations/{id}/stream-token); bearer tokens go in the header"
+            ) from None
+        user, project, cid = claims.get("sub"), claims.get("project"), claims.get("cid")
+        if not all(isinstance(v, str) for v in (user, project, cid)):
+            raise _unauthenticated("invalid stream token")
+        assert isinstance(user, str) and isinstance(project, str) and isinstance(cid, str)
+        if not (is_safe_token(user) and is_safe_token(project)):
+            raise _unauthenticated("invalid stream token")
+        if float(claims["exp"]) - self.clock() > self.ttl_s + TOKEN_LEEWAY_S:
+            raise _unauthenticated("invalid stream token")  # minted under a longer ttl
+        if cid != _uuid_or_none(conversation_id):
+            raise _unauthenticated("stream token is for another conversation")
+        return Principal(project=project, user=user)
+
+
+def _uuid_or_none(value: str) -> str | None:
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        return None

@@ -99,6 +99,9 @@ class Api:
             max_lifetime_s=settings.jwt_max_lifetime_s,
             leeway_s=settings.jwt_leeway_s,
         )
+        self.stream_tokens = auth.StreamTokens(
+            str(settings.jwt_secret), settings.stream_token_ttl_s
+        )
         self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
         self.stream_clients = metrics.gauge(
             "stream_clients",
@@ -113,6 +116,17 @@ class Api:
 
     def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
         return self.principals.authenticate(request.headers.get("authorization"))
+
+    def watcher(self, headers: Any, query: Any, conversation_id: str) -> core.Principal:
+        """Who opens a push stream: the bearer header, or a stream token in ``?access_token=``.
+
+        The query parameter takes a stream token only (never a bearer token: URLs are kept by
+        proxies and browsers), and only on this conversation's events and ws routes.
+        """
+        token = query.get("access_token")
+        if token is None:
+            return self.principals.authenticate(headers.get("authorization"))
+        return self.stream_tokens.verify(token, conversation_id)
 
     async def own(self, p: core.Principal, conversation_id: str) -> str:
         """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
@@ -306,7 +320,7 @@ class Api:
     async def events(
         self, request: Request[Any, Any, Any], conversation_id: str
     ) -> ServerSentEvent:
-        p = self.principal(request)
+        p = self.watcher(request.headers, request.query_params, conversation_id)
         last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         watch = await self.watch(p, conversation_id, last_id)
         self.sse_connections.inc()

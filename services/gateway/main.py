@@ -13,7 +13,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
-from services.gateway import config, core, ws
+from services.gateway import config, core, platform_routes, ws
 from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, TokenLog
 from services.gateway.edge import HttpEdge, failure_fields
 from services.gateway.fastpath import FastAccept
@@ -107,7 +107,14 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
         return schema
 
     return Litestar(
-        route_handlers=[*routes(api), ws.route(websockets), healthz, readyz, openapi],
+        route_handlers=[
+            *routes(api),
+            *platform_routes.routes(api),
+            ws.route(websockets),
+            healthz,
+            readyz,
+            openapi,
+        ],
         exception_handlers={
             core.ApiError: on_api_error,
             HTTPException: on_http_error,
