@@ -76,8 +76,6 @@ def test_an_allowed_origin_may_read_responses_and_their_exposed_headers(
     gw = start_gateway(cors_origins=f"http://localhost:1,{APP}")
     headers = {**gw.auth(), "Origin": APP, "Idempotency-Key": f"k-{uuid.uuid4()}"}
     # The fast path (POST /api/chat) and the framework's routes alike.
-    with httpx.stream("GET", f"{gw.url}/api/conversations/{cid}/events", headers=bearer) as r:
-        assert r.status_code == 401  # a stream token is no bearer token, even on its own route
     chat = httpx.post(f"{gw.url}/api/chat", json={"content": "hi"}, headers=headers)
     usage = httpx.get(f"{gw.url}/api/usage", headers=headers)
     missing = httpx.get(f"{gw.url}/api/conversations/x/messages", headers=headers)
