@@ -1,7 +1,8 @@
 # One image for every baton service; the command picks what runs:
 #   docker run baton run gateway        (or persister, agent, policy, executor)
 #   docker run baton migrate | roles | provision | dlq list | model
-# Build: make image (docker build -t baton . with a registry; docs/operations.md without one)
+# Build: make image (docker build -t baton . with a registry; docs/operations.md without one);
+# the runtime stage's ARGs stamp version, commit and build time.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- requirements: the runtime dependencies, read from pyproject.toml ------------------------
@@ -46,11 +47,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     BATON_METRICS_PORT=9100 \
     GATEWAY_HTTP_HOST=0.0.0.0 \
     GATEWAY_HTTP_PORT=8000
-# Last, so a new commit changes only this layer: `baton --version` and the labels show them.
-ARG BATON_VERSION=unknown BATON_COMMIT=unknown
+# Last, so a new commit changes only this layer: `baton --version`, GET /version,
+# baton_build_info and the labels show them (make image passes all three).
+ARG BATON_VERSION=unknown BATON_COMMIT=unknown BATON_BUILD_TIME=unknown
 LABEL org.opencontainers.image.version="${BATON_VERSION}" \
-      org.opencontainers.image.revision="${BATON_COMMIT}"
-ENV BATON_VERSION=${BATON_VERSION} BATON_COMMIT=${BATON_COMMIT}
+      org.opencontainers.image.revision="${BATON_COMMIT}" \
+      org.opencontainers.image.created="${BATON_BUILD_TIME}"
+ENV BATON_VERSION=${BATON_VERSION} BATON_COMMIT=${BATON_COMMIT} BATON_BUILD_TIME=${BATON_BUILD_TIME}
 USER 10001:10001
 EXPOSE 8000 9100
 ENTRYPOINT ["baton"]

@@ -169,6 +169,7 @@ class Stack:
                         model_url=model_url,
                         nats_user=name,
                         nats_password=passwords[name],
+                        extra=self._gateway_extra() if name == "gateway" else None,
                     ),
                     self.logs,
                 )
@@ -240,6 +241,11 @@ class Stack:
             pg.stop()
             nats.stop()
             say("stopped; nothing left running")
+
+    def _gateway_extra(self) -> dict[str, str]:
+        """``baton up`` lets a page served from its own address call it (unless told otherwise)."""
+        own = f"http://127.0.0.1:{self.port},http://localhost:{self.port}"
+        return {"GATEWAY_CORS_ORIGINS": os.environ.get("GATEWAY_CORS_ORIGINS", own)}
 
     def _banner(self, info: dict[str, Any]) -> None:
         gateway, token = info["gateway"], info["token"]

@@ -17,6 +17,8 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
+from shared import build
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -58,6 +60,14 @@ class ServiceMetrics:
             ["family", "duplicate"],
             registry=registry,
         )
+        build_info = Gauge(
+            "baton_build_info",
+            "Always 1: the version and git commit this process runs.",
+            ["version", "commit"],
+            registry=registry,
+        )
+        stamp = build.info()
+        build_info.labels(stamp["version"], stamp["commit"]).set(1)
         self.nats_errors = Counter(
             f"{p}_nats_errors_total",
             "Errors reported by the NATS connection (permission violations among them), by kind.",

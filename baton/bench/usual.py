@@ -17,7 +17,7 @@ import uvicorn
 import uvloop
 from litestar import Litestar, Request, Response, post
 
-from services.gateway import core
+from services.gateway import auth, core
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS bench_usual_messages (
@@ -43,7 +43,7 @@ def build(dsn: str, secret: str) -> Litestar:
 
     @post("/api/chat", status_code=202)
     async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
-        p = core.authenticate(request.headers.get("authorization"), secret)
+        p = auth.authenticate(request.headers.get("authorization"), secret)
         req = core.parse_chat(await request.body(), 32_000)
         message_id = str(uuid.uuid4())
         conversation_id = req.conversation_id or str(uuid.uuid4())

@@ -27,6 +27,7 @@ t0=$SECONDS
 # the private engine has no bridge of its own.
 if ! DOCKER_BUILDKIT=0 docker build -q --network host --build-arg PYTHON_IMAGE="$base" \
   --build-arg BATON_VERSION="$version" --build-arg BATON_COMMIT="$commit" \
+  --build-arg BATON_BUILD_TIME="$(date -u +%FT%TZ)" \
   -t "$BATON_IMAGE" "$REPO" >"$CACHE/build.log" 2>&1; then
   tail -n 40 "$CACHE/build.log" >&2
   say "docker build failed (the whole log: $CACHE/build.log)"

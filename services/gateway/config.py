@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.gateway.cors import Policy, policy
 from services.gateway.limits import EdgeLimits
 from shared.config import BaseSettings, Secret, load
 
@@ -39,6 +40,19 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     # Unexpected errors are logged by type and place; their messages (which may quote the
     # request) and tracebacks only with this on.
     log_error_details: bool = False
+    # CORS (cors.py): exact browser origins, comma-separated; empty: no cross-origin access.
+    cors_origins: str = ""
+    cors_methods: str = "GET,POST,PATCH,DELETE"
+    cors_headers: str = (
+        "Authorization,Content-Type,Idempotency-Key,Last-Event-ID,X-Request-ID,"
+        "X-API-Key,X-Acting-User,traceparent,tracestate"
+    )
+    cors_max_age_s: int = 600
+    # Stream tokens (auth.StreamTokens): how long one lets a browser open its stream.
+    stream_token_ttl_s: float = 300.0
+
+    def cors(self) -> Policy:
+        return policy(self.cors_origins, self.cors_methods, self.cors_headers, self.cors_max_age_s)
 
     def edge_limits(self) -> EdgeLimits:
         return EdgeLimits(

@@ -1,25 +1,21 @@
-"""Pure gateway logic: tokens to principals, request bodies to events, ids, push events."""
+"""Pure gateway logic: request bodies to events, ids, ownership, push events (tokens: auth.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import re
 import secrets
-import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import jwt
 import msgspec
 
 from shared import messages as m
 from shared import runs as vocab
 from shared import subjects
-from shared.subjects import is_safe_token
 
 # What the keyed-id secret is derived from the JWT secret with, when none is configured.
 ID_KEY_LABEL = b"baton keyed ids v1"
@@ -70,115 +66,6 @@ class ChatAccepted(msgspec.Struct):
 
 
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
-
-
-MAX_TOKEN_LIFETIME_S = 30 * 24 * 3600.0  # what `baton token` makes by default
-TOKEN_LEEWAY_S = 60.0  # how far an issuer's clock may be ahead (iat, nbf)
-
-
-def authenticate(header: str | None, secret: str) -> Principal:
-    """The caller behind a ``Bearer`` JWT, under the default lifetime rules."""
-    return verify(header, secret)[0]
-
-
-def verify(
-    header: str | None,
-    secret: str,
-    max_lifetime_s: float = MAX_TOKEN_LIFETIME_S,
-    leeway_s: float = TOKEN_LEEWAY_S,
-    now: float | None = None,
-) -> tuple[Principal, float]:
-    """The caller behind a ``Bearer`` JWT and until when it may be trusted (epoch seconds).
-
-    HS256, claims ``sub``, ``project`` and ``exp``; a token lives at most ``max_lifetime_s``,
-    counted from its ``iat`` (which must not be in the future), or from now when it has none.
-    Each failure class has one message of ours: the JWT library's words never reach a client.
-    """
-    if not header or not header.startswith("Bearer "):
-        raise ApiError(401, "unauthenticated", "missing bearer token")
-    now = time.time() if now is None else now
-    try:
-        claims = jwt.decode(
-            header[7:].strip(),
-            secret,
-            algorithms=["HS256"],
-            # exp and iat are checked below, against the same clock as the lifetime.
-            options={
-                "require": ["sub", "project", "exp"],
-                "verify_exp": False,
-                "verify_iat": False,
-            },
-            leeway=leeway_s,
-        )
-    except jwt.ImmatureSignatureError:
-        raise _unauthenticated("token is not valid yet") from None
-    except jwt.MissingRequiredClaimError:
-        raise _unauthenticated("token must carry the claims sub, project and exp") from None
-    except jwt.PyJWTError:
-        raise _unauthenticated("invalid token") from None
-    user, project = claims.get("sub"), claims.get("project")
-    if not (isinstance(user, str) and isinstance(project, str)):
-        raise ApiError(401, "unauthenticated", "token claims sub and project must be strings")
-    if not (is_safe_token(user) and is_safe_token(project)):
-        raise ApiError(401, "unauthenticated", "token claims must match [A-Za-z0-9_-]{1,64}")
-    expires = _epoch(claims["exp"])
-    issued = None if claims.get("iat") is None else _epoch(claims["iat"])
-    if expires <= now:  # an issuer's clock ahead of ours shortens a token, never lengthens it
-        raise _unauthenticated("token has expired")
-    if issued is not None and issued > now + leeway_s:
-        raise _unauthenticated("token is not valid yet")
-    start = now if issued is None else issued
-    if expires - start > max_lifetime_s + (leeway_s if issued is None else 0.0):
-        raise _unauthenticated(f"token lifetime exceeds the maximum ({max_lifetime_s:.0f} s)")
-    return Principal(project=project, user=user), expires
-
-
-def _epoch(value: Any) -> float:
-    """A time claim as epoch seconds; anything but a finite number is an invalid token."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _unauthenticated("invalid token")
-    return float(value)
-
-
-def _unauthenticated(message: str) -> ApiError:
-    return ApiError(401, "unauthenticated", message)
-
-
-class Principals:
-    """Verified tokens remembered until they expire: one HS256 check per token, not per request.
-
-    Only successes are kept, so a bad token is checked (and refused) every time; the table
-    is bounded and simply starts over when full. A token's lifetime is bounded
-    (``max_lifetime_s``), so no entry outlives it.
-    """
-
-    def __init__(
-        self,
-        secret: str,
-        clock: Callable[[], float] = time.time,
-        max_entries: int = 10_000,
-        max_lifetime_s: float = MAX_TOKEN_LIFETIME_S,
-        leeway_s: float = TOKEN_LEEWAY_S,
-    ) -> None:
-        self.secret = secret
-        self.clock = clock
-        self.max_entries = max_entries
-        self.max_lifetime_s = max_lifetime_s
-        self.leeway_s = leeway_s
-        self.known: dict[str, tuple[Principal, float]] = {}
-
-    def authenticate(self, header: str | None) -> Principal:
-        now = self.clock()
-        if header is not None:
-            hit = self.known.get(header)
-            if hit is not None and now < hit[1]:
-                return hit[0]
-        principal, expires = verify(header, self.secret, self.max_lifetime_s, self.leeway_s, now)
-        assert header is not None  # verify() refuses a missing header
-        if len(self.known) >= self.max_entries:
-            self.known.clear()
-        self.known[header] = (principal, expires)
-        return principal
 
 
 def parse_chat(body: bytes, max_chars: int) -> ChatRequest:

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from services.gateway.front import request_id
 from shared.metrics import ServiceMetrics
 
 SERVICE = "gateway"
@@ -138,6 +139,7 @@ class HttpEdge:
             self.log.info(
                 "handled",
                 **{"trace_id": "", **fields},
+                request_id=request_id(),
                 method=method,
                 route=route,
                 status=status,

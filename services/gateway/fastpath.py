@@ -18,6 +18,7 @@ from opentelemetry import trace
 from services.gateway import core
 from services.gateway.deadlines import Deadlines
 from services.gateway.edge import HttpEdge, failure_fields
+from services.gateway.front import request_id
 from shared import tracing
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class FastAccept:
                 return
             # A client's traceparent is linked, never continued (as in the Litestar route).
             with tracing.root_span("POST /api/chat", trace_headers, _SPAN_ATTRIBUTES) as span:
+                span.set_attribute("baton.request_id", request_id())
                 status, body, headers = await self._accept(
                     authorization, key, length, receive, None, line
                 )
@@ -164,12 +166,14 @@ class FastAccept:
 
 
 def _body_of(status: int, code: str, message: str) -> bytes:
-    return _encoder.encode({"error": {"status": status, "code": code, "message": message}})
+    error = {"status": status, "code": code, "message": message, "request_id": request_id()}
+    return _encoder.encode({"error": error})
 
 
 def _error_body(exc: core.ApiError) -> bytes:
     error: dict[str, Any] = {"status": exc.status, "code": exc.code, "message": exc.message}
     error.update(exc.extra)
+    error["request_id"] = request_id()
     return _encoder.encode({"error": error})
 
 

@@ -16,7 +16,7 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from opentelemetry import trace
 
-from services.gateway import core, pages
+from services.gateway import auth, core, pages
 from services.gateway.adapters import (
     Hub,
     Inbox,
@@ -30,6 +30,7 @@ from services.gateway.adapters import (
 )
 from services.gateway.config import Settings
 from services.gateway.edge import ON_SEND_TIMEOUT
+from services.gateway.front import request_id
 from shared import messages as m
 from shared import tracing
 from shared.db import UNAVAILABLE
@@ -96,10 +97,13 @@ class Api:
         )
         # The labelled child once, not a label lookup per accepted message.
         self.accepts_new = self.accepts.labels("false")
-        self.principals = core.Principals(
+        self.principals = auth.Principals(
             str(settings.jwt_secret),
             max_lifetime_s=settings.jwt_max_lifetime_s,
             leeway_s=settings.jwt_leeway_s,
+        )
+        self.stream_tokens = auth.StreamTokens(
+            str(settings.jwt_secret), settings.stream_token_ttl_s
         )
         self.sse_connections = metrics.counter("sse_connections_total", "SSE streams opened.")
         self.stream_clients = metrics.gauge(
@@ -115,6 +119,17 @@ class Api:
 
     def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
         return self.principals.authenticate(request.headers.get("authorization"))
+
+    def watcher(self, headers: Any, query: Any, conversation_id: str) -> core.Principal:
+        """Who opens a push stream: the bearer header, or a stream token in ``?access_token=``.
+
+        The query parameter takes a stream token only (never a bearer token: URLs are kept by
+        proxies and browsers), and only on this conversation's events and ws routes.
+        """
+        token = query.get("access_token")
+        if token is None:
+            return self.principals.authenticate(headers.get("authorization"))
+        return self.stream_tokens.verify(token, conversation_id)
 
     async def own(self, p: core.Principal, conversation_id: str) -> str:
         """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
@@ -410,7 +425,7 @@ class Api:
     async def events(
         self, request: Request[Any, Any, Any], conversation_id: str
     ) -> ServerSentEvent:
-        p = self.principal(request)
+        p = self.watcher(request.headers, request.query_params, conversation_id)
         last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         watch = await self.watch(p, conversation_id, last_id)
         self.sse_connections.inc()
@@ -537,6 +552,7 @@ def routes(api: Api) -> list[Any]:
         # Each submitted message starts its own trace, which every later hop continues.
         attributes = {"http.request.method": "POST", "http.route": "/api/chat"}
         with tracing.root_span("POST /api/chat", request.headers, attributes) as span:
+            span.set_attribute("baton.request_id", request_id())
             try:
                 response = await api.chat(request)
             except core.ApiError as exc:

@@ -13,10 +13,11 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
-from services.gateway import config, core, ws
+from services.gateway import config, core, platform_routes, ws
 from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, TokenLog
 from services.gateway.edge import HttpEdge, failure_fields
 from services.gateway.fastpath import FastAccept
+from services.gateway.front import Front, request_id
 from services.gateway.handlers import Api, routes
 from services.gateway.server import GatewayServer, protocol_for
 from shared import runtime, subjects
@@ -29,7 +30,8 @@ SERVICE = "gateway"
 
 
 def error_body(status: int, code: str, message: str) -> dict[str, Any]:
-    return {"error": {"status": status, "code": code, "message": message}}
+    error = {"status": status, "code": code, "message": message, "request_id": request_id()}
+    return {"error": error}
 
 
 def on_api_error(_: Request[Any, Any, Any], exc: core.ApiError) -> Response[Any]:
@@ -105,7 +107,14 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
         return schema
 
     return Litestar(
-        route_handlers=[*routes(api), ws.route(websockets), healthz, readyz, openapi],
+        route_handlers=[
+            *routes(api),
+            *platform_routes.routes(api),
+            ws.route(websockets),
+            healthz,
+            readyz,
+            openapi,
+        ],
         exception_handlers={
             core.ApiError: on_api_error,
             HTTPException: on_http_error,
@@ -120,12 +129,14 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
 def asgi(
     api: Api, bus: Bus, reads: ReadModel, settings: config.Settings, metrics: ServiceMetrics
 ) -> Any:
-    """The whole ASGI app: routes, request metrics and log lines, bounded response sends."""
-    return build_app(api, bus, reads, settings, metrics)
+    """The whole ASGI app: request ids and CORS, routes, metrics and log lines, bounded sends."""
+    fast = build_app(api, bus, reads, settings, metrics)
+    return Front(fast, settings.cors(), fast.edge)
 
 
 async def amain() -> None:
     settings = config.from_env()
+    settings.cors()  # a wildcard or malformed origin stops the start, not the first request
     if not str(settings.jwt_secret):
         raise ConfigError("GATEWAY_JWT_SECRET (or BATON_JWT_SECRET) must be set")
     # uvicorn owns the signals here; it shuts the server down and we clean up after it.

@@ -2,8 +2,8 @@
 
 ``/api/conversations/{id}/ws``. Authenticated by the ``Authorization: Bearer`` header or, for
 browsers (which cannot set headers on a WebSocket), by a first frame
-``{"type": "auth", "token": …, "last_event_id": …}``; never by a query parameter, which proxies
-and access logs would keep. Every error is an ``error`` frame, then a close code (see core).
+``{"type": "auth", "token": …, "last_event_id": …}``, or by a short-lived stream token of this
+conversation in ``?access_token=`` (never a bearer token: proxies and browsers keep URLs). Every error is an ``error`` frame, then a close code (see core).
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class WebSockets:
     async def _open(self, socket: WebSocket[Any, Any, Any], conversation_id: str) -> Watch:
         header = socket.headers.get("authorization")
         last_id = socket.headers.get("last-event-id") or socket.query_params.get("last_event_id")
+        if header is None and "access_token" in socket.query_params:
+            p = self.api.watcher(socket.headers, socket.query_params, conversation_id)
+            return await self.api.watch(p, conversation_id, last_id)
         if header is None:
             frame = await self._first_frame(socket)
             header = f"Bearer {frame.token}"

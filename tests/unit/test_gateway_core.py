@@ -11,6 +11,7 @@ import jwt
 import msgspec
 import pytest
 
+from services.gateway import auth
 from services.gateway import core as gw
 from services.gateway.core import ApiError, ChatRequest, Principal
 from shared import messages as m
@@ -44,18 +45,18 @@ BAD_HEADERS = {
 @pytest.mark.parametrize("header", BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
 def test_authenticate_rejects_bad_credentials_with_401(header: str | None) -> None:
     with pytest.raises(ApiError) as info:
-        gw.authenticate(header, SECRET)
+        auth.authenticate(header, SECRET)
     assert (info.value.status, info.value.code) == (401, "unauthenticated")
 
 
 def test_authenticate_rejects_a_claim_with_a_trailing_newline() -> None:
     with pytest.raises(ApiError):
-        gw.authenticate(bearer(project="acme\n"), SECRET)
+        auth.authenticate(bearer(project="acme\n"), SECRET)
 
 
 @pytest.mark.parametrize("user", ["alice", "A-b_9", "u" * 64])
 def test_authenticate_returns_the_principal_of_a_good_token(user: str) -> None:
-    assert gw.authenticate(bearer(sub=user), SECRET) == Principal(project="acme", user=user)
+    assert auth.authenticate(bearer(sub=user), SECRET) == Principal(project="acme", user=user)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from services.gateway import core
+from services.gateway import auth, core
 
 SECRET = "unit-secret-" + "u" * 32
 
@@ -27,7 +27,7 @@ class Clock:
 
 def test_a_verified_token_is_remembered_and_not_checked_again() -> None:
     clock = Clock()
-    principals = core.Principals(SECRET, clock)
+    principals = auth.Principals(SECRET, clock)
     header = _header(clock.now + 60)
     assert principals.authenticate(header) == core.Principal("p1", "u1")
     assert header in principals.known
@@ -37,7 +37,7 @@ def test_a_verified_token_is_remembered_and_not_checked_again() -> None:
 
 def test_a_remembered_token_is_refused_once_it_expires() -> None:
     clock = Clock()
-    principals = core.Principals(SECRET, clock)
+    principals = auth.Principals(SECRET, clock)
     header = _header(clock.now + 2)
     principals.authenticate(header)
     assert principals.authenticate(header) == core.Principal("p1", "u1")
@@ -54,7 +54,7 @@ def test_a_remembered_token_is_refused_once_it_expires() -> None:
     [None, "", "Basic abc", "Bearer not-a-jwt", "Bearer " + jwt.encode({"sub": "u"}, SECRET)],
 )
 def test_bad_tokens_are_refused_every_time_and_never_remembered(header: str | None) -> None:
-    principals = core.Principals(SECRET)
+    principals = auth.Principals(SECRET)
     for _ in range(2):
         with pytest.raises(core.ApiError) as err:
             principals.authenticate(header)
@@ -63,7 +63,7 @@ def test_bad_tokens_are_refused_every_time_and_never_remembered(header: str | No
 
 
 def test_the_table_is_bounded() -> None:
-    principals = core.Principals(SECRET, max_entries=3)
+    principals = auth.Principals(SECRET, max_entries=3)
     for i in range(10):
         principals.authenticate(_header(time.time() + 60, user=f"u{i}"))
     assert len(principals.known) <= 3

@@ -1,4 +1,4 @@
-"""Token lifetimes and the stable messages of refused tokens (core.verify, core.Principals)."""
+"""Token lifetimes and the stable messages of refused tokens (auth.verify, auth.Principals)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import jwt
 import pytest
 
 from baton.devtoken import make_token
+from services.gateway import auth
 from services.gateway import core as gw
 from services.gateway.config import Settings
 from services.gateway.core import ApiError
@@ -26,7 +27,7 @@ def bearer(secret: str = SECRET, algorithm: str = "HS256", **claims: object) -> 
 
 def refusal(header: str | None, max_lifetime_s: float = 30 * DAY) -> str:
     with pytest.raises(ApiError) as info:
-        gw.verify(header, SECRET, max_lifetime_s=max_lifetime_s, leeway_s=60, now=NOW)
+        auth.verify(header, SECRET, max_lifetime_s=max_lifetime_s, leeway_s=60, now=NOW)
     assert (info.value.status, info.value.code) == (401, "unauthenticated")
     return info.value.message
 
@@ -54,7 +55,7 @@ def test_a_token_living_longer_than_the_maximum_is_refused(claims: dict[str, obj
     ],
 )
 def test_a_token_within_the_maximum_is_accepted(claims: dict[str, object]) -> None:
-    principal, _ = gw.verify(bearer(**claims), SECRET, max_lifetime_s=30 * DAY, now=NOW)
+    principal, _ = auth.verify(bearer(**claims), SECRET, max_lifetime_s=30 * DAY, now=NOW)
     assert principal == gw.Principal(project="acme", user="alice")
 
 
@@ -91,7 +92,7 @@ def test_refusals_have_a_stable_message_per_failure_class(header: str | None, me
 
 def test_the_cache_keeps_a_token_no_longer_than_the_maximum_lifetime() -> None:
     clock = [NOW]
-    principals = gw.Principals(SECRET, clock=lambda: clock[0], max_lifetime_s=3600)
+    principals = auth.Principals(SECRET, clock=lambda: clock[0], max_lifetime_s=3600)
     header = bearer(iat=NOW, exp=NOW + 3600)
     principals.authenticate(header)
     clock[0] = NOW + 3601
@@ -102,7 +103,7 @@ def test_the_cache_keeps_a_token_no_longer_than_the_maximum_lifetime() -> None:
 def test_baton_token_makes_tokens_the_gateway_accepts_with_its_defaults() -> None:
     settings = Settings()
     header = "Bearer " + make_token(SECRET, "acme", "alice")  # `baton token` without --ttl
-    principals = gw.Principals(
+    principals = auth.Principals(
         SECRET, max_lifetime_s=settings.jwt_max_lifetime_s, leeway_s=settings.jwt_leeway_s
     )
     assert principals.authenticate(header) == gw.Principal(project="acme", user="alice")
