@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from baton.devtoken import make_token
+from services.gateway import openapi
 from tests.integration.gateway_process import SECRET, RunningGateway, backing, start_gateway
 
 __all__ = ["backing", "start_gateway"]
@@ -42,13 +43,17 @@ def _document(gw: RunningGateway) -> dict[str, Any]:
 
 def test_schemathesis_finds_nothing(gateway: RunningGateway, tmp_path: Path) -> None:
     token = make_token(SECRET, "p1", "fuzz")
-    # One more expected status than schemathesis assumes for valid data: an Idempotency-Key the
-    # fuzzer sends again with another body is 422 idempotency_key_reused (the IETF draft's
-    # answer), a real answer to valid input, not a rejection of it.
+    # Two statuses more than schemathesis assumes. For valid data: an Idempotency-Key the fuzzer
+    # sends again with another body is 422 idempotency_key_reused (the IETF draft's answer to
+    # valid input that conflicts with an earlier request). For invalid data: content over
+    # maxLength is 413 content_too_large, a rejection like any other 4xx.
     config = tmp_path / "schemathesis.toml"
     config.write_text(
         "[checks.positive_data_acceptance]\n"
         'expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429"]\n'
+        "[checks.negative_data_rejection]\n"
+        'expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415",'
+        ' "422", "428", "429"]\n'
     )
     started = time.monotonic()
     run = subprocess.run(
@@ -68,8 +73,10 @@ def test_schemathesis_finds_nothing(gateway: RunningGateway, tmp_path: Path) -> 
             "10",
             "--generation-database",
             "none",
+            # One worker: hypothesis describing its filters from two threads at once trips
+            # CPython 3.11's AST recursion check ("AST constructor recursion depth mismatch").
             "--workers",
-            "2",
+            "1",
             "--continue-on-failure",
         ],
         capture_output=True,
@@ -78,7 +85,7 @@ def test_schemathesis_finds_nothing(gateway: RunningGateway, tmp_path: Path) -> 
         check=False,
     )
     elapsed = time.monotonic() - started
-    report = run.stdout[-20000:] + run.stderr[-5000:]
+    report = run.stdout + run.stderr[-5000:]
     assert run.returncode == 0, report
     assert "No issues found" in run.stdout or "passed" in run.stdout, report
     print(f"schemathesis: {elapsed:.1f} s\n{run.stdout[-3000:]}")
@@ -93,7 +100,7 @@ def test_every_operation_documents_auth_errors_and_uuid_ids(gateway: RunningGate
         "bearerFormat": "JWT",
         "description": schemes["bearer"]["description"],
     }
-    error_ref = {"$ref": "#/components/schemas/Error"}
+    error_ref = openapi.ERROR_SCHEMA
     seen = 0
     for path, item in doc["paths"].items():
         for method, op in item.items():

@@ -71,8 +71,8 @@ def test_authenticate_returns_the_principal_of_a_good_token(user: str) -> None:
         (b'{"content": " \\n\\t "}', 422, "empty_content"),
         (b'{"content": "' + b"x" * 11 + b'"}', 413, "content_too_large"),
         (b'{"content": "a\\u0000b"}', 422, "invalid_content"),
-        (b'{"content": "hi", "conversation_id": "nope"}', 422, "invalid_id"),
-        (b'{"content": "hi", "conversation_id": ""}', 422, "invalid_id"),
+        (b'{"content": "hi", "conversation_id": "nope"}', 400, "invalid_id"),
+        (b'{"content": "hi", "conversation_id": ""}', 400, "invalid_id"),
     ],
 )  # fmt: skip
 def test_parse_chat_rejects_bad_bodies_with_a_clear_status(
