@@ -79,6 +79,7 @@ def test_schemathesis_finds_nothing(gateway: RunningGateway, tmp_path: Path) -> 
             "1",
             "--continue-on-failure",
         ],
+        cwd=tmp_path,  # its crash cache (.schemathesis/) is written here, not in the checkout
         capture_output=True,
         text=True,
         timeout=150,
