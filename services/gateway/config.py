@@ -22,6 +22,8 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     publish_timeout_s: float = 3.0
     sse_heartbeat_s: float = 15.0
     sse_queue_size: int = 2048
+    # An SSE stream ends after this long (0: never); the client reconnects with Last-Event-ID.
+    sse_max_s: float = 0.0
     rate_gate: bool = True  # early 429s from policy's rate windows (off: policy alone refuses)
     rate_cache_s: float = 1.0  # how long a look at a user's rate windows is reused
     sse_send_timeout_s: float = 10.0

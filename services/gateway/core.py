@@ -91,11 +91,19 @@ def parse_chat(body: bytes, max_chars: int) -> ChatRequest:
     return req
 
 
-def parse_uuid(value: str, name: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ApiError(422, "invalid_id", f"{name} must be a UUID") from exc
+# The 36-character form (any case), as JSON Schema's "uuid" format: uuid.UUID alone also takes
+# braces, a urn: prefix and 32 bare hex digits, none of which the API document allows.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def parse_uuid(value: object, name: str) -> str:
+    """The canonical (lower-case) form of a UUID id; ``400 invalid_id`` for anything else.
+
+    One rule for every id a client sends, in a path or a body, on every route.
+    """
+    if not isinstance(value, str) or _UUID.fullmatch(value) is None:
+        raise ApiError(400, "invalid_id", f"{name} must be a UUID")
+    return str(uuid.UUID(value))
 
 
 FINAL_STATUSES = vocab.TERMINAL
@@ -103,10 +111,7 @@ FINAL_STATUSES = vocab.TERMINAL
 
 def parse_cancel_ids(conversation_id: str, run_id: str) -> tuple[str, str, str]:
     """(conversation id, run id, message id) of a cancel request; 400 for anything malformed."""
-    try:
-        cid = str(uuid.UUID(conversation_id))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ApiError(400, "invalid_id", "conversation id must be a UUID") from exc
+    cid = parse_uuid(conversation_id, "conversation id")
     message_id = vocab.message_of(run_id)
     if message_id is None:
         raise ApiError(400, "invalid_id", "run id must look like run-<message uuid>")

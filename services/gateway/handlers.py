@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from opentelemetry import trace
 
-from services.gateway import auth, core, pages
+from services.gateway import auth, core, openapi, pages
 from services.gateway.adapters import (
     Hub,
     Inbox,
@@ -504,11 +505,20 @@ class Api:
             yield ServerSentEventMessage(data=None, comment="connected", retry=1000)
             for event, event_id, data in w.replay:
                 yield _sse(event, event_id, data)
+            loop = asyncio.get_running_loop()
+            max_s = self.settings.sse_max_s
+            ends = loop.time() + max_s if max_s > 0 else math.inf
             while True:
+                left = ends - loop.time()
+                if left <= 0:
+                    return  # bounded streams: the client reconnects, resuming (retry: 1000)
                 try:
-                    ev = await asyncio.wait_for(w.queue.get(), self.settings.sse_heartbeat_s)
+                    ev = await asyncio.wait_for(
+                        w.queue.get(), min(self.settings.sse_heartbeat_s, left)
+                    )
                 except TimeoutError:
-                    yield ServerSentEventMessage(data=None, comment="heartbeat")
+                    if loop.time() < ends:
+                        yield ServerSentEventMessage(data=None, comment="heartbeat")
                     continue
                 if ev is None:
                     return
@@ -546,8 +556,24 @@ def _broker_unavailable() -> core.ApiError:
 
 def routes(api: Api) -> list[Any]:
     """Litestar route handlers bound to one Api instance."""
+    cid = {"conversation_id": openapi.UUID}
 
-    @post("/api/chat", status_code=202, summary="Submit a chat message")
+    @post(
+        "/api/chat",
+        status_code=202,
+        summary="Submit a chat message",
+        **openapi.doc(
+            400,
+            404,
+            413,
+            422,
+            429,
+            503,
+            body=openapi.chat_body(api.settings.max_content_chars),
+            headers=[openapi.idempotency_key(api.settings.max_idempotency_key_chars)],
+            success={202: openapi.ACCEPTED},
+        ),
+    )
     async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
         # Each submitted message starts its own trace, which every later hop continues.
         attributes = {"http.request.method": "POST", "http.route": "/api/chat"}
@@ -564,7 +590,11 @@ def routes(api: Api) -> list[Any]:
             span.set_attribute("http.response.status_code", response.status_code)
             return response
 
-    @get("/api/conversations", summary="The caller's conversations, most recent activity first")
+    @get(
+        "/api/conversations",
+        summary="The caller's conversations, most recent activity first",
+        **openapi.doc(400, 503),
+    )
     async def conversations(
         request: Request[Any, Any, Any],
         limit: FromQuery[str | None] = None,
@@ -572,7 +602,11 @@ def routes(api: Api) -> list[Any]:
     ) -> pages.ConversationsPage:
         return await api.conversations(request, limit, cursor)
 
-    @get("/api/conversations/{conversation_id:str}", summary="A conversation's metadata")
+    @get(
+        "/api/conversations/{conversation_id:str}",
+        summary="A conversation's metadata",
+        **openapi.doc(400, 404, 503, params=cid),
+    )
     async def conversation(
         request: Request[Any, Any, Any], conversation_id: FromPath[str]
     ) -> pages.Conversation:
@@ -581,6 +615,7 @@ def routes(api: Api) -> list[Any]:
     @get(
         "/api/conversations/{conversation_id:str}/messages",
         summary="A page of messages in conversation order (newest page by default)",
+        **openapi.doc(400, 404, 503, params=cid),
     )
     async def messages(
         request: Request[Any, Any, Any],
@@ -591,13 +626,28 @@ def routes(api: Api) -> list[Any]:
     ) -> pages.MessagesPage:
         return await api.messages(request, conversation_id, limit, before, after)
 
-    @get("/api/conversations/{conversation_id:str}/state", summary="Runs and verdicts")
+    @get(
+        "/api/conversations/{conversation_id:str}/state",
+        summary="Runs and verdicts",
+        **openapi.doc(400, 404, 503, params=cid),
+    )
     async def state(
         request: Request[Any, Any, Any], conversation_id: FromPath[str]
     ) -> dict[str, Any]:
         return await api.state(request, conversation_id)
 
-    @get("/api/conversations/{conversation_id:str}/events", summary="Server-Sent Events")
+    @get(
+        "/api/conversations/{conversation_id:str}/events",
+        summary="Server-Sent Events",
+        **openapi.doc(
+            400,
+            404,
+            503,
+            params=cid,
+            headers=openapi.LAST_EVENT_ID,
+            success={200: openapi.EVENT_STREAM},
+        ),
+    )
     async def events(
         request: Request[Any, Any, Any], conversation_id: FromPath[str]
     ) -> ServerSentEvent:
@@ -607,13 +657,25 @@ def routes(api: Api) -> list[Any]:
         "/api/conversations/{conversation_id:str}/runs/{run_id:str}/cancel",
         status_code=202,
         summary="Cancel a queued or running run (202: policy will stop it)",
+        **openapi.doc(
+            400,
+            404,
+            409,
+            503,
+            params={**cid, "run_id": openapi.RUN_ID},
+            success={202: openapi.CANCELLING},
+        ),
     )
     async def cancel(
         request: Request[Any, Any, Any], conversation_id: FromPath[str], run_id: FromPath[str]
     ) -> Response[Any]:
         return await api.cancel(request, conversation_id, run_id)
 
-    @get("/api/usage", summary="The caller's project token and cost totals")
+    @get(
+        "/api/usage",
+        summary="The caller's project token and cost totals",
+        **openapi.doc(503),
+    )
     async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
         return await api.usage(request)
 

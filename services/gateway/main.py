@@ -13,7 +13,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
-from services.gateway import config, core, platform_routes, ws
+from services.gateway import config, core, openapi, platform_routes, ws
 from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, TokenLog
 from services.gateway.edge import HttpEdge, failure_fields
 from services.gateway.fastpath import FastAccept
@@ -43,7 +43,12 @@ def on_api_error(_: Request[Any, Any, Any], exc: core.ApiError) -> Response[Any]
 def on_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
     code = codes.get(exc.status_code, "http_error")
-    return Response(error_body(exc.status_code, code, str(exc.detail)), status_code=exc.status_code)
+    # The framework's headers are part of the answer: a 405's Allow (RFC 9110 15.5.6).
+    return Response(
+        error_body(exc.status_code, code, str(exc.detail)),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 def unexpected_handler(
@@ -102,7 +107,7 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
         )
 
     @get("/openapi.json", include_in_schema=False, media_type=MediaType.JSON)
-    async def openapi(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    async def openapi_json(request: Request[Any, Any, Any]) -> dict[str, Any]:
         schema: dict[str, Any] = request.app.openapi_schema.to_schema()
         return schema
 
@@ -113,7 +118,7 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
             ws.route(websockets),
             healthz,
             readyz,
-            openapi,
+            openapi_json,
         ],
         exception_handlers={
             core.ApiError: on_api_error,
@@ -121,7 +126,13 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
             Exception: unexpected_handler(settings.log_error_details),
         },
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="baton gateway", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="baton gateway",
+            version="0.1.0",
+            path="/schema",
+            components=openapi.components(),
+            security=openapi.SECURITY,
+        ),
         debug=False,
     )
 

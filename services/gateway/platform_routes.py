@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
+from services.gateway import openapi
 from services.gateway.handlers import Api
 from shared import build
 
@@ -22,6 +23,7 @@ def routes(api: Api) -> list[Any]:
         "/api/conversations/{conversation_id:str}/stream-token",
         status_code=201,
         summary="A short-lived token that opens this conversation's events or ws (?access_token=)",
+        **openapi.doc(400, 404, 503, params={"conversation_id": openapi.UUID}),
     )
     async def stream_token(
         request: Request[Any, Any, Any], conversation_id: FromPath[str]
@@ -37,7 +39,11 @@ def routes(api: Api) -> list[Any]:
         }
         return Response(body, status_code=201, headers={"Cache-Control": "no-store"})
 
-    @get("/version", summary="The running build: version, commit, build time, uptime")
+    @get(
+        "/version",
+        summary="The running build: version, commit, build time, uptime",
+        **openapi.doc(secured=False),
+    )
     async def version() -> dict[str, Any]:
         info = build.info()
         return {**info, "uptime_s": round(time.monotonic() - STARTED, 3)}

@@ -117,7 +117,7 @@ async def test_requests_without_a_valid_token_get_401_and_publish_nothing(
         (b'{"content": "hi", "role": "system"}', 400, "invalid_body"),
         (b'{"content": "   "}', 422, "empty_content"),
         (b'{"content": "hi\\u0000"}', 422, "invalid_content"),
-        (b'{"content": "hi", "conversation_id": "../../etc"}', 422, "invalid_id"),
+        (b'{"content": "hi", "conversation_id": "../../etc"}', 400, "invalid_id"),
         (msgspec.json.encode({"content": "x" * 1001}), 413, "content_too_large"),
         (msgspec.json.encode({"content": "x" * 9000}), 413, "body_too_large"),
     ],
@@ -237,7 +237,7 @@ async def test_other_users_and_projects_get_404_for_a_conversation(gateway: Gate
     )
     assert missing.status_code == 404
     bad = await gateway.client.get("/api/conversations/not-a-uuid/messages", headers=gateway.auth())
-    assert bad.status_code == 400
+    assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_id")
 
 
 async def test_usage_starts_at_zero_for_a_new_project(gateway: Gateway) -> None:

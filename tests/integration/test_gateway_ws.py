@@ -275,7 +275,7 @@ async def test_a_client_without_header_must_send_a_valid_auth_frame_first(
     assert not gateway.hub.clients
 
 
-async def test_someone_elses_conversation_is_4404_and_a_bad_id_is_4422(gateway: Gateway) -> None:
+async def test_someone_elses_conversation_is_4404_and_a_bad_id_is_4400(gateway: Gateway) -> None:
     e = await stored(gateway)
     for other in (auth(user="u2"), auth(project="p2")):
         async with connect(gateway.ws(e.conversation_id), additional_headers=other) as ws:
@@ -284,7 +284,7 @@ async def test_someone_elses_conversation_is_4404_and_a_bad_id_is_4422(gateway: 
         assert seen[0]["data"]["message"] == "conversation not found"
     async with connect(gateway.ws("not-a-uuid"), additional_headers=auth()) as ws:
         code, reason, _ = await closed(ws)
-    assert (code, reason) == (4422, "invalid_id")
+    assert (code, reason) == (4400, "invalid_id")
     assert not gateway.hub.clients
 
 

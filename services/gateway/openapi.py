@@ -1,0 +1,285 @@
+"""What ``/openapi.json`` says about each route: bodies, every status, headers, parameters.
+
+Litestar documents a route from its signature; the gateway's routes read their bodies and
+headers themselves (the accept path is not even Litestar's, ``fastpath.py``), so each route
+decorator adds what it answers with ``**openapi.doc(...)``::
+
+    @get("/api/conversations/{conversation_id:str}/messages",
+         **openapi.doc(400, 404, 503, params={"conversation_id": openapi.UUID}))
+
+Every documented error has the body every error has (``ERROR_SCHEMA``, inlined); ``401``
+is added to every route with the bearer scheme. A status the route can answer that is not
+listed here is a finding of the schema fuzz test (``tests/integration/test_openapi_fuzz.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from litestar.openapi.spec import Components, Operation, SecurityScheme
+
+BEARER = "bearer"
+SECURITY: list[dict[str, list[str]]] = [{BEARER: []}]
+
+# The one shape of every error (main.error_body, fastpath._error_body); a route may add fields.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["status", "code", "message"],
+            "properties": {
+                "status": {"type": "integer", "description": "the HTTP status, repeated"},
+                "code": {"type": "string", "description": "stable, machine-readable"},
+                "message": {"type": "string", "description": "for people; may change"},
+                "run_status": {
+                    "type": "string",
+                    "description": "409 run_finished only: the run's final status",
+                },
+            },
+        }
+    },
+}
+
+UUID: dict[str, Any] = {
+    "type": "string",
+    "format": "uuid",
+    "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+    "description": "a UUID in its 36-character form; anything else is 400 invalid_id",
+}
+RUN_ID: dict[str, Any] = {
+    "type": "string",
+    "pattern": "^run-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    "description": "run-<the user message's lower-case uuid>; anything else is 400 invalid_id",
+}
+
+_RETRY_AFTER = {
+    "description": "seconds to wait before retrying",
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
+
+# status: (description, headers of that answer)
+ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
+    400: (
+        "Malformed request: `invalid_id` (a path or body id), `invalid_body`, `invalid_json`, "
+        "`invalid_idempotency_key`",
+        {},
+    ),
+    401: ("`unauthenticated`: bad, expired or missing bearer token", {}),
+    404: ("`not_found`: not the caller's, or no such thing (never 403: nothing leaks)", {}),
+    409: ("`run_finished`: the run already has a final status (`error.run_status`)", {}),
+    413: ("`body_too_large` or `content_too_large`", {}),
+    422: (
+        "`empty_content`, `invalid_content`, or `idempotency_key_reused` (the key was used "
+        "with another body)",
+        {},
+    ),
+    429: ("`rate_limited`: the user is over a rate limit", {"Retry-After": _RETRY_AFTER}),
+    503: (
+        "`database_unavailable`, `broker_unavailable`, `owner_unknown`, `replay_pending`: "
+        "nothing was done, retry (`Retry-After` when the gateway knows when)",
+        {"Retry-After": _RETRY_AFTER},
+    ),
+}
+
+
+def components() -> Components:
+    """The bearer scheme every route refers to (the error body is inlined in each response)."""
+    return Components(
+        security_schemes={
+            BEARER: SecurityScheme(
+                type="http",
+                scheme="bearer",
+                bearer_format="JWT",
+                description="HS256 JWT with claims sub, project, exp (`baton token`)",
+            )
+        },
+    )
+
+
+class _Documented(Operation):
+    """An operation whose schema gets the route's ``doc(...)`` added to what Litestar found."""
+
+    extra: ClassVar[dict[str, Any]] = {}
+
+    def to_schema(self) -> dict[str, Any]:
+        schema = super().to_schema()
+        extra = self.extra
+        responses: dict[str, Any] = schema.setdefault("responses", {})
+        for status in extra["errors"]:
+            description, headers = ERRORS[status]
+            response: dict[str, Any] = {
+                "description": description,
+                "content": {"application/json": {"schema": ERROR_SCHEMA}},
+            }
+            if headers:
+                response["headers"] = dict(headers)
+            responses[str(status)] = response
+        for status, override in extra["success"].items():
+            responses[str(status)] = override
+        if extra["body"] is not None:
+            schema["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": extra["body"]}},
+            }
+        parameters: list[dict[str, Any]] = schema.setdefault("parameters", [])
+        for param in parameters:
+            if param.get("in") == "path" and param.get("name") in extra["params"]:
+                param["schema"] = extra["params"][param["name"]]
+        parameters.extend(extra["headers"])
+        if not parameters:
+            del schema["parameters"]
+        return schema
+
+
+def doc(
+    *errors: int,
+    params: Mapping[str, dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    headers: list[dict[str, Any]] | None = None,
+    success: Mapping[int, dict[str, Any]] | None = None,
+    secured: bool = True,
+) -> dict[str, Any]:
+    """Keyword arguments for a route decorator: its errors, path ids, body, request headers.
+
+    ``errors``: the statuses it may answer besides its success (each with the error body;
+    ``401`` is implied when ``secured``). ``params``: JSON Schemas of path parameters by name
+    (``UUID``, ``RUN_ID``). ``body``: the JSON request body's schema. ``headers``: OpenAPI
+    header parameter objects. ``success``: response objects that replace Litestar's own.
+    """
+    statuses = sorted({*errors, *([401] if secured else [])})
+    unknown = [s for s in statuses if s not in ERRORS]
+    if unknown:
+        raise ValueError(f"no documented error for {unknown}; add it to openapi.ERRORS")
+    extra = {
+        "errors": statuses,
+        "params": dict(params or {}),
+        "body": body,
+        "headers": list(headers or []),
+        "success": dict(success or {}),
+    }
+    operation = type("DocumentedOperation", (_Documented,), {"extra": extra})
+    kwargs: dict[str, Any] = {"operation_class": operation}
+    if secured:
+        kwargs["security"] = SECURITY
+    return kwargs
+
+
+def json_success(description: str, schema: dict[str, Any], **headers: Any) -> dict[str, Any]:
+    """A success response object with a JSON body (and optional response headers)."""
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        response["headers"] = {name.replace("_", "-"): h for name, h in headers.items()}
+    return response
+
+
+EVENT_STREAM: dict[str, Any] = {
+    "description": "Server-Sent Events (`message`, `token`, `run.status`, …) until the client "
+    "leaves; resume with `Last-Event-ID`",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
+# What Python's str.isspace() calls whitespace (parse_chat strips it), as a regex class.
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def chat_body(max_chars: int) -> dict[str, Any]:
+    """``POST /api/chat``'s body, exactly as ``core.parse_chat`` accepts it."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["content"],
+        "properties": {
+            "content": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": max_chars,
+                # Not only whitespace (422 empty_content), no NUL (422 invalid_content).
+                "pattern": rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$",
+            },
+            "conversation_id": {
+                "anyOf": [UUID, {"type": "null"}],
+                "description": "an existing conversation of the caller's, or a new one's id of "
+                "the client's choosing; none: a new conversation",
+            },
+        },
+    }
+
+
+def idempotency_key(max_chars: int) -> dict[str, Any]:
+    return {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "a retry with the same key and body gets the original answer "
+        "(`Idempotent-Replayed: true`); another body under it is 422",
+        "schema": {"type": "string", "pattern": rf"^[\x21-\x7e]{{1,{max_chars}}}$"},
+    }
+
+
+LAST_EVENT_ID: list[dict[str, Any]] = [
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "the last event id seen: replay what came after it",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "last_event_id",
+        "in": "query",
+        "required": False,
+        "description": "as Last-Event-ID, for clients that cannot set headers",
+        "schema": {"type": "string"},
+    },
+]
+
+_MESSAGE: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "conversation_id", "role", "content", "created_at"],
+    "properties": {
+        "id": UUID,
+        "conversation_id": UUID,
+        "role": {"type": "string"},
+        "content": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "run_id": RUN_ID,
+    },
+}
+
+ACCEPTED = json_success(
+    "Accepted: the message is in JetStream (a duplicate: the original)",
+    {
+        "type": "object",
+        "required": ["status", "duplicate", "message"],
+        "properties": {
+            "status": {"type": "string", "enum": ["accepted"]},
+            "duplicate": {"type": "boolean"},
+            "message": _MESSAGE,
+        },
+    },
+    Idempotent_Replayed={
+        "description": "`true` when this answers a retry with the original",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+)
+
+CANCELLING = json_success(
+    "The cancel request is in JetStream; policy decides",
+    {
+        "type": "object",
+        "required": ["status", "run_id", "run_status", "duplicate"],
+        "properties": {
+            "status": {"type": "string", "enum": ["cancelling"]},
+            "run_id": RUN_ID,
+            "run_status": {"type": "string"},
+            "duplicate": {"type": "boolean"},
+        },
+    },
+)

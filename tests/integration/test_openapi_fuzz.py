@@ -1,0 +1,169 @@
+"""The API document is what the API does: schemathesis fuzzes every route of a live gateway.
+
+A real gateway process on real NATS and Postgres, a real token, every check schemathesis has
+(``--checks all``) over the whole document, so a route added later is fuzzed too. The other
+tests pin what the fuzzer found (issue 12): one rule for a malformed id, a 405 with ``Allow``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from baton.devtoken import make_token
+from services.gateway import openapi
+from tests.integration.gateway_process import SECRET, RunningGateway, backing, start_gateway
+
+__all__ = ["backing", "start_gateway"]
+
+# Bounded: the whole run stays well under a minute on a busy 2-core machine.
+MAX_EXAMPLES = "15"
+
+
+@pytest.fixture
+def gateway(start_gateway: Callable[..., RunningGateway]) -> RunningGateway:
+    # SSE streams end after 0.3 s, so a fuzzed GET …/events gets its whole answer.
+    return start_gateway(sse_max_s="0.3")
+
+
+def _document(gw: RunningGateway) -> dict[str, Any]:
+    r = httpx.get(f"{gw.url}/openapi.json", timeout=5)
+    assert r.status_code == 200
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def test_schemathesis_finds_nothing(gateway: RunningGateway, tmp_path: Path) -> None:
+    token = make_token(SECRET, "p1", "fuzz")
+    # Two statuses more than schemathesis assumes. For valid data: an Idempotency-Key the fuzzer
+    # sends again with another body is 422 idempotency_key_reused (the IETF draft's answer to
+    # valid input that conflicts with an earlier request). For invalid data: content over
+    # maxLength is 413 content_too_large, a rejection like any other 4xx.
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(
+        "[checks.positive_data_acceptance]\n"
+        'expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "422", "429"]\n'
+        "[checks.negative_data_rejection]\n"
+        'expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415",'
+        ' "422", "428", "429"]\n'
+    )
+    started = time.monotonic()
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "--config-file",
+            str(config),
+            "run",
+            f"{gateway.url}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            MAX_EXAMPLES,
+            "--header",
+            f"Authorization: Bearer {token}",
+            "--request-timeout",
+            "10",
+            "--generation-database",
+            "none",
+            # One worker: hypothesis describing its filters from two threads at once trips
+            # CPython 3.11's AST recursion check ("AST constructor recursion depth mismatch").
+            "--workers",
+            "1",
+            "--continue-on-failure",
+        ],
+        cwd=tmp_path,  # its crash cache (.schemathesis/) is written here, not in the checkout
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    report = run.stdout + run.stderr[-5000:]
+    assert run.returncode == 0, report
+    assert "No issues found" in run.stdout or "passed" in run.stdout, report
+    print(f"schemathesis: {elapsed:.1f} s\n{run.stdout[-3000:]}")
+
+
+def test_every_operation_documents_auth_errors_and_uuid_ids(gateway: RunningGateway) -> None:
+    doc = _document(gateway)
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": schemes["bearer"]["description"],
+    }
+    error_ref = openapi.ERROR_SCHEMA
+    seen = 0
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method not in {"get", "post", "put", "patch", "delete"}:
+                continue
+            seen += 1
+            assert op.get("security") == [{"bearer": []}], (method, path)
+            assert "401" in op["responses"], (method, path)
+            for status, response in op["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert response["content"]["application/json"]["schema"] == error_ref
+            for param in op.get("parameters", []):
+                if param["in"] == "path" and param["name"].endswith("conversation_id"):
+                    assert param["schema"]["format"] == "uuid", (method, path)
+    assert seen >= 6
+    chat = doc["paths"]["/api/chat"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["required"] == ["content"]
+    assert {"400", "401", "404", "413", "422", "429", "503"} <= set(chat["responses"])
+    assert "Retry-After" in chat["responses"]["429"]["headers"]
+    events = doc["paths"]["/api/conversations/{conversation_id}/events"]["get"]
+    assert "text/event-stream" in events["responses"]["200"]["content"]
+    # The framework's own 400 body (status_code, detail) is never sent, so never documented.
+    assert "status_code" not in str(doc)
+
+
+ROUTES_WITH_IDS = [
+    ("GET", "/api/conversations/{}/messages"),
+    ("GET", "/api/conversations/{}/state"),
+    ("GET", "/api/conversations/{}/events"),
+    ("POST", "/api/conversations/{}/runs/run-" + str(uuid.UUID(int=1)) + "/cancel"),
+]
+BAD_IDS = ["nope", "0" * 32, "{" + str(uuid.UUID(int=7)) + "}", "urn:uuid:" + str(uuid.UUID(int=7))]
+
+
+def test_a_malformed_id_is_400_invalid_id_on_every_route(gateway: RunningGateway) -> None:
+    for method, path in ROUTES_WITH_IDS:
+        for bad_id in BAD_IDS:
+            url = gateway.url + path.format(bad_id)
+            r = httpx.request(method, url, headers=gateway.auth(), timeout=5)
+            assert r.status_code == 400, (method, url, r.text)
+            assert r.json()["error"] == {
+                "status": 400,
+                "code": "invalid_id",
+                "message": "conversation id must be a UUID",
+            }
+
+
+def test_a_malformed_id_in_the_chat_body_is_400_invalid_id(gateway: RunningGateway) -> None:
+    r = httpx.post(
+        f"{gateway.url}/api/chat",
+        json={"content": "hi", "conversation_id": "0" * 32},
+        headers=gateway.auth(),
+        timeout=5,
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_id")
+
+
+def test_an_undocumented_method_is_405_with_allow(gateway: RunningGateway) -> None:
+    for path, documented in [("/api/chat", {"POST"}), ("/api/usage", {"GET"})]:
+        for method in ["TRACE", "PUT", "DELETE", "PATCH"]:
+            r = httpx.request(method, gateway.url + path, headers=gateway.auth(), timeout=5)
+            assert r.status_code == 405, (method, path, r.text)
+            allowed = {m.strip() for m in r.headers["allow"].split(",")}
+            assert allowed - {"OPTIONS", "HEAD"} == documented
+            assert r.json()["error"]["code"] == "method_not_allowed"
