@@ -49,10 +49,23 @@ UUID: dict[str, Any] = {
     "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
     "description": "a UUID in its 36-character form; anything else is 400 invalid_id",
 }
+
+
+def limit(maximum: int) -> dict[str, Any]:
+    """A page size query parameter (pages.py refuses anything else with 400 invalid_limit)."""
+    return {"type": "integer", "minimum": 1, "maximum": maximum}
+
+
+CURSOR: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "description": "an opaque cursor from a previous page; anything else is 400 invalid_cursor",
+}
+
 RUN_ID: dict[str, Any] = {
     "type": "string",
-    "pattern": "^run-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
-    "description": "run-<the user message's lower-case uuid>; anything else is 400 invalid_id",
+    "pattern": f"^{runs.RUN_PREFIX}[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$",
+    "description": f"{runs.RUN_PREFIX}<the user message's lower-case uuid>; anything else is 400 invalid_id",
 }
 
 _RETRY_AFTER = {
@@ -126,7 +139,7 @@ class _Documented(Operation):
             }
         parameters: list[dict[str, Any]] = schema.setdefault("parameters", [])
         for param in parameters:
-            if param.get("in") == "path" and param.get("name") in extra["params"]:
+            if param.get("in") in ("path", "query") and param.get("name") in extra["params"]:
                 param["schema"] = extra["params"][param["name"]]
         parameters.extend(extra["headers"])
         if not parameters:
@@ -162,8 +175,8 @@ def doc(
     }
     operation = type("DocumentedOperation", (_Documented,), {"extra": extra})
     kwargs: dict[str, Any] = {"operation_class": operation}
-    if secured:
-        kwargs["security"] = SECURITY
+    # Security is declared per operation; a public one says so with an empty requirement list.
+    kwargs["security"] = SECURITY if secured else []
     return kwargs
 
 
@@ -181,7 +194,20 @@ def json_success(description: str, schema: dict[str, Any], **headers: Any) -> di
 EVENT_STREAM: dict[str, Any] = {
     "description": "Server-Sent Events (`message`, `token`, `run.status`, …) until the client "
     "leaves; resume with `Last-Event-ID`",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # Each event as schemathesis (and any SSE parser) reads it: fields of one event block.
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "event": {"type": "string"},
+                    "id": {"type": "string"},
+                    "data": {"type": "string"},
+                    "retry": {"type": "integer"},
+                },
+            }
+        }
+    },
 }
 
 
