@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 from litestar.openapi.spec import Components, Operation, SecurityScheme
 
+from shared import runs
+
 BEARER = "bearer"
 SECURITY: list[dict[str, list[str]]] = [{BEARER: []}]
 
