@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 import msgspec
 import nats
 
@@ -28,6 +29,18 @@ async def fanout(stack: Stack, clients: int, hz: float, duration: float) -> Resu
     streams: list[SseStream] = []
     sem = asyncio.Semaphore(50)
 
+    # A stream shows only its owner's conversation (I9): each one is first made the bench user's
+    # by a message of its own. That message's own run streams too; only the bench run is counted.
+    async with httpx.AsyncClient(base_url=stack.gateway, headers=headers, timeout=30) as http:
+
+        async def own(cid: str) -> None:
+            async with sem:
+                body = {"conversation_id": cid, "content": "fan-out"}
+                r = await http.post("/api/chat", json=body)
+                r.raise_for_status()
+
+        await asyncio.gather(*(own(c) for c in cids))
+
     async def opener(cid: str) -> SseStream:
         async with sem:
             s = SseStream(stack.gateway, f"/api/conversations/{cid}/events", headers)
@@ -36,15 +49,18 @@ async def fanout(stack: Stack, clients: int, hz: float, duration: float) -> Resu
 
     streams = list(await asyncio.gather(*(opener(c) for c in cids)))
 
-    async def reader(s: SseStream) -> None:
+    async def reader(s: SseStream, cid: str) -> None:
         nonlocal received
         async for event, data in s.events():
             if event == "token":
                 now = time.perf_counter()
+                token = msgspec.json.decode(data)
+                if token["run_id"] != runs.run_id(cid):
+                    continue  # the owning message's own answer, not a bench delta
                 received += 1
-                latencies.append(now - float(msgspec.json.decode(data)["text"]))
+                latencies.append(now - float(token["text"]))
 
-    readers = [asyncio.create_task(reader(s)) for s in streams]
+    readers = [asyncio.create_task(reader(s, c)) for s, c in zip(streams, cids, strict=True)]
     # As the executor, the one that publishes token deltas: the gateway hears its account only.
     nc = await nats.connect(
         stack.nats.url,
