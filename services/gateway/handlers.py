@@ -593,7 +593,11 @@ def routes(api: Api) -> list[Any]:
     @get(
         "/api/conversations",
         summary="The caller's conversations, most recent activity first",
-        **openapi.doc(400, 503),
+        **openapi.doc(
+            400,
+            503,
+            params={"limit": openapi.limit(pages.MAX_CONVERSATIONS), "cursor": openapi.CURSOR},
+        ),
     )
     async def conversations(
         request: Request[Any, Any, Any],
@@ -615,7 +619,17 @@ def routes(api: Api) -> list[Any]:
     @get(
         "/api/conversations/{conversation_id:str}/messages",
         summary="A page of messages in conversation order (newest page by default)",
-        **openapi.doc(400, 404, 503, params=cid),
+        **openapi.doc(
+            400,
+            404,
+            503,
+            params={
+                **cid,
+                "limit": openapi.limit(pages.MAX_MESSAGES),
+                "before": openapi.CURSOR,
+                "after": openapi.CURSOR,
+            },
+        ),
     )
     async def messages(
         request: Request[Any, Any, Any],

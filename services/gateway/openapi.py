@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from litestar.openapi.spec import Components, Operation, SecurityScheme
 
+from services.gateway import pages
 from shared import runs
 
 BEARER = "bearer"
@@ -61,7 +62,12 @@ def limit(maximum: int) -> dict[str, Any]:
 CURSOR: dict[str, Any] = {
     "type": "string",
     "minLength": 1,
-    "description": "an opaque cursor from a previous page; anything else is 400 invalid_cursor",
+    "maxLength": pages.MAX_CURSOR_CHARS,
+    "pattern": f"^[A-Za-z0-9_-]{{1,{pages.MAX_CURSOR_CHARS}}}$",
+    "description": (
+        "an opaque cursor (unpadded base64url) from a previous page; one this API did not hand"
+        " out is 400 invalid_cursor, and so are before and after together"
+    ),
 }
 
 RUN_ID: dict[str, Any] = {
