@@ -128,6 +128,8 @@ class _Documented(Operation):
     def to_schema(self) -> dict[str, Any]:
         schema = super().to_schema()
         extra = self.extra
+        if not extra["secured"]:
+            schema["security"] = []  # public: overrides the document's bearer requirement
         responses: dict[str, Any] = schema.setdefault("responses", {})
         for status in extra["errors"]:
             description, headers = ERRORS[status]
@@ -180,6 +182,7 @@ def doc(
         "body": body,
         "headers": list(headers or []),
         "success": dict(success or {}),
+        "secured": secured,
     }
     operation = type("DocumentedOperation", (_Documented,), {"extra": extra})
     kwargs: dict[str, Any] = {"operation_class": operation}

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from services.gateway.core import ApiError
+from services.gateway.core import ApiError, parse_uuid
 
 DEFAULT_MESSAGES = 100  # the seeds' hot window
 MAX_MESSAGES = 1000
@@ -131,11 +131,8 @@ def limit_of(value: str | None, default: int, maximum: int) -> int:
 
 
 def path_id(value: str, name: str = "conversation id") -> str:
-    """A UUID from the path; 400 invalid_id otherwise."""
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ApiError(400, "invalid_id", f"{name} must be a UUID") from exc
+    """A UUID from the path; 400 invalid_id otherwise (the one rule: ``core.parse_uuid``)."""
+    return parse_uuid(value, name)
 
 
 class MessageQuery(msgspec.Struct, frozen=True):
