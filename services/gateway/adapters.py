@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import math
 import time
 import uuid
 import weakref
@@ -659,34 +658,50 @@ class RateGate:
     def __init__(self, kv: Any, cache_s: float = 1.0) -> None:
         self.kv = kv
         self.cache_s = cache_s
-        self.seen: dict[tuple[str, str], tuple[float, float]] = {}  # → (checked at, blocked until)
+        self.seen: dict[tuple[str, str], tuple[float, core.RateState]] = {}  # → (checked at, state)
 
     async def retry_after(self, project: str, user: str) -> int | None:
         """Seconds until the user may send again, or None when not (known to be) over a limit."""
+        return (await self.look(project, user)).retry_after(time.time())
+
+    async def look(self, project: str, user: str) -> core.RateState:
+        """The user's rate windows as last read (at most ``cache_s`` old; blocked: until its end).
+
+        A window with no entry yet (nothing sent in it) is not known here: policy writes the
+        limit into the window, so the state names only windows the user has sent in.
+        """
         now = time.time()
         hit = self.seen.get((project, user))
         if hit is not None:
-            checked, until = hit
-            if until > now:
-                return max(1, math.ceil(until - now))
-            if now - checked < self.cache_s:
-                return None
-        until = 0.0
-        keys = [ratelimit.key(window, now, project, user) for window in ratelimit.WINDOWS]
+            checked, state = hit
+            if state.blocked_until() > now or now - checked < self.cache_s:
+                return state.current(now)
+        quotas: list[core.RateQuota] = []
+        names = list(ratelimit.WINDOWS)
+        keys = [ratelimit.key(window, now, project, user) for window in names]
         # Both windows in one round trip.
         entries = await asyncio.gather(*(self.kv.get(k) for k in keys), return_exceptions=True)
-        for entry in entries:
+        for name, entry in zip(names, entries, strict=True):
             if isinstance(entry, nats.js.errors.KeyNotFoundError):
                 continue
             try:
                 if isinstance(entry, BaseException):
                     raise entry
                 w = ratelimit.decoder.decode(entry.value or b"")
+                quota = core.RateQuota(
+                    name=core.RATE_WINDOW_NAMES.get(name, name),
+                    window_s=int(w.length),
+                    limit=int(w.limit),
+                    used=len(w.ids),
+                    ends_at=float(w.start + w.length),
+                )
             except Exception:  # fail open: policy is authoritative
-                return None
-            if w.full:
-                until = max(until, float(w.start + w.length))
+                return core.RateState(())
+            if quota.limit < 1 or quota.window_s < 1:
+                return core.RateState(())
+            quotas.append(quota)
+        state = core.RateState(tuple(quotas))
         if len(self.seen) >= self.MAX_CACHED:
             self.seen.clear()
-        self.seen[(project, user)] = (now, until)
-        return max(1, math.ceil(until - now)) if until > now else None
+        self.seen[(project, user)] = (now, state)
+        return state.current(now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import uuid
@@ -30,7 +31,7 @@ class ApiError(Exception):
         code: str,
         message: str,
         headers: dict[str, str] | None = None,
-        extra: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -38,6 +39,83 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
         self.extra = extra or {}  # more fields of the error object, e.g. a run's status
+
+
+# Policy's window keys (shared.ratelimit.WINDOWS) by their names in the RateLimit headers.
+RATE_WINDOW_NAMES = {"m": "minute", "h": "hour"}
+
+
+class RateQuota(msgspec.Struct, frozen=True, kw_only=True):
+    """One of policy's fixed rate windows as the gateway last read it."""
+
+    name: str  # "minute", "hour": the policy item's key in RateLimit-Policy / RateLimit
+    window_s: int
+    limit: int
+    used: int
+    ends_at: float  # epoch seconds
+
+    @property
+    def full(self) -> bool:
+        return self.used >= self.limit
+
+    def reset(self, now: float) -> int:
+        """Whole seconds until the window ends (at least 1)."""
+        return max(1, math.ceil(self.ends_at - now))
+
+
+class RateState(msgspec.Struct, frozen=True):
+    """A user's known rate windows; empty when none is known (or reading them failed)."""
+
+    quotas: tuple[RateQuota, ...]
+
+    def current(self, now: float) -> RateState:
+        """Without windows that have ended."""
+        return RateState(tuple(q for q in self.quotas if q.ends_at > now))
+
+    def blocked_until(self) -> float:
+        return max((q.ends_at for q in self.quotas if q.full), default=0.0)
+
+    def retry_after(self, now: float) -> int | None:
+        until = self.blocked_until()
+        return max(1, math.ceil(until - now)) if until > now else None
+
+    def tightest(self, now: float) -> RateQuota | None:
+        """The window that blocks longest when blocked; else the one with the least room."""
+        full = [q for q in self.quotas if q.full and q.ends_at > now]
+        if full:
+            return max(full, key=lambda q: q.ends_at)
+        return min(self.quotas, key=lambda q: (q.limit - q.used, q.ends_at), default=None)
+
+    def headers(self, now: float, spent: int = 0) -> dict[str, str]:
+        """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10).
+
+        ``spent``: messages to count beyond what the windows hold (1 for the one just accepted,
+        which policy has not counted yet).
+        """
+        if not self.quotas:
+            return {}
+        policy = ", ".join(f'"{q.name}";q={q.limit};w={q.window_s}' for q in self.quotas)
+        left = ", ".join(
+            f'"{q.name}";r={max(0, q.limit - q.used - spent)};t={q.reset(now)}' for q in self.quotas
+        )
+        return {"RateLimit-Policy": policy, "RateLimit": left}
+
+
+def rate_limited(state: RateState, now: float) -> ApiError | None:
+    """The ``429`` for a user over a window: when to retry, in the body and in headers."""
+    retry = state.retry_after(now)
+    q = state.tightest(now)
+    if retry is None or q is None:
+        return None
+    headers = {"Retry-After": str(retry), **state.headers(now)}
+    extra: dict[str, Any] = {
+        "limit": q.limit,
+        "remaining": 0,
+        "reset": q.reset(now),
+        "retry_after": retry,
+        "window": q.name,
+    }
+    return ApiError(429, "rate_limited", f"too many messages; retry in {retry} s", headers, extra)
 
 
 class Principal(msgspec.Struct, frozen=True):

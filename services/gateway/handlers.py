@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -190,16 +191,13 @@ class Api:
             # client's buffer until the timeout.
             raise _broker_unavailable()
         # After the duplicate check: a retried submit gets its original, not a 429.
+        rate = core.RateState(())
         if self.rate_gate is not None:
-            retry = await self.rate_gate.retry_after(p.project, p.user)
-            if retry is not None:
+            rate = await self.rate_gate.look(p.project, p.user)
+            refusal = core.rate_limited(rate, time.time())
+            if refusal is not None:
                 self.rate_limited.inc()
-                raise core.ApiError(
-                    429,
-                    "rate_limited",
-                    f"too many messages; retry in {retry} s",
-                    {"Retry-After": str(retry)},
-                )
+                raise refusal
         event = m.UserMessageAccepted(
             event_id=message_id,
             message_id=message_id,
@@ -227,7 +225,8 @@ class Api:
         if duplicate:
             return self._duplicate(original, digest)
         self.accepts_new.inc()
-        return core.accepted(original, False), {}
+        # How much room is left, as the gateway saw it (policy counts this message later).
+        return core.accepted(original, False), rate.headers(time.time(), spent=1)
 
     async def _may_post(self, p: core.Principal, conversation_id: str) -> None:
         # No 202 the persister would refuse: an owner that cannot be told is a 503, not an allow.

@@ -41,6 +41,11 @@ ERROR_SCHEMA: dict[str, Any] = {
                     "type": "string",
                     "description": "409 run_finished only: the run's final status",
                 },
+                "limit": {"type": "integer", "description": "429 only: the window's quota"},
+                "remaining": {"type": "integer", "description": "429 only: always 0"},
+                "reset": {"type": "integer", "description": "429 only: s until it resets"},
+                "retry_after": {"type": "integer", "description": "429 only: as Retry-After"},
+                "window": {"type": "string", "description": "429 only: `minute` or `hour`"},
             },
         }
     },
@@ -81,6 +86,18 @@ _RETRY_AFTER = {
     "schema": {"type": "string", "pattern": "^[0-9]+$"},
 }
 
+# draft-ietf-httpapi-ratelimit-headers-10: one item per policy window the user has sent in.
+RATELIMIT_POLICY = {
+    "description": 'the rate windows, e.g. `"minute";q=20;w=60, "hour";q=200;w=3600` (quota '
+    "`q` messages per `w` seconds); only windows the user has sent in",
+    "schema": {"type": "string"},
+}
+RATELIMIT = {
+    "description": 'room left per window, e.g. `"minute";r=0;t=12` (`r` messages remaining, '
+    "`t` seconds until the window resets); the gateway's view, policy counts authoritatively",
+    "schema": {"type": "string"},
+}
+
 # status: (description, headers of that answer)
 ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
     400: (
@@ -97,7 +114,11 @@ ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
         "with another body)",
         {},
     ),
-    429: ("`rate_limited`: the user is over a rate limit", {"Retry-After": _RETRY_AFTER}),
+    429: (
+        "`rate_limited`: the user is over a rate limit; `error.limit`, `error.remaining`, "
+        "`error.reset` (s), `error.retry_after` (s), `error.window`",
+        {"Retry-After": _RETRY_AFTER, "RateLimit-Policy": RATELIMIT_POLICY, "RateLimit": RATELIMIT},
+    ),
     503: (
         "`database_unavailable`, `broker_unavailable`, `owner_unknown`, `replay_pending`: "
         "nothing was done, retry (`Retry-After` when the gateway knows when)",
@@ -305,6 +326,8 @@ ACCEPTED = json_success(
         "description": "`true` when this answers a retry with the original",
         "schema": {"type": "string", "enum": ["true"]},
     },
+    RateLimit_Policy=RATELIMIT_POLICY,
+    RateLimit=RATELIMIT,
 )
 
 CANCELLING = json_success(
