@@ -32,3 +32,7 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
 
 def from_env() -> Settings:
     return load(Settings, "EXECUTOR")
+
+
+def from_env_map(environ: dict[str, str]) -> Settings:
+    return load(Settings, "EXECUTOR", environ)
