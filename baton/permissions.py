@@ -85,6 +85,8 @@ def permissions(service: str) -> dict[str, Any]:
         deny.append("exec.task.>")
     if subjects.exec_abort(*ANY) not in grant.publishes:
         deny.append("exec.abort.>")
+    if subjects.tool_task(*ANY) not in grant.publishes:
+        deny.append("tool.task.>")
     return {
         "publish": {"allow": publish, "deny": deny},
         "subscribe": {"allow": [*grant.listens, subjects.inbox_prefix(service) + ".>"]},

@@ -169,7 +169,7 @@ class Stack:
                         model_url=model_url,
                         nats_user=name,
                         nats_password=passwords[name],
-                        extra=self._gateway_extra() if name == "gateway" else None,
+                        extra=self._extra(name, tools_url),
                     ),
                     self.logs,
                 )
@@ -241,6 +241,14 @@ class Stack:
             pg.stop()
             nats.stop()
             say("stopped; nothing left running")
+
+    def _extra(self, name: str, tools_url: str) -> dict[str, str] | None:
+        if name == "gateway":
+            return self._gateway_extra()
+        if name == "executor":
+            # The executor's allow-list of MCP servers: the demo server, as the policy file names it.
+            return {"EXECUTOR_MCP_SERVERS": json.dumps({"demo": tools_url})}
+        return None
 
     def _gateway_extra(self) -> dict[str, str]:
         """``baton up`` lets a page served from its own address call it (unless told otherwise)."""

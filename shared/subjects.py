@@ -184,18 +184,17 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_TOKENS, ("chat.stream.>",), max_age_s=3600.0),
     StreamSpec(STREAM_DLQ, ("dlq.>",), max_age_s=30 * 24 * 3600.0),
     StreamSpec(STREAM_CANCELS, ("chat.cancel.>",), max_age_s=24 * 3600.0),
-)
-
-# Tool tasks, results, approvals and each call's record (started, finished) (kept as long as a task
-# could be redelivered, and then some). Not yet in STREAMS / CONSUMERS: they join them (with
-# their NATS grants) when policy starts publishing tool tasks; tests provision them directly.
-TOOL_STREAMS: tuple[StreamSpec, ...] = (
+    # Tool tasks, results, approvals and each call's record (started, finished), kept as long
+    # as a task could be redelivered, and then some.
     StreamSpec(
         STREAM_TOOLS,
         ("tool.task.>", "tool.result.>", "tool.requested.>", "tool.approval.>", "tool.call.>"),
         max_age_s=7 * 24 * 3600.0,
     ),
 )
+# The tools stream alone, for tests that provision only the tool part of the bus.
+TOOL_STREAMS: tuple[StreamSpec, ...] = tuple(s for s in STREAMS if s.name == STREAM_TOOLS)
+
 PERSISTER_TOOL_RESULTS = ConsumerSpec(STREAM_TOOLS, "persister-tool-results", "tool.result.>")
 TOOL_CONSUMERS: tuple[ConsumerSpec, ...] = (EXECUTOR_TOOLS, PERSISTER_TOOL_RESULTS)
 

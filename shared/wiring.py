@@ -43,6 +43,18 @@ POLICY_DEADLINES = ConsumerSpec(
     max_deliver=100,
     max_ack_pending=100_000,
 )
+# Tool calls (the TOOLS stream): the executor's runner, the persister's stored results, and
+# policy's three inputs of a tool phase (the model's calls stored, each result stored, the
+# user's approvals).
+EXECUTOR_TOOLS = subjects.EXECUTOR_TOOLS
+PERSISTER_TOOL_RESULTS = subjects.PERSISTER_TOOL_RESULTS
+POLICY_TOOL_TURNS = ConsumerSpec(
+    subjects.STREAM_PERSISTED, "policy-tool-turns", "chat.persisted.tool_turn.>"
+)
+POLICY_TOOL_RESULTS = ConsumerSpec(
+    subjects.STREAM_PERSISTED, "policy-tool-results", "chat.persisted.tool_result.>"
+)
+POLICY_APPROVALS = ConsumerSpec(subjects.STREAM_TOOLS, "policy-approvals", "tool.approval.>")
 # In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
 EXECUTOR_TASKS = ConsumerSpec(subjects.STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
 
@@ -73,7 +85,11 @@ class Wiring(msgspec.Struct, frozen=True):
 # Services in the order the deploy configs list their NATS users.
 WIRING: dict[str, Wiring] = {
     "gateway": Wiring(
-        publishes=(subjects.chat_in(*_ANY), subjects.chat_cancel(*_ANY)),
+        publishes=(
+            subjects.chat_in(*_ANY),
+            subjects.chat_cancel(*_ANY),
+            subjects.tool_approval(*_ANY),  # the user's answer to an "ask" call
+        ),
         listens=subjects.PUSH_SUBJECTS,
         # A duplicate submit answers with the original message, read back by its sequence;
         # a resuming SSE client gets the tokens it missed, read back the same way.
@@ -89,8 +105,14 @@ WIRING: dict[str, Wiring] = {
             Consumes(PERSISTER_RESULTS, messages.ExecResult, "result"),
             Consumes(PERSISTER_FAILED, messages.ExecFailed, "failed_usage"),
             Consumes(PERSISTER_USAGE, messages.ModelUsage, "model_usage"),
+            Consumes(PERSISTER_TOOL_RESULTS, messages.ToolResult, "tool_result"),
         ),
-        publishes=(subjects.persisted_user(*_ANY), subjects.persisted_assistant(*_ANY)),
+        publishes=(
+            subjects.persisted_user(*_ANY),
+            subjects.persisted_assistant(*_ANY),
+            subjects.persisted_tool_turn(*_ANY),
+            subjects.persisted_tool_result(*_ANY),
+        ),
     ),
     "agent": Wiring(
         consumes=(Consumes(AGENT_IN, messages.UserMessagePersisted, "user_message"),),
@@ -110,16 +132,26 @@ WIRING: dict[str, Wiring] = {
             subjects.exec_task(*_ANY),  # policy alone (I5)
             subjects.policy_deadline(*_ANY),
             subjects.exec_abort(*_ANY),  # policy alone: only the authority stops a call
+            subjects.tool_task(*_ANY),  # policy alone (I5): an authorized tool call
+            subjects.tool_requested(*_ANY),  # an "ask" call waits for the user
+            subjects.tool_result(*_ANY),  # a call policy refused (deny, limits, unknown tool)
         ),
         buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS, subjects.BUCKET_ABORTS),
     ),
     "executor": Wiring(
-        consumes=(Consumes(EXECUTOR_TASKS, messages.ExecTask, "task"),),
+        consumes=(
+            Consumes(EXECUTOR_TASKS, messages.ExecTask, "task"),
+            Consumes(EXECUTOR_TOOLS, messages.ToolTask, "tool_task"),
+        ),
         publishes=(
             subjects.token_stream(*_ANY),
             subjects.exec_result(*_ANY),
             subjects.exec_failed(*_ANY),
+            subjects.tool_result(*_ANY),
+            "tool.call.*",  # the call's own record (started, finished): subjects.tool_call_record
         ),
+        # A redelivered tool task reads its call's last record before running anything.
+        reads_streams=(subjects.STREAM_TOOLS,),
         # Every replica hears every abort (a plain subscription, no queue group).
         listens=(subjects.EXEC_ABORT_ALL,),
         reads_buckets=(subjects.BUCKET_ABORTS,),

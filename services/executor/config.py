@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from shared.config import BaseSettings, Secret, load
+from shared.errors import ConfigError
 
 
 class Settings(BaseSettings, kw_only=True, frozen=True):
@@ -16,7 +19,20 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     anthropic_api_key: Secret = Secret("")
     concurrency: int = 32
     outcome_publish_s: float = 60.0
+    # The allow-list of MCP servers tool tasks may reach: JSON, name -> streamable HTTP URL (or a
+    # stdio command line as a list). A task naming a server not listed here is never sent.
+    mcp_servers: str = "{}"
+
+    def mcp_server_map(self) -> dict[str, str | list[str]]:
+        try:
+            return msgspec.json.decode(self.mcp_servers, type=dict[str, str | list[str]])
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"EXECUTOR_MCP_SERVERS: {exc}") from exc
 
 
 def from_env() -> Settings:
     return load(Settings, "EXECUTOR")
+
+
+def from_env_map(environ: dict[str, str]) -> Settings:
+    return load(Settings, "EXECUTOR", environ)

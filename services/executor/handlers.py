@@ -16,6 +16,7 @@ from nats.js.api import PubAck
 from services.executor import core
 from services.executor.adapters import Model, StreamFailed, StreamOutcome
 from services.executor.config import Settings
+from services.executor.tools import ToolRunner
 from shared import messages as m
 from shared import subjects
 from shared.bus import Bus
@@ -52,8 +53,10 @@ class Handlers:
         settings: Settings,
         metrics: ServiceMetrics,
         aborts: Any = None,
+        tools: ToolRunner | None = None,
     ) -> None:
         self.bus = bus
+        self.tools = tools  # the runner of tool.task (services/executor/tools.py)
         self.history = history
         self.model = model
         self.settings = settings
@@ -105,6 +108,12 @@ class Handlers:
         except nats.js.errors.KeyNotFoundError:
             return False
         return entry.value is not None
+
+    async def tool_task(self, t: m.ToolTask, msg: Msg) -> str:
+        """``tool.task.>`` (durable ``executor-tools``): one authorized call, run at most once."""
+        if self.tools is None:
+            raise RuntimeError("no tool runner: the executor was built without MCP servers")
+        return await self.tools.task(t, msg)
 
     async def task(self, t: m.ExecTask, msg: Msg) -> str:
         call_id = f"{t.task_id}#{msg.metadata.num_delivered}"

@@ -9,6 +9,7 @@ from typing import Any
 from services.executor import config
 from services.executor.adapters import Model
 from services.executor.handlers import Handlers
+from services.executor.tools import McpTools, ToolRunner
 from shared import model, runtime, subjects, wiring
 from shared.bus import Bus, run_consumers
 from shared.db import Health, create_pool
@@ -44,7 +45,8 @@ async def _serve(
     bus = await Bus.connect(settings, SERVICE, metrics, log)
     resources.push_async_callback(bus.close)
     aborts = await bus.js.key_value(subjects.BUCKET_ABORTS)
-    h = Handlers(bus, History(pool), Model(client), settings, metrics, aborts)
+    runner = ToolRunner(bus, McpTools(settings.mcp_server_map()), metrics)
+    h = Handlers(bus, History(pool), Model(client), settings, metrics, aborts, runner)
     # Every replica hears every abort (a plain subscription, no queue group).
     (aborts_subject,) = wiring.WIRING[SERVICE].listens
     abort_sub = await bus.nc.subscribe(aborts_subject, cb=h.abort)

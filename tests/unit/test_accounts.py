@@ -49,6 +49,8 @@ def test_listeners_hear_the_publishers_accounts_directly() -> None:
     assert gateway == {
         ("PERSISTER", subjects.persisted_user("*", "*")),
         ("PERSISTER", subjects.persisted_assistant("*", "*")),
+        ("PERSISTER", subjects.persisted_tool_turn("*", "*")),
+        ("PERSISTER", subjects.persisted_tool_result("*", "*")),
         ("EXECUTOR", subjects.token_stream("*", "*")),
         ("POLICY", subjects.policy_verdict("*", "*")),
     }

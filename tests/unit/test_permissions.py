@@ -26,6 +26,33 @@ def test_only_policy_may_publish_executor_tasks() -> None:
             assert task not in publish["allow"] and "exec.task.>" in publish["deny"]
 
 
+def test_only_policy_may_publish_tool_tasks_and_only_the_gateway_approvals() -> None:
+    task, approval = subjects.tool_task("*", "*"), subjects.tool_approval("*", "*")
+    for service in permissions.SERVICES:
+        publish = permissions.permissions(service)["publish"]
+        if service == "policy":
+            assert task in publish["allow"] and "tool.task.>" not in publish["deny"]
+        else:
+            assert task not in publish["allow"] and "tool.task.>" in publish["deny"]
+        assert (approval in publish["allow"]) == (service == "gateway")
+
+
+def test_the_executor_dials_only_the_mcp_servers_it_is_given() -> None:
+    import pytest
+
+    from services.executor import config
+    from shared.errors import ConfigError
+
+    assert config.from_env_map({}).mcp_server_map() == {}
+    env = {"EXECUTOR_MCP_SERVERS": '{"demo": "http://127.0.0.1:1/mcp", "local": ["srv", "-x"]}'}
+    assert config.from_env_map(env).mcp_server_map() == {
+        "demo": "http://127.0.0.1:1/mcp",
+        "local": ["srv", "-x"],
+    }
+    with pytest.raises(ConfigError):
+        config.from_env_map({"EXECUTOR_MCP_SERVERS": '["not", "a", "map"]'}).mcp_server_map()
+
+
 def test_only_policy_may_abort_calls_and_executors_only_read_the_abort_marks() -> None:
     abort = subjects.exec_abort("*", "*")
     for service in permissions.SERVICES:

@@ -320,7 +320,7 @@ def test_tool_subjects_are_captured_by_the_tools_stream_and_no_other(build: Any)
     from tests.unit.test_shared import covers
 
     subject = build("acme", "c1")
-    streams = [*subjects.STREAMS, *subjects.TOOL_STREAMS]
+    streams = list(subjects.STREAMS)
     assert [s.name for s in streams if any(covers(p, subject) for p in s.subjects)] == ["TOOLS"]
     record = subjects.tool_call_record("run-1", "toolu_1")
     assert [s.name for s in streams if any(covers(p, record) for p in s.subjects)] == ["TOOLS"]
