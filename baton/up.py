@@ -262,6 +262,7 @@ class Stack:
             f"""
 baton is up.
 
+  page      {gateway}/#token={token}
   gateway   {gateway}
   token     {token}
             (project "demo", user "alice"; more: baton token --data-dir {self.data_dir} --project P --user U)
