@@ -135,18 +135,7 @@ class ReadModel:
                 "WHERE conversation_id = $1 ORDER BY created_at, seq",
                 uuid.UUID(conversation_id),
             )
-        return [
-            {
-                "id": str(r["id"]),
-                "role": r["role"],
-                "kind": r["kind"],
-                "content": r["content"],
-                "created_at": r["created_at"],
-                "run_id": r["run_id"],
-                "pending": False,
-            }
-            for r in rows
-        ]
+        return [_stored_message(r) for r in rows]
 
     async def message_page(
         self, conversation_id: str, limit: int, before: Any = None, after: Any = None
@@ -184,19 +173,7 @@ class ReadModel:
         rows = rows[:limit]
         if after is None:
             rows = rows[::-1]
-        return [
-            {
-                "id": str(r["id"]),
-                "role": r["role"],
-                "kind": r["kind"],
-                "content": r["content"],
-                "created_at": r["created_at"],
-                "run_id": r["run_id"],
-                "pending": False,
-                "seq": r["seq"],
-            }
-            for r in rows
-        ], more
+        return [{**_stored_message(r), "seq": r["seq"]} for r in rows], more
 
     async def conversation(self, conversation_id: str) -> dict[str, Any] | None:
         async with self.pool.acquire() as con:
@@ -705,3 +682,16 @@ class RateGate:
             self.seen.clear()
         self.seen[(project, user)] = (now, state)
         return state.current(now)
+
+
+def _stored_message(r: Any) -> dict[str, Any]:
+    """A stored message row as the read model hands it out (one shape for every read)."""
+    return {
+        "id": str(r["id"]),
+        "role": r["role"],
+        "kind": r["kind"],
+        "content": r["content"],
+        "created_at": r["created_at"],
+        "run_id": r["run_id"],
+        "pending": False,
+    }
