@@ -22,9 +22,12 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 echo "containers: apt-get install ${need[*]}" >&2
 ok=0
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >"$log" 2>&1 \
-  || { apt-get update -q >>"$log" 2>&1 &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >>"$log" 2>&1; } \
+# Another apt (a second install target, unattended upgrades) may hold dpkg's lock: wait for it
+# rather than fail (seen: "Could not get lock /var/lib/dpkg/lock-frontend" skipped the compose test).
+apt=(apt-get -o DPkg::Lock::Timeout=600 -q)
+DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends "${need[@]}" >"$log" 2>&1 \
+  || { "${apt[@]}" update >>"$log" 2>&1 &&
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends "${need[@]}" >>"$log" 2>&1; } \
   || ok=$?
 [ -n "$guard" ] && rm -f /usr/sbin/policy-rc.d
 if [ "$ok" != 0 ]; then
