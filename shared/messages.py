@@ -39,6 +39,9 @@ class Event(msgspec.Struct, kw_only=True, frozen=True):
     conversation_id: str
     project_id: str
     causation_id: str = ""
+    # The client request this event descends from (X-Request-ID at the gateway); "" for work no
+    # request started, and in events older than the field.
+    request_id: str = ""
 
 
 class UserMessageAccepted(Event, kw_only=True, frozen=True):
