@@ -419,6 +419,23 @@ class TokenDelta(msgspec.Struct, kw_only=True, frozen=True):
     text: str
 
 
+class ApiKeyCommand(msgspec.Struct, kw_only=True, frozen=True):
+    """``baton apikey create|revoke``, published on admin.apikey; the persister writes it (I5).
+
+    A create carries the key's SHA-256 and its first characters, never the key.
+    """
+
+    v: int = SCHEMA_VERSION
+    event_id: str
+    op: Literal["create", "revoke"]
+    key_id: str  # a UUID
+    project_id: str
+    name: str = ""
+    key_hash: str = ""
+    prefix: str = ""
+    at: datetime
+
+
 class DeadLetter(msgspec.Struct, kw_only=True, frozen=True):
     """What a poison message becomes: the original, untouched, and why it was refused."""
 

@@ -101,9 +101,7 @@ class FastAccept:
             # A client's traceparent is linked, never continued (as in the Litestar route).
             with tracing.root_span("POST /api/chat", trace_headers, _SPAN_ATTRIBUTES) as span:
                 span.set_attribute("baton.request_id", request_id())
-                status, body, headers = await self._accept(
-                    creds, key, length, receive, None, line
-                )
+                status, body, headers = await self._accept(creds, key, length, receive, None, line)
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))

@@ -77,7 +77,7 @@ class JwksServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 outer.requests += 1
                 if outer.failing or self.path != "/jwks.json":
                     self.send_response(500 if outer.failing else 404)
@@ -215,7 +215,9 @@ def test_alg_none_and_key_confusion_are_refused(
     )
     _refused(_usage(gw, as_jwk), "invalid token")
     es_key = idp.keys[1]
-    mislabelled = jwt.encode(claims, es_key.private, algorithm="ES256", headers={"kid": rsa_key.kid})
+    mislabelled = jwt.encode(
+        claims, es_key.private, algorithm="ES256", headers={"kid": rsa_key.kid}
+    )
     _refused(_usage(gw, mislabelled), "invalid token")
 
 
