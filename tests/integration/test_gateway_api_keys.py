@@ -29,6 +29,7 @@ from tests.integration.gateway_process import (
     backing,
     start_gateway,
 )
+from tests.integration.test_gateway_rate_headers import _put
 
 __all__ = ["backing", "start_gateway"]  # fixtures, used by name
 
@@ -213,3 +214,27 @@ def test_the_cli_refuses_bad_input_and_another_projects_key(
     assert other.returncode == 1 and "has no key" in other.stderr
     assert apikey(backing, "revoke", "--project", "acme", "nope").returncode == 1
     assert apikey(backing, "revoke", "--project", "acme", str(uuid.uuid4())).returncode == 1
+
+
+def test_rate_limits_count_per_acting_user(
+    start_gateway: Callable[..., RunningGateway],
+    backing: tuple[str, str],
+    persister: Child,
+) -> None:
+    gw = start_gateway(rate_cache_s="0")
+    key, _ = make_key(backing, "acme")
+    now = time.time()
+    if 60 - now % 60 < 5:  # the window must not end between the write and the requests
+        time.sleep(61 - now % 60)
+        now = time.time()
+    # u1 of acme is at its limit (as policy writes the window); u2 of acme is not.
+    asyncio.run(_put(backing[0], now, "acme", "u1", 3, 3))
+    full = httpx.post(f"{gw.url}/api/chat", json={"content": "hi"}, headers=as_service(key, "u1"))
+    assert full.status_code == 429, full.text
+    assert full.json()["error"]["limit"] == 3
+    # The same user by token is the same count; another acting user has room.
+    assert (
+        httpx.post(f"{gw.url}/api/chat", json={"content": "hi"}, headers=gw.auth("acme", "u1"))
+    ).status_code == 429
+    other = httpx.post(f"{gw.url}/api/chat", json={"content": "hi"}, headers=as_service(key, "u2"))
+    assert other.status_code == 202, other.text
