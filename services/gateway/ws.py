@@ -77,7 +77,11 @@ class WebSockets:
             frame = await self._first_frame(socket)
             header = f"Bearer {frame.token}"
             last_id = frame.last_event_id or last_id
-        p = await self.api.principals.authenticate(header)  # the same rules (and cache) as HTTP
+        # The same rules (and cache) as HTTP: a token and a key together are refused here too.
+        credentials = auth.Credentials(
+            header, socket.headers.get("x-api-key"), socket.headers.get("x-acting-user")
+        )
+        p = await self.api.principals.authenticate(credentials)
         return await self.api.watch(p, conversation_id, last_id)
 
     async def _first_frame(self, socket: WebSocket[Any, Any, Any]) -> core.ClientFrame:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from baton.embedded import free_port
 from baton.supervisor import Child, service_env
@@ -171,6 +174,35 @@ def test_a_key_acts_for_its_project_only_and_as_the_user_it_names(
     assert httpx.get(missing, headers=as_service(acme, "u7")).status_code == 404
     r = httpx.get(f"{gw.url}/api/usage", headers=as_service(globex))
     assert r.json()["project_id"] == "globex"
+    # Push streams take the key too: a WebSocket by its headers, and a stream token minted
+    # with the key opens the SSE stream of the acting user's conversation only.
+    assert asyncio.run(_ws_first_frame(gw, cid, as_service(acme, "u7"))) == "ready"
+    assert asyncio.run(_ws_first_frame(gw, cid, as_service(acme, "u8"))) == "close 4404"
+    both = {**as_service(acme, "u7"), **gw.auth("acme", "u7")}
+    assert asyncio.run(_ws_first_frame(gw, cid, both)) == "close 4401"
+    minted = httpx.post(
+        f"{gw.url}/api/conversations/{cid}/stream-token", headers=as_service(acme, "u7")
+    )
+    assert minted.status_code == 201, minted.text
+    refused = httpx.post(
+        f"{gw.url}/api/conversations/{cid}/stream-token", headers=as_service(globex, "u7")
+    )
+    assert refused.status_code == 404
+
+
+async def _ws_first_frame(gw: RunningGateway, cid: str, headers: dict[str, str]) -> str:
+    """The first frame's event of a WebSocket opened with ``headers``, or how it closed."""
+    url = f"ws://127.0.0.1:{gw.port}/api/conversations/{cid}/ws"
+    try:
+        async with connect(url, additional_headers=headers, open_timeout=5) as ws:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if frame["event"] != "error":
+                return str(frame["event"])
+            await asyncio.wait_for(ws.recv(), 5)  # a refusal's error frame, then the close
+            raise AssertionError("still open after an error frame")
+    except ConnectionClosed as closed:
+        assert closed.rcvd is not None
+        return f"close {closed.rcvd.code}"
 
 
 BAD_HEADERS = [
