@@ -148,7 +148,6 @@ class Jwks:
         self.fetched_at = -math.inf  # last successful fetch
         self.tried_at = -math.inf  # last attempt, successful or not
         self.failed = False
-        self.fetches = 0
         self._lock = asyncio.Lock()
 
     async def key(self, kid: str) -> jwt.PyJWK:
@@ -169,7 +168,6 @@ class Jwks:
 
     async def _fetch(self) -> None:
         self.tried_at = self.clock()
-        self.fetches += 1
         log = structlog.get_logger().bind(service="gateway", jwks_url=self.url)
         try:
             async with httpx.AsyncClient(timeout=self.timeout_s) as client:
