@@ -242,6 +242,10 @@ def parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("id", type=int, help="the id `baton dlq list` shows")
     dlq.set_defaults(func=_cmd_dlq)
 
+    from baton import apikeys
+
+    apikeys.add_parser(sub)
+
     chat = sub.add_parser("chat", help="send a message and print the answer as it streams")
     chat.add_argument("message", nargs="*", help="the message; without it, one per stdin line")
     chat.add_argument("--conversation", help="continue this conversation (its id)")

@@ -18,6 +18,7 @@ TABLES = (
     "project_usage",
     "tool_turns",
     "tool_results",
+    "api_keys",
 )
 READS: dict[str, tuple[str, ...]] = {
     "gateway": TABLES,  # the read model behind the HTTP API

@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.js.api import PubAck
 from opentelemetry import trace
 
-from shared import messages, tracing
+from shared import messages, requests, tracing
 from shared.acks import Acks
 from shared.config import BaseSettings, nats_servers
 from shared.errors import BadData, Deferred, DependencyDown, SchemaError, Transient
@@ -65,6 +65,14 @@ def _producing(
     if "traceparent" not in hdrs:
         tracing.inject(hdrs)
     yield hdrs
+
+
+def _stamped(event: msgspec.Struct) -> msgspec.Struct:
+    """The event with the current request id (shared/requests.py), unless it names one."""
+    rid = requests.REQUEST_ID.get()
+    if rid and getattr(event, "request_id", None) == "":
+        return msgspec.structs.replace(event, request_id=rid)
+    return event
 
 
 def backoff_for(delivery: int) -> float:
@@ -165,6 +173,7 @@ class Bus:
         The current trace context goes into the headers, under a PRODUCER span when spans are
         recorded; when they are not, a ``traceparent`` the caller passes is kept as it is.
         """
+        event = _stamped(event)
         with _producing(subject, msg_id, headers) as hdrs:
             ack = await self._js_publish(subject, messages.encode(event), hdrs, timeout)
         self._count(subject, ack)
@@ -183,6 +192,7 @@ class Bus:
         its order in the stream without a round trip each. The future has no timeout of its
         own: the caller must await it with one (see ``settle``) so a lost ack frees its slot.
         """
+        event = _stamped(event)
         with _producing(subject, msg_id, headers) as hdrs:
             # With the connection's window of unacked publishes full, give up after a second
             # (TooManyStalledMsgsError) instead of waiting for a slot for ever.
@@ -512,6 +522,13 @@ class Consumer(Generic[T]):
                     value = getattr(event, key, None)
                     if value:
                         ids[key] = value
+                rid = getattr(event, "request_id", "")
+                if rid:
+                    # This task's own context: what it publishes carries the id, what it
+                    # logs names it.
+                    ids["request_id"] = rid
+                    requests.REQUEST_ID.set(rid)
+                    structlog.contextvars.bind_contextvars(request_id=rid)
                 if getattr(event, "v", 1) > messages.SCHEMA_VERSION:
                     raise SchemaError(f"unknown schema version {getattr(event, 'v', None)}")
                 outcome = await self.handler(event, msg)

@@ -39,6 +39,9 @@ class Event(msgspec.Struct, kw_only=True, frozen=True):
     conversation_id: str
     project_id: str
     causation_id: str = ""
+    # The client request this event descends from (X-Request-ID at the gateway); "" for work no
+    # request started, and in events older than the field.
+    request_id: str = ""
 
 
 class UserMessageAccepted(Event, kw_only=True, frozen=True):
@@ -414,6 +417,23 @@ class TokenDelta(msgspec.Struct, kw_only=True, frozen=True):
     attempt: int
     seq: int
     text: str
+
+
+class ApiKeyCommand(msgspec.Struct, kw_only=True, frozen=True):
+    """``baton apikey create|revoke``, published on admin.apikey; the persister writes it (I5).
+
+    A create carries the key's SHA-256 and its first characters, never the key.
+    """
+
+    v: int = SCHEMA_VERSION
+    event_id: str
+    op: Literal["create", "revoke"]
+    key_id: str  # a UUID
+    project_id: str
+    name: str = ""
+    key_hash: str = ""
+    prefix: str = ""
+    at: datetime
 
 
 class DeadLetter(msgspec.Struct, kw_only=True, frozen=True):

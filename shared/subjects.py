@@ -27,6 +27,7 @@ STREAM_TOKENS = "CHAT_STREAM"
 STREAM_DLQ = "DEAD_LETTERS"
 STREAM_CANCELS = "CHAT_CANCEL"
 STREAM_TOOLS = "TOOLS"
+STREAM_ADMIN = "ADMIN"  # operators' commands (baton apikey), which the persister writes
 
 # ---- subjects ------------------------------------------------------------------------------
 
@@ -123,6 +124,11 @@ def tool_call_record(run_id: str, call_id: str) -> str:
     return f"tool.call.{digest}"
 
 
+def admin_api_key(project: str) -> str:
+    """``baton apikey`` publishes a project's key commands here (the admin user only)."""
+    return f"admin.apikey.{project}"
+
+
 def token_stream(project: str, conversation: str) -> str:
     return f"chat.stream.{project}.{conversation}"
 
@@ -191,6 +197,9 @@ STREAMS: tuple[StreamSpec, ...] = (
         ("tool.task.>", "tool.result.>", "tool.requested.>", "tool.approval.>", "tool.call.>"),
         max_age_s=7 * 24 * 3600.0,
     ),
+    # Operators' commands wait here for the persister (a key made while it is down is written
+    # when it is back); a day is long enough to notice.
+    StreamSpec(STREAM_ADMIN, ("admin.>",), max_age_s=24 * 3600.0),
 )
 # The tools stream alone, for tests that provision only the tool part of the bus.
 TOOL_STREAMS: tuple[StreamSpec, ...] = tuple(s for s in STREAMS if s.name == STREAM_TOOLS)

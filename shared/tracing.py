@@ -21,12 +21,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import structlog
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from shared import requests
 
 _tracer = trace.get_tracer("baton")
 _MAX_STATEMENT_CHARS = 2000
@@ -114,9 +117,20 @@ def extract(headers: Mapping[str, str] | None) -> context.Context:
     return propagate.extract(dict(headers or {}))
 
 
+REQUEST_ID_KEY = "baton-request-id"  # beside the W3C headers in a stored carrier
+
+
 def carrier() -> dict[str, str]:
-    """The current trace context as W3C headers, to store with work that starts later."""
-    return inject({})
+    """The current trace context as W3C headers, to store with work that starts later.
+
+    The current request id (shared/requests.py) is stored with it: the later work is that
+    request's too.
+    """
+    stored = inject({})
+    rid = requests.current()
+    if rid:
+        stored[REQUEST_ID_KEY] = rid
+    return stored
 
 
 @contextmanager
@@ -130,8 +144,19 @@ def resumed(stored: Mapping[str, str], name: str) -> Iterator[trace.Span]:
     parent = extract(stored) if stored else None
     later = trace.get_current_span(parent).get_span_context() if parent is not None else now
     links = [Link(now)] if now.is_valid and now.trace_id != later.trace_id else []
-    with _tracer.start_as_current_span(name, context=parent, links=links) as span:
-        yield span
+    # Its request id too (none if it had none): what it publishes is never the trigger's.
+    rid = stored.get(REQUEST_ID_KEY, "") if stored else ""
+    token = requests.REQUEST_ID.set(rid)
+    try:
+        with (
+            _tracer.start_as_current_span(name, context=parent, links=links) as span,
+            structlog.contextvars.bound_contextvars(request_id=rid)
+            if rid
+            else contextlib.nullcontext(),
+        ):
+            yield span
+    finally:
+        requests.REQUEST_ID.reset(token)
 
 
 def current_trace_id() -> str:

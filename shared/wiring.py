@@ -26,6 +26,8 @@ PERSISTER_RESULTS = ConsumerSpec(subjects.STREAM_RESULTS, "persister-results", "
 PERSISTER_FAILED = ConsumerSpec(subjects.STREAM_RESULTS, "persister-failed", "exec.failed.>")
 # The agent's classification calls, billed by the persister (one row per call id).
 PERSISTER_USAGE = ConsumerSpec(subjects.STREAM_DECISIONS, "persister-usage", "agent.usage.>")
+# Operators' API key commands (baton apikey), written by the persister alone (I5).
+PERSISTER_API_KEYS = ConsumerSpec(subjects.STREAM_ADMIN, "persister-api-keys", "admin.apikey.>")
 AGENT_IN = ConsumerSpec(
     subjects.STREAM_PERSISTED, "agent", "chat.persisted.user.>", ack_wait_s=60.0
 )
@@ -106,6 +108,7 @@ WIRING: dict[str, Wiring] = {
             Consumes(PERSISTER_FAILED, messages.ExecFailed, "failed_usage"),
             Consumes(PERSISTER_USAGE, messages.ModelUsage, "model_usage"),
             Consumes(PERSISTER_TOOL_RESULTS, messages.ToolResult, "tool_result"),
+            Consumes(PERSISTER_API_KEYS, messages.ApiKeyCommand, "api_key"),
         ),
         publishes=(
             subjects.persisted_user(*_ANY),

@@ -113,6 +113,15 @@ class ReadModel:
             )
         return None if row is None else (row["project_id"], row["user_id"])
 
+    async def project_of(self, key_hash: str) -> str | None:
+        """The project of the active API key with this hash (auth.ApiKeys), if any."""
+        async with self.pool.acquire() as con:
+            project: str | None = await con.fetchval(
+                "SELECT project_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+                key_hash,
+            )
+        return project
+
     async def message(self, message_id: str) -> m.UserMessageAccepted | None:
         """The stored user message with this id, if any."""
         return await self._lookups.submit(message_id)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from services.gateway.auth import IdentityProvider
 from services.gateway.cors import Policy, policy
 from services.gateway.limits import EdgeLimits
 from shared.config import BaseSettings, Secret, load
+from shared.errors import ConfigError
 
 
 class Settings(BaseSettings, kw_only=True, frozen=True):
@@ -16,6 +18,22 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     id_secret: Secret = Secret("")
     jwt_max_lifetime_s: float = 30 * 24 * 3600.0  # exp - iat (exp - now without iat)
     jwt_leeway_s: float = 60.0  # how far an issuer's clock may be ahead of ours (iat, nbf)
+    # Bearer tokens signed HS256 with jwt_secret (`baton token`, `make up`); off once an
+    # identity provider issues every token (jwt_secret still keys stream tokens and ids).
+    jwt_hs256: bool = True
+    # An identity provider (auth.IdentityProvider): RS256/ES256 tokens checked against the keys
+    # at its JWKS URL; issuer and audience are then required. Empty: none.
+    jwt_jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_user_claim: str = "sub"  # the claim naming the user (its value: [A-Za-z0-9_-]{1,64})
+    jwt_project_claim: str = "project"  # the claim naming the project
+    jwt_jwks_min_refresh_s: float = 30.0  # an unknown kid refetches at most this often
+    jwt_jwks_max_age_s: float = 300.0  # the key set is fetched again when older
+    jwt_jwks_timeout_s: float = 3.0
+    # Project API keys (X-API-Key + X-Acting-User): each lookup is reused this long, which
+    # bounds how long a revoked key still works on a replica.
+    api_key_cache_s: float = 2.0
     max_body_bytes: int = 64 * 1024
     max_content_chars: int = 32_000
     max_idempotency_key_chars: int = 255
@@ -52,6 +70,29 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     cors_max_age_s: int = 600
     # Stream tokens (auth.StreamTokens): how long one lets a browser open its stream.
     stream_token_ttl_s: float = 300.0
+
+    def idp(self) -> IdentityProvider | None:
+        """The identity provider these settings name; ConfigError when half configured."""
+        if not self.jwt_jwks_url:
+            if self.jwt_issuer or self.jwt_audience:
+                raise ConfigError("GATEWAY_JWT_ISSUER/AUDIENCE need GATEWAY_JWT_JWKS_URL")
+            return None
+        if not self.jwt_jwks_url.startswith(("https://", "http://")):
+            raise ConfigError("GATEWAY_JWT_JWKS_URL must be an http(s) URL")
+        if not (self.jwt_issuer and self.jwt_audience):
+            raise ConfigError(
+                "GATEWAY_JWT_ISSUER and GATEWAY_JWT_AUDIENCE must be set with GATEWAY_JWT_JWKS_URL"
+            )
+        return IdentityProvider(
+            jwks_url=self.jwt_jwks_url,
+            issuer=self.jwt_issuer,
+            audience=self.jwt_audience,
+            user_claim=self.jwt_user_claim,
+            project_claim=self.jwt_project_claim,
+            jwks_min_refresh_s=self.jwt_jwks_min_refresh_s,
+            jwks_max_age_s=self.jwt_jwks_max_age_s,
+            jwks_timeout_s=self.jwt_jwks_timeout_s,
+        )
 
     def cors(self) -> Policy:
         return policy(self.cors_origins, self.cors_methods, self.cors_headers, self.cors_max_age_s)

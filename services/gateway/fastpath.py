@@ -16,6 +16,7 @@ import structlog
 from opentelemetry import trace
 
 from services.gateway import core
+from services.gateway.auth import Credentials
 from services.gateway.deadlines import Deadlines
 from services.gateway.edge import HttpEdge, failure_fields
 from services.gateway.front import request_id
@@ -69,18 +70,23 @@ class FastAccept:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        authorization = key = None
+        authorization = key = api_key = acting_user = None
         trace_headers: dict[str, str] = {}
         length = -1
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
+            elif name == b"x-api-key":
+                api_key = value.decode("latin-1")
+            elif name == b"x-acting-user":
+                acting_user = value.decode("latin-1")
             elif name == b"idempotency-key":
                 key = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 length = int(value)
             elif name in _TRACE_HEADERS:
                 trace_headers[name.decode()] = value.decode("latin-1")
+        creds = Credentials(authorization, api_key, acting_user)
         line: dict[str, str] = {}
         status = 500
         try:
@@ -88,16 +94,14 @@ class FastAccept:
             if not tracing.recording():
                 # Nothing records spans: the trace is only its ids, and the publish carries them.
                 status, body, headers = await self._accept(
-                    authorization, key, length, receive, tracing.new_traceparent(), line
+                    creds, key, length, receive, tracing.new_traceparent(), line
                 )
                 await self._send(send, status, body, headers)
                 return
             # A client's traceparent is linked, never continued (as in the Litestar route).
             with tracing.root_span("POST /api/chat", trace_headers, _SPAN_ATTRIBUTES) as span:
                 span.set_attribute("baton.request_id", request_id())
-                status, body, headers = await self._accept(
-                    authorization, key, length, receive, None, line
-                )
+                status, body, headers = await self._accept(creds, key, length, receive, None, line)
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))
@@ -123,7 +127,7 @@ class FastAccept:
 
     async def _accept(
         self,
-        authorization: str | None,
+        creds: Credentials,
         key: str | None,
         length: int,
         receive: Receive,
@@ -134,7 +138,7 @@ class FastAccept:
             if length > self.max_body_bytes:
                 raise _TooLarge
             body = await self._body(receive)
-            payload, headers = await self.api.submit(authorization, key, body, traceparent, line)
+            payload, headers = await self.api.submit(creds, key, body, traceparent, line)
         except core.ApiError as exc:
             trace.get_current_span().set_attribute("error.type", exc.code)
             return exc.status, _error_body(exc), exc.headers or {}

@@ -15,9 +15,11 @@ from typing import Any
 import msgspec
 
 from services.gateway.cors import EXPOSED, Policy
+from shared.requests import REQUEST_ID
 
 # The id of the request being handled; error bodies, log lines and spans read it.
-_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("baton_request_id", default="")
+# The same variable the bus stamps published events from (shared/requests.py).
+_request_id: contextvars.ContextVar[str] = REQUEST_ID
 SCOPE_KEY = "baton.request_id"
 MAX_REQUEST_ID_CHARS = 128
 # Letters, digits and a few separators: safe in a header, a log line and a JSON string.

@@ -103,6 +103,9 @@ class Api:
             str(settings.jwt_secret),
             max_lifetime_s=settings.jwt_max_lifetime_s,
             leeway_s=settings.jwt_leeway_s,
+            hs256=settings.jwt_hs256,
+            idp=settings.idp(),
+            api_keys=auth.ApiKeys(reads, settings.api_key_cache_s),
         )
         self.stream_tokens = auth.StreamTokens(
             str(settings.jwt_secret), settings.stream_token_ttl_s
@@ -119,10 +122,10 @@ class Api:
             ("known",),
         )
 
-    def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
-        return self.principals.authenticate(request.headers.get("authorization"))
+    async def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
+        return await self.principals.authenticate(auth.Credentials.of(request.headers))
 
-    def watcher(self, headers: Any, query: Any, conversation_id: str) -> core.Principal:
+    async def watcher(self, headers: Any, query: Any, conversation_id: str) -> core.Principal:
         """Who opens a push stream: the bearer header, or a stream token in ``?access_token=``.
 
         The query parameter takes a stream token only (never a bearer token: URLs are kept by
@@ -130,7 +133,7 @@ class Api:
         """
         token = query.get("access_token")
         if token is None:
-            return self.principals.authenticate(headers.get("authorization"))
+            return await self.principals.authenticate(auth.Credentials.of(headers))
         return self.stream_tokens.verify(token, conversation_id)
 
     async def own(self, p: core.Principal, conversation_id: str) -> str:
@@ -143,7 +146,7 @@ class Api:
         line: dict[str, str] = {}
         try:
             payload, headers = await self.submit(
-                request.headers.get("authorization"),
+                auth.Credentials.of(request.headers),
                 request.headers.get("idempotency-key"),
                 await request.body(),
                 line=line,
@@ -154,7 +157,7 @@ class Api:
 
     async def submit(
         self,
-        authorization: str | None,
+        credentials: auth.Credentials,
         idempotency_key: str | None,
         body: bytes,
         traceparent: str | None = None,
@@ -166,7 +169,7 @@ class Api:
         message's trace is the request span's, or, when no span is recorded, ``traceparent``'s.
         What the request's log line should name (ids, trace id) goes into ``line``.
         """
-        p = self.principals.authenticate(authorization)
+        p = await self.principals.authenticate(credentials)
         key = core.check_idempotency_key(idempotency_key, self.settings.max_idempotency_key_chars)
         req = core.parse_chat(body, self.settings.max_content_chars)
         digest = core.content_hash(req.conversation_id, req.content)
@@ -254,7 +257,7 @@ class Api:
         self, request: Request[Any, Any, Any], conversation_id: str, run_id: str
     ) -> Response[Any]:
         """Ask policy to cancel a run; 202 once JetStream has the request (policy decides)."""
-        p = self.principal(request)
+        p = await self.principal(request)
         cid, rid, message_id = core.parse_cancel_ids(conversation_id, run_id)
         await self.own(p, cid)
         try:
@@ -310,7 +313,7 @@ class Api:
         The newest end also shows the owner's accepted messages not stored yet (read your
         writes), in their place; the page keeps its size by leaving out older ones.
         """
-        p = self.principal(request)
+        p = await self.principal(request)
         q = pages.message_query(limit, before, after)
         cid = await self.own(p, conversation_id)
         rows, more = await self._read(self.reads.message_page(cid, q.limit, q.before, q.after))
@@ -345,7 +348,7 @@ class Api:
         self, request: Request[Any, Any, Any], conversation_id: str
     ) -> pages.Conversation:
         """A conversation's metadata; one only accepted so far (nothing stored) shows too."""
-        p = self.principal(request)
+        p = await self.principal(request)
         cid = await self.own(p, conversation_id)
         row = await self._read(self.reads.conversation(cid))
         pending = await self._read(self._pending(p, cid, set()))
@@ -372,7 +375,7 @@ class Api:
         self, request: Request[Any, Any, Any], limit: str | None, cursor: str | None
     ) -> pages.ConversationsPage:
         """The caller's conversations, most recent activity first."""
-        p = self.principal(request)
+        p = await self.principal(request)
         n = pages.limit_of(limit, pages.DEFAULT_CONVERSATIONS, pages.MAX_CONVERSATIONS)
         before = None if cursor is None else pages.decode(cursor, "c")
         rows, more = await self._read(self.reads.conversations(p.project, p.user, n, before))
@@ -382,7 +385,7 @@ class Api:
         )
 
     async def state(self, request: Request[Any, Any, Any], conversation_id: str) -> dict[str, Any]:
-        p = self.principal(request)
+        p = await self.principal(request)
         cid = await self.own(p, conversation_id)
         runs = await self._read(self.reads.runs(cid))
         pending = await self._read(self._pending(p, cid, {r["message_id"] for r in runs}))
@@ -410,7 +413,7 @@ class Api:
         return core.unstored(accepted, stored, cid, p)
 
     async def usage(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        p = self.principal(request)
+        p = await self.principal(request)
         result: dict[str, Any] = await self._read(self.reads.usage(p.project))
         return result
 
@@ -425,7 +428,7 @@ class Api:
     async def events(
         self, request: Request[Any, Any, Any], conversation_id: str
     ) -> ServerSentEvent:
-        p = self.watcher(request.headers, request.query_params, conversation_id)
+        p = await self.watcher(request.headers, request.query_params, conversation_id)
         last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         watch = await self.watch(p, conversation_id, last_id)
         self.sse_connections.inc()

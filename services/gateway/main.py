@@ -149,6 +149,7 @@ def asgi(
 async def amain() -> None:
     settings = config.from_env()
     settings.cors()  # a wildcard or malformed origin stops the start, not the first request
+    settings.idp()  # so does a half-configured identity provider
     if not str(settings.jwt_secret):
         raise ConfigError("GATEWAY_JWT_SECRET (or BATON_JWT_SECRET) must be set")
     # uvicorn owns the signals here; it shuts the server down and we clean up after it.

@@ -23,7 +23,10 @@ from services.gateway import pages
 from shared import runs
 
 BEARER = "bearer"
-SECURITY: list[dict[str, list[str]]] = [{BEARER: []}]
+API_KEY = "apiKey"
+ACTING_USER = "actingUser"
+# A bearer token, or a project API key together with the user it acts for.
+SECURITY: list[dict[str, list[str]]] = [{BEARER: []}, {API_KEY: [], ACTING_USER: []}]
 
 # The one shape of every error (main.error_body, fastpath._error_body); a route may add fields.
 ERROR_SCHEMA: dict[str, Any] = {
@@ -105,7 +108,11 @@ ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
         "`invalid_idempotency_key`",
         {},
     ),
-    401: ("`unauthenticated`: bad, expired or missing bearer token", {}),
+    401: (
+        "`unauthenticated`: bad, expired or missing bearer token; unknown or revoked API key, "
+        "or one without a valid `X-Acting-User`; both a token and a key",
+        {},
+    ),
     404: ("`not_found`: not the caller's, or no such thing (never 403: nothing leaks)", {}),
     409: ("`run_finished`: the run already has a final status (`error.run_status`)", {}),
     413: ("`body_too_large` or `content_too_large`", {}),
@@ -120,7 +127,8 @@ ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
         {"Retry-After": _RETRY_AFTER, "RateLimit-Policy": RATELIMIT_POLICY, "RateLimit": RATELIMIT},
     ),
     503: (
-        "`database_unavailable`, `broker_unavailable`, `owner_unknown`, `replay_pending`: "
+        "`database_unavailable`, `broker_unavailable`, `owner_unknown`, `replay_pending`, "
+        "`identity_unavailable` (the identity provider's keys cannot be fetched): "
         "nothing was done, retry (`Retry-After` when the gateway knows when)",
         {"Retry-After": _RETRY_AFTER},
     ),
@@ -128,15 +136,31 @@ ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
 
 
 def components() -> Components:
-    """The bearer scheme every route refers to (the error body is inlined in each response)."""
+    """The schemes every secured route refers to (the error body is inlined in each response)."""
     return Components(
         security_schemes={
             BEARER: SecurityScheme(
                 type="http",
                 scheme="bearer",
                 bearer_format="JWT",
-                description="HS256 JWT with claims sub, project, exp (`baton token`)",
-            )
+                description="HS256 JWT with claims sub, project, exp (`baton token`), or an "
+                "identity provider's RS256/ES256 JWT checked against its JWKS (issuer, audience "
+                "and the user and project claims per the gateway's settings)",
+            ),
+            API_KEY: SecurityScheme(
+                type="apiKey",
+                name="X-API-Key",
+                security_scheme_in="header",
+                description="a project API key (`baton apikey create`), for server-to-server "
+                "callers; always together with X-Acting-User",
+            ),
+            ACTING_USER: SecurityScheme(
+                type="apiKey",
+                name="X-Acting-User",
+                security_scheme_in="header",
+                description="the user an API key call acts for (`[A-Za-z0-9_-]{1,64}`); usage "
+                "and rate limits count per acting user",
+            ),
         },
     )
 

@@ -28,7 +28,7 @@ def routes(api: Api) -> list[Any]:
     async def stream_token(
         request: Request[Any, Any, Any], conversation_id: FromPath[str]
     ) -> Response[Any]:
-        p = api.principal(request)
+        p = await api.principal(request)
         cid = await api.own(p, conversation_id)
         token, expires = api.stream_tokens.mint(p, cid)
         body = {

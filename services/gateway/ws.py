@@ -16,7 +16,7 @@ from litestar import WebSocket
 from litestar import websocket as websocket_route
 from litestar.params import FromPath
 
-from services.gateway import core
+from services.gateway import auth, core
 from services.gateway.adapters import PushEvent
 from services.gateway.handlers import Api, Watch
 
@@ -67,14 +67,21 @@ class WebSockets:
     async def _open(self, socket: WebSocket[Any, Any, Any], conversation_id: str) -> Watch:
         header = socket.headers.get("authorization")
         last_id = socket.headers.get("last-event-id") or socket.query_params.get("last_event_id")
+        if header is None and "x-api-key" in socket.headers:
+            p = await self.api.principals.authenticate(auth.Credentials.of(socket.headers))
+            return await self.api.watch(p, conversation_id, last_id)
         if header is None and "access_token" in socket.query_params:
-            p = self.api.watcher(socket.headers, socket.query_params, conversation_id)
+            p = await self.api.watcher(socket.headers, socket.query_params, conversation_id)
             return await self.api.watch(p, conversation_id, last_id)
         if header is None:
             frame = await self._first_frame(socket)
             header = f"Bearer {frame.token}"
             last_id = frame.last_event_id or last_id
-        p = self.api.principals.authenticate(header)  # the same rules (and cache) as HTTP
+        # The same rules (and cache) as HTTP: a token and a key together are refused here too.
+        credentials = auth.Credentials(
+            header, socket.headers.get("x-api-key"), socket.headers.get("x-acting-user")
+        )
+        p = await self.api.principals.authenticate(credentials)
         return await self.api.watch(p, conversation_id, last_id)
 
     async def _first_frame(self, socket: WebSocket[Any, Any, Any]) -> core.ClientFrame:

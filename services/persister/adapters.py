@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from services.persister import core
@@ -13,6 +14,7 @@ from shared import history
 from shared import messages as m
 from shared.db import unavailable_is_transient
 from shared.errors import BadData, Transient
+from shared.subjects import is_safe_token
 
 
 class StoredToolTurn(msgspec.Struct, frozen=True):
@@ -600,6 +602,45 @@ class Store:
             return await self._add_usage(
                 con, u.call_id, u, u.usage, u.prices, u.outcome, purpose=u.purpose
             )
+
+    async def apply_api_key(self, c: m.ApiKeyCommand) -> str:
+        """An operator's key command (``baton apikey``): what it did, for the log line.
+
+        Both are idempotent: a redelivered create finds its row, a revoke keeps the first
+        revocation time. A revoke names its project too: it never touches another's key.
+        """
+        try:
+            key_id = uuid.UUID(c.key_id)
+        except ValueError:
+            raise BadData(f"api key id {c.key_id!r} is not a UUID") from None
+        if not is_safe_token(c.project_id):
+            raise BadData("api key command for an invalid project id")
+        async with unavailable_is_transient("api key"), self.pool.acquire() as con:
+            if c.op == "create":
+                if len(c.key_hash) != 64 or not c.prefix:
+                    raise BadData("api key create without its hash and prefix")
+                try:
+                    inserted = await con.fetchval(
+                        "INSERT INTO api_keys (id, project_id, name, key_hash, prefix, created_at) "
+                        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING true",
+                        key_id,
+                        c.project_id,
+                        c.name[:200],
+                        c.key_hash,
+                        c.prefix,
+                        c.at,
+                    )
+                except asyncpg.UniqueViolationError:
+                    raise BadData("another key has this hash") from None
+                return "api_key_created" if inserted else "api_key_duplicate"
+            revoked = await con.fetchval(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, $3) "
+                "WHERE id = $1 AND project_id = $2 RETURNING true",
+                key_id,
+                c.project_id,
+                c.at,
+            )
+            return "api_key_revoked" if revoked else "api_key_unknown"
 
     async def store_reply(self, p: m.PolicyReply) -> StoredReply:
         async with (

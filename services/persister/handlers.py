@@ -232,6 +232,10 @@ class Handlers:
         """One of the agent's calls: its usage row (once per call id) and the project totals."""
         return "inserted" if await self.store.store_model_usage(u) else "duplicate"
 
+    async def api_key(self, c: m.ApiKeyCommand, _msg: Msg) -> str:
+        """An operator's API key command: the row written (or revoked), nothing announced."""
+        return await self.store.apply_api_key(c)
+
     async def _announce(self, stored: StoredReply, run_id: str, cause: str) -> None:
         # The usage of every call of the run (failed attempts too): what policy settles with.
         event = m.AssistantMessagePersisted(

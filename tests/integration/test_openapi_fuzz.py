@@ -120,6 +120,16 @@ def test_every_operation_documents_auth_errors_and_uuid_ids(gateway: RunningGate
         "bearerFormat": "JWT",
         "description": schemes["bearer"]["description"],
     }
+    assert schemes["apiKey"] == {
+        "type": "apiKey",
+        "name": "X-API-Key",
+        "in": "header",
+        "description": schemes["apiKey"]["description"],
+    }
+    assert (schemes["actingUser"]["in"], schemes["actingUser"]["name"]) == (
+        "header",
+        "X-Acting-User",
+    )
     error_ref = openapi.ERROR_SCHEMA
     seen = 0
     for path, item in doc["paths"].items():
@@ -131,7 +141,11 @@ def test_every_operation_documents_auth_errors_and_uuid_ids(gateway: RunningGate
                 assert op.get("security") == [], (method, path)
                 assert "401" not in op["responses"], (method, path)
                 continue
-            assert op.get("security") == [{"bearer": []}], (method, path)
+            # A bearer token, or an API key with the acting user (both headers together).
+            assert op.get("security") == [
+                {"bearer": []},
+                {"apiKey": [], "actingUser": []},
+            ], (method, path)
             assert "401" in op["responses"], (method, path)
             for status, response in op["responses"].items():
                 if status.startswith(("4", "5")):

@@ -25,27 +25,27 @@ class Clock:
         return self.now
 
 
-def test_a_verified_token_is_remembered_and_not_checked_again() -> None:
+async def test_a_verified_token_is_remembered_and_not_checked_again() -> None:
     clock = Clock()
     principals = auth.Principals(SECRET, clock)
     header = _header(clock.now + 60)
-    assert principals.authenticate(header) == core.Principal("p1", "u1")
+    assert await principals.authenticate(header) == core.Principal("p1", "u1")
     assert header in principals.known
     principals.secret = "another-secret-" + "z" * 32  # a second HS256 check would now fail
-    assert principals.authenticate(header) == core.Principal("p1", "u1")
+    assert await principals.authenticate(header) == core.Principal("p1", "u1")
 
 
-def test_a_remembered_token_is_refused_once_it_expires() -> None:
+async def test_a_remembered_token_is_refused_once_it_expires() -> None:
     clock = Clock()
     principals = auth.Principals(SECRET, clock)
     header = _header(clock.now + 2)
-    principals.authenticate(header)
-    assert principals.authenticate(header) == core.Principal("p1", "u1")
+    await principals.authenticate(header)
+    assert await principals.authenticate(header) == core.Principal("p1", "u1")
     principals.secret = "another-secret-" + "z" * 32
     clock.now += 5
     # Past its exp the entry is no longer trusted: the token is checked again, and refused.
     with pytest.raises(core.ApiError) as err:
-        principals.authenticate(header)
+        await principals.authenticate(header)
     assert err.value.status == 401
 
 
@@ -53,17 +53,17 @@ def test_a_remembered_token_is_refused_once_it_expires() -> None:
     "header",
     [None, "", "Basic abc", "Bearer not-a-jwt", "Bearer " + jwt.encode({"sub": "u"}, SECRET)],
 )
-def test_bad_tokens_are_refused_every_time_and_never_remembered(header: str | None) -> None:
+async def test_bad_tokens_are_refused_every_time_and_never_remembered(header: str | None) -> None:
     principals = auth.Principals(SECRET)
     for _ in range(2):
         with pytest.raises(core.ApiError) as err:
-            principals.authenticate(header)
+            await principals.authenticate(header)
         assert err.value.status == 401
     assert principals.known == {}
 
 
-def test_the_table_is_bounded() -> None:
+async def test_the_table_is_bounded() -> None:
     principals = auth.Principals(SECRET, max_entries=3)
     for i in range(10):
-        principals.authenticate(_header(time.time() + 60, user=f"u{i}"))
+        await principals.authenticate(_header(time.time() + 60, user=f"u{i}"))
     assert len(principals.known) <= 3

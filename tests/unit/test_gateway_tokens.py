@@ -90,20 +90,20 @@ def test_refusals_have_a_stable_message_per_failure_class(header: str | None, me
     assert refusal(header) == message
 
 
-def test_the_cache_keeps_a_token_no_longer_than_the_maximum_lifetime() -> None:
+async def test_the_cache_keeps_a_token_no_longer_than_the_maximum_lifetime() -> None:
     clock = [NOW]
     principals = auth.Principals(SECRET, clock=lambda: clock[0], max_lifetime_s=3600)
     header = bearer(iat=NOW, exp=NOW + 3600)
-    principals.authenticate(header)
+    await principals.authenticate(header)
     clock[0] = NOW + 3601
     with pytest.raises(ApiError):
-        principals.authenticate(header)
+        await principals.authenticate(header)
 
 
-def test_baton_token_makes_tokens_the_gateway_accepts_with_its_defaults() -> None:
+async def test_baton_token_makes_tokens_the_gateway_accepts_with_its_defaults() -> None:
     settings = Settings()
     header = "Bearer " + make_token(SECRET, "acme", "alice")  # `baton token` without --ttl
     principals = auth.Principals(
         SECRET, max_lifetime_s=settings.jwt_max_lifetime_s, leeway_s=settings.jwt_leeway_s
     )
-    assert principals.authenticate(header) == gw.Principal(project="acme", user="alice")
+    assert await principals.authenticate(header) == gw.Principal(project="acme", user="alice")
