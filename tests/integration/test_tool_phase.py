@@ -120,7 +120,9 @@ class Stack:
 
         return await eventually(reached, timeout=60)
 
-    async def requested(self, e: m.UserMessageAccepted, n: int = 1) -> list[m.ToolApprovalRequested]:
+    async def requested(
+        self, e: m.UserMessageAccepted, n: int = 1
+    ) -> list[m.ToolApprovalRequested]:
         got = decode_all(
             await read_subject(
                 self.bus,
@@ -151,6 +153,15 @@ class Stack:
         )
         subject = subjects.tool_approval(r.project_id, r.conversation_id)
         await self.bus.publish(subject, d, msg_id=msg_id or d.event_id)
+
+    async def freed(self, conversation_id: str) -> None:
+        """Until no run holds the conversation's slot (I6)."""
+
+        async def free() -> bool:
+            conv, _ = await self.conversations.get(conversation_id)
+            return conv.active is None
+
+        await eventually(free)
 
     async def answer(self, e: m.UserMessageAccepted) -> asyncpg.Record:
         """The run's reply, once stored."""
@@ -335,12 +346,7 @@ async def test_an_approval_not_given_in_time_ends_the_run_and_frees_the_conversa
         assert "approval" in ended.reason
         answer = await stack.answer(e)
         assert answer["kind"] == "failure" and "not approved in time" in answer["content"]
-
-        async def freed() -> bool:
-            conv, _ = await stack.conversations.get(e.conversation_id)
-            return conv.active is None
-
-        await eventually(freed)
+        await stack.freed(e.conversation_id)
         # A late approval changes nothing.
         [request] = await stack.requested(e)
         await stack.decide(request, True)
@@ -368,12 +374,7 @@ async def test_a_cancel_while_waiting_for_approval_ends_the_run(stack: Stack) ->
         subjects.chat_cancel(e.project_id, e.conversation_id), cancel, msg_id=cancel.event_id
     )
     await stack.status(run_id, "cancelled")
-
-    async def freed() -> bool:
-        conv, _ = await stack.conversations.get(e.conversation_id)
-        return conv.active is None
-
-    await eventually(freed)
+    await stack.freed(e.conversation_id)
     assert _metric(stack.policy, "baton_policy_tool_approvals_pending") == 0
 
 
