@@ -624,6 +624,9 @@ def _tool_decided(
     pc = next((c for c in run.calls if c.call.id == e.call_id), None)
     if not isinstance(phase, Tools) or pc is None or e.call_id not in phase.waiting:
         return Step(effects=(Count("approvals_ignored", "not_pending"),), outcome="not_pending")
+    if run.approval_due is not None and now >= run.approval_due:
+        # Too late: the round's timer ends the run (it may not have been handled yet).
+        return Step(effects=(Count("approvals_ignored", "expired"),), outcome="expired")
     if e.input_digest != pc.call.input_digest:
         # Never authorizes other arguments; the call keeps waiting for a matching answer.
         return Step(effects=(Count("approvals_ignored", "digest_mismatch"),), outcome="mismatch")

@@ -205,6 +205,9 @@ TABLE = [
     ("approval: over the daily limit", WAITING, A(decision(TASK), {TASK.id: False}), "over_limit",
      "tools:running", ["tool_calls:create_task:over_limit", "approvals_pending=-1",
                        "approval_wait=5", "policy.verdict+tool.result"]),
+    ("approval: after its expiry (the timer not handled yet) is ignored",
+     msgspec.structs.replace(WAITING, approval_due=NOW), A(decision(TASK)), "expired",
+     "unchanged", ["count:approvals_ignored:expired"]),
     ("approval: for other arguments is ignored", WAITING, A(decision(TASK, digest="f" * 64)),
      "mismatch", "unchanged", ["count:approvals_ignored:digest_mismatch"]),
     ("approval: for a call that does not exist is ignored", WAITING,
@@ -331,6 +334,15 @@ def test_no_tools_no_grants() -> None:
 def test_the_turns_calls_that_count_against_a_daily_limit() -> None:
     calls = [call("flights"), TASK, CALC, call("flights", "bad", cid="toolu_bad")]
     assert [c.id for c, _ in toolcalls.turn_quota(RULES, calls)] == ["toolu_flights"]
+
+
+def test_only_a_turn_that_is_decided_counts_against_daily_limits() -> None:
+    assert toolcalls.decides(RUNNING, 0, RULES)
+    assert not toolcalls.decides(WAITING, 0, RULES)  # a redelivery
+    assert not toolcalls.decides(RUNNING, 1, RULES)  # another round
+    assert not toolcalls.decides(msgspec.structs.replace(RUNNING, round=2), 2, RULES)  # too many
+    assert not toolcalls.decides(CANCELLING, 0, RULES)
+    assert not toolcalls.decides(COMPLETED, 0, RULES)
 
 
 def test_a_repeated_tool_use_id_in_one_turn_is_decided_once() -> None:
