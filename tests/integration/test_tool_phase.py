@@ -277,7 +277,9 @@ def _metric(h: PolicyHandlers, name: str, labels: dict[str, str] | None = None) 
     return 0.0
 
 
-async def test_an_auto_tool_runs_and_the_answer_uses_its_result(stack: Stack) -> None:
+async def test_an_auto_tool_runs_and_the_answer_uses_its_result(
+    stack: Stack, offline_model: OfflineModelProcess
+) -> None:
     before = len(stack.mcp.executions())
     e = await stack.ask("What is 6 * 7?")
     run = await stack.status(runs.run_id(e.message_id), "completed")
@@ -287,6 +289,10 @@ async def test_an_auto_tool_runs_and_the_answer_uses_its_result(stack: Stack) ->
     assert (r["name"], r["outcome"], r["is_error"]) == ("calculator", "ok", False)
     assert (run.round, run.calls) == (1, ())
     assert len(stack.mcp.executions()) == before  # read-only: nothing recorded on its side
+    # The model was offered exactly the granted tools, described as their server describes them.
+    offered = offline_model.requests()[-1]["body"]["tools"]
+    assert [t["name"] for t in offered] == ["current_time", "calculator", "create_task", "wait"]
+    assert all(t["description"] for t in offered)
     assert (
         _metric(
             stack.policy,
@@ -496,3 +502,18 @@ async def test_a_new_message_while_a_run_waits_follows_the_double_texting_strate
             await stack.status(second_run, "completed")
             assert "10" in (await stack.answer(second))["content"]
             assert len(mcp_server.executions()) == before
+
+
+async def test_the_executor_completes_granted_tools_from_the_servers_own_list(
+    mcp_server: MCPServerProcess,
+) -> None:
+    tools = McpTools({"demo": mcp_server.url, "gone": "http://127.0.0.1:9/mcp"})
+    bare = m.ToolSpec(name="create_task", server="demo")
+    own = m.ToolSpec(name="calculator", description="Ours.", server="demo")
+    elsewhere = m.ToolSpec(name="create_task", server="gone")
+    completed, kept, unreachable = await tools.complete((bare, own, elsewhere))
+    assert completed.description and "title" in completed.input_schema["properties"]
+    assert kept == own  # the policy file's own words are sent as written
+    assert unreachable == elsewhere  # a server that cannot be asked: as granted
+    # Nothing is added: only what was granted goes out.
+    assert [t.name for t in await tools.complete((bare,))] == ["create_task"]
