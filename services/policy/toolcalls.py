@@ -134,6 +134,7 @@ def answer(
     pc: PendingCall, e: m.ToolApprovalDecided, rules: Rules, within_quota: bool | None
 ) -> PendingCall:
     """A waiting call after the user's answer (its digest already checked)."""
+    pc = msgspec.structs.replace(pc, answered_by=e.event_id)
     if not e.approve:
         reason = REJECTED + (f" (the user said: {e.reason[:500]})" if e.reason else "")
         return msgspec.structs.replace(pc, decision="rejected", reason=reason)
