@@ -15,7 +15,18 @@ Complexity = Literal["low", "medium", "high"]
 Action = Literal["answer", "clarify", "refuse"]
 Executor = Literal["chat", "code"]
 Verdict = Literal["approve", "downgrade", "override", "clarify", "stop"]
-RunStatus = Literal["queued", "running", "completed", "refused", "clarified", "failed", "cancelled"]
+# ``requires_action``: a running run waits for the user's answer to a tool call (same rank as
+# running: a run goes running -> requires_action -> running as its calls are decided).
+RunStatus = Literal[
+    "queued",
+    "running",
+    "requires_action",
+    "completed",
+    "refused",
+    "clarified",
+    "failed",
+    "cancelled",
+]
 ReplyKind = Literal["answer", "refusal", "clarify", "failure"]
 # What a model call was for (the usage table's ``purpose``): reports split spend by it.
 Purpose = Literal["classification", "answer"]

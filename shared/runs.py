@@ -19,7 +19,11 @@ TERMINAL: frozenset[RunStatus] = frozenset(
     {"completed", "refused", "clarified", "failed", "cancelled"}
 )
 # How far along a status is (a run's stored status only moves forward): 0 for an unknown one.
-STATUS_RANK: dict[str, int] = {"queued": 1, "running": 2} | {s: 3 for s in TERMINAL}
+# ``requires_action`` ranks with ``running``: a run moves between the two while its tool calls
+# wait for the user, and an equal rank below the terminal ones may move either way.
+STATUS_RANK: dict[str, int] = {"queued": 1, "running": 2, "requires_action": 2} | {
+    s: 3 for s in TERMINAL
+}
 # The status a run ends with when its reply of this kind is stored.
 REPLY_STATUS: dict[ReplyKind, RunStatus] = {
     "answer": "completed",
