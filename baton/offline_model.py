@@ -37,7 +37,9 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True):
     """One injected failure; each matching request consumes one `count` (< 0 = unlimited)."""
 
     # Two kinds are no errors: "slow" sends the reply's deltas `stall_seconds` apart (a very slow
-    # stream); "tool_input" answers a forced tool call with `tool_input` verbatim (hostile output).
+    # stream); "tool_input" answers a forced tool call with `tool_input` verbatim (hostile output),
+    # and with tools offered (tool_choice auto) makes the model call `tool_name` (any name, also
+    # one not offered) with `tool_input` verbatim.
     kind: Literal["400", "429", "500", "529", "midstream_error", "stall", "slow", "tool_input"]
     count: int = 1
     match: str = ""  # substring of the last user message; "" matches every request
@@ -46,6 +48,7 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True):
     stall_seconds: float = 3600.0
     retry_after: int = 1
     tool_input: Any = None
+    tool_name: str = ""
 
 
 Fault = FaultRule | None
@@ -470,6 +473,13 @@ class _State:
             return _Plan(model, block, chunks, "tool_use", usage)
         if tools and choice.get("type", "auto") == "auto":
             results = _tool_results(body["messages"][-1])
+            if fault is not None and fault.kind == "tool_input" and not results:
+                name = fault.tool_name or tools[0]["name"]
+                tool_id = "toolu_" + os.urandom(12).hex()
+                block = {"type": "tool_use", "id": tool_id, "name": name, "input": fault.tool_input}
+                text = msgspec.json.encode(fault.tool_input).decode()
+                chunks = [text[i : i + 12] for i in range(0, len(text), 12)]
+                return _Plan(model, block, chunks, "tool_use", usage)
             if results:
                 # The turn after tool_result blocks: a final answer that uses the results.
                 words = " ".join(results).split()[:60] or ["(no", "output)"]

@@ -127,6 +127,9 @@ WIRING: dict[str, Wiring] = {
             Consumes(POLICY_FAILURES, messages.ExecFailed, "failure"),
             Consumes(POLICY_CANCELS, messages.CancelRequested, "cancel"),
             Consumes(POLICY_DEADLINES, messages.RunDeadline, "deadline"),
+            Consumes(POLICY_TOOL_TURNS, messages.ToolTurnPersisted, "tool_turn"),
+            Consumes(POLICY_TOOL_RESULTS, messages.ToolResultPersisted, "tool_result"),
+            Consumes(POLICY_APPROVALS, messages.ToolApprovalDecided, "tool_approval"),
         ),
         publishes=(
             subjects.policy_verdict(*_ANY),

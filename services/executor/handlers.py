@@ -109,6 +109,13 @@ class Handlers:
             return False
         return entry.value is not None
 
+    async def offered(self, t: m.ExecTask) -> tuple[m.ToolSpec, ...]:
+        """The tools policy granted the task, completed from their servers' own descriptions
+        where the policy file gave none (nothing is added: only what was granted is sent)."""
+        if not t.tools or self.tools is None:
+            return t.tools
+        return await self.tools.tools.complete(t.tools)
+
     async def tool_task(self, t: m.ToolTask, msg: Msg) -> str:
         """``tool.task.>`` (durable ``executor-tools``): one authorized call, run at most once."""
         if self.tools is None:
@@ -230,6 +237,7 @@ class ModelCall:
     async def _stream(self, prompt: list[dict[str, Any]]) -> StreamOutcome | StreamFailed:
         """The model's answer, or why there is none; the flush timer is stopped either way."""
         h, t = self.h, self.t
+        tools = core.api_tools(await h.offered(t))
         try:
             self.call.task = asyncio.create_task(
                 h.model.stream(
@@ -240,7 +248,7 @@ class ModelCall:
                     self._on_text,
                     self.call_id,
                     abort=self.call.abort,
-                    tools=core.api_tools(t.tools),
+                    tools=tools,
                 )
             )
             return await h._outcome(self.call)

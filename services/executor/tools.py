@@ -45,9 +45,58 @@ class McpTools:
         self,
         servers: dict[str, str | list[str]],
         envs: dict[str, dict[str, str]] | None = None,
+        list_ttl_s: float = 300.0,
     ) -> None:
         self.servers = servers
         self.envs = envs or {}
+        self.list_ttl_s = list_ttl_s
+        # The servers' own tool descriptions (tools/list), by server: (fetched at, by name).
+        self._listed: dict[str, tuple[float, dict[str, tuple[str, dict[str, Any]]]]] = {}
+
+    async def described(self, server: str) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The server's tools as it describes them (``tools/list``): name -> (description,
+        input schema), cached ``list_ttl_s``; empty when the server cannot be asked."""
+        now = time.monotonic()
+        cached = self._listed.get(server)
+        if cached is not None and now - cached[0] < self.list_ttl_s:
+            return cached[1]
+        from mcp import Client
+
+        found: dict[str, tuple[str, dict[str, Any]]] = {}
+        try:
+            async with asyncio.timeout(10):
+                async with Client(self._target(server), read_timeout_seconds=10) as client:
+                    listed = await client.list_tools()
+            for tool in listed.tools:
+                schema = tool.input_schema if isinstance(tool.input_schema, dict) else {}
+                found[tool.name] = (tool.description or "", schema)
+        except Exception:
+            return cached[1] if cached is not None else {}  # asked again at the next call
+        self._listed[server] = (now, found)
+        return found
+
+    async def complete(self, specs: tuple[m.ToolSpec, ...]) -> tuple[m.ToolSpec, ...]:
+        """The granted tools with the description and schema the policy file left out taken
+        from their server (a spec with a description of its own is sent as policy wrote it)."""
+        out = []
+        for spec in specs:
+            if spec.description:
+                out.append(spec)
+                continue
+            own = (await self.described(spec.server)).get(spec.name)
+            if own is None:
+                out.append(spec)
+                continue
+            description, schema = own
+            default_schema = spec.input_schema == {"type": "object"}
+            out.append(
+                msgspec.structs.replace(
+                    spec,
+                    description=description,
+                    input_schema=schema if default_schema and schema else spec.input_schema,
+                )
+            )
+        return tuple(out)
 
     def _target(self, server: str) -> Any:
         from mcp import StdioServerParameters
@@ -123,7 +172,9 @@ class ToolRunner:
             "tool_calls_total", "Tool tasks handled, by tool and outcome.", ("tool", "outcome")
         )
         self.executions = metrics.counter(
-            "tool_executions_total", "Tool invocations sent to MCP servers, by tool.", ("tool",)
+            "tool_executions_total",
+            "Tool invocations sent to MCP servers, by tool and outcome (ok, error, timeout).",
+            ("tool", "outcome"),
         )
         self.seconds = metrics.histogram(
             "tool_seconds", "Duration of a tool invocation, by tool.", ("tool",)
@@ -179,7 +230,6 @@ class ToolRunner:
 
     async def _invoke(self, t: m.ToolTask) -> m.ToolResult:
         started = time.perf_counter()
-        self.executions.labels(t.call.name).inc()
         executions = 1
         try:
             # Only an idempotent tool gets a key: it is what makes running it again safe.
@@ -197,6 +247,8 @@ class ToolRunner:
             outcome, text = "error", str(exc)
         elapsed = time.perf_counter() - started
         self.seconds.labels(t.call.name).observe(elapsed)
+        if executions:
+            self.executions.labels(t.call.name, outcome).inc()
         return self._result(t, outcome, text, executions=executions, duration_s=elapsed)
 
     def _result(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 from collections.abc import Callable
 from datetime import datetime
@@ -378,3 +379,56 @@ class Aborts:
     async def mark(self, run_id: str, attempt: int) -> None:
         # A put, not a create: marking twice is the same fact.
         await self.kv.put(abort_key(run_id, attempt), b"1")
+
+
+class ToolUses(msgspec.Struct):
+    """One user's authorized calls of one tool on one UTC day (hashes of their call keys)."""
+
+    calls: list[str] = msgspec.field(default_factory=list)
+
+
+_tool_uses = msgspec.json.Decoder(ToolUses)
+
+
+class ToolQuota:
+    """``per_user_daily`` of a tool, counted in the limits bucket by compare-and-set.
+
+    The value holds the calls it counted, so counting a call again (a redelivery, a second
+    replica) answers as the first time and never takes a second slot: once per call.
+    """
+
+    def __init__(self, kv: Any, max_tries: int = 50) -> None:
+        self.kv = kv
+        self.max_tries = max_tries
+
+    @staticmethod
+    def key(project: str, user: str, tool: str, day: str) -> str:
+        who = hashlib.sha256(user.encode()).hexdigest()[:24]  # any user id, as a safe token
+        return f"toolq.{project}.{who}.{tool}.{day}"
+
+    async def take(
+        self, project: str, user: str, tool: str, now: datetime, call_key: str, limit: int
+    ) -> bool:
+        """Whether the call is within the day's limit (counting it if it is new)."""
+        key = self.key(project, user, tool, now.strftime("%Y-%m-%d"))
+        mark = hashlib.sha256(call_key.encode()).hexdigest()[:32]
+        for _ in range(self.max_tries):
+            try:
+                entry = await self.kv.get(key)
+                uses, revision = _tool_uses.decode(entry.value or b"{}"), int(entry.revision or 0)
+            except nats.js.errors.KeyNotFoundError:
+                uses, revision = ToolUses(), 0
+            if mark in uses.calls:
+                return True
+            if len(uses.calls) >= limit:
+                return False
+            value = _encoder.encode(ToolUses([*uses.calls, mark]))
+            try:
+                if revision == 0:
+                    await self.kv.create(key, value)
+                else:
+                    await self.kv.update(key, value, last=revision)
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await asyncio.sleep(random.uniform(0, 0.005))
+        raise RetryLater(f"tool quota {key} too contended", delay=0.2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -35,6 +35,47 @@ TERMINAL = runs.TERMINAL
 FALLBACK_CLASSES: frozenset[str] = frozenset({"overloaded", "rate_limited"})
 
 
+class ToolGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """One tool a project's runs may use, with its rules (from the policy file's ``tools``)."""
+
+    name: str
+    server: str
+    approval: m.ToolApproval = "ask"
+    idempotent: bool = False
+    per_user_daily: int | None = None
+    timeout_s: float = 30.0
+    # What the model is shown; empty: the executor fills in the server's own (tools/list).
+    description: str = ""
+    input_schema: dict[str, Any] | None = None
+
+    def spec(self) -> m.ToolSpec:
+        if self.input_schema is None:
+            return m.ToolSpec(name=self.name, description=self.description, server=self.server)
+        return m.ToolSpec(
+            name=self.name,
+            description=self.description,
+            input_schema=self.input_schema,
+            server=self.server,
+        )
+
+
+class ToolRules(msgspec.Struct, frozen=True, kw_only=True):
+    """A project's tools as policy applies them (none: runs are text only)."""
+
+    max_rounds: int = 5
+    approval_timeout_s: float = 600.0
+    grants: tuple[ToolGrant, ...] = ()
+
+    def grant(self, name: str) -> ToolGrant | None:
+        return next((g for g in self.grants if g.name == name), None)
+
+    def offered(self) -> tuple[m.ToolSpec, ...]:
+        """Exactly what a run's tasks carry: every granted tool not set to ``deny``."""
+        if self.max_rounds <= 0:
+            return ()
+        return tuple(g.spec() for g in self.grants if g.approval != "deny")
+
+
 class Rules(msgspec.Struct, frozen=True, kw_only=True):
     """The limits a verdict is checked against (a snapshot is stored with each run)."""
 
@@ -55,6 +96,7 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     estimated_input_tokens: int = 1000  # input allowance of a reservation (output: max_tokens)
     downgrade_at: float | None = None  # fraction of a daily cap past which ...
     downgrade_model: str | None = None  # ... this cheaper model answers
+    tools: ToolRules = ToolRules()  # the tools runs may use (policy grants them, I7)
 
 
 DEFAULT_PRICES: dict[str, m.Prices] = {
@@ -72,6 +114,25 @@ class Reservation(msgspec.Struct, kw_only=True, frozen=True):
     settled: bool = False
     actual_tokens: int = 0
     actual_cost_usd: float = 0.0
+
+
+ToolDecision = Literal["auto", "ask", "approved", "rejected", "denied", "invalid", "over_limit"]
+
+
+class PendingCall(msgspec.Struct, kw_only=True, frozen=True):
+    """One tool call of the run's current round, as policy decided it.
+
+    ``decision``: ``auto`` / ``approved`` (a tool task is out), ``ask`` (waits for the user),
+    ``rejected`` (the user said no), ``denied`` / ``invalid`` / ``over_limit`` (policy wrote its
+    result). ``done``: its result is stored.
+    """
+
+    call: m.ToolCall
+    server: str = ""
+    decision: ToolDecision
+    reason: str = ""  # the content of a result policy writes itself
+    requested_at: datetime | None = None  # when an ``ask`` call started waiting
+    done: bool = False
 
 
 class RunState(msgspec.Struct, kw_only=True):
@@ -120,6 +181,13 @@ class RunState(msgspec.Struct, kw_only=True):
     # reservation, so the budgets count every model call, not only the answer attempts.
     classification: m.Usage = m.Usage()
     classification_cost_usd: float = 0.0
+    # Tools (docs/tools.md): the current tool round (0: the first model call), the attempts of
+    # earlier rounds (retries count per round), the round's calls while they run or wait, and
+    # when the calls waiting for the user's approval expire.
+    round: int = 0
+    attempts_before: int = 0
+    calls: tuple[PendingCall, ...] = ()
+    approval_due: datetime | None = None
 
 
 def has_limits(rules: Rules) -> bool:
@@ -229,7 +297,7 @@ def after_failure(
     """The run after its current attempt failed: cancelled, retried after a backoff, or failed."""
     if state.cancel_requested or error_class == "cancelled":
         return cancelled(state, cause, "cancelled while running")
-    if error_class in RETRYABLE and state.attempt < rules.max_attempts:
+    if error_class in RETRYABLE and state.attempt - state.attempts_before < rules.max_attempts:
         model = state.model
         if rules.fallback_model and error_class in FALLBACK_CLASSES:
             model = rules.fallback_model
@@ -411,7 +479,9 @@ def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunSt
     return msgspec.structs.replace(state, status=e.status)
 
 
-def task_for(state: RunState, deadline: datetime) -> m.ExecTask:
+def task_for(
+    state: RunState, deadline: datetime, tools: tuple[m.ToolSpec, ...] = ()
+) -> m.ExecTask:
     return m.ExecTask(
         event_id=runs.task_id(state.run_id, state.attempt),
         message_id=state.message_id,
@@ -426,6 +496,8 @@ def task_for(state: RunState, deadline: datetime) -> m.ExecTask:
         max_tokens=state.max_tokens,
         prices=state.prices,
         deadline=deadline,
+        tools=tools,
+        round=state.round,
     )
 
 

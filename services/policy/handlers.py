@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import msgspec
 from nats.aio.msg import Msg
 
-from services.policy import budget, core, machine
-from services.policy.adapters import Aborts, Conversations, Limiter, Runs
+from services.policy import budget, core, machine, toolcalls
+from services.policy.adapters import Aborts, Conversations, Limiter, Runs, ToolQuota
 from services.policy.policyfile import Book
 from shared import messages as m
 from shared import tracing
@@ -36,6 +36,7 @@ class Handlers:
         *,
         limiter: Limiter | None = None,
         book: Book | None = None,
+        quota: ToolQuota | None = None,
     ) -> None:
         self.bus = bus
         self.runs = runs
@@ -44,6 +45,7 @@ class Handlers:
         self.aborts = aborts
         self.limiter = limiter
         self.book = book  # the policy file's rules; replaced when the file changes
+        self.quota = quota  # per_user_daily of tools; None: such limits are not counted
         self.rate_limited = metrics.counter(
             "rate_limited_total",
             "Messages stopped by a per-user rate limit, by window.",
@@ -83,6 +85,29 @@ class Handlers:
             ("strategy",),
         )
 
+        # The tool phase (docs/tools.md; dashboards and alerts use these names).
+        self.tool_calls = metrics.counter(
+            "tool_calls_total",
+            "Tool calls the model asked for, by tool and how policy decided each (auto, "
+            "approved, rejected, denied, invalid, over_limit, expired, max_rounds).",
+            ("tool", "outcome"),
+        )
+        self.approval_wait = metrics.histogram(
+            "tool_approval_wait_seconds",
+            "Time from a tool call's approval request to the user's answer.",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 86_400),
+        )
+        self.approvals_pending = metrics.gauge(
+            "tool_approvals_pending",
+            "Tool calls waiting for the user's approval, as this replica moved them (sum over "
+            "replicas).",
+        )
+        self.approvals_ignored = metrics.counter(
+            "tool_approvals_ignored_total",
+            "Approvals that decided nothing, by why (not_pending, digest_mismatch).",
+            ("why",),
+        )
+
         # The metrics a step's ``Count`` effects name.
         self.counters = {
             "verdicts": self.verdicts,
@@ -90,6 +115,7 @@ class Handlers:
             "cancels": self.cancels,
             "deadlines": self.deadlines,
             "double_texts": self.double_texts,
+            "approvals_ignored": self.approvals_ignored,
         }
 
     def rules_for(self, project: str) -> core.Rules:
@@ -224,6 +250,61 @@ class Handlers:
         run, revision = await self.runs.get(e.run_id)
         return await self._drive(_on(run, machine.ReplyStored(e)), _Carry.of(run, revision))
 
+    async def tool_turn(self, e: m.ToolTurnPersisted, _msg: Msg) -> str:
+        """The model's tool_use turn of a round is stored: policy decides each call."""
+        run, revision = await self.runs.get(e.run_id)
+        _same_run(run, e)
+        rules, now = self.rules_for(run.project_id), _now()
+        quota: dict[str, bool] = {}
+        if run.status not in core.TERMINAL and e.round == run.round and not run.calls:
+            for call, grant in toolcalls.turn_quota(rules, e.tool_calls):
+                quota[call.id] = await self._take_quota(run, call, grant, now)
+        inp = machine.ToolTurnStored(e, quota)
+        return await self._drive(_on(run, inp), _Carry.of(run, revision))
+
+    async def tool_result(self, e: m.ToolResultPersisted, _msg: Msg) -> str:
+        """A call's result is stored: the round's last one starts the next model call."""
+        run, revision = await self.runs.get(e.result.run_id)
+        _same_run(run, e)
+        inp = machine.ToolResultStored(e)
+        return await self._drive(_on(run, inp), _Carry.of(run, revision))
+
+    async def tool_approval(self, e: m.ToolApprovalDecided, _msg: Msg) -> str:
+        """The user's answer to a waiting call (the gateway checked who asks; so does this)."""
+        run, revision = await self.runs.get(e.run_id)
+        _same_run(run, e)
+        if e.user_id != run.user_id:
+            raise BadData(f"approval for run {e.run_id} from another user")
+        rules, now = self.rules_for(run.project_id), _now()
+        quota: dict[str, bool] = {}
+        pending = next((c for c in toolcalls.waiting(run) if c.call.id == e.call_id), None)
+        if (
+            e.approve
+            and pending is not None
+            and e.input_digest == pending.call.input_digest
+            and run.status not in core.TERMINAL
+        ):
+            grant = rules.tools.grant(pending.call.name)
+            if toolcalls.quota_wanted(grant, pending.call):
+                assert grant is not None
+                quota[e.call_id] = await self._take_quota(run, pending.call, grant, now)
+        inp = machine.ToolDecided(e, quota)
+        return await self._drive(_on(run, inp), _Carry.of(run, revision))
+
+    async def _take_quota(
+        self, run: core.RunState, call: m.ToolCall, grant: core.ToolGrant, now: datetime
+    ) -> bool:
+        if self.quota is None or grant.per_user_daily is None:
+            return True
+        return await self.quota.take(
+            run.project_id,
+            run.user_id,
+            grant.name,
+            now,
+            m.call_key(run.run_id, call.id),
+            grant.per_user_daily,
+        )
+
     async def _admit(
         self, state: core.RunState, known: tuple[core.ConvState, int] | None = None
     ) -> str:
@@ -320,6 +401,12 @@ class Handlers:
             case machine.Count(metric=metric, label=label):
                 counter = self.counters[metric]
                 (counter.labels(label) if label else counter).inc()
+            case machine.Observe(metric="tool_calls", labels=labels, value=value):
+                self.tool_calls.labels(*labels).inc(value)
+            case machine.Observe(metric="approval_wait", value=value):
+                self.approval_wait.observe(value)
+            case machine.Observe(metric="approvals_pending", value=value):
+                self.approvals_pending.inc(value)
 
     async def _publish(self, p: machine.Publish) -> None:
         out = [(subject, event, event.event_id) for subject, event in p.events]  # type: ignore[attr-defined]
@@ -336,6 +423,12 @@ CAS_TRIES = 3  # reads and steps again after a conflict before handing the messa
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _same_run(run: core.RunState, e: m.Event) -> None:
+    """A tool input names its run's conversation and project, or it is refused."""
+    if (run.conversation_id, run.project_id) != (e.conversation_id, e.project_id):
+        raise BadData(f"{type(e).__name__} {e.event_id} names another conversation's run")
 
 
 def _on(run: core.RunState, inp: machine.Input) -> machine.Continue:

@@ -12,10 +12,10 @@ done about it (``Effect``). ``Continue`` is the effect that makes one input lead
 (the cancel of an earlier run, the start of the next one in line): the interpreter handles it
 depth-first, in place, which is the order the old recursive handler had.
 
-Adding a phase (the tool-calls issue: a run that waits for the user's approval of its tool
-calls) is a new member of ``Phase``, new members of ``Input`` (``ToolsApproved``,
-``ToolResult``) and perhaps of ``Effect`` (``PublishToolTask``), and a new ``case`` in the
-steps that must know about it; nothing in the interpreter changes for inputs that only publish.
+The tool phase (docs/tools.md) is one more member of each: ``Tools`` (the round's calls run
+or wait for the user; no model call is in flight), the inputs ``ToolTurnStored``,
+``ToolResultStored`` and ``ToolDecided``, and the effect ``Observe`` for its metrics. How each
+call is decided and what it publishes is in ``toolcalls``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Literal
 
 import msgspec
 
-from services.policy import budget, core
+from services.policy import budget, core, toolcalls
 from services.policy.core import ConvState, Rules, RunState
 from shared import messages as m
 from shared import runs, subjects
@@ -64,7 +64,17 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     skipped: bool = False
 
 
-Phase = Running | Backoff | Cancelling | Done
+class Tools(msgspec.Struct, frozen=True, tag="tools"):
+    """The model asked for tools in round ``round``: its calls run (``open``: results not yet
+    stored) or wait for the user (``waiting``; the run's status is ``requires_action``). No
+    model call is in flight; the last stored result starts round ``round + 1``."""
+
+    round: int
+    open: tuple[str, ...]
+    waiting: tuple[str, ...]
+
+
+Phase = Running | Backoff | Cancelling | Tools | Done
 
 
 def phase_of(run: RunState) -> Phase:
@@ -75,6 +85,12 @@ def phase_of(run: RunState) -> Phase:
         return Backoff(run.attempt, run.retry_at)
     if run.cancel_requested:
         return Cancelling(run.attempt)
+    if run.calls:
+        return Tools(
+            run.round,
+            tuple(c.call.id for c in run.calls if not c.done),
+            tuple(c.call.id for c in toolcalls.waiting(run)),
+        )
     return Running(run.attempt, run.deadline)
 
 
@@ -129,7 +145,41 @@ class ReplyStored(msgspec.Struct, frozen=True, tag="reply_stored"):
     event: m.AssistantMessagePersisted
 
 
-Input = Admit | Start | MarkStarted | Release | Cancel | Failed | DeadlineDue | ReplyStored
+class ToolTurnStored(msgspec.Struct, frozen=True, tag="tool_turn"):
+    """The persister stored the model's tool_use turn of a round: decide each of its calls.
+    ``quota``: per call id, whether the user's daily limit of its tool let it through (counted
+    by the interpreter, once per call, for the calls ``toolcalls.turn_quota`` names)."""
+
+    event: m.ToolTurnPersisted
+    quota: dict[str, bool] = {}
+
+
+class ToolResultStored(msgspec.Struct, frozen=True, tag="tool_result"):
+    """The persister stored one call's result (the first one for the call wins)."""
+
+    event: m.ToolResultPersisted
+
+
+class ToolDecided(msgspec.Struct, frozen=True, tag="tool_decided"):
+    """The user's answer to a waiting call; ``quota`` as for a turn (an approval counts)."""
+
+    event: m.ToolApprovalDecided
+    quota: dict[str, bool] = {}
+
+
+Input = (
+    Admit
+    | Start
+    | MarkStarted
+    | Release
+    | Cancel
+    | Failed
+    | DeadlineDue
+    | ReplyStored
+    | ToolTurnStored
+    | ToolResultStored
+    | ToolDecided
+)
 CONVERSATION_ONLY = (MarkStarted, Release)  # steps that need no run record
 
 # ---------------------------------------------------------------- effects
@@ -182,7 +232,16 @@ class Continue(msgspec.Struct, frozen=True, tag="continue"):
     input: Input
 
 
-Effect = Publish | Abort | Settle | Defer | Count | Continue
+class Observe(msgspec.Struct, frozen=True, tag="observe"):
+    """A metric with several labels or a value: ``tool_calls`` (counter: tool, outcome),
+    ``approval_wait`` (histogram, seconds), ``approvals_pending`` (gauge, added to)."""
+
+    metric: str
+    labels: tuple[str, ...] = ()
+    value: float = 1.0
+
+
+Effect = Publish | Abort | Settle | Defer | Count | Continue | Observe
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -220,6 +279,12 @@ def step(run: RunState | None, conv: ConvState, inp: Input, rules: Rules, now: d
             return _deadline(run, conv, d, rules, now)
         case ReplyStored(event=e):
             return _reply_stored(run, e)
+        case ToolTurnStored(event=e, quota=quota):
+            return _tool_turn(run, conv, e, quota, rules, now)
+        case ToolResultStored(event=e):
+            return _tool_result(run, conv, e, rules, now)
+        case ToolDecided(event=e, quota=quota):
+            return _tool_decided(run, e, quota, rules, now)
     raise AssertionError(f"no step for {inp!r}")  # pragma: no cover
 
 
@@ -318,7 +383,14 @@ def _cancel(
 ) -> Step:
     active = conv.active == run.run_id
     # A call is in flight once the run started and no retry is waiting for its backoff.
-    in_flight = active and conv.started and run.status == "running" and run.retry_at is None
+    # While its tools run or wait for the user there is no model call to stop: it ends at once.
+    in_flight = (
+        active
+        and conv.started
+        and run.status == "running"
+        and run.retry_at is None
+        and not run.calls
+    )
     new = core.cancel(run, in_flight, active, cause, why)
     if new is None:
         # Finished, or asked already (a redelivery): finish what the first handling began.
@@ -330,6 +402,7 @@ def _cancel(
         # Had it got as far as publishing its task (a crash before it was marked started), the
         # executor finds the marker and never calls the model.
         effects.append(_abort(run, "cancelled"))
+    effects.extend(_unwait(run))
     if new.status == "cancelled":
         effects.append(Count("cancels", f"{how}_queued" if not active else f"{how}_waiting"))
     else:
@@ -365,6 +438,9 @@ def _after(
 
 
 def _failed(run: RunState, conv: ConvState, f: m.ExecFailed, rules: Rules, now: datetime) -> Step:
+    if isinstance(phase_of(run), Tools):
+        # A second model call of the round (a redelivered task) failed: the stored turn stands.
+        return Step(outcome="stale")
     if run.cause == f.event_id and isinstance(phase_of(run), Backoff):
         return _retry(run, f.attempt, rules, now)
     new = core.on_failure(run, f, rules, now)
@@ -378,6 +454,10 @@ def _failed(run: RunState, conv: ConvState, f: m.ExecFailed, rules: Rules, now: 
 def _deadline(
     run: RunState, conv: ConvState, d: m.RunDeadline, rules: Rules, now: datetime
 ) -> Step:
+    if d.event_id.startswith("approval-deadline:"):
+        return _approval_timeout(run, conv, d, rules, now)
+    if isinstance(phase_of(run), Tools):
+        return Step(outcome="stale")  # the attempt ended with its tool_use turn
     if run.cause == d.event_id and isinstance(phase_of(run), Backoff):
         return _retry(run, d.attempt, rules, now)
     new = core.on_deadline(run, d, rules, now)
@@ -442,6 +522,176 @@ def _reply_stored(run: RunState, e: m.AssistantMessagePersisted) -> Step:
     return Step(new, None, (*settle, release), new.status if new is not None else "unchanged")
 
 
+# ---------------------------------------------------------------- the tool phase
+
+
+def _tool_turn(
+    run: RunState,
+    conv: ConvState,
+    e: m.ToolTurnPersisted,
+    quota: dict[str, bool],
+    rules: Rules,
+    now: datetime,
+) -> Step:
+    """The model's tool_use turn is stored: decide each call (or end the run past its rounds)."""
+    phase = phase_of(run)
+    if isinstance(phase, Done) or e.round != run.round:
+        return Step(outcome="stale")
+    if isinstance(phase, Tools):
+        # Decided before (a redelivery): publish again what a crash may have cut short.
+        return Step(effects=(emit(run, rules, now),), outcome="stale")
+    usage, cost = toolcalls.usage_so_far(run, e)
+    spent = msgspec.structs.replace(run, usage=usage, cost_usd=cost)
+    if isinstance(phase, Cancelling):
+        # The call finished asking for tools while its cancel travelled: nothing runs.
+        new, settle = _closing(core.cancelled(spent, e.event_id, "cancelled while running"))
+        return _ended(new, conv, settle, rules, now)
+    calls = toolcalls.unique(e.tool_calls)
+    if e.round >= rules.tools.max_rounds:
+        new = msgspec.structs.replace(
+            spent,
+            status="failed",
+            verdict="stop",
+            reason=f"the model asked for tools after {rules.tools.max_rounds} tool rounds",
+            reply_kind="failure",
+            reply_text=toolcalls.MAX_ROUNDS_TEXT.format(rounds=rules.tools.max_rounds),
+            deadline=None,
+            retry_at=None,
+            cause=e.event_id,
+        )
+        over = tuple(Observe("tool_calls", (c.name, "max_rounds")) for c in calls)
+        return _ended(new, conv, over, rules, now)
+    decided = tuple(toolcalls.decide(c, rules, quota.get(c.id), now) for c in calls)
+    asks = [c for c in decided if c.decision == "ask"]
+    due = now + timedelta(seconds=rules.tools.approval_timeout_s) if asks else None
+    new = msgspec.structs.replace(
+        spent,
+        status="requires_action" if asks else "running",
+        reason=f"round {e.round}: {len(decided)} tool call(s), {len(asks)} waiting for approval",
+        calls=decided,
+        approval_due=due,
+        deadline=None,
+        retry_at=None,
+        cause=e.event_id,
+    )
+    effects: list[Effect] = [
+        Observe("tool_calls", (c.call.name, toolcalls.OUTCOME_LABEL[c.decision]))
+        for c in decided
+        if c.decision != "ask"  # counted when the user answers
+    ]
+    if asks:
+        effects.append(Observe("approvals_pending", (), float(len(asks))))
+    effects.append(emit(new, rules, now))
+    return Step(new, None, tuple(effects), "requires_action" if asks else "tools")
+
+
+def _tool_result(
+    run: RunState, conv: ConvState, e: m.ToolResultPersisted, rules: Rules, now: datetime
+) -> Step:
+    """A call's result is stored: the round's last one starts the next model call."""
+    r = e.result
+    phase = phase_of(run)
+    if not isinstance(phase, Tools) or r.round != phase.round or r.call_id not in phase.open:
+        if run.cause == e.event_id and isinstance(phase, Running):
+            return _again(run, conv, rules, now)  # it started the round: publish it again
+        return Step(outcome="stale")
+    if r.call_id in phase.waiting:
+        return Step(outcome="stale")  # no task or result of policy's was ever out for it
+    calls = toolcalls.mark_done(run, r.call_id)
+    if any(not c.done for c in calls):
+        return Step(msgspec.structs.replace(run, calls=calls), None, (), "result")
+    # Every result is in: the next model call, with the tool_use and tool_result blocks.
+    new = msgspec.structs.replace(
+        run,
+        status="running",
+        reason=f"tool round {run.round + 1}",
+        round=run.round + 1,
+        attempt=run.attempt + 1,
+        attempts_before=run.attempt,
+        deadline=now + timedelta(seconds=rules.run_deadline_s),
+        calls=(),
+        approval_due=None,
+        cause=e.event_id,
+    )
+    return Step(new, None, (emit(new, rules, now),), "next_round")
+
+
+def _tool_decided(
+    run: RunState, e: m.ToolApprovalDecided, quota: dict[str, bool], rules: Rules, now: datetime
+) -> Step:
+    """The user's answer to a waiting call: it binds to the digest of the input it was shown."""
+    phase = phase_of(run)
+    pc = next((c for c in run.calls if c.call.id == e.call_id), None)
+    if not isinstance(phase, Tools) or pc is None or e.call_id not in phase.waiting:
+        return Step(effects=(Count("approvals_ignored", "not_pending"),), outcome="not_pending")
+    if e.input_digest != pc.call.input_digest:
+        # Never authorizes other arguments; the call keeps waiting for a matching answer.
+        return Step(effects=(Count("approvals_ignored", "digest_mismatch"),), outcome="mismatch")
+    answered = toolcalls.answer(pc, e, rules, quota.get(e.call_id))
+    calls = toolcalls.replace_call(run, answered)
+    still = any(c.decision == "ask" for c in calls)
+    new = msgspec.structs.replace(
+        run,
+        calls=calls,
+        status="requires_action" if still else "running",
+        approval_due=run.approval_due if still else None,
+    )
+    effects: list[Effect] = [
+        Observe("tool_calls", (pc.call.name, toolcalls.OUTCOME_LABEL[answered.decision])),
+        Observe("approvals_pending", (), -1.0),
+    ]
+    if pc.requested_at is not None:
+        wait = max((e.decided_at - pc.requested_at).total_seconds(), 0.0)
+        effects.append(Observe("approval_wait", (), wait))
+    out = toolcalls.events(new, (answered,), rules, now)
+    if not still:
+        out.insert(0, (subjects.policy_verdict(run.project_id, run.conversation_id),
+                       toolcalls.verdict(new, core.verdict_event(new))))  # fmt: skip
+    effects.append(Publish(tuple(out)))
+    return Step(new, None, tuple(effects), answered.decision)
+
+
+def _approval_timeout(
+    run: RunState, conv: ConvState, d: m.RunDeadline, rules: Rules, now: datetime
+) -> Step:
+    """The round's approvals are due: a call still waiting ends the run (recorded, I6)."""
+    phase = phase_of(run)
+    if not isinstance(phase, Tools) or not phase.waiting:
+        return Step(outcome="stale")
+    if d.event_id != toolcalls.approval_deadline_id(run.run_id, run.round):
+        return Step(outcome="stale")
+    waited = toolcalls.waiting(run)
+    new = msgspec.structs.replace(
+        run,
+        status="failed",
+        verdict="stop",
+        reason=f"no answer to {len(waited)} tool approval(s) within "
+        f"{rules.tools.approval_timeout_s:g} s",
+        reply_kind="failure",
+        reply_text=toolcalls.APPROVAL_TIMEOUT_TEXT,
+        approval_due=None,
+        cause=d.event_id,
+    )
+    expired = tuple(Observe("tool_calls", (c.call.name, "expired")) for c in waited)
+    return _ended(new, conv, (*expired, *_unwait(run)), rules, now)
+
+
+def _ended(
+    new: RunState, conv: ConvState, before: tuple[Effect, ...], rules: Rules, now: datetime
+) -> Step:
+    """A run its tool phase ended: its verdict and reply (a cancelled one frees its slot now,
+    another when its reply is stored)."""
+    after = _after(new, conv, rules, now)[1]  # a cancelled run: its verdict and the release
+    effects = (*before, Count("verdicts", new.verdict), *(after or (emit(new, rules, now),)))
+    return Step(new, None, effects, new.status)
+
+
+def _unwait(run: RunState) -> tuple[Effect, ...]:
+    """The gauge of waiting approvals, for a run whose waiting calls will never be answered."""
+    n = len(toolcalls.waiting(run)) if run.status not in runs.TERMINAL else 0
+    return (Observe("approvals_pending", (), -float(n)),) if n else ()
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -480,11 +730,19 @@ def emit(run: RunState, rules: Rules, now: datetime, resume: bool = False) -> Pu
     """The run's verdict, and its task and timer or its reply, in this order. A redelivery
     emits the same ids again (JetStream keeps one copy)."""
     p, c = run.project_id, run.conversation_id
-    out: list[tuple[str, msgspec.Struct]] = [
-        (subjects.policy_verdict(p, c), core.verdict_event(run))
-    ]
-    if isinstance(phase := phase_of(run), Running) and phase.deadline is not None:
-        out.append((subjects.exec_task(p, c), core.task_for(run, phase.deadline)))
+    verdict = core.verdict_event(run)
+    phase = phase_of(run)
+    if isinstance(phase, Tools):
+        verdict = toolcalls.verdict(run, verdict)
+    out: list[tuple[str, msgspec.Struct]] = [(subjects.policy_verdict(p, c), verdict)]
+    if isinstance(phase, Tools):
+        # Every call not yet answered again (the same ids), and the approvals' timer.
+        out.extend(toolcalls.events(run, run.calls, rules, now))
+        if phase.waiting:
+            out.append((subjects.policy_deadline(p, c), toolcalls.approval_timer(run)))
+    if isinstance(phase, Running) and phase.deadline is not None:
+        tools = rules.tools.offered()
+        out.append((subjects.exec_task(p, c), core.task_for(run, phase.deadline, tools)))
         # The attempt's timer: an attempt with no outcome by then is retried or failed.
         timer = core.deadline_event(run, now + timedelta(seconds=rules.run_deadline_s))
         out.append((subjects.policy_deadline(p, c), timer))

@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from services.policy import config, core, policyfile
-from services.policy.adapters import Aborts, Conversations, Limiter, Runs
+from services.policy.adapters import Aborts, Conversations, Limiter, Runs, ToolQuota
 from services.policy.handlers import Handlers
 from shared import runtime, subjects, wiring
 from shared.bus import Bus, run_consumers
@@ -63,6 +63,7 @@ async def _serve(
         Aborts(aborts_kv),
         limiter=Limiter(limits_kv),
         book=book,
+        quota=ToolQuota(limits_kv),
     )
     if settings.policy_file and book is not None:
         reloads = metrics.counter(

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from services.policy.core import Rules
+from services.policy.core import Rules, ToolGrant, ToolRules
 from shared import messages as m
 from shared.errors import ConfigError
 from shared.subjects import TOKEN_RE
@@ -121,7 +121,7 @@ class GrantedTool(msgspec.Struct, frozen=True):
 
 
 class ToolPolicy(msgspec.Struct, frozen=True):
-    """The resolved tool rules of one project (not yet applied by policy: issue 15, step 2)."""
+    """The resolved tool rules of one project (policy applies them as ``Rules.tools``)."""
 
     max_rounds: int = 5
     approval_timeout_s: float = 600.0
@@ -131,6 +131,26 @@ class ToolPolicy(msgspec.Struct, frozen=True):
     def offered(self) -> list[GrantedTool]:
         """The tools a run may offer the model: every listed one not set to ``deny``."""
         return [t for t in self.tools.values() if t.rule.approval != "deny"]
+
+    def rules(self) -> ToolRules:
+        """As policy's machine applies them (``Rules.tools``)."""
+        return ToolRules(
+            max_rounds=self.max_rounds,
+            approval_timeout_s=self.approval_timeout_s,
+            grants=tuple(
+                ToolGrant(
+                    name=t.name,
+                    server=t.server,
+                    approval=t.rule.approval,
+                    idempotent=t.rule.idempotent,
+                    per_user_daily=t.rule.per_user_daily,
+                    timeout_s=t.rule.timeout_s,
+                    description=t.rule.description or "",
+                    input_schema=t.rule.input_schema,
+                )
+                for t in self.tools.values()
+            ),
+        )
 
 
 class ProjectPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -266,7 +286,8 @@ def _resolve(
     problem = _check(p, tiers) or _check_tools(p.tools)
     if problem:
         raise PolicyFileError(f"{source}: [{table}] {problem}")
-    return to_rules(p, tiers), to_tool_policy(p.tools)
+    tools = to_tool_policy(p.tools)
+    return msgspec.structs.replace(to_rules(p, tiers), tools=tools.rules()), tools
 
 
 def _tool_error(tools: Any, text: str, table: str) -> str:
