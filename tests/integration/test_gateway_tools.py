@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.client import connect
 
+from baton.chat import Chat
 from services.gateway import core
 from services.persister.adapters import Store
 from shared import messages as m
@@ -595,3 +597,62 @@ async def test_websocket_carries_the_same_tool_events(gateway: Gateway) -> None:
             f"tool:{run.id}:toolu_01:requested",
             f"tool:{run.id}:toolu_01:result",
         ]
+
+
+# ---- baton chat ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["asked-yes", "asked-no", "--yes"])
+async def test_baton_chat_shows_a_pending_call_and_sends_the_answer(
+    gateway: Gateway, mode: str
+) -> None:
+    """The client against a real gateway; the test plays the services behind it."""
+
+    questions: list[str] = []
+
+    def answer(prompt: str) -> bool:
+        questions.append(prompt)
+        return mode == "asked-yes"
+
+    token = auth()["Authorization"].removeprefix("Bearer ")
+    out, notes = io.StringIO(), io.StringIO()
+    chat = Chat(
+        http(gateway), token, None, out=out, notes=notes, approve_all=mode == "--yes", ask=answer
+    )
+    sending = asyncio.create_task(chat.send("Please remind me to call John."))
+    [accepted] = decode_all(
+        await read_subject(gateway.bus, subjects.STREAM_CHAT_IN, "chat.in.>", 1),
+        m.UserMessageAccepted,
+    )
+    await Store(gateway.pool).insert_user_message(accepted)
+    await Store(gateway.pool).upsert_run(verdict(accepted, "requires_action"))
+    run = Run(accepted)
+    await ask(gateway, run)
+    [d] = await decisions(gateway.bus, 1)
+    assert d.approve is (mode != "asked-no")
+    assert d.input_digest == m.input_digest(ARGS)
+    assert questions == ([] if mode == "--yes" else ["approve? [y/N] "])
+    # The rest of the run, as the persister would announce it.
+    if d.approve:
+        await persist_result(gateway, run, result(run))
+    reply = m.AssistantMessagePersisted(
+        event_id=vocab.persisted_id(run.id),
+        message_id=str(uuid.uuid4()),
+        conversation_id=run.cid,
+        project_id="p1",
+        run_id=run.id,
+        reply_to=accepted.message_id,
+        kind="answer",
+        content="Done. The tool said: task created",
+        created_at=datetime.now(UTC),
+        status="completed",
+    )
+    await gateway.bus.publish(
+        subjects.persisted_assistant("p1", run.cid), reply, msg_id=reply.event_id
+    )
+    assert await asyncio.wait_for(sending, 30) == reply.content
+    assert out.getvalue() == reply.content + "\n"
+    shown = notes.getvalue()
+    assert '[tool call] create_task (demo) {"due": "tomorrow", "title": "call John"}' in shown
+    if d.approve:
+        assert "[tool create_task: ok] task created" in shown
