@@ -144,9 +144,9 @@ def test_every_operation_documents_auth_errors_and_uuid_ids(gateway: RunningGate
     assert chat["requestBody"]["content"]["application/json"]["schema"]["required"] == ["content"]
     assert {"400", "401", "404", "413", "422", "429", "503"} <= set(chat["responses"])
     assert "Retry-After" in chat["responses"]["429"]["headers"]
-    approvals = doc["paths"][
-        "/api/conversations/{conversation_id}/runs/{run_id}/tool-approvals"
-    ]["post"]
+    approvals = doc["paths"]["/api/conversations/{conversation_id}/runs/{run_id}/tool-approvals"][
+        "post"
+    ]
     body = approvals["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["decisions"] and body["additionalProperties"] is False
     assert {"400", "401", "404", "409", "413", "422", "503"} <= set(approvals["responses"])
