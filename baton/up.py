@@ -74,6 +74,28 @@ def say(line: str) -> None:
     print(f"[baton] {line}", flush=True)
 
 
+# The policy ``baton up`` runs with when given none: built-in rules, plus the demo MCP server's
+# tools — the time and a calculator run at once, ``create_task`` asks the user first.
+DEMO_POLICY = """# Written by baton up (no policy file was given); docs/tools.md explains every key.
+[defaults.tools]
+max_rounds = 5
+approval_timeout_s = 600
+
+[defaults.tools.servers.demo]
+url = "{url}"
+
+[defaults.tools.servers.demo.tools.current_time]
+approval = "auto"
+idempotent = true
+
+[defaults.tools.servers.demo.tools.create_task]
+approval = "ask"
+idempotent = false
+per_user_daily = 10
+timeout_s = 30
+"""
+
+
 class Stack:
     """Everything on one machine, stopped in reverse order on SIGINT or SIGTERM."""
 
@@ -248,6 +270,12 @@ class Stack:
         if name == "executor":
             # The executor's allow-list of MCP servers: the demo server, as the policy file names it.
             return {"EXECUTOR_MCP_SERVERS": json.dumps({"demo": tools_url})}
+        if name == "policy" and not os.environ.get("BATON_POLICY_FILE"):
+            # No policy file of the user's: one that grants the demo server's tools, so a
+            # message such as "remind me to call John" shows the approval flow (docs/tools.md).
+            path = self.data_dir / "policy-demo-tools.toml"
+            path.write_text(DEMO_POLICY.format(url=tools_url))
+            return {"BATON_POLICY_FILE": str(path)}
         return None
 
     def _gateway_extra(self) -> dict[str, str]:

@@ -479,9 +479,7 @@ def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunSt
     return msgspec.structs.replace(state, status=e.status)
 
 
-def task_for(
-    state: RunState, deadline: datetime, tools: tuple[m.ToolSpec, ...] = ()
-) -> m.ExecTask:
+def task_for(state: RunState, deadline: datetime, tools: tuple[m.ToolSpec, ...] = ()) -> m.ExecTask:
     return m.ExecTask(
         event_id=runs.task_id(state.run_id, state.attempt),
         message_id=state.message_id,

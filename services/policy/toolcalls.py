@@ -23,7 +23,9 @@ UNKNOWN_TOOL = "tool {name!r} is not available in this conversation"
 NOT_AN_OBJECT = "the tool's input must be a JSON object; this call was not run"
 BAD_DIGEST = "the call's input does not match its digest; this call was not run"
 DENIED = "tool {name!r} is not allowed in this project; this call was not run"
-OVER_LIMIT = "the daily limit of {limit} calls of {name!r} per user is reached; this call was not run"
+OVER_LIMIT = (
+    "the daily limit of {limit} calls of {name!r} per user is reached; this call was not run"
+)
 REJECTED = "the user did not approve this call; it was not run"
 APPROVAL_TIMEOUT_TEXT = (
     "The tool call I wanted to make was not approved in time, so I stopped here. Send your "
@@ -101,7 +103,9 @@ def decide(call: m.ToolCall, rules: Rules, within_quota: bool | None, now: datet
     for a call that takes a daily call (None: not counted)."""
     grant = rules.tools.grant(call.name)
     if grant is None:
-        return PendingCall(call=call, decision="invalid", reason=UNKNOWN_TOOL.format(name=call.name))
+        return PendingCall(
+            call=call, decision="invalid", reason=UNKNOWN_TOOL.format(name=call.name)
+        )
     if (why := _valid(call)) is not None:
         return PendingCall(call=call, server=grant.server, decision="invalid", reason=why)
     if grant.approval == "deny":

@@ -57,7 +57,9 @@ def result(c: m.ToolCall, round_: int = 0, outcome: m.ToolOutcome = "ok") -> m.T
     return m.ToolResultPersisted(event_id=f"persisted:toolresult:{RUN}:{c.id}", **IDS, result=r)
 
 
-def decision(c: m.ToolCall, approve: bool = True, digest: str | None = None) -> m.ToolApprovalDecided:
+def decision(
+    c: m.ToolCall, approve: bool = True, digest: str | None = None
+) -> m.ToolApprovalDecided:
     return m.ToolApprovalDecided(
         event_id=f"approval:{RUN}:{c.id}", **IDS, run_id=RUN, user_id="u", call_id=c.id,
         approve=approve, input_digest=c.input_digest if digest is None else digest,
@@ -117,7 +119,9 @@ def kinds(step: machine.Step) -> list[str]:
             case machine.Count(metric=metric, label=label):
                 out.append(f"count:{metric}:{label}" if label else f"count:{metric}")
             case machine.Observe(metric=metric, labels=labels, value=value):
-                out.append(":".join((metric, *labels)) + ("" if metric == "tool_calls" else f"={value:g}"))
+                out.append(
+                    ":".join((metric, *labels)) + ("" if metric == "tool_calls" else f"={value:g}")
+                )
             case machine.Continue(run_id=run_id, input=inp):
                 out.append(f"then:{type(inp).__name__}:{run_id}")
     return out
@@ -319,9 +323,7 @@ def test_retries_count_per_round() -> None:
 
 def test_no_tools_no_grants() -> None:
     plain = msgspec.structs.replace(RULES, tools=core.ToolRules())
-    task = next(
-        e for _, e in machine.emit(RUNNING, plain, NOW).events if isinstance(e, m.ExecTask)
-    )
+    task = next(e for _, e in machine.emit(RUNNING, plain, NOW).events if isinstance(e, m.ExecTask))
     assert task.tools == ()
     assert core.ToolRules(max_rounds=0, grants=TOOLS.grants).offered() == ()
 
