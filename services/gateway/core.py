@@ -790,11 +790,8 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
     if status is not None and (pos.kind == "tok" or events[status][1] == _run_id(pos)):
         cut = status + 1  # the client saw this status, or a token after it
     if pos.kind == "tok":
-        earlier = [i for i in tools if toks and i < toks[0]]
-        if earlier and pos.seq > events[toks[-1]][2]["seq"]:
-            # Past every token of the latest call: the client's token was of an earlier call
-            # of this attempt (a round before these tool calls), so all of them are new to it.
-            return events[earlier[0] :]
+        # Each round's model call is an attempt of its own (docs/tools.md), so a token of this
+        # attempt came after the tool calls of the round before: they are not sent again.
         for i in toks:
             if events[i][2]["seq"] <= pos.seq:
                 cut = i + 1

@@ -526,37 +526,48 @@ async def _watching(g: Gateway, run: Run) -> bool | None:
     return bool(g.hub.clients.get(f"p1.{run.cid}")) or None
 
 
+async def tokens(g: Gateway, run: Run, attempt: int, n: int, text: str) -> None:
+    """A model call's token deltas (each round's call is an attempt of its own)."""
+    for seq in range(1, n + 1):
+        delta = m.TokenDelta(
+            conversation_id=run.cid, run_id=run.id, attempt=attempt, seq=seq, text=f"{text}{seq} "
+        )
+        await g.bus.publish(subjects.token_stream("p1", run.cid), delta, msg_id=str(uuid.uuid4()))
+
+
 async def test_a_resume_replays_the_tool_events_it_missed_without_gap_or_repeat(
     gateway: Gateway,
 ) -> None:
-    """Tokens of round 0, the calls, their results, round 1's tokens: resumed from each id."""
-    run = await a_run(gateway, status="running")
-    await publish_tokens(gateway.bus, run.e, 3, "first")
+    """Round 0's tokens, its calls and their results, round 1's tokens: resumed from each id."""
+    run = await a_run(gateway, status="requires_action")
+    await tokens(gateway, run, 1, 3, "first")
     await ask(gateway, run, "toolu_a")
     await ask(gateway, run, "toolu_b", args={"title": "b"})
     await persist_result(gateway, run, result(run, "toolu_a"))
     await persist_result(gateway, run, result(run, "toolu_b", "second task"))
-    await publish_tokens(gateway.bus, run.e, 2, "then")
+    # Round 1: the next attempt.
+    await Store(gateway.pool).upsert_run(verdict(run.e, "running", attempt=2))
+    await tokens(gateway, run, 2, 2, "then")
     full = await sse(gateway, run.cid, "", last_id="unknown", idle_s=1.5)
     ids = [i for _, i, _ in full]
     assert ids == [
         f"msg:{run.e.message_id}",
-        f"run:{run.id}:1:running",
+        f"run:{run.id}:2:running",
         f"tool:{run.id}:toolu_a:requested",
         f"tool:{run.id}:toolu_b:requested",
         f"tool:{run.id}:toolu_a:result",
         f"tool:{run.id}:toolu_b:result",
-        f"tok:{run.id}:1:1",
-        f"tok:{run.id}:1:2",
+        f"tok:{run.id}:2:1",
+        f"tok:{run.id}:2:2",
     ]
-    # From any event id at or after the tool events: exactly what came after it.
-    for k in range(2, len(ids)):
+    # From any event id: exactly what came after it.
+    for k in range(len(ids)):
         again = await sse(gateway, run.cid, "", last_id=ids[k], idle_s=1.0)
         assert [i for _, i, _ in again] == ids[k + 1 :], ids[k]
-    # A token past every token of the latest call was one of round 0's: the tool calls and
-    # round 1 are all new to that client.
-    early = await sse(gateway, run.cid, "", last_id=f"tok:{run.id}:1:3", idle_s=1.0)
-    assert [i for _, i, _ in early] == ids[2:]
+    # A token of round 0: the next attempt's status, the tool calls and round 1 are all new.
+    for seq in (1, 3):
+        early = await sse(gateway, run.cid, "", last_id=f"tok:{run.id}:1:{seq}", idle_s=1.0)
+        assert [i for _, i, _ in early] == ids[1:]
 
 
 async def test_tool_events_of_the_round_in_progress_come_after_its_tokens(
