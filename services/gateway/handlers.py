@@ -514,15 +514,18 @@ class Api:
         more = [core.pending_run(e) for e in pending if core.run_id_of(e.message_id) not in known]
         waiting = await self._waiting_calls(p, cid, runs)
         for r in runs:
-            r["pending_tool_calls"] = waiting.get(r["run_id"], [])
+            # None: a run in flight whose calls could not be read (the stream is down).
+            unknown = waiting is None and r["status"] not in core.FINAL_STATUSES
+            r["pending_tool_calls"] = None if unknown else (waiting or {}).get(r["run_id"], [])
         for r in more:
             r["pending_tool_calls"] = []
         return {"conversation_id": cid, "runs": [*runs, *more]}
 
     async def _waiting_calls(
         self, p: core.Principal, cid: str, runs: list[dict[str, Any]]
-    ) -> dict[str, list[dict[str, Any]]]:
-        """Per run in flight, the tool calls waiting for the user's answer (TOOLS stream)."""
+    ) -> dict[str, list[dict[str, Any]]] | None:
+        """Per run in flight, the tool calls waiting for the user's answer (TOOLS stream);
+        None when the stream cannot be read (the rest of the state still answers)."""
         live = [r for r in runs if r["status"] not in core.FINAL_STATUSES]
         if not live:
             return {}
@@ -530,7 +533,8 @@ class Api:
         try:
             view = await self.tool_log.view(p.project, cid, since)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
-            raise _broker_unavailable() from exc
+            structlog.get_logger().warning("tool_read_failed", error=type(exc).__name__)
+            return None
         stored = await self._read(self.reads.tool_results(cid))
         requests = [x for x, _ in view.requests if x.user_id == p.user]
         out: dict[str, list[dict[str, Any]]] = {}
