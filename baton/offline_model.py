@@ -216,6 +216,8 @@ def _tool_results(message: dict[str, Any]) -> list[str]:
     content = message.get("content")
     if message.get("role") != "user" or not isinstance(content, list):
         return []
+    if content and isinstance(content[-1], dict) and content[-1].get("type") == "text":
+        return []  # a new question after them (a later message): answered as a question
     out = []
     for block in content:
         if isinstance(block, dict) and block.get("type") == "tool_result":

@@ -132,6 +132,7 @@ class PendingCall(msgspec.Struct, kw_only=True, frozen=True):
     decision: ToolDecision
     reason: str = ""  # the content of a result policy writes itself
     requested_at: datetime | None = None  # when an ``ask`` call started waiting
+    answered_by: str = ""  # the user's answer that decided it (its redelivery publishes again)
     done: bool = False
 
 

@@ -104,7 +104,7 @@ class Handlers:
         )
         self.approvals_ignored = metrics.counter(
             "tool_approvals_ignored_total",
-            "Approvals that decided nothing, by why (not_pending, digest_mismatch).",
+            "Approvals that decided nothing, by why (not_pending, digest_mismatch, expired).",
             ("why",),
         )
 
@@ -256,7 +256,7 @@ class Handlers:
         _same_run(run, e)
         rules, now = self.rules_for(run.project_id), _now()
         quota: dict[str, bool] = {}
-        if run.status not in core.TERMINAL and e.round == run.round and not run.calls:
+        if toolcalls.decides(run, e.round, rules):
             for call, grant in toolcalls.turn_quota(rules, e.tool_calls):
                 quota[call.id] = await self._take_quota(run, call, grant, now)
         inp = machine.ToolTurnStored(e, quota)
@@ -283,6 +283,7 @@ class Handlers:
             and pending is not None
             and e.input_digest == pending.call.input_digest
             and run.status not in core.TERMINAL
+            and (run.approval_due is None or now < run.approval_due)
         ):
             grant = rules.tools.grant(pending.call.name)
             if toolcalls.quota_wanted(grant, pending.call):

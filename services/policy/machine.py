@@ -535,6 +535,8 @@ def _tool_turn(
 ) -> Step:
     """The model's tool_use turn is stored: decide each call (or end the run past its rounds)."""
     phase = phase_of(run)
+    if isinstance(phase, Done) and run.cause == e.event_id:
+        return _again(run, conv, rules, now)  # it ended the run: its reply, its release again
     if isinstance(phase, Done) or e.round != run.round:
         return Step(outcome="stale")
     if isinstance(phase, Tools):
@@ -622,8 +624,14 @@ def _tool_decided(
     """The user's answer to a waiting call: it binds to the digest of the input it was shown."""
     phase = phase_of(run)
     pc = next((c for c in run.calls if c.call.id == e.call_id), None)
+    if isinstance(phase, Tools) and pc is not None and pc.answered_by == e.event_id:
+        # This answer decided the call (a redelivery): publish what a crash may have cut short.
+        return Step(effects=(emit(run, rules, now),), outcome="stale")
     if not isinstance(phase, Tools) or pc is None or e.call_id not in phase.waiting:
         return Step(effects=(Count("approvals_ignored", "not_pending"),), outcome="not_pending")
+    if run.approval_due is not None and now >= run.approval_due:
+        # Too late: the round's timer ends the run (it may not have been handled yet).
+        return Step(effects=(Count("approvals_ignored", "expired"),), outcome="expired")
     if e.input_digest != pc.call.input_digest:
         # Never authorizes other arguments; the call keeps waiting for a matching answer.
         return Step(effects=(Count("approvals_ignored", "digest_mismatch"),), outcome="mismatch")
@@ -656,6 +664,8 @@ def _approval_timeout(
 ) -> Step:
     """The round's approvals are due: a call still waiting ends the run (recorded, I6)."""
     phase = phase_of(run)
+    if isinstance(phase, Done) and run.cause == d.event_id:
+        return _again(run, conv, rules, now)  # it ended the run: its reply again
     if not isinstance(phase, Tools) or not phase.waiting:
         return Step(outcome="stale")
     if d.event_id != toolcalls.approval_deadline_id(run.run_id, run.round):

@@ -66,6 +66,18 @@ def quota_wanted(grant: ToolGrant | None, call: m.ToolCall) -> bool:
     return grant is not None and grant.per_user_daily is not None and _valid(call) is None
 
 
+def decides(run: RunState, round_: int, rules: Rules) -> bool:
+    """Whether a stored turn of ``round_`` is decided now (not a repeat, not stale, not past the
+    rounds, not cancelled): only then are its calls counted against daily limits."""
+    return (
+        run.status not in runs.TERMINAL
+        and not run.cancel_requested
+        and not run.calls
+        and round_ == run.round
+        and round_ < rules.tools.max_rounds
+    )
+
+
 def turn_quota(rules: Rules, calls: Iterable[m.ToolCall]) -> list[tuple[m.ToolCall, ToolGrant]]:
     """The calls of a stored turn that policy authorizes at once and that count against a daily
     limit (the interpreter counts them before stepping; ``ask`` calls count when approved)."""
@@ -122,6 +134,7 @@ def answer(
     pc: PendingCall, e: m.ToolApprovalDecided, rules: Rules, within_quota: bool | None
 ) -> PendingCall:
     """A waiting call after the user's answer (its digest already checked)."""
+    pc = msgspec.structs.replace(pc, answered_by=e.event_id)
     if not e.approve:
         reason = REJECTED + (f" (the user said: {e.reason[:500]})" if e.reason else "")
         return msgspec.structs.replace(pc, decision="rejected", reason=reason)

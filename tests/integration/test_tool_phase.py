@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from baton.mcp_server import MCPServerProcess
@@ -44,6 +45,9 @@ from tests.support import (
 )
 
 POLICY = """
+[defaults]
+double_texting = "{double_texting}"
+
 [defaults.tools]
 max_rounds = 3
 approval_timeout_s = {approval_timeout_s}
@@ -90,9 +94,13 @@ class Stack:
     async def run(self, run_id: str) -> RunState:
         return (await self.runs.get(run_id))[0]
 
-    async def ask(self, content: str) -> m.UserMessageAccepted:
-        """A user message stored, and the agent's decision on it published."""
-        e = user_event(content, user=self.user)
+    async def ask(
+        self, content: str, after: m.UserMessageAccepted | None = None
+    ) -> m.UserMessageAccepted:
+        """A user message stored (``after``: in that message's conversation), and the agent's
+        decision on it published."""
+        conversation = after.conversation_id if after is not None else None
+        e = user_event(content, user=self.user, conversation_id=conversation)
         placed = await Store(self.pool).insert_user_message(e)
         d = m.AgentDecision(
             event_id=runs.decision_id(e.message_id),
@@ -154,6 +162,15 @@ class Stack:
         subject = subjects.tool_approval(r.project_id, r.conversation_id)
         await self.bus.publish(subject, d, msg_id=msg_id or d.event_id)
 
+    async def queued(self, conversation_id: str, run_id: str) -> None:
+        """Until the run waits in line for the conversation's slot."""
+
+        async def waits() -> bool:
+            conv, _ = await self.conversations.get(conversation_id)
+            return run_id in conv.pending.values()
+
+        await eventually(waits)
+
     async def freed(self, conversation_id: str) -> None:
         """Until no run holds the conversation's slot (I6)."""
 
@@ -191,9 +208,13 @@ async def _stack(
     mcp_server: MCPServerProcess,
     approval_timeout_s: float = 600,
     per_user_daily: int = 10,
+    double_texting: str = "enqueue",
 ) -> AsyncIterator[Stack]:
     text = POLICY.format(
-        url=mcp_server.url, approval_timeout_s=approval_timeout_s, per_user_daily=per_user_daily
+        url=mcp_server.url,
+        approval_timeout_s=approval_timeout_s,
+        per_user_daily=per_user_daily,
+        double_texting=double_texting,
     )
     book = policyfile.parse(text.encode(), "test policy")
     bus = await connect_bus(infra.nats_url, "tools")
@@ -256,7 +277,9 @@ def _metric(h: PolicyHandlers, name: str, labels: dict[str, str] | None = None) 
     return 0.0
 
 
-async def test_an_auto_tool_runs_and_the_answer_uses_its_result(stack: Stack) -> None:
+async def test_an_auto_tool_runs_and_the_answer_uses_its_result(
+    stack: Stack, offline_model: OfflineModelProcess
+) -> None:
     before = len(stack.mcp.executions())
     e = await stack.ask("What is 6 * 7?")
     run = await stack.status(runs.run_id(e.message_id), "completed")
@@ -266,6 +289,10 @@ async def test_an_auto_tool_runs_and_the_answer_uses_its_result(stack: Stack) ->
     assert (r["name"], r["outcome"], r["is_error"]) == ("calculator", "ok", False)
     assert (run.round, run.calls) == (1, ())
     assert len(stack.mcp.executions()) == before  # read-only: nothing recorded on its side
+    # The model was offered exactly the granted tools, described as their server describes them.
+    offered = offline_model.requests()[-1]["body"]["tools"]
+    assert [t["name"] for t in offered] == ["current_time", "calculator", "create_task", "wait"]
+    assert all(t["description"] for t in offered)
     assert (
         _metric(
             stack.policy,
@@ -431,3 +458,62 @@ async def test_the_daily_limit_counts_each_call_once(
             outcomes += [r["outcome"] for r in await stack.results(e)]
         assert outcomes == ["ok", "over_limit"]
         assert len(mcp_server.executions()) == before + 1
+
+
+async def test_an_approval_from_another_user_decides_nothing(stack: Stack) -> None:
+    before = len(stack.mcp.executions())
+    e = await stack.ask("Remind me to lock the door.")
+    run_id = runs.run_id(e.message_id)
+    await stack.status(run_id, "requires_action")
+    [request] = await stack.requested(e)
+    forged = msgspec.structs.replace(request, user_id="mallory")
+    await stack.decide(forged, True, msg_id="mallory")
+    # Refused (dead-lettered, never a decision): the run still waits, nothing ran.
+    await read_subject(stack.bus, subjects.STREAM_DLQ, "dlq.>", 1)
+    assert (await stack.run(run_id)).status == "requires_action"
+    assert len(stack.mcp.executions()) == before
+    await stack.decide(request, True)
+    await stack.status(run_id, "completed")
+    assert len(stack.mcp.executions()) == before + 1
+
+
+@pytest.mark.parametrize("strategy", ["enqueue", "interrupt"])
+async def test_a_new_message_while_a_run_waits_follows_the_double_texting_strategy(
+    infra: Infra, offline_model: OfflineModelProcess, mcp_server: MCPServerProcess, strategy: str
+) -> None:
+    async for stack in _stack(infra, offline_model, mcp_server, double_texting=strategy):
+        before = len(mcp_server.executions())
+        first = await stack.ask("Remind me to pay rent.")
+        first_run = runs.run_id(first.message_id)
+        await stack.status(first_run, "requires_action")
+        second = await stack.ask("What is 5 + 5?", after=first)
+        second_run = runs.run_id(second.message_id)
+        if strategy == "enqueue":
+            # It waits its turn behind the run that waits for the user.
+            await stack.queued(first.conversation_id, second_run)
+            [request] = await stack.requested(first)
+            await stack.decide(request, True)
+            await stack.status(first_run, "completed")
+            await stack.status(second_run, "completed")
+            assert len(mcp_server.executions()) == before + 1
+        else:
+            # The newer message interrupts the waiting run, which never runs its call.
+            await stack.status(first_run, "cancelled")
+            await stack.status(second_run, "completed")
+            assert "10" in (await stack.answer(second))["content"]
+            assert len(mcp_server.executions()) == before
+
+
+async def test_the_executor_completes_granted_tools_from_the_servers_own_list(
+    mcp_server: MCPServerProcess,
+) -> None:
+    tools = McpTools({"demo": mcp_server.url, "gone": "http://127.0.0.1:9/mcp"})
+    bare = m.ToolSpec(name="create_task", server="demo")
+    own = m.ToolSpec(name="calculator", description="Ours.", server="demo")
+    elsewhere = m.ToolSpec(name="create_task", server="gone")
+    completed, kept, unreachable = await tools.complete((bare, own, elsewhere))
+    assert completed.description and "title" in completed.input_schema["properties"]
+    assert kept == own  # the policy file's own words are sent as written
+    assert unreachable == elsewhere  # a server that cannot be asked: as granted
+    # Nothing is added: only what was granted goes out.
+    assert [t.name for t in await tools.complete((bare,))] == ["create_task"]

@@ -175,6 +175,9 @@ TABLE = [
      "done:cancelled", ["count:verdicts:stop", "policy.verdict", f"then:Release:{RUN}"]),
     ("turn: again (a redelivery) publishes the same again", WAITING, T(turn(TASK, CALC)), "stale",
      "unchanged", ["policy.verdict+tool.requested+tool.task+policy.deadline"]),
+    ("turn: the one that ended the run past max_rounds, again, re-publishes its reply",
+     after(msgspec.structs.replace(RUNNING, round=2), T(turn(CALC, round_=2))),
+     T(turn(CALC, round_=2)), "stale", "unchanged", ["policy.verdict+policy.reply"]),
     ("turn: of an old round is stale", NEXT_ROUND, T(turn(CALC)), "stale", "unchanged", []),
     ("turn: after the run ended is stale", COMPLETED, T(turn(CALC)), "stale", "unchanged", []),
     # -- results
@@ -205,6 +208,11 @@ TABLE = [
     ("approval: over the daily limit", WAITING, A(decision(TASK), {TASK.id: False}), "over_limit",
      "tools:running", ["tool_calls:create_task:over_limit", "approvals_pending=-1",
                        "approval_wait=5", "policy.verdict+tool.result"]),
+    ("approval: the one that decided, again, publishes it again", APPROVED, A(decision(TASK)),
+     "stale", "unchanged", ["policy.verdict+tool.task+tool.task"]),
+    ("approval: after its expiry (the timer not handled yet) is ignored",
+     msgspec.structs.replace(WAITING, approval_due=NOW), A(decision(TASK)), "expired",
+     "unchanged", ["count:approvals_ignored:expired"]),
     ("approval: for other arguments is ignored", WAITING, A(decision(TASK, digest="f" * 64)),
      "mismatch", "unchanged", ["count:approvals_ignored:digest_mismatch"]),
     ("approval: for a call that does not exist is ignored", WAITING,
@@ -213,7 +221,8 @@ TABLE = [
     ("approval: for an auto call is ignored", WAITING, A(decision(CALC)), "not_pending",
      "unchanged", ["count:approvals_ignored:not_pending"]),
     ("approval: a second answer (a different one) is ignored", APPROVED,
-     A(decision(TASK, False)), "not_pending", "unchanged", ["count:approvals_ignored:not_pending"]),
+     A(msgspec.structs.replace(decision(TASK, False), event_id="approval:again")),
+     "not_pending", "unchanged", ["count:approvals_ignored:not_pending"]),
     ("approval: after the run ended is ignored", TIMED_OUT, A(decision(TASK)), "not_pending",
      "unchanged", ["count:approvals_ignored:not_pending"]),
     ("approval: before any turn is ignored", RUNNING, A(decision(TASK)), "not_pending",
@@ -223,6 +232,9 @@ TABLE = [
      machine.DeadlineDue(approval_timer(WAITING)), "failed", "done:failed",
      ["tool_calls:create_task:expired", "approvals_pending=-1", "count:verdicts:stop",
       "policy.verdict+policy.reply"]),
+    ("approval timer: the one that ended the run, again, re-publishes its reply", TIMED_OUT,
+     machine.DeadlineDue(approval_timer(WAITING)), "stale", "unchanged",
+     ["policy.verdict+policy.reply"]),
     ("approval timer: answered already is stale", APPROVED,
      machine.DeadlineDue(approval_timer(APPROVED)), "stale", "unchanged", []),
     ("approval timer: of an earlier round is stale",
@@ -331,6 +343,15 @@ def test_no_tools_no_grants() -> None:
 def test_the_turns_calls_that_count_against_a_daily_limit() -> None:
     calls = [call("flights"), TASK, CALC, call("flights", "bad", cid="toolu_bad")]
     assert [c.id for c, _ in toolcalls.turn_quota(RULES, calls)] == ["toolu_flights"]
+
+
+def test_only_a_turn_that_is_decided_counts_against_daily_limits() -> None:
+    assert toolcalls.decides(RUNNING, 0, RULES)
+    assert not toolcalls.decides(WAITING, 0, RULES)  # a redelivery
+    assert not toolcalls.decides(RUNNING, 1, RULES)  # another round
+    assert not toolcalls.decides(msgspec.structs.replace(RUNNING, round=2), 2, RULES)  # too many
+    assert not toolcalls.decides(CANCELLING, 0, RULES)
+    assert not toolcalls.decides(COMPLETED, 0, RULES)
 
 
 def test_a_repeated_tool_use_id_in_one_turn_is_decided_once() -> None:
