@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -61,17 +61,40 @@ async def _events(
                     data += value
 
 
+def ask_line(prompt: str) -> bool:
+    """A y/n question on stderr, its answer the next line of stdin (none: no)."""
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    return line.strip().lower() in ("y", "yes")
+
+
 class Chat:
-    """One conversation: each message is posted once (with a key) and its answer streamed."""
+    """One conversation: each message is posted once (with a key) and its answer streamed.
+
+    A tool call the run waits on (``tool.requested``) is shown on stderr and answered with
+    ``ask`` (a y/n question), or approved without asking when ``approve_all``.
+    """
 
     def __init__(
-        self, url: str, token: str, conversation: str | None, out: TextIO = sys.stdout
+        self,
+        url: str,
+        token: str,
+        conversation: str | None,
+        out: TextIO = sys.stdout,
+        approve_all: bool = False,
+        ask: Callable[[str], bool] = ask_line,
+        notes: TextIO = sys.stderr,
     ) -> None:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
         self.conversation = conversation or str(uuid.uuid4())
         self.out = out
+        self.notes = notes
+        self.approve_all = approve_all
+        self.ask = ask
         self.last_id: str | None = None
+        self.answered: set[str] = set()  # tool calls decided (a resume may replay a request)
 
     async def send(self, content: str) -> str:
         """Post ``content`` and print its answer as it streams; returns the final text."""
@@ -135,6 +158,12 @@ class Chat:
                             self.out.write("\n[the model is retrying]\n")
                             printed = ""
                         attempt = data["attempt"]
+                    if event == "tool.requested":
+                        await self._tool_call(client, data)
+                        continue
+                    if event == "tool.result":
+                        self._note(f"[tool {data['tool']}: {data['outcome']}] {data['content']}")
+                        continue
                     if event == "token" and data.get("attempt") == attempt:
                         printed += data["text"]
                         self.out.write(data["text"])
@@ -153,6 +182,52 @@ class Chat:
                 pass
             await asyncio.sleep(RETRY_S)
 
+    def _note(self, line: str) -> None:
+        self.notes.write(f"\n{line}\n")
+        self.notes.flush()
+
+    async def _tool_call(self, client: httpx.AsyncClient, call: dict[str, Any]) -> None:
+        """Show a call waiting for the user, get its answer, and send it (once per call)."""
+        call_id = str(call["tool_call_id"])
+        if call_id in self.answered:
+            return
+        args = json.dumps(call["arguments"], ensure_ascii=False, sort_keys=True)
+        self._note(f"[tool call] {call['tool']} ({call['server']}) {args}")
+        if self.approve_all:
+            approve = True
+            self._note("[approved: --yes]")
+        else:
+            approve = await asyncio.to_thread(self.ask, "approve? [y/N] ")
+        body = {
+            "decisions": [
+                {
+                    "tool_call_id": call_id,
+                    "approve": approve,
+                    # Bound to what was shown: other arguments are refused (409), never run.
+                    "input_digest": call["input_digest"],
+                }
+            ]
+        }
+        url = (
+            f"{self.url}/api/conversations/{self.conversation}/runs/{call['run_id']}/tool-approvals"
+        )
+        deadline = asyncio.get_running_loop().time() + GIVE_UP_S
+        while True:
+            try:
+                r = await client.post(url, json=body, headers=self.headers)
+                if r.status_code == 202:
+                    self.answered.add(call_id)
+                    return
+                if r.status_code < 500:
+                    self.answered.add(call_id)
+                    self._note(f"[not sent: {r.json()['error']['message']}]")
+                    return
+            except httpx.TransportError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise ChatError("the gateway did not take the tool decision in time")
+            await asyncio.sleep(RETRY_S)
+
 
 def main(args: Any) -> int:
     """Entry of ``baton chat`` (arguments parsed by baton.cli)."""
@@ -162,7 +237,7 @@ def main(args: Any) -> int:
     if not url or not token:
         print("no gateway: run `baton up` first, or pass --url and --token", file=sys.stderr)
         return 2
-    chat = Chat(url, token, args.conversation)
+    chat = Chat(url, token, args.conversation, approve_all=bool(getattr(args, "yes", False)))
     print(f"conversation {chat.conversation}", file=sys.stderr)
     lines = [" ".join(args.message)] if args.message else None
     try:

@@ -251,6 +251,11 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--conversation", help="continue this conversation (its id)")
     chat.add_argument("--url", help="gateway URL (default: BATON_URL or the data dir's)")
     chat.add_argument("--token", help="bearer token (default: BATON_TOKEN or the data dir's)")
+    chat.add_argument(
+        "--yes",
+        action="store_true",
+        help="approve every tool call the model asks for (default: ask y/n for each)",
+    )
     chat.add_argument("--data-dir", default=".baton", help="where `baton up` wrote endpoints.json")
     chat.set_defaults(func=_cmd_chat)
 

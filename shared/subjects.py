@@ -147,9 +147,17 @@ PREFIX_TOKENS = "chat.stream."
 PREFIX_PERSISTED_USER = "chat.persisted.user."
 PREFIX_PERSISTED_ASSISTANT = "chat.persisted.assistant."
 PREFIX_VERDICT = "policy.verdict."
+PREFIX_TOOL_REQUESTED = "tool.requested."
+PREFIX_PERSISTED_TOOL_RESULT = "chat.persisted.tool_result."
 
-# What the gateway listens to (one subscription each per process, fanned out in memory).
-PUSH_SUBJECTS = ("chat.persisted.>", PREFIX_TOKENS + ">", PREFIX_VERDICT + ">")
+# What the gateway listens to (one subscription each per process, fanned out in memory); a
+# stored tool result arrives with ``chat.persisted.>``.
+PUSH_SUBJECTS = (
+    "chat.persisted.>",
+    PREFIX_TOKENS + ">",
+    PREFIX_VERDICT + ">",
+    PREFIX_TOOL_REQUESTED + ">",
+)
 
 # ---- consumers -----------------------------------------------------------------------------
 

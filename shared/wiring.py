@@ -92,10 +92,12 @@ WIRING: dict[str, Wiring] = {
             subjects.chat_cancel(*_ANY),
             subjects.tool_approval(*_ANY),  # the user's answer to an "ask" call
         ),
+        # Pushes (tool.requested among them; stored tool results arrive on chat.persisted).
         listens=subjects.PUSH_SUBJECTS,
         # A duplicate submit answers with the original message, read back by its sequence;
-        # a resuming SSE client gets the tokens it missed, read back the same way.
-        reads_streams=(subjects.STREAM_CHAT_IN, subjects.STREAM_TOKENS),
+        # a resuming SSE client gets the tokens it missed, read back the same way; a run's
+        # tool calls (what waits for the user, what was decided) are read back from TOOLS.
+        reads_streams=(subjects.STREAM_CHAT_IN, subjects.STREAM_TOKENS, subjects.STREAM_TOOLS),
         # An early 429 reads the rate windows policy keeps; policy alone writes them.
         reads_buckets=(subjects.BUCKET_LIMITS,),
     ),

@@ -9,7 +9,7 @@ import time
 import uuid
 import weakref
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -244,6 +244,49 @@ class ReadModel:
             )
         return status
 
+    async def run(self, conversation_id: str, run_id: str) -> tuple[str, datetime] | None:
+        """A run of this conversation: its stored status and when it was recorded."""
+        async with self.pool.acquire() as con:
+            row = await con.fetchrow(
+                "SELECT status, created_at FROM runs WHERE run_id = $1 AND conversation_id = $2",
+                run_id,
+                uuid.UUID(conversation_id),
+            )
+        return None if row is None else (row["status"], row["created_at"])
+
+    async def tool_results(self, conversation_id: str) -> list[tuple[m.ToolResult, str, datetime]]:
+        """The stored tool results of a conversation's runs, oldest first: (result, the run's
+        message id, when it was stored)."""
+        async with self.pool.acquire() as con:
+            rows = await con.fetch(
+                "SELECT t.tool_use_id, t.run_id, t.round, t.name, t.outcome, t.is_error, "
+                "t.content, t.input_digest, t.created_at, r.message_id FROM tool_results t "
+                "JOIN runs r ON r.run_id = t.run_id WHERE r.conversation_id = $1 "
+                "ORDER BY t.created_at, t.round, t.tool_use_id",
+                uuid.UUID(conversation_id),
+            )
+        return [
+            (
+                m.ToolResult(
+                    event_id=f"toolresult:{m.call_key(r['run_id'], r['tool_use_id'])}",
+                    message_id=str(r["message_id"]),
+                    conversation_id=conversation_id,
+                    project_id="",
+                    run_id=r["run_id"],
+                    round=r["round"],
+                    call_id=r["tool_use_id"],
+                    name=r["name"],
+                    outcome=r["outcome"],
+                    is_error=r["is_error"],
+                    content=r["content"],
+                    input_digest=r["input_digest"],
+                ),
+                str(r["message_id"]),
+                r["created_at"],
+            )
+            for r in rows
+        ]
+
     async def runs(self, conversation_id: str) -> list[dict[str, Any]]:
         async with self.pool.acquire() as con:
             rows = await con.fetch(
@@ -421,9 +464,105 @@ class Inbox:
         return out
 
 
+_requested = msgspec.json.Decoder(m.ToolApprovalRequested)
+_decided = msgspec.json.Decoder(m.ToolApprovalDecided)
+_tool_result = msgspec.json.Decoder(m.ToolResult)
+
+
+class ToolView(msgspec.Struct):
+    """A conversation's tool messages in the TOOLS stream, in stream order, with store times."""
+
+    requests: list[tuple[m.ToolApprovalRequested, datetime]]
+    decisions: list[m.ToolApprovalDecided]
+    results: list[m.ToolResult]
+    last_approval_seq: int  # the stream sequence of its last decision (0: none)
+
+
+class ToolLog:
+    """A conversation's tool calls read back from the TOOLS stream by subject, as ``Inbox``
+    reads CHAT_IN: policy's approval requests, the gateway's own decisions and the results.
+
+    "Next message on this subject" gets only (``STREAM.MSG.GET.TOOLS``): no consumer.
+    """
+
+    def __init__(self, bus: Bus, limit: int = 500, timeout_s: float = 2.0) -> None:
+        self.bus = bus
+        self.limit = limit
+        self.timeout_s = timeout_s
+
+    async def view(
+        self, project: str, conversation_id: str, since: datetime, slack_s: float = 30.0
+    ) -> ToolView:
+        """What the stream holds for the conversation from ``since`` - ``slack_s`` on (a run's
+        tool messages all come after the run was recorded). Raises what the bus raises."""
+        if not self.bus.nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        start = since - timedelta(seconds=slack_s)
+        requests, decisions, results = await asyncio.gather(
+            self._scan(subjects.tool_requested(project, conversation_id), start),
+            self._scan(subjects.tool_approval(project, conversation_id), start),
+            self._scan(subjects.tool_result(project, conversation_id), start),
+        )
+        return ToolView(
+            requests=[(x, at) for x, at in _decoded(requests, _requested)],
+            decisions=[x for x, _ in _decoded(decisions, _decided)],
+            results=[x for x, _ in _decoded(results, _tool_result)],
+            last_approval_seq=await self.last_seq(subjects.tool_approval(project, conversation_id)),
+        )
+
+    async def last_seq(self, subject: str) -> int:
+        """The stream sequence of the last message on ``subject`` (0: there is none)."""
+        got = await self._get({"last_by_subj": subject})
+        return 0 if got is None else got.seq
+
+    async def decision_at(self, seq: int) -> m.ToolApprovalDecided | None:
+        got = await self._get({"seq": seq})
+        if got is None:
+            return None
+        return _decided.decode(base64.b64decode(got.data))
+
+    async def _scan(self, subject: str, start: datetime) -> list[_StoredMsg]:
+        request: dict[str, Any] = {"next_by_subj": subject, "start_time": start.isoformat()}
+        out: list[_StoredMsg] = []
+        while len(out) < self.limit:
+            got = await self._get(request)
+            if got is None:
+                break
+            out.append(got)
+            request = {"next_by_subj": subject, "seq": got.seq + 1}
+        return out
+
+    async def _get(self, request: dict[str, Any]) -> _StoredMsg | None:
+        api = f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_TOOLS}"
+        reply = await self.bus.nc.request(api, msgspec.json.encode(request), timeout=self.timeout_s)
+        got = _msg_get.decode(reply.data)
+        if got.message is None:
+            if got.error is not None and got.error.get("code") == 404:
+                return None
+            raise nats.errors.Error(f"TOOLS read failed: {got.error}")
+        return got.message
+
+
+def _decoded(
+    msgs: list[_StoredMsg], decoder: msgspec.json.Decoder[Any]
+) -> list[tuple[Any, datetime]]:
+    """The messages that decode (anything else is skipped), with their store times."""
+    out: list[tuple[Any, datetime]] = []
+    for msg in msgs:
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            out.append(
+                (
+                    decoder.decode(base64.b64decode(msg.data)),
+                    msg.time or datetime.min.replace(tzinfo=UTC),
+                )
+            )
+    return out
+
+
 class _StoredMsg(msgspec.Struct):
     seq: int
     data: str = ""
+    time: datetime | None = None
 
 
 class _MsgGet(msgspec.Struct):
@@ -485,6 +624,12 @@ class TokenLog:
         self.timeout_s = timeout_s
 
     async def deltas(self, project: str, conversation_id: str) -> list[m.TokenDelta]:
+        return [d for d, _ in await self.deltas_at(project, conversation_id)]
+
+    async def deltas_at(
+        self, project: str, conversation_id: str
+    ) -> list[tuple[m.TokenDelta, datetime]]:
+        """The deltas with the time each was stored (orders them against tool events)."""
         subject = subjects.token_stream(project, conversation_id)
         try:
             last = await self.bus.js.get_last_msg(subjects.STREAM_TOKENS, subject)
@@ -492,7 +637,7 @@ class TokenLog:
             return []
         if last.seq is None:
             return []
-        out: list[m.TokenDelta] = []
+        out: list[tuple[m.TokenDelta, datetime]] = []
         cursor = 1
         while cursor <= last.seq:
             try:
@@ -504,7 +649,7 @@ class TokenLog:
             if msg.seq is None or msg.data is None:
                 break
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                out.append(_delta.decode(msg.data))
+                out.append((_delta.decode(msg.data), msg.time or datetime.min.replace(tzinfo=UTC)))
             cursor = msg.seq + 1
         return out
 

@@ -469,6 +469,11 @@ def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
                 "created_at": a.created_at.isoformat(),
             },
         )
+    if subject.startswith(subjects.PREFIX_TOOL_REQUESTED):
+        return requested_push(msgspec.json.decode(data, type=m.ToolApprovalRequested))
+    if subject.startswith(subjects.PREFIX_PERSISTED_TOOL_RESULT):
+        p = msgspec.json.decode(data, type=m.ToolResultPersisted)
+        return result_push(p.result, p.message_id)
     if subject.startswith(subjects.PREFIX_VERDICT):
         v = msgspec.json.decode(data, type=m.RunVerdict)
         return (
@@ -487,9 +492,70 @@ def push_event(subject: str, data: bytes) -> tuple[str, str, dict[str, Any]] | N
     return None
 
 
-# ---- resume (Last-Event-ID) ----------------------------------------------------------------
+# ---- tool calls: what a client is shown ------------------------------------------------------
 
 Push = tuple[str, str, dict[str, Any]]
+TOOL_EVENTS = ("tool.requested", "tool.result")
+
+
+def shown_digest(r: m.ToolApprovalRequested) -> str:
+    """The digest of the arguments the user is shown: what an approval binds to."""
+    return m.input_digest(r.call.input)
+
+
+def pending_call(r: m.ToolApprovalRequested) -> dict[str, Any]:
+    """A call waiting for the user, as ``/state`` lists it and ``tool.requested`` carries it."""
+    return {
+        "tool_call_id": r.call.id,
+        "tool": r.call.name,
+        "server": r.server,
+        "arguments": r.call.input,
+        "input_digest": shown_digest(r),
+        "round": r.round,
+        "expires_at": r.expires_at.isoformat(),
+    }
+
+
+def tool_event_id(run_id: str, call_id: str, what: str) -> str:
+    """``tool:<run id>:<tool_use id>:requested|result``."""
+    return f"tool:{run_id}:{call_id}:{what}"
+
+
+def requested_push(r: m.ToolApprovalRequested) -> Push:
+    return (
+        "tool.requested",
+        tool_event_id(r.run_id, r.call.id, "requested"),
+        {"run_id": r.run_id, "message_id": r.message_id, **pending_call(r)},
+    )
+
+
+def result_push(r: m.ToolResult, message_id: str) -> Push:
+    return (
+        "tool.result",
+        tool_event_id(r.run_id, r.call_id, "result"),
+        {
+            "run_id": r.run_id,
+            "message_id": message_id,
+            "tool_call_id": r.call_id,
+            "tool": r.name,
+            "round": r.round,
+            "outcome": r.outcome,
+            "is_error": r.is_error,
+            "content": r.content,
+        },
+    )
+
+
+class ToolItem(msgspec.Struct, frozen=True):
+    """A tool event of the timeline, with the time its bus message was stored (orders it
+    against the run's tokens)."""
+
+    run_id: str
+    at: datetime
+    push: Push
+
+
+# ---- resume (Last-Event-ID) ----------------------------------------------------------------
 
 
 class Position(msgspec.Struct, frozen=True):
@@ -500,6 +566,7 @@ class Position(msgspec.Struct, frozen=True):
     attempt: int = 0
     seq: int = 0
     status: str = ""
+    call: str = ""  # a tool event's tool_use id (``status``: requested or result)
 
 
 def parse_event_id(value: str | None) -> Position | None:
@@ -512,6 +579,12 @@ def parse_event_id(value: str | None) -> Position | None:
             return Position("msg", str(uuid.UUID(rest)))
         except ValueError:
             return None
+    if kind == "tool":
+        run, _, more = rest.partition(":")
+        call, _, what = more.rpartition(":")
+        if vocab.message_of(run) is not None and call and what in ("requested", "result"):
+            return Position("tool", run, status=what, call=call)
+        return None
     parts = rest.split(":")
     if kind in ("tok", "run") and len(parts) == 3 and parts[0] and parts[1].isdigit():
         if kind == "tok" and not parts[2].isdigit():
@@ -603,14 +676,23 @@ def timeline(
     messages: list[dict[str, Any]],
     runs: list[dict[str, Any]],
     deltas: list[m.TokenDelta],
+    tools: Iterable[ToolItem] = (),
+    token_at: dict[str, datetime] | None = None,
 ) -> list[Push]:
     """The conversation as a client watching live would have seen it, latest attempts only.
 
     Each user message, then (for a run still in flight) its current status, then the tokens of
-    its latest attempt still in CHAT_STREAM, and each reply where it was stored.
+    its latest attempt still in CHAT_STREAM, and each reply where it was stored. A run's tool
+    events (``tools``, in stream order) go before its tokens if they were stored before the
+    first of them (``token_at``: per run, when its latest call's first token was stored; a
+    later round's call streams after the tool calls of the round before), else after.
     """
     by_run = {r["run_id"]: r for r in runs}
     tokens = latest_tokens(deltas)
+    first_token = token_at or {}
+    tool_events: dict[str, list[ToolItem]] = {}
+    for item in tools:
+        tool_events.setdefault(item.run_id, []).append(item)
     replied = {x["run_id"] for x in messages if x["role"] == "assistant"}
     out: list[Push] = []
     for msg in messages:
@@ -620,10 +702,16 @@ def timeline(
         run_id = run_id_of(msg["id"])
         run = by_run.get(run_id)
         deltas_of_run = tokens.get(run_id, [])
+        items = tool_events.get(run_id, [])
+        started = first_token.get(run_id)
+        before = [i.push for i in items if deltas_of_run and started and i.at < started]
+        after = [i.push for i in items if not (deltas_of_run and started and i.at < started)]
         if run is not None and run_id not in replied and run["status"] == "cancelled":
             # Cancelled runs have no reply: their partial text, then the status that ended it.
+            out.extend(before)
             if deltas_of_run and deltas_of_run[0].attempt >= run["attempts"]:
                 out.extend(token_push(d) for d in deltas_of_run)
+            out.extend(after)
             out.append(status_push(run, run["attempts"], run["status"]))
             continue
         if run is not None and run_id not in replied:
@@ -636,7 +724,24 @@ def timeline(
                 out.append(status_push(run, run["attempts"], run["status"]))
             if deltas_of_run and deltas_of_run[0].attempt < run["attempts"]:
                 deltas_of_run = []  # a newer attempt has started and not streamed yet
+                before, after = [], [i.push for i in items]
+        out.extend(before)
         out.extend(token_push(d) for d in deltas_of_run)
+        out.extend(after)
+    return out
+
+
+def latest_token_start(deltas: list[tuple[m.TokenDelta, datetime]]) -> dict[str, datetime]:
+    """Per run, when the first token of its latest call (``latest_tokens``) was stored."""
+    out: dict[str, datetime] = {}
+    last: dict[str, m.TokenDelta] = {}
+    for d, at in deltas:
+        cur = last.get(d.run_id)
+        if cur is not None and d.attempt < cur.attempt:
+            continue
+        if cur is None or d.attempt > cur.attempt or d.seq <= cur.seq:
+            out[d.run_id] = at
+        last[d.run_id] = d
     return out
 
 
@@ -653,32 +758,40 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
     if pos.kind == "msg":
         wanted = f"msg:{pos.key}"
         return events[ids.index(wanted) + 1 :] if wanted in ids else events
+    if pos.kind == "tool":
+        wanted = tool_event_id(pos.key, pos.call, pos.status)
+        return events[ids.index(wanted) + 1 :] if wanted in ids else events
     start = next((i for i, e in enumerate(events) if e[1] == f"msg:{pos.key[4:]}"), None)
     if not vocab.is_run_id(pos.key) or start is None:
         return events
     status: int | None = None
     toks: list[int] = []
+    tools: list[int] = []
     for i in range(start + 1, len(events)):
         kind, _, data = events[i]
-        if kind not in ("run.status", "token") or data["run_id"] != pos.key:
+        if kind not in ("run.status", "token", *TOOL_EVENTS) or data["run_id"] != pos.key:
             break
         if kind == "run.status":
             status = i
-        else:
+        elif kind == "token":
             toks.append(i)
+        else:
+            tools.append(i)
     latest = events[toks[0]][2]["attempt"] if toks else 0
     if toks and latest > pos.attempt:
         if status is not None and events[status][2]["attempt"] >= latest:
             return events[status:]
         run = next((r for r in runs if r["run_id"] == pos.key), None)
         base = run or {"run_id": pos.key, "message_id": pos.key[4:]}
-        return [status_push(base, latest, "running"), *events[toks[0] :]]
+        return [status_push(base, latest, "running"), *events[min([*tools, *toks]) :]]
     if status is not None and events[status][2]["attempt"] > pos.attempt:
         return events[status:]  # a newer attempt that has not streamed yet
     cut = start + 1
     if status is not None and (pos.kind == "tok" or events[status][1] == _run_id(pos)):
         cut = status + 1  # the client saw this status, or a token after it
     if pos.kind == "tok":
+        # Each round's model call is an attempt of its own (docs/tools.md), so a token of this
+        # attempt came after the tool calls of the round before: they are not sent again.
         for i in toks:
             if events[i][2]["seq"] <= pos.seq:
                 cut = i + 1

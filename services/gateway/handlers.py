@@ -12,13 +12,14 @@ from typing import Any, cast
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 from litestar import Request, Response, get, post
 from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from opentelemetry import trace
 
-from services.gateway import auth, core, openapi, pages
+from services.gateway import auth, core, openapi, pages, tools
 from services.gateway.adapters import (
     Hub,
     Inbox,
@@ -28,17 +29,21 @@ from services.gateway.adapters import (
     RateGate,
     ReadModel,
     TokenLog,
+    ToolLog,
+    ToolView,
     topic,
 )
 from services.gateway.config import Settings
 from services.gateway.edge import ON_SEND_TIMEOUT
 from services.gateway.front import request_id
 from shared import messages as m
-from shared import tracing
+from shared import subjects, tracing
 from shared.db import UNAVAILABLE
 from shared.metrics import ServiceMetrics
 from shared.tracing import current_trace_id
 
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-sequence check
 # At most this many accepted-but-not-stored messages are read back per request.
 PENDING_READ_LIMIT = 100
 
@@ -74,9 +79,11 @@ class Api:
         tokens: TokenLog,
         rate_gate: RateGate | None = None,
         owners: Owners | None = None,
+        tool_log: ToolLog | None = None,
     ) -> None:
         self.settings = settings
         self.owners = owners or Owners(reads, Inbox(publisher.bus))
+        self.tool_log = tool_log or ToolLog(publisher.bus)
         self.id_key = core.id_key(str(settings.jwt_secret), str(settings.id_secret))
         self.rate_gate = rate_gate
         self.rate_limited = metrics.counter(
@@ -96,6 +103,11 @@ class Api:
             "cancel_requests_total",
             "Run cancels accepted (202), by whether the run's cancel was already asked for.",
             ("duplicate",),
+        )
+        self.approvals = metrics.counter(
+            "tool_decisions_total",
+            "Tool call decisions accepted (202), by answer and whether they repeated one.",
+            ("approve", "duplicate"),
         )
         # The labelled child once, not a label lookup per accepted message.
         self.accepts_new = self.accepts.labels("false")
@@ -300,6 +312,118 @@ class Api:
             status_code=202,
         )
 
+    async def tool_approvals(
+        self, request: Request[Any, Any, Any], conversation_id: str, run_id: str
+    ) -> Response[Any]:
+        """The user's answers to a run's "ask" tool calls; 202 once JetStream has each.
+
+        Every decision is checked before any is published (409 when the run is not waiting for
+        a call); a repeat of a recorded answer is a duplicate, never a second decision.
+        """
+        p = self.principal(request)
+        cid, rid, message_id = core.parse_cancel_ids(conversation_id, run_id)
+        await self.own(p, cid)
+        decisions = tools.parse_approvals(await request.body())
+        try:
+            run = await self.reads.run(cid, rid)
+            message = None if run is not None else await self.reads.message(message_id)
+        except UNAVAILABLE as exc:
+            raise core.ApiError(503, "database_unavailable", "run store unavailable") from exc
+        if run is None and (message is None or message.conversation_id != cid):
+            raise core.ApiError(404, "not_found", "run not found")
+        if run is not None and run[0] in core.FINAL_STATUSES:
+            raise core.ApiError(
+                409, "run_finished", f"run already finished: {run[0]}", extra={"run_status": run[0]}
+            )
+        since = run[1] if run is not None else message.created_at  # type: ignore[union-attr]
+        if not self.publisher.bus.nc.is_connected:
+            raise _broker_unavailable()
+        answered: list[dict[str, Any]] = []
+        try:
+            view, calls = await self._run_tools(p, cid, rid, since)
+            now = datetime.now(UTC)
+            fresh = [tools.check(d, calls, now) for d in decisions]  # all checked first
+            last = view.last_approval_seq
+            for d, new in zip(decisions, fresh, strict=True):
+                duplicate = not new
+                for _ in range(5):
+                    if duplicate:
+                        break
+                    outcome = await self._decide(p, calls, d, last, now)
+                    if isinstance(outcome, int):
+                        last = outcome  # published: the next one follows it
+                        break
+                    # Another decision of this conversation came first: look again.
+                    view, calls = await self._run_tools(p, cid, rid, since)
+                    last = view.last_approval_seq
+                    duplicate = not tools.check(d, calls, datetime.now(UTC))
+                else:
+                    raise _broker_unavailable()
+                self.approvals.labels(str(d.approve).lower(), str(duplicate).lower()).inc()
+                answered.append(
+                    {
+                        "tool_call_id": d.tool_call_id,
+                        "approve": d.approve,
+                        "input_digest": core.shown_digest(calls.requested[d.tool_call_id]),
+                        "duplicate": duplicate,
+                    }
+                )
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            raise _broker_unavailable() from exc
+        return Response(
+            {"status": "accepted", "run_id": rid, "decisions": answered}, status_code=202
+        )
+
+    async def _decide(
+        self,
+        p: core.Principal,
+        calls: tools.RunTools,
+        d: tools.DecisionIn,
+        last_seq: int,
+        now: datetime,
+    ) -> int | None:
+        """Publish one decision, only if no other decision of the conversation was published
+        since the read (``Nats-Expected-Last-Subject-Sequence``): its sequence, or None when
+        one was (look again). A duplicate id (the same call decided meanwhile) with another
+        answer is 409 already_decided."""
+        req = calls.requested[d.tool_call_id]
+        event = tools.decided_event(req, d, p.user, now)
+        try:
+            ack = await self.publisher.bus.publish(
+                subjects.tool_approval(p.project, req.conversation_id),
+                event,
+                msg_id=event.event_id,
+                headers={EXPECTED_LAST_SUBJECT_SEQ: str(last_seq)},
+                timeout=self.publisher.timeout_s,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                return None
+            raise
+        if ack.duplicate:
+            first = await self.tool_log.decision_at(ack.seq)
+            if first is not None and first.approve != d.approve:
+                raise core.ApiError(
+                    409,
+                    "already_decided",
+                    f"tool call {d.tool_call_id} was already "
+                    f"{'approved' if first.approve else 'denied'}",
+                )
+        return int(ack.seq)
+
+    async def _run_tools(
+        self, p: core.Principal, cid: str, rid: str, since: datetime
+    ) -> tuple[ToolView, tools.RunTools]:
+        view = await self.tool_log.view(p.project, cid, since)
+        try:
+            stored = [r for r, _, _ in await self.reads.tool_results(cid) if r.run_id == rid]
+        except UNAVAILABLE as exc:
+            raise core.ApiError(503, "database_unavailable", "run store unavailable") from exc
+        results = [r.call_id for r in view.results] + [r.call_id for r in stored]
+        requests = (r for r, _ in view.requests if r.user_id == p.user)
+        calls = tools.run_tools(rid, requests, view.decisions, results)
+        return view, calls
+
     async def messages(
         self,
         request: Request[Any, Any, Any],
@@ -391,7 +515,38 @@ class Api:
         pending = await self._read(self._pending(p, cid, {r["message_id"] for r in runs}))
         known = {r["run_id"] for r in runs}
         more = [core.pending_run(e) for e in pending if core.run_id_of(e.message_id) not in known]
+        waiting = await self._waiting_calls(p, cid, runs)
+        for r in runs:
+            # None: a run in flight whose calls could not be read (the stream is down).
+            unknown = waiting is None and r["status"] not in core.FINAL_STATUSES
+            r["pending_tool_calls"] = None if unknown else (waiting or {}).get(r["run_id"], [])
+        for r in more:
+            r["pending_tool_calls"] = []
         return {"conversation_id": cid, "runs": [*runs, *more]}
+
+    async def _waiting_calls(
+        self, p: core.Principal, cid: str, runs: list[dict[str, Any]]
+    ) -> dict[str, list[dict[str, Any]]] | None:
+        """Per run in flight, the tool calls waiting for the user's answer (TOOLS stream);
+        None when the stream cannot be read (the rest of the state still answers)."""
+        live = [r for r in runs if r["status"] not in core.FINAL_STATUSES]
+        if not live:
+            return {}
+        since = min(r["created_at"] for r in live)
+        try:
+            view = await self.tool_log.view(p.project, cid, since)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            structlog.get_logger().warning("tool_read_failed", error=type(exc).__name__)
+            return None
+        stored = await self._read(self.reads.tool_results(cid))
+        requests = [x for x, _ in view.requests if x.user_id == p.user]
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in live:
+            mine = {x.call_id for x in view.results if x.run_id == r["run_id"]}
+            mine |= {x.call_id for x, _, _ in stored if x.run_id == r["run_id"]}
+            calls = tools.run_tools(r["run_id"], requests, view.decisions, mine)
+            out[r["run_id"]] = tools.pending_calls(calls)
+        return out
 
     async def _pending(
         self, p: core.Principal, cid: str, seen: set[str]
@@ -493,13 +648,43 @@ class Api:
                 503, "database_unavailable", "conversation store unavailable, retry"
             ) from exc
         try:
-            deltas = await self.tokens.deltas(p.project, cid)
+            timed = await self.tokens.deltas_at(p.project, cid)
+            items = await self._tool_items(p, cid, runs)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             raise _broker_unavailable() from exc
-        events = core.timeline(cid, messages, runs, deltas)
+        deltas = [d for d, _ in timed]
+        events = core.timeline(cid, messages, runs, deltas, items, core.latest_token_start(timed))
         missed = core.resume(events, pos, runs)
         self.sse_resumes.labels(str(pos is not None and len(missed) < len(events)).lower()).inc()
         return missed, core.seen_before(events, missed, pos)
+
+    async def _tool_items(
+        self, p: core.Principal, cid: str, runs: list[dict[str, Any]]
+    ) -> list[core.ToolItem]:
+        """The tool events of a replay: each stored result, and each approval request still in
+        the TOOLS stream, of runs in flight or with a stored result."""
+        try:
+            stored = await self.reads.tool_results(cid)
+        except UNAVAILABLE as exc:
+            raise core.ApiError(
+                503, "database_unavailable", "conversation store unavailable, retry"
+            ) from exc
+        with_results = {r.run_id for r, _, _ in stored}
+        active = [
+            r for r in runs if r["status"] not in core.FINAL_STATUSES or r["run_id"] in with_results
+        ]
+        items: list[core.ToolItem] = []
+        if active:
+            view = await self.tool_log.view(p.project, cid, min(r["created_at"] for r in active))
+            known = {r["run_id"] for r in runs}
+            items = [
+                core.ToolItem(r.run_id, at, core.requested_push(r))
+                for r, at in view.requests
+                if r.run_id in known and r.user_id == p.user
+            ]
+        items += [core.ToolItem(r.run_id, at, core.result_push(r, mid)) for r, mid, at in stored]
+        items.sort(key=lambda i: i.at)
+        return items
 
     async def _stream(self, w: Watch) -> AsyncGenerator[ServerSentEventMessage, None]:
         self.stream_clients.labels("sse").inc()
@@ -687,6 +872,27 @@ def routes(api: Api) -> list[Any]:
     ) -> Response[Any]:
         return await api.cancel(request, conversation_id, run_id)
 
+    @post(
+        "/api/conversations/{conversation_id:str}/runs/{run_id:str}/tool-approvals",
+        status_code=202,
+        summary="Approve or deny a run's tool calls waiting for the user (202: policy has it)",
+        **openapi.doc(
+            400,
+            404,
+            409,
+            413,
+            422,
+            503,
+            params={**cid, "run_id": openapi.RUN_ID},
+            body=openapi.APPROVALS_BODY,
+            success={202: openapi.APPROVALS_ACCEPTED},
+        ),
+    )
+    async def tool_approvals(
+        request: Request[Any, Any, Any], conversation_id: FromPath[str], run_id: FromPath[str]
+    ) -> Response[Any]:
+        return await api.tool_approvals(request, conversation_id, run_id)
+
     @get(
         "/api/usage",
         summary="The caller's project token and cost totals",
@@ -695,4 +901,14 @@ def routes(api: Api) -> list[Any]:
     async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
         return await api.usage(request)
 
-    return [chat, conversations, conversation, messages, state, events, cancel, usage]
+    return [
+        chat,
+        conversations,
+        conversation,
+        messages,
+        state,
+        events,
+        cancel,
+        tool_approvals,
+        usage,
+    ]

@@ -114,11 +114,18 @@ ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
         {},
     ),
     404: ("`not_found`: not the caller's, or no such thing (never 403: nothing leaks)", {}),
-    409: ("`run_finished`: the run already has a final status (`error.run_status`)", {}),
+    409: (
+        "`run_finished`: the run already has a final status (`error.run_status`); tool "
+        "approvals: `not_waiting` (the run is not waiting for that call), `already_decided` "
+        "(it was answered otherwise), `digest_mismatch` (other arguments than shown), "
+        "`approval_expired`",
+        {},
+    ),
     413: ("`body_too_large` or `content_too_large`", {}),
     422: (
         "`empty_content`, `invalid_content`, or `idempotency_key_reused` (the key was used "
-        "with another body)",
+        "with another body); tool approvals: `invalid_decisions`, `duplicate_decision`, "
+        "`invalid_reason`, `invalid_digest`",
         {},
     ),
     429: (
@@ -364,6 +371,74 @@ CANCELLING = json_success(
             "run_id": RUN_ID,
             "run_status": {"type": "string"},
             "duplicate": {"type": "boolean"},
+        },
+    },
+)
+
+
+_TOOL_CALL_ID: dict[str, Any] = {
+    "type": "string",
+    "pattern": "^[A-Za-z0-9_-]{1,128}$",
+    "description": "the call's id (the model's tool_use id), as `tool.requested` and `/state` "
+    "show it; anything else is 400 invalid_id",
+}
+_DIGEST: dict[str, Any] = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+
+APPROVALS_BODY: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["decisions"],
+    "properties": {
+        "decisions": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 64,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["tool_call_id", "approve"],
+                "properties": {
+                    "tool_call_id": _TOOL_CALL_ID,
+                    "approve": {"type": "boolean"},
+                    "reason": {
+                        "type": "string",
+                        "maxLength": 1000,
+                        "pattern": "^[^\\x00]*$",
+                        "description": "why (kept with the decision; a denial's reason "
+                        "reaches the model)",
+                    },
+                    "input_digest": {
+                        **_DIGEST,
+                        "description": "the digest of the arguments shown (optional): "
+                        "another one is 409 digest_mismatch",
+                    },
+                },
+            },
+        }
+    },
+}
+
+APPROVALS_ACCEPTED = json_success(
+    "Every decision is in JetStream (a repeat of a recorded one: `duplicate`); policy acts",
+    {
+        "type": "object",
+        "required": ["status", "run_id", "decisions"],
+        "properties": {
+            "status": {"type": "string", "enum": ["accepted"]},
+            "run_id": RUN_ID,
+            "decisions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["tool_call_id", "approve", "input_digest", "duplicate"],
+                    "properties": {
+                        "tool_call_id": _TOOL_CALL_ID,
+                        "approve": {"type": "boolean"},
+                        "input_digest": _DIGEST,
+                        "duplicate": {"type": "boolean"},
+                    },
+                },
+            },
         },
     },
 )

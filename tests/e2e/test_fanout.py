@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from baton.embedded import NatsServer
+from shared import subjects
 from tests.e2e.conftest import Pipeline, _running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
@@ -150,7 +151,7 @@ async def test_one_gateway_streams_every_token_to_a_thousand_sse_clients(
         await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in batch)), 60)
     connect_s = time.monotonic() - started
     assert gateway_metric(p, "baton_gateway_stream_clients") == CLIENTS
-    assert gateway_metric(p, "baton_gateway_push_subscriptions") == 3
+    assert gateway_metric(p, "baton_gateway_push_subscriptions") == len(subjects.PUSH_SUBJECTS)
     idle = rss_kib(gateway_pid)
     subs = gateway_subscriptions(p.nats.monitor_url)
 
@@ -184,7 +185,7 @@ async def test_one_gateway_streams_every_token_to_a_thousand_sse_clients(
         assert seqs == expected
     assert expected is not None and len(expected) > 10
     # One subscription per push family (plus the client's inbox), not one per client.
-    assert len(subs) <= 6, subs
+    assert len(subs) <= len(subjects.PUSH_SUBJECTS) + 3, subs
     assert drops == 0
     growth_per_client = (peak - before) / CLIENTS
     print(

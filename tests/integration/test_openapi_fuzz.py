@@ -158,6 +158,12 @@ def test_every_operation_documents_auth_errors_and_uuid_ids(gateway: RunningGate
     assert chat["requestBody"]["content"]["application/json"]["schema"]["required"] == ["content"]
     assert {"400", "401", "404", "413", "422", "429", "503"} <= set(chat["responses"])
     assert "Retry-After" in chat["responses"]["429"]["headers"]
+    approvals = doc["paths"]["/api/conversations/{conversation_id}/runs/{run_id}/tool-approvals"][
+        "post"
+    ]
+    body = approvals["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["decisions"] and body["additionalProperties"] is False
+    assert {"400", "401", "404", "409", "413", "422", "503"} <= set(approvals["responses"])
     events = doc["paths"]["/api/conversations/{conversation_id}/events"]["get"]
     assert "text/event-stream" in events["responses"]["200"]["content"]
     # The framework's own 400 body (status_code, detail) is never sent, so never documented.
@@ -169,6 +175,7 @@ ROUTES_WITH_IDS = [
     ("GET", "/api/conversations/{}/state"),
     ("GET", "/api/conversations/{}/events"),
     ("POST", "/api/conversations/{}/runs/run-" + str(uuid.UUID(int=1)) + "/cancel"),
+    ("POST", "/api/conversations/{}/runs/run-" + str(uuid.UUID(int=1)) + "/tool-approvals"),
 ]
 BAD_IDS = ["nope", "0" * 32, "{" + str(uuid.UUID(int=7)) + "}", "urn:uuid:" + str(uuid.UUID(int=7))]
 

@@ -53,6 +53,7 @@ def test_listeners_hear_the_publishers_accounts_directly() -> None:
         ("PERSISTER", subjects.persisted_tool_result("*", "*")),
         ("EXECUTOR", subjects.token_stream("*", "*")),
         ("POLICY", subjects.policy_verdict("*", "*")),
+        ("POLICY", subjects.tool_requested("*", "*")),  # calls waiting for the user
     }
     policy_exports = {e["stream"]: e["accounts"] for e in config["POLICY"]["exports"]}
     assert policy_exports[subjects.exec_abort("*", "*")] == ["EXECUTOR"]

@@ -340,4 +340,30 @@ def test_persisted_tool_subjects_are_never_read_as_user_or_assistant_messages(bu
     from services.gateway.core import push_event
 
     assert any(covers(p, subject) for p in subjects.PUSH_SUBJECTS)
-    assert push_event(subject, b"{}") is None  # the gateway hears it and pushes nothing
+    if build is subjects.persisted_tool_turn:
+        assert push_event(subject, b"{}") is None  # the gateway hears it and pushes nothing
+        return
+    # A stored result is the client's tool.result event, never a message.
+    r = m.ToolResult(
+        event_id="toolresult:run-1:toolu_1",
+        message_id="m1",
+        conversation_id="c1",
+        project_id="acme",
+        run_id="run-1",
+        round=0,
+        call_id="toolu_1",
+        name="create_task",
+        outcome="ok",
+        is_error=False,
+        content="done",
+    )
+    stored = m.ToolResultPersisted(
+        event_id="persisted:toolresult:run-1:toolu_1",
+        message_id="m1",
+        conversation_id="c1",
+        project_id="acme",
+        result=r,
+    )
+    pushed = push_event(subject, m.encode(stored))
+    assert pushed is not None
+    assert pushed[:2] == ("tool.result", "tool:run-1:toolu_1:result")
