@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
@@ -84,7 +85,7 @@ def parse_body(raw: bytes) -> tuple[str, UIMessage, str]:
     if not body.messages or body.messages[-1].role != "user":
         raise core.ApiError(422, "no_user_message", "the last message must be the user's")
     last = body.messages[-1]
-    texts = [p.get("text") for p in last.parts if p.get("type") == "text"]
+    texts = [p.get("text", "") for p in last.parts if p.get("type") == "text"]
     if not all(isinstance(t, str) for t in texts):
         raise core.ApiError(400, "invalid_body", "a text part's text must be a string")
     return chat_id, last, "\n".join(cast(list[str], texts))
@@ -214,9 +215,15 @@ async def _parts(api: Api, w: Watch, run_id: str) -> AsyncGenerator[bytes, None]
         for event, _, data in w.replay:
             for part in parts.on(event, data):
                 yield sse(part)
+        loop = asyncio.get_running_loop()
+        max_s = api.settings.sse_max_s
+        ends = loop.time() + max_s if max_s > 0 else math.inf
         while not parts.ended:
+            left = ends - loop.time()
+            if left <= 0:
+                return  # bounded streams (GATEWAY_SSE_MAX_S): the client reconnects
             try:
-                ev = await asyncio.wait_for(w.queue.get(), api.settings.sse_heartbeat_s)
+                ev = await asyncio.wait_for(w.queue.get(), min(api.settings.sse_heartbeat_s, left))
             except TimeoutError:
                 yield b": keep-alive\n\n"
                 continue
@@ -282,7 +289,16 @@ def routes(api: Api) -> list[Any]:
         "/api/ai-sdk/chat",
         status_code=200,
         summary="AI SDK chat (useChat / DefaultChatTransport): submit, answer as a UI message stream",
-        **openapi.doc(400, 404, 413, 422, 429, 503, body=CHAT_BODY, success={200: UI_STREAM}),
+        **openapi.doc(
+            400,
+            404,
+            413,
+            422,
+            429,
+            503,
+            body=chat_body(api.settings.max_idempotency_key_chars, api.settings.max_content_chars),
+            success={200: UI_STREAM},
+        ),
     )
     async def chat(request: Request[Any, Any, Any]) -> Stream:
         auth = request.headers.get("authorization")
@@ -328,37 +344,44 @@ CHAT_ID: dict[str, Any] = {
     "generated ones) mapped to a conversation of the caller's own",
 }
 
-CHAT_BODY: dict[str, Any] = {
-    "type": "object",
-    "required": ["id", "messages"],
-    "properties": {
-        "id": CHAT_ID,
-        "messages": {
-            "type": "array",
-            "minItems": 1,
-            "description": "UI messages; the last is the user's new one (its id is the "
-            "Idempotency-Key: a resend is the same message)",
-            "items": {
-                "type": "object",
-                "required": ["id", "role", "parts"],
-                "properties": {
-                    "id": {"type": "string", "pattern": r"^[\x21-\x7e]{1,200}$"},
-                    "role": {"type": "string", "enum": ["user", "assistant", "system"]},
-                    "parts": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["type"],
-                            "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+
+def chat_body(max_key_chars: int, max_chars: int) -> dict[str, Any]:
+    """The request body as ``parse_body`` takes it (more fields are allowed and ignored)."""
+    return {
+        "type": "object",
+        "required": ["id", "messages"],
+        "properties": {
+            "id": CHAT_ID,
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "description": "UI messages; the last is the user's new one (its id is the "
+                "Idempotency-Key: a resend is the same message)",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "role", "parts"],
+                    "properties": {
+                        "id": {"type": "string", "pattern": rf"^[\x21-\x7e]{{1,{max_key_chars}}}$"},
+                        "role": {"type": "string", "enum": ["user", "assistant", "system"]},
+                        "parts": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["type"],
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "text": {"type": "string", "maxLength": max_chars},
+                                },
+                            },
                         },
                     },
                 },
             },
+            "trigger": {"type": "string", "enum": ["submit-message"]},
+            "messageId": {"type": ["string", "null"]},
         },
-        "trigger": {"type": "string", "enum": ["submit-message"]},
-        "messageId": {"type": ["string", "null"]},
-    },
-}
+    }
+
 
 UI_STREAM: dict[str, Any] = {
     "description": "The AI SDK UI message stream (`x-vercel-ai-ui-message-stream: v1`): "

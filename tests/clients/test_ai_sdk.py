@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Pipeline, pipeline  # noqa: F401
+from tests.e2e.conftest import Pipeline
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).parent / "ai-sdk"
@@ -27,7 +27,9 @@ def _node() -> str:
     if node is None:
         pytest.skip("node is not installed: the AI SDK client tests need Node and npm")
     if not (HERE / "node_modules" / "ai" / "package.json").exists():
-        pytest.skip("the ai package is not installed: `make client-tools` runs npm ci in " + str(HERE))
+        pytest.skip(
+            "the ai package is not installed: `make client-tools` runs npm ci in " + str(HERE)
+        )
     return node
 
 
@@ -161,9 +163,16 @@ async def test_tenants_cannot_reach_each_others_chats(pipeline: Pipeline) -> Non
             (json.dumps({"id": "c", "messages": []}).encode(), 422),
             (json.dumps({**body, "trigger": "regenerate-message"}).encode(), 422),
             (json.dumps({**body, "id": "has space"}).encode(), 400),
-            (json.dumps({"id": "c", "messages": [{"id": "x", "role": "user", "parts": []}]}).encode(), 422),
+            (
+                json.dumps(
+                    {"id": "c", "messages": [{"id": "x", "role": "user", "parts": []}]}
+                ).encode(),
+                422,
+            ),
         ]:
-            r = await h.post(url, content=bad, headers={**headers(alice), "Content-Type": "application/json"})
+            r = await h.post(
+                url, content=bad, headers={**headers(alice), "Content-Type": "application/json"}
+            )
             assert r.status_code == status, (bad, r.text)
 
 
