@@ -121,7 +121,7 @@ async def test_a_resend_of_the_same_message_id_is_not_a_second_message(pipeline:
 
 
 async def test_tenants_cannot_reach_each_others_chats(pipeline: Pipeline) -> None:
-    alice = pipeline.token("acme", "alice")
+    alice = pipeline.token("acme", "tina")
     chat_id = str(uuid.uuid4())
     pipeline.model.update_settings(tokens_per_second=10, words_per_reply=80)
     body = {
