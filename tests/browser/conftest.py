@@ -99,9 +99,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 class Page:
     """One browser window on the gateway's page, with the waits the tests need."""
 
-    def __init__(self, driver: Any, base: str) -> None:
+    def __init__(self, driver: Any, base: str, name: str) -> None:
         self.driver = driver
         self.base = base
+        self.name = name
+
+    def screenshot(self, label: str) -> Path:
+        """A screenshot of the page now, beside the one taken at the test's end."""
+        shot = artifacts() / f"{self.name}.{label}.png"
+        self.driver.save_screenshot(str(shot))
+        print(f"\nscreenshot: {shot}")
+        return shot
 
     def open(self, token: str, conversation: str | None = None) -> None:
         fragment = f"#token={token}" + (f"&c={conversation}" if conversation else "")
@@ -152,7 +160,7 @@ def page(request: pytest.FixtureRequest, pipeline: Pipeline) -> Iterator[Page]:
     log = artifacts() / f"{_slug(request.node.name)}.chromedriver.log"
     driver = webdriver.Chrome(options=options, service=Service(driver_path, log_output=str(log)))
     try:
-        yield Page(driver, pipeline.gateway)
+        yield Page(driver, pipeline.gateway, _slug(request.node.name))
     finally:
         name = _slug(request.node.name)
         shot = artifacts() / f"{name}.png"

@@ -97,6 +97,7 @@ def test_a_gateway_restart_mid_answer_ends_with_exactly_the_stored_text(
     send(page, "Tell me a long story")
     cid = conversation_of(page)
     page.wait("the answer streaming", lambda: streaming(page, 8))
+    page.screenshot("streaming")
     gateway = pipeline.child("gateway")
     gateway.signal(signal.SIGTERM)
     assert gateway.wait(30), "the gateway did not stop"
@@ -156,6 +157,7 @@ def test_a_bad_token_shows_a_clear_error(pipeline: Pipeline, page: Page) -> None
     error = page.wait("the error", lambda: page.text("error") or None)
     assert "token was refused (401" in error and "paste a valid token" in error
     assert page.js("return document.getElementById('error').hidden") is False
+    page.screenshot("refused")
     # Sending without a valid token says so too, and sends nothing.
     page.driver.find_element(By.ID, "content").send_keys("hello")
     page.driver.find_element(By.ID, "send").click()
