@@ -169,3 +169,26 @@ def test_a_bad_token_shows_a_clear_error(pipeline: Pipeline, page: Page) -> None
     page.driver.find_element(By.CSS_SELECTOR, "#login button").click()
     page.wait("sign-in", lambda: page.text("who") == "Signed in.")
     assert page.js("return document.getElementById('error').hidden") is True
+
+
+def test_a_page_opened_mid_answer_shows_all_of_it(pipeline: Pipeline, page: Page) -> None:
+    """The words streamed before the page opened are replayed, then the rest live."""
+    pipeline.model.update_settings(tokens_per_second=15, words_per_reply=60)
+    token = pipeline.token("acme", "fred")
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=pipeline.gateway, headers=auth, timeout=30) as h:
+        r = h.post("/api/chat", json={"content": "Stream before I look"})
+        assert r.status_code == 202
+        cid = r.json()["message"]["conversation_id"]
+        url = f"/api/conversations/{cid}/events"
+        with h.stream("GET", url, params={"last_event_id": "all"}) as events:
+            tokens = 0
+            for line in events.iter_lines():
+                tokens += line == "event: token"
+                if tokens == 5:
+                    break  # the answer is well under way
+    page.open(token, cid)
+    final = page.wait("the stored answer", lambda: answered(page))
+    [_, answer] = stored(pipeline, token, cid)
+    assert final["text"] == answer["content"]
+    assert final["streamed"] == answer["content"]  # the first words too, none twice

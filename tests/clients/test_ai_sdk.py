@@ -86,6 +86,7 @@ async def test_send_through_the_sdk_transport_and_read_the_answer_back(pipeline:
     [question, answer] = await stored(pipeline, token, cid)
     assert (question["role"], question["content"]) == ("user", "Hello there")
     assert sent["text"] == answer["content"] and sent["id"] == answer["run_id"]
+    assert "reset-step" not in sent["types"]
     # Nothing runs now: the reconnect answers 204, which the SDK reads as "no stream".
     assert await client(pipeline, token, chatId=chat_id) == {"resumed": None}
 
@@ -104,6 +105,8 @@ async def test_a_cut_mid_answer_resumes_with_no_gap_and_no_repeat(pipeline: Pipe
     assert resumed["types"][0] == "start" and resumed["types"][-1] == "finish"
     [_, answer] = await stored(pipeline, token, chat_id)
     assert resumed["text"] == answer["content"]
+    # Gapless by itself, not rescued at the end by the stored text (which would reset the step).
+    assert "reset-step" not in resumed["types"]
     assert answer["content"].startswith(partial["text"]) and partial["text"] != answer["content"]
 
 
