@@ -186,3 +186,20 @@ async def _first_lines(r: httpx.Response, n: int) -> Any:
             n -= 1
             if n == 0:
                 return
+
+
+async def test_a_retried_answer_ends_as_the_stored_text_in_the_sdk(pipeline: Pipeline) -> None:
+    """A call cut mid-stream is retried by policy: the SDK drops the first attempt's words."""
+    pipeline.model.update_settings(tokens_per_second=60, words_per_reply=30)
+    pipeline.model.set_faults(
+        [{"kind": "midstream_error", "after_tokens": 6, "model": "claude-sonnet-4-6"}]
+    )
+    token = pipeline.token("acme", "rita")
+    chat_id = str(uuid.uuid4())
+    got = await client(pipeline, token, chatId=chat_id, messageId="r1", text="A flaky question")
+    sent = got["sent"]
+    assert "error" not in got and sent["errors"] == [], got
+    [_, answer] = await stored(pipeline, token, chat_id)
+    assert answer["kind"] != "failure"
+    assert sent["text"] == answer["content"]
+    assert "reset-step" in sent["types"]  # the partial first attempt left the message
