@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test check fmt clean install tools bytecode monitoring deploy-configs image compose-test container-tools
+.PHONY: up test check fmt clean install tools browser-tools client-tools bytecode monitoring deploy-configs image compose-test container-tools
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/baton up $(ARGS)
 
-test: $(STAMP) tools container-tools bytecode
+test: $(STAMP) tools browser-tools client-tools container-tools bytecode
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The project's own bytecode, once: with PYTHONDONTWRITEBYTECODE=1 (set on CI machines) each of
@@ -41,6 +41,29 @@ tools:
 	  dpkg-deb --fsys-tarfile $$tmp/prometheus_*.deb | tar -xO ./usr/bin/promtool > $$tmp/promtool && \
 	  chmod +x $$tmp/promtool && mv $$tmp/promtool $(BIN)/promtool; \
 	  rm -rf $$tmp; test -x $(BIN)/promtool || echo "promtool unavailable: its checks will skip"; }
+
+# The browser tests (tests/browser, marker "browser") drive Debian's headless Chromium through
+# /usr/bin/chromedriver: installed with apt where root and apt-get exist, else said; the tests
+# skip, with that reason, only when no Chromium can be had. Nothing downloads a browser build.
+browser-tools:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1 && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }; } || true; \
+	  fi; \
+	  test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	    echo "chromium/chromium-driver unavailable (needs root and apt-get): the browser tests will skip"; }
+
+# The AI SDK client tests (tests/clients/ai-sdk): the pinned `ai` package from npm, `npm ci` once
+# per package-lock.json. Without node/npm the tests skip and say so.
+AI_SDK := tests/clients/ai-sdk
+client-tools:
+	@test -f $(AI_SDK)/node_modules/.installed -a $(AI_SDK)/node_modules/.installed -nt $(AI_SDK)/package-lock.json || { \
+	  if command -v npm >/dev/null; then \
+	    (cd $(AI_SDK) && npm ci --silent --no-audit --no-fund >/dev/null && touch node_modules/.installed) || \
+	      echo "npm ci failed in $(AI_SDK): the AI SDK client tests will skip"; \
+	  else echo "npm unavailable: the AI SDK client tests will skip"; fi; }
 
 # Containers (docs/operations.md). The engine is the one answering, else a private dockerd started
 # for the command and stopped by its pid; the base, the layer cache and the stand-ins are cached

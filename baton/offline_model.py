@@ -54,8 +54,17 @@ class FaultRule(msgspec.Struct, forbid_unknown_fields=True):
 Fault = FaultRule | None
 
 
+Style = Literal["readable", "hostile"]
+
+
 class ModelSettings(msgspec.Struct):
-    """Pace, reply shape and initial faults of the offline model."""
+    """Pace, reply shape and initial faults of the offline model.
+
+    ``style``: "readable" (the default, what a person trying baton without a key sees) answers
+    sentences: that this is baton's offline model, what it understood, how to set a real key;
+    ``words_per_reply`` pads it with more plain sentences. "hostile" answers the test mix:
+    exactly ``words_per_reply`` words of typographic quotes, accents and emoji.
+    """
 
     ttft_ms: float = 0
     tokens_per_second: float = 0
@@ -63,6 +72,7 @@ class ModelSettings(msgspec.Struct):
     seed: str = ""
     faults: list[FaultRule] = msgspec.field(default_factory=list)
     max_body_bytes: int = 32 * 1024 * 1024
+    style: Style = "readable"
 
 
 class _SettingsUpdate(msgspec.Struct, forbid_unknown_fields=True):
@@ -70,6 +80,7 @@ class _SettingsUpdate(msgspec.Struct, forbid_unknown_fields=True):
     tokens_per_second: float | None = None
     words_per_reply: int | None = None
     seed: str | None = None
+    style: Style | None = None
 
 
 class _FaultList(msgspec.Struct, forbid_unknown_fields=True):
@@ -497,6 +508,12 @@ class _State:
                 text = msgspec.json.encode(value).decode()
                 chunks = [text[i : i + 12] for i in range(0, len(text), 12)]
                 return _Plan(model, block, chunks, "tool_use", usage)
+        if settings.style == "readable":
+            words = readable_reply(user_text, settings.words_per_reply)
+            chunks = [w + " " for w in words[:-1]] + [words[-1]]
+            if len(chunks) > body["max_tokens"]:
+                return _Plan(model, None, chunks[: body["max_tokens"]], "max_tokens", usage)
+            return _Plan(model, None, chunks, "end_turn", usage)
         echo = [word[:40] for word in user_text.split()[:5]]
         if echo:
             echo = ["You", "asked", "about", *echo[:-1], (echo[-1].rstrip(".?!,;:") or "it") + "."]
@@ -506,6 +523,44 @@ class _State:
         if len(chunks) > body["max_tokens"]:
             return _Plan(model, None, chunks[: body["max_tokens"]], "max_tokens", usage)
         return _Plan(model, None, chunks, "end_turn", usage)
+
+
+_SEEN_AS = {
+    "greeting": "a greeting",
+    "question": "a question",
+    "code": "a question about code",
+    "other": "a message",
+}
+_MORE = (
+    "This reply is a stand-in so you can try the page, the streams and the history end to end.",
+    "Every word you see arrived as a streamed token, exactly as a real model's would.",
+    "Your messages and these replies are stored like real ones, so reloading shows them again.",
+)
+
+
+def readable_reply(user_text: str, words_per_reply: int) -> list[str]:
+    """The readable style's words: who answers, what it understood, how to get a real model.
+
+    At least those three sentences; more plain sentences while ``words_per_reply`` asks for
+    more words (a long stream that still reads as sentences).
+    """
+    kind = _SEEN_AS[_Ctx(user_text, random.Random(0)).intent]
+    quoted = " ".join(user_text.split()[:12])
+    quoted = quoted if len(quoted) <= 80 else quoted[:79].rstrip() + "…"
+    if len(user_text.split()) > 12 or len(quoted) < len(" ".join(user_text.split())):
+        quoted += " …"
+    understood = f"I understood {kind}: “{quoted}”." if quoted else "Your message was empty."
+    text = (
+        "Hello! I am baton's offline model, a stand-in that answers when no API key is set, "
+        f"so I cannot really answer yet. {understood} To talk to a real model, set "
+        "ANTHROPIC_API_KEY in the environment and run baton up again."
+    )
+    words = text.split()
+    i = 0
+    while len(words) < words_per_reply:
+        words += _MORE[i % len(_MORE)].split()
+        i += 1
+    return words
 
 
 class _Watch:
@@ -821,6 +876,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-second", type=float, default=0.0)
     parser.add_argument("--words-per-reply", type=int, default=24)
     parser.add_argument("--seed", default="")
+    parser.add_argument(
+        "--style",
+        choices=("readable", "hostile"),
+        default="readable",
+        help="readable: sentences a person can follow (default); hostile: the test mix",
+    )
     parser.add_argument("--port-file", type=Path, default=None)
 
 
@@ -835,7 +896,9 @@ def serve(args: argparse.Namespace) -> None:
     """Serve with parsed `add_arguments` options until SIGINT/SIGTERM."""
     import uvicorn  # here so importing the module for create_app stays light
 
-    settings = ModelSettings(args.ttft_ms, args.tokens_per_second, args.words_per_reply, args.seed)
+    settings = ModelSettings(
+        args.ttft_ms, args.tokens_per_second, args.words_per_reply, args.seed, style=args.style
+    )
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
@@ -893,7 +956,7 @@ class OfflineModelProcess:
         port_file = Path(self._dir) / "port"
         args = [f"--port-file={port_file}", f"--ttft-ms={s.ttft_ms}", f"--seed={s.seed}"]
         args += [f"--tokens-per-second={s.tokens_per_second}"]
-        args += [f"--words-per-reply={s.words_per_reply}"]
+        args += [f"--words-per-reply={s.words_per_reply}", f"--style={s.style}"]
         # The repo root goes on PYTHONPATH so the child imports this same checkout.
         path = [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
         env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in path if p)}
@@ -963,7 +1026,7 @@ class OfflineModelProcess:
         self._call("POST", "/_control/faults", {"faults": faults})
 
     def update_settings(self, **changes: Any) -> dict[str, Any]:
-        """Changes pace fields (ttft_ms, tokens_per_second, words_per_reply, seed) at runtime."""
+        """Changes pace fields (ttft_ms, tokens_per_second, words_per_reply, seed, style) at runtime."""
         return dict(self._call("POST", "/_control/settings", changes))
 
     def clear(self) -> None:

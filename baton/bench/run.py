@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> Result:
         "machine": procstat.machine(),
         "started_at": time.strftime("%FT%TZ", time.gmtime()),
     }
-    fast = ModelSettings(words_per_reply=args.words)
+    fast = ModelSettings(words_per_reply=args.words, style="hostile")
     gen = generator(args.loadgen)
     with stack.running(fast, Path(args.logs) if args.logs else None) as st:
         say(f"stack up in {st.base}")
@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> Result:
                         ttft_ms=args.ttft_ms,
                         tokens_per_second=args.tokens_per_second,
                         words_per_reply=args.words,
+                        style="hostile",
                     )
                     say(
                         f"pipeline: {args.realistic_rate:.0f} msg/s, pace {args.ttft_ms:.0f} ms + "

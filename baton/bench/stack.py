@@ -155,7 +155,7 @@ def running(model: ModelSettings | None = None, keep_logs: Path | None = None) -
     base.chmod(0o755)
     stack = Stack(base)
     try:
-        stack.start_infra(model or ModelSettings(words_per_reply=20))
+        stack.start_infra(model or ModelSettings(words_per_reply=20, style="hostile"))
         yield stack
     finally:
         stack.stop()

@@ -153,7 +153,9 @@ def _running(
     ]
     # Distinct by construction: free_port() twice in a row may hand out the same port.
     port, *metrics_ports = free_ports(1 + len(instances))
-    with OfflineModelProcess(ModelSettings(tokens_per_second=400), timeout=STARTUP_S) as model:
+    with OfflineModelProcess(
+        ModelSettings(tokens_per_second=400, style="hostile"), timeout=STARTUP_S
+    ) as model:
         children = [
             Child(
                 name if n == 1 else f"{name}-{n}",

@@ -61,7 +61,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     asyncio.run(migrate(dsn))
     port = free_port()
     logs = tmp_path / "logs"  # kept by pytest for the last runs, to read after a failure
-    with OfflineModelProcess(ModelSettings(tokens_per_second=120, words_per_reply=16)) as model:
+    with OfflineModelProcess(
+        ModelSettings(tokens_per_second=120, words_per_reply=16, style="hostile")
+    ) as model:
         children = [
             Child.service(
                 name,

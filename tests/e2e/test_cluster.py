@@ -90,7 +90,7 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
         asyncio.run(migrate(database_url))
         asyncio.run(roles.ensure_roles(database_url))
         logs = tmp_path / "logs"
-        settings = ModelSettings(tokens_per_second=200, words_per_reply=16)
+        settings = ModelSettings(tokens_per_second=200, words_per_reply=16, style="hostile")
         with OfflineModelProcess(settings) as model:
             replicas: list[Replica] = []
             # Distinct by construction: free_port() twice in a row may hand out the same port.

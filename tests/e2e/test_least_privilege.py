@@ -57,12 +57,15 @@ def secure_pipeline(_one_secure_stack: SecurePipeline) -> SecurePipeline:
     """The module's stack with the model as a fresh one: default pace, no calls, no faults."""
     p = _one_secure_stack
     p.model.clear()
-    pace = ModelSettings(tokens_per_second=400)  # what _running starts the model with
+    pace = ModelSettings(
+        tokens_per_second=400, style="hostile"
+    )  # what _running starts the model with
     p.model.update_settings(
         ttft_ms=pace.ttft_ms,
         tokens_per_second=pace.tokens_per_second,
         words_per_reply=pace.words_per_reply,
         seed=pace.seed,
+        style=pace.style,
     )
     return p
 

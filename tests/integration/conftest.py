@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from baton.migrate import migrate
-from baton.offline_model import OfflineModelProcess
+from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 
 
@@ -27,7 +27,7 @@ def infra(nats_url: str, database_url: str) -> Infra:
 
 @pytest.fixture(scope="session")
 def model_process() -> Iterator[OfflineModelProcess]:
-    with OfflineModelProcess() as proc:
+    with OfflineModelProcess(ModelSettings(style="hostile")) as proc:
         yield proc
 
 

@@ -53,7 +53,7 @@ FORCE_CLASSIFY: ToolChoiceToolParam = {"type": "tool", "name": "classify"}
 
 @pytest.fixture
 def model() -> Iterator[OfflineModelProcess]:
-    with OfflineModelProcess() as process:
+    with OfflineModelProcess(ModelSettings(style="hostile")) as process:
         yield process
 
 
@@ -84,6 +84,32 @@ async def test_non_streaming_text(client: anthropic.AsyncAnthropic) -> None:
     assert len(block.text.split(" ")) == 24 == reply.usage.output_tokens
     assert reply.usage.input_tokens > 0
     assert reply.usage.cache_creation_input_tokens == reply.usage.cache_read_input_tokens == 0
+
+
+async def test_by_default_the_reply_reads_as_sentences_a_person_can_follow() -> None:
+    """No settings: who answers, what it understood, how to set a real key; no word salad."""
+    with OfflineModelProcess() as default:
+        sdk = anthropic.AsyncAnthropic(base_url=default.url, api_key="test", max_retries=0)
+        try:
+            ask = user("What can you do? Explain.")
+            async with sdk.messages.stream(model=MODEL, max_tokens=256, messages=ask) as stream:
+                deltas = [text async for text in stream.text_stream]
+                final = await stream.get_final_message()
+            default.update_settings(words_per_reply=120)
+            long = await sdk.messages.create(model=MODEL, max_tokens=512, messages=ask)
+        finally:
+            await sdk.close()
+    text = "".join(deltas)
+    assert final.content[0].type == "text" and final.content[0].text == text
+    assert text.startswith("Hello! I am baton's offline model")
+    assert "I understood a question: “What can you do? Explain.”." in text
+    assert "set ANTHROPIC_API_KEY in the environment and run baton up again." in text
+    assert "🙂" not in text and "café" not in text and "“steady”" not in text
+    assert all(w.strip() for w in deltas) and final.usage.output_tokens == len(deltas)
+    # A longer reply asked for in the settings stays made of whole sentences.
+    [block] = long.content
+    assert block.type == "text" and block.text.startswith(text)
+    assert len(block.text.split(" ")) >= 120 and block.text.endswith(".")
 
 
 async def test_streaming_text_matches_final_message(client: anthropic.AsyncAnthropic) -> None:
@@ -563,7 +589,7 @@ async def test_client_hang_up_is_counted(
 
 
 def test_settings_faults_apply_from_startup() -> None:
-    settings = ModelSettings(words_per_reply=3, faults=[FaultRule(kind="500")])
+    settings = ModelSettings(words_per_reply=3, style="hostile", faults=[FaultRule(kind="500")])
     with OfflineModelProcess(settings) as process:
         assert _post(process, _body()).status_code == 500
         assert _post(process, _body()).json()["usage"]["output_tokens"] == 3

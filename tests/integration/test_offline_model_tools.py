@@ -10,7 +10,7 @@ import anthropic
 import pytest
 from anthropic.types import MessageParam, ToolParam
 
-from baton.offline_model import OfflineModelProcess
+from baton.offline_model import ModelSettings, OfflineModelProcess
 
 MODEL = "claude-offline-test"
 TOOLS: list[ToolParam] = [
@@ -30,7 +30,7 @@ TOOLS: list[ToolParam] = [
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[OfflineModelProcess]:
-    with OfflineModelProcess() as process:
+    with OfflineModelProcess(ModelSettings(style="hostile")) as process:
         yield process
 
 

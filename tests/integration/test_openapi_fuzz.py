@@ -166,6 +166,16 @@ def test_every_operation_documents_auth_errors_and_uuid_ids(gateway: RunningGate
     assert {"400", "401", "404", "409", "413", "422", "503"} <= set(approvals["responses"])
     events = doc["paths"]["/api/conversations/{conversation_id}/events"]["get"]
     assert "text/event-stream" in events["responses"]["200"]["content"]
+    # The AI SDK chat protocol (services/gateway/ai_sdk.py): the UI message stream and its header.
+    ai = doc["paths"]["/api/ai-sdk/chat"]["post"]
+    assert ai["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "id",
+        "messages",
+    ]
+    assert "x-vercel-ai-ui-message-stream" in ai["responses"]["200"]["headers"]
+    resume = doc["paths"]["/api/ai-sdk/chat/{chat_id}/stream"]["get"]
+    assert {"200", "204", "401", "404"} <= set(resume["responses"])
+    assert "text/event-stream" in resume["responses"]["200"]["content"]
     # The framework's own 400 body (status_code, detail) is never sent, so never documented.
     assert "status_code" not in str(doc)
 

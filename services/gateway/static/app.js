@@ -1,26 +1,51 @@
 "use strict";
 // baton's page: plain JavaScript against the public API (no build, no CDN).
 const $ = (id) => document.getElementById(id);
-const state = { token: "", cid: null, es: null, run: null, pendingKey: null, pendingText: null };
+const FINAL = ["completed", "failed", "cancelled", "refused"];
+const STATUS_TEXT = {
+  pending: "Waiting for a worker…", queued: "Queued…", running: "Answering…",
+  retrying: "Retrying…", completed: "Answered.", failed: "Failed.", cancelled: "Cancelled.",
+  refused: "Refused.",
+};
+const state = {
+  token: "", cid: null, es: null, run: null, pendingKey: null, pendingText: null,
+  lastEventId: null, attempts: {}, sending: false, ended: {},
+};
 
 function showError(text) { const e = $("error"); e.textContent = text; e.hidden = !text; }
+function setStatus(text) { $("status").textContent = text; }
 
 async function api(method, path, body, headers) {
   const h = Object.assign({ Authorization: "Bearer " + state.token }, headers || {});
   if (body !== undefined) h["Content-Type"] = "application/json";
-  const r = await fetch(path, { method, headers: h, body: body === undefined ? undefined : JSON.stringify(body) });
+  let r;
+  try {
+    r = await fetch(path, { method, headers: h, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (x) {
+    throw new Error("the gateway cannot be reached (" + x.message + ")");
+  }
   const data = await r.json().catch(() => ({}));
-  if (r.status === 401) throw new Error("The token was refused (401): paste a valid token.");
+  if (r.status === 401) {
+    throw new Error("This token was refused (401 " + ((data.error && data.error.message) || "unauthenticated") +
+      "): paste a valid token and press Use token.");
+  }
   if (!r.ok) throw new Error((data.error && data.error.message) || data.detail || ("HTTP " + r.status));
   return data;
 }
 
 function bubble(id, role, text, kind) {
   let li = document.getElementById("m-" + id);
-  if (!li) { li = document.createElement("li"); li.id = "m-" + id; $("messages").appendChild(li); }
+  if (!li) {
+    li = document.createElement("li"); li.id = "m-" + id;
+    const who = document.createElement("span"); who.className = "who";
+    const body = document.createElement("span"); body.className = "text";
+    li.append(who, body); $("messages").appendChild(li);
+  }
   li.className = role + (kind === "failure" ? " failure" : "");
   li.dataset.role = role;
-  li.textContent = text;
+  li.querySelector(".who").textContent = role === "user" ? "You" : "baton";
+  li.querySelector(".text").textContent = text;
+  li.scrollIntoView({ block: "nearest" });
   return li;
 }
 
@@ -29,78 +54,143 @@ async function loadConversations() {
   const ul = $("conversations"); ul.textContent = "";
   for (const c of data.conversations) {
     const li = document.createElement("li"); const b = document.createElement("button");
-    b.type = "button"; b.textContent = c.title || c.id; b.onclick = () => open(c.id);
+    b.type = "button"; b.textContent = c.title || ("Conversation " + c.id.slice(0, 8));
+    b.onclick = () => open(c.id).catch((x) => showError(x.message));
+    if (c.id === state.cid) b.setAttribute("aria-current", "true");
     li.appendChild(b); ul.appendChild(li);
   }
 }
 
+function setHash() {
+  const parts = [];
+  if (/token=/.test(location.hash)) parts.push("token=" + encodeURIComponent(state.token));
+  if (state.cid) parts.push("c=" + state.cid);
+  history.replaceState(null, "", "#" + parts.join("&"));
+}
+
 async function open(cid) {
-  state.cid = cid; location.hash = location.hash.replace(/&?c=[^&]*/, "") + "&c=" + cid;
-  $("messages").textContent = "";
+  state.cid = cid; state.run = null; state.attempts = {}; setHash();
+  $("messages").textContent = ""; setStatus(""); $("cancel").disabled = true;
   const page = await api("GET", "/api/conversations/" + cid + "/messages");
   for (const msg of page.messages) bubble(msg.id, msg.role, msg.content, msg.kind);
+  // Everything after the last message shown: a reply that streamed or finished between the
+  // read and the stream's opening is replayed, never lost ("all" when nothing is shown yet).
+  const last = page.messages[page.messages.length - 1];
+  state.lastEventId = last ? "msg:" + last.id : "all";
   await stream();
 }
 
 async function stream() {
-  if (state.es) state.es.close();
-  const t = await api("POST", "/api/conversations/" + state.cid + "/stream-token");
-  const es = new EventSource("/api/conversations/" + state.cid + "/events?access_token=" + encodeURIComponent(t.token));
+  if (state.es) { state.es.close(); state.es = null; }
+  const cid = state.cid;
+  const t = await api("POST", "/api/conversations/" + cid + "/stream-token");
+  if (cid !== state.cid) return;
+  let url = "/api/conversations/" + cid + "/events?access_token=" + encodeURIComponent(t.token);
+  // A new EventSource (after the old one was closed: a refused reconnect, an expired token)
+  // resumes where the last one stopped; the browser's own reconnects send Last-Event-ID.
+  if (state.lastEventId) url += "&last_event_id=" + encodeURIComponent(state.lastEventId);
+  const es = new EventSource(url);
   state.es = es;
-  const live = {};
-  es.addEventListener("message.created", (e) => { const d = JSON.parse(e.data); bubble(d.id, "user", d.content); });
+  const seen = (e) => { if (e.lastEventId) state.lastEventId = e.lastEventId; };
+  es.addEventListener("message.created", (e) => {
+    seen(e); const d = JSON.parse(e.data); bubble(d.id, "user", d.content);
+  });
   es.addEventListener("token", (e) => {
-    const d = JSON.parse(e.data); const k = d.run_id + ":" + d.attempt;
-    if (!live[k]) live[k] = []; live[k][d.seq] = d.text;
-    bubble("run-" + d.run_id, "assistant", live[k].join(""));
+    seen(e); const d = JSON.parse(e.data);
+    const run = state.attempts[d.run_id];
+    if (!run || d.attempt > run.attempt) state.attempts[d.run_id] = { attempt: d.attempt, parts: [] };
+    const cur = state.attempts[d.run_id];
+    if (d.attempt < cur.attempt) return; // a late token of an attempt already replaced
+    cur.parts[d.seq] = d.text;
+    bubble("run-" + d.run_id, "assistant", cur.parts.join(""));
   });
   es.addEventListener("run.status", (e) => {
-    const d = JSON.parse(e.data); state.run = d.run_id;
-    $("status").textContent = "Run " + d.status + (d.reason ? ": " + d.reason : "");
-    $("cancel").disabled = ["completed", "failed", "cancelled", "refused"].includes(d.status);
+    seen(e); const d = JSON.parse(e.data); state.run = d.run_id;
+    if (FINAL.includes(d.status)) state.ended[d.run_id] = true;
+    const cur = state.attempts[d.run_id];
+    if (d.status === "running" && cur && d.attempt > cur.attempt) {
+      // A retry starts over: the partial text of the attempt before goes.
+      state.attempts[d.run_id] = { attempt: d.attempt, parts: [] };
+      bubble("run-" + d.run_id, "assistant", "");
+    }
+    setStatus((STATUS_TEXT[d.status] || d.status) + (d.reason ? " (" + d.reason + ")" : ""));
+    $("cancel").disabled = FINAL.includes(d.status);
   });
   const done = (e) => {
-    const d = JSON.parse(e.data);
-    const old = document.getElementById("m-run-" + d.run_id); if (old) old.remove();
-    bubble(d.id, "assistant", d.content, d.kind);
-    $("status").textContent = "Run " + (d.status || "completed"); $("cancel").disabled = true;
+    seen(e); const d = JSON.parse(e.data); state.ended[d.run_id] = true;
+    const old = document.getElementById("m-run-" + d.run_id);
+    const streamed = old ? old.querySelector(".text").textContent : "";
+    if (old) old.remove();
+    // What streamed before the stored text replaced it (the browser tests compare the two).
+    bubble(d.id, "assistant", d.content, d.kind).dataset.streamed = streamed;
+    setStatus(STATUS_TEXT[d.status] || (d.kind === "failure" ? "Failed." : "Answered."));
+    $("cancel").disabled = true;
   };
   es.addEventListener("message.completed", done);
   es.addEventListener("run.failed", done);
-  es.onerror = () => { if (es.readyState === EventSource.CLOSED) stream().catch((x) => showError(x.message)); };
+  es.onopen = () => { if (/cannot be reached|Reconnecting/.test($("error").textContent)) showError(""); };
+  es.onerror = () => {
+    if (state.es !== es) return;
+    if (es.readyState === EventSource.CLOSED) {
+      // The browser gave up (the gateway refused the reconnect): a fresh token, same position.
+      setTimeout(() => { if (state.es === es) stream().catch((x) => showError("Reconnecting: " + x.message)); }, 1000);
+    }
+  };
 }
 
 async function send(ev) {
-  ev.preventDefault();
+  if (ev) ev.preventDefault();
   const text = $("content").value.trim();
-  if (!text || $("send").disabled) return;
+  if (!text || state.sending) return;
+  if (!state.token) { showError("Paste a token and press Use token first."); return; }
   // The same text after a failure reuses its key: a resend is the same message.
   if (state.pendingText !== text) { state.pendingKey = crypto.randomUUID(); state.pendingText = text; }
-  $("send").disabled = true; showError("");
+  state.sending = true; $("send").disabled = true; showError("");
   try {
     const body = { content: text }; if (state.cid) body.conversation_id = state.cid;
     const r = await api("POST", "/api/chat", body, { "Idempotency-Key": state.pendingKey });
     state.pendingKey = null; state.pendingText = null; $("content").value = "";
-    bubble(r.message.id, "user", r.message.content);
-    if (state.cid !== r.message.conversation_id) { await open(r.message.conversation_id); loadConversations().catch(() => {}); }
+    state.run = "run-" + r.message.id; $("cancel").disabled = false;
+    if (state.cid !== r.message.conversation_id) {
+      await open(r.message.conversation_id); loadConversations().catch(() => {});
+    } else {
+      bubble(r.message.id, "user", r.message.content);
+    }
+    setStatus(STATUS_TEXT.pending);
   } catch (x) { showError("Not sent: " + x.message + " (Send again resends the same message.)"); }
-  finally { $("send").disabled = false; }
+  finally { state.sending = false; $("send").disabled = false; $("content").focus(); }
 }
 
 async function login(token) {
   state.token = token.trim(); showError("");
-  try { await loadConversations(); const m = /c=([0-9a-f-]+)/.exec(location.hash); if (m) await open(m[1]); }
-  catch (x) { showError(x.message); }
+  if (!state.token) { showError("Paste a token first."); return; }
+  try {
+    await loadConversations();
+    sessionStorage.setItem("baton-token", state.token);
+    $("who").textContent = "Signed in.";
+    const m = /c=([0-9a-f-]+)/.exec(location.hash);
+    if (m) await open(m[1]);
+  } catch (x) { sessionStorage.removeItem("baton-token"); $("who").textContent = ""; showError(x.message); }
 }
 
 $("login").onsubmit = (e) => { e.preventDefault(); login($("token").value); };
 $("compose").onsubmit = send;
-$("content").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { send(e); } });
-$("new").onclick = () => { state.cid = null; if (state.es) state.es.close(); $("messages").textContent = ""; $("status").textContent = ""; };
+$("content").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) send(e);
+});
+$("new").onclick = () => {
+  state.cid = null; state.run = null; if (state.es) { state.es.close(); state.es = null; }
+  $("messages").textContent = ""; setStatus(""); $("cancel").disabled = true; setHash(); $("content").focus();
+};
 $("cancel").onclick = async () => {
-  if (!state.run) return;
-  try { await api("POST", "/api/conversations/" + state.cid + "/runs/" + state.run + "/cancel"); }
-  catch (x) { showError(x.message); }
+  const run = state.run;
+  if (!run || !state.cid) return;
+  try {
+    await api("POST", "/api/conversations/" + state.cid + "/runs/" + run + "/cancel");
+    if (!state.ended[run]) setStatus("Cancelling…"); // unless its end was already streamed
+  }
+  catch (x) { showError("Not cancelled: " + x.message); }
 };
 const fromHash = /token=([^&]+)/.exec(location.hash);
-if (fromHash) { $("token").value = decodeURIComponent(fromHash[1]); login($("token").value); }
+const saved = fromHash ? decodeURIComponent(fromHash[1]) : sessionStorage.getItem("baton-token");
+if (saved) { $("token").value = saved; login(saved); }
