@@ -31,7 +31,7 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from services.gateway import core, openapi
+from services.gateway import auth, core, openapi
 from services.gateway.edge import ON_SEND_TIMEOUT
 from services.gateway.handlers import Api, Watch
 from shared import runs as vocab
@@ -301,13 +301,13 @@ def routes(api: Api) -> list[Any]:
         ),
     )
     async def chat(request: Request[Any, Any, Any]) -> Stream:
-        auth = request.headers.get("authorization")
-        p = api.principal(request)
+        credentials = auth.Credentials.of(request.headers)
+        p = await api.principals.authenticate(credentials)
         chat_id, message, text = parse_body(await request.body())
         key = core.check_idempotency_key(message.id, api.settings.max_idempotency_key_chars)
         cid = conversation_of(p, chat_id, api.id_key)
         body = msgspec.json.encode({"content": text, "conversation_id": cid})
-        accepted, _ = await api.submit(auth, key, body)
+        accepted, _ = await api.submit(credentials, key, body)
         message_id = accepted.message.id
         watch = await api.watch(p, cid, f"msg:{message_id}")
         return _stream(request, api, watch, vocab.run_id(message_id))
@@ -324,7 +324,7 @@ def routes(api: Api) -> list[Any]:
         ),
     )
     async def resume(request: Request[Any, Any, Any], chat_id: FromPath[str]) -> Any:
-        p = api.principal(request)
+        p = await api.principal(request)
         cid = conversation_of(p, check_chat_id(chat_id), api.id_key)
         if not core.may_watch(await api.owners.of(cid), p):
             return Response(None, status_code=204)  # nobody's yet: nothing runs

@@ -320,7 +320,7 @@ class Api:
         Every decision is checked before any is published (409 when the run is not waiting for
         a call); a repeat of a recorded answer is a duplicate, never a second decision.
         """
-        p = self.principal(request)
+        p = await self.principal(request)
         cid, rid, message_id = core.parse_cancel_ids(conversation_id, run_id)
         await self.own(p, cid)
         decisions = tools.parse_approvals(await request.body())
