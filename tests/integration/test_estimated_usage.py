@@ -25,8 +25,15 @@ from shared.db import create_pool
 from shared.history import History
 from tests.integration.conftest import Infra
 from tests.integration.test_executor import _task
-from tests.support import connect_bus, decode_all, eventually, read_subject, running
-from tests.support import service_metrics, user_event
+from tests.support import (
+    connect_bus,
+    decode_all,
+    eventually,
+    read_subject,
+    running,
+    service_metrics,
+    user_event,
+)
 
 
 def _executor_process(infra: Infra, model_url: str) -> subprocess.Popen[bytes]:
@@ -82,9 +89,7 @@ async def test_a_call_cut_by_a_sigkilled_executor_gets_one_estimated_usage_row(
         offline_model.update_settings(tokens_per_second=0)
 
         # Another executor (in this process) gets the redelivered task; the persister bills.
-        h = Handlers(
-            bus, History(pool), Model(client), Settings(), service_metrics("executor")
-        )
+        h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
         p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
         async with running(
             Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task),

@@ -14,12 +14,18 @@ START = m.Usage(input_tokens=120, output_tokens=1, cache_read_tokens=30, cache_w
 
 def _record(state: str = "started") -> estimate.ModelCallRecord:
     return estimate.ModelCallRecord(
-        call_id="task:r:1#1", task_id="task:r:1", state=state, at=datetime.now(UTC), usage=START  # type: ignore[arg-type]
+        call_id="task:r:1#1",
+        task_id="task:r:1",
+        state=state,
+        at=datetime.now(UTC),
+        usage=START,  # type: ignore[arg-type]
     )
 
 
 def _push(seq: int, text: str, pieces: int) -> m.TokenDelta:
-    return m.TokenDelta(conversation_id="c", run_id="r", attempt=1, seq=seq, text=text, pieces=pieces)
+    return m.TokenDelta(
+        conversation_id="c", run_id="r", attempt=1, seq=seq, text=text, pieces=pieces
+    )
 
 
 @pytest.mark.parametrize(
