@@ -18,9 +18,8 @@ from services.executor import core
 from services.executor.adapters import Model, StreamFailed, StreamOutcome
 from services.executor.config import Settings
 from services.executor.tools import EXPECTED_LAST_SUBJECT_SEQ, WRONG_LAST_SEQUENCE, ToolRunner
-from shared import estimate
+from shared import estimate, subjects
 from shared import messages as m
-from shared import subjects
 from shared.bus import Bus
 from shared.history import History, Turn
 from shared.metrics import ServiceMetrics
