@@ -676,8 +676,15 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
     if status is not None and events[status][2]["attempt"] > pos.attempt:
         return events[status:]  # a newer attempt that has not streamed yet
     cut = start + 1
-    if status is not None and (pos.kind == "tok" or events[status][1] == _run_id(pos)):
-        cut = status + 1  # the client saw this status, or a token after it
+    if status is not None and (
+        pos.kind == "tok"
+        or events[status][1] == _run_id(pos)
+        or events[status][2]["attempt"] < pos.attempt
+    ):
+        # The client saw this status, or a token after it, or already a newer attempt's status
+        # than the database has recorded (the persister stores verdicts after they went out
+        # live): the older attempt's status would be a repeat, and a step back.
+        cut = status + 1
     if pos.kind == "tok":
         for i in toks:
             if events[i][2]["seq"] <= pos.seq:
