@@ -1,7 +1,9 @@
 """The chaos suite: SIGKILL every service twice, restart NATS and Postgres, retry submits — and
 still every accepted message exists once, has one outcome, and its model calls are billed once.
 
-Size: ``CHAOS_MESSAGES`` (default 300), ``CHAOS_CONVERSATIONS`` (default 20), ``CHAOS_SEED``.
+Size: ``CHAOS_MESSAGES`` (default 300), ``CHAOS_CONVERSATIONS`` (default 20), ``CHAOS_SEED``;
+``CHAOS_TOKENS_PER_SECOND`` (default 120): the model's pace (slower: more calls in flight when
+an executor is killed, so more calls billed by estimate).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SECRET = "chaos-secret-" + "c" * 32
 MESSAGES = int(os.environ.get("CHAOS_MESSAGES", "300"))
 CONVERSATIONS = int(os.environ.get("CHAOS_CONVERSATIONS", "20"))
 SEED = int(os.environ.get("CHAOS_SEED", str(int(time.time()))))
+TOKENS_PER_SECOND = float(os.environ.get("CHAOS_TOKENS_PER_SECOND", "120"))
 
 
 class World(msgspec.Struct):
@@ -61,7 +64,7 @@ def world(tmp_path: Path) -> Iterator[World]:
     asyncio.run(migrate(dsn))
     port = free_port()
     logs = tmp_path / "logs"  # kept by pytest for the last runs, to read after a failure
-    with OfflineModelProcess(ModelSettings(tokens_per_second=120, words_per_reply=16)) as model:
+    with OfflineModelProcess(ModelSettings(tokens_per_second=TOKENS_PER_SECOND, words_per_reply=16)) as model:
         children = [
             Child.service(
                 name,
