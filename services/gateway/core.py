@@ -658,6 +658,7 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
         return events
     status: int | None = None
     toks: list[int] = []
+    block_end = start + 1  # past the run's statuses and tokens
     for i in range(start + 1, len(events)):
         kind, _, data = events[i]
         if kind not in ("run.status", "token") or data["run_id"] != pos.key:
@@ -666,6 +667,11 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
             status = i
         else:
             toks.append(i)
+        block_end = i + 1
+    if pos.kind == "run" and pos.status in vocab.TERMINAL:
+        # The client saw the run end: every token of it came before. The database may not
+        # have stored that status yet (it lags the live verdicts); its tokens are not news.
+        return events[block_end:]
     latest = events[toks[0]][2]["attempt"] if toks else 0
     if toks and latest > pos.attempt:
         if status is not None and events[status][2]["attempt"] >= latest:
