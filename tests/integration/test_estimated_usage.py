@@ -108,6 +108,12 @@ async def test_a_call_cut_by_a_sigkilled_executor_gets_one_estimated_usage_row(
                     return rows if len(rows) == 2 else None
 
                 rows = await eventually(billed, timeout=30)
+                [announced] = decode_all(
+                    await read_subject(
+                        bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1
+                    ),
+                    m.AssistantMessagePersisted,
+                )
                 # The outcome is delivered again (a replay): nothing is billed twice.
                 await p.result(result, None)  # type: ignore[arg-type]
                 again = await con.fetch("SELECT * FROM usage ORDER BY call_id")
@@ -139,6 +145,10 @@ async def test_a_call_cut_by_a_sigkilled_executor_gets_one_estimated_usage_row(
         assert totals is not None
         assert totals["input_tokens"] == sum(r["input_tokens"] for r in rows)
         assert totals["output_tokens"] == sum(r["output_tokens"] for r in rows)
+        # Budgets count it: the run's usage announced with its answer (what policy settles
+        # the reservation with) includes the estimated call.
+        assert announced.usage.input_tokens == sum(r["input_tokens"] for r in rows)
+        assert announced.usage.output_tokens == sum(r["output_tokens"] for r in rows)
     finally:
         if proc.poll() is None:
             proc.kill()
