@@ -67,7 +67,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     asyncio.run(migrate(dsn))
     port = free_port()
     logs = tmp_path / "logs"  # kept by pytest for the last runs, to read after a failure
-    with OfflineModelProcess(ModelSettings(tokens_per_second=TOKENS_PER_SECOND, words_per_reply=16)) as model:
+    with OfflineModelProcess(
+        ModelSettings(tokens_per_second=TOKENS_PER_SECOND, words_per_reply=16)
+    ) as model:
         children = [
             Child.service(
                 name,
