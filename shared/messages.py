@@ -243,6 +243,14 @@ class ExecTask(Event, kw_only=True, frozen=True):
     round: int = 0  # the tool round: 0 first, n after the model's n-th tool_use turn
 
 
+class EstimatedCall(msgspec.Struct, kw_only=True, frozen=True):
+    """An earlier delivery's model call of the same task that died with its executor: its usage
+    as estimated (shared/estimate.py), billed once by ``call_id`` with the outcome carrying it."""
+
+    call_id: str
+    usage: Usage
+
+
 class ExecResult(Event, kw_only=True, frozen=True):
     """Published by the executor on exec.result: the answer of one model call."""
 
@@ -258,6 +266,8 @@ class ExecResult(Event, kw_only=True, frozen=True):
     # With stop_reason "tool_use": the calls the model asks for (text is what it wrote besides).
     tool_calls: tuple[ToolCall, ...] = ()
     round: int = 0  # the task's round, passed through
+    # Calls of earlier deliveries of this task cut by their executor's death (estimated usage).
+    estimated: tuple[EstimatedCall, ...] = ()
 
 
 class ExecFailed(Event, kw_only=True, frozen=True):
@@ -272,6 +282,7 @@ class ExecFailed(Event, kw_only=True, frozen=True):
     error: str
     usage: Usage
     prices: Prices
+    estimated: tuple[EstimatedCall, ...] = ()  # as on ExecResult
 
 
 class PolicyReply(Event, kw_only=True, frozen=True):
@@ -428,6 +439,7 @@ class TokenDelta(msgspec.Struct, kw_only=True, frozen=True):
     attempt: int
     seq: int
     text: str
+    pieces: int = 0  # the model's deltas this push joins (about one token each): for estimates
 
 
 class ApiKeyCommand(msgspec.Struct, kw_only=True, frozen=True):

@@ -157,9 +157,11 @@ WIRING: dict[str, Wiring] = {
             subjects.exec_failed(*_ANY),
             subjects.tool_result(*_ANY),
             "tool.call.*",  # the call's own record (started, finished): subjects.tool_call_record
+            "exec.call.*",  # a model call's own record (started, finished): shared/estimate.py
         ),
-        # A redelivered tool task reads its call's last record before running anything.
-        reads_streams=(subjects.STREAM_TOOLS,),
+        # A redelivered tool task reads its call's last record before running anything; a
+        # redelivered task reads its earlier calls' records and pushes (to estimate dead ones).
+        reads_streams=(subjects.STREAM_TOOLS, subjects.STREAM_TOKENS),
         # Every replica hears every abort (a plain subscription, no queue group).
         listens=(subjects.EXEC_ABORT_ALL,),
         reads_buckets=(subjects.BUCKET_ABORTS,),

@@ -171,11 +171,13 @@ class Model:
         call_id: str = "",
         abort: asyncio.Event | None = None,
         tools: list[dict[str, Any]] | None = None,
+        on_start: Callable[[Usage], Awaitable[None]] | None = None,
     ) -> StreamOutcome:
         """Stream one call. Cancelling the task that runs it after setting ``abort`` ends the
         call (the connection is closed, so the model stops) and raises ``StreamFailed`` with
         what it used; a cancel without ``abort`` (shutdown) stays a cancel. ``tools`` (the API's
-        shape) are offered to the model; its ``tool_use`` blocks come back in the outcome."""
+        shape) are offered to the model; its ``tool_use`` blocks come back in the outcome.
+        ``on_start`` hears the usage ``message_start`` reports, before the first delta."""
         uses = ToolUses()
         counts = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0, "deltas": 0}
         parts: list[str] = []
@@ -246,6 +248,8 @@ class Model:
                         counts["cache_read"] = u.cache_read_input_tokens or 0
                         counts["cache_write"] = u.cache_creation_input_tokens or 0
                         counts["output"] = u.output_tokens
+                        if on_start is not None:
+                            await on_start(_usage(counts))
                     elif event == b"message_delta":
                         md = _message_delta.decode(data)
                         counts["output"] = md.usage.output_tokens

@@ -156,6 +156,7 @@ class Coalescer:
         self.buffer: list[str] = []
         self.size = 0
         self.first_at = 0.0
+        self.taken = 0  # how many added pieces the last batch joined
 
     def add(self, text: str, now: float) -> str | None:
         """Buffer ``text``; return the batch to publish when it is big or old enough."""
@@ -171,6 +172,7 @@ class Coalescer:
         if not self.buffer:
             return None
         out = "".join(self.buffer)
+        self.taken = len(self.buffer)
         self.buffer.clear()
         self.size = 0
         return out

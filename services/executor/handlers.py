@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -16,14 +17,16 @@ from nats.js.api import PubAck
 from services.executor import core
 from services.executor.adapters import Model, StreamFailed, StreamOutcome
 from services.executor.config import Settings
-from services.executor.tools import ToolRunner
+from services.executor.tools import EXPECTED_LAST_SUBJECT_SEQ, WRONG_LAST_SEQUENCE, ToolRunner
+from shared import estimate, subjects
 from shared import messages as m
-from shared import subjects
 from shared.bus import Bus
 from shared.history import History, Turn
 from shared.metrics import ServiceMetrics
 
 _abort_decoder = msgspec.json.Decoder(m.RunAbort)
+_record_decoder = msgspec.json.Decoder(estimate.ModelCallRecord)
+_delta_decoder = msgspec.json.Decoder(m.TokenDelta)
 # Token pushes of one call in flight without a PubAck before the call stops pushing (its answer
 # still arrives whole with the result): 32 calls x 64 stay well inside nats-py's window of 4,000.
 MAX_UNACKED_PUSHES = 64
@@ -85,6 +88,10 @@ class Handlers:
         self.ttft = metrics.histogram(
             "time_to_first_token_seconds", "Time from task start to the first token.", ("model",)
         )
+        self.estimated = metrics.counter(
+            "estimated_calls_total",
+            "Model calls cut by an executor's death, billed by estimate on their redelivery.",
+        )
 
     async def abort(self, msg: Msg) -> None:
         """Policy's abort (core NATS, heard by every replica): stop the run's calls here."""
@@ -128,8 +135,9 @@ class Handlers:
         call = Call(t.run_id, t.attempt)
         self.calls[call_id] = call
         try:
-            # The abort mark and the history are read together: one wait instead of two in a row.
-            aborted, history = await asyncio.gather(
+            # The abort mark, the history and the calls earlier deliveries left unsettled are
+            # read together: one wait instead of three in a row.
+            aborted, history, estimated = await asyncio.gather(
                 self._was_aborted(t),
                 self.history.upto(
                     t.conversation_id,
@@ -137,19 +145,90 @@ class Handlers:
                     self.settings.context_messages,
                     tools=bool(t.tools),  # tool exchanges only where tools are offered
                 ),
+                self._unsettled(t, msg.metadata.num_delivered),
             )
             if aborted:
                 self.aborted.labels("before_call").inc()
                 call.abort.set()
-            return await self._run(t, call_id, call, history)
+            return await self._run(t, call_id, call, history, estimated)
         finally:
             self.calls.pop(call_id, None)
 
-    async def _run(self, t: m.ExecTask, call_id: str, call: Call, history: list[Turn]) -> str:
+    async def _run(
+        self,
+        t: m.ExecTask,
+        call_id: str,
+        call: Call,
+        history: list[Turn],
+        estimated: tuple[m.EstimatedCall, ...] = (),
+    ) -> str:
         prompt = core.build_messages(history, self.settings.context_token_budget)
         if not prompt:
             prompt = [{"role": "user", "content": "(empty message)"}]
-        return await ModelCall(self, t, call_id, call).run(prompt)
+        return await ModelCall(self, t, call_id, call, estimated).run(prompt)
+
+    async def _unsettled(self, t: m.ExecTask, delivery: int) -> tuple[m.EstimatedCall, ...]:
+        """The calls of this task's earlier deliveries that started and never published their
+        outcome (their executor died): each with its usage estimated (shared/estimate.py), to
+        be billed once with this delivery's outcome. The reads are repeated by a later delivery
+        if this one dies too; the estimate comes out the same, and the call id bills it once."""
+        if delivery <= 1:
+            return ()
+        out: list[m.EstimatedCall] = []
+        for call_id in estimate.earlier_calls(t.task_id, delivery):
+            found = await self._last_call_record(call_id)
+            if found is None:
+                continue  # it died before message_start (or was never delivered as that call)
+            record, seq = found
+            if record.state != "started":
+                continue
+            usage = estimate.estimate(record, await self._pushes(t, call_id, seq))
+            if usage is not None:
+                self.estimated.inc()
+                self.bus.log.warning(
+                    "call_estimated",
+                    call_id=call_id,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                )
+                out.append(m.EstimatedCall(call_id=call_id, usage=usage))
+        return tuple(out)
+
+    async def _last_call_record(self, call_id: str) -> tuple[estimate.ModelCallRecord, int] | None:
+        try:
+            raw = await self.bus.js.get_last_msg(
+                subjects.STREAM_TOKENS, estimate.record_subject(call_id)
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        if raw.data is None or raw.seq is None:
+            return None
+        try:
+            return _record_decoder.decode(raw.data), raw.seq
+        except msgspec.MsgspecError:
+            return None
+
+    async def _pushes(self, t: m.ExecTask, call_id: str, after: int) -> list[m.TokenDelta]:
+        """The token pushes of one call: the conversation's deltas stored after its started
+        record, read back by sequence (no consumer), those whose message id names the call."""
+        subject = subjects.token_stream(t.project_id, t.conversation_id)
+        prefix = estimate.delta_prefix(call_id)
+        out: list[m.TokenDelta] = []
+        cursor = after + 1
+        while True:
+            try:
+                raw = await self.bus.js.get_msg(
+                    subjects.STREAM_TOKENS, seq=cursor, subject=subject, next=True
+                )
+            except nats.js.errors.NotFoundError:
+                return out
+            if raw.seq is None:
+                return out
+            cursor = raw.seq + 1
+            msg_id = (raw.headers or {}).get("Nats-Msg-Id", "")
+            if raw.data is not None and msg_id.startswith(prefix):
+                with contextlib.suppress(msgspec.MsgspecError):
+                    out.append(_delta_decoder.decode(raw.data))
 
     async def _publish_outcome(self, subject: str, event: m.ExecResult | m.ExecFailed) -> None:
         """Publish a call's outcome, riding out a broker restart: the call is already paid for.
@@ -199,8 +278,17 @@ class ModelCall:
     published once, after the PubAcks of the pushes are in.
     """
 
-    def __init__(self, h: Handlers, t: m.ExecTask, call_id: str, call: Call) -> None:
+    def __init__(
+        self,
+        h: Handlers,
+        t: m.ExecTask,
+        call_id: str,
+        call: Call,
+        estimated: tuple[m.EstimatedCall, ...] = (),
+    ) -> None:
         self.h, self.t, self.call_id, self.call = h, t, call_id, call
+        self.estimated = estimated  # earlier deliveries' dead calls, billed with this outcome
+        self.recorded = False  # whether this call's started record is in CHAT_STREAM
         self.coalescer = core.Coalescer(h.settings.coalesce_chars, h.settings.coalesce_ms / 1000)
         self.seq = 0
         self.live = True  # pushes go out until the broker fails one
@@ -222,7 +310,7 @@ class ModelCall:
             # What the model wrote before a failure reaches clients too (they see it cut).
             rest = self.coalescer.flush()
             if rest:
-                await self._send(rest)
+                await self._send(rest, self.coalescer.taken)
             outcome = self._outcome_of(ending)
             await self._settle_pushes()
             if isinstance(outcome, m.ExecFailed):
@@ -230,6 +318,7 @@ class ModelCall:
             else:
                 subject, handled = subjects.exec_result, "completed"
             await self.h._publish_outcome(subject(t.project_id, t.conversation_id), outcome)
+            await self._record("finished", ending.usage)
             return handled
         finally:
             await self._settle_pushes()  # after an error too: no PubAck is left waiting
@@ -249,6 +338,7 @@ class ModelCall:
                     self.call_id,
                     abort=self.call.abort,
                     tools=tools,
+                    on_start=self._started,
                 )
             )
             return await h._outcome(self.call)
@@ -274,6 +364,7 @@ class ModelCall:
                 error=str(ending.cause)[:500],
                 usage=ending.usage,
                 **_call_ids(t, self.call_id),
+                estimated=self.estimated,
             )
         return m.ExecResult(
             event_id=f"result:{self.call_id}",
@@ -283,14 +374,51 @@ class ModelCall:
             stop_reason=ending.stop_reason,
             tool_calls=ending.tool_calls,
             round=t.round,
+            estimated=self.estimated,
         )
+
+    async def _started(self, usage: m.Usage) -> None:
+        """``message_start``: the call is billed from now on, so its record goes first (before
+        any push, whose scan starts after it), with the input tokens the provider counted."""
+        await self._record("started", usage)
+
+    async def _record(self, state: str, usage: m.Usage) -> None:
+        """This call's record in CHAT_STREAM (shared/estimate.py): ``started`` create-only,
+        ``finished`` after the outcome is published (then nothing is estimated for it). Best
+        effort: without its record a call that dies is not estimated; a call is never held up."""
+        if state == "finished" and not self.recorded:
+            return
+        record = estimate.ModelCallRecord(
+            call_id=self.call_id,
+            task_id=self.t.task_id,
+            state=state,  # type: ignore[arg-type]
+            at=datetime.now(UTC),
+            usage=usage,
+        )
+        headers = {EXPECTED_LAST_SUBJECT_SEQ: "0"} if state == "started" else None
+        try:
+            await self.h.bus.publish(
+                estimate.record_subject(self.call_id),
+                record,
+                msg_id=f"call{state}:{self.call_id}",
+                headers=headers,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                self.h.bus.log.warning("call_record_failed", call_id=self.call_id, error=repr(exc))
+            return
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            self.h.bus.log.warning("call_record_failed", call_id=self.call_id, error=repr(exc))
+            return
+        if state == "started":
+            self.recorded = True
 
     async def _on_text(self, text: str) -> None:
         if self.seq == 0 and not self.coalescer.buffer:
             self.h.ttft.labels(self.t.model).observe(time.perf_counter() - self.started)
         batch = self.coalescer.add(text, time.perf_counter())
         if batch:
-            await self._send(batch)
+            await self._send(batch, self.coalescer.taken)
         elif self.timer is None or self.timer.done():
             self.timer = asyncio.create_task(self._flush_later())
 
@@ -299,13 +427,13 @@ class ModelCall:
         batch = self.coalescer.flush()
         if batch:
             # Once taken from the coalescer a batch is pushed, even if the call ends now.
-            await asyncio.shield(self._send(batch))
+            await asyncio.shield(self._send(batch, self.coalescer.taken))
 
-    async def _send(self, text: str) -> None:
+    async def _send(self, text: str, pieces: int) -> None:
         async with self.pushing:
-            await self._push(text)
+            await self._push(text, pieces)
 
-    async def _push(self, text: str) -> None:
+    async def _push(self, text: str, pieces: int = 0) -> None:
         # Token pushes are best effort: a broker hiccup must not abort a call that is being
         # paid for; the answer still arrives whole with the result.
         if not self.live:
@@ -323,6 +451,7 @@ class ModelCall:
             attempt=t.attempt,
             seq=self.seq,
             text=text,
+            pieces=pieces,
         )
         try:
             ack = await self.h.bus.publish_async(

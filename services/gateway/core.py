@@ -767,6 +767,7 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
     status: int | None = None
     toks: list[int] = []
     tools: list[int] = []
+    block_end = start + 1  # past the run's statuses, tokens and tool events
     for i in range(start + 1, len(events)):
         kind, _, data = events[i]
         if kind not in ("run.status", "token", *TOOL_EVENTS) or data["run_id"] != pos.key:
@@ -777,6 +778,11 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
             toks.append(i)
         else:
             tools.append(i)
+        block_end = i + 1
+    if pos.kind == "run" and pos.status in vocab.TERMINAL:
+        # The client saw the run end: every token of it came before. The database may not
+        # have stored that status yet (it lags the live verdicts); its tokens are not news.
+        return events[block_end:]
     latest = events[toks[0]][2]["attempt"] if toks else 0
     if toks and latest > pos.attempt:
         if status is not None and events[status][2]["attempt"] >= latest:
@@ -787,8 +793,15 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
     if status is not None and events[status][2]["attempt"] > pos.attempt:
         return events[status:]  # a newer attempt that has not streamed yet
     cut = start + 1
-    if status is not None and (pos.kind == "tok" or events[status][1] == _run_id(pos)):
-        cut = status + 1  # the client saw this status, or a token after it
+    if status is not None and (
+        pos.kind == "tok"
+        or events[status][1] == _run_id(pos)
+        or events[status][2]["attempt"] < pos.attempt
+    ):
+        # The client saw this status, or a token after it, or already a newer attempt's status
+        # than the database has recorded (the persister stores verdicts after they went out
+        # live): the older attempt's status would be a repeat, and a step back.
+        cut = status + 1
     if pos.kind == "tok":
         # Each round's model call is an attempt of its own (docs/tools.md), so a token of this
         # attempt came after the tool calls of the round before: they are not sent again.

@@ -10,7 +10,7 @@ import asyncpg
 import msgspec
 
 from services.persister import core
-from shared import history
+from shared import estimate, history
 from shared import messages as m
 from shared.db import unavailable_is_transient
 from shared.errors import BadData, Transient
@@ -215,8 +215,9 @@ FROM usage WHERE run_id = $1 AND purpose <> 'classification'
 
 INSERT_USAGE = """
 INSERT INTO usage (call_id, task_id, run_id, attempt, project_id, model, outcome, input_tokens,
-                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, purpose)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, purpose,
+                   estimated)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
 ON CONFLICT (call_id) DO NOTHING
 RETURNING call_id
 """
@@ -589,6 +590,26 @@ class Store:
         ):
             await self._add_usage(con, f.call_id, f, f.usage, f.prices, f.error_class)
 
+    async def store_estimates(self, e: m.ExecResult | m.ExecFailed) -> int:
+        """The calls of earlier deliveries of ``e``'s task that died with their executor, each
+        billed once by its call id with its estimated usage (flagged); how many this wrote.
+
+        Written before the outcome itself, so the run's usage that policy settles with (the
+        answer's, or the failure notice's) already counts them."""
+        if not e.estimated:
+            return 0
+        async with (
+            unavailable_is_transient("store estimates"),
+            self.pool.acquire() as con,
+            con.transaction(),
+        ):
+            written = 0
+            for call in e.estimated:
+                written += await self._add_usage(
+                    con, call.call_id, e, call.usage, e.prices, estimate.OUTCOME, estimated=True
+                )
+            return written
+
     async def store_model_usage(self, u: m.ModelUsage) -> bool:
         """A call the agent made (a classification): counted once, like an executor's call.
 
@@ -680,6 +701,7 @@ class Store:
         prices: m.Prices,
         outcome: str,
         purpose: m.Purpose = "answer",
+        estimated: bool = False,
     ) -> bool:
         """Count one call's usage; True if this call wrote it (False: an earlier delivery did)."""
         cost = usage.cost_usd(prices)
@@ -699,6 +721,7 @@ class Store:
             usage.cache_write_tokens,
             cost,
             purpose,
+            estimated,
         )
         if inserted is not None:
             await con.execute(

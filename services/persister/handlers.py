@@ -117,6 +117,14 @@ class InstrumentedStore(Store):
             await super().store_failed_usage(f)
         self._count(billed)
 
+    async def store_estimates(self, e: m.ExecResult | m.ExecFailed) -> int:
+        if not e.estimated:
+            return 0
+        with self._write("estimates") as billed:
+            written = await super().store_estimates(e)
+        self._count(billed)
+        return written
+
     async def store_model_usage(self, u: m.ModelUsage) -> bool:
         with self._write("model_usage") as billed:
             inserted = await super().store_model_usage(u)
@@ -172,6 +180,7 @@ class Handlers:
         return v.status
 
     async def result(self, r: m.ExecResult, _msg: Msg) -> str:
+        await self.store.store_estimates(r)
         if core.is_tool_turn(r):
             return await self._tool_turn(r)
         stored = await self.store.store_result(r)
@@ -225,6 +234,7 @@ class Handlers:
         return "inserted" if inserted else "duplicate"
 
     async def failed_usage(self, f: m.ExecFailed, _msg: Msg) -> str:
+        await self.store.store_estimates(f)
         await self.store.store_failed_usage(f)
         return f.error_class
 

@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import msgspec
 from nats.aio.msg import Msg
 
 from services.policy import budget, core, machine, toolcalls
@@ -116,6 +115,8 @@ class Handlers:
             "deadlines": self.deadlines,
             "double_texts": self.double_texts,
             "approvals_ignored": self.approvals_ignored,
+            "rate_limited": self.rate_limited,
+            "exhausted": self.exhausted,
         }
 
     def rules_for(self, project: str) -> core.Rules:
@@ -166,54 +167,25 @@ class Handlers:
         return f"{state.verdict}:{admission}" if created else f"existing:{admission}"
 
     async def _limit(self, state: core.RunState, rules: core.Rules, now: datetime) -> core.RunState:
-        """Rate windows for every message, then budgets and runs in flight for an approval."""
+        """Rate windows for every message, then budgets and runs in flight for an approval: the
+        rules are ``machine.admit_limits``; here, only the counting it asks for."""
         assert self.limiter is not None
-        limits = rules.limits
-        rate = None
-        if limits.user_messages_per_minute is not None or limits.user_messages_per_hour is not None:
-            rate = await self.limiter.count_message(
-                state.project_id, state.user_id, state.message_id, limits, now
-            )
-        snapshot = m.LimitsSnapshot(
-            limits=limits,
-            user_messages_minute=rate.counts.get("m", 0) if rate else 0,
-            user_messages_hour=rate.counts.get("h", 0) if rate else 0,
-        )
-        if rate is not None and not rate.allowed:
-            self.rate_limited.labels(rate.window).inc()
-            reason, text = budget.rate_refusal(rate.window, rate.limit, rate.retry_after_s, now)
-            return msgspec.structs.replace(core.stop(state, reason, text), limits=snapshot)
-        if state.status != "running":
-            return msgspec.structs.replace(state, limits=snapshot)
-        reserved = await self.limiter.reserve(state, rules, now)
-        if reserved is None:
-            return msgspec.structs.replace(state, limits=snapshot)
-        plan, reservation = reserved
-        snapshot = msgspec.structs.replace(
-            plan.snapshot,
-            user_messages_minute=snapshot.user_messages_minute,
-            user_messages_hour=snapshot.user_messages_hour,
-        )
-        if reservation is None:
-            self.exhausted.labels(plan.scope).inc()
-            if plan.scope == "concurrency":
-                reason, text = budget.concurrency_refusal(limits.max_concurrent_runs or 0)
-            else:
-                reason, text = budget.budget_refusal(plan.scope, now)
-            return msgspec.structs.replace(core.stop(state, reason, text), limits=snapshot)
-        reason, verdict = state.reason, state.verdict
-        if plan.downgraded:
-            reason = f"{reason}; past {rules.downgrade_at:.0%} of a daily cap: {plan.model}"
-            verdict = "downgrade"
-        return msgspec.structs.replace(
-            state,
-            model=plan.model,
-            prices=rules.models.get(plan.model, m.Prices()),
-            verdict=verdict,
-            reason=reason,
-            reservation=reservation,
-            limits=snapshot,
-        )
+        done = machine.admit_limits(state, machine.Proposed(), rules, now)
+        while True:
+            for effect in done.effects:
+                await self._carry_out(effect)
+            match done.next:
+                case None:
+                    return done.run
+                case machine.CountRate(project_id=p, user_id=u, message_id=mid, limits=limits):
+                    rate = await self.limiter.count_message(p, u, mid, limits, now)
+                    inp: machine.AdmissionInput = machine.RateCounted(
+                        rate.allowed, rate.window, rate.limit, rate.retry_after_s, rate.counts
+                    )
+                case machine.ReserveBudget():
+                    reserved = await self.limiter.reserve(done.run, rules, now)
+                    inp = machine.Reserved() if reserved is None else machine.Reserved(*reserved)
+            done = machine.admit_limits(done.run, inp, rules, now)
 
     async def failure(self, f: m.ExecFailed, _msg: Msg) -> str:
         run, revision = await self.runs.get(f.run_id)

@@ -789,3 +789,127 @@ def foreign_cancel(run: RunState, e: m.CancelRequested) -> str | None:
     ):
         return f"cancel of run {e.run_id} from another conversation or user"
     return None
+
+
+# ---------------------------------------------------------------- admission (rate and budgets)
+#
+# Before a freshly decided run is recorded, its limits are applied: the user's rate windows for
+# every message, then (for an approval) the day budgets and the runs in flight. Both are counted
+# by compare-and-set on KV counters, so the rules are steps of their own: ``admit_limits``
+# takes the proposed run and what the last counting said, and returns the run as it stands and
+# the one counting still to do (``CountRate``, ``ReserveBudget``) or none (the run is final).
+
+
+class Proposed(msgspec.Struct, frozen=True, tag="proposed"):
+    """A run just decided, its limits not applied yet."""
+
+
+class RateCounted(msgspec.Struct, frozen=True, tag="rate_counted"):
+    """The message is counted in the user's windows: allowed, or which window is full."""
+
+    allowed: bool
+    window: str = ""
+    limit: int = 0
+    retry_after_s: int = 0
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class Reserved(msgspec.Struct, frozen=True, tag="reserved"):
+    """The budgets' answer: None (no cap or concurrency limit applies), or the plan and, when
+    it fits, the reservation held."""
+
+    plan: budget.Plan | None = None
+    reservation: core.Reservation | None = None
+
+
+AdmissionInput = Proposed | RateCounted | Reserved
+
+
+class CountRate(msgspec.Struct, frozen=True, tag="count_rate"):
+    """Count the message in its user's minute and hour windows (once per message id)."""
+
+    project_id: str
+    user_id: str
+    message_id: str
+    limits: m.Limits
+
+
+class ReserveBudget(msgspec.Struct, frozen=True, tag="reserve_budget"):
+    """Hold the run's estimate in its day budgets and a slot of the runs in flight."""
+
+
+AdmissionEffect = CountRate | ReserveBudget | Count
+
+
+class Admission(msgspec.Struct, frozen=True):
+    """The run as the limits leave it so far, the metrics to count, and the counting still to
+    do (``next``; None: ``run`` is what is recorded)."""
+
+    run: RunState
+    effects: tuple[Count, ...] = ()
+    next: CountRate | ReserveBudget | None = None
+
+
+def admit_limits(run: RunState, inp: AdmissionInput, rules: Rules, now: datetime) -> Admission:
+    """One step of applying a project's limits to a proposed run (see the section's note)."""
+    limits = rules.limits
+    match inp:
+        case Proposed():
+            if limits.user_messages_per_minute is None and limits.user_messages_per_hour is None:
+                # No rate windows: the counts stay zero, the budgets come next.
+                return _after_rate(
+                    msgspec.structs.replace(run, limits=m.LimitsSnapshot(limits=limits))
+                )
+            return Admission(
+                run, next=CountRate(run.project_id, run.user_id, run.message_id, limits)
+            )
+        case RateCounted():
+            snapshot = m.LimitsSnapshot(
+                limits=limits,
+                user_messages_minute=inp.counts.get("m", 0),
+                user_messages_hour=inp.counts.get("h", 0),
+            )
+            if not inp.allowed:
+                reason, text = budget.rate_refusal(inp.window, inp.limit, inp.retry_after_s, now)
+                stopped = msgspec.structs.replace(core.stop(run, reason, text), limits=snapshot)
+                return Admission(stopped, (Count("rate_limited", inp.window),))
+            return _after_rate(msgspec.structs.replace(run, limits=snapshot))
+        case Reserved(plan=None):
+            return Admission(run)
+        case Reserved(plan=plan, reservation=reservation):
+            assert plan is not None
+            counted = run.limits or m.LimitsSnapshot(limits=limits)
+            snapshot = msgspec.structs.replace(
+                plan.snapshot,
+                user_messages_minute=counted.user_messages_minute,
+                user_messages_hour=counted.user_messages_hour,
+            )
+            if reservation is None:
+                if plan.scope == "concurrency":
+                    reason, text = budget.concurrency_refusal(limits.max_concurrent_runs or 0)
+                else:
+                    reason, text = budget.budget_refusal(plan.scope, now)
+                stopped = msgspec.structs.replace(core.stop(run, reason, text), limits=snapshot)
+                return Admission(stopped, (Count("exhausted", plan.scope),))
+            reason, verdict = run.reason, run.verdict
+            if plan.downgraded:
+                reason = f"{reason}; past {rules.downgrade_at:.0%} of a daily cap: {plan.model}"
+                verdict = "downgrade"
+            approved = msgspec.structs.replace(
+                run,
+                model=plan.model,
+                prices=rules.models.get(plan.model, m.Prices()),
+                verdict=verdict,
+                reason=reason,
+                reservation=reservation,
+                limits=snapshot,
+            )
+            return Admission(approved)
+    raise AssertionError(f"unknown admission input {inp!r}")  # pragma: no cover
+
+
+def _after_rate(run: RunState) -> Admission:
+    """Past the rate windows: only an approval goes on to the budgets."""
+    if run.status != "running":
+        return Admission(run)
+    return Admission(run, next=ReserveBudget())

@@ -148,27 +148,32 @@ async def check(
         )
     )
     # I4: every usage row is a real model call with exactly the tokens the model served — the
-    # executor's answer attempts and the agent's classifications alike...
-    ledger = {
-        k: v
-        for k, v in model.calls().items()
-        if v["model"] == executor_model or k.startswith(CLASSIFY_PREFIX)
-    }
-    rows = await con.fetch("SELECT * FROM usage")
+    # executor's answer attempts and the agent's classifications alike — or, for a call cut by
+    # its executor's death, flagged estimated (input exact, output what reached the stream)...
+    ledger, rows = await _billed(con, model, executor_model)
     by_call = {r["call_id"]: r for r in rows}
+    estimated = {c: r for c, r in by_call.items() if r["estimated"]}
     for call_id, r in by_call.items():
         served = ledger.get(call_id)
         assert served is not None, f"usage for a call the model never served: {call_id}"
-        assert (r["input_tokens"], r["output_tokens"]) == (
+        assert (r["input_tokens"], r["cache_read_tokens"], r["cache_write_tokens"]) == (
             served["input_tokens"],
-            served["output_tokens"],
-        ), call_id
-        assert (r["cache_read_tokens"], r["cache_write_tokens"]) == (
             served["cache_read_input_tokens"],
             served["cache_creation_input_tokens"],
         ), call_id
+        if call_id in estimated:
+            # Only pushed deltas are counted: never more than the model sent.
+            assert r["output_tokens"] <= served["output_tokens"], call_id
+            assert r["outcome"] == "died_with_executor", call_id
+        else:
+            assert r["output_tokens"] == served["output_tokens"], call_id
         purpose = "classification" if call_id.startswith(CLASSIFY_PREFIX) else "answer"
         assert r["purpose"] == purpose, call_id
+    # Every answer call the model served has its one row (exact or estimated).
+    unbilled_answers = sorted(c for c in ledger if c not in by_call and not _classify(c))
+    assert not unbilled_answers, [(c, ledger[c]) for c in unbilled_answers[:10]]
+    estimate_served = sum(ledger[c]["output_tokens"] for c in estimated)
+    estimate_billed = sum(int(r["output_tokens"]) for r in estimated.values())
     # Every accepted message was classified, and each of its classification calls billed.
     classified = {
         c.removeprefix(CLASSIFY_PREFIX).rsplit("#", 1)[0]
@@ -176,8 +181,8 @@ async def check(
         if r["purpose"] == "classification"
     }
     assert classified >= accepted, len(accepted - classified)
-    # ...and a call without a usage row is one whose process died with it (an executor, or the
-    # agent): its work was delivered again afterwards (a later call of the same work exists).
+    # ...and a classification without a usage row is one whose agent died with it: its work
+    # was delivered again afterwards (a later call of the same work exists).
     unbilled = sorted(set(ledger) - set(by_call))
     for call_id in unbilled:
         task, delivery = call_id.rsplit("#", 1)
@@ -203,7 +208,47 @@ async def check(
         f"outcomes={len(outcomes)} kinds={kinds} usage_rows={len(rows)} "
         f"model_calls={len(ledger)} classification_calls="
         f"{sum(1 for c in ledger if c.startswith(CLASSIFY_PREFIX))} "
-        f"died_with_executor={sum(1 for c in unbilled if not c.startswith(CLASSIFY_PREFIX))} "
+        f"died_with_executor={len(estimated)}(estimated) "
+        f"estimate_output={estimate_billed}/{estimate_served}"
+        f"(error {estimate_billed - estimate_served} tokens, "
+        f"{_share(estimate_served - estimate_billed, estimate_served)} of served; "
+        f"{_share(estimate_served - estimate_billed, _ledger_total(ledger))} of all tokens) "
         f"died_with_agent={sum(1 for c in unbilled if c.startswith(CLASSIFY_PREFIX))} totals=ok "
         f"ordered_conversations={len(by_conv)}"
     )
+
+
+def _classify(call_id: str) -> bool:
+    return call_id.startswith(CLASSIFY_PREFIX)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "0%"
+
+
+def _ledger_total(ledger: dict[str, Any]) -> int:
+    return sum(
+        v["input_tokens"]
+        + v["output_tokens"]
+        + v["cache_read_input_tokens"]
+        + v["cache_creation_input_tokens"]
+        for v in ledger.values()
+    )
+
+
+async def _billed(
+    con: Any, model: OfflineModelProcess, executor_model: str, timeout: float = 120.0
+) -> tuple[dict[str, Any], list[Any]]:
+    """The model's ledger and the usage rows, once every answer call has its row: a call cut
+    by its executor's death is billed when its task is redelivered (after ``ack_wait``), which
+    can be after its run was answered by a later attempt. The bound only ends a failed wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ledger = {
+            k: v for k, v in model.calls().items() if v["model"] == executor_model or _classify(k)
+        }
+        rows = await con.fetch("SELECT * FROM usage")
+        billed = {r["call_id"] for r in rows}
+        if all(c in billed for c in ledger if not _classify(c)) or time.monotonic() > deadline:
+            return ledger, rows
+        await asyncio.sleep(0.5)

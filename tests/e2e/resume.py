@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -227,6 +228,14 @@ def assert_no_gap(events: list[Event]) -> None:
 
 
 EXECUTOR_MODEL = "claude-sonnet-4-6"
+
+
+def drill_seed(default: int) -> int:
+    """The drill's seed: ``RESUME_SEED`` when set (to replay a failure, or to try new reconnect
+    points: ``RESUME_SEED=$RANDOM``), else the test's own."""
+    return int(os.environ.get("RESUME_SEED", default))
+
+
 Plan = list[tuple[str, str]]  # (prompt, "clean" | "retry" | "cancel")
 
 

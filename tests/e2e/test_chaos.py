@@ -1,7 +1,11 @@
 """The chaos suite: SIGKILL every service twice, restart NATS and Postgres, retry submits — and
 still every accepted message exists once, has one outcome, and its model calls are billed once.
 
-Size: ``CHAOS_MESSAGES`` (default 300), ``CHAOS_CONVERSATIONS`` (default 20), ``CHAOS_SEED``.
+Size: ``CHAOS_MESSAGES`` (default 300), ``CHAOS_CONVERSATIONS`` (default 20), ``CHAOS_SEED``;
+``CHAOS_TOKENS_PER_SECOND`` (default 120): the model's pace (slower: more calls in flight when
+an executor is killed, so more calls billed by estimate); ``CHAOS_WARM=1``: the kills start
+once the first answer is stored (on a loaded machine they otherwise land while the services are
+still starting, before any model call is in flight).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ SECRET = "chaos-secret-" + "c" * 32
 MESSAGES = int(os.environ.get("CHAOS_MESSAGES", "300"))
 CONVERSATIONS = int(os.environ.get("CHAOS_CONVERSATIONS", "20"))
 SEED = int(os.environ.get("CHAOS_SEED", str(int(time.time()))))
+TOKENS_PER_SECOND = float(os.environ.get("CHAOS_TOKENS_PER_SECOND", "120"))
+WARM = os.environ.get("CHAOS_WARM", "") == "1"
 
 
 class World(msgspec.Struct):
@@ -62,7 +68,7 @@ def world(tmp_path: Path) -> Iterator[World]:
     port = free_port()
     logs = tmp_path / "logs"  # kept by pytest for the last runs, to read after a failure
     with OfflineModelProcess(
-        ModelSettings(tokens_per_second=120, words_per_reply=16, style="hostile")
+        ModelSettings(tokens_per_second=TOKENS_PER_SECOND, words_per_reply=16, style="hostile")
     ) as model:
         children = [
             Child.service(
@@ -133,6 +139,8 @@ async def _chaos(world: World, rng: random.Random, stop: asyncio.Event, log: lis
     """Kill each service twice at random moments; restart NATS once and Postgres once."""
     actions: list[str] = [name for name in SERVICES for _ in range(2)] + ["nats", "postgres"]
     rng.shuffle(actions)
+    if WARM:
+        await _first_answer(world.database_url)
     for action in actions:
         await asyncio.sleep(rng.uniform(0.2, 1.2))
         if action == "nats":
@@ -148,6 +156,20 @@ async def _chaos(world: World, rng: random.Random, stop: asyncio.Event, log: lis
             child.signal(signal.SIGKILL)
         log.append(action)
     stop.set()
+
+
+async def _first_answer(dsn: str, timeout: float = 300.0) -> None:
+    """Wait until the pipeline has stored an answer (the bound only ends a failed wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        con = await asyncpg.connect(dsn)
+        try:
+            if await con.fetchval("SELECT count(*) FROM messages WHERE role = 'assistant'"):
+                return
+        finally:
+            await con.close()
+        await asyncio.sleep(0.2)
+    raise AssertionError("no answer stored before the chaos was to start")
 
 
 async def _supervise(world: World, stop: asyncio.Event) -> None:

@@ -15,6 +15,7 @@ from tests.e2e.resume import (
     answer_tokens,
     assert_faulty_reassembled,
     assert_reassembled,
+    drill_seed,
     drop_and_resume,
     drop_and_resume_faulty,
     faulty_plan,
@@ -87,7 +88,7 @@ async def test_random_drops_through_retried_and_cancelled_runs_repeat_nothing_an
             plan,
             lambda: read_events(client, url, token, limit=2),
             resume,
-            seed=20261201,
+            seed=drill_seed(20261201),
             timeout_s=150,
         )
         answers = await stored_answers(client, pipeline, cid, token)

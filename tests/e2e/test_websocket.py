@@ -14,6 +14,7 @@ from tests.e2e.resume import (
     answer_tokens,
     assert_faulty_reassembled,
     assert_reassembled,
+    drill_seed,
     drop_and_resume,
     drop_and_resume_faulty,
     faulty_plan,
@@ -114,7 +115,7 @@ async def test_websocket_drops_through_retried_and_cancelled_runs_repeat_nothing
             plan,
             lambda: read_ws(url, token, limit=2),
             resume,
-            seed=20261202,
+            seed=drill_seed(20261202),
             timeout_s=150,
         )
         answers = await stored_answers(client, pipeline, cid, token)

@@ -53,6 +53,14 @@ def test_coalescer_flush_returns_the_rest_then_none() -> None:
     assert [c.flush(), c.flush()] == ["tail", None]
 
 
+def test_coalescer_counts_the_pieces_of_each_batch() -> None:
+    c = Coalescer(max_chars=10, max_age_s=1.0)
+    c.add("abc", 0.0)
+    assert (c.add("defghij", 0.1), c.taken) == ("abcdefghij", 2)
+    c.add("k", 0.2)
+    assert (c.flush(), c.taken) == ("k", 1)
+
+
 REQUEST = httpx.Request("POST", "http://x")
 
 

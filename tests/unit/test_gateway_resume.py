@@ -224,3 +224,34 @@ def test_a_status_seen_before_the_reconnect_is_not_sent_again_live() -> None:
         assert not live.fresh("message.created", f"msg:{U1}", {}), last
     # An unknown position replays everything: nothing counts as seen but what the replay sent.
     assert gw.seen_before(events, events, None) == set()
+
+
+def test_a_client_ahead_of_the_database_is_not_sent_the_older_attempt_again() -> None:
+    # The client saw attempt 2 announced live (a retry scheduled) before the persister stored
+    # it: the database still says attempt 1, which the client had seen before attempt 2.
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, "running", attempts=1)]
+    events = gw.timeline(CID, messages, runs, [])
+    assert [e[1] for e in events] == [f"msg:{U1}", f"run:{R1}:1:running"]
+    pos = gw.parse_event_id(f"run:{R1}:2:running")
+    missed = gw.resume(events, pos, runs)
+    assert missed == []
+    live = gw.LiveFilter(missed, 0, gw.seen_before(events, missed, pos))
+    # What comes live next is new: the retry's tokens after its (already seen) status.
+    assert not live.fresh("run.status", f"run:{R1}:2:running", {})
+    assert not live.fresh("run.status", f"run:{R1}:1:running", {})
+    assert live.fresh("token", f"tok:{R1}:2:1", {"run_id": R1, "attempt": 2, "seq": 1})
+    # A client that saw only attempt 1 still gets nothing twice.
+    assert gw.resume(events, gw.parse_event_id(f"run:{R1}:1:running"), runs) == []
+
+
+@pytest.mark.parametrize("stored", [None, "running", "cancelled"])
+def test_a_client_that_saw_its_run_end_is_not_sent_the_run_again(stored: str | None) -> None:
+    # The client saw the run cancelled live; the database may not have its record yet (the
+    # persister stores verdicts after they went out), or still shows it running.
+    messages = [msg(U1, "user", "hi"), msg(U2, "user", "next")]
+    runs = [] if stored is None else [run(R1, stored)]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 1, 1, "He"), tok(R1, 1, 2, "llo")])
+    pos = gw.parse_event_id(f"run:{R1}:1:cancelled")
+    missed = gw.resume(events, pos, runs)
+    assert [e[1] for e in missed] == [f"msg:{U2}"]

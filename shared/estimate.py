@@ -1,0 +1,82 @@
+"""The usage of a model call cut by its executor's death, estimated from what it left behind.
+
+A call that dies with its process (SIGKILL, OOM, a lost node) cannot report its usage, but the
+provider billed it. Two things of it survive in ``CHAT_STREAM``:
+
+- its **started record** (``ModelCallRecord``, on ``exec.call.<digest>``), written when the
+  stream's ``message_start`` arrived: the input, cache-read and cache-write tokens the provider
+  counted for the call, exactly;
+- its **token pushes** (``TokenDelta``, message id ``delta:<call id>:<seq>``), published after
+  that record, each carrying how many model deltas it joined (``pieces``).
+
+The estimate is the record's input tokens as they are, and as output the model deltas that
+reached the stream (one text or tool-input delta is about one token; a push without a count
+falls back to four characters a token). The output can only be low: what the model sent but the
+executor had not yet pushed (one coalescing window, ``coalesce_chars``/``coalesce_ms``) and what
+was in flight when the process died are missing. Everything here is pure; the reads are the
+caller's (services/executor/handlers.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from shared import messages as m
+from shared.history import estimate_tokens
+
+# The name of the method, stored with nothing else: docs/guarantees.md (I4) describes it.
+METHOD = "message_start input + streamed deltas"
+# The outcome a usage row of an estimated call carries.
+OUTCOME = "died_with_executor"
+
+
+class ModelCallRecord(msgspec.Struct, kw_only=True, frozen=True):
+    """An executor's own record of one model call on ``exec.call.<digest>`` (in CHAT_STREAM,
+    next to the call's token pushes): ``started`` when ``message_start`` arrived (create-only),
+    ``finished`` once the call's outcome was published."""
+
+    v: int = m.SCHEMA_VERSION
+    call_id: str
+    task_id: str
+    state: Literal["started", "finished"]
+    at: datetime
+    usage: m.Usage = m.Usage()  # from message_start: input and cache tokens, exact
+
+
+def record_subject(call_id: str) -> str:
+    """The subject of one call's records: its call id hashed into one safe token."""
+    return f"exec.call.{hashlib.sha256(call_id.encode()).hexdigest()[:40]}"
+
+
+def delta_prefix(call_id: str) -> str:
+    """The message id prefix of one call's token pushes (``delta:<call id>:<seq>``)."""
+    return f"delta:{call_id}:"
+
+
+def earlier_calls(task_id: str, delivery: int) -> list[str]:
+    """The call ids of the deliveries of a task before ``delivery`` (``<task id>#<n>``)."""
+    return [f"{task_id}#{n}" for n in range(1, delivery)]
+
+
+def output_of(pushes: Iterable[m.TokenDelta]) -> int:
+    """The output tokens a call's pushes show: their model deltas (text length without them)."""
+    return sum(d.pieces if d.pieces > 0 else estimate_tokens(d.text) for d in pushes)
+
+
+def estimate(record: ModelCallRecord, pushes: Iterable[m.TokenDelta]) -> m.Usage | None:
+    """The usage to bill for a call from its last record and its pushes; None: nothing to
+    settle (the call finished, so its own outcome carries its exact usage)."""
+    if record.state != "started":
+        return None
+    start = record.usage
+    return m.Usage(
+        input_tokens=start.input_tokens,
+        output_tokens=max(start.output_tokens, output_of(pushes)),
+        cache_read_tokens=start.cache_read_tokens,
+        cache_write_tokens=start.cache_write_tokens,
+    )

@@ -1,0 +1,162 @@
+"""A model call cut by its executor's death (SIGKILL mid-stream) is billed once, by estimate,
+when its task is redelivered: real NATS, Postgres, the offline model and an executor process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import asyncpg
+
+from baton.offline_model import OfflineModelProcess
+from baton.provision import provision
+from services.executor.adapters import Model
+from services.executor.config import Settings
+from services.executor.handlers import Handlers
+from services.persister.adapters import Store
+from services.persister.handlers import Handlers as PersisterHandlers
+from shared import estimate, model, subjects, wiring
+from shared import messages as m
+from shared.bus import Consumer
+from shared.db import create_pool
+from shared.history import History
+from tests.integration.conftest import Infra
+from tests.integration.test_executor import _task
+from tests.support import (
+    connect_bus,
+    decode_all,
+    eventually,
+    read_subject,
+    running,
+    service_metrics,
+    user_event,
+)
+
+
+def _executor_process(infra: Infra, model_url: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "BATON_NATS_URL": infra.nats_url,
+        "BATON_DATABASE_URL": infra.database_url,
+        "BATON_METRICS_PORT": "0",
+        "EXECUTOR_ANTHROPIC_BASE_URL": model_url,
+        "EXECUTOR_ANTHROPIC_API_KEY": "test-key",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.executor"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def test_a_call_cut_by_a_sigkilled_executor_gets_one_estimated_usage_row(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # A short ack_wait, so the dead executor's task is redelivered in seconds.
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    before = offline_model.update_settings()
+    offline_model.update_settings(tokens_per_second=8, words_per_reply=60)
+    bus = await connect_bus(infra.nats_url, "test")
+    pool = await create_pool(infra.database_url)
+    client = model.client(offline_model.url, "test-key", 10.0)
+    proc = _executor_process(infra, offline_model.url)
+    try:
+        e = user_event("Tell me a long story about queues")
+        await Store(pool).insert_user_message(e)
+        task = _task(e)
+        first = f"{task.task_id}#1"
+        await bus.publish(
+            subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
+        )
+
+        async def streamed() -> bool:
+            info = await bus.js.stream_info(subjects.STREAM_TOKENS)
+            return info.state.messages >= 5  # the call's started record and four pushes
+
+        # Mid-stream: a few pushes are stored, the model is still writing.
+        await eventually(streamed, timeout=90)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        pushed = decode_all(
+            await read_subject(bus, subjects.STREAM_TOKENS, "chat.stream.>", 4, settle=0),
+            m.TokenDelta,
+        )
+        assert offline_model.calls()[first]["outcome"] != "completed"
+        offline_model.update_settings(tokens_per_second=0)
+
+        # Another executor (in this process) gets the redelivered task; the persister bills.
+        h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
+        p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
+        async with running(
+            Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task),
+            Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, p.result),
+            Consumer(bus, wiring.PERSISTER_FAILED, m.ExecFailed, p.failed_usage),
+        ):
+            [result] = decode_all(
+                await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1, timeout=60),
+                m.ExecResult,
+            )
+            con: asyncpg.Connection = await asyncpg.connect(infra.database_url)
+            try:
+
+                async def billed() -> list[Any] | None:
+                    rows = await con.fetch("SELECT * FROM usage ORDER BY call_id")
+                    return rows if len(rows) == 2 else None
+
+                rows = await eventually(billed, timeout=30)
+                [announced] = decode_all(
+                    await read_subject(
+                        bus, subjects.STREAM_PERSISTED, "chat.persisted.assistant.>", 1
+                    ),
+                    m.AssistantMessagePersisted,
+                )
+                # The outcome is delivered again (a replay): nothing is billed twice.
+                await p.result(result, None)  # type: ignore[arg-type]
+                again = await con.fetch("SELECT * FROM usage ORDER BY call_id")
+                totals = await con.fetchrow("SELECT * FROM project_usage")
+            finally:
+                await con.close()
+        assert result.call_id == f"{task.task_id}#2"
+        assert [c.call_id for c in result.estimated] == [first]
+        ledger = offline_model.calls()
+        by_call = {r["call_id"]: r for r in rows}
+        assert set(by_call) == {first, result.call_id} == set(ledger)
+        cut, answer = by_call[first], by_call[result.call_id]
+        assert (cut["estimated"], cut["outcome"]) == (True, estimate.OUTCOME)
+        assert (answer["estimated"], answer["outcome"]) == (False, "completed")
+        # Input as the provider counted it; output at least what reached the stream, never
+        # more than the model had sent.
+        served = ledger[first]
+        assert (cut["input_tokens"], cut["cache_read_tokens"], cut["cache_write_tokens"]) == (
+            served["input_tokens"],
+            served["cache_read_input_tokens"],
+            served["cache_creation_input_tokens"],
+        )
+        assert served["input_tokens"] > 0
+        assert sum(d.pieces for d in pushed) >= len(pushed) >= 4
+        assert sum(d.pieces for d in pushed) == cut["output_tokens"] <= served["output_tokens"]
+        assert float(cut["cost_usd"]) > 0
+        # Exactly one row each, and the project totals count the estimate once.
+        assert [dict(r) for r in again] == [dict(r) for r in rows]
+        assert totals is not None
+        assert totals["input_tokens"] == sum(r["input_tokens"] for r in rows)
+        assert totals["output_tokens"] == sum(r["output_tokens"] for r in rows)
+        # Budgets count it: the run's usage announced with its answer (what policy settles
+        # the reservation with) includes the estimated call.
+        assert announced.usage.input_tokens == sum(r["input_tokens"] for r in rows)
+        assert announced.usage.output_tokens == sum(r["output_tokens"] for r in rows)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        offline_model.update_settings(
+            tokens_per_second=before["tokens_per_second"],
+            words_per_reply=before["words_per_reply"],
+        )
+        await bus.close()
+        await pool.close()
+        await client.close()

@@ -1,0 +1,60 @@
+"""The estimate of a call cut by its executor's death (shared/estimate.py), by table."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from shared import estimate
+from shared import messages as m
+
+START = m.Usage(input_tokens=120, output_tokens=1, cache_read_tokens=30, cache_write_tokens=7)
+
+
+def _record(state: str = "started") -> estimate.ModelCallRecord:
+    return estimate.ModelCallRecord(
+        call_id="task:r:1#1",
+        task_id="task:r:1",
+        state=state,
+        at=datetime.now(UTC),
+        usage=START,  # type: ignore[arg-type]
+    )
+
+
+def _push(seq: int, text: str, pieces: int) -> m.TokenDelta:
+    return m.TokenDelta(
+        conversation_id="c", run_id="r", attempt=1, seq=seq, text=text, pieces=pieces
+    )
+
+
+@pytest.mark.parametrize(
+    ("pushes", "output"),
+    [
+        ([], 1),  # nothing streamed: message_start's own count
+        ([_push(1, "Hello", 1)], 1),
+        ([_push(1, "Hello there", 2), _push(2, " my friend", 3)], 5),
+        ([_push(1, "x" * 40, 0)], 10),  # a push without a count: four characters a token
+    ],
+)
+def test_a_started_call_is_estimated_from_its_start_and_its_pushes(
+    pushes: list[m.TokenDelta], output: int
+) -> None:
+    assert estimate.estimate(_record(), pushes) == m.Usage(
+        input_tokens=120, output_tokens=output, cache_read_tokens=30, cache_write_tokens=7
+    )
+
+
+def test_a_finished_call_is_not_estimated() -> None:
+    assert estimate.estimate(_record("finished"), [_push(1, "Hi", 1)]) is None
+
+
+def test_the_earlier_calls_of_a_delivery_are_its_predecessors() -> None:
+    assert estimate.earlier_calls("task:r:1", 1) == []
+    assert estimate.earlier_calls("task:r:1", 3) == ["task:r:1#1", "task:r:1#2"]
+
+
+def test_record_subjects_are_one_safe_token_per_call() -> None:
+    a, b = estimate.record_subject("task:r:1#1"), estimate.record_subject("task:r:1#2")
+    assert a != b
+    assert a.startswith("exec.call.") and a.count(".") == 2
