@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 
-from services.policy import budget, core, machine, toolcalls
+from services.policy import core, machine, toolcalls
 from services.policy.adapters import Aborts, Conversations, Limiter, Runs, ToolQuota
 from services.policy.policyfile import Book
 from shared import messages as m
