@@ -49,7 +49,7 @@ browser-tools:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
-	      { apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null 2>{ apt-get update -qq >/dev/null 2>&11 && \
+	      { apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null 2>&1 && \
 	        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium chromium-driver >/dev/null 2>&1; }; } || true; \
 	  fi; \
 	  test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
