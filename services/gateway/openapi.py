@@ -111,7 +111,8 @@ ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
     413: ("`body_too_large` or `content_too_large`", {}),
     422: (
         "`empty_content`, `invalid_content`, or `idempotency_key_reused` (the key was used "
-        "with another body)",
+        "with another body); conversations: `invalid_metadata`, `invalid_title`, "
+        "`invalid_system_prompt`, `nothing_to_change`",
         {},
     ),
     429: (
@@ -339,6 +340,120 @@ CANCELLING = json_success(
             "status": {"type": "string", "enum": ["cancelling"]},
             "run_id": RUN_ID,
             "run_status": {"type": "string"},
+            "duplicate": {"type": "boolean"},
+        },
+    },
+)
+
+
+# ---- conversations: create, change, delete (services/gateway/conversation_routes.py) -------
+_TITLE = {"type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f]*$"}
+_METADATA = {
+    "type": "object",
+    "maxProperties": 32,
+    "description": "any JSON object of at most 32 keys and 4096 bytes (else 422 invalid_metadata)",
+}
+
+CREATE_CONVERSATION: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "title": _TITLE,
+        "model": {
+            "type": "string",
+            "pattern": "^[A-Za-z0-9._:-]{1,64}$",
+            "description": "the model its runs should use; policy decides whether the project "
+            "allows it (`settings.model_allowed`, `settings.model_reason`)",
+        },
+        "system_prompt": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 16000,
+            "pattern": "^[^\\x00]*$",
+            "description": "sent as the system prompt of every answer in this conversation",
+        },
+        "metadata": _METADATA,
+    },
+}
+
+PATCH_CONVERSATION: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "minProperties": 1,
+    "properties": {"title": _TITLE, "metadata": _METADATA},
+    "description": "a title, metadata (replaced whole), or both; `{}` is 422 nothing_to_change",
+}
+
+CONVERSATION: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "id",
+        "title",
+        "created_at",
+        "last_activity_at",
+        "message_count",
+        "metadata",
+        "settings",
+        "pending",
+    ],
+    "properties": {
+        "id": UUID,
+        "title": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "last_activity_at": {"type": "string", "format": "date-time"},
+        "message_count": {"type": "integer"},
+        "metadata": {"type": "object"},
+        "settings": {
+            "type": "object",
+            "properties": {
+                "model": {"type": ["string", "null"]},
+                "system_prompt": {"type": ["string", "null"]},
+                "model_allowed": {"type": ["boolean", "null"]},
+                "model_reason": {"type": "string"},
+            },
+        },
+        "pending": {"type": "boolean", "description": "not stored yet (read your writes)"},
+    },
+}
+
+CONVERSATION_ACCEPTED = json_success(
+    "Accepted: the creation is in JetStream (a retry with the same Idempotency-Key: the original)",
+    {
+        "type": "object",
+        "required": ["status", "duplicate", "conversation"],
+        "properties": {
+            "status": {"type": "string", "enum": ["accepted"]},
+            "duplicate": {"type": "boolean"},
+            "conversation": CONVERSATION,
+        },
+    },
+    Idempotent_Replayed={
+        "description": "`true` when this answers a retry with the original",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+)
+
+CONVERSATION_CHANGED = json_success(
+    "Accepted: the change is in JetStream; the conversation as it now reads",
+    {
+        "type": "object",
+        "required": ["status", "conversation"],
+        "properties": {
+            "status": {"type": "string", "enum": ["accepted"]},
+            "conversation": CONVERSATION,
+        },
+    },
+)
+
+DELETING = json_success(
+    "Accepted: the deletion is in JetStream; every read is 404 from now on, the content is "
+    "removed from Postgres and every stream in the background (`duplicate`: deleted before)",
+    {
+        "type": "object",
+        "required": ["status", "conversation_id", "duplicate"],
+        "properties": {
+            "status": {"type": "string", "enum": ["deleting"]},
+            "conversation_id": UUID,
             "duplicate": {"type": "boolean"},
         },
     },
