@@ -13,7 +13,8 @@ from typing import Any
 
 import msgspec
 import nats.errors
-from litestar import Request, Response, delete, patch, post
+from litestar import Request, Response, delete, patch, post, route
+from litestar.routes import HTTPRoute
 from litestar.params import FromPath
 
 from services.gateway import core, lifecycle, openapi, pages
@@ -135,8 +136,27 @@ async def remove(api: Api, request: Request[Any, Any, Any], conversation_id: str
     )
 
 
+def _options(path: str) -> Any:
+    """An OPTIONS answer listing every method of ``path`` as the app has it. Litestar builds
+    its own when a path's first handler is registered and keeps it when more handlers join,
+    with the first handler's methods only; this one is registered first, so it is the one."""
+
+    @route(path, http_method=["OPTIONS"], include_in_schema=False, name=f"options {path}")
+    async def options(request: Request[Any, Any, Any]) -> Response[None]:
+        methods = {
+            method
+            for r in request.app.routes
+            if isinstance(r, HTTPRoute) and r.path == path
+            for method in r.methods
+        }
+        return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods))})
+
+    return options
+
+
 def routes(api: Api) -> list[Any]:
-    """Litestar route handlers bound to one Api instance."""
+    """Litestar route handlers bound to one Api instance (registered before the other routes
+    of their paths: see ``_options``)."""
     cid = {"conversation_id": openapi.UUID}
 
     @post(
@@ -152,6 +172,7 @@ def routes(api: Api) -> list[Any]:
             body=openapi.CREATE_CONVERSATION,
             headers=[openapi.idempotency_key(api.settings.max_idempotency_key_chars)],
             success={202: openapi.CONVERSATION_ACCEPTED},
+            body_required=False,  # no body: a conversation with the defaults
         ),
     )
     async def create_conversation(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -188,4 +209,10 @@ def routes(api: Api) -> list[Any]:
     ) -> Response[Any]:
         return await remove(api, request, conversation_id)
 
-    return [create_conversation, patch_conversation, delete_conversation]
+    return [
+        _options("/api/conversations"),
+        _options("/api/conversations/{conversation_id:str}"),
+        create_conversation,
+        patch_conversation,
+        delete_conversation,
+    ]

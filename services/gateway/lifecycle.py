@@ -26,7 +26,7 @@ from shared import messages as m
 from shared.bus import Bus
 
 MAX_TITLE_CHARS = 200
-MAX_SYSTEM_PROMPT_CHARS = 16_000
+MAX_SYSTEM_PROMPT_CHARS = 8000  # with the rest, a body stays under the 64 KiB limit
 MAX_METADATA_BYTES = 4096
 MAX_METADATA_KEYS = 32
 MODEL_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"

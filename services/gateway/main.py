@@ -121,9 +121,9 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
 
     return Litestar(
         route_handlers=[
+            *conversation_routes.routes(api),  # first: it answers OPTIONS for its paths
             *routes(api),
             *platform_routes.routes(api),
-            *conversation_routes.routes(api),
             *webpage.routes(),
             ws.route(websockets),
             healthz,

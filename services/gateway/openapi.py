@@ -166,7 +166,7 @@ class _Documented(Operation):
             responses[str(status)] = override
         if extra["body"] is not None:
             schema["requestBody"] = {
-                "required": True,
+                "required": extra["body_required"],
                 "content": {"application/json": {"schema": extra["body"]}},
             }
         parameters: list[dict[str, Any]] = schema.setdefault("parameters", [])
@@ -186,6 +186,7 @@ def doc(
     headers: list[dict[str, Any]] | None = None,
     success: Mapping[int, dict[str, Any]] | None = None,
     secured: bool = True,
+    body_required: bool = True,
 ) -> dict[str, Any]:
     """Keyword arguments for a route decorator: its errors, path ids, body, request headers.
 
@@ -205,6 +206,7 @@ def doc(
         "headers": list(headers or []),
         "success": dict(success or {}),
         "secured": secured,
+        "body_required": body_required,
     }
     operation = type("DocumentedOperation", (_Documented,), {"extra": extra})
     kwargs: dict[str, Any] = {"operation_class": operation}
@@ -347,11 +349,18 @@ CANCELLING = json_success(
 
 
 # ---- conversations: create, change, delete (services/gateway/conversation_routes.py) -------
-_TITLE = {"type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f]*$"}
+_NULL = {"type": "null"}
+_TITLE = {
+    "anyOf": [
+        {"type": "string", "maxLength": 200, "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
+        _NULL,
+    ],
+    "description": "at most 200 characters, no control characters (null: unchanged / none)",
+}
 _METADATA = {
-    "type": "object",
-    "maxProperties": 32,
-    "description": "any JSON object of at most 32 keys and 4096 bytes (else 422 invalid_metadata)",
+    "anyOf": [{"type": "object", "maxProperties": 32}, _NULL],
+    "description": "any JSON object of at most 32 keys and 4096 bytes (else 422 "
+    "invalid_metadata); replaced whole by a PATCH (null: unchanged / none)",
 }
 
 CREATE_CONVERSATION: dict[str, Any] = {
@@ -360,17 +369,17 @@ CREATE_CONVERSATION: dict[str, Any] = {
     "properties": {
         "title": _TITLE,
         "model": {
-            "type": "string",
-            "pattern": "^[A-Za-z0-9._:-]{1,64}$",
+            "anyOf": [{"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}, _NULL],
             "description": "the model its runs should use; policy decides whether the project "
-            "allows it (`settings.model_allowed`, `settings.model_reason`)",
+            "allows it (`settings.model_allowed`, `settings.model_reason`); null: policy's choice",
         },
         "system_prompt": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": 16000,
-            "pattern": "^[^\\x00]*$",
-            "description": "sent as the system prompt of every answer in this conversation",
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": 8000, "pattern": "^[^\\x00]*$"},
+                _NULL,
+            ],
+            "description": "sent as the system prompt of every answer in this conversation "
+            "(null: the deployment's default)",
         },
         "metadata": _METADATA,
     },
@@ -381,7 +390,8 @@ PATCH_CONVERSATION: dict[str, Any] = {
     "additionalProperties": False,
     "minProperties": 1,
     "properties": {"title": _TITLE, "metadata": _METADATA},
-    "description": "a title, metadata (replaced whole), or both; `{}` is 422 nothing_to_change",
+    "description": "a title, metadata (replaced whole), or both; nothing to change (`{}`, or "
+    "only nulls) is 422 nothing_to_change",
 }
 
 CONVERSATION: dict[str, Any] = {
