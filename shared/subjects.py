@@ -28,6 +28,8 @@ STREAM_DLQ = "DEAD_LETTERS"
 STREAM_CANCELS = "CHAT_CANCEL"
 STREAM_TOOLS = "TOOLS"
 STREAM_ADMIN = "ADMIN"  # operators' commands (baton apikey), which the persister writes
+# Conversation settings (create, patch) and deletion requests (issue 16).
+STREAM_CONVERSATIONS = "CONVERSATIONS"
 
 # ---- subjects ------------------------------------------------------------------------------
 
@@ -129,6 +131,50 @@ def admin_api_key(project: str) -> str:
     return f"admin.apikey.{project}"
 
 
+def conversation_settings(project: str, conversation: str) -> str:
+    """The gateway publishes a conversation's creation and every change of its settings here."""
+    return f"conv.settings.{project}.{conversation}"
+
+
+def conversation_delete(project: str, conversation: str) -> str:
+    """A conversation's deletion request, published create-only (expected last subject
+    sequence 0, ``Nats-Msg-Id`` ``delete:<conversation id>``): the first one is the tombstone
+    the gateway checks before every read; a second publish fails with 10071 and means
+    "already deleted" (success). Never purged: it is how a deleted id stays deleted."""
+    return f"conv.delete.{project}.{conversation}"
+
+
+def conversation_verdict(project: str, conversation: str) -> str:
+    """Policy's verdict on a conversation's requested model (in the POLICY stream)."""
+    return f"policy.conversation.{project}.{conversation}"
+
+
+def delete_event_id(conversation: str) -> str:
+    """The one event id of a conversation's deletion (the gateway's and the retention sweep's)."""
+    return f"delete:{conversation}"
+
+
+def content_filters(project: str, conversation: str) -> tuple[tuple[str, str], ...]:
+    """(stream, filter subject) of every stream message that may carry the conversation's
+    content: what a deletion purges (``$JS.API.STREAM.PURGE.<stream>`` with ``filter``). The
+    tombstone (``conversation_delete``) is not among them. Tool call records
+    (``tool_call_record``) are keyed by run and call, not by conversation: a deletion purges
+    them one by one from the stored tool results."""
+    p, c = project, conversation
+    # Only these carry what users wrote or models answered: decisions, verdicts, policy's
+    # canned replies, tasks and cancels hold ids, numbers and policy's own words, so their
+    # streams stay out of the persister's purge grant (a purge grant cannot be narrowed to a
+    # subject, so every stream in it is one the persister could empty).
+    return (
+        (STREAM_CHAT_IN, chat_in(p, c)),
+        (STREAM_PERSISTED, f"chat.persisted.*.{p}.{c}"),
+        (STREAM_RESULTS, f"exec.*.{p}.{c}"),
+        (STREAM_TOKENS, token_stream(p, c)),
+        (STREAM_TOOLS, f"tool.*.{p}.{c}"),
+        (STREAM_CONVERSATIONS, conversation_settings(p, c)),
+    )
+
+
 def token_stream(project: str, conversation: str) -> str:
     return f"chat.stream.{project}.{conversation}"
 
@@ -140,6 +186,10 @@ def dead_letter(stream: str, consumer: str) -> str:
 def inbox_prefix(service: str) -> str:
     """Where a service's replies arrive; its NATS user may subscribe to this prefix only."""
     return f"_INBOX_{service}"
+
+
+# The streams ``content_filters`` names (the persister's purge grant).
+CONTENT_STREAMS: tuple[str, ...] = tuple(s for s, _ in content_filters("p", "c"))
 
 
 # Prefixes of the subject families the gateway pushes to clients.
@@ -210,6 +260,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     # Operators' commands wait here for the persister (a key made while it is down is written
     # when it is back); a day is long enough to notice.
     StreamSpec(STREAM_ADMIN, ("admin.>",), max_age_s=24 * 3600.0),
+    # Settings changes and deletion tombstones: a tombstone must outlive any message that could
+    # still arrive for its conversation (the persister's table keeps it for good).
+    StreamSpec(STREAM_CONVERSATIONS, ("conv.>",), max_age_s=30 * 24 * 3600.0),
 )
 # The tools stream alone, for tests that provision only the tool part of the bus.
 TOOL_STREAMS: tuple[StreamSpec, ...] = tuple(s for s in STREAMS if s.name == STREAM_TOOLS)

@@ -57,6 +57,21 @@ POLICY_TOOL_RESULTS = ConsumerSpec(
     subjects.STREAM_PERSISTED, "policy-tool-results", "chat.persisted.tool_result.>"
 )
 POLICY_APPROVALS = ConsumerSpec(subjects.STREAM_TOOLS, "policy-approvals", "tool.approval.>")
+# A conversation's settings and deletion (the CONVERSATIONS stream), and policy's verdict on
+# its model: the persister stores them, policy decides on the model and cancels runs.
+PERSISTER_CONVERSATIONS = ConsumerSpec(
+    subjects.STREAM_CONVERSATIONS, "persister-conversations", "conv.settings.>"
+)
+PERSISTER_DELETES = ConsumerSpec(
+    subjects.STREAM_CONVERSATIONS, "persister-deletes", "conv.delete.>"
+)
+PERSISTER_MODEL_VERDICTS = ConsumerSpec(
+    subjects.STREAM_POLICY, "persister-model-verdicts", "policy.conversation.>"
+)
+POLICY_CONVERSATIONS = ConsumerSpec(
+    subjects.STREAM_CONVERSATIONS, "policy-conversations", "conv.settings.>"
+)
+POLICY_DELETES = ConsumerSpec(subjects.STREAM_CONVERSATIONS, "policy-deletes", "conv.delete.>")
 # In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
 EXECUTOR_TASKS = ConsumerSpec(subjects.STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
 
@@ -78,6 +93,8 @@ class Wiring(msgspec.Struct, frozen=True):
     reads_streams: tuple[str, ...] = ()  # get a stored message by sequence
     buckets: tuple[str, ...] = ()
     reads_buckets: tuple[str, ...] = ()  # get only: no put, create or update
+    # Purge by subject filter (a conversation's deletion); every other purge stays admin-only.
+    purges_streams: tuple[str, ...] = ()
 
     @property
     def consumers(self) -> tuple[ConsumerSpec, ...]:
@@ -91,13 +108,21 @@ WIRING: dict[str, Wiring] = {
             subjects.chat_in(*_ANY),
             subjects.chat_cancel(*_ANY),
             subjects.tool_approval(*_ANY),  # the user's answer to an "ask" call
+            subjects.conversation_settings(*_ANY),  # POST / PATCH /api/conversations
+            subjects.conversation_delete(*_ANY),  # DELETE /api/conversations/{id}: the tombstone
         ),
         # Pushes (tool.requested among them; stored tool results arrive on chat.persisted).
         listens=subjects.PUSH_SUBJECTS,
         # A duplicate submit answers with the original message, read back by its sequence;
         # a resuming SSE client gets the tokens it missed, read back the same way; a run's
-        # tool calls (what waits for the user, what was decided) are read back from TOOLS.
-        reads_streams=(subjects.STREAM_CHAT_IN, subjects.STREAM_TOKENS, subjects.STREAM_TOOLS),
+        # tool calls (what waits for the user, what was decided) are read back from TOOLS;
+        # every read of a conversation first looks for its deletion tombstone.
+        reads_streams=(
+            subjects.STREAM_CHAT_IN,
+            subjects.STREAM_TOKENS,
+            subjects.STREAM_TOOLS,
+            subjects.STREAM_CONVERSATIONS,
+        ),
         # An early 429 reads the rate windows policy keeps; policy alone writes them.
         reads_buckets=(subjects.BUCKET_LIMITS,),
     ),
@@ -111,6 +136,13 @@ WIRING: dict[str, Wiring] = {
             Consumes(PERSISTER_USAGE, messages.ModelUsage, "model_usage"),
             Consumes(PERSISTER_TOOL_RESULTS, messages.ToolResult, "tool_result"),
             Consumes(PERSISTER_API_KEYS, messages.ApiKeyCommand, "api_key"),
+            Consumes(PERSISTER_CONVERSATIONS, messages.ConversationChanged, "conversation_changed"),
+            Consumes(
+                PERSISTER_DELETES, messages.ConversationDeleteRequested, "conversation_deleted"
+            ),
+            Consumes(
+                PERSISTER_MODEL_VERDICTS, messages.ConversationModelVerdict, "conversation_verdict"
+            ),
         ),
         publishes=(
             subjects.persisted_user(*_ANY),
@@ -118,6 +150,9 @@ WIRING: dict[str, Wiring] = {
             subjects.persisted_tool_turn(*_ANY),
             subjects.persisted_tool_result(*_ANY),
         ),
+        # A deleted conversation's content leaves every stream that holds it (the persister
+        # deletes it from Postgres, then purges these by subject).
+        purges_streams=subjects.CONTENT_STREAMS,
     ),
     "agent": Wiring(
         consumes=(Consumes(AGENT_IN, messages.UserMessagePersisted, "user_message"),),
@@ -133,6 +168,8 @@ WIRING: dict[str, Wiring] = {
             Consumes(POLICY_TOOL_TURNS, messages.ToolTurnPersisted, "tool_turn"),
             Consumes(POLICY_TOOL_RESULTS, messages.ToolResultPersisted, "tool_result"),
             Consumes(POLICY_APPROVALS, messages.ToolApprovalDecided, "tool_approval"),
+            Consumes(POLICY_CONVERSATIONS, messages.ConversationChanged, "conversation_settings"),
+            Consumes(POLICY_DELETES, messages.ConversationDeleteRequested, "conversation_deleted"),
         ),
         publishes=(
             subjects.policy_verdict(*_ANY),
@@ -143,6 +180,7 @@ WIRING: dict[str, Wiring] = {
             subjects.tool_task(*_ANY),  # policy alone (I5): an authorized tool call
             subjects.tool_requested(*_ANY),  # an "ask" call waits for the user
             subjects.tool_result(*_ANY),  # a call policy refused (deny, limits, unknown tool)
+            subjects.conversation_verdict(*_ANY),  # the verdict on a conversation's model
         ),
         buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS, subjects.BUCKET_ABORTS),
     ),

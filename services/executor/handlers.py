@@ -40,6 +40,7 @@ class Call:
         self.attempt = attempt
         self.abort = asyncio.Event()
         self.task: asyncio.Task[Any] | None = None
+        self.system = ""  # the system prompt of the call (the conversation's, else the default)
 
     def stop(self) -> None:
         self.abort.set()
@@ -135,9 +136,9 @@ class Handlers:
         call = Call(t.run_id, t.attempt)
         self.calls[call_id] = call
         try:
-            # The abort mark, the history and the calls earlier deliveries left unsettled are
-            # read together: one wait instead of three in a row.
-            aborted, history, estimated = await asyncio.gather(
+            # The abort mark, the history, the calls earlier deliveries left unsettled and the
+            # conversation's own system prompt (POST /api/conversations) are read together.
+            aborted, history, estimated, system = await asyncio.gather(
                 self._was_aborted(t),
                 self.history.upto(
                     t.conversation_id,
@@ -146,10 +147,12 @@ class Handlers:
                     tools=bool(t.tools),  # tool exchanges only where tools are offered
                 ),
                 self._unsettled(t, msg.metadata.num_delivered),
+                self.history.system_prompt(t.conversation_id),
             )
             if aborted:
                 self.aborted.labels("before_call").inc()
                 call.abort.set()
+            call.system = system or self.settings.system_prompt
             return await self._run(t, call_id, call, history, estimated)
         finally:
             self.calls.pop(call_id, None)
@@ -331,7 +334,7 @@ class ModelCall:
             self.call.task = asyncio.create_task(
                 h.model.stream(
                     t.model,
-                    core.system_blocks(h.settings.system_prompt),
+                    core.system_blocks(self.call.system or h.settings.system_prompt),
                     prompt,
                     t.max_tokens,
                     self._on_text,

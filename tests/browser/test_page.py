@@ -141,7 +141,6 @@ def test_cancel_stops_the_answer_and_says_so(pipeline: Pipeline, page: Page) -> 
     page.wait("the cancelled status", lambda: page.text("status").startswith("Cancelled"))
     assert page.js("return document.getElementById('cancel').disabled") is True
 
-
     def statuses() -> list[str]:
         state = httpx.get(
             f"{pipeline.gateway}/api/conversations/{cid}/state",
