@@ -1,0 +1,36 @@
+-- Usage reporting and retention (issue 16, part B): each usage row names the user and the
+-- conversation it was for, so `GET /api/usage?group_by=user` needs no join to content rows and
+-- keeps its numbers after a conversation is deleted or archived (billing outlives content).
+-- Every run id is `run-<the user message's uuid>`; a trigger fills both from that message, so
+-- the persister's usage writes stay as they are.
+ALTER TABLE usage
+    ADD COLUMN user_id text,
+    ADD COLUMN conversation_id uuid;
+
+UPDATE usage u
+SET user_id = m.user_id, conversation_id = m.conversation_id
+FROM messages m
+WHERE u.run_id ~ '^run-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+  AND m.id = substr(u.run_id, 5)::uuid;
+
+CREATE FUNCTION usage_owner() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.user_id IS NULL
+       AND NEW.run_id ~ '^run-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+        SELECT m.user_id, m.conversation_id INTO NEW.user_id, NEW.conversation_id
+        FROM messages m WHERE m.id = substr(NEW.run_id, 5)::uuid;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER usage_fill_owner BEFORE INSERT ON usage
+FOR EACH ROW EXECUTE FUNCTION usage_owner();
+
+-- The report's range scan: one project's calls in a time window.
+CREATE INDEX usage_project_time ON usage (project_id, created_at);
+-- The sweep's archive of one conversation's usage rows.
+CREATE INDEX usage_conversation ON usage (conversation_id);
+-- The sweep's scan: conversations whose last activity is older than their project's retention.
+CREATE INDEX conversations_activity ON conversations (project_id, last_activity_at);
