@@ -127,7 +127,7 @@ class Handlers:
                 self.history.upto(
                     t.conversation_id,
                     t.message_id,
-                    self.settings.context_messages,
+                    t.context_messages or self.settings.context_messages,
                     tools=bool(t.tools),  # tool exchanges only where tools are offered
                 ),
             )

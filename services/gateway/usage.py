@@ -90,7 +90,7 @@ def sql(group_by: str) -> str:
         "FROM usage WHERE project_id = $1 "
         "AND ($2::timestamptz IS NULL OR created_at >= $2) "
         "AND ($3::timestamptz IS NULL OR created_at < $3) "
-        f"GROUP BY 1 ORDER BY 1"
+        "GROUP BY 1 ORDER BY 1"
     )
 
 

@@ -55,6 +55,7 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     estimated_input_tokens: int = 1000  # input allowance of a reservation (output: max_tokens)
     downgrade_at: float | None = None  # fraction of a daily cap past which ...
     downgrade_model: str | None = None  # ... this cheaper model answers
+    context_messages: int = 0  # the history a task may send (0: the executor's own setting)
 
 
 DEFAULT_PRICES: dict[str, m.Prices] = {
@@ -411,7 +412,7 @@ def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunSt
     return msgspec.structs.replace(state, status=e.status)
 
 
-def task_for(state: RunState, deadline: datetime) -> m.ExecTask:
+def task_for(state: RunState, deadline: datetime, context_messages: int = 0) -> m.ExecTask:
     return m.ExecTask(
         event_id=runs.task_id(state.run_id, state.attempt),
         message_id=state.message_id,
@@ -426,6 +427,7 @@ def task_for(state: RunState, deadline: datetime) -> m.ExecTask:
         max_tokens=state.max_tokens,
         prices=state.prices,
         deadline=deadline,
+        context_messages=context_messages,
     )
 
 

@@ -484,7 +484,9 @@ def emit(run: RunState, rules: Rules, now: datetime, resume: bool = False) -> Pu
         (subjects.policy_verdict(p, c), core.verdict_event(run))
     ]
     if isinstance(phase := phase_of(run), Running) and phase.deadline is not None:
-        out.append((subjects.exec_task(p, c), core.task_for(run, phase.deadline)))
+        out.append(
+            (subjects.exec_task(p, c), core.task_for(run, phase.deadline, rules.context_messages))
+        )
         # The attempt's timer: an attempt with no outcome by then is retried or failed.
         timer = core.deadline_event(run, now + timedelta(seconds=rules.run_deadline_s))
         out.append((subjects.policy_deadline(p, c), timer))
