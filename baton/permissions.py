@@ -40,6 +40,7 @@ class Grant(msgspec.Struct, frozen=True):
     reads_streams: tuple[str, ...] = ()  # get a stored message by sequence
     buckets: tuple[str, ...] = ()
     reads_buckets: tuple[str, ...] = ()  # get only: no put, create or update
+    purges_streams: tuple[str, ...] = ()  # purge with a subject filter (deletion)
 
 
 # Derived from the one table of the wiring, so the grants cannot drift from what runs.
@@ -51,6 +52,7 @@ GRANTS: dict[str, Grant] = {
         reads_streams=w.reads_streams,
         buckets=w.buckets,
         reads_buckets=w.reads_buckets,
+        purges_streams=w.purges_streams,
     )
     for name, w in wiring.WIRING.items()
 }
@@ -80,7 +82,16 @@ def permissions(service: str) -> dict[str, Any]:
             f"$JS.API.DIRECT.GET.{kv}.>",  # get the latest by key
             f"$JS.API.STREAM.MSG.GET.{kv}",  # get when direct get is off
         ]
-    deny = list(ADMIN_ONLY)
+    for stream in grant.purges_streams:
+        publish.append(f"$JS.API.STREAM.PURGE.{stream}")
+    # A deny always wins over an allow: a purging service is denied every other stream's purge.
+    deny = [d for d in ADMIN_ONLY if not (grant.purges_streams and d == "$JS.API.STREAM.PURGE.>")]
+    if grant.purges_streams:
+        deny += [
+            f"$JS.API.STREAM.PURGE.{s.name}"
+            for s in subjects.STREAMS
+            if s.name not in grant.purges_streams
+        ]
     if subjects.exec_task(*ANY) not in grant.publishes:
         deny.append("exec.task.>")
     if subjects.exec_abort(*ANY) not in grant.publishes:

@@ -408,6 +408,56 @@ class ToolApprovalDecided(Event, kw_only=True, frozen=True):
     decided_at: datetime
 
 
+ConversationOp = Literal["create", "update"]
+DeleteReason = Literal["user", "retention"]
+
+
+class ConversationChanged(Event, kw_only=True, frozen=True):
+    """Published by the gateway on conv.settings: a conversation created with its settings
+    (``op`` create: ``event_id`` ``convcreate:<conversation id>``) or its title / metadata
+    changed (``op`` update: ``event_id`` ``convupdate:<conversation id>:<change id>``). Fields
+    left ``None`` are unchanged. ``message_id`` is empty: no message is involved."""
+
+    user_id: str
+    op: ConversationOp
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+    model: str | None = None  # create only: policy decides whether the project allows it
+    system_prompt: str | None = None  # create only: the executor sends it as the system prompt
+    at: datetime
+
+
+class ConversationModelVerdict(Event, kw_only=True, frozen=True):
+    """Published by policy on policy.conversation: whether a conversation's requested model is
+    allowed for its project (``event_id`` ``convverdict:<conversation id>``). Runs of the
+    conversation use ``model`` when ``allowed``, policy's usual choice otherwise."""
+
+    user_id: str
+    requested_model: str
+    allowed: bool
+    model: str  # the model its runs will use ("" when not allowed: policy's usual choice)
+    reason: str
+
+
+class ConversationDeleteRequested(Event, kw_only=True, frozen=True):
+    """Published on conv.delete by the gateway (``DELETE /api/conversations/{id}``) or by the
+    retention sweep: delete a conversation, for good.
+
+    Contract: ``event_id`` = ``subjects.delete_event_id(conversation_id)`` (also the
+    ``Nats-Msg-Id``), published create-only with ``Nats-Expected-Last-Subject-Sequence: 0`` on
+    ``subjects.conversation_delete(project, conversation)``; a 10071 answer means it was
+    already deleted (treat as success). ``message_id`` is empty. Then policy cancels the
+    conversation's runs in flight, and the persister (the only writer) deletes its messages,
+    tool turns and results and its settings' content, keeps the run and usage rows' numbers,
+    records the tombstone, and purges ``subjects.content_filters(...)`` from every stream.
+    """
+
+    user_id: str  # the conversation's owner
+    requested_by: str  # the user who asked, or "retention"
+    reason: DeleteReason = "user"
+    requested_at: datetime
+
+
 class TokenDelta(msgspec.Struct, kw_only=True, frozen=True):
     """Published by the executor on chat.stream: ordered pieces of an answer being written."""
 

@@ -27,6 +27,8 @@ STREAM_TOKENS = "CHAT_STREAM"
 STREAM_DLQ = "DEAD_LETTERS"
 STREAM_CANCELS = "CHAT_CANCEL"
 STREAM_TOOLS = "TOOLS"
+# Conversation settings (create, patch) and deletion requests (issue 16).
+STREAM_CONVERSATIONS = "CONVERSATIONS"
 
 # ---- subjects ------------------------------------------------------------------------------
 
@@ -123,6 +125,50 @@ def tool_call_record(run_id: str, call_id: str) -> str:
     return f"tool.call.{digest}"
 
 
+def conversation_settings(project: str, conversation: str) -> str:
+    """The gateway publishes a conversation's creation and every change of its settings here."""
+    return f"conv.settings.{project}.{conversation}"
+
+
+def conversation_delete(project: str, conversation: str) -> str:
+    """A conversation's deletion request, published create-only (expected last subject
+    sequence 0, ``Nats-Msg-Id`` ``delete:<conversation id>``): the first one is the tombstone
+    the gateway checks before every read; a second publish fails with 10071 and means
+    "already deleted" (success). Never purged: it is how a deleted id stays deleted."""
+    return f"conv.delete.{project}.{conversation}"
+
+
+def conversation_verdict(project: str, conversation: str) -> str:
+    """Policy's verdict on a conversation's requested model (in the POLICY stream)."""
+    return f"policy.conversation.{project}.{conversation}"
+
+
+def delete_event_id(conversation: str) -> str:
+    """The one event id of a conversation's deletion (the gateway's and the retention sweep's)."""
+    return f"delete:{conversation}"
+
+
+def content_filters(project: str, conversation: str) -> tuple[tuple[str, str], ...]:
+    """(stream, filter subject) of every stream message that may carry the conversation's
+    content: what a deletion purges (``$JS.API.STREAM.PURGE.<stream>`` with ``filter``). The
+    tombstone (``conversation_delete``) is not among them. Tool call records
+    (``tool_call_record``) are keyed by run and call, not by conversation: a deletion purges
+    them one by one from the stored tool results."""
+    p, c = project, conversation
+    return (
+        (STREAM_CHAT_IN, chat_in(p, c)),
+        (STREAM_PERSISTED, f"chat.persisted.*.{p}.{c}"),
+        (STREAM_DECISIONS, f"agent.*.{p}.{c}"),
+        (STREAM_POLICY, f"policy.*.{p}.{c}"),
+        (STREAM_TASKS, exec_task(p, c)),
+        (STREAM_RESULTS, f"exec.*.{p}.{c}"),
+        (STREAM_TOKENS, token_stream(p, c)),
+        (STREAM_CANCELS, chat_cancel(p, c)),
+        (STREAM_TOOLS, f"tool.*.{p}.{c}"),
+        (STREAM_CONVERSATIONS, conversation_settings(p, c)),
+    )
+
+
 def token_stream(project: str, conversation: str) -> str:
     return f"chat.stream.{project}.{conversation}"
 
@@ -134,6 +180,10 @@ def dead_letter(stream: str, consumer: str) -> str:
 def inbox_prefix(service: str) -> str:
     """Where a service's replies arrive; its NATS user may subscribe to this prefix only."""
     return f"_INBOX_{service}"
+
+
+# The streams ``content_filters`` names (the persister's purge grant).
+CONTENT_STREAMS: tuple[str, ...] = tuple(s for s, _ in content_filters("p", "c"))
 
 
 # Prefixes of the subject families the gateway pushes to clients.
@@ -191,6 +241,9 @@ STREAMS: tuple[StreamSpec, ...] = (
         ("tool.task.>", "tool.result.>", "tool.requested.>", "tool.approval.>", "tool.call.>"),
         max_age_s=7 * 24 * 3600.0,
     ),
+    # Settings changes and deletion tombstones: a tombstone must outlive any message that could
+    # still arrive for its conversation (the persister's table keeps it for good).
+    StreamSpec(STREAM_CONVERSATIONS, ("conv.>",), max_age_s=30 * 24 * 3600.0),
 )
 # The tools stream alone, for tests that provision only the tool part of the bus.
 TOOL_STREAMS: tuple[StreamSpec, ...] = tuple(s for s in STREAMS if s.name == STREAM_TOOLS)

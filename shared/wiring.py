@@ -76,6 +76,8 @@ class Wiring(msgspec.Struct, frozen=True):
     reads_streams: tuple[str, ...] = ()  # get a stored message by sequence
     buckets: tuple[str, ...] = ()
     reads_buckets: tuple[str, ...] = ()  # get only: no put, create or update
+    # Purge by subject filter (a conversation's deletion); every other purge stays admin-only.
+    purges_streams: tuple[str, ...] = ()
 
     @property
     def consumers(self) -> tuple[ConsumerSpec, ...]:
@@ -89,11 +91,18 @@ WIRING: dict[str, Wiring] = {
             subjects.chat_in(*_ANY),
             subjects.chat_cancel(*_ANY),
             subjects.tool_approval(*_ANY),  # the user's answer to an "ask" call
+            subjects.conversation_settings(*_ANY),  # POST / PATCH /api/conversations
+            subjects.conversation_delete(*_ANY),  # DELETE /api/conversations/{id}: the tombstone
         ),
         listens=subjects.PUSH_SUBJECTS,
         # A duplicate submit answers with the original message, read back by its sequence;
-        # a resuming SSE client gets the tokens it missed, read back the same way.
-        reads_streams=(subjects.STREAM_CHAT_IN, subjects.STREAM_TOKENS),
+        # a resuming SSE client gets the tokens it missed, read back the same way; every read
+        # of a conversation first looks for its deletion tombstone.
+        reads_streams=(
+            subjects.STREAM_CHAT_IN,
+            subjects.STREAM_TOKENS,
+            subjects.STREAM_CONVERSATIONS,
+        ),
         # An early 429 reads the rate windows policy keeps; policy alone writes them.
         reads_buckets=(subjects.BUCKET_LIMITS,),
     ),
@@ -113,6 +122,9 @@ WIRING: dict[str, Wiring] = {
             subjects.persisted_tool_turn(*_ANY),
             subjects.persisted_tool_result(*_ANY),
         ),
+        # A deleted conversation's content leaves every stream that holds it (the persister
+        # deletes it from Postgres, then purges these by subject).
+        purges_streams=subjects.CONTENT_STREAMS,
     ),
     "agent": Wiring(
         consumes=(Consumes(AGENT_IN, messages.UserMessagePersisted, "user_message"),),
