@@ -32,5 +32,31 @@ FOR EACH ROW EXECUTE FUNCTION usage_owner();
 CREATE INDEX usage_project_time ON usage (project_id, created_at);
 -- The sweep's archive of one conversation's usage rows.
 CREATE INDEX usage_conversation ON usage (conversation_id);
--- The sweep's scan: conversations whose last activity is older than their project's retention.
-CREATE INDEX conversations_activity ON conversations (project_id, last_activity_at);
+-- The retention sweep's scan: conversations idle the longest first.
+CREATE INDEX conversations_activity ON conversations (last_activity_at, id);
+
+-- What the retention sweep archived (written before it asks for the deletion): a sweep that
+-- was interrupted finds here what is archived already and only asks for the deletions still
+-- missing; `last_activity_at` is the activity the archive holds (newer activity: not this one).
+CREATE TABLE archived_conversations (
+    conversation_id      uuid PRIMARY KEY,
+    project_id           text NOT NULL,
+    user_id              text NOT NULL,
+    last_activity_at     timestamptz NOT NULL,
+    location             text NOT NULL,   -- file:///… or s3://bucket/key
+    sha256               text NOT NULL,
+    messages             bigint NOT NULL,
+    archived_at          timestamptz NOT NULL DEFAULT now(),
+    delete_requested_at  timestamptz
+);
+
+-- One row per sweep that started: "once per period across replicas" is decided here, under the
+-- sweep's advisory lock (a replica that finds a sweep finished this period does nothing).
+CREATE TABLE retention_sweeps (
+    id           bigserial PRIMARY KEY,
+    instance     text NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    archived     bigint NOT NULL DEFAULT 0,
+    backlog      bigint
+);
