@@ -92,7 +92,7 @@ class Sweeper:
         )
         self.last_success = metrics.gauge(
             "retention_last_success_timestamp_seconds",
-            "When the last retention sweep (this replica's) completed, Unix time.",
+            "When the last retention sweep completed (any replica's, as this one last saw), Unix time.",
         )
         self.batch_seconds = metrics.histogram(
             "retention_batch_duration_seconds", "Time to archive and delete one batch."
@@ -217,6 +217,9 @@ class Sweeper:
         recent = await con.fetchval(
             "SELECT max(finished_at) FROM retention_sweeps WHERE finished_at IS NOT NULL"
         )
+        if recent is not None:
+            # Every replica reports the last sweep anyone finished (the alert reads the max).
+            self.last_success.set(recent.timestamp())
         if not force and recent is not None and recent > now - timedelta(seconds=self.period_s):
             self.runs.labels("skipped").inc()
             return SweepResult(ran=False, reason="a sweep finished this period")
