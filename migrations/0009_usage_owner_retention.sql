@@ -32,8 +32,10 @@ FOR EACH ROW EXECUTE FUNCTION usage_owner();
 CREATE INDEX usage_project_time ON usage (project_id, created_at);
 -- The sweep's archive of one conversation's usage rows.
 CREATE INDEX usage_conversation ON usage (conversation_id);
--- The retention sweep's scan: conversations idle the longest first.
-CREATE INDEX conversations_activity ON conversations (last_activity_at, id);
+-- The retention sweep's scan: conversations idle the longest first. Partial on a predicate
+-- only the sweep's query states (message_count >= 0 holds for every row), so the planner never
+-- picks it for the list route, whose keyset index is conversations_recent.
+CREATE INDEX conversations_idle ON conversations (last_activity_at, id) WHERE message_count >= 0;
 
 -- What the retention sweep archived (written before it asks for the deletion): a sweep that
 -- was interrupted finds here what is archived already and only asks for the deletions still

@@ -74,4 +74,3 @@ async def tombstone(
         return None
     assert raw.data is not None
     return _decoder.decode(raw.data)
-

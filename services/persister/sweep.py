@@ -39,6 +39,27 @@ from shared.metrics import ServiceMetrics
 LOCK_KEY = 0x6261746F6E5F7273
 
 
+# Not archived-and-requested already (for this activity), not found deleted by this sweep; the
+# last clause is the predicate of the partial index conversations_idle (migration 0009).
+_NOT_DONE = (
+    "NOT EXISTS (SELECT 1 FROM archived_conversations a WHERE a.conversation_id = c.id "
+    "AND a.delete_requested_at IS NOT NULL AND a.last_activity_at >= c.last_activity_at) "
+    "AND NOT (c.id = ANY($4::uuid[])) AND c.message_count >= 0"
+)
+# $1 the project, $2 its cutoff, $3 how many, $4 ids to skip.
+IDLE_IN_PROJECT = (
+    "SELECT id, project_id, user_id, last_activity_at FROM conversations c "
+    f"WHERE project_id = $1 AND last_activity_at < $2 AND {_NOT_DONE} "
+    "ORDER BY last_activity_at, id LIMIT $3"
+)
+# $1 the default cutoff, $2 the projects with rules of their own, $3 how many, $4 ids to skip.
+IDLE_ELSEWHERE = (
+    "SELECT id, project_id, user_id, last_activity_at FROM conversations c "
+    f"WHERE last_activity_at < $1 AND NOT (project_id = ANY($2::text[])) AND {_NOT_DONE} "
+    "ORDER BY last_activity_at, id LIMIT $3"
+)
+
+
 class SweepResult(msgspec.Struct, frozen=True):
     ran: bool  # False: another replica holds the lock, or a sweep finished this period
     archived: int = 0
@@ -118,33 +139,12 @@ class Sweeper:
         (nor in ``skip``: those this sweep found deleted by their owner)."""
         named, default_cutoff = self._cutoffs(now)
         names = list(self.kept.projects)
-        done = (
-            "NOT EXISTS (SELECT 1 FROM archived_conversations a WHERE a.conversation_id = c.id "
-            "AND a.delete_requested_at IS NOT NULL AND a.last_activity_at >= c.last_activity_at) "
-            "AND NOT (id = ANY($4::uuid[]))"
-        )
         skipped = skip or []
         rows: list[Any] = []
         for pid, cutoff in named:
-            rows += await con.fetch(
-                "SELECT id, project_id, user_id, last_activity_at FROM conversations c "
-                f"WHERE project_id = $1 AND last_activity_at < $2 AND {done} "
-                "ORDER BY last_activity_at, id LIMIT $3",
-                pid,
-                cutoff,
-                limit,
-                skipped,
-            )
+            rows += await con.fetch(IDLE_IN_PROJECT, pid, cutoff, limit, skipped)
         if default_cutoff is not None:
-            rows += await con.fetch(
-                "SELECT id, project_id, user_id, last_activity_at FROM conversations c "
-                f"WHERE last_activity_at < $1 AND NOT (project_id = ANY($2::text[])) AND {done} "
-                "ORDER BY last_activity_at, id LIMIT $3",
-                default_cutoff,
-                names,
-                limit,
-                skipped,
-            )
+            rows += await con.fetch(IDLE_ELSEWHERE, default_cutoff, names, limit, skipped)
         rows.sort(key=lambda r: (r["last_activity_at"], r["id"]))
         return rows[:limit]
 

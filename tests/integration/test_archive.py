@@ -24,7 +24,8 @@ import pytest
 import pytest_asyncio
 
 from baton.embedded import free_port
-from services.persister import archive
+from services.gateway import adapters
+from services.persister import archive, sweep
 from services.persister.adapters import Store
 from services.persister.s3 import S3
 from services.persister.sweep import Sweeper
@@ -283,9 +284,9 @@ async def test_a_conversation_its_owner_deleted_is_never_archived(env: Env, tmp_
     cid = await _conversation(env, turns=1)
     await _age(env, cid)
     await deletion.request_delete(env.bus, deletion.delete_request("p1", cid, "u1", "u1"))
-    result = await _sweeper(env, archive.Directory(tmp_path)).run_once()
+    result = await _sweeper(env, archive.Directory(tmp_path / "archive")).run_once()
     assert (result.archived, result.skipped_deleted) == (0, 1)
-    assert not list(tmp_path.rglob("*.jsonl.gz"))
+    assert not (tmp_path / "archive").exists()  # not a byte of it was written
 
 
 async def test_new_activity_after_the_cutoff_keeps_a_conversation(env: Env, tmp_path: Path) -> None:
@@ -348,3 +349,27 @@ async def test_a_sweep_killed_mid_batch_completes_on_the_next_run_without_duplic
     tombs = await _tombstones(env, n)
     assert sorted(t.conversation_id for t in tombs) == sorted(cids)  # one each, none twice
     assert datetime.now(UTC)  # (the sweeps ran with the real clock)
+
+
+async def test_the_sweep_scans_its_own_index_and_the_list_route_keeps_its_own(env: Env) -> None:
+    for _ in range(3):
+        await _conversation(env, turns=1)
+    cutoff = datetime.now(UTC)
+    async with env.pool.acquire() as con:
+        # Small tables: the question is which index each query can use, not whether it pays.
+        await con.execute("SET plan_cache_mode = force_generic_plan")
+        await con.execute("SET enable_seqscan = off")
+
+        async def plan(sql: str, *args: Any) -> str:
+            return "\n".join(r[0] for r in await con.fetch(f"EXPLAIN {sql}", *args))
+
+        sweep_plans = [
+            await plan(sweep.IDLE_IN_PROJECT, "p1", cutoff, 100, []),
+            await plan(sweep.IDLE_ELSEWHERE, cutoff, ["brief"], 100, []),
+        ]
+        listing = await plan(adapters.CONVERSATIONS_NEWEST, "p1", "u1", 21)
+    # Every project without rules of its own (the big scan) goes by conversations_idle; one
+    # named project may equally start from its own rows (project_id leads other indexes).
+    assert "conversations_idle" in sweep_plans[1], sweep_plans[1]
+    assert not any("Seq Scan on conversations" in p for p in sweep_plans), sweep_plans
+    assert "conversations_recent" in listing and "conversations_idle" not in listing, listing
