@@ -248,6 +248,11 @@ class Stack:
         if name == "executor":
             # The executor's allow-list of MCP servers: the demo server, as the policy file names it.
             return {"EXECUTOR_MCP_SERVERS": json.dumps({"demo": tools_url})}
+        if name == "persister":
+            # Retention's archives stay in the data dir (a sweep runs only if the policy file
+            # given to `baton up --policy` sets retention_days).
+            archive = f"file://{self.data_dir / 'archive'}"
+            return {"PERSISTER_ARCHIVE_URL": os.environ.get("PERSISTER_ARCHIVE_URL", archive)}
         return None
 
     def _gateway_extra(self) -> dict[str, str]:
