@@ -24,8 +24,11 @@ WRITER_ONLY = ("archived_conversations", "retention_sweeps")
 READS: dict[str, tuple[str, ...]] = {
     "gateway": TABLES,  # the read model behind the HTTP API
     "agent": ("messages",),  # conversation history
-    "executor": ("messages", "tool_turns", "tool_results"),  # history with its tool exchanges
+    # History with its tool exchanges, and the conversation's system prompt.
+    "executor": ("messages", "tool_turns", "tool_results", "conversations"),
 }
+# What the writer may delete: a deleted conversation's content (issue 16); nothing else.
+DELETES = ("messages", "tool_turns", "tool_results")
 SERVICES_WITH_DB = (WRITER, *READS)
 
 
@@ -77,6 +80,7 @@ async def ensure_roles(admin_dsn: str) -> list[str]:
             tables = ", ".join((*TABLES, *WRITER_ONLY))
             await con.execute(f'GRANT SELECT, INSERT, UPDATE ON {tables} TO "{writer}"')
             await con.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{writer}"')
+            await con.execute(f'GRANT DELETE ON {", ".join(DELETES)} TO "{writer}"')
             for service, read in READS.items():
                 await con.execute(f'GRANT SELECT ON {", ".join(read)} TO "{role(service)}"')
         done.append(f"grants on {database} ready")

@@ -32,10 +32,12 @@ FOR EACH ROW EXECUTE FUNCTION usage_owner();
 CREATE INDEX usage_project_time ON usage (project_id, created_at);
 -- The sweep's archive of one conversation's usage rows.
 CREATE INDEX usage_conversation ON usage (conversation_id);
--- The retention sweep's scan: conversations idle the longest first. Partial on a predicate
--- only the sweep's query states (message_count >= 0 holds for every row), so the planner never
--- picks it for the list route, whose keyset index is conversations_recent.
-CREATE INDEX conversations_idle ON conversations (last_activity_at, id) WHERE message_count >= 0;
+-- The retention sweep's scan: live conversations (not a deletion's tombstone row), idle the
+-- longest first. Also partial on a predicate only the sweep's query states (message_count >= 0
+-- holds for every row), so the planner never picks it for the list route, whose keyset index
+-- is conversations_recent.
+CREATE INDEX conversations_idle ON conversations (last_activity_at, id)
+    WHERE message_count >= 0 AND deleted_at IS NULL;
 
 -- What the retention sweep archived (written before it asks for the deletion): a sweep that
 -- was interrupted finds here what is archived already and only asks for the deletions still

@@ -65,12 +65,14 @@ async def request_delete(
 async def tombstone(
     bus: Bus, project: str, conversation: str
 ) -> messages.ConversationDeleteRequested | None:
-    """The conversation's deletion request if there is one (a read of the stream by subject)."""
+    """The conversation's deletion request if there is one: one read of the stream by subject
+    (``project`` may be ``*``: a conversation id names one conversation in any project). The
+    request is create-only, so the first message on the subject is the only one."""
+    subject = subjects.conversation_delete(project, conversation)
     try:
-        raw = await bus.js.get_last_msg(
-            subjects.STREAM_CONVERSATIONS, subjects.conversation_delete(project, conversation)
-        )
+        raw = await bus.js.get_msg(subjects.STREAM_CONVERSATIONS, 0, subject, next=True)
     except nats.js.errors.NotFoundError:
         return None
-    assert raw.data is not None
+    if raw.data is None:
+        return None
     return _decoder.decode(raw.data)

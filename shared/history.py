@@ -156,6 +156,15 @@ class History:
             [(r["id"], r["role"], r["content"], r["reply_to"]) for r in rows], exchanges
         )
 
+    async def system_prompt(self, conversation_id: str) -> str | None:
+        """The conversation's own system prompt (set when it was created), if it has one."""
+        async with unavailable_is_transient("read system prompt"), self.pool.acquire() as con:
+            prompt: str | None = await con.fetchval(
+                "SELECT system_prompt FROM conversations WHERE id = $1 AND deleted_at IS NULL",
+                uuid.UUID(conversation_id),
+            )
+        return prompt
+
 
 def _json(value: Any) -> Any:
     """asyncpg returns jsonb as text unless a codec is set; either way a Python value."""

@@ -55,6 +55,21 @@ POLICY_TOOL_RESULTS = ConsumerSpec(
     subjects.STREAM_PERSISTED, "policy-tool-results", "chat.persisted.tool_result.>"
 )
 POLICY_APPROVALS = ConsumerSpec(subjects.STREAM_TOOLS, "policy-approvals", "tool.approval.>")
+# A conversation's settings and deletion (the CONVERSATIONS stream), and policy's verdict on
+# its model: the persister stores them, policy decides on the model and cancels runs.
+PERSISTER_CONVERSATIONS = ConsumerSpec(
+    subjects.STREAM_CONVERSATIONS, "persister-conversations", "conv.settings.>"
+)
+PERSISTER_DELETES = ConsumerSpec(
+    subjects.STREAM_CONVERSATIONS, "persister-deletes", "conv.delete.>"
+)
+PERSISTER_MODEL_VERDICTS = ConsumerSpec(
+    subjects.STREAM_POLICY, "persister-model-verdicts", "policy.conversation.>"
+)
+POLICY_CONVERSATIONS = ConsumerSpec(
+    subjects.STREAM_CONVERSATIONS, "policy-conversations", "conv.settings.>"
+)
+POLICY_DELETES = ConsumerSpec(subjects.STREAM_CONVERSATIONS, "policy-deletes", "conv.delete.>")
 # In-progress acks keep a healthy long stream alive; ack_wait only bounds a dead executor.
 EXECUTOR_TASKS = ConsumerSpec(subjects.STREAM_TASKS, "executor", "exec.task.>", ack_wait_s=30.0)
 
@@ -115,6 +130,13 @@ WIRING: dict[str, Wiring] = {
             Consumes(PERSISTER_FAILED, messages.ExecFailed, "failed_usage"),
             Consumes(PERSISTER_USAGE, messages.ModelUsage, "model_usage"),
             Consumes(PERSISTER_TOOL_RESULTS, messages.ToolResult, "tool_result"),
+            Consumes(PERSISTER_CONVERSATIONS, messages.ConversationChanged, "conversation_changed"),
+            Consumes(
+                PERSISTER_DELETES, messages.ConversationDeleteRequested, "conversation_deleted"
+            ),
+            Consumes(
+                PERSISTER_MODEL_VERDICTS, messages.ConversationModelVerdict, "conversation_verdict"
+            ),
         ),
         publishes=(
             subjects.persisted_user(*_ANY),
@@ -141,6 +163,8 @@ WIRING: dict[str, Wiring] = {
             Consumes(POLICY_FAILURES, messages.ExecFailed, "failure"),
             Consumes(POLICY_CANCELS, messages.CancelRequested, "cancel"),
             Consumes(POLICY_DEADLINES, messages.RunDeadline, "deadline"),
+            Consumes(POLICY_CONVERSATIONS, messages.ConversationChanged, "conversation_settings"),
+            Consumes(POLICY_DELETES, messages.ConversationDeleteRequested, "conversation_deleted"),
         ),
         publishes=(
             subjects.policy_verdict(*_ANY),
@@ -151,6 +175,7 @@ WIRING: dict[str, Wiring] = {
             subjects.tool_task(*_ANY),  # policy alone (I5): an authorized tool call
             subjects.tool_requested(*_ANY),  # an "ask" call waits for the user
             subjects.tool_result(*_ANY),  # a call policy refused (deny, limits, unknown tool)
+            subjects.conversation_verdict(*_ANY),  # the verdict on a conversation's model
         ),
         buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS, subjects.BUCKET_ABORTS),
     ),

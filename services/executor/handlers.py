@@ -37,6 +37,7 @@ class Call:
         self.attempt = attempt
         self.abort = asyncio.Event()
         self.task: asyncio.Task[Any] | None = None
+        self.system = ""  # the system prompt of the call (the conversation's, else the default)
 
     def stop(self) -> None:
         self.abort.set()
@@ -122,7 +123,8 @@ class Handlers:
         self.calls[call_id] = call
         try:
             # The abort mark and the history are read together: one wait instead of two in a row.
-            aborted, history = await asyncio.gather(
+            # The conversation's own system prompt (POST /api/conversations) is read with them.
+            aborted, history, system = await asyncio.gather(
                 self._was_aborted(t),
                 self.history.upto(
                     t.conversation_id,
@@ -130,10 +132,12 @@ class Handlers:
                     t.context_messages or self.settings.context_messages,
                     tools=bool(t.tools),  # tool exchanges only where tools are offered
                 ),
+                self.history.system_prompt(t.conversation_id),
             )
             if aborted:
                 self.aborted.labels("before_call").inc()
                 call.abort.set()
+            call.system = system or self.settings.system_prompt
             return await self._run(t, call_id, call, history)
         finally:
             self.calls.pop(call_id, None)
@@ -234,7 +238,7 @@ class ModelCall:
             self.call.task = asyncio.create_task(
                 h.model.stream(
                     t.model,
-                    core.system_blocks(h.settings.system_prompt),
+                    core.system_blocks(self.call.system or h.settings.system_prompt),
                     prompt,
                     t.max_tokens,
                     self._on_text,

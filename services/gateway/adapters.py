@@ -20,8 +20,9 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from services.gateway import core
+from services.gateway.lifecycle import ConversationLog
+from shared import deletion, ratelimit, subjects
 from shared import messages as m
-from shared import ratelimit, subjects
 from shared.batching import GroupCommit
 from shared.bus import Bus
 from shared.db import UNAVAILABLE
@@ -55,6 +56,27 @@ class Publisher:
             raise LookupError(f"original of duplicate {e.message_id} is gone from the stream")
         return _accepted.decode(original.data), True
 
+    async def change(self, e: m.ConversationChanged, create: bool) -> bool:
+        """Publish a creation (create-only on its subject) or a change; True: a duplicate (the
+        creation was there already)."""
+        try:
+            ack = await self.bus.publish(
+                subjects.conversation_settings(e.project_id, e.conversation_id),
+                e,
+                msg_id=e.event_id,
+                headers={deletion.EXPECTED_LAST_SUBJECT_SEQ: "0"} if create else None,
+                timeout=self.timeout_s,
+            )
+        except nats.js.errors.APIError as exc:
+            if create and exc.err_code == deletion.WRONG_LAST_SEQUENCE:
+                return True
+            raise
+        return bool(ack.duplicate)
+
+    async def delete(self, d: m.ConversationDeleteRequested) -> bool:
+        """Publish the tombstone; True: the conversation was deleted before (a duplicate)."""
+        return not await deletion.request_delete(self.bus, d, timeout=self.timeout_s)
+
     async def cancel(self, e: m.CancelRequested) -> bool:
         """Ask policy to cancel a run; True when this run's cancel was already asked for."""
         ack = await self.bus.publish(
@@ -69,7 +91,7 @@ class Publisher:
 _PAGE_COLUMNS = "id, role, kind, content, created_at, run_id, seq"
 _CONVERSATION = (
     "id, title, created_at, last_activity_at, message_count, metadata::text AS metadata, "
-    "model, system_prompt"
+    "model, system_prompt, model_allowed, model_reason, settings_seq"
 )
 # Pages are keyset range scans of an index (messages_conversation, conversations_recent), one
 # statement per shape so that a prepared statement's generic plan keeps the index condition.
@@ -87,11 +109,12 @@ MESSAGES_AFTER = (
 )
 CONVERSATIONS_NEWEST = (
     f"SELECT {_CONVERSATION} FROM conversations WHERE project_id = $1 AND user_id = $2 "
-    "ORDER BY last_activity_at DESC, id DESC LIMIT $3"
+    "AND deleted_at IS NULL ORDER BY last_activity_at DESC, id DESC LIMIT $3"
 )
 CONVERSATIONS_BEFORE = (
     f"SELECT {_CONVERSATION} FROM conversations WHERE project_id = $1 AND user_id = $2 "
-    "AND (last_activity_at, id) < ($3, $4::uuid) ORDER BY last_activity_at DESC, id DESC LIMIT $5"
+    "AND deleted_at IS NULL AND (last_activity_at, id) < ($3, $4::uuid) "
+    "ORDER BY last_activity_at DESC, id DESC LIMIT $5"
 )
 
 
@@ -105,13 +128,15 @@ class ReadModel:
             self._messages_by_id
         )
 
-    async def owner(self, conversation_id: str) -> tuple[str, str] | None:
+    async def owner(self, conversation_id: str) -> tuple[str, str, bool] | None:
+        """The conversation's project and user, and whether it was deleted (its tombstone)."""
         async with self.pool.acquire() as con:
             row = await con.fetchrow(
-                "SELECT project_id, user_id FROM conversations WHERE id = $1",
+                "SELECT project_id, user_id, deleted_at IS NOT NULL AS deleted "
+                "FROM conversations WHERE id = $1",
                 uuid.UUID(conversation_id),
             )
-        return None if row is None else (row["project_id"], row["user_id"])
+        return None if row is None else (row["project_id"], row["user_id"], row["deleted"])
 
     async def message(self, message_id: str) -> m.UserMessageAccepted | None:
         """The stored user message with this id, if any."""
@@ -178,7 +203,7 @@ class ReadModel:
     async def conversation(self, conversation_id: str) -> dict[str, Any] | None:
         async with self.pool.acquire() as con:
             row = await con.fetchrow(
-                f"SELECT {_CONVERSATION} FROM conversations WHERE id = $1",
+                f"SELECT {_CONVERSATION} FROM conversations WHERE id = $1 AND deleted_at IS NULL",
                 uuid.UUID(conversation_id),
             )
         return None if row is None else _conversation(row)
@@ -325,8 +350,14 @@ def _conversation(r: Any) -> dict[str, Any]:
         "last_activity_at": r["last_activity_at"],
         "message_count": int(r["message_count"]),
         "metadata": msgspec.json.decode(r["metadata"]),
-        "settings": {"model": r["model"], "system_prompt": r["system_prompt"]},
+        "settings": {
+            "model": r["model"],
+            "system_prompt": r["system_prompt"],
+            "model_allowed": r["model_allowed"],
+            "model_reason": r["model_reason"],
+        },
         "pending": False,
+        "settings_seq": int(r["settings_seq"]),
     }
 
 
@@ -433,15 +464,34 @@ class Owners:
     in a bounded table; owners found in the stream are looked up again until stored.
     """
 
-    def __init__(self, reads: ReadModel, inbox: Inbox, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        reads: ReadModel,
+        inbox: Inbox,
+        log: ConversationLog | None = None,
+        max_entries: int = 100_000,
+    ) -> None:
         self.reads = reads
         self.inbox = inbox
+        self.log = log
         self.max_entries = max_entries
         self.known: dict[str, core.Principal] = {}
 
     async def of(self, conversation_id: str) -> core.Ownership:
+        """The owner, and whether the conversation was deleted: its tombstone in the stream is
+        read first, every time (a deletion hides it at once, before the persister acts); if
+        the stream cannot be read, the database's tombstone still answers."""
+        tomb_read = True
+        if self.log is not None:
+            try:
+                tomb = await self.log.tombstone(conversation_id)
+            except (nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError):
+                tomb, tomb_read = None, False
+            if tomb is not None:
+                owner = core.Principal(project=tomb.project_id, user=tomb.user_id)
+                return core.Ownership(owner, deleted=True)
         hit = self.known.get(conversation_id)
-        if hit is not None:
+        if hit is not None and tomb_read:
             return core.Ownership(hit)
         stored_read = True
         try:
@@ -450,17 +500,26 @@ class Owners:
             row, stored_read = None, False
         if row is not None:
             owner = core.Principal(project=row[0], user=row[1])
+            if row[2]:
+                return core.Ownership(owner, deleted=True)
             if len(self.known) >= self.max_entries:
                 self.known.clear()
             self.known[conversation_id] = owner
             return core.Ownership(owner)
         try:
             first = await self.inbox.first(conversation_id)
+            created = None
+            if first is None and self.log is not None:
+                created = await self.log.creation(conversation_id)
         except (nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError):
             return core.Ownership(None, known=False)
         if first is not None:
             return core.Ownership(core.Principal(project=first.project_id, user=first.user_id))
-        return core.Ownership(None, known=stored_read)
+        if created is not None:
+            # Created (POST /api/conversations) and not stored yet: the creation names it.
+            c = created[0]
+            return core.Ownership(core.Principal(project=c.project_id, user=c.user_id))
+        return core.Ownership(None, known=stored_read and tomb_read)
 
 
 class TokenLog:

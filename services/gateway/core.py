@@ -294,6 +294,7 @@ class Ownership(msgspec.Struct, frozen=True):
 
     owner: Principal | None = None
     known: bool = True
+    deleted: bool = False  # the owner deleted it: every read and post is 404 from now on
 
 
 NOT_FOUND = "conversation not found"
@@ -302,8 +303,11 @@ NOT_FOUND = "conversation not found"
 def may_watch(o: Ownership, p: Principal) -> bool:
     """Whether a push stream may open: True for the caller's own conversation, False for one
     nobody owns yet (it opens, but sends no event before the conversation is the caller's);
-    404 for someone else's, 503 when it cannot be told.
+    404 for someone else's or a deleted one (a resume replays nothing), 503 when it cannot be
+    told.
     """
+    if o.deleted:
+        raise ApiError(404, "not_found", NOT_FOUND)
     if o.owner == p:
         return True
     if o.owner is not None:
@@ -314,8 +318,9 @@ def may_watch(o: Ownership, p: Principal) -> bool:
 
 
 def may_read(o: Ownership, p: Principal) -> None:
-    """Reads and cancels: the caller's own conversation only (404 also for nobody's)."""
-    if o.owner == p:
+    """Reads and cancels: the caller's own conversation only (404 also for nobody's, and for
+    a deleted one)."""
+    if o.owner == p and not o.deleted:
         return
     if o.owner is None and not o.known:
         raise _owner_unknown()
@@ -328,7 +333,8 @@ def may_post(o: Ownership, p: Principal) -> None:
     Someone else's is 404; one that cannot be told is 503 with Retry-After, never a 202 the
     persister would then refuse (I1).
     """
-    if o.owner is not None and o.owner != p:
+    if (o.owner is not None and o.owner != p) or o.deleted:
+        # A deleted conversation's id is never taken again (its content cannot come back).
         raise ApiError(404, "not_found", NOT_FOUND)
     if o.owner is None and not o.known:
         raise _owner_unknown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncGenerator
@@ -34,6 +35,7 @@ from services.gateway.adapters import (
 from services.gateway.config import Settings
 from services.gateway.edge import ON_SEND_TIMEOUT
 from services.gateway.front import request_id
+from services.gateway.lifecycle import ConversationLog, created_row, overlay
 from shared import messages as m
 from shared import tracing
 from shared.db import UNAVAILABLE
@@ -77,7 +79,8 @@ class Api:
         owners: Owners | None = None,
     ) -> None:
         self.settings = settings
-        self.owners = owners or Owners(reads, Inbox(publisher.bus))
+        self.log = ConversationLog(publisher.bus)
+        self.owners = owners or Owners(reads, Inbox(publisher.bus), self.log)
         self.id_key = core.id_key(str(settings.jwt_secret), str(settings.id_secret))
         self.rate_gate = rate_gate
         self.rate_limited = metrics.counter(
@@ -348,22 +351,36 @@ class Api:
         """A conversation's metadata; one only accepted so far (nothing stored) shows too."""
         p = self.principal(request)
         cid = await self.own(p, conversation_id)
+        return await self.view(p, cid)
+
+    async def view(self, p: core.Principal, cid: str) -> pages.Conversation:
+        """A conversation of the caller's as stored, with what JetStream has and the database
+        not yet: accepted messages, a creation, changes of its title and metadata."""
         row = await self._read(self.reads.conversation(cid))
         pending = await self._read(self._pending(p, cid, set()))
+        created = None
         if row is None:
-            if not pending:
+            with contextlib.suppress(nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError):
+                created = await self.log.creation(cid)
+            if created is not None:
+                row = created_row(created[0], created[0].at)
+            elif not pending:
                 raise core.ApiError(404, "not_found", core.NOT_FOUND)
-            first = pending[0]
-            row = {
-                "id": cid,
-                "title": "",
-                "created_at": first.created_at,
-                "last_activity_at": first.created_at,
-                "message_count": 0,
-                "metadata": {},
-                "settings": {"model": None, "system_prompt": None},
-                "pending": True,
-            }
+            else:
+                first = pending[0]
+                row = {
+                    "id": cid,
+                    "title": "",
+                    "created_at": first.created_at,
+                    "last_activity_at": first.created_at,
+                    "message_count": 0,
+                    "metadata": {},
+                    "settings": {"model": None, "system_prompt": None},
+                    "pending": True,
+                }
+        after = row.get("settings_seq", 0) if created is None else created[1]
+        with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
+            row = overlay(row, await self.log.changes(p.project, cid, after))
         if pending:
             row["message_count"] += len(pending)
             row["last_activity_at"] = max(row["last_activity_at"], pending[-1].created_at)
@@ -377,8 +394,12 @@ class Api:
         n = pages.limit_of(limit, pages.DEFAULT_CONVERSATIONS, pages.MAX_CONVERSATIONS)
         before = None if cursor is None else pages.decode(cursor, "c")
         rows, more = await self._read(self.reads.conversations(p.project, p.user, n, before))
+        # Deleted a moment ago and not yet tombstoned in the database: left out already.
+        gone = await self.log.deleted_among([r["id"] for r in rows])
         return pages.ConversationsPage(
-            conversations=[msgspec.convert(r, pages.Conversation) for r in rows],
+            conversations=[
+                msgspec.convert(r, pages.Conversation) for r in rows if r["id"] not in gone
+            ],
             cursor=pages.conversation_cursor(rows[-1]) if more else None,
         )
 

@@ -13,7 +13,15 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
-from services.gateway import config, core, openapi, platform_routes, webpage, ws
+from services.gateway import (
+    config,
+    conversation_routes,
+    core,
+    openapi,
+    platform_routes,
+    webpage,
+    ws,
+)
 from services.gateway.adapters import Hub, Publisher, RateGate, ReadModel, TokenLog
 from services.gateway.edge import HttpEdge, failure_fields
 from services.gateway.fastpath import FastAccept
@@ -113,6 +121,7 @@ def litestar_app(api: Api, bus: Bus, reads: ReadModel, settings: config.Settings
 
     return Litestar(
         route_handlers=[
+            *conversation_routes.routes(api),  # first: it answers OPTIONS for its paths
             *routes(api),
             *platform_routes.routes(api),
             *webpage.routes(),

@@ -51,6 +51,10 @@ class MessagesPage(msgspec.Struct):
 class Settings(msgspec.Struct):
     model: str | None = None
     system_prompt: str | None = None
+    # Policy's verdict on ``model`` (None: none asked for, or not decided yet); a model that is
+    # not allowed is not used: the project's usual choice answers.
+    model_allowed: bool | None = None
+    model_reason: str = ""
 
 
 class Conversation(msgspec.Struct):

@@ -57,6 +57,7 @@ class Placed(msgspec.Struct, frozen=True):
 
     position: int
     inserted: bool
+    deleted: bool = False  # its conversation was deleted: not stored, never to be
 
 
 class StoredReply(msgspec.Struct, frozen=True):
@@ -156,7 +157,8 @@ ON CONFLICT (id) DO NOTHING
 
 # Row locks in id order (no deadlocks): one conversation's batches hand out positions in turn.
 LOCK_CONVERSATIONS = """
-SELECT id, project_id, user_id FROM conversations WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+SELECT id, project_id, user_id, deleted_at IS NOT NULL AS deleted
+FROM conversations WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
 # After the conversations' row locks (a new statement sees every committed message): the batch's
@@ -353,14 +355,15 @@ class Store:
                 [e.user_id for e in ordered],
                 [e.created_at for e in ordered],
             )
-            owners = {
-                r["id"]: (r["project_id"], r["user_id"])
-                for r in await con.fetch(LOCK_CONVERSATIONS, sorted(set(convs)))
-            }
+            locked = await con.fetch(LOCK_CONVERSATIONS, sorted(set(convs)))
+            owners = {r["id"]: (r["project_id"], r["user_id"]) for r in locked}
+            # A deleted conversation takes no message again (its tombstone keeps the owner).
+            gone = {r["id"] for r in locked if r["deleted"]}
             ok = [
                 e
                 for e in ordered
                 if owners.get(uuid.UUID(e.conversation_id)) == (e.project_id, e.user_id)
+                and uuid.UUID(e.conversation_id) not in gone
             ]
             rows = (
                 []
@@ -379,7 +382,11 @@ class Store:
             )
         placed = {str(r["id"]): Placed(r["position"] or 0, r["inserted"]) for r in rows}
         foreign = BadData("conversation belongs to another project or user")
-        return [placed.get(e.message_id, foreign) for e in events]
+        deleted = Placed(0, False, deleted=True)
+        return [
+            placed.get(e.message_id, deleted if uuid.UUID(e.conversation_id) in gone else foreign)
+            for e in events
+        ]
 
     async def upsert_run(self, v: m.RunVerdict) -> None:
         async with unavailable_is_transient("upsert run"), self.pool.acquire() as con:

@@ -154,9 +154,10 @@ def decode(data: bytes) -> tuple[Header, list[tuple[str, str]]]:
 async def restore(con: Any, data: bytes, conversation_id: str) -> Header:
     """Put an archived conversation back, every row as it was, in one transaction.
 
-    Refused while the conversation still exists (its rows are the live ones). Rows a
-    deletion kept (runs, usage: their numbers) are replaced by the archived ones; the
-    project totals are not touched (they never lost those calls).
+    Refused while the conversation still exists (its rows are the live ones); a deletion's
+    tombstone row is replaced (the restored row has no ``deleted_at``). Rows a deletion kept
+    (runs, usage: their numbers) are replaced by the archived ones; the project totals are not
+    touched (they never lost those calls).
     """
     header, rows = decode(data)
     if header.conversation_id != conversation_id:
@@ -164,11 +165,14 @@ async def restore(con: Any, data: bytes, conversation_id: str) -> Header:
             f"the archive holds conversation {header.conversation_id}, not {conversation_id}"
         )
     async with con.transaction():
-        live = await con.fetchval(
-            "SELECT 1 FROM conversations WHERE id = $1", uuid.UUID(conversation_id)
-        )
-        if live:
+        cid = uuid.UUID(conversation_id)
+        row = await con.fetchrow("SELECT deleted_at FROM conversations WHERE id = $1", cid)
+        if row is not None and row["deleted_at"] is None:
             raise ArchiveError(f"conversation {conversation_id} exists: delete it first")
+        # A deletion's tombstone row (migration 0008) gives way to the archived row.
+        await con.execute(
+            "DELETE FROM conversations WHERE id = $1 AND deleted_at IS NOT NULL", cid
+        )
         for table, _, _ in TABLES:
             mine = [j for t, j in rows if t == table]
             if not mine:

@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 
 from services.persister import core
 from services.persister.adapters import Placed, Store, StoredReply, StoredToolTurn
+from services.persister.conversations import ConversationStore, Purger
 from shared import messages as m
 from shared import subjects
 from shared.batching import GroupCommit
@@ -143,9 +144,19 @@ class Handlers:
         self.verdicts: GroupCommit[m.RunVerdict, None] = GroupCommit(
             store.upsert_runs, name="upsert runs"
         )
+        self.conversations = ConversationStore(store.pool)
+        self.purger = Purger(bus)
+        self.late = metrics.counter(
+            "deleted_conversation_events_total",
+            "Events that arrived for a deleted conversation (not stored; purged again), by kind.",
+            ("kind",),
+        )
 
     async def user_message(self, e: m.UserMessageAccepted, _msg: Msg) -> str:
         placed = await self.user_messages.submit(e)
+        if placed.deleted:
+            # Accepted while the deletion was on its way: never stored, and gone from CHAT_IN.
+            return await self._late(e, "user_message", subjects.STREAM_CHAT_IN)
         # Published on every delivery: the first publish may be the one a crash interrupted.
         persisted = m.UserMessagePersisted(
             event_id=f"persisted:user:{e.message_id}",
@@ -172,16 +183,61 @@ class Handlers:
         return v.status
 
     async def result(self, r: m.ExecResult, _msg: Msg) -> str:
-        if core.is_tool_turn(r):
-            return await self._tool_turn(r)
-        stored = await self.store.store_result(r)
+        try:
+            if core.is_tool_turn(r):
+                return await self._tool_turn(r)
+            stored = await self.store.store_result(r)
+        except BadData:
+            if not await self.conversations.is_deleted(r.conversation_id):
+                raise
+            # The run of a deleted conversation answered late: bill the call, keep no text.
+            await self.store.store_failed_usage(_billed(r))
+            return await self._late(r, "result", subjects.STREAM_RESULTS)
         await self._announce(stored, r.run_id, r.event_id)
         return "inserted" if stored.inserted else "duplicate"
 
     async def reply(self, p: m.PolicyReply, _msg: Msg) -> str:
-        stored = await self.store.store_reply(p)
+        try:
+            stored = await self.store.store_reply(p)
+        except BadData:
+            if not await self.conversations.is_deleted(p.conversation_id):
+                raise
+            return await self._late(p, "reply", subjects.STREAM_POLICY)
         await self._announce(stored, p.run_id, p.event_id)
         return "inserted" if stored.inserted else "duplicate"
+
+    async def conversation_changed(self, e: m.ConversationChanged, msg: Msg) -> str:
+        """``conv.settings.>``: a creation or a change of title and metadata, in stream order."""
+        outcome = await self.conversations.apply(e, msg.metadata.sequence.stream)
+        if outcome == "deleted":
+            return await self._late(e, "settings", subjects.STREAM_CONVERSATIONS)
+        return outcome
+
+    async def conversation_verdict(self, v: m.ConversationModelVerdict, _msg: Msg) -> str:
+        """``policy.conversation.>``: policy's verdict on the conversation's requested model."""
+        outcome = await self.conversations.verdict(v)
+        if outcome == "deleted":
+            return await self._late(v, "model_verdict", subjects.STREAM_POLICY)
+        return outcome
+
+    async def conversation_deleted(self, d: m.ConversationDeleteRequested, _msg: Msg) -> str:
+        """``conv.delete.>``: delete the content (one transaction), then purge the streams.
+
+        Acked only after both; a redelivery does both again (idempotent). What arrives for the
+        conversation later is refused by its tombstone and purged again (``_late``).
+        """
+        records = await self.conversations.delete(d)
+        await self.purger.purge(d.project_id, d.conversation_id, records)
+        return "deleted"
+
+    async def _late(self, e: m.Event, kind: str, stream: str) -> str:
+        """An event of a deleted conversation: nothing stored, and the stream it came from (and
+        the token deltas, which end before a run's last event) purged of it again."""
+        self.late.labels(kind).inc()
+        await self.purger.purge(e.project_id, e.conversation_id, only=stream)
+        if stream != subjects.STREAM_TOKENS:
+            await self.purger.purge(e.project_id, e.conversation_id, only=subjects.STREAM_TOKENS)
+        return "conversation_deleted"
 
     async def _tool_turn(self, r: m.ExecResult) -> str:
         turn: StoredToolTurn = await self.store.store_tool_turn(r)
@@ -208,6 +264,14 @@ class Handlers:
 
     async def tool_result(self, r: m.ToolResult, _msg: Msg) -> str:
         """A tool call's result, stored once, then announced (policy continues the run on it)."""
+        if await self.conversations.is_deleted(r.conversation_id):
+            await self.purger.purge(
+                r.project_id,
+                r.conversation_id,
+                (subjects.tool_call_record(r.run_id, r.call_id),),
+                only=subjects.STREAM_TOOLS,
+            )
+            return await self._late(r, "tool_result", subjects.STREAM_TOOLS)
         stored, inserted = await self.store.store_tool_result(r)
         event = m.ToolResultPersisted(
             event_id=core.tool_result_event_id(r.run_id, r.call_id),
@@ -226,6 +290,9 @@ class Handlers:
 
     async def failed_usage(self, f: m.ExecFailed, _msg: Msg) -> str:
         await self.store.store_failed_usage(f)
+        if await self.conversations.is_deleted(f.conversation_id):
+            # The last event of a run a deletion cancelled: its token deltas end before it.
+            return await self._late(f, "failed", subjects.STREAM_RESULTS)
         return f.error_class
 
     async def model_usage(self, u: m.ModelUsage, _msg: Msg) -> str:
@@ -254,3 +321,23 @@ class Handlers:
             event,
             msg_id=event.event_id,
         )
+
+
+def _billed(r: m.ExecResult) -> m.ExecFailed:
+    """A late answer's call as a usage row only: its numbers, no text, outcome ``cancelled``
+    (the answer was discarded with its conversation)."""
+    return m.ExecFailed(
+        event_id=r.event_id,
+        message_id=r.message_id,
+        conversation_id=r.conversation_id,
+        project_id=r.project_id,
+        task_id=r.task_id,
+        call_id=r.call_id,
+        run_id=r.run_id,
+        attempt=r.attempt,
+        model=r.model,
+        error_class="cancelled",
+        error="",
+        usage=r.usage,
+        prices=r.prices,
+    )

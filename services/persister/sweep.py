@@ -39,12 +39,13 @@ from shared.metrics import ServiceMetrics
 LOCK_KEY = 0x6261746F6E5F7273
 
 
-# Not archived-and-requested already (for this activity), not found deleted by this sweep; the
-# last clause is the predicate of the partial index conversations_idle (migration 0009).
+# Not archived-and-requested already (for this activity), not found deleted by this sweep, not
+# a tombstone (migration 0008 keeps a deleted conversation's row); the last two clauses are the
+# predicate of the partial index conversations_idle (migration 0009).
 _NOT_DONE = (
     "NOT EXISTS (SELECT 1 FROM archived_conversations a WHERE a.conversation_id = c.id "
     "AND a.delete_requested_at IS NOT NULL AND a.last_activity_at >= c.last_activity_at) "
-    "AND NOT (c.id = ANY($4::uuid[])) AND c.message_count >= 0"
+    "AND NOT (c.id = ANY($4::uuid[])) AND c.deleted_at IS NULL AND c.message_count >= 0"
 )
 # $1 the project, $2 its cutoff, $3 how many, $4 ids to skip.
 IDLE_IN_PROJECT = (

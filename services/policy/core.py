@@ -133,8 +133,23 @@ def run_id_for(message_id: str) -> str:
     return runs.run_id(message_id)
 
 
-def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
-    """The verdict on the agent's advice; the advice itself is bounded, never obeyed blindly."""
+def model_verdict(requested: str, rules: Rules) -> tuple[bool, str]:
+    """Whether a conversation may use the model it asks for (the project's price table lists
+    the models it allows), and why."""
+    if requested in rules.models:
+        return True, f"model {requested} is allowed in this project"
+    allowed = ", ".join(sorted(rules.models)) or "none"
+    return False, f"model {requested} is not allowed in this project (allowed: {allowed})"
+
+
+def decide(
+    e: m.AgentDecision, rules: Rules, now: datetime, conversation_model: str | None = None
+) -> RunState:
+    """The verdict on the agent's advice; the advice itself is bounded, never obeyed blindly.
+
+    ``conversation_model``: the model the conversation's settings asked for and policy allowed;
+    it wins over the agent's hint while the project still allows it.
+    """
     d = e.decision
     base = RunState(
         run_id=run_id_for(e.message_id),
@@ -177,7 +192,10 @@ def decide(e: m.AgentDecision, rules: Rules, now: datetime) -> RunState:
         executor, verdict = rules.default_executor, "override"
         reasons.append(f"executor {d.executor} not allowed; using {executor}")
     model = rules.default_model
-    if d.model_hint and d.model_hint in rules.models:
+    if conversation_model and conversation_model in rules.models:
+        model = conversation_model
+        reasons.append(f"the conversation's model {model}")
+    elif d.model_hint and d.model_hint in rules.models:
         model = d.model_hint
     max_tokens = max(256, min(d.estimated_tokens * 2, rules.max_output_tokens))
     return msgspec.structs.replace(
@@ -477,6 +495,10 @@ class ConvState(msgspec.Struct, kw_only=True):
     started: bool = False
     next_position: int = 1
     pending: dict[int, str] = msgspec.field(default_factory=dict)
+    # Set by the conversation's settings (issue 16): the model its runs use, if policy allowed
+    # the one it asked for; and whether it was deleted (its later messages get no run).
+    model: str | None = None
+    deleted: bool = False
 
 
 Admission = Literal["start", "queued", "wait"]

@@ -7,14 +7,13 @@ is in ``machine.py`` / ``core.py``; nothing here decides."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import msgspec
 from nats.aio.msg import Msg
 
-from services.policy import budget, core, machine
+from services.policy import budget, core, lifecycle, machine
 from services.policy.adapters import Aborts, Conversations, Limiter, Runs
 from services.policy.policyfile import Book
 from shared import messages as m
@@ -98,6 +97,11 @@ class Handlers:
 
     async def decision(self, e: m.AgentDecision, _msg: Msg) -> str:
         rules, now = self.rules_for(e.project_id), _now()
+        # The conversation's record first: a deleted one gets no run, and its settings may
+        # name the model its runs use.
+        read = await self.conversations.get(e.conversation_id)
+        if read[0].deleted:
+            return "conversation_deleted"
         limited = self.limiter is not None and core.has_limits(rules)
         existing = await self.runs.find(core.run_id_for(e.message_id)) if limited else None
         carry = _Carry()
@@ -106,21 +110,13 @@ class Handlers:
             # only finish admitting it.
             state, created = existing, False
         else:
-            proposed = core.decide(e, rules, now)
+            proposed = core.decide(e, rules, now, conversation_model=read[0].model)
             proposed.trace_context = tracing.carrier()
             proposed.classification, proposed.classification_cost_usd = e.usage, e.cost_usd
             if limited:
                 proposed = await self._limit(proposed, rules, now)
-            # The conversation's record is read while the run is created (one round trip less);
-            # admitting the run is a compare-and-set on what was read.
-            created_run, read = await asyncio.gather(
-                self.runs.create(proposed),
-                self.conversations.get(e.conversation_id),
-                return_exceptions=True,
-            )
-            if isinstance(created_run, BaseException):
-                raise created_run
-            state, revision, created = created_run
+            # Admitting the run is a compare-and-set on the conversation's record as read above.
+            state, revision, created = await self.runs.create(proposed)
             carry.run = (state, revision)
             if created:
                 self.verdicts.labels(state.verdict).inc()
@@ -130,10 +126,6 @@ class Handlers:
                 # Another replica decided this run first without a hold (or the user cancelled
                 # it before its decision): give ours back.
                 await self.limiter.release(proposed.run_id, proposed.reservation.keys)  # type: ignore[union-attr]
-            # A failed read is raised only now: a hold this delivery will not keep is released
-            # first (its redelivery finds the run decided and would never give it back).
-            if isinstance(read, BaseException):
-                raise read
             carry.conv = read
         # A redelivered decision admits the same run again; what it emits is deduplicated.
         admission = await self._drive(_on(state, machine.Admit(e.position)), carry)
@@ -219,6 +211,12 @@ class Handlers:
             raise BadData(why)
         cancel = machine.Cancel(e.event_id, "cancelled by the user", "user")
         return await self._drive(_on(run, cancel), _Carry.of(run, revision))
+
+    async def conversation_settings(self, e: m.ConversationChanged, _msg: Msg) -> str:
+        return await lifecycle.conversation_settings(self, e)
+
+    async def conversation_deleted(self, d: m.ConversationDeleteRequested, _msg: Msg) -> str:
+        return await lifecycle.conversation_deleted(self, d)
 
     async def reply_persisted(self, e: m.AssistantMessagePersisted, _msg: Msg) -> str:
         run, revision = await self.runs.get(e.run_id)

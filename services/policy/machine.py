@@ -108,7 +108,7 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
 
     cause: str
     why: str
-    how: Literal["user", "interrupt"]
+    how: Literal["user", "interrupt", "deleted"]  # deleted: the conversation was deleted
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed"):

@@ -27,6 +27,7 @@ from baton.embedded import free_port
 from services.gateway import adapters
 from services.persister import archive, sweep
 from services.persister.adapters import Store
+from services.persister.conversations import ConversationStore, Purger
 from services.persister.s3 import S3
 from services.persister.sweep import Sweeper
 from shared import deletion, retention, subjects
@@ -127,19 +128,11 @@ async def _rows(env: Env, cid: str) -> list[tuple[str, str]]:
         return await archive.dump(con, cid)
 
 
-async def _delete_as_the_persister_would(env: Env, cid: str) -> None:
-    """What the deletion leaves (issue 16's contract): no content rows; runs and usage keep
-    their numbers. (conv's persister handler does this on the request; it is not merged here.)"""
-    c = uuid.UUID(cid)
-    async with env.pool.acquire() as con, con.transaction():
-        await con.execute(
-            "DELETE FROM tool_results WHERE run_id IN (SELECT run_id FROM runs WHERE conversation_id = $1)",
-            c,
-        )
-        await con.execute("DELETE FROM tool_turns WHERE conversation_id = $1", c)
-        await con.execute("DELETE FROM messages WHERE conversation_id = $1", c)
-        await con.execute("UPDATE runs SET reason = '' WHERE conversation_id = $1", c)
-        await con.execute("DELETE FROM conversations WHERE id = $1", c)
+async def _delete(env: Env, tomb: m.ConversationDeleteRequested) -> None:
+    """What the persister does with the sweep's deletion request (its own handler's two steps):
+    the content rows go, the row stays as the tombstone, the streams are purged."""
+    records = await ConversationStore(env.pool).delete(tomb)
+    await Purger(env.bus).purge(tomb.project_id, tomb.conversation_id, records)
 
 
 def _sweeper(env: Env, target: archive.Target, prefix: str = "", **kw: Any) -> Sweeper:
@@ -196,8 +189,10 @@ async def test_an_archived_conversation_is_restored_identical_from_a_directory(
     [tomb] = await _tombstones(env, 1)
     assert (tomb.conversation_id, tomb.reason, tomb.requested_by) == (cid, "retention", "retention")
 
-    await _delete_as_the_persister_would(env, cid)
-    assert not [t for t, _ in await _rows(env, cid) if t in ("messages", "conversations")]
+    await _delete(env, tomb)
+    gone = await _rows(env, cid)
+    assert not [t for t, _ in gone if t == "messages"]
+    assert msgspec.json.decode(gone[0][1])["deleted_at"] is not None  # the tombstone row
     restored = _run(_cli(env, "restore", "--conversation", cid))
     assert restored["tombstone_lifted"] is True
     assert await _rows(env, cid) == before
@@ -224,7 +219,8 @@ async def test_an_archive_goes_to_a_real_s3_bucket_and_comes_back(env: Env, s3_s
     assert result.archived == 1
     stored = await client.get("baton-archive", f"retention/brief/{cid}.jsonl.gz")
     assert stored is not None and archive.decode(stored)[1] == before
-    await _delete_as_the_persister_would(env, cid)
+    [tomb] = await _tombstones(env, 1)
+    await _delete(env, tomb)
     _run(
         _cli(
             env,

@@ -75,13 +75,29 @@ def test_only_the_gateway_asks_for_cancels() -> None:
     assert allowed == ["gateway"]
 
 
+PURGE_ALL = "$JS.API.STREAM.PURGE.>"
+
+
 def test_no_service_may_manage_streams_or_consumers() -> None:
     for service in permissions.SERVICES:
         publish = permissions.permissions(service)["publish"]
-        assert set(permissions.ADMIN_ONLY) <= set(publish["deny"])
+        assert set(permissions.ADMIN_ONLY) - {PURGE_ALL} <= set(publish["deny"])
         api = [s for s in publish["allow"] if s.startswith("$JS.API.")]
-        # Only reads and fetches: no create, update, delete or purge of anything.
-        assert all(s.startswith(READ_ONLY_API) for s in api), api
+        purges = [s for s in api if s.startswith("$JS.API.STREAM.PURGE.")]
+        # Only reads and fetches: no create, update, delete of anything; purges below.
+        assert all(s.startswith(READ_ONLY_API) for s in set(api) - set(purges)), api
+        if service != "persister":
+            assert purges == [] and PURGE_ALL in publish["deny"], service
+
+
+def test_only_the_persister_may_purge_and_only_the_streams_holding_content() -> None:
+    publish = permissions.permissions("persister")["publish"]
+    purges = {s for s in publish["allow"] if s.startswith("$JS.API.STREAM.PURGE.")}
+    assert purges == {f"$JS.API.STREAM.PURGE.{s}" for s in subjects.CONTENT_STREAMS}
+    # A deny wins over an allow: the blanket deny is gone, every other stream's purge denied.
+    assert PURGE_ALL not in publish["deny"]
+    others = {s.name for s in subjects.STREAMS} - set(subjects.CONTENT_STREAMS)
+    assert others and {f"$JS.API.STREAM.PURGE.{s}" for s in others} <= set(publish["deny"])
 
 
 def test_each_service_binds_only_its_own_durables_and_reads_only_its_inbox() -> None:
