@@ -14,8 +14,8 @@ from typing import Any
 import msgspec
 import nats.errors
 from litestar import Request, Response, delete, patch, post, route
-from litestar.routes import HTTPRoute
 from litestar.params import FromPath
+from litestar.routes import HTTPRoute
 
 from services.gateway import core, lifecycle, openapi, pages
 from services.gateway.handlers import Api

@@ -170,9 +170,7 @@ async def restore(con: Any, data: bytes, conversation_id: str) -> Header:
         if row is not None and row["deleted_at"] is None:
             raise ArchiveError(f"conversation {conversation_id} exists: delete it first")
         # A deletion's tombstone row (migration 0008) gives way to the archived row.
-        await con.execute(
-            "DELETE FROM conversations WHERE id = $1 AND deleted_at IS NOT NULL", cid
-        )
+        await con.execute("DELETE FROM conversations WHERE id = $1 AND deleted_at IS NOT NULL", cid)
         for table, _, _ in TABLES:
             mine = [j for t, j in rows if t == table]
             if not mine:
