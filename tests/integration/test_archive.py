@@ -23,6 +23,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from baton import roles
 from baton.embedded import free_port
 from services.gateway import adapters
 from services.persister import archive, sweep
@@ -369,3 +370,20 @@ async def test_the_sweep_scans_its_own_index_and_the_list_route_keeps_its_own(en
     assert "conversations_idle" in sweep_plans[1], sweep_plans[1]
     assert not any("Seq Scan on conversations" in p for p in sweep_plans), sweep_plans
     assert "conversations_recent" in listing and "conversations_idle" not in listing, listing
+
+
+async def test_the_sweep_runs_with_the_persisters_own_database_role(
+    env: Env, tmp_path: Path
+) -> None:
+    await roles.ensure_roles(env.infra.database_url)
+    cid = await _conversation(env, turns=1)
+    await _age(env, cid)
+    pool = await create_pool(roles.dsn_for(env.infra.database_url, "persister"))
+    try:
+        sweeper = Sweeper(
+            pool, env.bus, archive.Directory(tmp_path / "a"), "", KEPT, service_metrics("persister")
+        )
+        result = await sweeper.run_once()
+    finally:
+        await pool.close()
+    assert (result.ran, result.archived) == (True, 1)
