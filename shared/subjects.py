@@ -155,15 +155,15 @@ def content_filters(project: str, conversation: str) -> tuple[tuple[str, str], .
     (``tool_call_record``) are keyed by run and call, not by conversation: a deletion purges
     them one by one from the stored tool results."""
     p, c = project, conversation
+    # Only these carry what users wrote or models answered: decisions, verdicts, policy's
+    # canned replies, tasks and cancels hold ids, numbers and policy's own words, so their
+    # streams stay out of the persister's purge grant (a purge grant cannot be narrowed to a
+    # subject, so every stream in it is one the persister could empty).
     return (
         (STREAM_CHAT_IN, chat_in(p, c)),
         (STREAM_PERSISTED, f"chat.persisted.*.{p}.{c}"),
-        (STREAM_DECISIONS, f"agent.*.{p}.{c}"),
-        (STREAM_POLICY, f"policy.*.{p}.{c}"),
-        (STREAM_TASKS, exec_task(p, c)),
         (STREAM_RESULTS, f"exec.*.{p}.{c}"),
         (STREAM_TOKENS, token_stream(p, c)),
-        (STREAM_CANCELS, chat_cancel(p, c)),
         (STREAM_TOOLS, f"tool.*.{p}.{c}"),
         (STREAM_CONVERSATIONS, conversation_settings(p, c)),
     )

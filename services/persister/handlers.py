@@ -202,7 +202,7 @@ class Handlers:
         except BadData:
             if not await self.conversations.is_deleted(p.conversation_id):
                 raise
-            return await self._late(p, "reply", subjects.STREAM_POLICY)
+            return await self._late(p, "reply", subjects.STREAM_RESULTS)
         await self._announce(stored, p.run_id, p.event_id)
         return "inserted" if stored.inserted else "duplicate"
 
@@ -217,7 +217,7 @@ class Handlers:
         """``policy.conversation.>``: policy's verdict on the conversation's requested model."""
         outcome = await self.conversations.verdict(v)
         if outcome == "deleted":
-            return await self._late(v, "model_verdict", subjects.STREAM_POLICY)
+            return await self._late(v, "model_verdict", subjects.STREAM_CONVERSATIONS)
         return outcome
 
     async def conversation_deleted(self, d: m.ConversationDeleteRequested, _msg: Msg) -> str:

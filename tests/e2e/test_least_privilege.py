@@ -398,10 +398,14 @@ def _requests(user: str) -> list[tuple[str, bytes]]:
         "$JS.API.STREAM.MSG.GET.": b'{"seq":1}',
         "$JS.API.DIRECT.GET.": b'{"seq":1}',
     }
+    # A purge (the persister's, of a deleted conversation) by a filter that matches nothing.
+    nobody = dict(subjects.content_filters("nobody", "nobody"))
     found = []
     for subject in permissions.permissions(user)["publish"]["allow"]:
         if subject.startswith("$JS.API.") and "*" not in subject and ">" not in subject:
             body = next((b for prefix, b in bodies.items() if subject.startswith(prefix)), b"")
+            if subject.startswith("$JS.API.STREAM.PURGE."):
+                body = msgspec.json.encode({"filter": nobody[subject.rsplit(".", 1)[1]]})
             found.append((subject, body))
     return found
 

@@ -219,7 +219,12 @@ async def test_the_list_shows_the_callers_conversations_by_recent_activity(
     assert stamps == sorted(stamps, reverse=True)
     one = (await gateway.get(f"/api/conversations/{cids[2]}")).json()
     assert (one["id"], one["message_count"], one["title"]) == (cids[2], 3, "")
-    assert one["settings"] == {"model": None, "system_prompt": None}
+    assert one["settings"] == {
+        "model": None,
+        "system_prompt": None,
+        "model_allowed": None,
+        "model_reason": "",
+    }
 
 
 async def test_a_conversation_only_accepted_so_far_has_metadata_at_once(gateway: Gateway) -> None:
