@@ -1,4 +1,4 @@
-"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, mcp, dlq, bench."""
+"""The ``baton`` command: up, token, chat, run, provision, migrate, roles, nats-config, model, mcp, dlq, archive, bench."""
 
 from __future__ import annotations
 
@@ -112,6 +112,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from baton import chat
 
     return chat.main(args)
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from baton import archive
+
+    return archive.main(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -258,6 +264,14 @@ def parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--data-dir", default=".baton", help="where `baton up` wrote endpoints.json")
     chat.set_defaults(func=_cmd_chat)
+
+    arc = sub.add_parser(
+        "archive", help="retention: run the archive sweep once, or restore a conversation"
+    )
+    from baton.archive import add_arguments as archive_arguments
+
+    archive_arguments(arc)
+    arc.set_defaults(func=_cmd_archive)
 
     bench = sub.add_parser(
         "bench",

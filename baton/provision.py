@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nats
 import nats.js.errors
 from nats.js.api import (
@@ -14,7 +16,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from shared import subjects, wiring
+from shared import retention, subjects, wiring
 from shared.config import nats_servers
 
 DEFAULT_DEDUP_WINDOW_S = 120.0
@@ -22,15 +24,33 @@ DEFAULT_DEDUP_WINDOW_S = 120.0
 MAX_REPLICAS = 5
 
 
-def stream_config(spec: subjects.StreamSpec, dedup_window_s: float, replicas: int) -> StreamConfig:
+# Streams a retention does not cap: the deletion tombstones must outlive what they delete.
+UNCAPPED = frozenset({"CONVERSATIONS"})
+
+
+def max_age_s(spec: subjects.StreamSpec, kept: retention.Retention) -> float:
+    """The stream's own limit, never longer than the shortest retention of any project
+    (a stream is shared by every project): nothing keeps content past what retention says."""
+    if spec.name in UNCAPPED:
+        return spec.max_age_s
+    return retention.stream_max_age_s(spec.max_age_s, kept)
+
+
+def stream_config(
+    spec: subjects.StreamSpec,
+    dedup_window_s: float,
+    replicas: int,
+    kept: retention.Retention | None = None,
+) -> StreamConfig:
+    age = max_age_s(spec, kept or retention.Retention())
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.MEMORY if spec.memory else StorageType.FILE,
-        max_age=spec.max_age_s,
+        max_age=age,
         # The dedup window may not exceed max_age; ids older than it are the database's job.
-        duplicate_window=min(dedup_window_s, spec.max_age_s),
+        duplicate_window=min(dedup_window_s, age),
         num_replicas=replicas,
         allow_direct=True,
     )
@@ -55,12 +75,17 @@ async def provision(
     user: str = "",
     password: str = "",
     ack_wait_s: float | None = None,
+    kept: retention.Retention | None = None,
 ) -> list[str]:
     """Create or update everything; safe to run again. Returns what it did, one line each.
 
     ``replicas`` is the copies of every stream and KV bucket (consumers follow their
-    stream): 1 on a single server, 3 on a 3-node cluster so one node may fail.
+    stream): 1 on a single server, 3 on a 3-node cluster so one node may fail. ``kept``:
+    the projects' retention (default: the policy file in ``BATON_POLICY_FILE``, if any), which
+    caps every content stream's ``max_age``.
     """
+    if kept is None:
+        kept = retention.load(os.environ.get("BATON_POLICY_FILE"))
     if not 1 <= replicas <= MAX_REPLICAS:
         raise ValueError(f"replicas must be between 1 and {MAX_REPLICAS}, not {replicas}")
     options: dict[str, object] = {"servers": nats_servers(nats_url), "connect_timeout": 5}
@@ -71,7 +96,7 @@ async def provision(
     try:
         js = nc.jetstream()
         for spec in subjects.STREAMS:
-            cfg = stream_config(spec, dedup_window_s, replicas)
+            cfg = stream_config(spec, dedup_window_s, replicas, kept)
             try:
                 await js.stream_info(spec.name)
                 await js.update_stream(cfg)

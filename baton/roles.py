@@ -20,6 +20,8 @@ TABLES = (
     "tool_results",
     "api_keys",
 )
+# The retention sweep's own bookkeeping: the persister's alone, nobody reads it.
+WRITER_ONLY = ("archived_conversations", "retention_sweeps")
 READS: dict[str, tuple[str, ...]] = {
     "gateway": TABLES,  # the read model behind the HTTP API
     "agent": ("messages",),  # conversation history
@@ -76,7 +78,7 @@ async def ensure_roles(admin_dsn: str) -> list[str]:
                 await con.execute(f'GRANT CONNECT ON DATABASE "{database}" TO "{role(service)}"')
                 await con.execute(f'GRANT USAGE ON SCHEMA public TO "{role(service)}"')
             writer = role(WRITER)
-            tables = ", ".join(TABLES)
+            tables = ", ".join((*TABLES, *WRITER_ONLY))
             await con.execute(f'GRANT SELECT, INSERT, UPDATE ON {tables} TO "{writer}"')
             await con.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{writer}"')
             await con.execute(f'GRANT DELETE ON {", ".join(DELETES)} TO "{writer}"')

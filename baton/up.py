@@ -276,6 +276,11 @@ class Stack:
             path = self.data_dir / "policy-demo-tools.toml"
             path.write_text(DEMO_POLICY.format(url=tools_url))
             return {"BATON_POLICY_FILE": str(path)}
+        if name == "persister":
+            # Retention's archives stay in the data dir (a sweep runs only if the policy file
+            # given to `baton up --policy` sets retention_days).
+            archive = f"file://{self.data_dir / 'archive'}"
+            return {"PERSISTER_ARCHIVE_URL": os.environ.get("PERSISTER_ARCHIVE_URL", archive)}
         return None
 
     def _gateway_extra(self) -> dict[str, str]:

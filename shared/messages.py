@@ -241,6 +241,9 @@ class ExecTask(Event, kw_only=True, frozen=True):
     deadline: datetime
     tools: tuple[ToolSpec, ...] = ()  # exactly the tools policy grants this run; none: text only
     round: int = 0  # the tool round: 0 first, n after the model's n-th tool_use turn
+    # The project's hot window (policy file ``context_messages``): at most this many messages
+    # of history, within the executor's token budget; 0: the executor's own setting.
+    context_messages: int = 0
 
 
 class EstimatedCall(msgspec.Struct, kw_only=True, frozen=True):

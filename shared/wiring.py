@@ -149,7 +149,11 @@ WIRING: dict[str, Wiring] = {
             subjects.persisted_assistant(*_ANY),
             subjects.persisted_tool_turn(*_ANY),
             subjects.persisted_tool_result(*_ANY),
+            # The retention sweep deletes what it archived the one way there is (the tombstone).
+            subjects.conversation_delete(*_ANY),
         ),
+        # The sweep skips a conversation its owner deleted already (its tombstone, by subject).
+        reads_streams=(subjects.STREAM_CONVERSATIONS,),
         # A deleted conversation's content leaves every stream that holds it (the persister
         # deletes it from Postgres, then purges these by subject).
         purges_streams=subjects.CONTENT_STREAMS,

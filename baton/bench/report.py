@@ -128,6 +128,28 @@ def tables(r: Result) -> str:
         parts.append(
             _table("fan-out: SSE token delivery", ["clients", "events/s", "delivered", *lat], rows)
         )
+    if r.get("paging"):
+        pg = r["paging"]
+        rows = [
+            [
+                c["case"],
+                c["rows"],
+                c["http"]["p50_ms"],
+                c["http"]["p99_ms"],
+                c["db"]["p50_ms"],
+                c["db"]["p99_ms"],
+                c["db"]["index"],
+            ]
+            for c in pg["cases"]
+        ]
+        parts.append(
+            _table(
+                f"paging ({pg['requests_per_case']} sequential GETs per page, seeded in "
+                f"{pg['seed_s']} s)",
+                ["page", "rows", "http p50 ms", "http p99 ms", "db p50 ms", "db p99 ms", "index"],
+                rows,
+            )
+        )
     for label, tops in _profiles(r):
         for name, top in tops.items():
             rows = [[share, fn] for fn, share in top[:10]]

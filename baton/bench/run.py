@@ -14,13 +14,14 @@ import msgspec
 from baton.bench import procstat, stack
 from baton.bench.accept import GENERATORS, accept, generator, usual
 from baton.bench.fanout import fanout
+from baton.bench.paging import paging
 from baton.bench.peers import broker, database
 from baton.bench.pipeline import pipeline_run, purge
 from baton.bench.profile import Profiler
 from baton.bench.report import ratios, tables
 from baton.offline_model import ModelSettings
 
-SCENARIOS = ("accept", "pipeline", "cost", "fanout", "peers")
+SCENARIOS = ("accept", "pipeline", "cost", "fanout", "peers", "paging")
 Result = dict[str, Any]
 
 
@@ -58,6 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fanout-clients", default="10,100,1000", help="comma-separated SSE client counts"
     )
     p.add_argument("--fanout-hz", type=float, default=5.0, help="tokens per client per second")
+    p.add_argument(
+        "--paging-requests", type=int, default=300, help="paging: requests per page shape"
+    )
+    p.add_argument(
+        "--paging-messages",
+        type=int,
+        default=100_000,
+        help="paging: messages in the long conversation (and conversations of the busy user / 10)",
+    )
     p.add_argument("--no-peers", action="store_true", help="skip the peers (faster)")
     p.add_argument("--no-realistic", action="store_true", help="skip the realistic-pace run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -103,6 +113,14 @@ def run(args: argparse.Namespace) -> Result:
                 result["accept"]["profile"] = prof.stop()
             st.stop_services()
             asyncio.run(purge(st))
+        if "paging" in chosen:
+            st.start_services(["gateway"], _env(args))
+            n = args.paging_messages
+            say(f"paging: {n:,} messages, {n // 10:,} conversations vs 10 (gateway alone)")
+            result["paging"] = paging(
+                st, big_messages=n, big_conversations=n // 10, requests=args.paging_requests
+            )
+            st.stop_services()
         if peers:
             say("peers: the usual design, the broker's and the database's ceilings")
             result["peers"] = {

@@ -143,7 +143,7 @@ class Handlers:
                 self.history.upto(
                     t.conversation_id,
                     t.message_id,
-                    self.settings.context_messages,
+                    t.context_messages or self.settings.context_messages,
                     tools=bool(t.tools),  # tool exchanges only where tools are offered
                 ),
                 self._unsettled(t, msg.metadata.num_delivered),

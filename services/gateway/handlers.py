@@ -9,18 +9,19 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
 from litestar import Request, Response, get, post
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from opentelemetry import trace
 
 from services.gateway import auth, core, openapi, pages, tools
+from services.gateway import usage as usage_report
 from services.gateway.adapters import (
     Hub,
     Inbox,
@@ -588,9 +589,19 @@ class Api:
         stored = seen | await self.reads.stored_ids([e.message_id for e in fresh])
         return core.unstored(accepted, stored, cid, p)
 
-    async def usage(self, request: Request[Any, Any, Any]) -> dict[str, Any]:
+    async def usage(
+        self,
+        request: Request[Any, Any, Any],
+        group_by: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+    ) -> dict[str, Any]:
         p = await self.principal(request)
-        result: dict[str, Any] = await self._read(self.reads.usage(p.project))
+        q = usage_report.parse(group_by, start, end)
+        if q is None:
+            totals: dict[str, Any] = await self._read(self.reads.usage(p.project))
+            return totals
+        result: dict[str, Any] = await self._read(usage_report.fetch(self.reads.pool, p.project, q))
         return result
 
     async def _read(self, query: Any) -> Any:
@@ -916,11 +927,25 @@ def routes(api: Api) -> list[Any]:
 
     @get(
         "/api/usage",
-        summary="The caller's project token and cost totals",
-        **openapi.doc(503),
+        summary="The caller's project token and cost totals, or a report per day, user or model",
+        **openapi.doc(
+            400,
+            503,
+            params={
+                "group_by": usage_report.GROUP_BY_PARAM,
+                "from": usage_report.time_param("from"),
+                "to": usage_report.time_param("to"),
+            },
+            success={200: openapi.json_success("Totals or report", usage_report.REPORT_SCHEMA)},
+        ),
     )
-    async def usage(request: Request[Any, Any, Any]) -> dict[str, Any]:
-        return await api.usage(request)
+    async def usage(
+        request: Request[Any, Any, Any],
+        group_by: FromQuery[str | None] = None,
+        from_: Annotated[str | None, QueryParameter(name="from")] = None,
+        to: FromQuery[str | None] = None,
+    ) -> dict[str, Any]:
+        return await api.usage(request, group_by, from_, to)
 
     return [
         chat,

@@ -105,7 +105,8 @@ RATELIMIT = {
 ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
     400: (
         "Malformed request: `invalid_id` (a path or body id), `invalid_body`, `invalid_json`, "
-        "`invalid_idempotency_key`",
+        "`invalid_idempotency_key`, `invalid_limit`, `invalid_cursor`, `invalid_query` (a usage "
+        "report's group_by, from or to)",
         {},
     ),
     401: (

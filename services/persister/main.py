@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from contextlib import AsyncExitStack
 from typing import Any
 
-from services.persister import config
+from services.persister import archive, config
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers
-from shared import runtime, wiring
+from services.persister.sweep import Sweeper
+from shared import retention, runtime, wiring
 from shared.bus import Bus, run_consumers
 from shared.db import Health, create_pool
 
@@ -49,9 +52,53 @@ async def _serve(
         ready=health.ready,
         on_dependency_down=health.mark_down,
     )
+    sweeper = retention_sweeper(settings, pool, bus, metrics)
+    if sweeper is not None:
+        task = asyncio.create_task(
+            sweeper.run_forever(stop, every_s=min(60.0, settings.retention_period_s / 10))
+        )
+        resources.push_async_callback(_cancel, task)
+        log.info("retention sweep on", archive=sweeper.target.location)
     metrics.up.set(1)
     log.info("started", metrics_port=port)
     await run_consumers(consumers, stop, settings.shutdown_grace_s)
+
+
+def retention_sweeper(
+    settings: config.Settings, pool: Any, bus: Bus, metrics: Any
+) -> Sweeper | None:
+    """The sweep this persister runs, or None when nothing is to be archived."""
+    kept = retention.load(settings.policy_file)
+    if not settings.archive_url or not kept.limited:
+        return None
+    target, prefix = archive.target(
+        archive.Place(
+            url=settings.archive_url,
+            s3_endpoint=settings.archive_s3_endpoint,
+            s3_region=settings.archive_s3_region,
+            s3_access_key_id=settings.archive_s3_access_key_id,
+            s3_secret_access_key=settings.archive_s3_secret_access_key,
+        )
+    )
+    return Sweeper(
+        pool,
+        bus,
+        target,
+        prefix,
+        kept,
+        metrics,
+        batch=settings.retention_batch,
+        max_batches=settings.retention_max_batches,
+        period_s=settings.retention_period_s,
+        pause_s=settings.retention_pause_s,
+        instance=settings.instance,
+    )
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def main() -> None:

@@ -97,6 +97,7 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     downgrade_at: float | None = None  # fraction of a daily cap past which ...
     downgrade_model: str | None = None  # ... this cheaper model answers
     tools: ToolRules = ToolRules()  # the tools runs may use (policy grants them, I7)
+    context_messages: int = 0  # the history a task may send (0: the executor's own setting)
 
 
 DEFAULT_PRICES: dict[str, m.Prices] = {
@@ -498,7 +499,12 @@ def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunSt
     return msgspec.structs.replace(state, status=e.status)
 
 
-def task_for(state: RunState, deadline: datetime, tools: tuple[m.ToolSpec, ...] = ()) -> m.ExecTask:
+def task_for(
+    state: RunState,
+    deadline: datetime,
+    tools: tuple[m.ToolSpec, ...] = (),
+    context_messages: int = 0,
+) -> m.ExecTask:
     return m.ExecTask(
         event_id=runs.task_id(state.run_id, state.attempt),
         message_id=state.message_id,
@@ -515,6 +521,7 @@ def task_for(state: RunState, deadline: datetime, tools: tuple[m.ToolSpec, ...] 
         deadline=deadline,
         tools=tools,
         round=state.round,
+        context_messages=context_messages,
     )
 
 

@@ -752,7 +752,8 @@ def emit(run: RunState, rules: Rules, now: datetime, resume: bool = False) -> Pu
             out.append((subjects.policy_deadline(p, c), toolcalls.approval_timer(run)))
     if isinstance(phase, Running) and phase.deadline is not None:
         tools = rules.tools.offered()
-        out.append((subjects.exec_task(p, c), core.task_for(run, phase.deadline, tools)))
+        task = core.task_for(run, phase.deadline, tools, rules.context_messages)
+        out.append((subjects.exec_task(p, c), task))
         # The attempt's timer: an attempt with no outcome by then is retried or failed.
         timer = core.deadline_event(run, now + timedelta(seconds=rules.run_deadline_s))
         out.append((subjects.policy_deadline(p, c), timer))

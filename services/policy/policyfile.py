@@ -178,6 +178,11 @@ class ProjectPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate: Rate = Rate()
     downgrade: Downgrade | None = None
     tools: Tools = Tools()
+    # Retention and the model's hot window (issue 16): the persister's sweep archives and
+    # deletes conversations idle longer than retention_days (shared/retention.py reads it);
+    # context_messages is the most history the executor sends, within its token budget.
+    retention_days: Annotated[int, msgspec.Meta(ge=1, le=36_500)] | None = None
+    context_messages: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
 
 
 class PolicyFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -396,6 +401,7 @@ def to_rules(p: ProjectPolicy, tiers: dict[str, Tier]) -> Rules:
         estimated_input_tokens=p.estimated_input_tokens,
         downgrade_at=None if p.downgrade is None else p.downgrade.at_fraction,
         downgrade_model=None if p.downgrade is None else tiers[p.downgrade.to_tier].model,
+        context_messages=p.context_messages or 0,
     )
 
 
