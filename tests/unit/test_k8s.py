@@ -223,14 +223,31 @@ def test_each_worker_scales_on_its_own_consumers_and_the_gateway_on_cpu(overlay:
         assert pdbs[service]["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def _secret_refs(node: Any) -> list[tuple[str, str]]:
+def _secret_refs(node: Any, optional: bool = False) -> list[tuple[str, str]]:
+    """(Secret, key) of every reference: the required ones, or (``optional``) the optional ones."""
     if isinstance(node, dict):
         ref = node.get("secretKeyRef")
-        found = [(ref["name"], ref["key"])] if isinstance(ref, dict) else []
-        return found + [r for v in node.values() for r in _secret_refs(v)]
+        found = (
+            [(ref["name"], ref["key"])]
+            if isinstance(ref, dict) and bool(ref.get("optional")) == optional
+            else []
+        )
+        return found + [r for v in node.values() for r in _secret_refs(v, optional)]
     if isinstance(node, list | tuple):
-        return [r for v in node for r in _secret_refs(v)]
+        return [r for v in node for r in _secret_refs(v, optional)]
     return []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_optional_secret_is_documented_with_its_keys(overlay: str) -> None:
+    """An optional Secret (the archive's) is made by the operator: operations.md names it and
+    every key the manifests read from it."""
+    refs = set(_secret_refs(render(overlay), optional=True))
+    assert ("baton-archive", "url") in refs
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    for name, key in refs:
+        assert f"`{name}`" in operations, f"docs/operations.md must say how to create {name}"
+        assert f"`{key}`" in operations, f"docs/operations.md must name {name}'s key {key}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
