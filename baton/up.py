@@ -274,7 +274,7 @@ class Stack:
             # No policy file of the user's: one that grants the demo server's tools, so a
             # message such as "remind me to call John" shows the approval flow (docs/tools.md).
             path = self.data_dir / "policy-demo-tools.toml"
-            path.write_text(DEMO_POLICY.format(url=tools_url))
+            private.write_file(path, DEMO_POLICY.format(url=tools_url))
             return {"BATON_POLICY_FILE": str(path)}
         if name == "persister":
             # Retention's archives stay in the data dir (a sweep runs only if the policy file

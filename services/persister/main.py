@@ -10,7 +10,7 @@ from typing import Any
 from services.persister import archive, config
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers
-from services.persister.sweep import Sweeper
+from services.persister.sweep import Sweeper, SweepMetrics
 from shared import retention, runtime, wiring
 from shared.bus import Bus, run_consumers
 from shared.db import Health, create_pool
@@ -53,7 +53,9 @@ async def _serve(
         on_dependency_down=health.mark_down,
     )
     sweeper = retention_sweeper(settings, pool, bus, metrics)
-    if sweeper is not None:
+    if sweeper is None:
+        SweepMetrics(metrics)  # declared (at zero) where no sweep runs
+    else:
         task = asyncio.create_task(
             sweeper.run_forever(stop, every_s=min(60.0, settings.retention_period_s / 10))
         )

@@ -71,6 +71,34 @@ class SweepResult(msgspec.Struct, frozen=True):
     reason: str = ""
 
 
+class SweepMetrics:
+    """The sweep's metrics. A persister with no sweep declares them too (zero), so dashboards
+    and alerts find them everywhere; the stale alert ignores a last success of 0."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.archived = metrics.counter(
+            "archived_conversations_total", "Conversations archived by the retention sweep."
+        )
+        self.runs = metrics.counter(
+            "retention_sweeps_total",
+            "Retention sweeps by outcome (completed, skipped, failed).",
+            ("outcome",),
+        )
+        for outcome in ("completed", "skipped", "failed"):
+            self.runs.labels(outcome)  # every outcome's series from the start, at 0
+        self.backlog = metrics.gauge(
+            "retention_backlog",
+            "Conversations past their retention still not archived when the last sweep ended.",
+        )
+        self.last_success = metrics.gauge(
+            "retention_last_success_timestamp_seconds",
+            "When the last retention sweep completed (any replica's, as this one last saw), Unix time.",
+        )
+        self.batch_seconds = metrics.histogram(
+            "retention_batch_duration_seconds", "Time to archive and delete one batch."
+        )
+
+
 class Sweeper:
     def __init__(
         self,
@@ -100,25 +128,9 @@ class Sweeper:
         self.instance = instance or f"persister-{uuid.uuid4().hex[:8]}"
         self.now = now
         self.log = structlog.get_logger().bind(component="retention_sweep")
-        self.archived = metrics.counter(
-            "archived_conversations_total", "Conversations archived by the retention sweep."
-        )
-        self.runs = metrics.counter(
-            "retention_sweeps_total",
-            "Retention sweeps by outcome (completed, skipped, failed).",
-            ("outcome",),
-        )
-        self.backlog = metrics.gauge(
-            "retention_backlog",
-            "Conversations past their retention still not archived when the last sweep ended.",
-        )
-        self.last_success = metrics.gauge(
-            "retention_last_success_timestamp_seconds",
-            "When the last retention sweep completed (any replica's, as this one last saw), Unix time.",
-        )
-        self.batch_seconds = metrics.histogram(
-            "retention_batch_duration_seconds", "Time to archive and delete one batch."
-        )
+        m = SweepMetrics(metrics)
+        self.archived, self.runs, self.backlog = m.archived, m.runs, m.backlog
+        self.last_success, self.batch_seconds = m.last_success, m.batch_seconds
 
     # ---- which conversations -------------------------------------------------------------
 

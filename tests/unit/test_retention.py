@@ -71,7 +71,9 @@ def test_policy_accepts_the_keys_and_puts_the_window_into_every_task() -> None:
         verdict="approve",
         reason="",
     )
-    task = core.task_for(state, datetime.now(UTC), book.rules_for("chatty").context_messages)
+    task = core.task_for(
+        state, datetime.now(UTC), context_messages=book.rules_for("chatty").context_messages
+    )
     assert task.context_messages == 400
     # Without the key the task says 0: the executor's own EXECUTOR_CONTEXT_MESSAGES applies.
     assert policyfile.parse(b"").rules_for("x").context_messages == 0
