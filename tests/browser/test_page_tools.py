@@ -59,7 +59,7 @@ def card(page: Page) -> dict[str, Any] | None:
     found: dict[str, Any] | None = page.js(
         """const li = document.querySelector('#messages li.tool[data-state=pending]');
            if (!li) return null;
-           return {call: li.dataset.call, digest: li.dataset.digest,
+           return {call: li.dataset.call, digest: li.dataset.digest, source: li.dataset.from,
                    heading: li.querySelector('.text').textContent,
                    args: li.querySelector('.args').textContent,
                    buttons: [...li.querySelectorAll('.decide button')].map(b => ({
@@ -73,6 +73,7 @@ def result(page: Page) -> dict[str, str] | None:
     found: dict[str, str] | None = page.js(
         """const li = document.querySelector('#messages li.tool[data-state=answered]');
            return li && {outcome: li.dataset.outcome,
+                         heading: li.querySelector('.text').textContent,
                          content: li.querySelector('.result').textContent}"""
     )
     return found
@@ -125,6 +126,7 @@ def test_approve_runs_the_tool_once_and_the_answer_appears(
     page.driver.refresh()
     again = page.wait("the pending tool call after a reload", lambda: card(page))
     assert (again["call"], again["digest"]) == (shown["call"], shown["digest"])
+    assert (shown["source"], again["source"]) == ("tool.requested", "state")
     assert page.js("return document.querySelectorAll('#messages li.tool').length") == 1
 
     count_approvals(page)
@@ -158,6 +160,7 @@ def test_deny_by_keyboard_runs_nothing_and_the_model_is_told(
     deny.send_keys(Keys.ENTER)  # a real button: Enter works, no mouse needed
     got = page.wait("the refusal's result", lambda: result(page))
     assert got["outcome"] == "denied"
+    assert got["heading"] == "create_task on demo"  # the result keeps what was asked
     final = page.wait("the answer", lambda: answered(page))
     assert got["content"] in final["text"]  # the model read that the user said no
     assert ran(mcp, "water the plants") == []

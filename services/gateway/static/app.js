@@ -52,10 +52,11 @@ function bubble(id, role, text, kind) {
 
 // A tool call: what it asks (tool, server, arguments), Approve / Deny while it waits, then its
 // result. One card per call id, whichever tells of it first (tool.requested, /state, tool.result).
-function toolCard(runId, call) {
+function toolCard(runId, call, from) {
   let li = document.getElementById("t-" + call.tool_call_id);
   if (!li) {
     li = document.createElement("li"); li.id = "t-" + call.tool_call_id;
+    li.dataset.from = from; // what told of it first: "state", "tool.requested", "tool.result"
     li.className = "tool"; li.dataset.role = "tool"; li.dataset.run = runId;
     const who = document.createElement("span"); who.className = "who";
     const body = document.createElement("span"); body.className = "text";
@@ -70,7 +71,8 @@ function toolCard(runId, call) {
   }
   li.dataset.call = call.tool_call_id;
   li.querySelector(".who").textContent = "Tool call";
-  const server = call.server ? " on " + call.server : "";
+  if (call.server) li.dataset.server = call.server; // tool.result does not carry it
+  const server = li.dataset.server ? " on " + li.dataset.server : "";
   li.querySelector(".text").textContent = (call.tool || "tool") + server;
   if (call.arguments !== undefined) {
     li.querySelector(".args").textContent = JSON.stringify(call.arguments, null, 2);
@@ -80,8 +82,8 @@ function toolCard(runId, call) {
   return li;
 }
 
-function askApproval(runId, call) {
-  const li = toolCard(runId, call);
+function askApproval(runId, call, from) {
+  const li = toolCard(runId, call, from);
   if (li.dataset.state) return li; // already decided or answered: never asked again
   li.dataset.state = "pending"; li.dataset.digest = call.input_digest || "";
   const actions = li.querySelector(".decide"); actions.textContent = "";
@@ -124,7 +126,7 @@ async function decide(runId, call, approve, li) {
 }
 
 function showResult(d) {
-  const li = toolCard(d.run_id, d);
+  const li = toolCard(d.run_id, d, "tool.result");
   li.dataset.state = "answered"; li.dataset.outcome = d.outcome;
   li.querySelector(".decide").textContent = "";
   li.querySelector(".outcome").textContent = "Result (" + d.outcome + (d.is_error ? ", error" : "") + "):";
@@ -141,7 +143,7 @@ async function showPending(cid) {
     if (!(run.pending_tool_calls || []).length) continue;
     state.run = run.run_id; $("cancel").disabled = false;
     setStatus(STATUS_TEXT.requires_action);
-    for (const call of run.pending_tool_calls) askApproval(run.run_id, call);
+    for (const call of run.pending_tool_calls) askApproval(run.run_id, call, "state");
   }
 }
 
@@ -202,7 +204,7 @@ async function stream() {
     bubble("run-" + d.run_id, "assistant", cur.parts.join(""));
   });
   es.addEventListener("tool.requested", (e) => {
-    seen(e); const d = JSON.parse(e.data); askApproval(d.run_id, d);
+    seen(e); const d = JSON.parse(e.data); askApproval(d.run_id, d, "tool.requested");
   });
   es.addEventListener("tool.result", (e) => { seen(e); showResult(JSON.parse(e.data)); });
   es.addEventListener("run.status", (e) => {
