@@ -94,9 +94,8 @@ function askApproval(runId, call, from) {
     b.onclick = () => decide(runId, call, approve, li);
     actions.appendChild(b);
   }
+  // Announced by the list's aria-live; focus stays where the user is (never on Approve unasked).
   li.querySelector(".outcome").textContent = "baton asks before running this tool.";
-  const first = actions.querySelector("button");
-  if (first && !$("content").value) first.focus({ preventScroll: true });
   return li;
 }
 
