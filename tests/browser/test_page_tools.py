@@ -187,3 +187,36 @@ def test_a_double_click_on_approve_makes_one_decision(
     assert page.js("return window.__approvals") == 1
     assert len(ran(mcp, "buy milk")) == 1
     assert page.js("return document.getElementById('error').hidden") is True
+
+
+def test_a_refused_decision_says_why_and_a_reload_asks_again(
+    pipeline: Pipeline, page: Page, mcp: MCPServerProcess
+) -> None:
+    """A 409 (here: a digest other than the request's, as a stale page would send) is shown,
+    the card stops offering buttons, nothing runs, and a reload shows the call from /state."""
+    from selenium.webdriver.common.by import By
+
+    token = pipeline.token("acme", "wes")
+    page.open(token)
+    page.wait("sign-in", lambda: page.text("who") == "Signed in.")
+    send(page, "Please remind me to feed the cat.")
+    cid = conversation_of(page)
+    shown = page.wait("the pending tool call", lambda: card(page))
+    page.js("document.querySelector('li.tool').dataset.digest = 'f'.repeat(64)")
+    page.driver.find_element(By.CSS_SELECTOR, "li.tool button.approve").click()
+    error = page.wait("the refusal", lambda: page.text("error") or None)
+    assert error.startswith("Not approved:") and "other arguments" in error
+    outcome = page.js("return document.querySelector('li.tool .outcome').textContent")
+    assert outcome.startswith("Not decided:") and "Reload" in outcome
+    assert page.js("return document.querySelectorAll('li.tool .decide button').length") == 0
+    page.screenshot("refused")
+    [waiting] = pending(pipeline, token, cid)  # nothing was decided
+    assert waiting["input_digest"] == shown["digest"]
+    assert ran(mcp, "feed the cat") == []
+
+    page.driver.refresh()
+    again = page.wait("the pending tool call after a reload", lambda: card(page))
+    assert (again["digest"], again["source"]) == (shown["digest"], "state")
+    page.driver.find_element(By.CSS_SELECTOR, "li.tool button.deny").click()
+    assert page.wait("the refusal's result", lambda: result(page))["outcome"] == "denied"
+    assert ran(mcp, "feed the cat") == []

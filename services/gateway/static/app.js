@@ -30,7 +30,10 @@ async function api(method, path, body, headers) {
     throw new Error("This token was refused (401 " + ((data.error && data.error.message) || "unauthenticated") +
       "): paste a valid token and press Use token.");
   }
-  if (!r.ok) throw new Error((data.error && data.error.message) || data.detail || ("HTTP " + r.status));
+  if (!r.ok) {
+    const err = new Error((data.error && data.error.message) || data.detail || ("HTTP " + r.status));
+    err.status = r.status; throw err;
+  }
   return data;
 }
 
@@ -117,10 +120,18 @@ async function decide(runId, call, approve, li) {
     setStatus(approve ? "Running the tool…" : "Answering…");
   } catch (x) {
     if (li.dataset.state === "answered") return;
+    showError("Not " + (approve ? "approved" : "denied") + ": " + x.message);
+    if (x.status === 409) {
+      // Decided elsewhere, expired, the run moved on, or other arguments than the ones shown:
+      // not from this card again; a reload shows the call as it stands (/state).
+      li.dataset.state = "closed"; li.querySelector(".decide").textContent = "";
+      li.querySelector(".outcome").textContent = "Not decided: " + x.message +
+        ". Reload the conversation to see where the call stands.";
+      return;
+    }
     state.deciding[call.tool_call_id] = false; li.dataset.state = "pending";
     for (const b of li.querySelectorAll(".decide button")) b.disabled = false;
     li.querySelector(".outcome").textContent = "baton asks before running this tool.";
-    showError("Not " + (approve ? "approved" : "denied") + ": " + x.message);
   }
 }
 
