@@ -12,7 +12,10 @@ def test_page_and_its_files_are_served() -> None:
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
         assert '<script src="/static/app.js">' in page.text
-        assert "Idempotency-Key" in c.get("/static/app.js").text
+        script = c.get("/static/app.js").text
+        assert "Idempotency-Key" in script
+        assert "/tool-approvals" in script and "input_digest" in script
+        assert "http://" not in script and "https://" not in script  # nothing from a CDN
         assert c.get("/static/app.css").headers["content-type"].startswith("text/css")
         assert c.get("/static/webpage.py").status_code == 404
         assert c.get("/static/..%2Fwebpage.py").status_code == 404

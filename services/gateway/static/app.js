@@ -4,12 +4,13 @@ const $ = (id) => document.getElementById(id);
 const FINAL = ["completed", "failed", "cancelled", "refused"];
 const STATUS_TEXT = {
   pending: "Waiting for a worker…", queued: "Queued…", running: "Answering…",
-  retrying: "Retrying…", completed: "Answered.", failed: "Failed.", cancelled: "Cancelled.",
+  retrying: "Retrying…", requires_action: "Waiting for your approval of a tool call…",
+  completed: "Answered.", failed: "Failed.", cancelled: "Cancelled.",
   refused: "Refused.",
 };
 const state = {
   token: "", cid: null, es: null, run: null, pendingKey: null, pendingText: null,
-  lastEventId: null, attempts: {}, sending: false, ended: {},
+  lastEventId: null, attempts: {}, sending: false, ended: {}, deciding: {},
 };
 
 function showError(text) { const e = $("error"); e.textContent = text; e.hidden = !text; }
@@ -29,7 +30,10 @@ async function api(method, path, body, headers) {
     throw new Error("This token was refused (401 " + ((data.error && data.error.message) || "unauthenticated") +
       "): paste a valid token and press Use token.");
   }
-  if (!r.ok) throw new Error((data.error && data.error.message) || data.detail || ("HTTP " + r.status));
+  if (!r.ok) {
+    const err = new Error((data.error && data.error.message) || data.detail || ("HTTP " + r.status));
+    err.status = r.status; throw err;
+  }
   return data;
 }
 
@@ -47,6 +51,110 @@ function bubble(id, role, text, kind) {
   li.querySelector(".text").textContent = text;
   li.scrollIntoView({ block: "nearest" });
   return li;
+}
+
+// A tool call: what it asks (tool, server, arguments), Approve / Deny while it waits, then its
+// result. One card per call id, whichever tells of it first (tool.requested, /state, tool.result).
+function toolCard(runId, call, from) {
+  let li = document.getElementById("t-" + call.tool_call_id);
+  if (!li) {
+    li = document.createElement("li"); li.id = "t-" + call.tool_call_id;
+    li.dataset.from = from; // what told of it first: "state", "tool.requested", "tool.result"
+    li.className = "tool"; li.dataset.role = "tool"; li.dataset.run = runId;
+    const who = document.createElement("span"); who.className = "who";
+    const body = document.createElement("span"); body.className = "text";
+    const args = document.createElement("pre"); args.className = "args";
+    const actions = document.createElement("div"); actions.className = "actions decide";
+    const outcome = document.createElement("p"); outcome.className = "outcome";
+    const result = document.createElement("pre"); result.className = "result"; result.hidden = true;
+    li.append(who, body, args, actions, outcome, result);
+    const run = document.getElementById("m-run-" + runId);
+    // Before the streamed answer of its run when that bubble already exists, else at the end.
+    if (run) $("messages").insertBefore(li, run); else $("messages").appendChild(li);
+  }
+  li.dataset.call = call.tool_call_id;
+  li.querySelector(".who").textContent = "Tool call";
+  if (call.server) li.dataset.server = call.server; // tool.result does not carry it
+  const server = li.dataset.server ? " on " + li.dataset.server : "";
+  li.querySelector(".text").textContent = (call.tool || "tool") + server;
+  if (call.arguments !== undefined) {
+    li.querySelector(".args").textContent = JSON.stringify(call.arguments, null, 2);
+    li.setAttribute("aria-label", "Tool call " + (call.tool || "") + server);
+  }
+  li.scrollIntoView({ block: "nearest" });
+  return li;
+}
+
+function askApproval(runId, call, from) {
+  const li = toolCard(runId, call, from);
+  if (li.dataset.state) return li; // already decided or answered: never asked again
+  li.dataset.state = "pending"; li.dataset.digest = call.input_digest || "";
+  const actions = li.querySelector(".decide"); actions.textContent = "";
+  for (const [label, approve] of [["Approve", true], ["Deny", false]]) {
+    const b = document.createElement("button"); b.type = "button"; b.textContent = label;
+    b.className = approve ? "approve" : "deny";
+    b.setAttribute("aria-label", label + " tool call " + call.tool + (call.server ? " on " + call.server : ""));
+    b.onclick = () => decide(runId, call, approve, li);
+    actions.appendChild(b);
+  }
+  // Announced by the list's aria-live; focus stays where the user is (never on Approve unasked).
+  li.querySelector(".outcome").textContent = "baton asks before running this tool.";
+  return li;
+}
+
+async function decide(runId, call, approve, li) {
+  // One decision per call, whatever the clicks: the buttons go before the request leaves.
+  if (state.deciding[call.tool_call_id] || li.dataset.state !== "pending") return;
+  state.deciding[call.tool_call_id] = true; li.dataset.state = "deciding";
+  for (const b of li.querySelectorAll(".decide button")) b.disabled = true;
+  li.querySelector(".outcome").textContent = approve ? "Approving…" : "Denying…";
+  try {
+    const decision = { tool_call_id: call.tool_call_id, approve };
+    if (li.dataset.digest) decision.input_digest = li.dataset.digest; // what was shown
+    await api("POST", "/api/conversations/" + state.cid + "/runs/" + runId + "/tool-approvals",
+      { decisions: [decision] });
+    if (li.dataset.state === "answered") return; // the result was quicker than the answer
+    li.dataset.state = approve ? "approved" : "denied";
+    li.querySelector(".decide").textContent = "";
+    li.querySelector(".outcome").textContent = approve ? "Approved: running the tool…" : "Denied: the model is told so.";
+    setStatus(approve ? "Running the tool…" : "Answering…");
+  } catch (x) {
+    if (li.dataset.state === "answered") return;
+    showError("Not " + (approve ? "approved" : "denied") + ": " + x.message);
+    if (x.status === 409) {
+      // Decided elsewhere, expired, the run moved on, or other arguments than the ones shown:
+      // not from this card again; a reload shows the call as it stands (/state).
+      li.dataset.state = "closed"; li.querySelector(".decide").textContent = "";
+      li.querySelector(".outcome").textContent = "Not decided: " + x.message +
+        ". Reload the conversation to see where the call stands.";
+      return;
+    }
+    state.deciding[call.tool_call_id] = false; li.dataset.state = "pending";
+    for (const b of li.querySelectorAll(".decide button")) b.disabled = false;
+    li.querySelector(".outcome").textContent = "baton asks before running this tool.";
+  }
+}
+
+function showResult(d) {
+  const li = toolCard(d.run_id, d, "tool.result");
+  li.dataset.state = "answered"; li.dataset.outcome = d.outcome;
+  li.querySelector(".decide").textContent = "";
+  li.querySelector(".outcome").textContent = "Result (" + d.outcome + (d.is_error ? ", error" : "") + "):";
+  const result = li.querySelector(".result"); result.hidden = false;
+  result.textContent = d.content;
+  li.classList.toggle("failure", !!d.is_error);
+}
+
+async function showPending(cid) {
+  // A reload while a call waits: /state lists it again, with the digest to answer with.
+  const s = await api("GET", "/api/conversations/" + cid + "/state");
+  if (cid !== state.cid) return;
+  for (const run of s.runs || []) {
+    if (!(run.pending_tool_calls || []).length) continue;
+    state.run = run.run_id; $("cancel").disabled = false;
+    setStatus(STATUS_TEXT.requires_action);
+    for (const call of run.pending_tool_calls) askApproval(run.run_id, call, "state");
+  }
 }
 
 async function loadConversations() {
@@ -69,7 +177,7 @@ function setHash() {
 }
 
 async function open(cid) {
-  state.cid = cid; state.run = null; state.attempts = {}; setHash();
+  state.cid = cid; state.run = null; state.attempts = {}; state.deciding = {}; setHash();
   $("messages").textContent = ""; setStatus(""); $("cancel").disabled = true;
   const page = await api("GET", "/api/conversations/" + cid + "/messages");
   for (const msg of page.messages) bubble(msg.id, msg.role, msg.content, msg.kind);
@@ -77,6 +185,7 @@ async function open(cid) {
   // read and the stream's opening is replayed, never lost ("all" when nothing is shown yet).
   const last = page.messages[page.messages.length - 1];
   state.lastEventId = last ? "msg:" + last.id : "all";
+  await showPending(cid);
   await stream();
 }
 
@@ -104,6 +213,10 @@ async function stream() {
     cur.parts[d.seq] = d.text;
     bubble("run-" + d.run_id, "assistant", cur.parts.join(""));
   });
+  es.addEventListener("tool.requested", (e) => {
+    seen(e); const d = JSON.parse(e.data); askApproval(d.run_id, d, "tool.requested");
+  });
+  es.addEventListener("tool.result", (e) => { seen(e); showResult(JSON.parse(e.data)); });
   es.addEventListener("run.status", (e) => {
     seen(e); const d = JSON.parse(e.data); state.run = d.run_id;
     if (FINAL.includes(d.status)) state.ended[d.run_id] = true;
