@@ -64,6 +64,10 @@ class Watch:
     live: core.LiveFilter
     pending: bool = False
     ended: bool = False
+    # An API key's stream is looked at again while it is open (``Api.still_allowed``): a
+    # revoked key ends it, as it refuses every request. None: a bearer or stream token.
+    api_key: auth.Credentials | None = None
+    checked_at: float = 0.0
 
 
 class Api:
@@ -585,7 +589,9 @@ class Api:
     ) -> ServerSentEvent:
         p = await self.watcher(request.headers, request.query_params, conversation_id)
         last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-        watch = await self.watch(p, conversation_id, last_id)
+        by_header = "access_token" not in request.query_params
+        credentials = auth.Credentials.of(request.headers) if by_header else None
+        watch = await self.watch(p, conversation_id, last_id, credentials)
         self.sse_connections.inc()
         # A client that stops reading leaves the stream suspended in a send, where its own
         # cleanup never runs; edge.HttpEdge calls this instead.
@@ -593,10 +599,17 @@ class Api:
         scope[ON_SEND_TIMEOUT] = lambda: self._end_sse(watch, slow=True)
         return ServerSentEvent(self._stream(watch))
 
-    async def watch(self, p: core.Principal, conversation_id: str, last_id: str | None) -> Watch:
+    async def watch(
+        self,
+        p: core.Principal,
+        conversation_id: str,
+        last_id: str | None,
+        credentials: auth.Credentials | None = None,
+    ) -> Watch:
         """A push stream of a conversation the caller may watch, with what it missed replayed.
 
         Shared by SSE and WebSocket, so both carry the same events with the same resume rules.
+        ``credentials``: what opened it (an API key's are looked at again while it is open).
         """
         cid = core.parse_uuid(conversation_id, "conversation id")
         key = topic(p.project, cid)
@@ -616,7 +629,40 @@ class Api:
         except BaseException:
             self.hub.leave(key, queue)
             raise
-        return Watch(cid, key, p, queue, replay, live, pending=not owned)
+        api_key = credentials if credentials is not None and credentials.api_key else None
+        return Watch(
+            cid,
+            key,
+            p,
+            queue,
+            replay,
+            live,
+            not owned,
+            api_key=api_key,
+            checked_at=time.monotonic(),
+        )
+
+    async def still_allowed(self, w: Watch) -> None:
+        """401 once the API key that opened the stream is revoked (or names another project).
+
+        Looked at again at most every ``api_key_cache_s`` (the key cache's TTL): a revocation
+        ends the key's open streams about as fast as it refuses its requests. A database that
+        cannot be asked does not end a stream.
+        """
+        if w.api_key is None:
+            return
+        now = time.monotonic()
+        if now - w.checked_at < self.settings.api_key_cache_s:
+            return
+        w.checked_at = now
+        try:
+            p = await self.principals.authenticate(w.api_key)
+        except core.ApiError as exc:
+            if exc.status == 401:
+                raise
+            return
+        if p != w.watcher:
+            raise core.ApiError(401, "unauthenticated", "unknown or revoked API key")
 
     async def claim(self, w: Watch) -> bool:
         """Before a pending stream's first event: whether the conversation is now the watcher's.
@@ -704,6 +750,12 @@ class Api:
                         w.queue.get(), min(self.settings.sse_heartbeat_s, left)
                     )
                 except TimeoutError:
+                    ev = _IDLE
+                try:
+                    await self.still_allowed(w)
+                except core.ApiError:
+                    return  # the key was revoked: a reconnect gets the 401
+                if ev is _IDLE:
                     if loop.time() < ends:
                         yield ServerSentEventMessage(data=None, comment="heartbeat")
                     continue
@@ -729,6 +781,9 @@ class Api:
         if slow:
             self.hub.drop(w.topic, w.queue)  # counted once, however noticed
         self.hub.leave(w.topic, w.queue)
+
+
+_IDLE = PushEvent("heartbeat", "", {})  # no event within a heartbeat interval
 
 
 def _sse(event: str, event_id: str, data: dict[str, Any]) -> ServerSentEventMessage:
