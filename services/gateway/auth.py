@@ -103,9 +103,15 @@ def checked(
 
 def _epoch(value: Any) -> float:
     """A time claim as epoch seconds; anything but a finite number is an invalid token."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _unauthenticated("invalid token")
-    return float(value)
+    try:
+        epoch = float(value)  # an int no float holds (JSON allows 10**400) overflows
+    except OverflowError:
+        raise _unauthenticated("invalid token") from None
+    if not math.isfinite(epoch):
+        raise _unauthenticated("invalid token")
+    return epoch
 
 
 def _unauthenticated(message: str) -> ApiError:
