@@ -67,6 +67,7 @@ class Watch:
     # An API key's stream is looked at again while it is open (``Api.still_allowed``): a
     # revoked key ends it, as it refuses every request. None: a bearer or stream token.
     api_key: auth.Credentials | None = None
+    key_hash: str | None = None  # opened by a stream token minted with an API key
     checked_at: float = 0.0
 
 
@@ -141,7 +142,9 @@ class Api:
     async def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
         return await self.principals.authenticate(auth.Credentials.of(request.headers))
 
-    async def watcher(self, headers: Any, query: Any, conversation_id: str) -> core.Principal:
+    async def watcher(
+        self, headers: Any, query: Any, conversation_id: str
+    ) -> tuple[core.Principal, str | None]:
         """Who opens a push stream: the bearer header, or a stream token in ``?access_token=``.
 
         The query parameter takes a stream token only (never a bearer token: URLs are kept by
@@ -149,8 +152,13 @@ class Api:
         """
         token = query.get("access_token")
         if token is None:
-            return await self.principals.authenticate(auth.Credentials.of(headers))
-        return self.stream_tokens.verify(token, conversation_id)
+            return await self.principals.authenticate(auth.Credentials.of(headers)), None
+        p, key_hash = self.stream_tokens.verify_key(token, conversation_id)
+        keys = self.principals.api_keys
+        # Minted with an API key: it opens nothing once the key is revoked.
+        if key_hash is not None and keys is not None and await keys.project(key_hash) != p.project:
+            raise core.ApiError(401, "unauthenticated", "unknown or revoked API key")
+        return p, key_hash
 
     async def own(self, p: core.Principal, conversation_id: str) -> str:
         """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
@@ -587,11 +595,11 @@ class Api:
     async def events(
         self, request: Request[Any, Any, Any], conversation_id: str
     ) -> ServerSentEvent:
-        p = await self.watcher(request.headers, request.query_params, conversation_id)
+        p, key_hash = await self.watcher(request.headers, request.query_params, conversation_id)
         last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         by_header = "access_token" not in request.query_params
         credentials = auth.Credentials.of(request.headers) if by_header else None
-        watch = await self.watch(p, conversation_id, last_id, credentials)
+        watch = await self.watch(p, conversation_id, last_id, credentials, key_hash)
         self.sse_connections.inc()
         # A client that stops reading leaves the stream suspended in a send, where its own
         # cleanup never runs; edge.HttpEdge calls this instead.
@@ -605,11 +613,13 @@ class Api:
         conversation_id: str,
         last_id: str | None,
         credentials: auth.Credentials | None = None,
+        key_hash: str | None = None,
     ) -> Watch:
         """A push stream of a conversation the caller may watch, with what it missed replayed.
 
         Shared by SSE and WebSocket, so both carry the same events with the same resume rules.
-        ``credentials``: what opened it (an API key's are looked at again while it is open).
+        ``credentials``: what opened it (an API key's are looked at again while it is open);
+        ``key_hash``: the API key a stream token that opened it was minted with.
         """
         cid = core.parse_uuid(conversation_id, "conversation id")
         key = topic(p.project, cid)
@@ -639,6 +649,7 @@ class Api:
             live,
             not owned,
             api_key=api_key,
+            key_hash=key_hash,
             checked_at=time.monotonic(),
         )
 
@@ -649,14 +660,21 @@ class Api:
         ends the key's open streams about as fast as it refuses its requests. A database that
         cannot be asked does not end a stream.
         """
-        if w.api_key is None:
+        if w.api_key is None and w.key_hash is None:
             return
         now = time.monotonic()
-        if now - w.checked_at < self.settings.api_key_cache_s:
+        # Not more than once a second, even with no key cache (a query per token otherwise).
+        if now - w.checked_at < max(self.settings.api_key_cache_s, 1.0):
             return
         w.checked_at = now
+        p: core.Principal | None
         try:
-            p = await self.principals.authenticate(w.api_key)
+            if w.api_key is not None:
+                p = await self.principals.authenticate(w.api_key)
+            else:
+                assert w.key_hash is not None and self.principals.api_keys is not None
+                project = await self.principals.api_keys.project(w.key_hash)
+                p = w.watcher if project == w.watcher.project else None
         except core.ApiError as exc:
             if exc.status == 401:
                 raise

@@ -72,8 +72,10 @@ class WebSockets:
             p = await self.api.principals.authenticate(credentials)
             return await self.api.watch(p, conversation_id, last_id, credentials)
         if header is None and "access_token" in socket.query_params:
-            p = await self.api.watcher(socket.headers, socket.query_params, conversation_id)
-            return await self.api.watch(p, conversation_id, last_id)
+            p, key_hash = await self.api.watcher(
+                socket.headers, socket.query_params, conversation_id
+            )
+            return await self.api.watch(p, conversation_id, last_id, key_hash=key_hash)
         if header is None:
             frame = await self._first_frame(socket)
             header = f"Bearer {frame.token}"

@@ -94,3 +94,59 @@ def test_a_revoked_key_ends_its_open_websocket_and_sse_streams(
     # A new stream with the key is refused, as every request is.
     r = httpx.get(f"{gw.url}/api/conversations/{cid}/events", headers=as_service(key, "u7"))
     assert r.status_code == 401
+
+
+async def _ws_token_until_closed(
+    gw: RunningGateway, cid: str, token: str, revoke: Callable[[], None]
+) -> tuple[int | None, list[str]]:
+    """As _ws_until_closed, for a WebSocket opened with a stream token (no key header)."""
+    url = f"ws://127.0.0.1:{gw.port}/api/conversations/{cid}/ws?access_token={token}"
+    frames: list[str] = []
+    async with connect(url, open_timeout=5) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["event"] == "ready"
+        await asyncio.to_thread(revoke)
+        ends = time.monotonic() + 10
+        try:
+            while time.monotonic() < ends:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                frames.append(frame["event"])
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None
+            return closed.rcvd.code, frames
+    return None, frames
+
+
+def test_a_stream_token_minted_with_a_revoked_key_opens_nothing_and_its_streams_end(
+    start_gateway: Callable[..., RunningGateway],
+    backing: tuple[str, str],
+    persister: Child,
+) -> None:
+    gw = start_gateway(api_key_cache_s="1", ws_heartbeat_s="0.5", sse_heartbeat_s="0.5")
+    key, key_id = make_key(backing, "acme")
+    cid = _own_conversation(gw, key, "u7")
+    minted = httpx.post(
+        f"{gw.url}/api/conversations/{cid}/stream-token", headers=as_service(key, "u7")
+    )
+    assert minted.status_code == 201, minted.text
+    token = minted.json()["token"]
+
+    def revoke() -> None:
+        revoked = apikey(backing, "revoke", "--project", "acme", key_id)
+        assert revoked.returncode == 0, revoked.stderr
+
+    events = f"{gw.url}/api/conversations/{cid}/events?access_token={token}"
+    with (
+        httpx.Client(timeout=httpx.Timeout(15.0)) as client,
+        client.stream("GET", events) as sse,
+    ):
+        assert sse.status_code == 200
+        lines = sse.iter_lines()
+        assert next(lines) == ": connected"
+        code, frames = asyncio.run(_ws_token_until_closed(gw, cid, token, revoke))
+        assert code == 4401, frames
+        started = time.monotonic()
+        rest = list(lines)
+        assert time.monotonic() - started < 10, rest
+    # The token has minutes left, but its key is revoked: no new stream either.
+    r = httpx.get(events)
+    assert r.status_code == 401, r.text
