@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -59,6 +60,16 @@ async def _events(
                     ident = value
                 elif field == "data":
                     data += value
+
+
+# Control characters but newline and tab (C0, DEL, C1): what a tool's output or a model's text
+# could use to drive the terminal (hide what follows, move the cursor over an approval prompt).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """``text`` as the terminal should show it: each control character written out (``\\x1b``)."""
+    return _CONTROL.sub(lambda c: f"\\x{ord(c.group()):02x}", text)
 
 
 def ask_line(prompt: str) -> bool:
@@ -166,13 +177,15 @@ class Chat:
                         continue
                     if event == "token" and data.get("attempt") == attempt:
                         printed += data["text"]
-                        self.out.write(data["text"])
+                        self.out.write(visible(data["text"]))
                         self.out.flush()
                     elif event in ("message.completed", "run.failed"):
                         text = data["content"]
                         # Tokens are best effort; the completion is the stored answer.
                         self.out.write(
-                            text[len(printed) :] if text.startswith(printed) else f"\n{text}"
+                            visible(
+                                text[len(printed) :] if text.startswith(printed) else f"\n{text}"
+                            )
                         )
                         self.out.write("\n")
                         self.out.flush()
@@ -183,7 +196,7 @@ class Chat:
             await asyncio.sleep(RETRY_S)
 
     def _note(self, line: str) -> None:
-        self.notes.write(f"\n{line}\n")
+        self.notes.write(f"\n{visible(line)}\n")
         self.notes.flush()
 
     async def _tool_call(self, client: httpx.AsyncClient, call: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 
 from services.gateway import auth, core, openapi
+from services.gateway.adapters import PushEvent
 from services.gateway.edge import ON_SEND_TIMEOUT
 from services.gateway.handlers import Api, Watch
 from shared import runs as vocab
@@ -116,6 +117,7 @@ def sse(part: dict[str, Any]) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+_IDLE = PushEvent("heartbeat", "", {})  # no event within a heartbeat interval
 
 
 class Parts:
@@ -225,6 +227,12 @@ async def _parts(api: Api, w: Watch, run_id: str) -> AsyncGenerator[bytes, None]
             try:
                 ev = await asyncio.wait_for(w.queue.get(), min(api.settings.sse_heartbeat_s, left))
             except TimeoutError:
+                ev = _IDLE
+            try:
+                await api.still_allowed(w)
+            except core.ApiError:
+                return  # the key was revoked: a reconnect gets the 401
+            if ev is _IDLE:
                 yield b": keep-alive\n\n"
                 continue
             if ev is None:
@@ -309,7 +317,7 @@ def routes(api: Api) -> list[Any]:
         body = msgspec.json.encode({"content": text, "conversation_id": cid})
         accepted, _ = await api.submit(credentials, key, body)
         message_id = accepted.message.id
-        watch = await api.watch(p, cid, f"msg:{message_id}")
+        watch = await api.watch(p, cid, f"msg:{message_id}", credentials)
         return _stream(request, api, watch, vocab.run_id(message_id))
 
     @get(
@@ -331,7 +339,7 @@ def routes(api: Api) -> list[Any]:
         message_id = await _active_run(api, p, cid)
         if message_id is None:
             return Response(None, status_code=204)
-        watch = await api.watch(p, cid, f"msg:{message_id}")
+        watch = await api.watch(p, cid, f"msg:{message_id}", auth.Credentials.of(request.headers))
         return _stream(request, api, watch, vocab.run_id(message_id))
 
     return [chat, resume]

@@ -103,9 +103,15 @@ def checked(
 
 def _epoch(value: Any) -> float:
     """A time claim as epoch seconds; anything but a finite number is an invalid token."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _unauthenticated("invalid token")
-    return float(value)
+    try:
+        epoch = float(value)  # an int no float holds (JSON allows 10**400) overflows
+    except OverflowError:
+        raise _unauthenticated("invalid token") from None
+    if not math.isfinite(epoch):
+        raise _unauthenticated("invalid token")
+    return epoch
 
 
 def _unauthenticated(message: str) -> ApiError:
@@ -258,24 +264,27 @@ class ApiKeys:
             raise _unauthenticated("X-Acting-User must match [A-Za-z0-9_-]{1,64}")
         if not key or len(key) > 128:
             raise _unauthenticated("invalid API key")
-        digest = api_key_hash(key)
-        now = self.clock()
-        hit = self.known.get(digest)
-        if hit is not None and now < hit[1]:
-            project = hit[0]
-        else:
-            try:
-                project = await self.lookup.project_of(digest)
-            except UNAVAILABLE:
-                raise ApiError(
-                    503, "database_unavailable", "API keys cannot be checked now; retry shortly"
-                ) from None
-            if len(self.known) >= self.max_entries:
-                self.known.clear()
-            self.known[digest] = (project, now + self.ttl_s)
+        project = await self.project(api_key_hash(key))
         if project is None:
             raise _unauthenticated("unknown or revoked API key")
         return Principal(project=project, user=acting_user)
+
+    async def project(self, digest: str) -> str | None:
+        """The project of the active key with this hash (None: unknown or revoked), cached."""
+        now = self.clock()
+        hit = self.known.get(digest)
+        if hit is not None and now < hit[1]:
+            return hit[0]
+        try:
+            project = await self.lookup.project_of(digest)
+        except UNAVAILABLE:
+            raise ApiError(
+                503, "database_unavailable", "API keys cannot be checked now; retry shortly"
+            ) from None
+        if len(self.known) >= self.max_entries:
+            self.known.clear()
+        self.known[digest] = (project, now + self.ttl_s)
+        return project
 
 
 class Principals:
@@ -408,11 +417,17 @@ class StreamTokens:
         self.ttl_s = ttl_s
         self.clock = clock
 
-    def mint(self, p: Principal, conversation_id: str) -> tuple[str, float]:
-        """A token for ``p`` to watch ``conversation_id`` (owned by ``p``), and its expiry."""
+    def mint(
+        self, p: Principal, conversation_id: str, key_hash: str | None = None
+    ) -> tuple[str, float]:
+        """A token for ``p`` to watch ``conversation_id`` (owned by ``p``), and its expiry.
+
+        ``key_hash``: the hash of the API key it was minted with (claim ``akh``): a stream it
+        opens ends once that key is revoked, as the key's own streams do.
+        """
         now = self.clock()
         expires = now + self.ttl_s
-        claims = {
+        claims: dict[str, Any] = {
             "sub": p.user,
             "project": p.project,
             "cid": conversation_id,
@@ -420,10 +435,16 @@ class StreamTokens:
             "iat": int(now),
             "exp": int(expires),
         }
+        if key_hash is not None:
+            claims["akh"] = key_hash
         return jwt.encode(claims, self.key, algorithm="HS256"), float(int(expires))
 
     def verify(self, token: str, conversation_id: str) -> Principal:
         """The watcher a stream token names, if it is valid for this conversation now."""
+        return self.verify_key(token, conversation_id)[0]
+
+    def verify_key(self, token: str, conversation_id: str) -> tuple[Principal, str | None]:
+        """As ``verify``, and the hash of the API key it was minted with (None: a bearer's)."""
         try:
             claims = jwt.decode(
                 token,
@@ -449,7 +470,10 @@ class StreamTokens:
             raise _unauthenticated("invalid stream token")  # minted under a longer ttl
         if cid != _uuid_or_none(conversation_id):
             raise _unauthenticated("stream token is for another conversation")
-        return Principal(project=project, user=user)
+        key_hash = claims.get("akh")
+        if key_hash is not None and not isinstance(key_hash, str):
+            raise _unauthenticated("invalid stream token")
+        return Principal(project=project, user=user), key_hash
 
 
 def _uuid_or_none(value: str) -> str | None:

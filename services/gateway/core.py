@@ -592,13 +592,18 @@ def parse_event_id(value: str | None) -> Position | None:
             return Position("tool", run, status=what, call=call)
         return None
     parts = rest.split(":")
-    if kind in ("tok", "run") and len(parts) == 3 and parts[0] and parts[1].isdigit():
-        if kind == "tok" and not parts[2].isdigit():
+    # ASCII digits only: str.isdigit() is also true of "²" and "①", which int() refuses.
+    if kind in ("tok", "run") and len(parts) == 3 and parts[0] and _ascii_int(parts[1]):
+        if kind == "tok" and not _ascii_int(parts[2]):
             return None
         if kind == "tok":
             return Position(kind, parts[0], int(parts[1]), int(parts[2]))
         return Position(kind, parts[0], int(parts[1]), status=parts[2])
     return None
+
+
+def _ascii_int(value: str) -> bool:
+    return value.isascii() and value.isdigit()
 
 
 def run_id_of(message_id: str) -> str:

@@ -67,6 +67,11 @@ class Watch:
     live: core.LiveFilter
     pending: bool = False
     ended: bool = False
+    # An API key's stream is looked at again while it is open (``Api.still_allowed``): a
+    # revoked key ends it, as it refuses every request. None: a bearer or stream token.
+    api_key: auth.Credentials | None = None
+    key_hash: str | None = None  # opened by a stream token minted with an API key
+    checked_at: float = 0.0
 
 
 class Api:
@@ -141,7 +146,9 @@ class Api:
     async def principal(self, request: Request[Any, Any, Any]) -> core.Principal:
         return await self.principals.authenticate(auth.Credentials.of(request.headers))
 
-    async def watcher(self, headers: Any, query: Any, conversation_id: str) -> core.Principal:
+    async def watcher(
+        self, headers: Any, query: Any, conversation_id: str
+    ) -> tuple[core.Principal, str | None]:
         """Who opens a push stream: the bearer header, or a stream token in ``?access_token=``.
 
         The query parameter takes a stream token only (never a bearer token: URLs are kept by
@@ -149,8 +156,13 @@ class Api:
         """
         token = query.get("access_token")
         if token is None:
-            return await self.principals.authenticate(auth.Credentials.of(headers))
-        return self.stream_tokens.verify(token, conversation_id)
+            return await self.principals.authenticate(auth.Credentials.of(headers)), None
+        p, key_hash = self.stream_tokens.verify_key(token, conversation_id)
+        keys = self.principals.api_keys
+        # Minted with an API key: it opens nothing once the key is revoked.
+        if key_hash is not None and keys is not None and await keys.project(key_hash) != p.project:
+            raise core.ApiError(401, "unauthenticated", "unknown or revoked API key")
+        return p, key_hash
 
     async def own(self, p: core.Principal, conversation_id: str) -> str:
         """The conversation id if the caller owns it; 404 otherwise (never 403: no existence leak)."""
@@ -615,9 +627,11 @@ class Api:
     async def events(
         self, request: Request[Any, Any, Any], conversation_id: str
     ) -> ServerSentEvent:
-        p = await self.watcher(request.headers, request.query_params, conversation_id)
+        p, key_hash = await self.watcher(request.headers, request.query_params, conversation_id)
         last_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-        watch = await self.watch(p, conversation_id, last_id)
+        by_header = "access_token" not in request.query_params
+        credentials = auth.Credentials.of(request.headers) if by_header else None
+        watch = await self.watch(p, conversation_id, last_id, credentials, key_hash)
         self.sse_connections.inc()
         # A client that stops reading leaves the stream suspended in a send, where its own
         # cleanup never runs; edge.HttpEdge calls this instead.
@@ -625,10 +639,19 @@ class Api:
         scope[ON_SEND_TIMEOUT] = lambda: self._end_sse(watch, slow=True)
         return ServerSentEvent(self._stream(watch))
 
-    async def watch(self, p: core.Principal, conversation_id: str, last_id: str | None) -> Watch:
+    async def watch(
+        self,
+        p: core.Principal,
+        conversation_id: str,
+        last_id: str | None,
+        credentials: auth.Credentials | None = None,
+        key_hash: str | None = None,
+    ) -> Watch:
         """A push stream of a conversation the caller may watch, with what it missed replayed.
 
         Shared by SSE and WebSocket, so both carry the same events with the same resume rules.
+        ``credentials``: what opened it (an API key's are looked at again while it is open);
+        ``key_hash``: the API key a stream token that opened it was minted with.
         """
         cid = core.parse_uuid(conversation_id, "conversation id")
         key = topic(p.project, cid)
@@ -648,7 +671,48 @@ class Api:
         except BaseException:
             self.hub.leave(key, queue)
             raise
-        return Watch(cid, key, p, queue, replay, live, pending=not owned)
+        api_key = credentials if credentials is not None and credentials.api_key else None
+        return Watch(
+            cid,
+            key,
+            p,
+            queue,
+            replay,
+            live,
+            not owned,
+            api_key=api_key,
+            key_hash=key_hash,
+            checked_at=time.monotonic(),
+        )
+
+    async def still_allowed(self, w: Watch) -> None:
+        """401 once the API key that opened the stream is revoked (or names another project).
+
+        Looked at again at most every ``api_key_cache_s`` (the key cache's TTL): a revocation
+        ends the key's open streams about as fast as it refuses its requests. A database that
+        cannot be asked does not end a stream.
+        """
+        if w.api_key is None and w.key_hash is None:
+            return
+        now = time.monotonic()
+        # Not more than once a second, even with no key cache (a query per token otherwise).
+        if now - w.checked_at < max(self.settings.api_key_cache_s, 1.0):
+            return
+        w.checked_at = now
+        p: core.Principal | None
+        try:
+            if w.api_key is not None:
+                p = await self.principals.authenticate(w.api_key)
+            else:
+                assert w.key_hash is not None and self.principals.api_keys is not None
+                project = await self.principals.api_keys.project(w.key_hash)
+                p = w.watcher if project == w.watcher.project else None
+        except core.ApiError as exc:
+            if exc.status == 401:
+                raise
+            return
+        if p != w.watcher:
+            raise core.ApiError(401, "unauthenticated", "unknown or revoked API key")
 
     async def claim(self, w: Watch) -> bool:
         """Before a pending stream's first event: whether the conversation is now the watcher's.
@@ -736,6 +800,12 @@ class Api:
                         w.queue.get(), min(self.settings.sse_heartbeat_s, left)
                     )
                 except TimeoutError:
+                    ev = _IDLE
+                try:
+                    await self.still_allowed(w)
+                except core.ApiError:
+                    return  # the key was revoked: a reconnect gets the 401
+                if ev is _IDLE:
                     if loop.time() < ends:
                         yield ServerSentEventMessage(data=None, comment="heartbeat")
                     continue
@@ -761,6 +831,9 @@ class Api:
         if slow:
             self.hub.drop(w.topic, w.queue)  # counted once, however noticed
         self.hub.leave(w.topic, w.queue)
+
+
+_IDLE = PushEvent("heartbeat", "", {})  # no event within a heartbeat interval
 
 
 def _sse(event: str, event_id: str, data: dict[str, Any]) -> ServerSentEventMessage:

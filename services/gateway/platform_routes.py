@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
-from services.gateway import openapi
+from services.gateway import auth, openapi
 from services.gateway.handlers import Api
 from shared import build
 
@@ -30,7 +30,9 @@ def routes(api: Api) -> list[Any]:
     ) -> Response[Any]:
         p = await api.principal(request)
         cid = await api.own(p, conversation_id)
-        token, expires = api.stream_tokens.mint(p, cid)
+        key = request.headers.get("x-api-key")  # it authenticated p: its streams follow it
+        key_hash = None if key is None else auth.api_key_hash(key)
+        token, expires = api.stream_tokens.mint(p, cid, key_hash)
         body = {
             "token": token,
             "conversation_id": cid,

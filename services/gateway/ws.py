@@ -68,11 +68,14 @@ class WebSockets:
         header = socket.headers.get("authorization")
         last_id = socket.headers.get("last-event-id") or socket.query_params.get("last_event_id")
         if header is None and "x-api-key" in socket.headers:
-            p = await self.api.principals.authenticate(auth.Credentials.of(socket.headers))
-            return await self.api.watch(p, conversation_id, last_id)
+            credentials = auth.Credentials.of(socket.headers)
+            p = await self.api.principals.authenticate(credentials)
+            return await self.api.watch(p, conversation_id, last_id, credentials)
         if header is None and "access_token" in socket.query_params:
-            p = await self.api.watcher(socket.headers, socket.query_params, conversation_id)
-            return await self.api.watch(p, conversation_id, last_id)
+            p, key_hash = await self.api.watcher(
+                socket.headers, socket.query_params, conversation_id
+            )
+            return await self.api.watch(p, conversation_id, last_id, key_hash=key_hash)
         if header is None:
             frame = await self._first_frame(socket)
             header = f"Bearer {frame.token}"
@@ -82,7 +85,7 @@ class WebSockets:
             header, socket.headers.get("x-api-key"), socket.headers.get("x-acting-user")
         )
         p = await self.api.principals.authenticate(credentials)
-        return await self.api.watch(p, conversation_id, last_id)
+        return await self.api.watch(p, conversation_id, last_id, credentials)
 
     async def _first_frame(self, socket: WebSocket[Any, Any, Any]) -> core.ClientFrame:
         try:
@@ -135,6 +138,7 @@ class WebSockets:
             await self._send(socket, lock, core.ws_frame(event, event_id, data))
         while True:
             ev = await self._next(w.queue, reader)
+            await self.api.still_allowed(w)  # a revoked key: error frame, close 4401
             if ev is None:
                 if self.api.hub.was_slow(w.queue):
                     raise _Closed(core.WS_SLOW, _SLOW)
