@@ -10,13 +10,16 @@ import asyncio
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from baton.mcp_server import MCPServerProcess
 from tests.e2e.conftest import Pipeline
+from tests.e2e.test_tools_journey import tool_stack
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).parent / "ai-sdk"
@@ -203,3 +206,76 @@ async def test_a_retried_answer_ends_as_the_stored_text_in_the_sdk(pipeline: Pip
     assert answer["kind"] != "failure"
     assert sent["text"] == answer["content"]
     assert "reset-step" in sent["types"]  # the partial first attempt left the message
+
+
+@pytest.fixture
+def tools(database_url: str, tmp_path: Path) -> Iterator[tuple[Pipeline, MCPServerProcess]]:
+    """The stack with the demo MCP server and the offline model's tool_use (test_tools_journey)."""
+    with tool_stack(database_url, tmp_path, secure=False) as s:
+        yield s
+
+
+async def test_an_ask_tool_in_the_sdk_input_approval_request_output_and_answer(
+    tools: tuple[Pipeline, MCPServerProcess],
+) -> None:
+    """The SDK's own reader sees the call's input, the approval request (answered through
+    baton's approvals route with what the request's descriptor names), the output and the final
+    text; the MCP server ran the call once."""
+    p, mcp = tools
+    token = p.token("acme", "dana")
+    chat_id = "chat-" + uuid.uuid4().hex[:12]
+    payload = {
+        "api": f"{p.gateway}/api/ai-sdk/chat",
+        "token": token,
+        "chatId": chat_id,
+        "messageId": "msg-tool-1",
+        "text": "Please remind me to call John.",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        _node(),
+        str(HERE / "client.mjs"),
+        json.dumps(payload),
+        cwd=HERE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        request = json.loads(line)["approval"]
+        assert mcp.executions() == []  # nothing ran before the approval
+        d = request["approvalDescriptor"]
+        assert request["toolCallId"] == request["approvalId"] == d["tool_call_id"]
+        cid = await only_conversation(p, token)
+        assert d["conversation_id"] == cid and d["run_id"].startswith("run-")
+        decision = {"tool_call_id": d["tool_call_id"], "approve": True}
+        decision["input_digest"] = d["input_digest"]
+        async with httpx.AsyncClient(timeout=10) as h:
+            r = await h.post(
+                p.gateway + d["approvals_url"],
+                json={"decisions": [decision]},
+                headers=headers(token),
+            )
+        assert r.status_code == 202, r.text
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    sent = json.loads(out.decode().strip().splitlines()[-1])["sent"]
+    assert sent["errors"] == [], sent
+    call = d["tool_call_id"]
+    assert sent["toolStates"] == [
+        f"{call}:input-available",
+        f"{call}:approval-requested",
+        f"{call}:output-available",
+    ]
+    [tool] = sent["tools"]
+    assert tool["toolName"] == "create_task" and tool["input"] == {"title": "call John"}
+    assert tool["approval"]["id"] == call
+    task = json.loads(tool["output"])
+    assert task["title"] == "call John" and task["task_id"] in sent["text"]
+    assert sent["types"][-1] == "finish" and "reset-step" not in sent["types"]
+    [execution] = mcp.executions()  # the MCP server's ledger: one execution
+    assert task["task_id"] in json.dumps(execution)
