@@ -15,7 +15,10 @@ How baton's events map to the protocol's parts (docs/clients.md):
 ``text-delta``; a retry (a newer attempt) → ``reset-step`` and a new step, so the partial text of
 the failed attempt goes; ``message.completed`` → the rest of the stored text, ``text-end``,
 ``finish``; ``run.failed`` → ``error`` (the failure notice) and ``finish`` (``error``); a
-cancelled run → ``abort``.
+cancelled run → ``abort``; ``tool.requested`` → ``tool-input-available`` and
+``tool-approval-request`` (its descriptor names baton's approvals route, which is how an app
+answers); ``tool.result`` → ``tool-output-available`` / ``-denied`` / ``-error`` (an auto call's
+part starts at its result, with ``tool-input-start``); the next round's model call → a new step.
 """
 
 from __future__ import annotations
@@ -213,7 +216,6 @@ class Parts:
             return [*self._close(), notice, {"type": "finish-step"}, _finish("error")]
         return []
 
-
     def _tool(self, data: dict[str, Any]) -> dict[str, Any]:
         # dynamic: the app does not declare baton's tools; providerExecuted: baton runs them
         return {"toolCallId": str(data["tool_call_id"]), "dynamic": True, "providerExecuted": True}
@@ -263,7 +265,9 @@ class Parts:
         self.tools_in_step = True
         out = self._close()
         if seen is None:
-            out.append({"type": "tool-input-start", **self._tool(data), "toolName": str(data["tool"])})
+            out.append(
+                {"type": "tool-input-start", **self._tool(data), "toolName": str(data["tool"])}
+            )
         content = str(data.get("content", ""))
         if not data.get("is_error"):
             out.append({"type": "tool-output-available", **self._tool(data), "output": content})
@@ -331,13 +335,14 @@ def _end(api: Api, w: Watch, slow: bool = False) -> None:
     api.hub.leave(w.topic, w.queue)
 
 
-def _stream(
-    request: Request[Any, Any, Any], api: Api, w: Watch, run_id: str, cid: str
-) -> Stream:
+def _stream(request: Request[Any, Any, Any], api: Api, w: Watch, run_id: str, cid: str) -> Stream:
     scope = cast(dict[str, Any], request.scope)
     scope[ON_SEND_TIMEOUT] = lambda: _end(api, w, slow=True)
     return Stream(
-        _parts(api, w, run_id, cid), media_type="text/event-stream", headers=HEADERS, status_code=200
+        _parts(api, w, run_id, cid),
+        media_type="text/event-stream",
+        headers=HEADERS,
+        status_code=200,
     )
 
 
@@ -466,7 +471,9 @@ def chat_body(max_key_chars: int, max_chars: int) -> dict[str, Any]:
 UI_STREAM: dict[str, Any] = {
     "description": "The AI SDK UI message stream (`x-vercel-ai-ui-message-stream: v1`): "
     "`data:` lines of start, start-step, text-start, text-delta, text-end, finish-step, finish, "
-    "error, abort and transient data-baton-status parts, then `data: [DONE]`",
+    "error, abort, tool-input-start, tool-input-available, tool-approval-request, "
+    "tool-output-available, tool-output-denied, tool-output-error and transient "
+    "data-baton-status parts, then `data: [DONE]`",
     "headers": {
         "x-vercel-ai-ui-message-stream": {"schema": {"type": "string", "enum": ["v1"]}},
     },

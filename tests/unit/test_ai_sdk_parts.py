@@ -231,8 +231,6 @@ def test_a_refused_ask_call_is_denied_and_a_failed_call_is_an_error() -> None:
 
 
 def test_a_retry_after_a_tool_round_still_drops_only_the_failed_attempt() -> None:
-    chunks = play_in(
-        result("toolu_a"), tok(2, 0, "half"), status("running", 3), tok(3, 0, "whole")
-    )
+    chunks = play_in(result("toolu_a"), tok(2, 0, "half"), status("running", 3), tok(3, 0, "whole"))
     assert text_of(chunks) == "whole"
     assert "tool-output-available" in [c["type"] for c in chunks]
