@@ -279,3 +279,62 @@ async def test_an_ask_tool_in_the_sdk_input_approval_request_output_and_answer(
     assert sent["types"][-1] == "finish" and "reset-step" not in sent["types"]
     [execution] = mcp.executions()  # the MCP server's ledger: one execution
     assert task["task_id"] in json.dumps(execution)
+
+
+async def test_an_auto_tool_and_a_denied_ask_tool_in_the_sdk(
+    tools: tuple[Pipeline, MCPServerProcess],
+) -> None:
+    """An auto call's part (no input in baton's events) and a refused ask call's
+    ``output-denied`` pass the SDK's own strict chunk parser; the refused call never runs."""
+    p, mcp = tools
+    token = p.token("acme", "erin")
+    chat_id = "chat-" + uuid.uuid4().hex[:12]
+    auto = await client(
+        p, token, chatId=chat_id, messageId="msg-auto", text="What time is it in Berlin?"
+    )
+    sent = auto["sent"]
+    assert sent["errors"] == [] and "error" not in auto, auto
+    [tool] = sent["tools"]
+    call = tool["toolCallId"]
+    assert sent["toolStates"] == [f"{call}:input-streaming", f"{call}:output-available"]
+    assert tool["toolName"] == "current_time" and tool["output"] in sent["text"]
+
+    payload = {
+        "api": f"{p.gateway}/api/ai-sdk/chat",
+        "token": token,
+        "chatId": chat_id,
+        "messageId": "msg-ask",
+        "text": "Please remind me to call John.",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        _node(),
+        str(HERE / "client.mjs"),
+        json.dumps(payload),
+        cwd=HERE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        d = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))["approval"][
+            "approvalDescriptor"
+        ]
+        async with httpx.AsyncClient(timeout=10) as h:
+            r = await h.post(
+                p.gateway + d["approvals_url"],
+                json={"decisions": [{"tool_call_id": d["tool_call_id"], "approve": False}]},
+                headers=headers(token),
+            )
+        assert r.status_code == 202, r.text
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    denied = json.loads(out.decode().strip().splitlines()[-1])["sent"]
+    assert denied["errors"] == [], denied
+    call = d["tool_call_id"]
+    assert denied["toolStates"][-1] == f"{call}:output-denied"
+    assert denied["types"][-1] == "finish" and denied["text"]
+    assert mcp.executions() == []  # a refused call never runs
