@@ -224,25 +224,10 @@ async def test_an_ask_tool_in_the_sdk_input_approval_request_output_and_answer(
     p, mcp = tools
     token = p.token("acme", "dana")
     chat_id = "chat-" + uuid.uuid4().hex[:12]
-    payload = {
-        "api": f"{p.gateway}/api/ai-sdk/chat",
-        "token": token,
-        "chatId": chat_id,
-        "messageId": "msg-tool-1",
-        "text": "Please remind me to call John.",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        _node(),
-        str(HERE / "client.mjs"),
-        json.dumps(payload),
-        cwd=HERE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    proc, request = await _until_approval(
+        p, token, chatId=chat_id, messageId="msg-tool-1", text="Please remind me to call John."
     )
     try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        request = json.loads(line)["approval"]
         assert mcp.executions() == []  # nothing ran before the approval
         d = request["approvalDescriptor"]
         assert request["toolCallId"] == request["approvalId"] == d["tool_call_id"]
@@ -299,26 +284,11 @@ async def test_an_auto_tool_and_a_denied_ask_tool_in_the_sdk(
     assert sent["toolStates"] == [f"{call}:input-streaming", f"{call}:output-available"]
     assert tool["toolName"] == "current_time" and tool["output"] in sent["text"]
 
-    payload = {
-        "api": f"{p.gateway}/api/ai-sdk/chat",
-        "token": token,
-        "chatId": chat_id,
-        "messageId": "msg-ask",
-        "text": "Please remind me to call John.",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        _node(),
-        str(HERE / "client.mjs"),
-        json.dumps(payload),
-        cwd=HERE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    proc, request = await _until_approval(
+        p, token, chatId=chat_id, messageId="msg-ask", text="Please remind me to call John."
     )
     try:
-        assert proc.stdout is not None
-        d = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))["approval"][
-            "approvalDescriptor"
-        ]
+        d = request["approvalDescriptor"]
         async with httpx.AsyncClient(timeout=10) as h:
             r = await h.post(
                 p.gateway + d["approvals_url"],
@@ -338,3 +308,64 @@ async def test_an_auto_tool_and_a_denied_ask_tool_in_the_sdk(
     assert denied["toolStates"][-1] == f"{call}:output-denied"
     assert denied["types"][-1] == "finish" and denied["text"]
     assert mcp.executions() == []  # a refused call never runs
+
+
+async def _until_approval(p: Pipeline, token: str, **args: Any) -> tuple[Any, dict[str, Any]]:
+    """The Node client started; the first approval request it printed (the process goes on)."""
+    payload = {"api": f"{p.gateway}/api/ai-sdk/chat", "token": token, **args}
+    proc = await asyncio.create_subprocess_exec(
+        _node(),
+        str(HERE / "client.mjs"),
+        json.dumps(payload),
+        cwd=HERE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        return proc, json.loads(line)["approval"]
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+
+
+async def test_a_reconnect_while_a_call_waits_shows_the_approval_request_again(
+    tools: tuple[Pipeline, MCPServerProcess],
+) -> None:
+    """useChat's resume (a reload) during requires_action: the replay has the call's input and
+    approval request again; approving then ends the resumed stream with the output and text."""
+    p, mcp = tools
+    token = p.token("acme", "fay")
+    chat_id = "chat-" + uuid.uuid4().hex[:12]
+    first, request = await _until_approval(
+        p, token, chatId=chat_id, messageId="msg-r", text="Please remind me to call John."
+    )
+    first.kill()  # the tab is closed while the call waits
+    await first.wait()
+    again, replayed = await _until_approval(p, token, chatId=chat_id)  # reconnect only
+    try:
+        assert replayed == request
+        d = replayed["approvalDescriptor"]
+        decision = {"tool_call_id": d["tool_call_id"], "approve": True}
+        async with httpx.AsyncClient(timeout=10) as h:
+            r = await h.post(
+                p.gateway + d["approvals_url"],
+                json={"decisions": [decision]},
+                headers=headers(token),
+            )
+        assert r.status_code == 202, r.text
+        out, err = await asyncio.wait_for(again.communicate(), 120)
+    finally:
+        if again.returncode is None:
+            again.kill()
+            await again.wait()
+    assert again.returncode == 0, err.decode()
+    resumed = json.loads(out.decode().strip().splitlines()[-1])["resumed"]
+    assert resumed["errors"] == [], resumed
+    call = d["tool_call_id"]
+    assert resumed["toolStates"][-1] == f"{call}:output-available"
+    task = json.loads(resumed["tools"][0]["output"])
+    assert task["task_id"] in resumed["text"]
+    assert len(mcp.executions()) == 1
