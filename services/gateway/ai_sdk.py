@@ -15,7 +15,10 @@ How baton's events map to the protocol's parts (docs/clients.md):
 ``text-delta``; a retry (a newer attempt) → ``reset-step`` and a new step, so the partial text of
 the failed attempt goes; ``message.completed`` → the rest of the stored text, ``text-end``,
 ``finish``; ``run.failed`` → ``error`` (the failure notice) and ``finish`` (``error``); a
-cancelled run → ``abort``.
+cancelled run → ``abort``; ``tool.requested`` → ``tool-input-available`` and
+``tool-approval-request`` (its descriptor names baton's approvals route, which is how an app
+answers); ``tool.result`` → ``tool-output-available`` / ``-denied`` / ``-error`` (an auto call's
+part starts at its result, with ``tool-input-start``); the next round's model call → a new step.
 """
 
 from __future__ import annotations
@@ -123,8 +126,11 @@ _IDLE = PushEvent("heartbeat", "", {})  # no event within a heartbeat interval
 class Parts:
     """Turns one run's push events into UI message chunks (one instance per response)."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, conversation_id: str = "") -> None:
         self.run_id = run_id
+        self.conversation_id = conversation_id
+        self.calls: dict[str, str] = {}  # tool call id -> "input" | "approval" | "done"
+        self.tools_in_step = False  # the step holds tool parts: a new attempt is a new step
         self.attempt = -1
         self.seq = -1
         self.text = ""  # of the current attempt, as sent
@@ -139,7 +145,10 @@ class Parts:
 
     def _new_attempt(self, attempt: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        if self.attempt >= 0 and (self.text or self.open):
+        if self.tools_in_step:  # the next round's model call: the tool step stays
+            out += [*self._close(), {"type": "finish-step"}, {"type": "start-step"}]
+            self.tools_in_step = False
+        elif self.attempt >= 0 and (self.text or self.open):
             out += self._close()
             out += [{"type": "reset-step"}, {"type": "start-step"}]
         self.attempt, self.seq, self.text = attempt, -1, ""
@@ -197,19 +206,84 @@ class Parts:
                 out += self._delta(content)
             self.ended = True
             return [*out, *self._close(), {"type": "finish-step"}, _finish("stop")]
+        if event == "tool.requested":
+            return self._requested(data)
+        if event == "tool.result":
+            return self._result(data)
         if event == "run.failed":
             self.ended = True
             notice = {"type": "error", "errorText": str(data["content"])}
             return [*self._close(), notice, {"type": "finish-step"}, _finish("error")]
         return []
 
+    def _tool(self, data: dict[str, Any]) -> dict[str, Any]:
+        # dynamic: the app does not declare baton's tools; providerExecuted: baton runs them
+        return {"toolCallId": str(data["tool_call_id"]), "dynamic": True, "providerExecuted": True}
+
+    def _requested(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """An "ask" call: its input, then the approval request (approved through baton's
+        approvals route; the descriptor says where and with what)."""
+        call = str(data["tool_call_id"])
+        if call in self.calls:
+            return []
+        self.calls[call] = "approval"
+        self.tools_in_step = True
+        descriptor = {
+            "conversation_id": self.conversation_id,
+            "run_id": self.run_id,
+            "tool_call_id": call,
+            "server": data.get("server"),
+            "input_digest": data.get("input_digest"),
+            "expires_at": data.get("expires_at"),
+            "approvals_url": f"/api/conversations/{self.conversation_id}/runs/{self.run_id}"
+            "/tool-approvals",
+        }
+        return [
+            *self._close(),
+            {
+                "type": "tool-input-available",
+                **self._tool(data),
+                "toolName": str(data["tool"]),
+                "input": data.get("arguments"),
+            },
+            {
+                "type": "tool-approval-request",
+                "approvalId": call,
+                "toolCallId": call,
+                "approvalDescriptor": descriptor,
+            },
+        ]
+
+    def _result(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """A call's stored result. An "auto" call was never requested: its part starts here,
+        without input (baton's events do not carry an auto call's arguments)."""
+        call = str(data["tool_call_id"])
+        seen = self.calls.get(call)
+        if seen == "done":
+            return []
+        self.calls[call] = "done"
+        self.tools_in_step = True
+        out = self._close()
+        if seen is None:
+            out.append(
+                {"type": "tool-input-start", **self._tool(data), "toolName": str(data["tool"])}
+            )
+        content = str(data.get("content", ""))
+        if not data.get("is_error"):
+            out.append({"type": "tool-output-available", **self._tool(data), "output": content})
+        elif seen == "approval" and data.get("outcome") == "denied":
+            out.append({"type": "tool-output-denied", "toolCallId": call})
+        else:
+            out.append({"type": "tool-output-error", **self._tool(data), "errorText": content})
+        return out
+
 
 def _finish(reason: str) -> dict[str, Any]:
     return {"type": "finish", "finishReason": reason}
 
 
-async def _parts(api: Api, w: Watch, run_id: str) -> AsyncGenerator[bytes, None]:
-    parts = Parts(run_id)
+async def _parts(api: Api, w: Watch, run_id: str, cid: str) -> AsyncGenerator[bytes, None]:
+    parts = Parts(run_id, cid)
     api.stream_clients.labels("ai-sdk").inc()
     try:
         for part in parts.begin():
@@ -261,11 +335,14 @@ def _end(api: Api, w: Watch, slow: bool = False) -> None:
     api.hub.leave(w.topic, w.queue)
 
 
-def _stream(request: Request[Any, Any, Any], api: Api, w: Watch, run_id: str) -> Stream:
+def _stream(request: Request[Any, Any, Any], api: Api, w: Watch, run_id: str, cid: str) -> Stream:
     scope = cast(dict[str, Any], request.scope)
     scope[ON_SEND_TIMEOUT] = lambda: _end(api, w, slow=True)
     return Stream(
-        _parts(api, w, run_id), media_type="text/event-stream", headers=HEADERS, status_code=200
+        _parts(api, w, run_id, cid),
+        media_type="text/event-stream",
+        headers=HEADERS,
+        status_code=200,
     )
 
 
@@ -318,7 +395,7 @@ def routes(api: Api) -> list[Any]:
         accepted, _ = await api.submit(credentials, key, body)
         message_id = accepted.message.id
         watch = await api.watch(p, cid, f"msg:{message_id}", credentials)
-        return _stream(request, api, watch, vocab.run_id(message_id))
+        return _stream(request, api, watch, vocab.run_id(message_id), cid)
 
     @get(
         "/api/ai-sdk/chat/{chat_id:str}/stream",
@@ -340,7 +417,7 @@ def routes(api: Api) -> list[Any]:
         if message_id is None:
             return Response(None, status_code=204)
         watch = await api.watch(p, cid, f"msg:{message_id}", auth.Credentials.of(request.headers))
-        return _stream(request, api, watch, vocab.run_id(message_id))
+        return _stream(request, api, watch, vocab.run_id(message_id), cid)
 
     return [chat, resume]
 
@@ -394,7 +471,9 @@ def chat_body(max_key_chars: int, max_chars: int) -> dict[str, Any]:
 UI_STREAM: dict[str, Any] = {
     "description": "The AI SDK UI message stream (`x-vercel-ai-ui-message-stream: v1`): "
     "`data:` lines of start, start-step, text-start, text-delta, text-end, finish-step, finish, "
-    "error, abort and transient data-baton-status parts, then `data: [DONE]`",
+    "error, abort, tool-input-start, tool-input-available, tool-approval-request, "
+    "tool-output-available, tool-output-denied, tool-output-error and transient "
+    "data-baton-status parts, then `data: [DONE]`",
     "headers": {
         "x-vercel-ai-ui-message-stream": {"schema": {"type": "string", "enum": ["v1"]}},
     },

@@ -10,13 +10,16 @@ import asyncio
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from baton.mcp_server import MCPServerProcess
 from tests.e2e.conftest import Pipeline
+from tests.e2e.test_tools_journey import tool_stack
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).parent / "ai-sdk"
@@ -203,3 +206,166 @@ async def test_a_retried_answer_ends_as_the_stored_text_in_the_sdk(pipeline: Pip
     assert answer["kind"] != "failure"
     assert sent["text"] == answer["content"]
     assert "reset-step" in sent["types"]  # the partial first attempt left the message
+
+
+@pytest.fixture
+def tools(database_url: str, tmp_path: Path) -> Iterator[tuple[Pipeline, MCPServerProcess]]:
+    """The stack with the demo MCP server and the offline model's tool_use (test_tools_journey)."""
+    with tool_stack(database_url, tmp_path, secure=False) as s:
+        yield s
+
+
+async def test_an_ask_tool_in_the_sdk_input_approval_request_output_and_answer(
+    tools: tuple[Pipeline, MCPServerProcess],
+) -> None:
+    """The SDK's own reader sees the call's input, the approval request (answered through
+    baton's approvals route with what the request's descriptor names), the output and the final
+    text; the MCP server ran the call once."""
+    p, mcp = tools
+    token = p.token("acme", "dana")
+    chat_id = "chat-" + uuid.uuid4().hex[:12]
+    proc, request = await _until_approval(
+        p, token, chatId=chat_id, messageId="msg-tool-1", text="Please remind me to call John."
+    )
+    try:
+        assert mcp.executions() == []  # nothing ran before the approval
+        d = request["approvalDescriptor"]
+        assert request["toolCallId"] == request["approvalId"] == d["tool_call_id"]
+        cid = await only_conversation(p, token)
+        assert d["conversation_id"] == cid and d["run_id"].startswith("run-")
+        decision = {"tool_call_id": d["tool_call_id"], "approve": True}
+        decision["input_digest"] = d["input_digest"]
+        async with httpx.AsyncClient(timeout=10) as h:
+            r = await h.post(
+                p.gateway + d["approvals_url"],
+                json={"decisions": [decision]},
+                headers=headers(token),
+            )
+        assert r.status_code == 202, r.text
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    sent = json.loads(out.decode().strip().splitlines()[-1])["sent"]
+    assert sent["errors"] == [], sent
+    call = d["tool_call_id"]
+    assert sent["toolStates"] == [
+        f"{call}:input-available",
+        f"{call}:approval-requested",
+        f"{call}:output-available",
+    ]
+    [tool] = sent["tools"]
+    assert tool["toolName"] == "create_task" and tool["input"] == {"title": "call John"}
+    assert tool["approval"]["id"] == call
+    task = json.loads(tool["output"])
+    assert task["title"] == "call John" and task["task_id"] in sent["text"]
+    assert sent["types"][-1] == "finish" and "reset-step" not in sent["types"]
+    [execution] = mcp.executions()  # the MCP server's ledger: one execution
+    assert task["task_id"] in json.dumps(execution)
+
+
+async def test_an_auto_tool_and_a_denied_ask_tool_in_the_sdk(
+    tools: tuple[Pipeline, MCPServerProcess],
+) -> None:
+    """An auto call's part (no input in baton's events) and a refused ask call's
+    ``output-denied`` pass the SDK's own strict chunk parser; the refused call never runs."""
+    p, mcp = tools
+    token = p.token("acme", "erin")
+    chat_id = "chat-" + uuid.uuid4().hex[:12]
+    auto = await client(
+        p, token, chatId=chat_id, messageId="msg-auto", text="What time is it in Berlin?"
+    )
+    sent = auto["sent"]
+    assert sent["errors"] == [] and "error" not in auto, auto
+    [tool] = sent["tools"]
+    call = tool["toolCallId"]
+    assert sent["toolStates"] == [f"{call}:input-streaming", f"{call}:output-available"]
+    assert tool["toolName"] == "current_time" and tool["output"] in sent["text"]
+
+    proc, request = await _until_approval(
+        p, token, chatId=chat_id, messageId="msg-ask", text="Please remind me to call John."
+    )
+    try:
+        d = request["approvalDescriptor"]
+        async with httpx.AsyncClient(timeout=10) as h:
+            r = await h.post(
+                p.gateway + d["approvals_url"],
+                json={"decisions": [{"tool_call_id": d["tool_call_id"], "approve": False}]},
+                headers=headers(token),
+            )
+        assert r.status_code == 202, r.text
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    denied = json.loads(out.decode().strip().splitlines()[-1])["sent"]
+    assert denied["errors"] == [], denied
+    call = d["tool_call_id"]
+    assert denied["toolStates"][-1] == f"{call}:output-denied"
+    assert denied["types"][-1] == "finish" and denied["text"]
+    assert mcp.executions() == []  # a refused call never runs
+
+
+async def _until_approval(p: Pipeline, token: str, **args: Any) -> tuple[Any, dict[str, Any]]:
+    """The Node client started; the first approval request it printed (the process goes on)."""
+    payload = {"api": f"{p.gateway}/api/ai-sdk/chat", "token": token, **args}
+    proc = await asyncio.create_subprocess_exec(
+        _node(),
+        str(HERE / "client.mjs"),
+        json.dumps(payload),
+        cwd=HERE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        return proc, json.loads(line)["approval"]
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+
+
+async def test_a_reconnect_while_a_call_waits_shows_the_approval_request_again(
+    tools: tuple[Pipeline, MCPServerProcess],
+) -> None:
+    """useChat's resume (a reload) during requires_action: the replay has the call's input and
+    approval request again; approving then ends the resumed stream with the output and text."""
+    p, mcp = tools
+    token = p.token("acme", "fay")
+    chat_id = "chat-" + uuid.uuid4().hex[:12]
+    first, request = await _until_approval(
+        p, token, chatId=chat_id, messageId="msg-r", text="Please remind me to call John."
+    )
+    first.kill()  # the tab is closed while the call waits
+    await first.wait()
+    again, replayed = await _until_approval(p, token, chatId=chat_id)  # reconnect only
+    try:
+        assert replayed == request
+        d = replayed["approvalDescriptor"]
+        decision = {"tool_call_id": d["tool_call_id"], "approve": True}
+        async with httpx.AsyncClient(timeout=10) as h:
+            r = await h.post(
+                p.gateway + d["approvals_url"],
+                json={"decisions": [decision]},
+                headers=headers(token),
+            )
+        assert r.status_code == 202, r.text
+        out, err = await asyncio.wait_for(again.communicate(), 120)
+    finally:
+        if again.returncode is None:
+            again.kill()
+            await again.wait()
+    assert again.returncode == 0, err.decode()
+    resumed = json.loads(out.decode().strip().splitlines()[-1])["resumed"]
+    assert resumed["errors"] == [], resumed
+    call = d["tool_call_id"]
+    assert resumed["toolStates"][-1] == f"{call}:output-available"
+    task = json.loads(resumed["tools"][0]["output"])
+    assert task["task_id"] in resumed["text"]
+    assert len(mcp.executions()) == 1

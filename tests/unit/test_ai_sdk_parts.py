@@ -107,3 +107,130 @@ def test_a_chat_id_maps_to_a_conversation_of_the_caller_only() -> None:
     assert ai_sdk.conversation_of(alice, "abc", key) != ai_sdk.conversation_of(bob, "abc", key)
     cid = "0A1B2C3D-0000-4000-8000-000000000000"
     assert ai_sdk.conversation_of(bob, cid, key) == cid.lower()
+
+
+# ---- tool calls (issue 18): the chunks the pinned `ai` package parses --------------------------
+
+CID = "00000000-0000-4000-8000-0000000000c1"
+
+
+def requested(call: str = "toolu_1", attempt: int = 1) -> tuple[str, dict[str, object]]:
+    return "tool.requested", {
+        "run_id": RUN,
+        "tool_call_id": call,
+        "tool": "create_task",
+        "server": "demo",
+        "arguments": {"title": "call John"},
+        "input_digest": "d" * 64,
+        "round": 0,
+        "expires_at": "2026-12-02T00:10:00+00:00",
+    }
+
+
+def result(
+    call: str = "toolu_1", outcome: str = "ok", is_error: bool = False, content: str = '{"a":1}'
+) -> tuple[str, dict[str, object]]:
+    return "tool.result", {
+        "run_id": RUN,
+        "tool_call_id": call,
+        "tool": "create_task",
+        "round": 0,
+        "outcome": outcome,
+        "is_error": is_error,
+        "content": content,
+    }
+
+
+def play_in(*events: tuple[str, dict[str, object]]) -> list[dict[str, object]]:
+    parts = ai_sdk.Parts(RUN, CID)
+    out = parts.begin()
+    for event, data in events:
+        out += parts.on(event, data)
+    return [p for p in out if p["type"] != "data-baton-status"]
+
+
+def test_an_ask_call_is_its_input_an_approval_request_then_its_output() -> None:
+    chunks = play_in(
+        tok(1, 0, "Sure"),
+        status("requires_action"),
+        requested(),
+        requested(),  # a replayed request: once
+        status("running", 2),
+        result(),
+        result(),  # a repeat: once
+        tok(2, 0, "Done: "),
+        done("Done: task 1"),
+    )
+    assert [c["type"] for c in chunks] == [
+        "start",
+        "start-step",
+        "text-start",
+        "text-delta",
+        "text-end",
+        "tool-input-available",
+        "tool-approval-request",
+        "finish-step",
+        "start-step",
+        "tool-output-available",
+        "text-start",
+        "text-delta",
+        "text-delta",
+        "text-end",
+        "finish-step",
+        "finish",
+    ]
+    call = {"toolCallId": "toolu_1", "dynamic": True, "providerExecuted": True}
+    assert chunks[5] == {
+        "type": "tool-input-available",
+        **call,
+        "toolName": "create_task",
+        "input": {"title": "call John"},
+    }
+    approval = chunks[6]
+    assert approval["approvalId"] == "toolu_1" and approval["toolCallId"] == "toolu_1"
+    assert approval["approvalDescriptor"] == {
+        "conversation_id": CID,
+        "run_id": RUN,
+        "tool_call_id": "toolu_1",
+        "server": "demo",
+        "input_digest": "d" * 64,
+        "expires_at": "2026-12-02T00:10:00+00:00",
+        "approvals_url": f"/api/conversations/{CID}/runs/{RUN}/tool-approvals",
+    }
+    assert chunks[9] == {"type": "tool-output-available", **call, "output": '{"a":1}'}
+    assert text_of(chunks) == "SureDone: task 1"  # the tool step is not reset
+
+
+def test_an_auto_call_starts_at_its_result_without_input() -> None:
+    chunks = play_in(tok(1, 0, "Let me look. "), result("toolu_a"), tok(2, 0, "It is noon."))
+    types = [c["type"] for c in chunks]
+    assert types[5:] == [
+        "tool-input-start",
+        "tool-output-available",
+        "finish-step",
+        "start-step",
+        "text-start",
+        "text-delta",
+    ]
+    assert chunks[5] == {
+        "type": "tool-input-start",
+        "toolCallId": "toolu_a",
+        "dynamic": True,
+        "providerExecuted": True,
+        "toolName": "create_task",
+    }
+
+
+def test_a_refused_ask_call_is_denied_and_a_failed_call_is_an_error() -> None:
+    denied = play_in(requested(), result(outcome="denied", is_error=True, content="no"))
+    assert denied[-1] == {"type": "tool-output-denied", "toolCallId": "toolu_1"}
+    failed = play_in(requested(), result(outcome="error", is_error=True, content="boom"))
+    assert failed[-1]["type"] == "tool-output-error" and failed[-1]["errorText"] == "boom"
+    policy_denied = play_in(result(outcome="denied", is_error=True, content="not allowed"))
+    assert [c["type"] for c in policy_denied[-2:]] == ["tool-input-start", "tool-output-error"]
+
+
+def test_a_retry_after_a_tool_round_still_drops_only_the_failed_attempt() -> None:
+    chunks = play_in(result("toolu_a"), tok(2, 0, "half"), status("running", 3), tok(3, 0, "whole"))
+    assert text_of(chunks) == "whole"
+    assert "tool-output-available" in [c["type"] for c in chunks]

@@ -1,5 +1,7 @@
 // Drives baton through the `ai` package's own DefaultChatTransport and readUIMessageStream.
-// One JSON argument: {api, token, chatId, messageId, text, cutAfter?}. Prints one JSON line.
+// One JSON argument: {api, token, chatId, messageId, text, cutAfter?}. Prints one JSON line
+// (its last line); before it, one line {"approval": <tool-approval-request chunk>} per approval
+// request as it comes, for the test to answer through baton's approvals route.
 //   cutAfter absent: send, read the whole answer.
 //   cutAfter N: send, drop the connection after N text deltas, then reconnect (GET {api}/{chatId}/stream).
 //   text absent: only reconnect.
@@ -16,6 +18,7 @@ function recording(stream, types, stopAfter, abort) {
   return stream.pipeThrough(new TransformStream({
     transform(chunk, controller) {
       types.push(chunk.type);
+      if (chunk.type === "tool-approval-request") console.log(JSON.stringify({ approval: chunk }));
       controller.enqueue(chunk);
       if (chunk.type === "text-delta" && stopAfter !== undefined && ++deltas >= stopAfter) {
         controller.terminate();
@@ -28,11 +31,17 @@ function recording(stream, types, stopAfter, abort) {
 async function read(stream) {
   let last;
   const errors = [];
+  const toolStates = [];
   for await (const message of readUIMessageStream({ stream, onError: (e) => errors.push(String(e.message || e)) })) {
     last = message;
+    for (const p of message.parts) {
+      const seen = p.type === "dynamic-tool" ? `${p.toolCallId}:${p.state}` : null;
+      if (seen && toolStates[toolStates.length - 1] !== seen) toolStates.push(seen);
+    }
   }
   const text = last ? last.parts.filter((p) => p.type === "text").map((p) => p.text).join("") : null;
-  return { id: last ? last.id : null, text, errors };
+  const tools = last ? last.parts.filter((p) => p.type === "dynamic-tool") : [];
+  return { id: last ? last.id : null, text, errors, tools, toolStates, partTypes: last ? last.parts.map((p) => p.type) : [] };
 }
 
 const out = {};
