@@ -1,7 +1,7 @@
 """``DELETE /api/conversations/{id}`` ends the conversation's open push streams (issue 16).
 
 Two gateways (real uvicorn each, in this process) on one real NATS and Postgres: an SSE stream
-and a WebSocket on the first, an SSE stream on the second, all on one conversation with a run
+and a WebSocket on the first, an SSE stream on the second, an AI SDK UI message stream, all on one conversation with a run
 still streaming (the test publishes its token deltas into CHAT_STREAM, as the executor does).
 The delete is answered by the first. Every stream on the deleted conversation ends within a few
 seconds and none of them gets a token published after the ``202``; a stream of the same user on
@@ -53,9 +53,10 @@ def _http(g: Gateway) -> str:
 class SseReader:
     """Reads one SSE stream in a task: the token seqs it got, and whether (when) it ended."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, url: str, ai_sdk: bool = False) -> None:
         self.client = client
         self.url = url
+        self.ai_sdk = ai_sdk
         self.seqs: list[int] = []
         self.status: int | None = None
         self.ended_at: float | None = None
@@ -81,6 +82,11 @@ class SseReader:
                     event = line.split(":", 1)[1].strip()
                 elif line.startswith("data:") and event == "token":
                     self.seqs.append(int(json.loads(line.split(":", 1)[1])["seq"]))
+                elif line.startswith("data:") and self.ai_sdk and line != "data: [DONE]":
+                    # A UI message stream: text deltas ``doomed-<seq> ``, one part each.
+                    part = json.loads(line.split(":", 1)[1])
+                    if part.get("type") == "text-delta":
+                        self.seqs.append(int(str(part["delta"]).split("-")[1]))
 
     async def wait_for(self, seq: int) -> None:
         ends = time.monotonic() + ENDS_WITHIN_S
@@ -147,15 +153,18 @@ async def test_a_delete_ends_every_open_stream_of_the_conversation_on_every_repl
         sse_first = SseReader(client, _http(first) + events.format(doomed.conversation_id))
         sse_second = SseReader(client, _http(second) + events.format(doomed.conversation_id))
         sse_kept = SseReader(client, _http(first) + events.format(kept.conversation_id))
+        ai_sdk = SseReader(
+            client, _http(first) + f"/api/ai-sdk/chat/{doomed.conversation_id}/stream", ai_sdk=True
+        )
         ws = WsReader(first.ws(doomed.conversation_id))
-        for r in (sse_first, sse_second, sse_kept):
+        for r in (sse_first, sse_second, sse_kept, ai_sdk):
             await asyncio.wait_for(r.opened.wait(), 5)
             assert r.status == 200
         await asyncio.wait_for(ws.ready.wait(), 5)
         # The run streams: every stream gets its first tokens.
         await _tokens(first.bus, doomed, range(1, 3), "doomed-")
         await _tokens(first.bus, kept, range(1, 3), "kept-")
-        for r in (sse_first, sse_second, sse_kept):
+        for r in (sse_first, sse_second, sse_kept, ai_sdk):
             await r.wait_for(2)
         ends = time.monotonic() + ENDS_WITHIN_S
         while 2 not in ws.seqs():
@@ -172,9 +181,11 @@ async def test_a_delete_ends_every_open_stream_of_the_conversation_on_every_repl
 
         assert await sse_first.ended(), sse_first.seqs
         assert await sse_second.ended(), sse_second.seqs
+        assert await ai_sdk.ended(), ai_sdk.seqs
         await asyncio.wait_for(ws.task, ENDS_WITHIN_S)
         assert sse_first.seqs == [1, 2]
         assert sse_second.seqs == [1, 2]
+        assert ai_sdk.seqs == [1, 2]
         assert ws.seqs() == [1, 2]
         error = ws.frames[-1]
         assert error["event"] == "error", ws.frames
