@@ -23,6 +23,7 @@ import pytest_asyncio
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from services.gateway.adapters import topic
 from shared import messages as m
 from shared import subjects
 from shared.bus import Bus
@@ -225,3 +226,12 @@ async def test_a_delete_by_another_replica_ends_a_websocket_with_its_error_frame
     assert ws.frames[-1]["event"] == "error", ws.frames
     assert ws.frames[-1]["data"]["code"] == "conversation_deleted"
     assert ws.close_code == 4404
+    # A watcher joining the deleted topic late (between the tombstone and its ownership read)
+    # ends at once; the same user's other conversation still joins as usual.
+    late = second.hub.join(topic("p1", e.conversation_id))
+    assert late.get_nowait() is None and second.hub.was_deleted(late)
+    other_topic = topic("p1", str(uuid.uuid4()))
+    other = second.hub.join(other_topic)
+    assert other.empty() and not second.hub.was_deleted(other)
+    second.hub.leave(other_topic, other)
+    second.hub.leave(topic("p1", e.conversation_id), late)
