@@ -111,8 +111,9 @@ WIRING: dict[str, Wiring] = {
             subjects.conversation_settings(*_ANY),  # POST / PATCH /api/conversations
             subjects.conversation_delete(*_ANY),  # DELETE /api/conversations/{id}: the tombstone
         ),
-        # Pushes (tool.requested among them; stored tool results arrive on chat.persisted).
-        listens=subjects.PUSH_SUBJECTS,
+        # Pushes (tool.requested among them; stored tool results arrive on chat.persisted),
+        # and every deletion tombstone, which ends the deleted conversation's open streams.
+        listens=(*subjects.PUSH_SUBJECTS, subjects.conversation_delete(*_ANY)),
         # A duplicate submit answers with the original message, read back by its sequence;
         # a resuming SSE client gets the tokens it missed, read back the same way; a run's
         # tool calls (what waits for the user, what was decided) are read back from TOOLS;

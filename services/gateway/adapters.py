@@ -727,7 +727,13 @@ class Hub:
     that far behind is cut off (it resumes with its last event id). Clients join a topic,
     ``<project>.<conversation>`` (``topic()``), the last two tokens of every push subject: an
     event reaches only watchers of its own project, whatever conversation id they asked for.
+
+    A conversation's deletion tombstone (``conv.delete.<project>.<conversation>``, heard on
+    every replica) ends its watchers at once (``end_conversation``): what they have not read
+    yet is dropped, and nothing published later reaches them.
     """
+
+    MAX_GONE = 10_000  # recently deleted topics remembered (a watcher joining late ends at once)
 
     def __init__(
         self,
@@ -744,6 +750,9 @@ class Hub:
         self.stopping = False
         # Queues cut off because their client fell behind (not because the hub stopped).
         self.slow: weakref.WeakSet[asyncio.Queue[PushEvent | None]] = weakref.WeakSet()
+        # Queues ended because their conversation was deleted, and the topics deleted lately.
+        self.deleted: weakref.WeakSet[asyncio.Queue[PushEvent | None]] = weakref.WeakSet()
+        self.gone: dict[str, None] = {}
         self.drops: Counter | None = None
         self.subscriptions: Gauge | None = None
         if metrics is not None:
@@ -759,6 +768,7 @@ class Hub:
         self.stopping = False
         for subject in subjects.PUSH_SUBJECTS:
             self.subs.append(await self.bus.nc.subscribe(subject, cb=self._on_msg))
+        self.subs.append(await self.bus.nc.subscribe(DELETE_SUBJECT, cb=self._on_delete))
         if self.subscriptions is not None:
             self.subscriptions.set(len(self.subs))
 
@@ -777,8 +787,29 @@ class Hub:
 
     def join(self, topic: str) -> asyncio.Queue[PushEvent | None]:
         q: asyncio.Queue[PushEvent | None] = asyncio.Queue(self.queue_size)
+        if topic in self.gone:
+            self.deleted.add(q)
+            _close(q)
+            return q
         self.clients[topic].add(q)
         return q
+
+    def end_conversation(self, topic: str) -> None:
+        """End every watcher of a deleted conversation (``was_deleted`` tells them why)."""
+        if len(self.gone) >= self.MAX_GONE:
+            self.gone.clear()
+        self.gone[topic] = None
+        for q in list(self.clients.pop(topic, ())):
+            self.deleted.add(q)
+            _close(q)
+
+    def was_deleted(self, q: asyncio.Queue[PushEvent | None]) -> bool:
+        """Whether this client's stream ended because its conversation was deleted."""
+        return q in self.deleted
+
+    async def _on_delete(self, msg: Msg) -> None:
+        s = msg.subject
+        self.end_conversation(s[s.rfind(".", 0, s.rfind(".")) + 1 :])
 
     def leave(self, topic: str, q: asyncio.Queue[PushEvent | None]) -> None:
         queues = self.clients.get(topic)
@@ -821,6 +852,10 @@ class Hub:
                 q.put_nowait(event)
             except asyncio.QueueFull:
                 self.drop(topic, q)
+
+
+# Every conversation's deletion tombstone, heard with core NATS as it is stored.
+DELETE_SUBJECT = subjects.conversation_delete("*", "*")
 
 
 def topic(project: str, conversation_id: str) -> str:

@@ -18,6 +18,7 @@ from litestar.params import FromPath
 from litestar.routes import HTTPRoute
 
 from services.gateway import core, lifecycle, openapi, pages
+from services.gateway.adapters import topic
 from services.gateway.handlers import Api
 from shared import deletion
 from shared import messages as m
@@ -131,6 +132,9 @@ async def remove(api: Api, request: Request[Any, Any, Any], conversation_id: str
             duplicate = await api.publisher.delete(request_)
         except _TRANSPORT as exc:
             raise _unavailable() from exc
+    # This replica's open streams end before the answer (the others' as the tombstone reaches
+    # them): none of them sends anything after the 202.
+    api.hub.end_conversation(topic(p.project, cid))
     return Response(
         {"status": "deleting", "conversation_id": cid, "duplicate": duplicate}, status_code=202
     )

@@ -686,12 +686,15 @@ class Api:
         )
 
     async def still_allowed(self, w: Watch) -> None:
-        """401 once the API key that opened the stream is revoked (or names another project).
+        """404 once the conversation is deleted; 401 once the API key that opened the stream is
+        revoked (or names another project). Asked before every event a stream sends.
 
         Looked at again at most every ``api_key_cache_s`` (the key cache's TTL): a revocation
         ends the key's open streams about as fast as it refuses its requests. A database that
         cannot be asked does not end a stream.
         """
+        if self.hub.was_deleted(w.queue):
+            raise core.ApiError(404, "conversation_deleted", "the conversation was deleted")
         if w.api_key is None and w.key_hash is None:
             return
         now = time.monotonic()

@@ -18,7 +18,7 @@ import pytest
 
 from baton import permissions
 from tests.e2e.conftest import SecurePipeline
-from tests.e2e.test_lifecycle import Client
+from tests.e2e.test_lifecycle import Client, Events
 
 pytestmark = pytest.mark.e2e
 
@@ -165,6 +165,31 @@ def test_deleting_a_conversation_during_a_run_leaves_none_of_it_in_postgres_or_a
     _wait(p, lambda: not _found_in_streams(p, needles), "content gone from the streams", 60)
     assert _found_in_database(p, needles) == []
     assert _found_in_streams(p, needles) == []
+
+
+def test_a_delete_ends_the_open_stream_of_the_conversation_during_its_run(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    """The gateway's own NATS user hears the tombstone: the open SSE stream ends, the cancelled
+    run's status never reaches it (the cancel happens after the delete), a reconnect is 404."""
+    p = secure_pipeline
+    c = Client(p)
+    _create(c, {"title": "soon gone"})
+    p.model.update_settings(tokens_per_second=8, words_per_reply=400)
+    try:
+        with Events(c) as events:
+            run = c.send("Tell me a long story.")
+            _wait(p, lambda: any(e == "token" for e, _ in list(events.events)), "a token")
+            r = httpx.delete(f"{p.gateway}/api/conversations/{c.cid}", headers=c.auth)
+            assert r.status_code == 202, r.text
+            events.thread.join(5)
+            assert not events.thread.is_alive(), "the stream is still open after the delete"
+            assert "cancelled" not in [s for _, s in events.statuses(run)], events.statuses(run)
+        assert _get(c, "/events").status_code == 404
+        cancelled = "SELECT status FROM runs WHERE run_id = $1"
+        _wait(p, lambda: _db(p, cancelled, run) == [("cancelled",)], "run cancelled")
+    finally:
+        p.model.update_settings(tokens_per_second=0, words_per_reply=24)
 
 
 def test_someone_elses_conversation_cannot_be_deleted(secure_pipeline: SecurePipeline) -> None:

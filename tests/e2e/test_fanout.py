@@ -22,12 +22,14 @@ import httpx
 import pytest
 
 from baton.embedded import NatsServer
-from shared import subjects
+from shared.wiring import WIRING
 from tests.e2e.conftest import Pipeline, _running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
 CLIENTS = int(os.environ.get("FANOUT_CLIENTS", "1000"))
+# The gateway's core subscriptions: the push families and the deletion tombstones.
+GATEWAY_LISTENS = WIRING["gateway"].listens
 
 
 class MonitoredPipeline(Pipeline, kw_only=True):
@@ -151,7 +153,7 @@ async def test_one_gateway_streams_every_token_to_a_thousand_sse_clients(
         await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in batch)), 60)
     connect_s = time.monotonic() - started
     assert gateway_metric(p, "baton_gateway_stream_clients") == CLIENTS
-    assert gateway_metric(p, "baton_gateway_push_subscriptions") == len(subjects.PUSH_SUBJECTS)
+    assert gateway_metric(p, "baton_gateway_push_subscriptions") == len(GATEWAY_LISTENS)
     idle = rss_kib(gateway_pid)
     subs = gateway_subscriptions(p.nats.monitor_url)
 
@@ -184,8 +186,8 @@ async def test_one_gateway_streams_every_token_to_a_thousand_sse_clients(
         expected = expected or seqs
         assert seqs == expected
     assert expected is not None and len(expected) > 10
-    # One subscription per push family (plus the client's inbox), not one per client.
-    assert len(subs) <= len(subjects.PUSH_SUBJECTS) + 3, subs
+    # One subscription per push family and the tombstones (plus the inbox), not one per client.
+    assert len(subs) <= len(GATEWAY_LISTENS) + 3, subs
     assert drops == 0
     growth_per_client = (peak - before) / CLIENTS
     print(

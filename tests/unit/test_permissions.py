@@ -108,6 +108,8 @@ def test_each_service_binds_only_its_own_durables_and_reads_only_its_inbox() -> 
     assert not any("persister" in s for s in executor["publish"]["allow"])
     gateway = permissions.permissions("gateway")
     assert set(subjects.PUSH_SUBJECTS) < set(gateway["subscribe"]["allow"])
+    # The deletion tombstones: they end a deleted conversation's open streams.
+    assert subjects.conversation_delete("*", "*") in gateway["subscribe"]["allow"]
     assert "$JS.API.STREAM.MSG.GET.CHAT_IN" in gateway["publish"]["allow"]
 
 
