@@ -136,13 +136,17 @@ class ConversationStore:
     async def verdict(self, v: m.ConversationModelVerdict) -> str:
         cid = uuid.UUID(v.conversation_id)
         async with unavailable_is_transient("store model verdict"), self.pool.acquire() as con:
-            done = await con.fetchval(APPLY_VERDICT, cid, v.allowed, v.reason)
-            if done is not None:
-                return "applied"
-            row = await con.fetchrow(STATE, cid)
-        if row is None:
-            raise RetryLater("conversation not stored yet", delay=1.0)
-        return "deleted"
+            for _ in range(2):
+                if await con.fetchval(APPLY_VERDICT, cid, v.allowed, v.reason) is not None:
+                    return "applied"
+                row = await con.fetchrow(STATE, cid)
+                if row is None:
+                    raise RetryLater("conversation not stored yet", delay=1.0)
+                if row["deleted_at"] is not None:
+                    return "deleted"
+                # Stored (by the persister-conversations consumer) between the two statements:
+                # apply again, never mistake a live conversation for a deleted one.
+        raise RetryLater("conversation stored while the verdict was applied", delay=0.2)
 
     async def is_deleted(self, conversation_id: str) -> bool:
         async with unavailable_is_transient("read tombstone"), self.pool.acquire() as con:
