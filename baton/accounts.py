@@ -55,6 +55,8 @@ def listens(service: str) -> list[tuple[str, str]]:
     found = []
     for subject in permissions.GRANTS[service].listens:
         for publisher in permissions.SERVICES:
+            if publisher == service:
+                continue  # its own account's messages reach it without an import
             for published in permissions.GRANTS[publisher].publishes:
                 if _within(published, subject):
                     found.append((publisher, published))

@@ -54,6 +54,9 @@ def test_listeners_hear_the_publishers_accounts_directly() -> None:
         ("EXECUTOR", subjects.token_stream("*", "*")),
         ("POLICY", subjects.policy_verdict("*", "*")),
         ("POLICY", subjects.tool_requested("*", "*")),  # calls waiting for the user
+        # Deletion tombstones end open streams: the retention sweep's (the gateway's own
+        # reach it inside its account).
+        ("PERSISTER", subjects.conversation_delete("*", "*")),
     }
     policy_exports = {e["stream"]: e["accounts"] for e in config["POLICY"]["exports"]}
     assert policy_exports[subjects.exec_abort("*", "*")] == ["EXECUTOR"]
