@@ -61,6 +61,17 @@ IDLE_ELSEWHERE = (
 )
 
 
+MARK_REQUESTED = (
+    "UPDATE archived_conversations SET delete_requested_at = now() "
+    "WHERE conversation_id = $1 AND delete_requested_at IS NULL"
+)
+MARK_DELETED_REQUESTED = (
+    "UPDATE archived_conversations a SET delete_requested_at = now() FROM conversations c "
+    "WHERE c.id = a.conversation_id AND a.delete_requested_at IS NULL "
+    "AND c.deleted_at IS NOT NULL"
+)
+
+
 class SweepResult(msgspec.Struct, frozen=True):
     ran: bool  # False: another replica holds the lock, or a sweep finished this period
     archived: int = 0
@@ -167,7 +178,11 @@ class Sweeper:
         """Steps 1 to 4 for one conversation: 'archived', or 'deleted' (its owner deleted it)."""
         cid, project, owner = str(row["id"]), row["project_id"], row["user_id"]
         if await deletion.tombstone(self.bus, project, cid) is not None:
-            return "deleted"  # the owner's deletion is under way: nothing to keep
+            # A deletion is under way (the owner's, or this sweep's own from a run killed before
+            # it marked the request): nothing more to keep, and an archive of it is done.
+            async with self.pool.acquire() as con:
+                await con.execute(MARK_REQUESTED, row["id"])
+            return "deleted"
         async with self.pool.acquire() as con:
             already = await con.fetchrow(
                 "SELECT location, last_activity_at FROM archived_conversations "
@@ -203,11 +218,7 @@ class Sweeper:
             deletion.delete_request(project, cid, owner, "retention", reason="retention"),
         )
         async with self.pool.acquire() as con:
-            await con.execute(
-                "UPDATE archived_conversations SET delete_requested_at = now() "
-                "WHERE conversation_id = $1 AND delete_requested_at IS NULL",
-                row["id"],
-            )
+            await con.execute(MARK_REQUESTED, row["id"])
         return "archived"
 
     # ---- one sweep -------------------------------------------------------------------------
@@ -239,6 +250,9 @@ class Sweeper:
         sweep_id = await con.fetchval(
             "INSERT INTO retention_sweeps (instance) VALUES ($1) RETURNING id", self.instance
         )
+        # A sweep killed after asking for a deletion and before marking it: the persister may
+        # have deleted the conversation since, which takes it out of the candidates.
+        await con.execute(MARK_DELETED_REQUESTED)
         archived = requested = skipped = batches = 0
         deleted: list[uuid.UUID] = []
         try:
