@@ -210,7 +210,7 @@ def limited(run: RunState) -> bool:
 # version; nothing here reads them from a record that has a phase). docs/decisions.md.
 
 
-class LegacyFields(msgspec.Struct, kw_only=True, omit_defaults=True):
+class LegacyFields(msgspec.Struct, kw_only=True):
     """The previous version's fields that its phase replaced (``status`` it still reads)."""
 
     status: m.RunStatus

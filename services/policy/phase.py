@@ -91,9 +91,8 @@ Phase = Running | Backoff | Cancelling | Tools | Done
 
 def status_of(phase: Phase) -> m.RunStatus:
     """The user-visible status of a run in ``phase``: the one place the two are related."""
-    match phase:
-        case Done(kind=kind):
-            return kind
-        case Tools() if phase.waiting:
-            return "requires_action"
+    if isinstance(phase, Done):
+        return phase.kind
+    if isinstance(phase, Tools) and any(c.decision == "ask" for c in phase.calls):
+        return "requires_action"
     return "running"
