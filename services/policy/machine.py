@@ -7,10 +7,11 @@ out the effects in order and acks. Nothing here reads a clock, the environment o
 
 The **phase** of a run is a tagged union stored in its record (``RunState.phase``; the types
 are in ``phase.py``, which ``core`` shares): a transition constructs the next phase, and the
-run's status is read from it. An **input** is what happened (a tagged union, ``Input``); an **effect** is what must be
-done about it (``Effect``). ``Continue`` is the effect that makes one input lead to another
-(the cancel of an earlier run, the start of the next one in line): the interpreter handles it
-depth-first, in place, which is the order the old recursive handler had.
+run's status is read from it. An **input** is what happened (a tagged union, ``Input``); an
+**effect** is what must be done about it (``Effect``). ``Continue`` is the effect that makes
+one input lead to another (the cancel of an earlier run, the start of the next one in line):
+the interpreter handles it depth-first, in place, which is the order the old recursive handler
+had.
 
 The tool phase (docs/tools.md) is one more member of each: ``Tools`` (the round's calls run
 or wait for the user; no model call is in flight), the inputs ``ToolTurnStored``,

@@ -184,3 +184,12 @@ def test_the_status_is_read_from_the_phase(phase: Phase, status: m.RunStatus) ->
 def test_a_record_of_neither_version_is_refused(raw: bytes) -> None:
     with pytest.raises(msgspec.ValidationError):
         core.decode_run(raw)
+
+
+def test_a_stored_reply_naming_no_final_status_changes_nothing() -> None:
+    # The persister names a reply kind's status (shared/runs.py REPLY_STATUS), always final; a
+    # status the phase cannot say is ignored rather than stored.
+    e = tm.stored(tm.RUNNING, "running")
+    assert core.on_reply_persisted(tm.RUNNING, e) is None
+    ended = core.on_reply_persisted(tm.SKIPPED, tm.stored(tm.SKIPPED, "completed"))
+    assert ended is not None and ended.phase == Done("completed", skipped=True)
