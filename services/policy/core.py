@@ -181,13 +181,20 @@ class RunState(msgspec.Struct, kw_only=True):
 
     @property
     def calls(self) -> tuple[PendingCall, ...]:
-        """The current round's calls (none outside the ``Tools`` phase)."""
-        return self.phase.calls if isinstance(self.phase, Tools) else ()
+        """The current round's calls (in ``Tools``, or ``Done`` during a round; else none)."""
+        return self.phase.calls if isinstance(self.phase, Tools | Done) else ()
 
     @property
     def approval_due(self) -> datetime | None:
         """When the round's calls waiting for the user expire (None outside ``Tools``)."""
         return self.phase.approval_due if isinstance(self.phase, Tools) else None
+
+
+def ended(
+    state: RunState, kind: m.RunStatus, *, skipped: bool = False, limited: bool = False
+) -> Done:
+    """The phase of ``state`` ending as ``kind`` (the calls of a tool round it ends in stay)."""
+    return Done(kind, skipped=skipped, limited=limited, calls=state.calls)
 
 
 def skipped(run: RunState) -> bool:
@@ -226,7 +233,7 @@ class LegacyFields(msgspec.Struct, kw_only=True):
 def phase_from_legacy(f: LegacyFields) -> Phase:
     """The phase a record of the previous version was in (its own ``phase_of``, in order)."""
     if f.status in runs.TERMINAL:
-        return Done(f.status, skipped=f.out_of_turn, limited=f.limited)
+        return Done(f.status, skipped=f.out_of_turn, limited=f.limited, calls=f.calls)
     if f.retry_at is not None:
         return Backoff(f.retry_at)
     if f.cancel_requested:
@@ -248,8 +255,8 @@ def legacy_fields(phase: Phase) -> LegacyFields:
             return LegacyFields(status=status, cancel_requested=True)
         case Tools(calls=calls, approval_due=due):
             return LegacyFields(status=status, calls=calls, approval_due=due)
-        case Done(skipped=skipped_, limited=limited_):
-            return LegacyFields(status=status, out_of_turn=skipped_, limited=limited_)
+        case Done(skipped=skipped_, limited=limited_, calls=calls):
+            return LegacyFields(status=status, out_of_turn=skipped_, limited=limited_, calls=calls)
     raise AssertionError(f"unknown phase {phase!r}")  # pragma: no cover
 
 
@@ -373,7 +380,7 @@ def stop(state: RunState, reason: str, text: str) -> RunState:
     """A recorded refusal: the run ends here with a reply that says why."""
     return msgspec.structs.replace(
         state,
-        phase=Done("refused", limited=True),
+        phase=ended(state, "refused", limited=True),
         verdict="stop",
         reason=reason,
         reply_kind="refusal",
@@ -420,7 +427,7 @@ def after_failure(
         )
     return msgspec.structs.replace(
         state,
-        phase=Done("failed"),
+        phase=ended(state, "failed"),
         verdict="stop",
         reason=f"attempt {state.attempt} failed ({error_class}); no retry left",
         reply_kind="failure",
@@ -454,7 +461,7 @@ def on_deadline(state: RunState, d: m.RunDeadline, rules: Rules, now: datetime) 
 def cancelled(state: RunState, cause: str, why: str, skipped: bool = False) -> RunState:
     return msgspec.structs.replace(
         state,
-        phase=Done("cancelled", skipped=skipped),
+        phase=ended(state, "cancelled", skipped=skipped),
         verdict="stop",
         reason=why,
         reply_kind=None,
@@ -498,7 +505,7 @@ def reject(state: RunState) -> RunState:
     """Double texting ``reject``: a refusal now, and the run gives up its place in line."""
     return msgspec.structs.replace(
         state,
-        phase=Done("refused", skipped=True, limited=limited(state)),
+        phase=ended(state, "refused", skipped=True, limited=limited(state)),
         verdict="stop",
         reason="another message of this conversation is still being answered (double texting: reject)",
         reply_kind="refusal",
@@ -582,7 +589,7 @@ def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunSt
         return msgspec.structs.replace(
             state, phase=msgspec.structs.replace(state.phase, kind=e.status)
         )
-    return msgspec.structs.replace(state, phase=Done(e.status))
+    return msgspec.structs.replace(state, phase=ended(state, e.status))
 
 
 def task_for(

@@ -493,7 +493,7 @@ def _tool_turn(
     if e.round >= rules.tools.max_rounds:
         new = msgspec.structs.replace(
             spent,
-            phase=Done("failed"),
+            phase=core.ended(spent, "failed"),
             verdict="stop",
             reason=f"the model asked for tools after {rules.tools.max_rounds} tool rounds",
             reply_kind="failure",
@@ -602,7 +602,7 @@ def _approval_timeout(
     waited = toolcalls.waiting(run)
     new = msgspec.structs.replace(
         run,
-        phase=Done("failed"),
+        phase=core.ended(run, "failed"),  # its calls stay, as they stood
         verdict="stop",
         reason=f"no answer to {len(waited)} tool approval(s) within "
         f"{rules.tools.approval_timeout_s:g} s",

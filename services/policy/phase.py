@@ -78,12 +78,14 @@ class Tools(msgspec.Struct, frozen=True, tag="tools"):
 class Done(msgspec.Struct, frozen=True, tag="done"):
     """Ended (``kind``: completed, refused, clarified, failed, cancelled). ``skipped``: it ended
     before its turn and is passed over when its turn comes. ``limited``: refused by a limit (or
-    a rule), it interrupts no earlier run. A refusal or a question still publishes its reply at
-    its turn."""
+    a rule), it interrupts no earlier run. ``calls``: the round's, when it ended during a tool
+    round (an approval timeout, a cancel), as they stood. A refusal or a question still
+    publishes its reply at its turn."""
 
     kind: m.RunStatus
     skipped: bool = False
     limited: bool = False
+    calls: tuple[PendingCall, ...] = ()
 
 
 Phase = Running | Backoff | Cancelling | Tools | Done

@@ -51,6 +51,7 @@ OLD_WAITING = b"""{"run_id":"run-m1","message_id":"m1","conversation_id":"c1","p
 "done":false}],"approval_due":"2025-01-02T03:05:05Z"}"""
 
 RETRY_AT = datetime(2025, 1, 2, 3, 4, 6, tzinfo=UTC)
+WAITING_CALLS = tt.WAITING.calls
 DEADLINE = datetime(2025, 1, 2, 3, 9, 5, tzinfo=UTC)
 
 
@@ -68,7 +69,8 @@ def old(raw: bytes, **flags: Any) -> bytes:
         (old(OLD_BACKOFF, status="failed"), Done("failed")),
         (old(OLD_BACKOFF, status="cancelled", out_of_turn=True), Done("cancelled", skipped=True)),
         (old(OLD_BACKOFF, status="refused", limited=True), Done("refused", limited=True)),
-        (old(OLD_WAITING, status="completed"), Done("completed")),
+        # Ended during its tool round (an approval timeout): the round's calls stay with it.
+        (old(OLD_WAITING, status="failed", approval_due=None), Done("failed", calls=WAITING_CALLS)),
     ],
 )
 def test_a_record_of_the_previous_version_reads_as_the_phase_its_flags_meant(
@@ -140,6 +142,8 @@ RECORDS = {
     "refused": tm.REFUSED,
     "refused by a limit": core.stop(tm.decided(), "over budget", "no"),
     "skipped": tm.SKIPPED,
+    "ended by its approval timeout": tt.TIMED_OUT,
+    "cancelled in its tool round": tt.after(tt.WAITING, tt.USER),
     "completed": tm.COMPLETED,
 }
 
@@ -193,3 +197,11 @@ def test_a_stored_reply_naming_no_final_status_changes_nothing() -> None:
     assert core.on_reply_persisted(tm.RUNNING, e) is None
     ended = core.on_reply_persisted(tm.SKIPPED, tm.stored(tm.SKIPPED, "completed"))
     assert ended is not None and ended.phase == Done("completed", skipped=True)
+
+
+def test_a_run_ended_in_its_tool_round_keeps_the_rounds_calls() -> None:
+    # As the previous version's record did: what the round's calls were stays readable.
+    assert tt.TIMED_OUT.phase == Done("failed", calls=tt.WAITING.calls)
+    assert tt.TIMED_OUT.calls == tt.WAITING.calls and tt.TIMED_OUT.approval_due is None
+    cancelled = tt.after(tt.WAITING, tt.USER)
+    assert cancelled.phase == Done("cancelled", calls=tt.WAITING.calls)
