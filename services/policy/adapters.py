@@ -19,7 +19,6 @@ from shared import ratelimit, subjects
 from shared.errors import BadData, RetryLater
 from shared.subjects import abort_key
 
-_decoder = msgspec.json.Decoder(RunState)
 _conv_decoder = msgspec.json.Decoder(ConvState)
 _counter_decoder = msgspec.json.Decoder(budget.Counter)
 _encoder = msgspec.json.Encoder()
@@ -35,7 +34,7 @@ class Runs:
         """Store a new run, or return the one a previous trigger created (and False); with the
         stored revision."""
         try:
-            revision = await self.kv.create(state.run_id, _encoder.encode(state))
+            revision = await self.kv.create(state.run_id, core.encode_run(state))
             return state, int(revision), True
         except nats.js.errors.KeyWrongLastSequenceError:
             existing, revision = await self.get(state.run_id)
@@ -47,7 +46,7 @@ class Runs:
             entry = await self.kv.get(run_id)
         except nats.js.errors.KeyNotFoundError:
             return None
-        return None if entry.value is None else _decoder.decode(entry.value)
+        return None if entry.value is None else core.decode_run(entry.value)
 
     async def get(self, run_id: str) -> tuple[RunState, int]:
         try:
@@ -56,12 +55,12 @@ class Runs:
             raise BadData(f"no run {run_id}") from exc
         if entry.value is None:
             raise BadData(f"run {run_id} was deleted")
-        return _decoder.decode(entry.value), int(entry.revision or 0)
+        return core.decode_run(entry.value), int(entry.revision or 0)
 
     async def update(self, state: RunState, revision: int) -> int:
         """Store ``state`` if nobody changed it since ``revision``; return its new revision."""
         try:
-            return int(await self.kv.update(state.run_id, _encoder.encode(state), last=revision))
+            return int(await self.kv.update(state.run_id, core.encode_run(state), last=revision))
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             # Another replica changed the run since we read it: read again and decide again.
             raise RetryLater(f"run {state.run_id} changed concurrently", delay=0.05) from exc

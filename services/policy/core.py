@@ -8,6 +8,19 @@ from typing import Any, Literal
 
 import msgspec
 
+from services.policy.phase import (
+    Backoff,
+    Cancelling,
+    Done,
+    Phase,
+    Running,
+    Tools,
+    status_of,
+)
+
+# Re-exported: toolcalls and the tests read the tool-call types from here.
+from services.policy.phase import PendingCall as PendingCall
+from services.policy.phase import ToolDecision as ToolDecision
 from shared import messages as m
 from shared import runs
 
@@ -117,35 +130,19 @@ class Reservation(msgspec.Struct, kw_only=True, frozen=True):
     actual_cost_usd: float = 0.0
 
 
-ToolDecision = Literal["auto", "ask", "approved", "rejected", "denied", "invalid", "over_limit"]
-
-
-class PendingCall(msgspec.Struct, kw_only=True, frozen=True):
-    """One tool call of the run's current round, as policy decided it.
-
-    ``decision``: ``auto`` / ``approved`` (a tool task is out), ``ask`` (waits for the user),
-    ``rejected`` (the user said no), ``denied`` / ``invalid`` / ``over_limit`` (policy wrote its
-    result). ``done``: its result is stored.
-    """
-
-    call: m.ToolCall
-    server: str = ""
-    decision: ToolDecision
-    reason: str = ""  # the content of a result policy writes itself
-    requested_at: datetime | None = None  # when an ``ask`` call started waiting
-    answered_by: str = ""  # the user's answer that decided it (its redelivery publishes again)
-    done: bool = False
-
-
 class RunState(msgspec.Struct, kw_only=True):
-    """Policy's record of one run, kept in the runs bucket (created once per message)."""
+    """Policy's record of one run, kept in the runs bucket (created once per message).
+
+    Its ``phase`` (``services/policy/phase.py``) is where the run is in its life; ``status`` is
+    read from it. Stored by ``encode_run`` and read by ``decode_run`` (a record of the previous
+    version, with flags instead of a phase, reads as the same phase)."""
 
     run_id: str
     message_id: str
     conversation_id: str
     project_id: str
     user_id: str
-    status: m.RunStatus
+    phase: Phase
     verdict: m.Verdict
     reason: str
     model: str = ""
@@ -154,7 +151,6 @@ class RunState(msgspec.Struct, kw_only=True):
     max_tokens: int = 0
     estimated_tokens: int = 0
     prices: m.Prices = m.Prices()
-    deadline: datetime | None = None
     reply_kind: m.ReplyKind | None = None
     reply_text: str = ""
     position: int = 0
@@ -163,33 +159,133 @@ class RunState(msgspec.Struct, kw_only=True):
     trace_context: dict[str, str] = {}
     reservation: Reservation | None = None
     limits: m.LimitsSnapshot | None = None
-    # The user (or a newer message) asked to stop the call in flight; it ends as cancelled.
-    cancel_requested: bool = False
-    # The next attempt waits for its backoff until then; no call is in flight meanwhile.
-    retry_at: datetime | None = None
-    # Finished before its turn (cancelled while queued, or rejected): skipped when its turn comes.
-    out_of_turn: bool = False
-    # The event that moved the run to its current attempt or status; only its redelivery may
+    # The event that moved the run to its current attempt or phase; only its redelivery may
     # re-emit that state (an older event re-emitting a task could start a second call).
     cause: str = ""
     # What the run's failed attempts reported using (a cancelled run, which stores no reply,
     # settles its budget reservation with it; a stored reply carries the whole run's usage).
     usage: m.Usage = m.Usage()
     cost_usd: float = 0.0
-    # Refused by a limit (rate, budget, runs in flight): under ``interrupt`` it stops nothing
-    # (a message that cannot run must not cancel the answer the user is already getting).
-    limited: bool = False
     # What the agent's classification call used (from its decision): settled with the run's
     # reservation, so the budgets count every model call, not only the answer attempts.
     classification: m.Usage = m.Usage()
     classification_cost_usd: float = 0.0
-    # Tools (docs/tools.md): the current tool round (0: the first model call), the attempts of
-    # earlier rounds (retries count per round), the round's calls while they run or wait, and
-    # when the calls waiting for the user's approval expire.
+    # Tools (docs/tools.md): the current tool round (0: the first model call) and the attempts
+    # of earlier rounds (retries count per round); the round's calls are in the ``Tools`` phase.
     round: int = 0
     attempts_before: int = 0
+
+    @property
+    def status(self) -> m.RunStatus:
+        return status_of(self.phase)
+
+    @property
+    def calls(self) -> tuple[PendingCall, ...]:
+        """The current round's calls (in ``Tools``, or ``Done`` during a round; else none)."""
+        return self.phase.calls if isinstance(self.phase, Tools | Done) else ()
+
+    @property
+    def approval_due(self) -> datetime | None:
+        """When the round's calls waiting for the user expire (None outside ``Tools``)."""
+        return self.phase.approval_due if isinstance(self.phase, Tools) else None
+
+
+def ended(
+    state: RunState, kind: m.RunStatus, *, skipped: bool = False, limited: bool = False
+) -> Done:
+    """The phase of ``state`` ending as ``kind`` (the calls of a tool round it ends in stay)."""
+    return Done(kind, skipped=skipped, limited=limited, calls=state.calls)
+
+
+def skipped(run: RunState) -> bool:
+    """Ended before its turn (cancelled while queued, or rejected): passed over at its turn."""
+    return isinstance(run.phase, Done) and run.phase.skipped
+
+
+def limited(run: RunState) -> bool:
+    """Refused by a limit or a rule: under ``interrupt`` it stops nothing (a message that
+    cannot run must not cancel the answer the user is already getting)."""
+    return isinstance(run.phase, Done) and run.phase.limited
+
+
+# ---------------------------------------------------------------- the stored record
+#
+# The previous version stored flags instead of a phase. Both versions run side by side in a
+# rolling deploy, so a record is read either way (``decode_run``: no ``phase`` field means the
+# flags are read as one, once, and the next write stores the phase) and written both ways
+# (``encode_run`` adds the flags, derived from the phase, for replicas of the previous
+# version; nothing here reads them from a record that has a phase). docs/decisions.md.
+
+
+class LegacyFields(msgspec.Struct, kw_only=True):
+    """The previous version's fields that its phase replaced (``status`` it still reads)."""
+
+    status: m.RunStatus
+    deadline: datetime | None = None
+    cancel_requested: bool = False
+    retry_at: datetime | None = None
+    out_of_turn: bool = False
+    limited: bool = False
     calls: tuple[PendingCall, ...] = ()
     approval_due: datetime | None = None
+
+
+def phase_from_legacy(f: LegacyFields) -> Phase:
+    """The phase a record of the previous version was in (its own ``phase_of``, in order)."""
+    if f.status in runs.TERMINAL:
+        return Done(f.status, skipped=f.out_of_turn, limited=f.limited, calls=f.calls)
+    if f.retry_at is not None:
+        return Backoff(f.retry_at)
+    if f.cancel_requested:
+        return Cancelling()
+    if f.calls:
+        return Tools(f.calls, f.approval_due)
+    return Running(f.deadline)
+
+
+def legacy_fields(phase: Phase) -> LegacyFields:
+    """The flags a replica of the previous version reads ``phase`` from."""
+    status = status_of(phase)
+    match phase:
+        case Running(deadline=deadline):
+            return LegacyFields(status=status, deadline=deadline)
+        case Backoff(retry_at=retry_at):
+            return LegacyFields(status=status, retry_at=retry_at)
+        case Cancelling():
+            return LegacyFields(status=status, cancel_requested=True)
+        case Tools(calls=calls, approval_due=due):
+            return LegacyFields(status=status, calls=calls, approval_due=due)
+        case Done(skipped=skipped_, limited=limited_, calls=calls):
+            return LegacyFields(status=status, out_of_turn=skipped_, limited=limited_, calls=calls)
+    raise AssertionError(f"unknown phase {phase!r}")  # pragma: no cover
+
+
+_run_decoder = msgspec.json.Decoder(RunState)
+_legacy_decoder = msgspec.json.Decoder(LegacyFields)
+_record_encoder = msgspec.json.Encoder()
+
+
+def decode_run(raw: bytes) -> RunState:
+    """A stored run, of this version or (no ``phase`` field) the previous one."""
+    try:
+        return _run_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        try:
+            flags = _legacy_decoder.decode(raw)
+            fields = msgspec.json.decode(raw)
+        except msgspec.ValidationError:
+            raise exc from None
+        if not isinstance(fields, dict) or "phase" in fields:
+            raise
+        fields["phase"] = msgspec.to_builtins(phase_from_legacy(flags))
+        return msgspec.convert(fields, RunState)
+
+
+def encode_run(run: RunState) -> bytes:
+    """The stored record: the run's fields, then the previous version's flags (one object)."""
+    body = _record_encoder.encode(run)
+    flags = _record_encoder.encode(legacy_fields(run.phase))
+    return body[:-1] + b"," + flags[1:]  # both are non-empty JSON objects, with no key in common
 
 
 def has_limits(rules: Rules) -> bool:
@@ -228,14 +324,14 @@ def decide(
         user_id=e.user_id,
         estimated_tokens=d.estimated_tokens,
         position=e.position,
-        status="queued",
+        phase=Running(),
         verdict="approve",
         reason="",
     )
     if d.action == "refuse":
         return msgspec.structs.replace(
             base,
-            status="refused",
+            phase=Done("refused"),
             verdict="stop",
             reason="the request was classified as one baton does not serve",
             reply_kind="refusal",
@@ -246,7 +342,7 @@ def decide(
     if d.action == "clarify" or (d.ambiguous and rules.clarify_ambiguous):
         return msgspec.structs.replace(
             base,
-            status="clarified",
+            phase=Done("clarified"),
             verdict="clarify",
             reason="the request is ambiguous",
             reply_kind="clarify",
@@ -269,7 +365,7 @@ def decide(
     max_tokens = max(256, min(d.estimated_tokens * 2, rules.max_output_tokens))
     return msgspec.structs.replace(
         base,
-        status="running",
+        phase=Running(now + timedelta(seconds=rules.run_deadline_s)),
         verdict=verdict,
         reason="; ".join(reasons),
         model=model,
@@ -277,7 +373,6 @@ def decide(
         attempt=1,
         max_tokens=max_tokens,
         prices=rules.models.get(model, m.Prices()),
-        deadline=now + timedelta(seconds=rules.run_deadline_s),
     )
 
 
@@ -285,15 +380,13 @@ def stop(state: RunState, reason: str, text: str) -> RunState:
     """A recorded refusal: the run ends here with a reply that says why."""
     return msgspec.structs.replace(
         state,
-        status="refused",
+        phase=ended(state, "refused", limited=True),
         verdict="stop",
         reason=reason,
         reply_kind="refusal",
         reply_text=text,
         model="",
         attempt=0,
-        deadline=None,
-        limited=True,
     )
 
 
@@ -306,7 +399,7 @@ def backoff_s(rules: Rules, attempt: int) -> float:
 
 def on_failure(state: RunState, f: m.ExecFailed, rules: Rules, now: datetime) -> RunState | None:
     """Retry or give up after a failed attempt; None when the report is stale or a repeat."""
-    if state.status in TERMINAL or f.attempt != state.attempt or state.retry_at is not None:
+    if isinstance(state.phase, Done | Backoff) or f.attempt != state.attempt:
         return None
     return after_failure(state, f.error_class, f.event_id, rules, now)
 
@@ -315,7 +408,7 @@ def after_failure(
     state: RunState, error_class: str, cause: str, rules: Rules, now: datetime
 ) -> RunState:
     """The run after its current attempt failed: cancelled, retried after a backoff, or failed."""
-    if state.cancel_requested or error_class == "cancelled":
+    if isinstance(state.phase, Cancelling) or error_class == "cancelled":
         return cancelled(state, cause, "cancelled while running")
     if error_class in RETRYABLE and state.attempt - state.attempts_before < rules.max_attempts:
         model = state.model
@@ -329,51 +422,48 @@ def after_failure(
             model=model,
             prices=rules.models.get(model, state.prices),
             reason=f"retry{on} in {wait:g}s after {error_class} on attempt {state.attempt}",
-            retry_at=now + timedelta(seconds=wait),
-            deadline=None,
+            phase=Backoff(now + timedelta(seconds=wait)),
             cause=cause,
         )
     return msgspec.structs.replace(
         state,
-        status="failed",
+        phase=ended(state, "failed"),
         verdict="stop",
         reason=f"attempt {state.attempt} failed ({error_class}); no retry left",
         reply_kind="failure",
         reply_text=FAILURE_TEXT.format(error_class=error_class),
-        retry_at=None,
         cause=cause,
     )
 
 
 def retry_due(state: RunState, after_attempt: int, rules: Rules, now: datetime) -> RunState | None:
     """The scheduled attempt, started now if its backoff is over; None if not (yet) this one's."""
-    if state.status != "running" or state.retry_at is None:
+    if not isinstance(state.phase, Backoff):
         return None
-    if state.attempt != after_attempt + 1 or now < state.retry_at:
+    if state.attempt != after_attempt + 1 or now < state.phase.retry_at:
         return None
     deadline = now + timedelta(seconds=rules.run_deadline_s)
-    return msgspec.structs.replace(state, retry_at=None, deadline=deadline)
+    return msgspec.structs.replace(state, phase=Running(deadline))
 
 
 def on_deadline(state: RunState, d: m.RunDeadline, rules: Rules, now: datetime) -> RunState | None:
     """An attempt with no outcome by its deadline fails as a ``timeout`` (or ends a cancel the
     executor never confirmed); None when the attempt is already over."""
-    if state.status in TERMINAL or d.attempt != state.attempt or state.retry_at is not None:
+    if isinstance(state.phase, Done | Backoff) or d.attempt != state.attempt:
         return None
-    if state.cancel_requested:
+    if isinstance(state.phase, Cancelling):
         return cancelled(
             state, d.event_id, "cancelled; the call was not confirmed stopped by its deadline"
         )
     return after_failure(state, "timeout", d.event_id, rules, now)
 
 
-def cancelled(state: RunState, cause: str, why: str) -> RunState:
+def cancelled(state: RunState, cause: str, why: str, skipped: bool = False) -> RunState:
     return msgspec.structs.replace(
         state,
-        status="cancelled",
+        phase=ended(state, "cancelled", skipped=skipped),
         verdict="stop",
         reason=why,
-        retry_at=None,
         reply_kind=None,
         reply_text="",
         cause=cause,
@@ -387,13 +477,13 @@ def cancel(state: RunState, in_flight: bool, active: bool, cause: str, why: str)
     ``active``: the run holds its conversation's slot; a run that does not (queued) is skipped
     when its turn comes.
     """
-    if state.status in TERMINAL:
+    if isinstance(state.phase, Done):
         return None
     if in_flight:
-        if state.cancel_requested:
+        if isinstance(state.phase, Cancelling):
             return None
-        return msgspec.structs.replace(state, cancel_requested=True, reason=why, cause=cause)
-    return msgspec.structs.replace(cancelled(state, cause, why), out_of_turn=not active)
+        return msgspec.structs.replace(state, phase=Cancelling(), reason=why, cause=cause)
+    return cancelled(state, cause, why, skipped=not active)
 
 
 def tombstone(e: m.CancelRequested) -> RunState:
@@ -404,10 +494,9 @@ def tombstone(e: m.CancelRequested) -> RunState:
         conversation_id=e.conversation_id,
         project_id=e.project_id,
         user_id=e.user_id,
-        status="cancelled",
+        phase=Done("cancelled", skipped=True),
         verdict="stop",
         reason="cancelled before a decision",
-        out_of_turn=True,
         cause=e.event_id,
     )
 
@@ -416,12 +505,11 @@ def reject(state: RunState) -> RunState:
     """Double texting ``reject``: a refusal now, and the run gives up its place in line."""
     return msgspec.structs.replace(
         state,
-        status="refused",
+        phase=ended(state, "refused", skipped=True, limited=limited(state)),
         verdict="stop",
         reason="another message of this conversation is still being answered (double texting: reject)",
         reply_kind="refusal",
         reply_text=REJECT_TEXT,
-        out_of_turn=True,
     )
 
 
@@ -493,10 +581,15 @@ def spent(state: RunState, f: m.ExecFailed) -> RunState:
 
 
 def on_reply_persisted(state: RunState, e: m.AssistantMessagePersisted) -> RunState | None:
-    """Close the run once its reply is stored; None when nothing changes."""
-    if state.status in TERMINAL and state.status == e.status:
+    """Close the run once its reply is stored; None when nothing changes (or the event names
+    no final status: a reply stored always ends its run)."""
+    if (state.status in TERMINAL and state.status == e.status) or e.status not in TERMINAL:
         return None
-    return msgspec.structs.replace(state, status=e.status)
+    if isinstance(state.phase, Done):  # how it ended before its turn still holds
+        return msgspec.structs.replace(
+            state, phase=msgspec.structs.replace(state.phase, kind=e.status)
+        )
+    return msgspec.structs.replace(state, phase=ended(state, e.status))
 
 
 def task_for(

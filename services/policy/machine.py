@@ -5,12 +5,13 @@ changes, what is published, in which order. ``handlers.py`` only interprets the 
 reads the records with their revisions, steps, writes them back by compare-and-set, carries
 out the effects in order and acks. Nothing here reads a clock, the environment or the network.
 
-The **phase** of a run is read from its record by ``phase_of`` (one tagged union, see
-``Phase``); the record keeps its stored fields so records written by earlier versions read the
-same. An **input** is what happened (a tagged union, ``Input``); an **effect** is what must be
-done about it (``Effect``). ``Continue`` is the effect that makes one input lead to another
-(the cancel of an earlier run, the start of the next one in line): the interpreter handles it
-depth-first, in place, which is the order the old recursive handler had.
+The **phase** of a run is a tagged union stored in its record (``RunState.phase``; the types
+are in ``phase.py``, which ``core`` shares): a transition constructs the next phase, and the
+run's status is read from it. An **input** is what happened (a tagged union, ``Input``); an
+**effect** is what must be done about it (``Effect``). ``Continue`` is the effect that makes
+one input lead to another (the cancel of an earlier run, the start of the next one in line):
+the interpreter handles it depth-first, in place, which is the order the old recursive handler
+had.
 
 The tool phase (docs/tools.md) is one more member of each: ``Tools`` (the round's calls run
 or wait for the user; no model call is in flight), the inputs ``ToolTurnStored``,
@@ -28,70 +29,16 @@ import msgspec
 
 from services.policy import budget, core, toolcalls
 from services.policy.core import ConvState, Rules, RunState
+from services.policy.phase import Backoff, Cancelling, Done, Phase, Running, Tools
 from shared import messages as m
 from shared import runs, subjects
 
-# ---------------------------------------------------------------- phases (read from a record)
-
-
-class Running(msgspec.Struct, frozen=True, tag="running"):
-    """Approved; ``attempt`` is the current one. Its call is in flight once the conversation's
-    record marks the run started (before that it waits for its turn)."""
-
-    attempt: int
-    deadline: datetime | None
-
-
-class Backoff(msgspec.Struct, frozen=True, tag="backoff"):
-    """Attempt ``attempt`` waits for its backoff until ``retry_at``; no call is in flight."""
-
-    attempt: int
-    retry_at: datetime
-
-
-class Cancelling(msgspec.Struct, frozen=True, tag="cancelling"):
-    """The call of ``attempt`` was asked to stop; the executor's report (or the deadline) ends it."""
-
-    attempt: int
-
-
-class Done(msgspec.Struct, frozen=True, tag="done"):
-    """Ended (``kind``: completed, refused, clarified, failed, cancelled). ``skipped``: it ended
-    before its turn and is passed over when its turn comes. A refusal or a question still
-    publishes its reply at its turn."""
-
-    kind: m.RunStatus
-    skipped: bool = False
-
-
-class Tools(msgspec.Struct, frozen=True, tag="tools"):
-    """The model asked for tools in round ``round``: its calls run (``open``: results not yet
-    stored) or wait for the user (``waiting``; the run's status is ``requires_action``). No
-    model call is in flight; the last stored result starts round ``round + 1``."""
-
-    round: int
-    open: tuple[str, ...]
-    waiting: tuple[str, ...]
-
-
-Phase = Running | Backoff | Cancelling | Tools | Done
+# ---------------------------------------------------------------- phases (``phase.py``)
 
 
 def phase_of(run: RunState) -> Phase:
-    """The one place the record's fields are read as a phase."""
-    if run.status in runs.TERMINAL:
-        return Done(run.status, run.out_of_turn)
-    if run.retry_at is not None:
-        return Backoff(run.attempt, run.retry_at)
-    if run.cancel_requested:
-        return Cancelling(run.attempt)
-    if run.calls:
-        return Tools(
-            run.round,
-            tuple(c.call.id for c in run.calls if not c.done),
-            tuple(c.call.id for c in toolcalls.waiting(run)),
-        )
-    return Running(run.attempt, run.deadline)
+    """The run's phase: its record carries it (``RunState.phase``)."""
+    return run.phase
 
 
 # ---------------------------------------------------------------- inputs
@@ -302,7 +249,7 @@ def _admit(run: RunState, conv: ConvState, position: int, rules: Rules, now: dat
         else:
             effects.append(_follow(run, Start()))
     elif admission == "queued":
-        if run.out_of_turn:
+        if core.skipped(run):
             effects.append(emit(run, rules, now))  # finished before its turn: it is skipped
         else:
             new, handled = _double_text(run, conv, position, rules, now, effects)
@@ -333,7 +280,7 @@ def _double_text(
         effects.append(emit(new, rules, now))
         return new, True
     if strategy == "interrupt":
-        if run.limited:
+        if core.limited(run):
             # Refused by a limit: it interrupts nothing and replies at its turn.
             effects.append(Count("double_texts", "interrupt_limited"))
             return None, False
@@ -354,7 +301,7 @@ def _start(run: RunState, conv: ConvState, rules: Rules, now: datetime) -> Step:
     """Publish the run's verdict and task (or reply), then mark it started; a run that ended
     before its turn (cancelled while queued, or rejected) passes the slot on instead."""
     effects: list[Effect] = [emit(run, rules, now, resume=True)]
-    if run.out_of_turn or run.status == "cancelled":
+    if core.skipped(run) or run.status == "cancelled":
         effects.append(Continue(run.conversation_id, run.run_id, Release(run.run_id)))
     else:
         effects.append(Continue(run.conversation_id, run.run_id, MarkStarted(run.run_id)))
@@ -384,13 +331,7 @@ def _cancel(
     active = conv.active == run.run_id
     # A call is in flight once the run started and no retry is waiting for its backoff.
     # While its tools run or wait for the user there is no model call to stop: it ends at once.
-    in_flight = (
-        active
-        and conv.started
-        and run.status == "running"
-        and run.retry_at is None
-        and not run.calls
-    )
+    in_flight = active and conv.started and isinstance(run.phase, Running | Cancelling)
     new = core.cancel(run, in_flight, active, cause, why)
     if new is None:
         # Finished, or asked already (a redelivery): finish what the first handling began.
@@ -507,8 +448,8 @@ def _retry(run: RunState, failed_attempt: int, rules: Rules, now: datetime) -> S
     """The event that scheduled a retry is back: start the attempt, or wait on if early."""
     due = core.retry_due(run, failed_attempt, rules, now)
     if due is None:
-        assert run.retry_at is not None
-        wait = max((run.retry_at - now).total_seconds(), 0.0)
+        assert isinstance(run.phase, Backoff)
+        wait = max((run.phase.retry_at - now).total_seconds(), 0.0)
         return Step(effects=(Defer("retry not due yet", wait),), outcome="early")
     return Step(due, None, (emit(due, rules, now),), "retry")
 
@@ -552,13 +493,11 @@ def _tool_turn(
     if e.round >= rules.tools.max_rounds:
         new = msgspec.structs.replace(
             spent,
-            status="failed",
+            phase=core.ended(spent, "failed"),
             verdict="stop",
             reason=f"the model asked for tools after {rules.tools.max_rounds} tool rounds",
             reply_kind="failure",
             reply_text=toolcalls.MAX_ROUNDS_TEXT.format(rounds=rules.tools.max_rounds),
-            deadline=None,
-            retry_at=None,
             cause=e.event_id,
         )
         over = tuple(Observe("tool_calls", (c.name, "max_rounds")) for c in calls)
@@ -568,12 +507,8 @@ def _tool_turn(
     due = now + timedelta(seconds=rules.tools.approval_timeout_s) if asks else None
     new = msgspec.structs.replace(
         spent,
-        status="requires_action" if asks else "running",
+        phase=Tools(decided, due),  # status: requires_action while a call waits
         reason=f"round {e.round}: {len(decided)} tool call(s), {len(asks)} waiting for approval",
-        calls=decided,
-        approval_due=due,
-        deadline=None,
-        retry_at=None,
         cause=e.event_id,
     )
     effects: list[Effect] = [
@@ -593,7 +528,7 @@ def _tool_result(
     """A call's result is stored: the round's last one starts the next model call."""
     r = e.result
     phase = phase_of(run)
-    if not isinstance(phase, Tools) or r.round != phase.round or r.call_id not in phase.open:
+    if not isinstance(phase, Tools) or r.round != run.round or r.call_id not in phase.open:
         if run.cause == e.event_id and isinstance(phase, Running):
             return _again(run, conv, rules, now)  # it started the round: publish it again
         return Step(outcome="stale")
@@ -601,18 +536,16 @@ def _tool_result(
         return Step(outcome="stale")  # no task or result of policy's was ever out for it
     calls = toolcalls.mark_done(run, r.call_id)
     if any(not c.done for c in calls):
-        return Step(msgspec.structs.replace(run, calls=calls), None, (), "result")
+        same = msgspec.structs.replace(phase, calls=calls)
+        return Step(msgspec.structs.replace(run, phase=same), None, (), "result")
     # Every result is in: the next model call, with the tool_use and tool_result blocks.
     new = msgspec.structs.replace(
         run,
-        status="running",
+        phase=Running(now + timedelta(seconds=rules.run_deadline_s)),
         reason=f"tool round {run.round + 1}",
         round=run.round + 1,
         attempt=run.attempt + 1,
         attempts_before=run.attempt,
-        deadline=now + timedelta(seconds=rules.run_deadline_s),
-        calls=(),
-        approval_due=None,
         cause=e.event_id,
     )
     return Step(new, None, (emit(new, rules, now),), "next_round")
@@ -638,12 +571,8 @@ def _tool_decided(
     answered = toolcalls.answer(pc, e, rules, quota.get(e.call_id))
     calls = toolcalls.replace_call(run, answered)
     still = any(c.decision == "ask" for c in calls)
-    new = msgspec.structs.replace(
-        run,
-        calls=calls,
-        status="requires_action" if still else "running",
-        approval_due=run.approval_due if still else None,
-    )
+    # Its status is requires_action while another call still waits.
+    new = msgspec.structs.replace(run, phase=Tools(calls, phase.approval_due if still else None))
     effects: list[Effect] = [
         Observe("tool_calls", (pc.call.name, toolcalls.OUTCOME_LABEL[answered.decision])),
         Observe("approvals_pending", (), -1.0),
@@ -673,13 +602,12 @@ def _approval_timeout(
     waited = toolcalls.waiting(run)
     new = msgspec.structs.replace(
         run,
-        status="failed",
+        phase=core.ended(run, "failed"),  # its calls stay, as they stood
         verdict="stop",
         reason=f"no answer to {len(waited)} tool approval(s) within "
         f"{rules.tools.approval_timeout_s:g} s",
         reply_kind="failure",
         reply_text=toolcalls.APPROVAL_TIMEOUT_TEXT,
-        approval_due=None,
         cause=d.event_id,
     )
     expired = tuple(Observe("tool_calls", (c.call.name, "expired")) for c in waited)
@@ -730,7 +658,7 @@ def _closing(new: RunState) -> tuple[RunState, tuple[Settle, ...]]:
     """A run that ends with no reply to store (cancelled) settles here, with what its attempts
     reported, and so does a run rejected before its turn (it never ran); any other run settles
     when its reply is stored (that settles nothing twice)."""
-    if new.status != "cancelled" and not (new.status == "refused" and new.out_of_turn):
+    if new.status != "cancelled" and not (new.status == "refused" and core.skipped(new)):
         return new, ()
     settled, effects = settlement(new, new.usage, new.cost_usd)
     return settled or new, effects

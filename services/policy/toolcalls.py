@@ -15,6 +15,7 @@ import msgspec
 
 from services.policy import budget
 from services.policy.core import PendingCall, Rules, RunState, ToolDecision, ToolGrant
+from services.policy.phase import Backoff, Running
 from shared import messages as m
 from shared import runs, subjects
 
@@ -70,9 +71,7 @@ def decides(run: RunState, round_: int, rules: Rules) -> bool:
     """Whether a stored turn of ``round_`` is decided now (not a repeat, not stale, not past the
     rounds, not cancelled): only then are its calls counted against daily limits."""
     return (
-        run.status not in runs.TERMINAL
-        and not run.cancel_requested
-        and not run.calls
+        isinstance(run.phase, Running | Backoff)
         and round_ == run.round
         and round_ < rules.tools.max_rounds
     )

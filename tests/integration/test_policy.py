@@ -12,6 +12,7 @@ from services.policy.adapters import Conversations, Runs
 from services.policy.config import Settings
 from services.policy.handlers import Handlers
 from services.policy.main import rules_from
+from services.policy.phase import Backoff
 from shared import messages as m
 from shared import subjects, wiring
 from shared.bus import Consumer
@@ -249,6 +250,7 @@ async def test_hostile_cancels_are_dead_lettered_and_leave_the_run_alone(infra: 
     assert len(letters) == 6
     state = msgspec.json.decode((await kv.get(core.run_id_for(d.message_id))).value)
     assert (state["status"], state["cancel_requested"]) == ("running", False)
+    assert state["phase"]["type"] == "running"
     await bus.close()
 
 
@@ -268,14 +270,15 @@ async def test_a_retry_waits_for_its_backoff_in_the_stream_not_in_a_worker(infra
         await h.failure(f, None)  # type: ignore[arg-type]
     assert 55 < first.value.delay <= 60
     state, _ = await Runs(kv).get(task.run_id)
-    assert (state.attempt, state.cause) == (2, f.event_id) and state.retry_at is not None
+    assert (state.attempt, state.cause) == (2, f.event_id)
+    assert isinstance(state.phase, Backoff)
     # Handed back early (a restart, a redelivery): still waiting, still no second task.
     with pytest.raises(Deferred) as again:
         await h.failure(f, None)  # type: ignore[arg-type]
     assert again.value.delay <= first.value.delay
     assert len(await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1)) == 1
     # Once due (here: the record says so), the redelivered report starts attempt 2, once.
-    due = msgspec.structs.replace(state, retry_at=datetime.now(UTC))
+    due = msgspec.structs.replace(state, phase=Backoff(datetime.now(UTC)))
     await Runs(kv).update(due, (await Runs(kv).get(task.run_id))[1])
     assert await h.failure(f, None) == "retry"  # type: ignore[arg-type]
     assert await h.failure(f, None) == "stale"  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ import pytest
 from services.policy import budget, core, policyfile
 from services.policy.adapters import Aborts, Conversations, Limiter, Runs
 from services.policy.handlers import Handlers
+from services.policy.phase import Cancelling
 from shared import messages as m
 from shared import ratelimit, subjects, wiring
 from shared.bus import Bus, Consumer
@@ -484,7 +485,7 @@ async def test_a_run_cancelled_while_queued_gives_its_reservation_back(infra: In
         c, state = await eventually(given_back)
         assert list(c.open) == [core.run_id_for(first.message_id)]
         assert (c.settled_runs, c.settled_tokens) == (1, 0)
-        assert state.status == "cancelled" and state.out_of_turn
+        assert state.status == "cancelled" and core.skipped(state)
         assert state.reservation is not None and state.reservation.settled
     await bus.close()
 
@@ -553,8 +554,8 @@ async def test_under_interrupt_a_message_refused_by_a_limit_interrupts_nothing(
     runs = Runs(await bus.js.key_value(subjects.BUCKET_RUNS))
     a = (await runs.get(core.run_id_for(first.message_id)))[0]
     b = (await runs.get(core.run_id_for(second.message_id)))[0]
-    assert (a.status, a.cancel_requested) == ("running", False)
-    assert (b.status, b.limited) == ("refused", True) and "in progress" in b.reply_text
+    assert (a.status, isinstance(a.phase, Cancelling)) == ("running", False)
+    assert (b.status, core.limited(b)) == ("refused", True) and "in progress" in b.reply_text
     assert len((await _counter(bus, subjects.active_key("p1"))).open) == 1
     await bus.close()
 

@@ -8,13 +8,27 @@ from typing import Any
 import msgspec
 import pytest
 
-from services.policy import core
+from services.policy import core, phase
 from shared import messages as m
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 SMALL, BIG = m.Prices(input=1.0, output=5.0), m.Prices(input=3.0, output=15.0)
 RULES = core.Rules(default_model="small", models={"small": SMALL, "big": BIG})
 IDS = {"message_id": "m1", "conversation_id": "c1", "project_id": "acme"}
+
+
+def deadline_of(s: core.RunState) -> datetime | None:
+    """The deadline of a running attempt (None in any other phase)."""
+    return s.phase.deadline if isinstance(s.phase, phase.Running) else None
+
+
+def retry_at(s: core.RunState) -> datetime | None:
+    """When a waiting retry is due (None: no backoff)."""
+    return s.phase.retry_at if isinstance(s.phase, phase.Backoff) else None
+
+
+def ended(status: str) -> phase.Done:
+    return phase.Done(status)  # type: ignore[arg-type]
 
 
 def advice(rules: core.Rules = RULES, **decision: Any) -> core.RunState:
@@ -66,7 +80,7 @@ def test_decide_asks_a_clarifying_question_when_told_or_ambiguous(decision: dict
     assert (s.status, s.verdict, s.reply_kind, s.reply_text) == (
         "clarified", "clarify", "clarify", core.CLARIFY_TEXT,
     )  # fmt: skip
-    assert s.attempt == 0 and s.deadline is None
+    assert s.attempt == 0 and deadline_of(s) is None
 
 
 @pytest.mark.parametrize("decision", [{"action": "refuse"}, {**CLARIFY[2], "action": "refuse"}])
@@ -95,7 +109,7 @@ def test_decide_derives_the_run_id_from_the_message_id() -> None:
 
 def test_decide_sets_the_deadline_run_deadline_s_from_now() -> None:
     rules = msgspec.structs.replace(RULES, run_deadline_s=42.5)
-    assert advice(rules).deadline == NOW + timedelta(seconds=42.5)
+    assert deadline_of(advice(rules)) == NOW + timedelta(seconds=42.5)
 
 
 @pytest.mark.parametrize("error_class", sorted(core.RETRYABLE))
@@ -105,8 +119,8 @@ def test_on_failure_retries_retryable_classes_with_the_next_attempt(error_class:
     new = core.on_failure(s, failed(s, error_class), RULES, later)
     assert new is not None
     # The next attempt waits for its backoff; it gets a deadline when it starts.
-    assert (new.status, new.attempt, new.deadline) == ("running", 2, None)
-    assert new.retry_at == later + timedelta(seconds=RULES.retry_backoff_s[0])
+    assert (new.status, new.attempt, deadline_of(new)) == ("running", 2, None)
+    assert retry_at(new) == later + timedelta(seconds=RULES.retry_backoff_s[0])
     assert new.cause == "f" and new.model == "small"
 
 
@@ -115,7 +129,7 @@ def test_backoff_is_per_attempt_and_the_last_value_repeats(attempt: int, wait: f
     rules = msgspec.structs.replace(RULES, max_attempts=10)
     s = msgspec.structs.replace(advice(), attempt=attempt)
     new = core.on_failure(s, failed(s, "timeout"), rules, NOW)
-    assert new is not None and new.retry_at == NOW + timedelta(seconds=wait)
+    assert new is not None and retry_at(new) == NOW + timedelta(seconds=wait)
 
 
 @pytest.mark.parametrize(
@@ -137,13 +151,14 @@ def test_a_fallback_model_is_used_only_after_overload_or_rate_limits(
 def test_a_retry_starts_only_once_its_backoff_is_over() -> None:
     s = advice()
     waiting = core.on_failure(s, failed(s, "overloaded"), RULES, NOW)
-    assert waiting is not None and waiting.retry_at is not None
-    assert core.retry_due(waiting, 1, RULES, waiting.retry_at - timedelta(seconds=0.1)) is None
-    assert core.retry_due(waiting, 2, RULES, waiting.retry_at) is None  # another attempt's
-    due = core.retry_due(waiting, 1, RULES, waiting.retry_at)
-    assert due is not None and due.retry_at is None
-    assert due.deadline == waiting.retry_at + timedelta(seconds=RULES.run_deadline_s)
-    assert core.retry_due(due, 1, RULES, waiting.retry_at) is None  # started already
+    at = retry_at(waiting) if waiting is not None else None
+    assert waiting is not None and at is not None
+    assert core.retry_due(waiting, 1, RULES, at - timedelta(seconds=0.1)) is None
+    assert core.retry_due(waiting, 2, RULES, at) is None  # another attempt's
+    due = core.retry_due(waiting, 1, RULES, at)
+    assert due is not None and retry_at(due) is None
+    assert deadline_of(due) == at + timedelta(seconds=RULES.run_deadline_s)
+    assert core.retry_due(due, 1, RULES, at) is None  # started already
 
 
 def test_a_failure_while_a_retry_waits_is_stale() -> None:
@@ -162,7 +177,7 @@ def test_a_cancelled_attempt_ends_the_run_as_cancelled_without_a_retry_or_reply(
 
 @pytest.mark.parametrize("error_class", sorted(core.RETRYABLE))
 def test_any_failure_after_a_cancel_request_ends_the_run_as_cancelled(error_class: str) -> None:
-    s = msgspec.structs.replace(advice(), cancel_requested=True)
+    s = msgspec.structs.replace(advice(), phase=phase.Cancelling())
     new = core.on_failure(s, failed(s, error_class), RULES, NOW)
     assert new is not None and (new.status, new.attempt) == ("cancelled", 1)
 
@@ -170,17 +185,20 @@ def test_any_failure_after_a_cancel_request_ends_the_run_as_cancelled(error_clas
 def test_cancel_asks_a_call_in_flight_to_stop_and_ends_anything_else_at_once() -> None:
     s = advice()
     asked = core.cancel(s, in_flight=True, active=True, cause="x", why="by user")
-    assert asked is not None and (asked.status, asked.cancel_requested) == ("running", True)
+    assert asked is not None and (asked.status, asked.phase == phase.Cancelling()) == (
+        "running",
+        True,
+    )
     assert core.cancel(asked, in_flight=True, active=True, cause="x", why="again") is None
     queued = core.cancel(s, in_flight=False, active=False, cause="x", why="by user")
-    assert queued is not None and (queued.status, queued.out_of_turn) == ("cancelled", True)
+    assert queued is not None and (queued.status, core.skipped(queued)) == ("cancelled", True)
     waiting = core.cancel(s, in_flight=False, active=True, cause="x", why="by user")
-    assert waiting is not None and (waiting.status, waiting.out_of_turn) == ("cancelled", False)
+    assert waiting is not None and (waiting.status, core.skipped(waiting)) == ("cancelled", False)
 
 
 @pytest.mark.parametrize("status", sorted(core.TERMINAL))
 def test_cancel_changes_nothing_of_a_finished_run(status: str) -> None:
-    s = msgspec.structs.replace(advice(), status=status)
+    s = msgspec.structs.replace(advice(), phase=ended(status))
     assert core.cancel(s, in_flight=True, active=True, cause="x", why="y") is None
     assert core.cancel(s, in_flight=False, active=False, cause="x", why="y") is None
 
@@ -190,14 +208,14 @@ def test_a_cancel_before_the_decision_leaves_a_record_the_decision_finds() -> No
         event_id="cancel:run-m1", **IDS, run_id="run-m1", user_id="alice", requested_at=NOW
     )
     t = core.tombstone(e)
-    assert (t.run_id, t.status, t.verdict, t.out_of_turn, t.position) == (
+    assert (t.run_id, t.status, t.verdict, core.skipped(t), t.position) == (
         "run-m1", "cancelled", "stop", True, 0,
     )  # fmt: skip
 
 
 def test_reject_refuses_with_a_reply_and_gives_up_the_turn() -> None:
     r = core.reject(advice())
-    assert (r.status, r.verdict, r.reply_kind, r.reply_text, r.out_of_turn) == (
+    assert (r.status, r.verdict, r.reply_kind, r.reply_text, core.skipped(r)) == (
         "refused", "stop", "refusal", core.REJECT_TEXT, True,
     )  # fmt: skip
     reply = core.reply_event(r)
@@ -234,12 +252,12 @@ def test_a_missed_deadline_is_a_timeout_retried_like_a_failure() -> None:
 def test_a_deadline_of_an_attempt_that_is_over_is_stale() -> None:
     s = advice()
     assert core.on_deadline(s, deadline(s, attempt=2), RULES, NOW) is None
-    done = msgspec.structs.replace(s, status="completed")
+    done = msgspec.structs.replace(s, phase=phase.Done("completed"))
     assert core.on_deadline(done, deadline(done), RULES, NOW) is None
 
 
 def test_a_deadline_ends_a_cancel_no_executor_confirmed() -> None:
-    s = msgspec.structs.replace(advice(), cancel_requested=True)
+    s = msgspec.structs.replace(advice(), phase=phase.Cancelling())
     new = core.on_deadline(s, deadline(s), RULES, NOW)
     assert new is not None and new.status == "cancelled"
 
@@ -276,7 +294,7 @@ def test_on_failure_ignores_a_report_for_another_attempt(attempt: int) -> None:
 
 @pytest.mark.parametrize("status", sorted(core.TERMINAL))
 def test_on_failure_ignores_a_report_for_a_finished_run(status: str) -> None:
-    s = msgspec.structs.replace(advice(), status=status)
+    s = msgspec.structs.replace(advice(), phase=ended(status))
     assert core.on_failure(s, failed(s, "timeout"), RULES, NOW) is None
 
 
@@ -295,7 +313,7 @@ def test_on_reply_persisted_closes_a_running_run_with_the_stored_status(status: 
 
 @pytest.mark.parametrize("status", sorted(core.TERMINAL))
 def test_on_reply_persisted_changes_nothing_when_already_in_that_status(status: str) -> None:
-    s = msgspec.structs.replace(advice(), status=status)
+    s = msgspec.structs.replace(advice(), phase=ended(status))
     assert core.on_reply_persisted(s, persisted(status)) is None
 
 
@@ -331,7 +349,7 @@ def test_reply_event_has_one_id_per_run_and_only_when_there_is_a_reply(
 def test_a_disallowed_intent_is_a_recorded_refusal_that_never_runs() -> None:
     rules = msgspec.structs.replace(RULES, disallowed_intents=frozenset({"creative"}))
     s = advice(rules, intent="creative")
-    assert (s.status, s.verdict, s.reply_kind, s.model, s.deadline) == (
+    assert (s.status, s.verdict, s.reply_kind, s.model, deadline_of(s)) == (
         "refused", "stop", "refusal", "", None,
     )  # fmt: skip
     assert "creative" in s.reason and "does not allow" in s.reply_text
@@ -362,7 +380,7 @@ def test_spent_adds_each_failed_attempts_usage_and_ignores_hostile_numbers() -> 
         conversation_id="c",
         project_id="p",
         user_id="u",
-        status="running",
+        phase=phase.Running(),
         verdict="approve",
         reason="",
     )

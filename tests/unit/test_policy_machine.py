@@ -62,12 +62,12 @@ BACKOFF = machine.step(
     machine.Failed(failure(RUNNING)), RULES, NOW,
 ).run  # fmt: skip
 assert BACKOFF is not None
-CANCELLING = msgspec.structs.replace(RUNNING, cancel_requested=True, cause="cancel:1")
+CANCELLING = msgspec.structs.replace(RUNNING, phase=machine.Cancelling(), cause="cancel:1")
 FAILED = core.after_failure(RUNNING, "bad_request", "f1", RULES, NOW)
-COMPLETED = msgspec.structs.replace(RUNNING, status="completed")
+COMPLETED = msgspec.structs.replace(RUNNING, phase=machine.Done("completed"))
 REFUSED = decided(action="refuse")
 CANCELLED = core.cancelled(RUNNING, "cancel:1", "cancelled by the user")
-SKIPPED = msgspec.structs.replace(CANCELLED, out_of_turn=True)
+SKIPPED = msgspec.structs.replace(CANCELLED, phase=machine.Done("cancelled", skipped=True))
 
 # The conversation as each run sees it: waiting in line, holding the slot, or started.
 FREE = core.ConvState(conversation_id="c1")
@@ -114,7 +114,7 @@ def test_each_record_reads_as_one_phase() -> None:
         "done:refused",
     ]
     assert machine.phase_of(SKIPPED) == machine.Done("cancelled", skipped=True)
-    assert machine.phase_of(BACKOFF) == machine.Backoff(2, NOW + timedelta(seconds=1))
+    assert (BACKOFF.attempt, BACKOFF.phase) == (2, machine.Backoff(NOW + timedelta(seconds=1)))
 
 
 USER = machine.Cancel("cancel:u", "cancelled by the user", "user")
@@ -205,6 +205,38 @@ TABLE = [
     ("reply stored: of a failure notice", FAILED, STARTED,
      machine.ReplyStored(stored(FAILED, "failed")), "unchanged", "unchanged", False,
      [f"then:Release:{RUN}"]),
+    # -- pairs of each phase and input not covered above (the record carries its phase)
+    ("admit: a duplicate decision while cancelling", CANCELLING, STARTED, machine.Admit(1),
+     "wait", "unchanged", False, []),
+    ("admit: a duplicate decision during a backoff", BACKOFF, STARTED, machine.Admit(1), "wait",
+     "unchanged", False, []),
+    ("admit: a refusal behind an earlier run waits for its turn", REFUSED, QUEUED,
+     machine.Admit(1), "queued", "unchanged", False, ["count:double_texts:enqueue", "verdict"]),
+    ("start: cancelling (a crash before it was marked started) marks it started", CANCELLING,
+     TURN, machine.Start(), "start", "unchanged", False, ["verdict", f"then:MarkStarted:{RUN}"]),
+    ("start: during a backoff publishes its verdict only", BACKOFF, TURN, machine.Start(),
+     "start", "unchanged", False, ["verdict", f"then:MarkStarted:{RUN}"]),
+    ("cancel: a skipped run changes nothing", SKIPPED, QUEUED, USER, "unchanged", "unchanged",
+     False, ["verdict"]),
+    ("cancel: a refusal changes nothing", REFUSED, STARTED, USER, "unchanged", "unchanged",
+     False, []),
+    ("failed: while cancelling, any class ends it cancelled", CANCELLING, STARTED,
+     machine.Failed(failure(RUNNING)), "cancelled", "done:cancelled", False,
+     ["count:verdicts:stop", "verdict", "verdict", f"then:Release:{RUN}"]),
+    ("failed: of the attempt a backoff waits for is stale", BACKOFF, STARTED,
+     machine.Failed(failure(BACKOFF, event_id="f2")), "stale", "unchanged", False, []),
+    ("failed: after a cancel is stale", CANCELLED, STARTED, machine.Failed(failure(RUNNING)),
+     "stale", "unchanged", False, []),
+    ("deadline: of the attempt a backoff waits for is stale", BACKOFF, STARTED,
+     machine.DeadlineDue(timer(BACKOFF)), "stale", "unchanged", False, []),
+    ("deadline: after a cancel is stale", CANCELLED, STARTED,
+     machine.DeadlineDue(timer(CANCELLED)), "stale", "unchanged", False, []),
+    ("reply stored: while cancelling completes it", CANCELLING, STARTED,
+     machine.ReplyStored(stored(CANCELLING)), "completed", "done:completed", False,
+     [f"then:Release:{RUN}"]),
+    ("reply stored: of a refusal changes nothing, releases", REFUSED, STARTED,
+     machine.ReplyStored(stored(REFUSED, "refused")), "unchanged", "unchanged", False,
+     [f"then:Release:{RUN}"]),
 ]  # fmt: skip
 
 
@@ -229,8 +261,9 @@ def test_step(
 
 
 def test_a_backoff_starts_its_attempt_once_due_and_only_by_its_cause() -> None:
-    assert BACKOFF.retry_at is not None
-    due = machine.step(BACKOFF, STARTED, machine.Failed(failure(RUNNING)), RULES, BACKOFF.retry_at)
+    assert isinstance(BACKOFF.phase, machine.Backoff)
+    retry_at = BACKOFF.phase.retry_at
+    due = machine.step(BACKOFF, STARTED, machine.Failed(failure(RUNNING)), RULES, retry_at)
     assert (due.outcome, phase(due.run), kinds(due)) == (
         "retry",
         "running",
@@ -285,7 +318,7 @@ def test_a_double_text_by_strategy(strategy: str, effects: list[str], handled: b
     assert kinds(s) == effects
     assert (s.run is not None) == handled
     if handled:
-        assert s.run is not None and (s.run.status, s.run.out_of_turn) == ("refused", True)
+        assert s.run is not None and (s.run.status, core.skipped(s.run)) == ("refused", True)
 
 
 def test_interrupt_cancels_a_run_whose_newer_message_already_waits() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.policy.core import ConvState, RunState, admit, caused_by, mark_started, release
+from services.policy.phase import Done, Running
 from shared import messages as m
 
 C = "c"
@@ -98,7 +99,7 @@ def _run(status: m.RunStatus, attempt: int) -> RunState:
         conversation_id=C,
         project_id="p",
         user_id="u",
-        status=status,
+        phase=Running() if status == "running" else Done(status),
         verdict="approve",
         reason="",
         attempt=attempt,

@@ -96,9 +96,11 @@ WAITING2 = after(RUNNING, machine.ToolTurnStored(turn(TASK, TASK2)))
 APPROVED = after(WAITING, machine.ToolDecided(decision(TASK)))
 ONE_LEFT = after(TOOLS_RUNNING, machine.ToolResultStored(result(DENY)))
 NEXT_ROUND = after(ONE_LEFT, machine.ToolResultStored(result(CALC)))
-BACKOFF = msgspec.structs.replace(RUNNING, attempt=2, retry_at=NOW + timedelta(seconds=1))
-CANCELLING = msgspec.structs.replace(RUNNING, cancel_requested=True, cause="cancel:1")
-COMPLETED = msgspec.structs.replace(RUNNING, status="completed")
+BACKOFF = msgspec.structs.replace(
+    RUNNING, attempt=2, phase=machine.Backoff(NOW + timedelta(seconds=1))
+)
+CANCELLING = msgspec.structs.replace(RUNNING, phase=machine.Cancelling(), cause="cancel:1")
+COMPLETED = msgspec.structs.replace(RUNNING, phase=machine.Done("completed"))
 TIMED_OUT = after(WAITING, machine.DeadlineDue(approval_timer(WAITING)))
 USER = machine.Cancel("cancel:u", "cancelled by the user", "user")
 
@@ -211,7 +213,8 @@ TABLE = [
     ("approval: the one that decided, again, publishes it again", APPROVED, A(decision(TASK)),
      "stale", "unchanged", ["policy.verdict+tool.task+tool.task"]),
     ("approval: after its expiry (the timer not handled yet) is ignored",
-     msgspec.structs.replace(WAITING, approval_due=NOW), A(decision(TASK)), "expired",
+     msgspec.structs.replace(WAITING, phase=machine.Tools(WAITING.calls, NOW)), A(decision(TASK)),
+     "expired",
      "unchanged", ["count:approvals_ignored:expired"]),
     ("approval: for other arguments is ignored", WAITING, A(decision(TASK, digest="f" * 64)),
      "mismatch", "unchanged", ["count:approvals_ignored:digest_mismatch"]),
@@ -365,3 +368,4 @@ def test_the_tool_inputs_round_trip() -> None:
         assert back == inp
     # A run record with calls round-trips too (it lives in the KV bucket).
     assert msgspec.json.decode(msgspec.json.encode(WAITING), type=core.RunState) == WAITING
+    assert core.decode_run(core.encode_run(WAITING)) == WAITING

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.policy import core, policyfile
+from services.policy.phase import Running
 from shared import retention, subjects
 
 FILE = b"""
@@ -67,7 +68,7 @@ def test_policy_accepts_the_keys_and_puts_the_window_into_every_task() -> None:
         conversation_id="c",
         project_id="chatty",
         user_id="u",
-        status="running",
+        phase=Running(),
         verdict="approve",
         reason="",
     )
