@@ -186,14 +186,14 @@ TABLE = [
      ["verdict+reply"]),
     # -- deadlines
     ("deadline: no outcome in time retries", RUNNING, STARTED, machine.DeadlineDue(timer(RUNNING)),
-     "backoff", "backoff", False, ["count:deadlines", "abort:deadline", "count:retries:timeout",
-                                   "verdict", "defer"]),
+     "backoff", "backoff", False, ["count:deadlines", "abort:deadline", "deadline",
+                                   "count:retries:timeout", "verdict", "defer"]),
     ("deadline: of an earlier attempt is stale", BACKOFF, STARTED,
      machine.DeadlineDue(timer(BACKOFF, 1)), "stale", "unchanged", False, []),
     ("deadline: ends a cancel no executor confirmed", CANCELLING, STARTED,
      machine.DeadlineDue(timer(CANCELLING)), "cancelled", "done:cancelled", False,
-     ["count:deadlines", "abort:deadline", "count:verdicts:stop", "verdict", "verdict",
-      f"then:Release:{RUN}"]),
+     ["count:deadlines", "abort:deadline", "deadline", "count:verdicts:stop", "verdict",
+      "verdict", f"then:Release:{RUN}"]),
     ("deadline: after completion is stale", COMPLETED, STARTED,
      machine.DeadlineDue(timer(COMPLETED)), "stale", "unchanged", False, []),
     # -- stored replies
