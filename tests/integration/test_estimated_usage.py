@@ -23,7 +23,7 @@ from services.policy.adapters import Conversations, Runs
 from services.policy.config import Settings as PolicySettings
 from services.policy.handlers import Handlers as PolicyHandlers
 from services.policy.main import rules_from
-from shared import estimate, model, subjects, wiring
+from shared import deadcalls, estimate, model, subjects, wiring
 from shared import messages as m
 from shared.bus import Consumer
 from shared.db import create_pool
@@ -313,6 +313,82 @@ async def test_a_call_cut_on_its_last_delivery_is_billed_once_by_estimate_at_its
             words_per_reply=before["words_per_reply"],
         )
         await con.close()
+        await bus.close()
+        await pool.close()
+        await client.close()
+
+
+async def test_a_call_cut_before_its_message_start_was_billed_nothing_and_gets_no_row(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # The provider counts a call's input when it sends message_start (docs/guarantees.md, I4):
+    # a call whose executor died while the model had not yet answered was billed nothing, and
+    # neither the redelivery nor the deadline path finds a record to estimate it from.
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    bus = await connect_bus(infra.nats_url, "test")
+    pool = await create_pool(infra.database_url)
+    client = model.client(offline_model.url, "test-key", 10.0)
+    content = "Answer me before your start, please"
+    offline_model.add_faults(
+        [{"kind": "stall", "after_tokens": -1, "match": content, "stall_seconds": 120}]
+    )
+    proc = _executor_process(infra, offline_model.url)
+    try:
+        e = user_event(content)
+        await Store(pool).insert_user_message(e)
+        task = _task(e)
+        first = f"{task.task_id}#1"
+        await bus.publish(
+            subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
+        )
+
+        async def requested() -> bool:
+            return first in offline_model.calls()
+
+        # The request is at the model, which has sent nothing yet (no headers, no message_start).
+        await eventually(requested, timeout=90)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert await deadcalls.last_record(bus.js, first) is None
+
+        h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
+        p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
+        async with running(
+            Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task),
+            Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, p.result),
+        ):
+            [result] = decode_all(
+                await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1, timeout=60),
+                m.ExecResult,
+            )
+            con: asyncpg.Connection = await asyncpg.connect(infra.database_url)
+            try:
+
+                async def billed() -> list[Any] | None:
+                    rows = await con.fetch("SELECT * FROM usage ORDER BY call_id")
+                    return rows or None
+
+                rows = await eventually(billed, timeout=30)
+            finally:
+                await con.close()
+        served = offline_model.calls()[first]
+        billed_by_model = (
+            served["input_tokens"],
+            served["output_tokens"],
+            served["cache_read_input_tokens"],
+            served["cache_creation_input_tokens"],
+        )
+        assert (served["outcome"], billed_by_model) == ("stall", (0, 0, 0, 0))
+        assert result.call_id == f"{task.task_id}#2" and result.estimated == ()
+        assert [r["call_id"] for r in rows] == [result.call_id]
+        # The deadline path reads the same records: nothing to settle there either.
+        calls = estimate.task_calls(task.task_id, 2)
+        assert await deadcalls.unsettled(bus.js, e.project_id, e.conversation_id, calls) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        offline_model.clear()
         await bus.close()
         await pool.close()
         await client.close()
