@@ -13,8 +13,10 @@ The estimate is the record's input tokens as they are, and as output the model d
 reached the stream (one text or tool-input delta is about one token; a push without a count
 falls back to four characters a token). The output can only be low: what the model sent but the
 executor had not yet pushed (one coalescing window, ``coalesce_chars``/``coalesce_ms``) and what
-was in flight when the process died are missing. Everything here is pure; the reads are the
-caller's (services/executor/handlers.py).
+was in flight when the process died are missing. Everything here is pure; the reads are
+shared/deadcalls.py's, for its two callers: the executor (a redelivered task settles its earlier
+deliveries' calls) and policy (an attempt whose deadline passed settles all its task's calls).
+Either way a call's row is keyed by its call id, so the second settlement of one is a duplicate.
 """
 
 from __future__ import annotations
@@ -61,6 +63,39 @@ def delta_prefix(call_id: str) -> str:
 def earlier_calls(task_id: str, delivery: int) -> list[str]:
     """The call ids of the deliveries of a task before ``delivery`` (``<task id>#<n>``)."""
     return [f"{task_id}#{n}" for n in range(1, delivery)]
+
+
+def task_calls(task_id: str, max_deliver: int) -> list[str]:
+    """The call ids every delivery of a task may have made (``<task id>#1`` … ``#max_deliver``)."""
+    return earlier_calls(task_id, max_deliver + 1)
+
+
+def usage_id(call_id: str) -> str:
+    """The message id of a settled call's usage: one per call, whichever path settles it."""
+    return f"usage:{call_id}"
+
+
+def settled_usage(timer: m.RunDeadline, call: m.EstimatedCall) -> m.ModelUsage:
+    """The usage row policy publishes for a dead call of the task ``timer.settle`` names."""
+    assert timer.settle is not None
+    return m.ModelUsage(
+        event_id=usage_id(call.call_id),
+        message_id=timer.message_id,
+        conversation_id=timer.conversation_id,
+        project_id=timer.project_id,
+        causation_id=timer.event_id,
+        call_id=call.call_id,
+        run_id=timer.run_id,
+        user_id=timer.settle.user_id,
+        purpose="answer",
+        model=timer.settle.model,
+        outcome=OUTCOME,
+        usage=call.usage,
+        prices=timer.settle.prices,
+        task_id=timer.settle.task_id,
+        attempt=timer.attempt,
+        estimated=True,
+    )
 
 
 def output_of(pushes: Iterable[m.TokenDelta]) -> int:

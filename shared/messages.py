@@ -146,6 +146,11 @@ class ModelUsage(Event, kw_only=True, frozen=True):
     outcome: str  # "completed" or the error's class
     usage: Usage
     prices: Prices
+    # An executor's answer call that died with its process, settled by policy when its attempt's
+    # deadline passed (shared/estimate.py): its task and attempt, and the usage estimated.
+    task_id: str = ""
+    attempt: int = 0
+    estimated: bool = False
 
 
 class LimitsSnapshot(msgspec.Struct, kw_only=True, frozen=True):
@@ -331,12 +336,24 @@ class RunAbort(Event, kw_only=True, frozen=True):
     reason: Literal["cancelled", "deadline"]
 
 
+class DeadCalls(msgspec.Struct, kw_only=True, frozen=True):
+    """The task whose dead calls a settle timer bills, with what their usage rows need."""
+
+    task_id: str
+    user_id: str
+    model: str
+    prices: Prices
+
+
 class RunDeadline(Event, kw_only=True, frozen=True):
     """Published by policy on policy.deadline with each task: check the attempt at ``due``."""
 
     run_id: str
     attempt: int
     due: datetime
+    # Set on the timer policy publishes when an attempt's deadline passed: at ``due`` the calls
+    # of that task still only ``started`` died with their executor and are billed by estimate.
+    settle: DeadCalls | None = None
 
 
 class ToolTask(Event, kw_only=True, frozen=True):

@@ -69,6 +69,11 @@ def deadline_id(run_id: str, attempt: int) -> str:
     return f"deadline:{run_id}:{attempt}"
 
 
+def settle_id(run_id: str, attempt: int) -> str:
+    """The timer that bills an attempt's dead calls once its deadline passed (shared/estimate.py)."""
+    return f"settle:{run_id}:{attempt}"
+
+
 def abort_id(run_id: str, attempt: int) -> str:
     return f"abort:{run_id}:{attempt}"
 

@@ -70,6 +70,11 @@ def policy_deadline(project: str, conversation: str) -> str:
     return f"policy.deadline.{project}.{conversation}"
 
 
+def policy_usage(project: str, conversation: str) -> str:
+    """The usage of an answer call policy settled by estimate (it died on its last delivery)."""
+    return f"policy.usage.{project}.{conversation}"
+
+
 def chat_cancel(project: str, conversation: str) -> str:
     return f"chat.cancel.{project}.{conversation}"
 

@@ -26,6 +26,8 @@ PERSISTER_RESULTS = ConsumerSpec(subjects.STREAM_RESULTS, "persister-results", "
 PERSISTER_FAILED = ConsumerSpec(subjects.STREAM_RESULTS, "persister-failed", "exec.failed.>")
 # The agent's classification calls, billed by the persister (one row per call id).
 PERSISTER_USAGE = ConsumerSpec(subjects.STREAM_DECISIONS, "persister-usage", "agent.usage.>")
+# Answer calls that died with their executor and that policy settled at their deadline.
+PERSISTER_ESTIMATES = ConsumerSpec(subjects.STREAM_POLICY, "persister-estimates", "policy.usage.>")
 # Operators' API key commands (baton apikey), written by the persister alone (I5).
 PERSISTER_API_KEYS = ConsumerSpec(subjects.STREAM_ADMIN, "persister-api-keys", "admin.apikey.>")
 AGENT_IN = ConsumerSpec(
@@ -135,6 +137,7 @@ WIRING: dict[str, Wiring] = {
             Consumes(PERSISTER_RESULTS, messages.ExecResult, "result"),
             Consumes(PERSISTER_FAILED, messages.ExecFailed, "failed_usage"),
             Consumes(PERSISTER_USAGE, messages.ModelUsage, "model_usage"),
+            Consumes(PERSISTER_ESTIMATES, messages.ModelUsage, "model_usage"),
             Consumes(PERSISTER_TOOL_RESULTS, messages.ToolResult, "tool_result"),
             Consumes(PERSISTER_API_KEYS, messages.ApiKeyCommand, "api_key"),
             Consumes(PERSISTER_CONVERSATIONS, messages.ConversationChanged, "conversation_changed"),
@@ -186,7 +189,10 @@ WIRING: dict[str, Wiring] = {
             subjects.tool_requested(*_ANY),  # an "ask" call waits for the user
             subjects.tool_result(*_ANY),  # a call policy refused (deny, limits, unknown tool)
             subjects.conversation_verdict(*_ANY),  # the verdict on a conversation's model
+            subjects.policy_usage(*_ANY),  # a dead call settled at its deadline, by estimate
         ),
+        # At an attempt's deadline, its calls' records and pushes (shared/deadcalls.py).
+        reads_streams=(subjects.STREAM_TOKENS,),
         buckets=(subjects.BUCKET_RUNS, subjects.BUCKET_LIMITS, subjects.BUCKET_ABORTS),
     ),
     "executor": Wiring(

@@ -18,15 +18,13 @@ from services.executor import core
 from services.executor.adapters import Model, StreamFailed, StreamOutcome
 from services.executor.config import Settings
 from services.executor.tools import EXPECTED_LAST_SUBJECT_SEQ, WRONG_LAST_SEQUENCE, ToolRunner
-from shared import estimate, subjects
+from shared import deadcalls, estimate, subjects
 from shared import messages as m
 from shared.bus import Bus
 from shared.history import History, Turn
 from shared.metrics import ServiceMetrics
 
 _abort_decoder = msgspec.json.Decoder(m.RunAbort)
-_record_decoder = msgspec.json.Decoder(estimate.ModelCallRecord)
-_delta_decoder = msgspec.json.Decoder(m.TokenDelta)
 # Token pushes of one call in flight without a PubAck before the call stops pushing (its answer
 # still arrives whole with the result): 32 calls x 64 stay well inside nats-py's window of 4,000.
 MAX_UNACKED_PUSHES = 64
@@ -174,64 +172,21 @@ class Handlers:
         """The calls of this task's earlier deliveries that started and never published their
         outcome (their executor died): each with its usage estimated (shared/estimate.py), to
         be billed once with this delivery's outcome. The reads are repeated by a later delivery
-        if this one dies too; the estimate comes out the same, and the call id bills it once."""
+        if this one dies too (or by policy at the attempt's deadline); the estimate comes out
+        the same, and the call id bills it once."""
         if delivery <= 1:
             return ()
-        out: list[m.EstimatedCall] = []
-        for call_id in estimate.earlier_calls(t.task_id, delivery):
-            found = await self._last_call_record(call_id)
-            if found is None:
-                continue  # it died before message_start (or was never delivered as that call)
-            record, seq = found
-            if record.state != "started":
-                continue
-            usage = estimate.estimate(record, await self._pushes(t, call_id, seq))
-            if usage is not None:
-                self.estimated.inc()
-                self.bus.log.warning(
-                    "call_estimated",
-                    call_id=call_id,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                )
-                out.append(m.EstimatedCall(call_id=call_id, usage=usage))
-        return tuple(out)
-
-    async def _last_call_record(self, call_id: str) -> tuple[estimate.ModelCallRecord, int] | None:
-        try:
-            raw = await self.bus.js.get_last_msg(
-                subjects.STREAM_TOKENS, estimate.record_subject(call_id)
+        calls = estimate.earlier_calls(t.task_id, delivery)
+        out = await deadcalls.unsettled(self.bus.js, t.project_id, t.conversation_id, calls)
+        for c in out:
+            self.estimated.inc()
+            self.bus.log.warning(
+                "call_estimated",
+                call_id=c.call_id,
+                input_tokens=c.usage.input_tokens,
+                output_tokens=c.usage.output_tokens,
             )
-        except nats.js.errors.NotFoundError:
-            return None
-        if raw.data is None or raw.seq is None:
-            return None
-        try:
-            return _record_decoder.decode(raw.data), raw.seq
-        except msgspec.MsgspecError:
-            return None
-
-    async def _pushes(self, t: m.ExecTask, call_id: str, after: int) -> list[m.TokenDelta]:
-        """The token pushes of one call: the conversation's deltas stored after its started
-        record, read back by sequence (no consumer), those whose message id names the call."""
-        subject = subjects.token_stream(t.project_id, t.conversation_id)
-        prefix = estimate.delta_prefix(call_id)
-        out: list[m.TokenDelta] = []
-        cursor = after + 1
-        while True:
-            try:
-                raw = await self.bus.js.get_msg(
-                    subjects.STREAM_TOKENS, seq=cursor, subject=subject, next=True
-                )
-            except nats.js.errors.NotFoundError:
-                return out
-            if raw.seq is None:
-                return out
-            cursor = raw.seq + 1
-            msg_id = (raw.headers or {}).get("Nats-Msg-Id", "")
-            if raw.data is not None and msg_id.startswith(prefix):
-                with contextlib.suppress(msgspec.MsgspecError):
-                    out.append(_delta_decoder.decode(raw.data))
+        return tuple(out)
 
     async def _publish_outcome(self, subject: str, event: m.ExecResult | m.ExecFailed) -> None:
         """Publish a call's outcome, riding out a broker restart: the call is already paid for.

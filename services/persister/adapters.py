@@ -618,9 +618,9 @@ class Store:
             return written
 
     async def store_model_usage(self, u: m.ModelUsage) -> bool:
-        """A call the agent made (a classification): counted once, like an executor's call.
-
-        True if this delivery wrote it. No task, no attempt: the call came before the run.
+        """A call the agent made (a classification: no task, no attempt, it came before the
+        run), or an executor's call that died with it and that policy settled at its attempt's
+        deadline (flagged estimated): counted once, like any call. True if this delivery wrote it.
         """
         async with (
             unavailable_is_transient("store model usage"),
@@ -628,7 +628,14 @@ class Store:
             con.transaction(),
         ):
             return await self._add_usage(
-                con, u.call_id, u, u.usage, u.prices, u.outcome, purpose=u.purpose
+                con,
+                u.call_id,
+                u,
+                u.usage,
+                u.prices,
+                u.outcome,
+                purpose=u.purpose,
+                estimated=u.estimated,
             )
 
     async def apply_api_key(self, c: m.ApiKeyCommand) -> str:
@@ -712,7 +719,7 @@ class Store:
     ) -> bool:
         """Count one call's usage; True if this call wrote it (False: an earlier delivery did)."""
         cost = usage.cost_usd(prices)
-        task_id, attempt = ("", 0) if isinstance(e, m.ModelUsage) else (e.task_id, e.attempt)
+        task_id, attempt = e.task_id, e.attempt
         inserted = await con.fetchval(
             INSERT_USAGE,
             call_id,

@@ -306,7 +306,8 @@ class Handlers:
         return f.error_class
 
     async def model_usage(self, u: m.ModelUsage, _msg: Msg) -> str:
-        """One of the agent's calls: its usage row (once per call id) and the project totals."""
+        """A call billed on its own (an agent's classification, or a dead answer call policy
+        settled at its deadline): its usage row (once per call id) and the project totals."""
         return "inserted" if await self.store.store_model_usage(u) else "duplicate"
 
     async def api_key(self, c: m.ApiKeyCommand, _msg: Msg) -> str:

@@ -99,6 +99,9 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = 3
     max_output_tokens: int = 4096
     run_deadline_s: float = 300.0
+    # After a missed deadline, how long the aborted call has to report before a call of the
+    # attempt that never finished is taken for dead and billed by estimate (shared/estimate.py).
+    settle_grace_s: float = 10.0
     double_texting: Literal["enqueue", "reject", "interrupt"] = "enqueue"
     retry_backoff_s: tuple[float, ...] = (1.0, 4.0)
     fallback_model: str | None = None

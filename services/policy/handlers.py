@@ -15,8 +15,8 @@ from nats.aio.msg import Msg
 from services.policy import core, lifecycle, machine, toolcalls
 from services.policy.adapters import Aborts, Conversations, Limiter, Runs, ToolQuota
 from services.policy.policyfile import Book
+from shared import deadcalls, tracing, wiring
 from shared import messages as m
-from shared import tracing
 from shared.bus import Bus
 from shared.errors import BadData, Deferred, RetryLater
 from shared.metrics import ServiceMetrics
@@ -76,6 +76,10 @@ class Handlers:
         self.deadlines = metrics.counter(
             "deadlines_missed_total", "Attempts with no outcome by their deadline."
         )
+        self.dead_calls = metrics.counter(
+            "dead_calls_settled_total",
+            "Model calls that died with their executor, billed by estimate at their deadline.",
+        )
         self.double_texts = metrics.counter(
             "double_texts_total",
             "Messages that arrived while an earlier run of their conversation was unfinished, "
@@ -112,6 +116,7 @@ class Handlers:
             "retries": self.retries,
             "cancels": self.cancels,
             "deadlines": self.deadlines,
+            "dead_calls": self.dead_calls,
             "double_texts": self.double_texts,
             "approvals_ignored": self.approvals_ignored,
             "rate_limited": self.rate_limited,
@@ -188,8 +193,20 @@ class Handlers:
         wait = machine.deadline_wait(d, datetime.now(UTC))
         if wait is not None:
             raise Deferred("deadline not reached", wait)
+        if d.settle is not None:
+            return await self._settle_dead_calls(d)
         run, revision = await self.runs.get(d.run_id)
         return await self._drive(_on(run, machine.DeadlineDue(d)), _Carry.of(run, revision))
+
+    async def _settle_dead_calls(self, d: m.RunDeadline) -> str:
+        """A missed deadline's settle timer, due: the task's calls that died with their
+        executor are read back from CHAT_STREAM and billed by estimate (machine.settle_dead)."""
+        calls = machine.dead_calls(d, wiring.EXECUTOR_TASKS.max_deliver)
+        found = await deadcalls.unsettled(self.bus.js, d.project_id, d.conversation_id, calls)
+        done = machine.settle_dead(d, found)
+        for effect in done.effects:
+            await self._carry_out(effect)
+        return done.outcome
 
     async def cancel(self, e: m.CancelRequested, _msg: Msg) -> str:
         """A user's cancel: policy decides whether there is anything left to stop."""

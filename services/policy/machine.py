@@ -30,8 +30,8 @@ import msgspec
 from services.policy import budget, core, toolcalls
 from services.policy.core import ConvState, Rules, RunState
 from services.policy.phase import Backoff, Cancelling, Done, Phase, Running, Tools
+from shared import estimate, runs, subjects
 from shared import messages as m
-from shared import runs, subjects
 
 # ---------------------------------------------------------------- phases (``phase.py``)
 
@@ -403,11 +403,70 @@ def _deadline(
         return _retry(run, d.attempt, rules, now)
     new = core.on_deadline(run, d, rules, now)
     if new is None:
-        return _again(run, conv, rules, now) if run.cause == d.event_id else Step(outcome="stale")
+        if run.cause != d.event_id:
+            return Step(outcome="stale")
+        again = _again(run, conv, rules, now)
+        if run.attempt != d.attempt:
+            return again  # its retry started: the timer went out before that
+        # Ended by this deadline (a crash may have cut the first handling short): the timer too.
+        timer = settle_timer(run, rules, now)
+        return msgspec.structs.replace(again, effects=(*again.effects, timer))
     new, settle = _closing(new)
-    # The late call may still be streaming somewhere: stop it, its usage still counts.
-    before: tuple[Effect, ...] = (*settle, Count("deadlines"), _abort(run, "deadline"))
+    # The late call may still be streaming somewhere: stop it, its usage still counts; a call
+    # of it whose executor died is billed by estimate once the stopped ones had time to report.
+    before: tuple[Effect, ...] = (
+        *settle,
+        Count("deadlines"),
+        _abort(run, "deadline"),
+        settle_timer(run, rules, now),
+    )
     return _attempt_over(new, conv, "timeout", before, rules, now)
+
+
+# ---------------------------------------------------------------- dead calls (I4)
+#
+# A call cut by its executor's death on the last delivery of its task (no redelivery comes
+# before the attempt's deadline) is billed here: the deadline publishes a settle timer; when it
+# is due, the interpreter reads the task's calls' records (shared/deadcalls.py) and publishes
+# the usage of each one still only ``started``, estimated (shared/estimate.py), for the persister.
+
+
+def settle_timer(run: RunState, rules: Rules, now: datetime) -> Publish:
+    """The timer that settles the current attempt's dead calls after ``settle_grace_s``: a
+    call the deadline's abort stopped reports its exact usage (and writes ``finished``) first."""
+    timer = m.RunDeadline(
+        event_id=runs.settle_id(run.run_id, run.attempt),
+        message_id=run.message_id,
+        conversation_id=run.conversation_id,
+        project_id=run.project_id,
+        causation_id=runs.deadline_id(run.run_id, run.attempt),
+        run_id=run.run_id,
+        attempt=run.attempt,
+        due=now + timedelta(seconds=rules.settle_grace_s),
+        settle=m.DeadCalls(
+            task_id=runs.task_id(run.run_id, run.attempt),
+            user_id=run.user_id,
+            model=run.model,
+            prices=run.prices,
+        ),
+    )
+    return Publish(((subjects.policy_deadline(run.project_id, run.conversation_id), timer),))
+
+
+def dead_calls(d: m.RunDeadline, max_deliver: int) -> list[str]:
+    """The calls a due settle timer reads: every delivery its task may have had."""
+    assert d.settle is not None
+    return estimate.task_calls(d.settle.task_id, max_deliver)
+
+
+def settle_dead(d: m.RunDeadline, found: list[m.EstimatedCall]) -> Step:
+    """Bill each dead call found once: its usage (id ``usage:<call id>``; the persister keys the
+    row by call id, so a redelivery of the task that billed it first makes this a duplicate)."""
+    subject = subjects.policy_usage(d.project_id, d.conversation_id)
+    events = tuple((subject, estimate.settled_usage(d, c)) for c in found)
+    effects: tuple[Effect, ...] = (Publish(events),) if events else ()
+    counts = tuple(Count("dead_calls") for _ in found)
+    return Step(effects=(*effects, *counts), outcome=f"settled:{len(found)}")
 
 
 def _again(run: RunState, conv: ConvState, rules: Rules, now: datetime) -> Step:

@@ -23,6 +23,7 @@ def rules_from(settings: config.Settings) -> core.Rules:
         max_attempts=settings.max_attempts,
         max_output_tokens=settings.max_output_tokens,
         run_deadline_s=settings.run_deadline_s,
+        settle_grace_s=settings.settle_grace_s,
         double_texting=settings.double_texting,
         retry_backoff_s=config.backoff(settings.retry_backoff_s),
         fallback_model=settings.fallback_model or None,

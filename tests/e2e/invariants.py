@@ -169,8 +169,11 @@ async def check(
             assert r["output_tokens"] == served["output_tokens"], call_id
         purpose = "classification" if call_id.startswith(CLASSIFY_PREFIX) else "answer"
         assert r["purpose"] == purpose, call_id
-    # Every answer call the model served has its one row (exact or estimated).
-    unbilled_answers = sorted(c for c in ledger if c not in by_call and not _classify(c))
+    # Every answer call the model served has its one row (exact or estimated); one cut before
+    # its message_start was billed nothing by the model (and has no record to estimate from).
+    unbilled_answers = sorted(
+        c for c in ledger if c not in by_call and not _classify(c) and _served_any(ledger[c])
+    )
     assert not unbilled_answers, [(c, ledger[c]) for c in unbilled_answers[:10]]
     estimate_served = sum(ledger[c]["output_tokens"] for c in estimated)
     estimate_billed = sum(int(r["output_tokens"]) for r in estimated.values())
@@ -184,7 +187,8 @@ async def check(
     # ...and a classification without a usage row is one whose agent died with it: its work
     # was delivered again afterwards (a later call of the same work exists).
     unbilled = sorted(set(ledger) - set(by_call))
-    for call_id in unbilled:
+    before_start = [c for c in unbilled if not _classify(c)]  # served nothing (checked above)
+    for call_id in (c for c in unbilled if _classify(c)):
         task, delivery = call_id.rsplit("#", 1)
         later = [
             c
@@ -213,6 +217,7 @@ async def check(
         f"(error {estimate_billed - estimate_served} tokens, "
         f"{_share(estimate_served - estimate_billed, estimate_served)} of served; "
         f"{_share(estimate_served - estimate_billed, _ledger_total(ledger))} of all tokens) "
+        f"died_before_start={len(before_start)}(billed nothing) "
         f"died_with_agent={sum(1 for c in unbilled if c.startswith(CLASSIFY_PREFIX))} totals=ok "
         f"ordered_conversations={len(by_conv)}"
     )
@@ -220,6 +225,12 @@ async def check(
 
 def _classify(call_id: str) -> bool:
     return call_id.startswith(CLASSIFY_PREFIX)
+
+
+def _served_any(call: dict[str, Any]) -> bool:
+    """Whether the model counted any token of a call (it counts input at message_start)."""
+    keys = ("input_tokens", "output_tokens", "cache_read_input_tokens")
+    return any(call[k] for k in (*keys, "cache_creation_input_tokens"))
 
 
 def _share(part: int, whole: int) -> str:
@@ -249,6 +260,7 @@ async def _billed(
         }
         rows = await con.fetch("SELECT * FROM usage")
         billed = {r["call_id"] for r in rows}
-        if all(c in billed for c in ledger if not _classify(c)) or time.monotonic() > deadline:
+        answers = [c for c in ledger if not _classify(c) and _served_any(ledger[c])]
+        if all(c in billed for c in answers) or time.monotonic() > deadline:
             return ledger, rows
         await asyncio.sleep(0.5)

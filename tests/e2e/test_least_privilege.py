@@ -11,6 +11,7 @@ import httpx
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 import structlog
 from nats.aio.client import Client as NATS
@@ -20,7 +21,7 @@ from baton import permissions, roles
 from baton.embedded import PostgresServer, create_database
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings
-from shared import messages, subjects, wiring
+from shared import estimate, messages, subjects, wiring
 from shared.bus import Bus
 from shared.config import BaseSettings, Secret
 from tests.conftest import ExternalPostgres, _drop_database
@@ -481,3 +482,59 @@ async def test_no_service_gets_the_server_to_write_into_a_stream_it_may_not_publ
         await asyncio.sleep(0.1)
         after = await _counts(p)
     assert after == before, {n: after[n] - before[n] for n in before if after[n] != before[n]}
+
+
+async def test_policy_reads_a_calls_records_and_bills_a_dead_call_for_the_persister_to_store(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    """The deadline path of I4 as policy's own user: a call's record in CHAT_STREAM is read by
+    subject, its estimate is published on policy.usage, and the persister stores the row."""
+    p = secure_pipeline
+    call_id = f"task:run-{uuid.uuid4()}:1#1"
+    errors: list[str] = []
+    nc = await _connect(p, "policy", errors)
+    try:
+        js = nc.jetstream(timeout=5.0)
+        with pytest.raises(nats.js.errors.NotFoundError):  # allowed, and nothing there
+            await js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+        usage = messages.ModelUsage(
+            event_id=estimate.usage_id(call_id),
+            message_id=str(uuid.uuid4()),
+            conversation_id=str(uuid.uuid4()),
+            project_id="lp-estimates",
+            call_id=call_id,
+            run_id=call_id.split(":1#")[0].removeprefix("task:"),
+            user_id="alice",
+            purpose="answer",
+            model="claude-sonnet-4-6",
+            outcome=estimate.OUTCOME,
+            usage=messages.Usage(input_tokens=40, output_tokens=3),
+            prices=messages.Prices(input=3.0, output=15.0),
+            task_id=call_id.removesuffix("#1"),
+            attempt=1,
+            estimated=True,
+        )
+        subject = subjects.policy_usage(usage.project_id, usage.conversation_id)
+        ack = await js.publish(
+            subject, messages.encode(usage), headers={"Nats-Msg-Id": usage.event_id}
+        )
+        assert ack.stream == subjects.STREAM_POLICY
+    finally:
+        await nc.close()
+    assert not errors, errors
+    con = await asyncpg.connect(p.database_url)
+    try:
+        row = None
+        for _ in range(400):
+            row = await con.fetchrow("SELECT * FROM usage WHERE call_id = $1", call_id)
+            if row is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert row is not None, p.log_tail()
+        assert (row["estimated"], row["outcome"], row["input_tokens"]) == (
+            True,
+            "died_with_executor",
+            40,
+        )
+    finally:
+        await con.close()

@@ -407,6 +407,49 @@ def test_a_run_that_never_finishes_in_time_ends_in_one_failure_notice(
         assert len(c.calls(run_id)) == 2
 
 
+def test_a_call_whose_executor_died_on_its_last_delivery_is_billed_by_estimate_at_the_deadline(
+    nats_server: NatsServer, database_url: str, tmp_path: Path
+) -> None:
+    # The executor is SIGKILLed mid-stream and not restarted: no delivery of the task follows
+    # before the attempt's deadline, so policy's settle timer bills the dead call (I4).
+    env = {
+        "POLICY_RUN_DEADLINE_S": "3",
+        "POLICY_MAX_ATTEMPTS": "1",
+        "POLICY_SETTLE_GRACE_S": "1",
+    }
+    with _pipeline(nats_server, database_url, tmp_path, env) as p:
+        c = Client(p)
+        _slow_model(p, words=60)
+        with Events(c) as events:
+            run_id = c.send("Tell me a story and die in the middle")
+            c.wait(lambda: sum(1 for e, _ in events.events if e == "token") >= 4, "tokens")
+        child = p.child("executor")
+        dead = child.proc
+        assert dead is not None
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(10)
+        run = c.wait_status(run_id, "failed")
+        assert run["attempts"] == 1
+
+        def estimated() -> list[dict[str, Any]]:
+            return [r for r in usage_rows(p, run_id) if r["outcome"] == "died_with_executor"]
+
+        [row] = c.wait(estimated, "the estimated usage row", timeout=60)
+        [(call_id, served)] = c.calls(run_id).items()
+        assert row["call_id"] == call_id and served["outcome"] != "completed"
+        assert row["input_tokens"] == served["input_tokens"] > 0
+        assert 4 <= row["output_tokens"] <= served["output_tokens"]
+        assert [r["call_id"] for r in usage_rows(p, run_id)] == [call_id]
+
+        # Restarted (as `baton up` would), so the stack stops cleanly.
+        def restarted() -> bool:
+            p.supervisor.poll()
+            log = (p.logs / "executor.log").read_text()
+            return child.proc is not dead and log.count('"event":"started"') >= 2
+
+        c.wait(restarted, "executor restarted")
+
+
 def test_a_retry_waiting_for_its_backoff_survives_a_policy_crash(
     nats_server: NatsServer, database_url: str, tmp_path: Path
 ) -> None:

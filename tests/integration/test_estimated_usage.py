@@ -1,5 +1,6 @@
 """A model call cut by its executor's death (SIGKILL mid-stream) is billed once, by estimate,
-when its task is redelivered: real NATS, Postgres, the offline model and an executor process."""
+when its task is redelivered or its attempt's deadline passes (both: still once): real NATS,
+Postgres, the offline model and an executor process."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ from services.executor.config import Settings
 from services.executor.handlers import Handlers
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers as PersisterHandlers
-from shared import estimate, model, subjects, wiring
+from services.policy.adapters import Conversations, Runs
+from services.policy.config import Settings as PolicySettings
+from services.policy.handlers import Handlers as PolicyHandlers
+from services.policy.main import rules_from
+from shared import deadcalls, estimate, model, subjects, wiring
 from shared import messages as m
 from shared.bus import Consumer
 from shared.db import create_pool
@@ -116,6 +121,9 @@ async def test_a_call_cut_by_a_sigkilled_executor_gets_one_estimated_usage_row(
                 )
                 # The outcome is delivered again (a replay): nothing is billed twice.
                 await p.result(result, None)  # type: ignore[arg-type]
+                # Policy's deadline path settling the same call later is a duplicate too.
+                late = estimate.settled_usage(_settle_timer(task), result.estimated[0])
+                assert await p.model_usage(late, None) == "duplicate"  # type: ignore[arg-type]
                 again = await con.fetch("SELECT * FROM usage ORDER BY call_id")
                 totals = await con.fetchrow("SELECT * FROM project_usage")
             finally:
@@ -157,6 +165,230 @@ async def test_a_call_cut_by_a_sigkilled_executor_gets_one_estimated_usage_row(
             tokens_per_second=before["tokens_per_second"],
             words_per_reply=before["words_per_reply"],
         )
+        await bus.close()
+        await pool.close()
+        await client.close()
+
+
+def _settle_timer(task: m.ExecTask) -> m.RunDeadline:
+    return m.RunDeadline(
+        event_id=f"settle:{task.run_id}:{task.attempt}",
+        message_id=task.message_id,
+        conversation_id=task.conversation_id,
+        project_id=task.project_id,
+        run_id=task.run_id,
+        attempt=task.attempt,
+        due=task.deadline,
+        settle=m.DeadCalls(
+            task_id=task.task_id, user_id="u1", model=task.model, prices=task.prices
+        ),
+    )
+
+
+def _decision(e: m.UserMessageAccepted) -> m.AgentDecision:
+    return m.AgentDecision(
+        event_id=f"decision:{e.message_id}",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        user_id=e.user_id,
+        decision=m.Decision(
+            intent="question",
+            complexity="low",
+            action="answer",
+            executor="chat",
+            estimated_tokens=200,
+        ),
+    )
+
+
+async def test_a_call_cut_on_its_last_delivery_is_billed_once_by_estimate_at_its_deadline(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # The executor dies mid-call and no delivery of its task follows before the attempt's
+    # deadline: policy's settle timer bills the call. The task's redelivery, when it comes at
+    # last, settles the same call again — and it stays one row.
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    before = offline_model.update_settings()
+    offline_model.update_settings(tokens_per_second=8, words_per_reply=60)
+    bus = await connect_bus(infra.nats_url, "test")
+    pool = await create_pool(infra.database_url)
+    client = model.client(offline_model.url, "test-key", 10.0)
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    # One attempt, a deadline past by the time the consumer runs, a short grace after it.
+    rules = rules_from(PolicySettings(max_attempts=1, run_deadline_s=1.0, settle_grace_s=1.0))
+    policy = PolicyHandlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy"))
+    p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
+    proc = _executor_process(infra, offline_model.url)
+    con: asyncpg.Connection = await asyncpg.connect(infra.database_url)
+    try:
+        e = user_event("Tell me a long story about deadlines")
+        await Store(pool).insert_user_message(e)
+        await policy.decision(_decision(e), None)  # type: ignore[arg-type]
+        [task] = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )
+        first = f"{task.task_id}#1"
+
+        async def streamed() -> bool:
+            info = await bus.js.stream_info(subjects.STREAM_TOKENS)
+            return info.state.messages >= 5  # the call's started record and four pushes
+
+        await eventually(streamed, timeout=90)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert offline_model.calls()[first]["outcome"] != "completed"
+
+        async def rows() -> list[Any]:
+            return await con.fetch("SELECT * FROM usage ORDER BY call_id")
+
+        # Only policy's timers and the persister's estimates consumer run: no redelivery.
+        async with running(
+            Consumer(bus, wiring.POLICY_DEADLINES, m.RunDeadline, policy.deadline),
+            Consumer(bus, wiring.PERSISTER_ESTIMATES, m.ModelUsage, p.model_usage),
+        ):
+            settled = await eventually(rows, timeout=60)
+            timers = decode_all(
+                await read_subject(bus, subjects.STREAM_POLICY, "policy.deadline.>", 2),
+                m.RunDeadline,
+            )
+        pushed = decode_all(
+            await read_subject(bus, subjects.STREAM_TOKENS, "chat.stream.>", 4, settle=0),
+            m.TokenDelta,
+        )
+        [cut] = settled
+        served = offline_model.calls()[first]
+        assert (cut["call_id"], cut["estimated"], cut["outcome"]) == (first, True, estimate.OUTCOME)
+        assert (cut["task_id"], cut["attempt"], cut["purpose"]) == (task.task_id, 1, "answer")
+        assert (cut["input_tokens"], cut["cache_read_tokens"], cut["cache_write_tokens"]) == (
+            served["input_tokens"],
+            served["cache_read_input_tokens"],
+            served["cache_creation_input_tokens"],
+        )
+        assert served["input_tokens"] > 0
+        assert sum(d.pieces for d in pushed) == cut["output_tokens"] <= served["output_tokens"]
+        assert float(cut["cost_usd"]) > 0
+        [timer] = [t for t in timers if t.settle is not None]
+        assert timer.event_id == f"settle:{task.run_id}:1"
+        state, _ = await Runs(kv).get(task.run_id)
+        assert state.status == "failed"  # the deadline ended the run (one attempt allowed)
+
+        # The settle timer handled again (a redelivery) finds the same call: still one row.
+        assert await policy.deadline(timer, None) == "settled:1"  # type: ignore[arg-type]
+        again = estimate.settled_usage(timer, m.EstimatedCall(call_id=first, usage=m.Usage()))
+        assert await p.model_usage(again, None) == "duplicate"  # type: ignore[arg-type]
+
+        # Now the task's redelivery reaches an executor: it settles the dead call too.
+        offline_model.update_settings(tokens_per_second=0)
+        h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
+        async with running(
+            Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task),
+            Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, p.result),
+        ):
+            [result] = decode_all(
+                await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1, timeout=60),
+                m.ExecResult,
+            )
+
+            async def both() -> list[Any] | None:
+                found = await rows()
+                return found if len(found) == 2 else None
+
+            after = await eventually(both, timeout=30)
+        assert [c.call_id for c in result.estimated] == [first]
+        assert result.estimated[0].usage.output_tokens == cut["output_tokens"]
+        by_call = {r["call_id"]: dict(r) for r in after}
+        assert set(by_call) == {first, result.call_id} == set(offline_model.calls())
+        assert by_call[first] == dict(cut)  # the deadline's row stands, counted once
+        totals = await con.fetchrow("SELECT * FROM project_usage")
+        assert totals is not None
+        assert totals["input_tokens"] == sum(r["input_tokens"] for r in after)
+        assert totals["output_tokens"] == sum(r["output_tokens"] for r in after)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        offline_model.update_settings(
+            tokens_per_second=before["tokens_per_second"],
+            words_per_reply=before["words_per_reply"],
+        )
+        await con.close()
+        await bus.close()
+        await pool.close()
+        await client.close()
+
+
+async def test_a_call_cut_before_its_message_start_was_billed_nothing_and_gets_no_row(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # The provider counts a call's input when it sends message_start (docs/guarantees.md, I4):
+    # a call whose executor died while the model had not yet answered was billed nothing, and
+    # neither the redelivery nor the deadline path finds a record to estimate it from.
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    bus = await connect_bus(infra.nats_url, "test")
+    pool = await create_pool(infra.database_url)
+    client = model.client(offline_model.url, "test-key", 10.0)
+    content = "Answer me before your start, please"
+    offline_model.add_faults(
+        [{"kind": "stall", "after_tokens": -1, "match": content, "stall_seconds": 120}]
+    )
+    proc = _executor_process(infra, offline_model.url)
+    try:
+        e = user_event(content)
+        await Store(pool).insert_user_message(e)
+        task = _task(e)
+        first = f"{task.task_id}#1"
+        await bus.publish(
+            subjects.exec_task(e.project_id, e.conversation_id), task, msg_id=task.event_id
+        )
+
+        async def requested() -> bool:
+            return first in offline_model.calls()
+
+        # The request is at the model, which has sent nothing yet (no headers, no message_start).
+        await eventually(requested, timeout=90)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert await deadcalls.last_record(bus.js, first) is None
+
+        h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
+        p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
+        async with running(
+            Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task),
+            Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, p.result),
+        ):
+            [result] = decode_all(
+                await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1, timeout=60),
+                m.ExecResult,
+            )
+            con: asyncpg.Connection = await asyncpg.connect(infra.database_url)
+            try:
+
+                async def billed() -> list[Any] | None:
+                    rows = await con.fetch("SELECT * FROM usage ORDER BY call_id")
+                    return rows or None
+
+                rows = await eventually(billed, timeout=30)
+            finally:
+                await con.close()
+        served = offline_model.calls()[first]
+        billed_by_model = (
+            served["input_tokens"],
+            served["output_tokens"],
+            served["cache_read_input_tokens"],
+            served["cache_creation_input_tokens"],
+        )
+        assert (served["outcome"], billed_by_model) == ("stall", (0, 0, 0, 0))
+        assert result.call_id == f"{task.task_id}#2" and result.estimated == ()
+        assert [r["call_id"] for r in rows] == [result.call_id]
+        # The deadline path reads the same records: nothing to settle there either.
+        calls = estimate.task_calls(task.task_id, 2)
+        assert await deadcalls.unsettled(bus.js, e.project_id, e.conversation_id, calls) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        offline_model.clear()
         await bus.close()
         await pool.close()
         await client.close()

@@ -186,14 +186,14 @@ TABLE = [
      ["verdict+reply"]),
     # -- deadlines
     ("deadline: no outcome in time retries", RUNNING, STARTED, machine.DeadlineDue(timer(RUNNING)),
-     "backoff", "backoff", False, ["count:deadlines", "abort:deadline", "count:retries:timeout",
-                                   "verdict", "defer"]),
+     "backoff", "backoff", False, ["count:deadlines", "abort:deadline", "deadline",
+                                   "count:retries:timeout", "verdict", "defer"]),
     ("deadline: of an earlier attempt is stale", BACKOFF, STARTED,
      machine.DeadlineDue(timer(BACKOFF, 1)), "stale", "unchanged", False, []),
     ("deadline: ends a cancel no executor confirmed", CANCELLING, STARTED,
      machine.DeadlineDue(timer(CANCELLING)), "cancelled", "done:cancelled", False,
-     ["count:deadlines", "abort:deadline", "count:verdicts:stop", "verdict", "verdict",
-      f"then:Release:{RUN}"]),
+     ["count:deadlines", "abort:deadline", "deadline", "count:verdicts:stop", "verdict",
+      "verdict", f"then:Release:{RUN}"]),
     ("deadline: after completion is stale", COMPLETED, STARTED,
      machine.DeadlineDue(timer(COMPLETED)), "stale", "unchanged", False, []),
     # -- stored replies
@@ -380,3 +380,69 @@ def test_effects_and_inputs_are_tagged_unions_that_round_trip() -> None:
     assert back == counted
     inp = msgspec.json.decode(msgspec.json.encode(USER), type=machine.Input)
     assert inp == USER
+
+
+# ------------------------------------------------------------ dead calls (settled at a deadline)
+
+
+def _settle_timer(step: machine.Step) -> m.RunDeadline:
+    [timer] = [
+        e
+        for p in step.effects
+        if isinstance(p, machine.Publish)
+        for _, e in p.events
+        if isinstance(e, m.RunDeadline) and e.settle is not None
+    ]
+    return timer
+
+
+def test_a_missed_deadline_publishes_a_settle_timer_for_that_attempt_after_the_grace() -> None:
+    done = machine.step(RUNNING, STARTED, machine.DeadlineDue(timer(RUNNING)), RULES, NOW)
+    t = _settle_timer(done)
+    assert t.event_id == f"settle:{RUN}:1" and t.attempt == 1
+    assert t.due == NOW + timedelta(seconds=RULES.settle_grace_s)
+    assert t.settle == m.DeadCalls(
+        task_id=f"task:{RUN}:1", user_id=RUNNING.user_id, model="small", prices=RUNNING.prices
+    )
+    # The run moved on to its retry (attempt 2); the timer still names the dead attempt.
+    assert done.run is not None and done.run.attempt == 2
+
+
+def test_a_redelivered_deadline_that_ended_the_run_publishes_its_settle_timer_again() -> None:
+    rules = msgspec.structs.replace(RULES, max_attempts=1)
+    first = machine.step(RUNNING, STARTED, machine.DeadlineDue(timer(RUNNING)), rules, NOW)
+    assert first.run is not None and first.run.status == "failed"
+    again = machine.step(first.run, STARTED, machine.DeadlineDue(timer(RUNNING)), rules, NOW)
+    assert again.outcome == "stale"
+    assert _settle_timer(again).event_id == _settle_timer(first).event_id
+
+
+def test_a_deadline_of_a_finished_attempt_settles_nothing() -> None:
+    done = machine.step(COMPLETED, STARTED, machine.DeadlineDue(timer(COMPLETED)), RULES, NOW)
+    assert done.effects == ()
+
+
+def test_a_settle_timer_reads_every_delivery_and_bills_each_dead_call_once_by_its_call_id() -> None:
+    done = machine.step(RUNNING, STARTED, machine.DeadlineDue(timer(RUNNING)), RULES, NOW)
+    t = _settle_timer(done)
+    assert machine.dead_calls(t, 3) == [f"task:{RUN}:1#1", f"task:{RUN}:1#2", f"task:{RUN}:1#3"]
+    usage = m.Usage(input_tokens=100, output_tokens=7)
+    found = [m.EstimatedCall(call_id=f"task:{RUN}:1#2", usage=usage)]
+    settled = machine.settle_dead(t, found)
+    assert settled.outcome == "settled:1" and settled.run is None
+    [publish, count] = settled.effects
+    assert count == machine.Count("dead_calls")
+    assert isinstance(publish, machine.Publish)
+    [(subject, u)] = publish.events
+    assert subject == "policy.usage.acme.c1"
+    assert isinstance(u, m.ModelUsage)
+    assert (u.event_id, u.call_id, u.task_id, u.attempt) == (
+        f"usage:task:{RUN}:1#2", f"task:{RUN}:1#2", f"task:{RUN}:1", 1,
+    )  # fmt: skip
+    assert (u.estimated, u.outcome, u.purpose, u.usage) == (
+        True,
+        "died_with_executor",
+        "answer",
+        usage,
+    )
+    assert machine.settle_dead(t, []) == machine.Step(outcome="settled:0")

@@ -1,0 +1,81 @@
+"""The reads behind shared/estimate.py: a model call's last record and its pushes in CHAT_STREAM.
+
+Two services settle calls that died with their executor and both read the same way: the
+executor, when a task is redelivered (its earlier deliveries' calls), and policy, when an
+attempt's deadline passed (every call its task's deliveries made). Reads are by subject and
+sequence (``STREAM.MSG.GET``), never through a consumer; the estimate itself stays pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+
+import msgspec
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from shared import estimate, subjects
+from shared import messages as m
+
+_record_decoder = msgspec.json.Decoder(estimate.ModelCallRecord)
+_delta_decoder = msgspec.json.Decoder(m.TokenDelta)
+
+
+async def unsettled(
+    js: JetStreamContext, project_id: str, conversation_id: str, call_ids: Iterable[str]
+) -> list[m.EstimatedCall]:
+    """Those of ``call_ids`` that started and never wrote ``finished`` (their executor died),
+    each with its usage estimated; in the order given. Reading again gives the same numbers."""
+    ids = list(call_ids)
+    found = await asyncio.gather(*(last_record(js, c) for c in ids))
+    out: list[m.EstimatedCall] = []
+    for call_id, hit in zip(ids, found, strict=True):
+        if hit is None or hit[0].state != "started":
+            continue  # never started (or never delivered as that call), or finished
+        record, seq = hit
+        pushes = await pushes_of(js, project_id, conversation_id, call_id, seq)
+        usage = estimate.estimate(record, pushes)
+        if usage is not None:
+            out.append(m.EstimatedCall(call_id=call_id, usage=usage))
+    return out
+
+
+async def last_record(
+    js: JetStreamContext, call_id: str
+) -> tuple[estimate.ModelCallRecord, int] | None:
+    """The call's last record and its stream sequence; None: it wrote none (or it aged out)."""
+    try:
+        raw = await js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+    except nats.js.errors.NotFoundError:
+        return None
+    if raw.data is None or raw.seq is None:
+        return None
+    try:
+        return _record_decoder.decode(raw.data), raw.seq
+    except msgspec.MsgspecError:
+        return None
+
+
+async def pushes_of(
+    js: JetStreamContext, project_id: str, conversation_id: str, call_id: str, after: int
+) -> list[m.TokenDelta]:
+    """The token pushes of one call: the conversation's deltas stored after its started record,
+    read back by sequence, those whose message id names the call."""
+    subject = subjects.token_stream(project_id, conversation_id)
+    prefix = estimate.delta_prefix(call_id)
+    out: list[m.TokenDelta] = []
+    cursor = after + 1
+    while True:
+        try:
+            raw = await js.get_msg(subjects.STREAM_TOKENS, seq=cursor, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return out
+        if raw.seq is None:
+            return out
+        cursor = raw.seq + 1
+        msg_id = (raw.headers or {}).get("Nats-Msg-Id", "")
+        if raw.data is not None and msg_id.startswith(prefix):
+            with contextlib.suppress(msgspec.MsgspecError):
+                out.append(_delta_decoder.decode(raw.data))
