@@ -47,6 +47,8 @@ class Client:
         first = time.monotonic()
         deadline = first + 120
         turn = hash(key)
+        # What its tries met, for the failure message: the answers that kept it from a 202.
+        seen: dict[str, int] = {}
         while True:
             gateway = self.gateways[turn % len(self.gateways)]
             turn += 1
@@ -62,9 +64,11 @@ class Client:
                     self.replays += bool(r.json()["duplicate"])
                     return mid
                 assert r.status_code in (503, 502), r.text
-            except httpx.TransportError:
-                pass  # the gateway is down or restarting: retry, as a client would
-            assert time.monotonic() < deadline, f"submit {key} never accepted"
+                what = f"{r.status_code} {r.text[:200]}"
+            except httpx.TransportError as exc:
+                what = type(exc).__name__  # down or restarting: retry, as a client would
+            seen[what] = seen.get(what, 0) + 1
+            assert time.monotonic() < deadline, f"submit {key} never accepted: {seen}"
             await asyncio.sleep(0.2)
 
 

@@ -158,6 +158,13 @@ async def _chaos(world: World, rng: random.Random, stop: asyncio.Event, log: lis
     stop.set()
 
 
+def _log_tails(logs: Path, lines: int = 30) -> str:
+    return "\n".join(
+        f"== {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+        for p in sorted(logs.glob("*.log"))
+    )
+
+
 async def _first_answer(dsn: str, timeout: float = 300.0) -> None:
     """Wait until the pipeline has stored an answer (the bound only ends a failed wait)."""
     deadline = time.monotonic() + timeout
@@ -186,7 +193,10 @@ async def test_invariants_hold_while_everything_is_killed_and_restarted(world: W
     stop, chaos_log = asyncio.Event(), []
     supervisor = asyncio.create_task(_supervise(world, stop))
     chaos = asyncio.create_task(_chaos(world, rng, stop, chaos_log))
-    client = await _drive(world, rng)
+    try:
+        client = await _drive(world, rng)
+    except AssertionError as exc:  # a submit never accepted: what the services said meanwhile
+        raise AssertionError(f"{exc}\n{_log_tails(world.logs)}") from exc
     await chaos
     await supervisor
     await settled(world.database_url, len(set(client.accepted.values())))
