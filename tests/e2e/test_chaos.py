@@ -38,7 +38,9 @@ WARM = os.environ.get("CHAOS_WARM", "") == "1"
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     # Logs are kept by pytest for the last runs, to read after a failure.
-    settings = ModelSettings(tokens_per_second=TOKENS_PER_SECOND, words_per_reply=16, style="hostile")
+    settings = ModelSettings(
+        tokens_per_second=TOKENS_PER_SECOND, words_per_reply=16, style="hostile"
+    )
     with chaos_world(tmp_path / "logs", settings) as world:
         yield world
 

@@ -26,18 +26,21 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import msgspec
+import nats
+import nats.js.errors
 import pytest
 
 from baton.devtoken import make_token
 from baton.mcp_server import MCPServerProcess
 from baton.offline_model import FaultRule, ModelSettings
+from shared import estimate, subjects
 from shared import messages as m
 from tests.e2e.chaos_world import SECRET, World, chaos_world, supervise
 from tests.e2e.invariants import EXECUTOR_MODEL, Client, availability, check, settled
@@ -169,7 +172,9 @@ class Approver:
     async def _poll(self, project: str, user: str, cid: str) -> None:
         headers = {"Authorization": f"Bearer {make_token(SECRET, project, user)}"}
         try:
-            r = await self.http.get(f"{self.gateway}/api/conversations/{cid}/state", headers=headers)
+            r = await self.http.get(
+                f"{self.gateway}/api/conversations/{cid}/state", headers=headers
+            )
         except httpx.TransportError:
             return
         if r.status_code != 200:
@@ -287,16 +292,32 @@ async def test_each_approved_call_runs_once_while_services_are_killed(tooled: To
     await asyncio.sleep(2)  # anything still in flight would show up as a copy now
 
     con = await asyncpg.connect(world.database_url)
+    nc = await nats.connect(world.nats.url)
     try:
-        summary = await check(con, client, world.model, MESSAGES)
+        summary = await check(con, client, world.model, MESSAGES, recorded=_recorded(nc))
         tools = await _check_tools(con, mcp, plans, approver)
     finally:
         await con.close()
+        await nc.close()
     print(
         f"chaos-tools seed={SEED} actions={','.join(chaos_log)} {tools} {summary} "
         f"{availability(client)} took={time.monotonic() - started:.0f}s"
     )
     assert len(chaos_log) == 2 * len(KILLED) + 1
+
+
+def _recorded(nc: nats.NATS) -> Callable[[str], Awaitable[bool]]:
+    """Whether an executor's model call left its ``started`` record in CHAT_STREAM."""
+    js = nc.jetstream()
+
+    async def recorded(call_id: str) -> bool:
+        try:
+            await js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    return recorded
 
 
 async def _check_tools(con: Any, mcp: MCPServerProcess, plans: list[Plan], a: Approver) -> str:
