@@ -14,6 +14,10 @@ usage per model call exactly once (the model's ledger against the usage rows).
 Size: ``CHAOS_TOOLS_MESSAGES`` (default 80), ``CHAOS_TOOLS_CONVERSATIONS`` (default 10),
 ``CHAOS_SEED``; ``CHAOS_TOOLS_SLOW_S`` (default 1.0): how long a third of the ``create_task``
 calls wait after their side effect before they answer (a kill then leaves them ``unknown``).
+
+Five runs in a row on two busy cores (seeds 101, 202, 303, 404, 505) passed, 49-166 s each
+(the test's own time), with 3-6 calls ``unknown`` per run; an executor that reruns a started
+non-idempotent call fails it ("'call person 9' ran 2 times").
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ as the agent and the gateway would)."""
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -374,7 +375,7 @@ async def test_an_approval_not_given_in_time_ends_the_run_and_frees_the_conversa
         answer = await stack.answer(e)
         assert answer["kind"] == "failure" and "not approved in time" in answer["content"]
         # The waiting call has its one stored result: expired, never run.
-        [result] = await eventually(lambda: _nonempty(stack.results(e)))
+        [result] = await eventually(functools.partial(_results_of, stack, e))
         assert (result["name"], result["outcome"], result["is_error"]) == (
             "create_task",
             "expired",
@@ -535,5 +536,6 @@ async def test_the_executor_completes_granted_tools_from_the_servers_own_list(
     assert [t.name for t in await tools.complete((bare,))] == ["create_task"]
 
 
-async def _nonempty(rows: Awaitable[list[asyncpg.Record]]) -> list[asyncpg.Record] | None:
-    return (await rows) or None
+async def _results_of(stack: Stack, e: m.UserMessageAccepted) -> list[asyncpg.Record] | None:
+    """The run's stored tool results, None while there are none (for ``eventually``)."""
+    return (await stack.results(e)) or None
