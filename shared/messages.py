@@ -188,7 +188,11 @@ ToolApproval = Literal["auto", "ask", "deny"]
 # How a tool call ended: ``ok`` / ``error`` (the tool said so) / ``timeout`` ran (or may have);
 # ``unknown``: a crash cut a started call of a non-idempotent tool, so it is never run again;
 # ``denied`` / ``over_limit`` / ``invalid``: policy never let it run (set by policy).
-ToolOutcome = Literal["ok", "error", "timeout", "unknown", "denied", "over_limit", "invalid"]
+# "expired": policy's own, for a call still waiting for the user's answer when its run's approval
+# timeout ended the run (it never ran).
+ToolOutcome = Literal[
+    "ok", "error", "timeout", "unknown", "denied", "over_limit", "invalid", "expired"
+]
 ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
@@ -415,6 +419,9 @@ class ToolTurnPersisted(Event, kw_only=True, frozen=True):
     text: str = ""
     tool_calls: tuple[ToolCall, ...]
     usage: Usage = Usage()  # of every call of the run so far
+    # The tool_use ids of the run's earlier rounds, as stored: a call that repeats one is
+    # refused (its id is the key of the earlier call's task, result and approval).
+    earlier_call_ids: tuple[str, ...] = ()
 
 
 class ToolResultPersisted(Event, kw_only=True, frozen=True):

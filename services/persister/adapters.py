@@ -26,6 +26,7 @@ class StoredToolTurn(msgspec.Struct, frozen=True):
     user_id: str
     inserted: bool
     usage: m.Usage = m.Usage()
+    earlier_call_ids: tuple[str, ...] = ()  # the tool_use ids of the run's earlier rounds
 
 
 INSERT_TOOL_TURN = """
@@ -33,6 +34,10 @@ INSERT INTO tool_turns (run_id, round, call_id, conversation_id, reply_to, conte
 SELECT $1, $2, $3, u.conversation_id, u.id, $5::jsonb FROM messages u WHERE u.id = $4
 ON CONFLICT (run_id, round) DO NOTHING
 RETURNING call_id
+"""
+
+EARLIER_TOOL_TURNS = """
+SELECT content FROM tool_turns WHERE run_id = $1 AND round < $2 ORDER BY round
 """
 
 SELECT_TOOL_TURN = """
@@ -526,6 +531,7 @@ class Store:
             if row is None:
                 raise BadData(f"tool turn for unknown message {r.message_id}")
             usage = await con.fetchrow(RUN_USAGE, r.run_id)
+            earlier = await con.fetch(EARLIER_TOOL_TURNS, r.run_id, r.round)
         if won is not None:
             calls, text = r.tool_calls, r.text
         else:
@@ -552,6 +558,12 @@ class Store:
             tool_calls=calls,
             user_id=row["user_id"],
             inserted=won is not None,
+            earlier_call_ids=tuple(
+                b["id"]
+                for t in earlier
+                for b in _blocks(t["content"])
+                if b.get("type") == "tool_use" and isinstance(b.get("id"), str)
+            ),
             usage=m.Usage(
                 input_tokens=int(usage["input_tokens"]),
                 output_tokens=int(usage["output_tokens"]),
@@ -808,3 +820,9 @@ class Store:
             reserved_tokens,
             reserved_cost_usd,
         )
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    """A stored turn's content blocks (jsonb comes back as text unless a codec is set)."""
+    blocks = msgspec.json.decode(content) if isinstance(content, str) else content
+    return [b for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []

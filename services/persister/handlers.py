@@ -263,6 +263,7 @@ class Handlers:
             text=turn.text,
             tool_calls=turn.tool_calls,
             usage=turn.usage,
+            earlier_call_ids=turn.earlier_call_ids,
         )
         await self.bus.publish(
             subjects.persisted_tool_turn(r.project_id, r.conversation_id),

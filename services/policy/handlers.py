@@ -244,7 +244,7 @@ class Handlers:
         rules, now = self.rules_for(run.project_id), _now()
         quota: dict[str, bool] = {}
         if toolcalls.decides(run, e.round, rules):
-            for call, grant in toolcalls.turn_quota(rules, e.tool_calls):
+            for call, grant in toolcalls.turn_quota(rules, e.tool_calls, e.earlier_call_ids):
                 quota[call.id] = await self._take_quota(run, call, grant, now)
         inp = machine.ToolTurnStored(e, quota)
         return await self._drive(_on(run, inp), _Carry.of(run, revision))

@@ -561,7 +561,19 @@ def _tool_turn(
         )
         over = tuple(Observe("tool_calls", (c.name, "max_rounds")) for c in calls)
         return _ended(new, conv, over, rules, now)
-    decided = tuple(toolcalls.decide(c, rules, quota.get(c.id), now) for c in calls)
+    decided = toolcalls.decide_turn(calls, e.earlier_call_ids, rules, quota, now)
+    if toolcalls.all_repeated(decided):
+        new = msgspec.structs.replace(
+            spent,
+            phase=core.ended(spent, "failed"),
+            verdict="stop",
+            reason=f"round {e.round}: every tool call repeats a call id of an earlier round",
+            reply_kind="failure",
+            reply_text=toolcalls.REPEATED_TEXT,
+            cause=e.event_id,
+        )
+        invalid = tuple(Observe("tool_calls", (c.call.name, "invalid")) for c in decided)
+        return _ended(new, conv, invalid, rules, now)
     asks = [c for c in decided if c.decision == "ask"]
     due = now + timedelta(seconds=rules.tools.approval_timeout_s) if asks else None
     new = msgspec.structs.replace(
@@ -653,7 +665,10 @@ def _approval_timeout(
     """The round's approvals are due: a call still waiting ends the run (recorded, I6)."""
     phase = phase_of(run)
     if isinstance(phase, Done) and run.cause == d.event_id:
-        return _again(run, conv, rules, now)  # it ended the run: its reply again
+        # It ended the run: the waiting calls' results and its reply again.
+        again = _again(run, conv, rules, now)
+        results = Publish(tuple(toolcalls.expired_results(run, rules)))
+        return msgspec.structs.replace(again, effects=(results, *again.effects))
     if not isinstance(phase, Tools) or not phase.waiting:
         return Step(outcome="stale")
     if d.event_id != toolcalls.approval_deadline_id(run.run_id, run.round):
@@ -670,7 +685,9 @@ def _approval_timeout(
         cause=d.event_id,
     )
     expired = tuple(Observe("tool_calls", (c.call.name, "expired")) for c in waited)
-    return _ended(new, conv, (*expired, *_unwait(run)), rules, now)
+    # Every waiting call gets its stored result (expired) before the run's verdict and reply.
+    results = Publish(tuple(toolcalls.expired_results(new, rules)))
+    return _ended(new, conv, (*expired, *_unwait(run), results), rules, now)
 
 
 def _ended(

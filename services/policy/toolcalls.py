@@ -28,6 +28,15 @@ OVER_LIMIT = (
     "the daily limit of {limit} calls of {name!r} per user is reached; this call was not run"
 )
 REJECTED = "the user did not approve this call; it was not run"
+REPEATED_ID = (
+    "tool_use id {id!r} was already used by a call of an earlier round of this answer; "
+    "this call was not run"
+)
+REPEATED_TEXT = (
+    "I stopped: the model asked again for tool calls it had already made in this answer "
+    "(the same call ids), so none of them was run again."
+)
+EXPIRED = "the user did not answer within {timeout:g} s; this call was not run"
 APPROVAL_TIMEOUT_TEXT = (
     "The tool call I wanted to make was not approved in time, so I stopped here. Send your "
     "message again if you still want it."
@@ -77,11 +86,17 @@ def decides(run: RunState, round_: int, rules: Rules) -> bool:
     )
 
 
-def turn_quota(rules: Rules, calls: Iterable[m.ToolCall]) -> list[tuple[m.ToolCall, ToolGrant]]:
+def turn_quota(
+    rules: Rules, calls: Iterable[m.ToolCall], earlier: Iterable[str] = ()
+) -> list[tuple[m.ToolCall, ToolGrant]]:
     """The calls of a stored turn that policy authorizes at once and that count against a daily
-    limit (the interpreter counts them before stepping; ``ask`` calls count when approved)."""
+    limit (the interpreter counts them before stepping; ``ask`` calls count when approved). A
+    call repeating an id of an ``earlier`` round is refused, so it counts nothing."""
     out = []
+    seen = set(earlier)
     for call in unique(calls):
+        if call.id in seen:
+            continue
         grant = rules.tools.grant(call.name)
         if grant is not None and grant.approval == "auto" and quota_wanted(grant, call):
             out.append((call, grant))
@@ -107,6 +122,37 @@ def _valid(call: m.ToolCall) -> str | None:
     if m.input_digest(call.input) != call.input_digest:
         return BAD_DIGEST
     return None
+
+
+def decide_turn(
+    calls: Iterable[m.ToolCall],
+    earlier: Iterable[str],
+    rules: Rules,
+    quota: dict[str, bool],
+    now: datetime,
+) -> tuple[PendingCall, ...]:
+    """Policy's decision on each call of a stored turn (``calls``: distinct ids). A call whose
+    tool_use id an ``earlier`` round of the run used is refused and never runs: that id is the
+    key of the earlier call's task, record, result and approval, so a task for it would be taken
+    for the earlier one (deduplicated, or answered with its result). Its stored turn has no
+    result for it: the model reads it as an error (``history.NO_RESULT``)."""
+    seen = set(earlier)
+    return tuple(
+        repeated(c) if c.id in seen else decide(c, rules, quota.get(c.id), now) for c in calls
+    )
+
+
+def repeated(call: m.ToolCall) -> PendingCall:
+    """A call that repeats an earlier round's id: invalid, done (nothing is published for it)."""
+    reason = REPEATED_ID.format(id=call.id[:128])
+    return PendingCall(call=call, decision="invalid", reason=reason, done=True)
+
+
+def all_repeated(decided: Iterable[PendingCall]) -> bool:
+    """Whether every call of a turn repeats an earlier round's id: nothing would run, and the
+    round would wait for results that never come, so the run ends (``REPEATED_TEXT``)."""
+    decided = list(decided)
+    return bool(decided) and all(c.done for c in decided)
 
 
 def decide(call: m.ToolCall, rules: Rules, within_quota: bool | None, now: datetime) -> PendingCall:
@@ -215,7 +261,23 @@ def approval_request(run: RunState, pc: PendingCall) -> m.ToolApprovalRequested:
     )
 
 
-def policy_result(run: RunState, pc: PendingCall) -> m.ToolResult:
+def expired_results(run: RunState, rules: Rules) -> list[tuple[str, msgspec.Struct]]:
+    """The results of the calls still waiting when the round's approval timeout ended the run:
+    outcome ``expired``, stored like every result (the model's history, ``tool.result``, and the
+    end of the call's ``pending_tool_calls``). From the ended run's record, so a redelivered
+    timer publishes the same ids again."""
+    p, c = run.project_id, run.conversation_id
+    reason = EXPIRED.format(timeout=rules.tools.approval_timeout_s)
+    return [
+        (subjects.tool_result(p, c), policy_result(run, pc, outcome="expired", reason=reason))
+        for pc in waiting(run)
+        if not pc.done
+    ]
+
+
+def policy_result(
+    run: RunState, pc: PendingCall, outcome: m.ToolOutcome | None = None, reason: str = ""
+) -> m.ToolResult:
     return m.ToolResult(
         event_id=f"toolresult:{key(run, pc.call.id)}",
         message_id=run.message_id,
@@ -226,9 +288,9 @@ def policy_result(run: RunState, pc: PendingCall) -> m.ToolResult:
         round=run.round,
         call_id=pc.call.id,
         name=pc.call.name,
-        outcome=POLICY_RESULT[pc.decision],
+        outcome=outcome or POLICY_RESULT[pc.decision],
         is_error=True,
-        content=pc.reason,
+        content=reason or pc.reason,
         input_digest=pc.call.input_digest,
         executions=0,
     )

@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
-import signal
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,20 +20,23 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-import msgspec
 import pytest
 
-from baton.embedded import NatsServer, PostgresServer, create_database, free_port
-from baton.migrate import migrate
-from baton.offline_model import ModelSettings, OfflineModelProcess
-from baton.provision import provision
-from baton.supervisor import Child, Supervisor, service_env
+from baton.offline_model import ModelSettings
+from tests.e2e.chaos_world import (
+    SECRET,
+    SERVICES,
+    World,
+    chaos_world,
+    first_answer,
+    log_tails,
+    started_records,
+    supervise,
+)
 from tests.e2e.invariants import Client, availability, check, settled
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
 
-SERVICES = ("persister", "policy", "agent", "executor", "gateway")
-SECRET = "chaos-secret-" + "c" * 32
 MESSAGES = int(os.environ.get("CHAOS_MESSAGES", "300"))
 CONVERSATIONS = int(os.environ.get("CHAOS_CONVERSATIONS", "20"))
 SEED = int(os.environ.get("CHAOS_SEED", str(int(time.time()))))
@@ -44,71 +44,14 @@ TOKENS_PER_SECOND = float(os.environ.get("CHAOS_TOKENS_PER_SECOND", "120"))
 WARM = os.environ.get("CHAOS_WARM", "") == "1"
 
 
-class World(msgspec.Struct):
-    gateway: str
-    nats: NatsServer
-    postgres: PostgresServer
-    database_url: str
-    model: OfflineModelProcess
-    supervisor: Supervisor
-    logs: Path
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    base = Path(tempfile.mkdtemp(prefix="baton-chaos-"))
-    nats = NatsServer(base / "nats")
-    pg = PostgresServer(base / "pg")
-    nats.start()
-    pg.start()
-    dsn = asyncio.run(create_database(pg.dsn(), "baton"))
-    # Short ack_wait, so work a killed process held comes back in seconds, not minutes.
-    asyncio.run(provision(nats.url, ack_wait_s=3.0))
-    asyncio.run(migrate(dsn))
-    port = free_port()
-    logs = tmp_path / "logs"  # kept by pytest for the last runs, to read after a failure
-    with OfflineModelProcess(
-        ModelSettings(tokens_per_second=TOKENS_PER_SECOND, words_per_reply=16, style="hostile")
-    ) as model:
-        children = [
-            Child.service(
-                name,
-                service_env(
-                    name,
-                    nats_url=nats.url,
-                    database_url=dsn,
-                    metrics_port=free_port(),
-                    jwt_secret=SECRET,
-                    http_port=port,
-                    model_url=model.url,
-                    extra={"BATON_SHUTDOWN_GRACE_S": "5"},
-                ),
-                logs,
-            )
-            for name in SERVICES
-        ]
-        sup = Supervisor(children, say=lambda line: None)
-        sup.start_all()
-        try:
-            _wait_ready(f"http://127.0.0.1:{port}")
-            yield World(f"http://127.0.0.1:{port}", nats, pg, dsn, model, sup, logs)
-        finally:
-            sup.stop_all(grace_s=10)
-            pg.stop()
-            nats.stop()
-            shutil.rmtree(base, ignore_errors=True)
-
-
-def _wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("gateway not ready")
+    # Logs are kept by pytest for the last runs, to read after a failure.
+    settings = ModelSettings(
+        tokens_per_second=TOKENS_PER_SECOND, words_per_reply=16, style="hostile"
+    )
+    with chaos_world(tmp_path / "logs", settings) as world:
+        yield world
 
 
 async def _drive(world: World, rng: random.Random) -> Client:
@@ -140,63 +83,29 @@ async def _chaos(world: World, rng: random.Random, stop: asyncio.Event, log: lis
     actions: list[str] = [name for name in SERVICES for _ in range(2)] + ["nats", "postgres"]
     rng.shuffle(actions)
     if WARM:
-        await _first_answer(world.database_url)
+        await first_answer(world.database_url)
     for action in actions:
         await asyncio.sleep(rng.uniform(0.2, 1.2))
         if action == "nats":
-            world.nats.stop()
-            await asyncio.sleep(1.0)
-            world.nats.start()
+            await world.restart_nats()
         elif action == "postgres":
-            await asyncio.to_thread(world.postgres.stop)
-            await asyncio.sleep(1.0)
-            await asyncio.to_thread(world.postgres.start)
+            await world.restart_postgres()
         else:
-            child = next(c for c in world.supervisor.children if c.name == action)
-            child.signal(signal.SIGKILL)
+            world.kill(action)
         log.append(action)
     stop.set()
-
-
-def _log_tails(logs: Path, lines: int = 30) -> str:
-    return "\n".join(
-        f"== {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
-        for p in sorted(logs.glob("*.log"))
-    )
-
-
-async def _first_answer(dsn: str, timeout: float = 300.0) -> None:
-    """Wait until the pipeline has stored an answer (the bound only ends a failed wait)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        con = await asyncpg.connect(dsn)
-        try:
-            if await con.fetchval("SELECT count(*) FROM messages WHERE role = 'assistant'"):
-                return
-        finally:
-            await con.close()
-        await asyncio.sleep(0.2)
-    raise AssertionError("no answer stored before the chaos was to start")
-
-
-async def _supervise(world: World, stop: asyncio.Event) -> None:
-    while True:
-        world.supervisor.poll()
-        if stop.is_set() and all(c.exit_code() is None for c in world.supervisor.children):
-            return
-        await asyncio.sleep(0.1)
 
 
 async def test_invariants_hold_while_everything_is_killed_and_restarted(world: World) -> None:
     rng = random.Random(SEED)
     print(f"\nchaos seed={SEED} messages={MESSAGES} conversations={CONVERSATIONS}")
     stop, chaos_log = asyncio.Event(), []
-    supervisor = asyncio.create_task(_supervise(world, stop))
+    supervisor = asyncio.create_task(supervise(world, stop))
     chaos = asyncio.create_task(_chaos(world, rng, stop, chaos_log))
     try:
         client = await _drive(world, rng)
     except AssertionError as exc:  # a submit never accepted: what the services said meanwhile
-        raise AssertionError(f"{exc}\n{_log_tails(world.logs)}") from exc
+        raise AssertionError(f"{exc}\n{log_tails(world.logs)}") from exc
     await chaos
     await supervisor
     await settled(world.database_url, len(set(client.accepted.values())))
@@ -204,7 +113,8 @@ async def test_invariants_hold_while_everything_is_killed_and_restarted(world: W
 
     con = await asyncpg.connect(world.database_url)
     try:
-        summary = await check(con, client, world.model, MESSAGES)
+        async with started_records(world.nats.url) as recorded:
+            summary = await check(con, client, world.model, MESSAGES, recorded=recorded)
     finally:
         await con.close()
     print(f"chaos seed={SEED} actions={','.join(chaos_log)} {summary} {availability(client)}")

@@ -4,6 +4,7 @@ as the agent and the gateway would)."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -373,6 +374,14 @@ async def test_an_approval_not_given_in_time_ends_the_run_and_frees_the_conversa
         assert "approval" in ended.reason
         answer = await stack.answer(e)
         assert answer["kind"] == "failure" and "not approved in time" in answer["content"]
+        # The waiting call has its one stored result: expired, never run.
+        [result] = await eventually(functools.partial(_results_of, stack, e))
+        assert (result["name"], result["outcome"], result["is_error"]) == (
+            "create_task",
+            "expired",
+            True,
+        )
+        assert "did not answer within 1 s" in result["content"]
         await stack.freed(e.conversation_id)
         # A late approval changes nothing.
         [request] = await stack.requested(e)
@@ -381,6 +390,14 @@ async def test_an_approval_not_given_in_time_ends_the_run_and_frees_the_conversa
         nxt = await stack.ask("What is 2 + 3?")
         await stack.status(runs.run_id(nxt.message_id), "completed")
         assert len(mcp_server.executions()) == before
+        # The next message's history carries the expired call's result, as an error.
+        history = await History(stack.pool).upto(e.conversation_id, nxt.message_id, 20, tools=True)
+        blocks = [
+            b for t in history for b in t.blocks if b.get("type") == "tool_result"
+        ]  # fmt: skip
+        assert [(b["is_error"], "did not answer within" in b["content"]) for b in blocks] == [
+            (True, True)
+        ]
         assert (await stack.run(run_id)).status == "failed"
 
 
@@ -517,3 +534,8 @@ async def test_the_executor_completes_granted_tools_from_the_servers_own_list(
     assert unreachable == elsewhere  # a server that cannot be asked: as granted
     # Nothing is added: only what was granted goes out.
     assert [t.name for t in await tools.complete((bare,))] == ["create_task"]
+
+
+async def _results_of(stack: Stack, e: m.UserMessageAccepted) -> list[asyncpg.Record] | None:
+    """The run's stored tool results, None while there are none (for ``eventually``)."""
+    return (await stack.results(e)) or None

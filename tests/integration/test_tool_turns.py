@@ -252,6 +252,45 @@ async def test_a_second_model_call_for_the_same_round_never_replaces_the_stored_
     assert second.usage == m.Usage(input_tokens=20, output_tokens=10)  # both calls billed once
 
 
+async def test_a_stored_turn_names_the_tool_use_ids_of_the_runs_earlier_rounds(
+    stack: Stack,
+) -> None:
+    e = user_event("remind me to water the plants")
+    store = Store(stack.pool)
+    await store.insert_user_message(e)
+
+    def result(round_: int, *ids: str) -> m.ExecResult:
+        value = {"title": "water the plants"}
+        calls = tuple(
+            m.ToolCall(id=i, name="create_task", input=value, input_digest=m.input_digest(value))
+            for i in ids
+        )
+        return m.ExecResult(
+            event_id=f"result:task:r:{round_ + 1}#1",
+            message_id=e.message_id,
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            task_id=f"task:r:{round_ + 1}",
+            call_id=f"task:r:{round_ + 1}#1",
+            run_id=f"run-{e.message_id}",
+            attempt=round_ + 1,
+            model="claude-sonnet-4-6",
+            text="",
+            usage=m.Usage(input_tokens=10, output_tokens=5),
+            prices=m.Prices(input=3.0, output=15.0),
+            stop_reason="tool_use",
+            tool_calls=calls,
+            round=round_,
+        )
+
+    first = await store.store_tool_turn(result(0, "toolu_a", "toolu_b"))
+    # A broken model repeats an id of round 0 in round 1: policy reads that from the turn.
+    second = await store.store_tool_turn(result(1, "toolu_a", "toolu_c"))
+    again = await store.store_tool_turn(result(1, "toolu_a", "toolu_c"))  # a redelivery
+    assert first.earlier_call_ids == ()
+    assert second.earlier_call_ids == again.earlier_call_ids == ("toolu_a", "toolu_b")
+
+
 async def test_a_text_only_history_is_read_as_before_when_no_tools_are_offered(
     stack: Stack,
 ) -> None:

@@ -49,6 +49,12 @@ def turn(*calls: m.ToolCall, round_: int = 0) -> m.ToolTurnPersisted:
     )  # fmt: skip
 
 
+def repeat(*calls: m.ToolCall, round_: int) -> m.ToolTurnPersisted:
+    """A turn of ``round_`` as the persister announces it after round 0 stored CALC and DENY."""
+    earlier = ("toolu_calculator", "toolu_rm_rf")
+    return msgspec.structs.replace(turn(*calls, round_=round_), earlier_call_ids=earlier)
+
+
 def result(c: m.ToolCall, round_: int = 0, outcome: m.ToolOutcome = "ok") -> m.ToolResultPersisted:
     r = m.ToolResult(
         event_id=f"toolresult:{RUN}:{c.id}", **IDS, run_id=RUN, round=round_, call_id=c.id,
@@ -181,6 +187,20 @@ TABLE = [
      after(msgspec.structs.replace(RUNNING, round=2), T(turn(CALC, round_=2))),
      T(turn(CALC, round_=2)), "stale", "unchanged", ["policy.verdict+policy.reply"]),
     ("turn: of an old round is stale", NEXT_ROUND, T(turn(CALC)), "stale", "unchanged", []),
+    # -- a tool_use id an earlier round of the run used (the API never repeats one)
+    ("turn: a call repeating an earlier round's id never runs, the others do", NEXT_ROUND,
+     T(repeat(CALC, TASK2, round_=1)), "requires_action", "tools:waiting",
+     ["tool_calls:calculator:invalid", "approvals_pending=1",
+      "policy.verdict+tool.requested+policy.deadline"]),
+    ("turn: every call repeating an earlier round's id ends the run", NEXT_ROUND,
+     T(repeat(CALC, round_=1)), "failed", "done:failed",
+     ["tool_calls:calculator:invalid", "count:verdicts:stop", "policy.verdict+policy.reply"]),
+    ("turn: repeating ids, again (a redelivery), re-publishes its reply",
+     after(NEXT_ROUND, T(repeat(CALC, round_=1))), T(repeat(CALC, round_=1)), "stale",
+     "unchanged", ["policy.verdict+policy.reply"]),
+    ("turn: an id of an earlier round of another run is no repeat", NEXT_ROUND,
+     T(msgspec.structs.replace(turn(CALC, round_=1), earlier_call_ids=("toolu_other",))),
+     "tools", "tools:running", ["tool_calls:calculator:auto", "policy.verdict+tool.task"]),
     ("turn: after the run ended is stale", COMPLETED, T(turn(CALC)), "stale", "unchanged", []),
     # -- results
     ("result: one of two is recorded", TOOLS_RUNNING, R(result(DENY)), "result", "tools:running",
@@ -231,13 +251,17 @@ TABLE = [
     ("approval: before any turn is ignored", RUNNING, A(decision(TASK)), "not_pending",
      "unchanged", ["count:approvals_ignored:not_pending"]),
     # -- timers
-    ("approval timer: still waiting ends the run", WAITING,
+    ("approval timer: still waiting ends the run, the waiting calls' results first", WAITING,
      machine.DeadlineDue(approval_timer(WAITING)), "failed", "done:failed",
-     ["tool_calls:create_task:expired", "approvals_pending=-1", "count:verdicts:stop",
-      "policy.verdict+policy.reply"]),
-    ("approval timer: the one that ended the run, again, re-publishes its reply", TIMED_OUT,
-     machine.DeadlineDue(approval_timer(WAITING)), "stale", "unchanged",
-     ["policy.verdict+policy.reply"]),
+     ["tool_calls:create_task:expired", "approvals_pending=-1", "tool.result",
+      "count:verdicts:stop", "policy.verdict+policy.reply"]),
+    ("approval timer: two waiting, two results", WAITING2,
+     machine.DeadlineDue(approval_timer(WAITING2)), "failed", "done:failed",
+     ["tool_calls:create_task:expired", "tool_calls:create_task:expired", "approvals_pending=-2",
+      "tool.result+tool.result", "count:verdicts:stop", "policy.verdict+policy.reply"]),
+    ("approval timer: the one that ended the run, again, re-publishes the results and its reply",
+     TIMED_OUT, machine.DeadlineDue(approval_timer(WAITING)), "stale", "unchanged",
+     ["tool.result", "policy.verdict+policy.reply"]),
     ("approval timer: answered already is stale", APPROVED,
      machine.DeadlineDue(approval_timer(APPROVED)), "stale", "unchanged", []),
     ("approval timer: of an earlier round is stale",
@@ -369,3 +393,35 @@ def test_the_tool_inputs_round_trip() -> None:
     # A run record with calls round-trips too (it lives in the KV bucket).
     assert msgspec.json.decode(msgspec.json.encode(WAITING), type=core.RunState) == WAITING
     assert core.decode_run(core.encode_run(WAITING)) == WAITING
+
+
+def test_a_repeated_id_of_an_earlier_round_is_refused_and_counts_no_daily_call() -> None:
+    flights = call("flights")
+    assert toolcalls.turn_quota(RULES, [flights], earlier=(flights.id,)) == []
+    [pc] = toolcalls.decide_turn([flights], (flights.id,), RULES, {}, NOW)
+    assert (pc.decision, pc.done) == ("invalid", True)
+    assert "already used by a call of an earlier round" in pc.reason
+    s = machine.step(NEXT_ROUND, STARTED, T(repeat(CALC, TASK2, round_=1)), RULES, NOW)
+    assert s.run is not None
+    # Nothing is published for it: no task, no approval request, no result under its key.
+    published = [e for p in s.effects if isinstance(p, machine.Publish) for _, e in p.events]
+    assert not [e for e in published if getattr(e, "call", None) == CALC]
+    assert not [e for e in published if isinstance(e, m.ToolResult)]
+    assert [c.call.id for c in s.run.calls if not c.done] == [TASK2.id]
+
+
+def test_an_expired_call_gets_a_stored_result_that_says_so() -> None:
+    s = machine.step(WAITING2, STARTED, machine.DeadlineDue(approval_timer(WAITING2)), RULES, NOW)
+    results = [
+        e for p in s.effects if isinstance(p, machine.Publish)
+        for _, e in p.events if isinstance(e, m.ToolResult)
+    ]  # fmt: skip
+    assert [(r.call_id, r.outcome, r.is_error, r.executions) for r in results] == [
+        (TASK.id, "expired", True, 0),
+        (TASK2.id, "expired", True, 0),
+    ]
+    assert [r.event_id for r in results] == [f"toolresult:{RUN}:{c.id}" for c in (TASK, TASK2)]
+    assert all("did not answer within 60 s" in r.content for r in results)
+    assert all(
+        r.input_digest == c.input_digest for r, c in zip(results, (TASK, TASK2), strict=True)
+    )
