@@ -26,7 +26,7 @@ import httpx
 import msgspec
 import pytest
 
-from baton.embedded import NatsServer, PostgresServer, create_database, free_port
+from baton.embedded import STARTUP_S, NatsServer, PostgresServer, create_database, free_port
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
@@ -100,7 +100,7 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 def _wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
@@ -108,7 +108,7 @@ def _wait_ready(url: str) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise TimeoutError("gateway not ready")
+    raise TimeoutError(f"gateway not ready after {STARTUP_S:.0f} s")
 
 
 async def _drive(world: World, rng: random.Random) -> Client:
