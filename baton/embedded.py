@@ -36,6 +36,7 @@ from baton import private
 
 __all__ = [
     "SERVICE_USER",
+    "STARTUP_S",
     "EmbeddedServerError",
     "NatsCluster",
     "NatsServer",
@@ -44,6 +45,12 @@ __all__ = [
     "free_port",
     "free_ports",
 ]
+
+# Bound on a start-up: NATS, Postgres, the offline model, a service. It times nothing anyone
+# checks: quiet, five services are up in about 2 s (docs/benchmarks.md), but on two cores under
+# a load of 15 a start took 20 s, and a tight bound there only turns a busy machine into a
+# failure. A process that exits is reported at once; only a hang waits this long.
+STARTUP_S = 120.0
 
 # Postgres refuses to run as root, so as root we run it as this system user (created on demand).
 SERVICE_USER = "baton"
@@ -310,7 +317,7 @@ class NatsServer(_Started):
             return self._proc.pid
         return None
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = STARTUP_S) -> None:
         """Start the server and return once it accepts client connections; no-op if running."""
         if self.pid is not None:
             return
@@ -426,7 +433,7 @@ class NatsServer(_Started):
     def restart(self, timeout: float = 10.0) -> None:
         """Stop and start again on the same port with the same JetStream store."""
         self.stop(timeout)
-        self.start(timeout)
+        self.start(max(timeout, STARTUP_S))
 
 
 class NatsCluster(_Started):
@@ -481,13 +488,13 @@ class NatsCluster(_Started):
         """Every node's client URL, comma-separated (BATON_NATS_URL accepts this)."""
         return ",".join(self.urls)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = STARTUP_S) -> None:
         """Start every node that is not running; return once JetStream has a meta leader."""
         for node in self.nodes:
             node.start()
         self.wait_ready(timeout)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = STARTUP_S) -> None:
         """Wait until every running node reports healthy JetStream and agrees on a meta leader."""
         running = [n for n in self.nodes if n.pid is not None]
         last = "no answer yet"
@@ -831,7 +838,7 @@ class PostgresServer(_Started):
                 f"could not set the superuser's password in {self.data_dir}", tail
             )
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = STARTUP_S) -> None:
         """Init the cluster if needed, start postgres, return once a real connection works."""
         if self.pid is not None:
             # A postmaster already serves this data dir (e.g. started earlier); adopt its port.
@@ -1003,7 +1010,7 @@ class PostgresServer(_Started):
     def restart(self, timeout: float = 30.0) -> None:
         """Stop and start again on the same port with the same data directory."""
         self.stop(timeout)
-        self.start(timeout)
+        self.start(max(timeout, STARTUP_S))
 
 
 def _quote_ident(name: str) -> str:

@@ -930,9 +930,13 @@ def serve(args: argparse.Namespace) -> None:
 class OfflineModelProcess:
     """Runs `python -m baton.offline_model` as a child process; a context manager for tests."""
 
-    def __init__(self, settings: ModelSettings | None = None, timeout: float = 15.0) -> None:
+    def __init__(self, settings: ModelSettings | None = None, timeout: float | None = None) -> None:
+        # The start-up bound all embedded parts share (imported here, not at the top: the child
+        # that serves the model needs none of baton.embedded).
+        from baton.embedded import STARTUP_S
+
         self.settings = settings or ModelSettings()
-        self._timeout = timeout
+        self._timeout = STARTUP_S if timeout is None else timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self.port, self.url = 0, ""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats
 import nats.js.errors
@@ -16,8 +20,11 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from baton.embedded import STARTUP_S
 from shared import retention, subjects, wiring
 from shared.config import nats_servers
+
+T = TypeVar("T")
 
 DEFAULT_DEDUP_WINDOW_S = 120.0
 # JetStream allows at most five replicas; an even count buys no extra failure tolerance.
@@ -26,6 +33,25 @@ MAX_REPLICAS = 5
 
 # Streams a retention does not cap: the deletion tombstones must outlive what they delete.
 UNCAPPED = frozenset({"CONVERSATIONS"})
+
+
+async def _while_unavailable(bound_s: float, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``call(*args)`` (one JetStream API request), asked again while JetStream answers 503.
+
+    A cluster that is starting (a meta leader not elected yet), or a stream just created whose
+    group has no leader yet, answers "JetStream system temporarily unavailable": in a few
+    seconds it will answer. ``bound_s`` ends a wait that failed; the last 503 is raised then.
+    """
+    deadline = time.monotonic() + bound_s
+    delay = 0.1
+    while True:
+        try:
+            return await call(*args)
+        except nats.js.errors.ServiceUnavailableError:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def max_age_s(spec: subjects.StreamSpec, kept: retention.Retention) -> float:
@@ -76,13 +102,15 @@ async def provision(
     password: str = "",
     ack_wait_s: float | None = None,
     kept: retention.Retention | None = None,
+    unavailable_s: float = STARTUP_S,
 ) -> list[str]:
     """Create or update everything; safe to run again. Returns what it did, one line each.
 
     ``replicas`` is the copies of every stream and KV bucket (consumers follow their
     stream): 1 on a single server, 3 on a 3-node cluster so one node may fail. ``kept``:
     the projects' retention (default: the policy file in ``BATON_POLICY_FILE``, if any), which
-    caps every content stream's ``max_age``.
+    caps every content stream's ``max_age``. A request JetStream answers with 503 (a cluster
+    still electing its leaders) is asked again for up to ``unavailable_s``.
     """
     if kept is None:
         kept = retention.load(os.environ.get("BATON_POLICY_FILE"))
@@ -95,17 +123,21 @@ async def provision(
     done: list[str] = []
     try:
         js = nc.jetstream()
+
+        async def again(call: Callable[..., Awaitable[T]], *args: Any) -> T:
+            return await _while_unavailable(unavailable_s, call, *args)
+
         for spec in subjects.STREAMS:
             cfg = stream_config(spec, dedup_window_s, replicas, kept)
             try:
-                await js.stream_info(spec.name)
-                await js.update_stream(cfg)
+                await again(js.stream_info, spec.name)
+                await again(js.update_stream, cfg)
                 done.append(f"stream {spec.name} updated")
             except nats.js.errors.NotFoundError:
-                await js.add_stream(cfg)
+                await again(js.add_stream, cfg)
                 done.append(f"stream {spec.name} created")
         for cspec in wiring.CONSUMERS:
-            await js.add_consumer(cspec.stream, consumer_config(cspec, ack_wait_s))
+            await again(js.add_consumer, cspec.stream, consumer_config(cspec, ack_wait_s))
             done.append(f"consumer {cspec.stream}/{cspec.durable} ready")
         buckets = (
             (subjects.BUCKET_RUNS, 0.0),
@@ -113,15 +145,14 @@ async def provision(
             (subjects.BUCKET_ABORTS, subjects.ABORTS_TTL_S),
         )
         for bucket, ttl in buckets:
-            await js.create_key_value(
-                KeyValueConfig(
-                    bucket=bucket,
-                    history=1,
-                    ttl=ttl or None,
-                    storage=StorageType.FILE,
-                    replicas=replicas,
-                )
+            kv = KeyValueConfig(
+                bucket=bucket,
+                history=1,
+                ttl=ttl or None,
+                storage=StorageType.FILE,
+                replicas=replicas,
             )
+            await again(js.create_key_value, kv)
             done.append(f"bucket {bucket} ready")
     finally:
         await nc.close()

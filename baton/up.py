@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from baton import devtoken, permissions, private, roles
-from baton.embedded import NatsServer, PostgresServer, free_port
+from baton.embedded import STARTUP_S, NatsServer, PostgresServer, free_port
 from baton.migrate import migrate
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
@@ -152,7 +152,7 @@ class Stack:
                     self.logs / "offline-model.log",
                 )
                 model.start()
-                if not wait_http(f"{model_url}/healthz", 20):
+                if not wait_http(f"{model_url}/healthz", STARTUP_S):
                     raise RuntimeError(f"offline model did not start; see {model.log_path}")
                 say(f"ANTHROPIC_API_KEY is not set: using the offline model at {model_url}")
             else:
@@ -171,7 +171,7 @@ class Stack:
                 self.logs / "mcp-tools.log",
             )
             tools.start()
-            if not wait_http_any(tools_url, 20):
+            if not wait_http_any(tools_url, STARTUP_S):
                 raise RuntimeError(f"MCP server did not start; see {tools.log_path}")
             say(f"demo MCP server (tools) at {tools_url}")
 
@@ -200,11 +200,11 @@ class Stack:
             supervisor = Supervisor(children, say)
             supervisor.start_all()
             gateway = f"http://127.0.0.1:{self.port}"
-            if not wait_http(f"{gateway}/readyz", 30):
+            if not wait_http(f"{gateway}/readyz", STARTUP_S):
                 raise RuntimeError(f"gateway did not start; see {self.logs / 'gateway.log'}")
             for name, mport in metrics.items():
                 # A service serves /metrics once its settings loaded; the banner waits for all five.
-                if not wait_http(f"http://127.0.0.1:{mport}/metrics", 30):
+                if not wait_http(f"http://127.0.0.1:{mport}/metrics", STARTUP_S):
                     raise RuntimeError(f"{name} did not start; see {self.logs / (name + '.log')}")
             token = devtoken.make_token(secret, "demo", "alice")
             info: dict[str, Any] = {

@@ -12,7 +12,7 @@ from typing import Any
 
 from baton.bench import procstat, wrk
 from baton.bench.stack import SECRET, Stack
-from baton.embedded import free_port
+from baton.embedded import STARTUP_S, free_port
 
 Result = dict[str, Any]
 
@@ -99,7 +99,7 @@ def usual(stack: Stack, concurrency: int, duration: float, gen: str = "python") 
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_port(port, 30)
+        _wait_port(port, STARTUP_S)
         pids = {"usual": proc.pid, "postgres": stack.pids()["postgres"]}
         load = procstat.machine()["loadavg"]
         cpu0 = _cpu(pids)

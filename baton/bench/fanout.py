@@ -13,7 +13,7 @@ import nats
 
 from baton.bench import procstat
 from baton.bench.http import SseStream, summary_ms
-from baton.bench.stack import Stack
+from baton.bench.stack import DRAIN_S, Stack
 from shared import messages as m
 from shared import runs, subjects
 
@@ -86,7 +86,7 @@ async def fanout(stack: Stack, clients: int, hz: float, duration: float) -> Resu
             await nc.publish(subjects.token_stream("bench", cid), m.encode(delta))
             sent += 1
     await nc.flush()
-    deadline = time.perf_counter() + 10
+    deadline = time.perf_counter() + DRAIN_S
     while received < sent and time.perf_counter() < deadline:  # noqa: ASYNC110 - a counter, not an event
         await asyncio.sleep(0.05)
     await nc.close()

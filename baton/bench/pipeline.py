@@ -14,7 +14,7 @@ import nats
 from baton import permissions
 from baton.bench import procstat
 from baton.bench.http import Connection, SseStream, summary_ms
-from baton.bench.stack import Stack
+from baton.bench.stack import DRAIN_S, Stack
 from baton.offline_model import ModelSettings
 from shared import messages as m
 from shared import subjects
@@ -207,7 +207,7 @@ async def pipeline_run(
     submitted = await _submitter(stack, rate, duration, 64, sent, on_error)
     t_submitted = time.perf_counter()
     # Drain: wait until every accepted message has its stored answer (or give up).
-    deadline = t_submitted + max(60.0, duration * 4)
+    deadline = t_submitted + max(DRAIN_S, duration * 4)
     while time.perf_counter() < deadline and any(mid not in done for mid in sent):  # noqa: ASYNC110 - polls two dicts filled by callbacks
         await asyncio.sleep(0.05)
     ttft = await probe

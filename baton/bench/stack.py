@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from baton import devtoken, permissions, roles
-from baton.embedded import NatsServer, PostgresServer, free_port
+from baton.embedded import STARTUP_S, NatsServer, PostgresServer, free_port
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
@@ -23,6 +23,10 @@ from baton.up import DATABASE, ensure_database
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 SECRET = "bench-secret-" + "b" * 32
+# Bound on waiting for the last answers (tokens) of a scenario to arrive. It times nothing the
+# results report (each message is timed on its own) and only ends a wait that failed; a tight
+# bound on a busy machine would report a slow machine as lost work.
+DRAIN_S = 120.0
 
 
 def _wait_http(url: str, needle: str, timeout: float) -> None:
@@ -66,7 +70,7 @@ class Stack:
         asyncio.run(migrate(self.dsn))
         asyncio.run(roles.ensure_roles(self.dsn))
         asyncio.run(self.provision())
-        self.model = OfflineModelProcess(model)
+        self.model = OfflineModelProcess(model, timeout=STARTUP_S)
         self.model.start()
 
     async def provision(self) -> None:
@@ -106,10 +110,10 @@ class Stack:
         self.supervisor.start_all()
         if "gateway" in names:
             self.gateway = f"http://127.0.0.1:{port}"
-            _wait_http(f"{self.gateway}/readyz", "ready", 60)
+            _wait_http(f"{self.gateway}/readyz", "ready", STARTUP_S)
         for child in children:
             url = f"http://127.0.0.1:{child.env['BATON_METRICS_PORT']}/metrics"
-            _wait_http(url, f"baton_{child.name}_up 1.0", 60)
+            _wait_http(url, f"baton_{child.name}_up 1.0", STARTUP_S)
 
     def stop_services(self) -> None:
         if self.supervisor is not None:

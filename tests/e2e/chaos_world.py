@@ -21,7 +21,7 @@ import msgspec
 import nats
 import nats.js.errors
 
-from baton.embedded import NatsServer, PostgresServer, create_database, free_port
+from baton.embedded import STARTUP_S, NatsServer, PostgresServer, create_database, free_port
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
@@ -107,7 +107,7 @@ def chaos_world(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def wait_ready(url: str, timeout: float = 30.0) -> None:
+def wait_ready(url: str, timeout: float = STARTUP_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

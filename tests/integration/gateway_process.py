@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from baton.devtoken import make_token
-from baton.embedded import NatsServer, PostgresServer, create_database, free_port
+from baton.embedded import STARTUP_S, NatsServer, PostgresServer, create_database, free_port
 from baton.migrate import migrate
 from baton.provision import provision
 from baton.supervisor import Child, service_env
@@ -89,13 +89,15 @@ def start_gateway(
         child.start()
         started.append(child)
         gw = RunningGateway(child, port)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + STARTUP_S  # a start-up: it times nothing a test checks
         while True:
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
                     return gw
             assert child.exit_code() is None, gw.log()
-            assert time.monotonic() < deadline, f"gateway not ready\n{gw.log()}"
+            assert time.monotonic() < deadline, (
+                f"gateway not ready after {STARTUP_S:.0f} s\n{gw.log()}"
+            )
             time.sleep(0.1)
 
     yield start

@@ -24,7 +24,7 @@ import pytest
 import pytest_asyncio
 
 from baton import roles
-from baton.embedded import free_port
+from baton.embedded import STARTUP_S, free_port
 from services.gateway import adapters
 from services.persister import archive, sweep
 from services.persister.adapters import Store
@@ -69,7 +69,7 @@ def s3_server(tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + STARTUP_S
     while True:
         try:
             httpx.get(url, timeout=1)

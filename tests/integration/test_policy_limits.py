@@ -420,22 +420,40 @@ async def test_a_cancelled_run_frees_its_slot_and_settles_its_partial_usage(infr
         stopped = _cancelled(task, partial)
         await bus.publish(subjects.exec_failed(p, task.conversation_id), stopped, msg_id="f1")
 
-        async def settled() -> budget.Counter | None:
-            c = await _counter(bus, subjects.budget_key(day, p))
-            return c if c.settled_runs == 1 else None
+        runs = Runs(await bus.js.key_value(subjects.BUCKET_RUNS))
 
-        c = await eventually(settled)
-        assert (c.settled_tokens, c.open) == (150, {})
+        async def settled() -> core.RunState | None:
+            # Policy settles the run on every counter it held (the project's and the user's day,
+            # then the runs in flight) and writes the run's record after all of them: the
+            # record is what says the settlement is over, not the first counter.
+            state, _ = await runs.get(task.run_id)
+            done = state.reservation is not None and state.reservation.settled
+            return state if done else None
+
+        state = await eventually(settled)
+        c = await _counter(bus, subjects.budget_key(day, p))
+        assert (c.settled_runs, c.settled_tokens, c.open) == (1, 150, {})
         assert c.settled_cost_usd == pytest.approx(partial.cost_usd(task.prices))
         assert (await _counter(bus, subjects.active_key(p))).open == {}
-        state, _ = await Runs(await bus.js.key_value(subjects.BUCKET_RUNS)).get(task.run_id)
         assert state.status == "cancelled"
         assert state.reservation is not None and state.reservation.settled
         assert state.reservation.actual_tokens == 150
 
         # Redeliveries (the failure, the cancel) settle nothing twice.
-        await bus.publish(subjects.exec_failed(p, task.conversation_id), stopped, msg_id="f1b")
-        await bus.publish(subjects.chat_cancel(p, first.conversation_id), cancel, msg_id="c1b")
+        again = (
+            (
+                wiring.POLICY_FAILURES,
+                await bus.publish(
+                    subjects.exec_failed(p, task.conversation_id), stopped, msg_id="f1b"
+                ),
+            ),
+            (
+                wiring.POLICY_CANCELS,
+                await bus.publish(
+                    subjects.chat_cancel(p, first.conversation_id), cancel, msg_id="c1b"
+                ),
+            ),
+        )
 
         # The freed slot: the next message of the project is approved.
         await bus.publish(subjects.agent_decision(p, third.conversation_id), third, msg_id="d3")
@@ -443,7 +461,16 @@ async def test_a_cancelled_run_frees_its_slot_and_settles_its_partial_usage(infr
             await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 2), m.ExecTask
         )
         assert [t.run_id for t in tasks] == [task.run_id, core.run_id_for(third.message_id)]
-        await asyncio.sleep(1)
+
+        async def handled() -> bool:
+            # Acked after their handling: whatever the redeliveries did is in the counters now.
+            for spec, ack in again:
+                info = await bus.js.consumer_info(spec.stream, spec.durable)
+                if info.ack_floor is None or (info.ack_floor.stream_seq or 0) < ack.seq:
+                    return False
+            return True
+
+        await eventually(handled)
         c = await _counter(bus, subjects.budget_key(day, p))
         assert (c.settled_runs, c.settled_tokens) == (1, 150)
         assert list(c.open) == [core.run_id_for(third.message_id)]
