@@ -8,21 +8,19 @@ saves the page's console log there.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from baton.embedded import NatsServer, PostgresServer, create_database
-from tests.conftest import ExternalPostgres, _drop_database
-from tests.e2e.conftest import Pipeline, _running
+from baton.embedded import PostgresServer
+from tests.conftest import ExternalPostgres
+from tests.e2e.conftest import Pipeline, fresh, module_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
@@ -45,36 +43,6 @@ def artifacts() -> Path:
     out = base / "browser"
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def module_stack(
-    postgres_server: PostgresServer | ExternalPostgres, tmp: Path
-) -> Iterator[Pipeline]:
-    """The five services on a NATS and a database of their own, for one test module.
-
-    One start-up per module instead of one per test (each takes 15-60 s on a busy machine); the
-    tests use users of their own, and ``pipeline`` puts the model back to its defaults.
-    """
-    admin_dsn = postgres_server.dsn()
-    name = f"baton_test_{uuid.uuid4().hex}"
-    database_url = asyncio.run(create_database(admin_dsn, name))
-    nats = NatsServer(tmp / "nats")
-    nats.start()
-    try:
-        with _running(nats.url, database_url, tmp / "logs") as p:
-            yield p
-    finally:
-        nats.stop()
-        asyncio.run(_drop_database(admin_dsn, name))
-
-
-def fresh(p: Pipeline) -> Pipeline:
-    """The module's stack with the model as ``_running`` starts it: no faults, default pace."""
-    p.model.clear()
-    p.model.update_settings(
-        ttft_ms=0, tokens_per_second=400, words_per_reply=24, seed="", style="hostile"
-    )
-    return p
 
 
 @pytest.fixture(scope="module")

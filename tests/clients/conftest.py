@@ -7,9 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from baton.embedded import PostgresServer
-from tests.browser.conftest import fresh, module_stack
 from tests.conftest import ExternalPostgres
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import Pipeline, fresh, module_stack
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,16 @@ def stack() -> Iterator[Stack]:
     project = f"batontest{os.getpid()}"
     stack = None
     try:
-        _script("image.sh", env=env, timeout=SETUP_S)
+        # The image and the stand-ins at once: on a cold cache each waits on the network and
+        # pip for minutes (base-image.sh, which both need, is made once under a lock).
         override = run_dir / "compose.standins.yml"
-        _script("standins.sh", str(override), env=env, timeout=SETUP_S)
+        with ThreadPoolExecutor(2) as pool:
+            builds = [
+                pool.submit(_script, "image.sh", env=env, timeout=SETUP_S),
+                pool.submit(_script, "standins.sh", str(override), env=env, timeout=SETUP_S),
+            ]
+            for build in builds:
+                build.result()
         # Fresh secrets in deploy/env.example's shape (a letter first, then hex).
         secret_env = {}
         for line in (ROOT / "deploy" / "env.example").read_text().splitlines():

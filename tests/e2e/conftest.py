@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
+from tests.conftest import ExternalPostgres, _drop_database
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 SECRET = "e2e-secret-" + "s" * 32
@@ -63,6 +65,51 @@ class OwnPipeline(Pipeline, kw_only=True):
 def pipeline(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iterator[Pipeline]:
     with _running(nats_server.url, database_url, tmp_path / "logs") as p:
         yield p
+
+
+def module_stack(
+    postgres_server: PostgresServer | ExternalPostgres, tmp: Path
+) -> Iterator[Pipeline]:
+    """The five services on a NATS and a database of their own, for one test module.
+
+    One start-up per module instead of one per test (each takes 10-30 s on a busy machine). For
+    modules whose tests use conversations and users of their own and assert nothing on counts
+    across the stack (metrics, logs, the whole model ledger); ``fresh`` resets the model.
+    """
+    admin_dsn = postgres_server.dsn()
+    name = f"baton_test_{uuid.uuid4().hex}"
+    database_url = asyncio.run(create_database(admin_dsn, name))
+    nats = NatsServer(tmp / "nats")
+    nats.start()
+    try:
+        with _running(nats.url, database_url, tmp / "logs") as p:
+            yield p
+    finally:
+        nats.stop()
+        asyncio.run(_drop_database(admin_dsn, name))
+
+
+def fresh(p: Pipeline) -> Pipeline:
+    """The module's stack with the model as ``_running`` starts it: no faults, default pace."""
+    p.model.clear()
+    p.model.update_settings(
+        ttft_ms=0, tokens_per_second=400, words_per_reply=24, seed="", style="hostile"
+    )
+    return p
+
+
+@pytest.fixture(scope="module")
+def _module_stack(
+    postgres_server: PostgresServer | ExternalPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    yield from module_stack(postgres_server, tmp_path_factory.mktemp("stack"))
+
+
+@pytest.fixture
+def module_pipeline(_module_stack: Pipeline) -> Pipeline:
+    """The module's one stack (see ``module_stack``), the model reset. A module opts in with a
+    ``pipeline`` fixture of its own that returns this one."""
+    return fresh(_module_stack)
 
 
 @pytest.fixture

@@ -26,6 +26,12 @@ from tests.e2e.resume import (
 pytestmark = pytest.mark.e2e
 
 
+@pytest.fixture
+def pipeline(module_pipeline: Pipeline) -> Pipeline:
+    """One stack for the module: each test has a user and conversations of its own."""
+    return module_pipeline
+
+
 async def test_a_run_streams_live_over_websocket_and_matches_the_stored_answer(
     pipeline: Pipeline,
 ) -> None:
