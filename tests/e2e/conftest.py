@@ -27,6 +27,10 @@ from baton.supervisor import Child, Supervisor, service_env
 from tests.conftest import ExternalPostgres, _drop_database
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
+# Bound on a wait for an answer, a state or a log line that the test does not time: quiet, each
+# comes within a second or two; on two cores under load it took 20-30 s, and a tight bound there
+# only turns a busy machine into a red suite (as STARTUP_S does for start-ups).
+SETTLE_S = 120.0
 SECRET = "e2e-secret-" + "s" * 32
 
 

@@ -23,6 +23,7 @@ import pytest
 
 from baton import roles
 from baton.embedded import STARTUP_S
+from tests.e2e.conftest import SETTLE_S
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +82,7 @@ async def _create_task(url: str, title: str) -> None:
 
 
 def _answered(up: Up, cid: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         r = httpx.get(f"{up.info['gateway']}/api/conversations/{cid}/messages", headers=up.auth)
         if r.status_code == 200 and len(r.json()["messages"]) == 2:
@@ -110,7 +111,7 @@ def test_baton_up_answers_stops_cleanly_and_keeps_conversations(data_dir: Path) 
         # Billed token for token as the model served it: the agent's call and the answer's.
         served: dict[str, int] = {}
         billed: dict[str, Any] = {}
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + SETTLE_S
         while time.monotonic() < deadline:
             served = httpx.get(f"{up.info['model']}/_control/stats").json()
             billed = httpx.get(f"{up.info['gateway']}/api/usage", headers=up.auth).json()

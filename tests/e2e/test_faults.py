@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from baton.embedded import NatsServer
-from tests.e2e.conftest import Pipeline, _running
+from tests.e2e.conftest import SETTLE_S, Pipeline, _running
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def _ask(p: Pipeline, content: str, final_verdict: str = "approve") -> dict[str,
         headers={**auth, "Idempotency-Key": cid},
     )
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         msgs = httpx.get(f"{p.gateway}/api/conversations/{cid}/messages", headers=auth)
         state = httpx.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)

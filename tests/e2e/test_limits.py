@@ -16,7 +16,7 @@ import pytest
 
 from baton.embedded import NatsServer, free_ports
 from baton.supervisor import Child, Supervisor
-from tests.e2e.conftest import STARTUP_S, Pipeline, _running, start_services
+from tests.e2e.conftest import SETTLE_S, STARTUP_S, Pipeline, _running, start_services
 
 pytestmark = pytest.mark.e2e
 
@@ -232,7 +232,7 @@ def test_a_changed_policy_file_applies_without_restart_and_a_bad_change_is_rejec
             raise AssertionError("no reply")
 
         def wait_metric(line: str, value: float) -> None:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + SETTLE_S
             while _metric(metrics, line) < value:
                 assert time.monotonic() < deadline, line
                 time.sleep(0.2)

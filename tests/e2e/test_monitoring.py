@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from shared import tracing, wiring
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import SETTLE_S, Pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -211,7 +211,7 @@ def test_each_hop_logs_one_canonical_line_without_content(pipeline: Pipeline) ->
     message_id = done["message"]["id"]
     answer = next(m["content"] for m in done["messages"] if m["role"] == "assistant")
     # The answer's trip back (persister → policy) is logged shortly after it is readable.
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + SETTLE_S
     while True:
         lines = _handled_lines(pipeline.logs)
         accepted = [x for x in lines if x.get("message_id") == message_id]

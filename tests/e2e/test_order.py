@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import SETTLE_S, Pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,7 @@ def test_quick_messages_in_one_conversation_never_run_at_once_and_each_sees_earl
         )
         assert r.status_code == 202
         sent.append(r.json()["message"]["id"])
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         r = httpx.get(f"{pipeline.gateway}/api/conversations/{cid}/state", headers=auth)
         runs = r.json()["runs"] if r.status_code == 200 else []
