@@ -99,24 +99,27 @@ async def _chaos(world: World, rng: random.Random, stop: asyncio.Event, log: lis
 async def test_invariants_hold_while_everything_is_killed_and_restarted(world: World) -> None:
     rng = random.Random(SEED)
     print(f"\nchaos seed={SEED} messages={MESSAGES} conversations={CONVERSATIONS}")
-    stop, chaos_log = asyncio.Event(), []
-    supervisor = asyncio.create_task(supervise(world, stop))
+    stop, checked, chaos_log = asyncio.Event(), asyncio.Event(), []
+    supervisor = asyncio.create_task(supervise(world, checked))
     chaos = asyncio.create_task(_chaos(world, rng, stop, chaos_log))
     try:
-        client = await _drive(world, rng)
-    except AssertionError as exc:  # a submit never accepted: what the services said meanwhile
-        raise AssertionError(f"{exc}\n{log_tails(world.logs)}") from exc
-    await chaos
-    await supervisor
-    await settled(world.database_url, len(set(client.accepted.values())))
-    await asyncio.sleep(2)  # anything still in flight would show up as a copy now
+        try:
+            client = await _drive(world, rng)
+        except AssertionError as exc:  # a submit never accepted: what the services said then
+            raise AssertionError(f"{exc}\n{log_tails(world.logs)}") from exc
+        await chaos
+        await settled(world.database_url, len(set(client.accepted.values())))
+        await asyncio.sleep(2)  # anything still in flight would show up as a copy now
 
-    con = await asyncpg.connect(world.database_url)
-    try:
-        async with started_records(world.nats.url) as recorded:
-            summary = await check(con, client, world.model, MESSAGES, recorded=recorded)
+        con = await asyncpg.connect(world.database_url)
+        try:
+            async with started_records(world.nats.url) as recorded:
+                summary = await check(con, client, world.model, MESSAGES, recorded=recorded)
+        finally:
+            await con.close()
     finally:
-        await con.close()
+        checked.set()
+        await supervisor
     print(f"chaos seed={SEED} actions={','.join(chaos_log)} {summary} {availability(client)}")
     assert sorted(chaos_log) == sorted(
         [*(s for s in SERVICES for _ in range(2)), "nats", "postgres"]

@@ -276,29 +276,32 @@ async def test_each_approved_call_runs_once_while_services_are_killed(tooled: To
     projects = ("acme", "globex")
     convs = [(projects[i % 2], f"user{i % 4}", str(uuid.uuid4())) for i in range(CONVERSATIONS)]
     started = time.monotonic()
-    stop, done, chaos_log = asyncio.Event(), asyncio.Event(), []
-    async with httpx.AsyncClient(timeout=10) as http:
-        approver = Approver(http, world.gateway, plans)
-        approving = asyncio.create_task(approver.run(convs, done))
-        supervisor = asyncio.create_task(supervise(world, stop))
-        chaos = asyncio.create_task(_chaos(world, approver, rng, stop, chaos_log))
-        client = await _drive(world, plans, convs)
-        await chaos
-        await supervisor
-        try:
-            await settled(world.database_url, len(set(client.accepted.values())))
-        finally:
-            done.set()
-            await approving
-    await asyncio.sleep(2)  # anything still in flight would show up as a copy now
-
-    con = await asyncpg.connect(world.database_url)
+    stop, done, checked, chaos_log = asyncio.Event(), asyncio.Event(), asyncio.Event(), []
+    supervisor = asyncio.create_task(supervise(world, checked))
     try:
-        async with started_records(world.nats.url) as recorded:
-            summary = await check(con, client, world.model, MESSAGES, recorded=recorded)
-        tools = await _check_tools(con, mcp, plans, approver)
+        async with httpx.AsyncClient(timeout=10) as http:
+            approver = Approver(http, world.gateway, plans)
+            approving = asyncio.create_task(approver.run(convs, done))
+            chaos = asyncio.create_task(_chaos(world, approver, rng, stop, chaos_log))
+            client = await _drive(world, plans, convs)
+            await chaos
+            try:
+                await settled(world.database_url, len(set(client.accepted.values())))
+            finally:
+                done.set()
+                await approving
+        await asyncio.sleep(2)  # anything still in flight would show up as a copy now
+
+        con = await asyncpg.connect(world.database_url)
+        try:
+            async with started_records(world.nats.url) as recorded:
+                summary = await check(con, client, world.model, MESSAGES, recorded=recorded)
+            tools = await _check_tools(con, mcp, plans, approver)
+        finally:
+            await con.close()
     finally:
-        await con.close()
+        checked.set()
+        await supervisor
     print(
         f"chaos-tools seed={SEED} actions={','.join(chaos_log)} {tools} {summary} "
         f"{availability(client)} took={time.monotonic() - started:.0f}s"
