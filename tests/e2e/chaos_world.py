@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from pathlib import Path
 
 import asyncpg
-import httpx
 import msgspec
 import nats
 import nats.js.errors
@@ -27,6 +26,7 @@ from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
 from shared import estimate, subjects
+from tests.e2e.conftest import wait_healthy
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 SECRET = "chaos-secret-" + "c" * 32
@@ -97,7 +97,7 @@ def chaos_world(
             sup = Supervisor(children, say=lambda line: None)
             sup.start_all()
             try:
-                wait_ready(f"http://127.0.0.1:{port}")
+                wait_healthy(f"http://127.0.0.1:{port}", STARTUP_S)
                 yield World(f"http://127.0.0.1:{port}", nats, pg, dsn, model, sup, logs)
             finally:
                 sup.stop_all(grace_s=10)
@@ -105,18 +105,6 @@ def chaos_world(
         pg.stop()
         nats.stop()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def wait_ready(url: str, timeout: float = STARTUP_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("gateway not ready")
 
 
 async def first_answer(dsn: str, timeout: float = 300.0) -> None:
