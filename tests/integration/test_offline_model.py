@@ -553,7 +553,10 @@ async def test_pacing_honours_ttft_and_tokens_per_second(
         async for _ in stream.text_stream:
             stamps.append(time.monotonic() - started)
     assert len(stamps) == 10
-    assert stamps[0] >= 0.19 and stamps[-1] - stamps[0] >= 9 / 100 - 0.01
+    # The pace is a schedule from the request (token i due at ttft + i / tps): a first token
+    # late on a busy machine is followed by the rest sooner, so only the bounds from the
+    # start hold: the first token after the ttft, the last after ttft + 9 gaps.
+    assert stamps[0] >= 0.19 and stamps[-1] >= 0.2 + 9 / 100 - 0.01
     started = time.monotonic()
     await client.messages.create(model=MODEL, max_tokens=100, messages=HELLO)
     assert time.monotonic() - started >= 0.2 + 10 / 100 - 0.01
