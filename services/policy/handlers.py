@@ -314,7 +314,7 @@ class Handlers:
 
     async def _drive(self, first: machine.Continue, carry: _Carry) -> str:
         """Step ``first`` and every input it leads to, depth-first (the order of the effects):
-        read the records, step, carry out the settlements, write by compare-and-set (a conflict
+        read the records, step, carry out the settlements and early publishes, write by compare-and-set (a conflict
         reads again and steps again), then the other effects in order. Returns the outcome of
         the first step; a ``Defer`` hands the message back at once."""
         pending: list[Iterator[machine.Effect]] = [iter((first,))]
@@ -348,7 +348,7 @@ class Handlers:
             rules = self.rules if run is None else self.rules_for(run.project_id)
             done = machine.step(run, conv_rec[0], c.input, rules, _now())
             for effect in done.effects:
-                if isinstance(effect, machine.Settle):
+                if _before_writes(effect):
                     await self._carry_out(effect)
             try:
                 if done.conversation is not None:
@@ -423,9 +423,16 @@ def _on(run: core.RunState, inp: machine.Input) -> machine.Continue:
     return machine.Continue(run.conversation_id, run.run_id, inp)
 
 
+def _before_writes(effect: machine.Effect) -> bool:
+    """Settlements and early publishes (a settle timer) are carried out before the writes."""
+    return isinstance(effect, machine.Settle) or (
+        isinstance(effect, machine.Publish) and effect.early
+    )
+
+
 def _after_writes(done: machine.Step) -> tuple[machine.Effect, ...]:
-    """The effects still to carry out once the records are written (settlements ran before)."""
-    return tuple(e for e in done.effects if not isinstance(e, machine.Settle))
+    """The effects still to carry out once the records are written (the early ones ran before)."""
+    return tuple(e for e in done.effects if not _before_writes(e))
 
 
 class _Carry:
