@@ -203,7 +203,10 @@ class Handlers:
         executor are read back from CHAT_STREAM and billed by estimate (machine.settle_dead)."""
         calls = machine.dead_calls(d, wiring.EXECUTOR_TASKS.max_deliver)
         found = await deadcalls.unsettled(self.bus.js, d.project_id, d.conversation_id, calls)
-        done = machine.settle_dead(d, found)
+        run = None
+        if found and self.limiter is not None:
+            run = (await self.runs.get(d.run_id))[0]  # whose budgets may still miss the calls
+        done = machine.settle_dead(d, found, run)
         for effect in done.effects:
             await self._carry_out(effect)
         return done.outcome
@@ -383,6 +386,11 @@ class Handlers:
                 await self.bus.nc.publish(subject, m.encode(event))
             case machine.Settle(run_id=run_id, reservation=r, tokens=tokens, cost_usd=cost):
                 if self.limiter is not None and await self.limiter.settle(run_id, r, tokens, cost):
+                    self.settled_tokens.inc(tokens)
+            case machine.Charge(keys=keys, call_id=call_id, tokens=tokens, cost_usd=cost):
+                if self.limiter is not None and await self.limiter.charge(
+                    keys, call_id, tokens, cost
+                ):
                     self.settled_tokens.inc(tokens)
             case machine.Defer(why=why, delay=delay):
                 raise Deferred(why, delay)

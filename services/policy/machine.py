@@ -161,6 +161,15 @@ class Settle(msgspec.Struct, frozen=True, tag="settle"):
     cost_usd: float
 
 
+class Charge(msgspec.Struct, frozen=True, tag="charge"):
+    """Count one call in the day budgets of a run that settled without it (once per call id)."""
+
+    keys: tuple[str, ...]
+    call_id: str
+    tokens: int
+    cost_usd: float
+
+
 class Defer(msgspec.Struct, frozen=True, tag="defer"):
     """Hand the message back to the server for ``delay`` seconds (a backoff, a timer)."""
 
@@ -192,7 +201,7 @@ class Observe(msgspec.Struct, frozen=True, tag="observe"):
     value: float = 1.0
 
 
-Effect = Publish | Abort | Settle | Defer | Count | Continue | Observe
+Effect = Publish | Abort | Settle | Charge | Defer | Count | Continue | Observe
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -489,14 +498,38 @@ def dead_calls(d: m.RunDeadline, max_deliver: int) -> list[str]:
     return estimate.task_calls(d.settle.task_id, max_deliver)
 
 
-def settle_dead(d: m.RunDeadline, found: list[m.EstimatedCall]) -> Step:
+def settle_dead(
+    d: m.RunDeadline, found: list[m.EstimatedCall], run: RunState | None = None
+) -> Step:
     """Bill each dead call found once: its usage (id ``usage:<call id>``; the persister keys the
-    row by call id, so a redelivery of the task that billed it first makes this a duplicate)."""
+    row by call id, so a redelivery of the task that billed it first makes this a duplicate).
+    A cancelled run settled its budgets with its attempts' own reports, which no dead call is
+    in: each is charged to its day budgets too (``late_charges``)."""
     subject = subjects.policy_usage(d.project_id, d.conversation_id)
     events = tuple((subject, estimate.settled_usage(d, c)) for c in found)
     effects: tuple[Effect, ...] = (Publish(events),) if events else ()
     counts = tuple(Count("dead_calls") for _ in found)
-    return Step(effects=(*effects, *counts), outcome=f"settled:{len(found)}")
+    charges = late_charges(run, d, found) if run is not None else ()
+    return Step(effects=(*effects, *charges, *counts), outcome=f"settled:{len(found)}")
+
+
+def late_charges(
+    run: RunState, d: m.RunDeadline, found: list[m.EstimatedCall]
+) -> tuple[Charge, ...]:
+    """The day-budget charges of dead calls their run's settlement cannot have counted: a
+    cancelled run's (it settles with what its attempts reported, never with stored rows). A run
+    that settled with its stored reply may or may not have counted them (docs/decisions.md)."""
+    r = run.reservation
+    if run.status != "cancelled" or r is None or not r.settled or d.settle is None:
+        return ()
+    keys = tuple(k for k in r.keys if k.startswith("budget."))
+    if not keys:
+        return ()
+    prices = d.settle.prices
+    return tuple(
+        Charge(keys, c.call_id, budget.total_tokens(c.usage), c.usage.cost_usd(prices))
+        for c in found
+    )
 
 
 def _again(run: RunState, conv: ConvState, rules: Rules, now: datetime) -> Step:
