@@ -220,35 +220,66 @@ SELECT COALESCE(SUM(input_tokens), 0) AS input_tokens,
 FROM usage WHERE run_id = $1 AND purpose <> 'classification'
 """
 
-INSERT_USAGE = """
-INSERT INTO usage (call_id, task_id, run_id, attempt, project_id, model, outcome, input_tokens,
-                   output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, purpose,
-                   estimated)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-ON CONFLICT (call_id) DO NOTHING
-RETURNING call_id
-"""
-
-ADD_PROJECT_USAGE = """
-INSERT INTO project_usage AS p (project_id, input_tokens, output_tokens, cache_read_tokens,
-                                cache_write_tokens, cost_usd, runs)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (project_id) DO UPDATE SET
-    input_tokens = p.input_tokens + EXCLUDED.input_tokens,
-    output_tokens = p.output_tokens + EXCLUDED.output_tokens,
-    cache_read_tokens = p.cache_read_tokens + EXCLUDED.cache_read_tokens,
-    cache_write_tokens = p.cache_write_tokens + EXCLUDED.cache_write_tokens,
-    cost_usd = p.cost_usd + EXCLUDED.cost_usd,
-    runs = p.runs + EXCLUDED.runs,
-    updated_at = now()
+# One call's usage in one statement: inserted once per call id; or, where an estimate of it was
+# stored first (policy billed a call it took for dead, docs/guarantees.md I4) and this is the
+# call's exact usage, the estimate replaced (never the reverse); the project totals move by what
+# was inserted, or by the difference. ``unseen``: no row of the call was there when it began;
+# with nothing inserted, a concurrent write stored one since (it reads again: its next statement
+# sees it). An estimate's row found by FOR UPDATE is re-checked once its writer commits: of two
+# exact copies at once, one replaces it, the other finds it exact and counts nothing.
+ADD_USAGE = """
+WITH ins AS (
+    INSERT INTO usage (call_id, task_id, run_id, attempt, project_id, model, outcome,
+                       input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                       cost_usd, purpose, estimated)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+    ON CONFLICT (call_id) DO NOTHING
+    RETURNING input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+),
+old AS (
+    SELECT call_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+    FROM usage WHERE call_id = $1 AND estimated AND NOT $14::boolean
+    FOR UPDATE
+),
+rep AS (
+    UPDATE usage x SET task_id = $2, run_id = $3, attempt = $4, model = $6, outcome = $7,
+        input_tokens = $8, output_tokens = $9, cache_read_tokens = $10,
+        cache_write_tokens = $11, cost_usd = $12, purpose = $13, estimated = false
+    FROM old WHERE x.call_id = old.call_id
+    RETURNING x.input_tokens - old.input_tokens AS input_tokens,
+              x.output_tokens - old.output_tokens AS output_tokens,
+              x.cache_read_tokens - old.cache_read_tokens AS cache_read_tokens,
+              x.cache_write_tokens - old.cache_write_tokens AS cache_write_tokens,
+              x.cost_usd - old.cost_usd AS cost_usd
+),
+delta AS (SELECT * FROM ins UNION ALL SELECT * FROM rep),
+totals AS (
+    INSERT INTO project_usage AS p (project_id, input_tokens, output_tokens, cache_read_tokens,
+                                    cache_write_tokens, cost_usd, runs)
+    SELECT $5, sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
+           sum(cache_write_tokens), sum(cost_usd), 0
+    FROM delta HAVING count(*) > 0
+    ON CONFLICT (project_id) DO UPDATE SET
+        input_tokens = p.input_tokens + EXCLUDED.input_tokens,
+        output_tokens = p.output_tokens + EXCLUDED.output_tokens,
+        cache_read_tokens = p.cache_read_tokens + EXCLUDED.cache_read_tokens,
+        cache_write_tokens = p.cache_write_tokens + EXCLUDED.cache_write_tokens,
+        cost_usd = p.cost_usd + EXCLUDED.cost_usd,
+        updated_at = now()
+)
+SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM rep) AS replaced,
+       (SELECT COALESCE(sum(cost_usd), 0) FROM delta) AS cost_usd,
+       NOT EXISTS (SELECT 1 FROM usage WHERE call_id = $1) AS unseen
 """
 
 # A call's result in one statement (one round trip, atomic without BEGIN/COMMIT): its usage
-# (once per call), the run's answer (once per run), the project totals for what this statement
-# inserted, and the run's status; it returns the reply (new or the one stored before), the
-# usage of all the run's calls, and when the user message was accepted. Nothing is written for
-# an unknown message (no row comes back). The reply is NULL in one race only: a concurrent
-# delivery stored it after this statement began (its snapshot cannot see it); read it again.
+# (once per call; an estimate of it stored first is replaced, as in ADD_USAGE), the run's
+# answer (once per run), the project totals for what this statement wrote, and the run's
+# status; it returns the reply (new or the one stored before), the usage of all the run's
+# calls, and when the user message was accepted. Nothing is written for an unknown message (no
+# row comes back). Two races, each read or written again by a second statement: the reply is
+# NULL when a concurrent delivery stored it after this statement began (its snapshot cannot
+# see it), and ``raced`` when a row of this call was stored since (an estimate to replace).
 STORE_RESULT = (
     """
 WITH u AS (
@@ -261,6 +292,22 @@ used AS (
     SELECT $2, $3, $4, $5, $6, $7, 'completed', $8, $9, $10, $11, $12 FROM u
     ON CONFLICT (call_id) DO NOTHING
     RETURNING input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+),
+old AS (
+    SELECT call_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+    FROM usage WHERE call_id = $2 AND estimated AND EXISTS (SELECT 1 FROM u)
+    FOR UPDATE
+),
+replaced AS (
+    UPDATE usage x SET task_id = $3, run_id = $4, attempt = $5, model = $7,
+        outcome = 'completed', input_tokens = $8, output_tokens = $9, cache_read_tokens = $10,
+        cache_write_tokens = $11, cost_usd = $12, purpose = 'answer', estimated = false
+    FROM old WHERE x.call_id = old.call_id
+    RETURNING x.input_tokens - old.input_tokens AS input_tokens,
+              x.output_tokens - old.output_tokens AS output_tokens,
+              x.cache_read_tokens - old.cache_read_tokens AS cache_read_tokens,
+              x.cache_write_tokens - old.cache_write_tokens AS cache_write_tokens,
+              x.cost_usd - old.cost_usd AS cost_usd
 ),
 reply AS (
     INSERT INTO messages (id, conversation_id, project_id, user_id, role, kind, content, run_id,
@@ -277,6 +324,8 @@ totals AS (
     SELECT $6, sum(i), sum(o), sum(cr), sum(cw), sum(c), sum(n)
     FROM (SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, 0
           FROM used
+          UNION ALL
+          SELECT *, 0 FROM replaced
           UNION ALL
           SELECT 0, 0, 0, 0, 0, 1 FROM reply) AS x(i, o, cr, cw, c, n)
     HAVING count(*) > 0
@@ -297,6 +346,9 @@ run AS ("""
     + RUN_CONFLICT
     + """)
 SELECT u.created_at AS asked_at, (SELECT count(*) FROM used) AS counted,
+       (SELECT sum(cost_usd) FROM replaced) AS replaced_cost,
+       NOT EXISTS (SELECT 1 FROM usage WHERE call_id = $2)
+           AND NOT EXISTS (SELECT 1 FROM used) AS raced,
        s.id, s.conversation_id, s.project_id, s.user_id, s.reply_to, s.kind, s.content,
        s.created_at, s.inserted,
        t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.cost_usd
@@ -320,7 +372,9 @@ CROSS JOIN LATERAL (
     FROM (SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
           FROM usage WHERE run_id = $4 AND purpose <> 'classification'
           UNION ALL
-          SELECT * FROM used) AS z
+          SELECT * FROM used
+          UNION ALL
+          SELECT * FROM replaced) AS z
 ) AS t
 """
 )
@@ -491,6 +545,15 @@ class Store:
                 raise BadData(f"result for unknown message {r.message_id}")
             if row["counted"]:
                 self._counted(r.model, cost)
+            if row["replaced_cost"] is not None and row["replaced_cost"] > 0:
+                self._counted(r.model, float(row["replaced_cost"]))  # a counter only grows
+            if row["raced"]:
+                # A row of this call was stored after the statement began (an estimate, or an
+                # exact copy): replace the estimate now, then read the run's usage afresh.
+                await self._add_usage(con, r.call_id, r, r.usage, r.prices, "completed")
+                stored = await self._reply(con, r.run_id, r.message_id, inserted=False)
+                stored = msgspec.structs.replace(stored, inserted=row["inserted"] is True)
+                return await self._with_run_usage(con, stored, r.run_id)
             if row["id"] is None:
                 # A concurrent delivery stored the reply after this statement began: read it
                 # (and the run's usage) with a fresh snapshot.
@@ -729,15 +792,14 @@ class Store:
         purpose: m.Purpose = "answer",
         estimated: bool = False,
     ) -> bool:
-        """Count one call's usage; True if this call wrote it (False: an earlier delivery did)."""
+        """Count one call's usage; True if this call wrote it (False: an earlier delivery did).
+        An exact usage replaces an estimate of the same call stored first (ADD_USAGE)."""
         cost = usage.cost_usd(prices)
-        task_id, attempt = e.task_id, e.attempt
-        inserted = await con.fetchval(
-            INSERT_USAGE,
+        args = (
             call_id,
-            task_id,
+            e.task_id,
             e.run_id,
-            attempt,
+            e.attempt,
             e.project_id,
             e.model,
             outcome,
@@ -749,19 +811,15 @@ class Store:
             purpose,
             estimated,
         )
-        if inserted is not None:
-            await con.execute(
-                ADD_PROJECT_USAGE,
-                e.project_id,
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.cache_read_tokens,
-                usage.cache_write_tokens,
-                cost,
-                0,
-            )
+        row = await con.fetchrow(ADD_USAGE, *args)
+        if row["unseen"] and not row["inserted"] and not estimated:
+            # A row of the call was stored since the statement began: this one sees it.
+            row = await con.fetchrow(ADD_USAGE, *args)
+        if row["inserted"]:
             self._counted(e.model, cost)
-        return inserted is not None
+        elif row["replaced"] and row["cost_usd"] > 0:
+            self._counted(e.model, float(row["cost_usd"]))  # by the difference; a counter grows
+        return bool(row["inserted"] or row["replaced"])
 
     def _counted(self, model: str, cost: float) -> None:
         """Called when a call's usage was written for the first time (a hook for metrics)."""

@@ -360,6 +360,13 @@ class Limiter:
                 await self._change(key, lambda c: budget.drop(c, run_id))
         return changed
 
+    async def charge(self, keys: tuple[str, ...], call_id: str, tokens: int, cost: float) -> bool:
+        """Count a call in day budgets after its run settled; False when it was counted already."""
+        changed = False
+        for key in keys:
+            changed |= await self._change(key, lambda c: budget.charge(c, call_id, tokens, cost))
+        return changed
+
 
 class RateCheck(msgspec.Struct, frozen=True):
     allowed: bool

@@ -8,6 +8,8 @@ changes nothing, whichever replica does it.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -33,6 +35,8 @@ class Counter(msgspec.Struct, kw_only=True):
     settled_cost_usd: float = 0.0
     settled_runs: int = 0
     open: dict[str, Hold] = msgspec.field(default_factory=dict)
+    # Calls charged after their run settled (hashes of their call ids): each counts once.
+    late: list[str] = msgspec.field(default_factory=list)
 
     def tokens(self) -> int:
         return self.settled_tokens + sum(h.tokens for h in self.open.values())
@@ -213,6 +217,21 @@ def settle(c: Counter, run_id: str, tokens: int, cost_usd: float) -> Counter | N
         settled_tokens=c.settled_tokens + tokens,
         settled_cost_usd=c.settled_cost_usd + cost_usd,
         settled_runs=c.settled_runs + 1,
+    )
+
+
+def charge(c: Counter, call_id: str, tokens: int, cost_usd: float) -> Counter | None:
+    """Count a call its run's settlement could not include (billed after it, by estimate);
+    None when this call was charged already."""
+    mark = hashlib.sha256(call_id.encode()).hexdigest()[:32]
+    if mark in c.late:
+        return None
+    return msgspec.structs.replace(
+        c,
+        settled_tokens=c.settled_tokens + max(0, tokens),
+        settled_cost_usd=c.settled_cost_usd
+        + (cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0),
+        late=[*c.late, mark],
     )
 
 

@@ -203,7 +203,10 @@ class Handlers:
         executor are read back from CHAT_STREAM and billed by estimate (machine.settle_dead)."""
         calls = machine.dead_calls(d, wiring.EXECUTOR_TASKS.max_deliver)
         found = await deadcalls.unsettled(self.bus.js, d.project_id, d.conversation_id, calls)
-        done = machine.settle_dead(d, found)
+        run = None
+        if found and self.limiter is not None:
+            run = (await self.runs.get(d.run_id))[0]  # whose budgets may still miss the calls
+        done = machine.settle_dead(d, found, run)
         for effect in done.effects:
             await self._carry_out(effect)
         return done.outcome
@@ -314,7 +317,7 @@ class Handlers:
 
     async def _drive(self, first: machine.Continue, carry: _Carry) -> str:
         """Step ``first`` and every input it leads to, depth-first (the order of the effects):
-        read the records, step, carry out the settlements, write by compare-and-set (a conflict
+        read the records, step, carry out the settlements and early publishes, write by compare-and-set (a conflict
         reads again and steps again), then the other effects in order. Returns the outcome of
         the first step; a ``Defer`` hands the message back at once."""
         pending: list[Iterator[machine.Effect]] = [iter((first,))]
@@ -348,7 +351,7 @@ class Handlers:
             rules = self.rules if run is None else self.rules_for(run.project_id)
             done = machine.step(run, conv_rec[0], c.input, rules, _now())
             for effect in done.effects:
-                if isinstance(effect, machine.Settle):
+                if _before_writes(effect):
                     await self._carry_out(effect)
             try:
                 if done.conversation is not None:
@@ -383,6 +386,11 @@ class Handlers:
                 await self.bus.nc.publish(subject, m.encode(event))
             case machine.Settle(run_id=run_id, reservation=r, tokens=tokens, cost_usd=cost):
                 if self.limiter is not None and await self.limiter.settle(run_id, r, tokens, cost):
+                    self.settled_tokens.inc(tokens)
+            case machine.Charge(keys=keys, call_id=call_id, tokens=tokens, cost_usd=cost):
+                if self.limiter is not None and await self.limiter.charge(
+                    keys, call_id, tokens, cost
+                ):
                     self.settled_tokens.inc(tokens)
             case machine.Defer(why=why, delay=delay):
                 raise Deferred(why, delay)
@@ -423,9 +431,16 @@ def _on(run: core.RunState, inp: machine.Input) -> machine.Continue:
     return machine.Continue(run.conversation_id, run.run_id, inp)
 
 
+def _before_writes(effect: machine.Effect) -> bool:
+    """Settlements and early publishes (a settle timer) are carried out before the writes."""
+    return isinstance(effect, machine.Settle) or (
+        isinstance(effect, machine.Publish) and effect.early
+    )
+
+
 def _after_writes(done: machine.Step) -> tuple[machine.Effect, ...]:
-    """The effects still to carry out once the records are written (settlements ran before)."""
-    return tuple(e for e in done.effects if not isinstance(e, machine.Settle))
+    """The effects still to carry out once the records are written (the early ones ran before)."""
+    return tuple(e for e in done.effects if not _before_writes(e))
 
 
 class _Carry:

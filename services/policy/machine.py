@@ -134,10 +134,14 @@ CONVERSATION_ONLY = (MarkStarted, Release)  # steps that need no run record
 
 class Publish(msgspec.Struct, frozen=True, tag="publish"):
     """JetStream messages, in order, acked together; each one's id is its ``event_id``.
-    ``resume``: the stored trace of the run's own message, published on its behalf."""
+    ``resume``: the stored trace of the run's own message, published on its behalf.
+    ``early``: carried out *before* the records are written, like ``Settle``: for a message
+    no redelivery could publish again once the record moved on (a settle timer); a repeat is
+    harmless (the same id, and what it leads to is keyed by call id)."""
 
     events: tuple[tuple[str, msgspec.Struct], ...]
     resume: dict[str, str] | None = None
+    early: bool = False
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort"):
@@ -153,6 +157,15 @@ class Settle(msgspec.Struct, frozen=True, tag="settle"):
 
     run_id: str
     reservation: core.Reservation
+    tokens: int
+    cost_usd: float
+
+
+class Charge(msgspec.Struct, frozen=True, tag="charge"):
+    """Count one call in the day budgets of a run that settled without it (once per call id)."""
+
+    keys: tuple[str, ...]
+    call_id: str
     tokens: int
     cost_usd: float
 
@@ -188,7 +201,7 @@ class Observe(msgspec.Struct, frozen=True, tag="observe"):
     value: float = 1.0
 
 
-Effect = Publish | Abort | Settle | Defer | Count | Continue | Observe
+Effect = Publish | Abort | Settle | Charge | Defer | Count | Continue | Observe
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -400,17 +413,22 @@ def _deadline(
     if isinstance(phase_of(run), Tools):
         return Step(outcome="stale")  # the attempt ended with its tool_use turn
     if run.cause == d.event_id and isinstance(phase_of(run), Backoff):
-        return _retry(run, d.attempt, rules, now)
+        # The retry this deadline scheduled: its settle timer went out before the record was
+        # written (``early``); again here, for a record written before timers were early.
+        retry = _retry(run, d.attempt, rules, now)
+        return msgspec.structs.replace(
+            retry, effects=(*_settle_again(run, d, rules, now), *retry.effects)
+        )
     new = core.on_deadline(run, d, rules, now)
     if new is None:
         if run.cause != d.event_id:
             return Step(outcome="stale")
+        # Moved on by this deadline (a crash may have cut the first handling short): its
+        # state again (a retry that started: its task, the same ids), and the settle timer.
         again = _again(run, conv, rules, now)
-        if run.attempt != d.attempt:
-            return again  # its retry started: the timer went out before that
-        # Ended by this deadline (a crash may have cut the first handling short): the timer too.
-        timer = settle_timer(run, rules, now)
-        return msgspec.structs.replace(again, effects=(*again.effects, timer))
+        return msgspec.structs.replace(
+            again, effects=(*again.effects, *_settle_again(run, d, rules, now))
+        )
     new, settle = _closing(new)
     # The late call may still be streaming somewhere: stop it, its usage still counts; a call
     # of it whose executor died is billed by estimate once the stopped ones had time to report.
@@ -431,26 +449,47 @@ def _deadline(
 # the usage of each one still only ``started``, estimated (shared/estimate.py), for the persister.
 
 
-def settle_timer(run: RunState, rules: Rules, now: datetime) -> Publish:
-    """The timer that settles the current attempt's dead calls after ``settle_grace_s``: a
-    call the deadline's abort stopped reports its exact usage (and writes ``finished``) first."""
+def settle_timer(run: RunState, rules: Rules, now: datetime, attempt: int | None = None) -> Publish:
+    """The timer that settles the dead calls of ``attempt`` (default: the current one) after
+    ``settle_grace_s``: a call the deadline's abort stopped reports its exact usage (and writes
+    ``finished``) first. Published before the record is written (``early``): once the record
+    says the deadline moved the run on, no branch of a redelivery may be the only one to send
+    it; a crash before the write re-handles the deadline and publishes the same id again."""
+    a = run.attempt if attempt is None else attempt
     timer = m.RunDeadline(
-        event_id=runs.settle_id(run.run_id, run.attempt),
+        event_id=runs.settle_id(run.run_id, a),
         message_id=run.message_id,
         conversation_id=run.conversation_id,
         project_id=run.project_id,
-        causation_id=runs.deadline_id(run.run_id, run.attempt),
+        causation_id=runs.deadline_id(run.run_id, a),
         run_id=run.run_id,
-        attempt=run.attempt,
+        attempt=a,
         due=now + timedelta(seconds=rules.settle_grace_s),
         settle=m.DeadCalls(
-            task_id=runs.task_id(run.run_id, run.attempt),
+            task_id=runs.task_id(run.run_id, a),
             user_id=run.user_id,
             model=run.model,
             prices=run.prices,
         ),
     )
-    return Publish(((subjects.policy_deadline(run.project_id, run.conversation_id), timer),))
+    subject = subjects.policy_deadline(run.project_id, run.conversation_id)
+    return Publish(((subject, timer),), early=True)
+
+
+# A deadline's retry keeps the attempt's model (a timeout is no fallback class), so a record a
+# deadline moved on still names the model the dead attempt's calls ran on.
+_DEADLINE_KEEPS_MODEL = "timeout" not in core.FALLBACK_CLASSES
+
+
+def _settle_again(
+    run: RunState, d: m.RunDeadline, rules: Rules, now: datetime
+) -> tuple[Publish, ...]:
+    """The settle timer of ``d``'s attempt once more, for a run that deadline moved on (the
+    same id: a duplicate unless the first handling died before its early publish, which only a
+    record written before timers were early can show)."""
+    if run.attempt != d.attempt and not _DEADLINE_KEEPS_MODEL:
+        return ()  # pragma: no cover - the record names the retry's model, not the dead one's
+    return (settle_timer(run, rules, now, d.attempt),)
 
 
 def dead_calls(d: m.RunDeadline, max_deliver: int) -> list[str]:
@@ -459,14 +498,38 @@ def dead_calls(d: m.RunDeadline, max_deliver: int) -> list[str]:
     return estimate.task_calls(d.settle.task_id, max_deliver)
 
 
-def settle_dead(d: m.RunDeadline, found: list[m.EstimatedCall]) -> Step:
+def settle_dead(
+    d: m.RunDeadline, found: list[m.EstimatedCall], run: RunState | None = None
+) -> Step:
     """Bill each dead call found once: its usage (id ``usage:<call id>``; the persister keys the
-    row by call id, so a redelivery of the task that billed it first makes this a duplicate)."""
+    row by call id, so a redelivery of the task that billed it first makes this a duplicate).
+    A cancelled run settled its budgets with its attempts' own reports, which no dead call is
+    in: each is charged to its day budgets too (``late_charges``)."""
     subject = subjects.policy_usage(d.project_id, d.conversation_id)
     events = tuple((subject, estimate.settled_usage(d, c)) for c in found)
     effects: tuple[Effect, ...] = (Publish(events),) if events else ()
     counts = tuple(Count("dead_calls") for _ in found)
-    return Step(effects=(*effects, *counts), outcome=f"settled:{len(found)}")
+    charges = late_charges(run, d, found) if run is not None else ()
+    return Step(effects=(*effects, *charges, *counts), outcome=f"settled:{len(found)}")
+
+
+def late_charges(
+    run: RunState, d: m.RunDeadline, found: list[m.EstimatedCall]
+) -> tuple[Charge, ...]:
+    """The day-budget charges of dead calls their run's settlement cannot have counted: a
+    cancelled run's (it settles with what its attempts reported, never with stored rows). A run
+    that settled with its stored reply may or may not have counted them (docs/decisions.md)."""
+    r = run.reservation
+    if run.status != "cancelled" or r is None or not r.settled or d.settle is None:
+        return ()
+    keys = tuple(k for k in r.keys if k.startswith("budget."))
+    if not keys:
+        return ()
+    prices = d.settle.prices
+    return tuple(
+        Charge(keys, c.call_id, budget.total_tokens(c.usage), c.usage.cost_usd(prices))
+        for c in found
+    )
 
 
 def _again(run: RunState, conv: ConvState, rules: Rules, now: datetime) -> Step:

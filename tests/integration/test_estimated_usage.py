@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 
 from baton.offline_model import OfflineModelProcess
 from baton.provision import provision
@@ -19,14 +21,17 @@ from services.executor.config import Settings
 from services.executor.handlers import Handlers
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers as PersisterHandlers
+from services.policy import core
 from services.policy.adapters import Conversations, Runs
 from services.policy.config import Settings as PolicySettings
 from services.policy.handlers import Handlers as PolicyHandlers
 from services.policy.main import rules_from
+from services.policy.phase import Backoff
 from shared import deadcalls, estimate, model, subjects, wiring
 from shared import messages as m
 from shared.bus import Consumer
 from shared.db import create_pool
+from shared.errors import Deferred
 from shared.history import History
 from tests.integration.conftest import Infra
 from tests.integration.test_executor import _task
@@ -392,3 +397,80 @@ async def test_a_call_cut_before_its_message_start_was_billed_nothing_and_gets_n
         await bus.close()
         await pool.close()
         await client.close()
+
+
+class _Crash(Exception):
+    """The policy process dying at a chosen point (raised from our own adapter)."""
+
+
+class _CrashingRuns(Runs):
+    """The runs adapter of a policy that dies at its next write of a deadline's step: before
+    the write (``after=False``) or right after it, before the effects that follow it."""
+
+    def __init__(self, kv: Any, after: bool) -> None:
+        super().__init__(kv)
+        self.after = after
+        self.armed = True
+
+    async def update(self, state: Any, revision: int) -> int:
+        if not self.armed:
+            return await super().update(state, revision)
+        self.armed = False
+        if self.after:
+            await super().update(state, revision)
+        raise _Crash("policy died at the record's write")
+
+
+async def test_a_deadline_that_schedules_a_retry_sends_its_settle_timer_even_if_policy_dies(
+    infra: Infra,
+) -> None:
+    # Policy dies while handling a missed deadline that schedules a retry: before the record's
+    # write, or just after it. Either way the attempt's settle timer is in the stream, once,
+    # after the redelivered deadline is handled.
+    await provision(infra.nats_url)
+    bus = await connect_bus(infra.nats_url, "test")
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    rules = rules_from(PolicySettings(max_attempts=3, settle_grace_s=1.0))
+    try:
+        for after in (False, True):
+            policy = PolicyHandlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("p"))
+            e = user_event(f"Crash while timing out (after the write: {after})")
+            await policy.decision(_decision(e), None)  # type: ignore[arg-type]
+            run, _ = await Runs(kv).get(core.run_id_for(e.message_id))
+            assert (run.status, run.attempt) == ("running", 1)
+            due = core.deadline_event(run, datetime.now(UTC) - timedelta(seconds=1))
+
+            policy.runs = _CrashingRuns(kv, after)
+            with pytest.raises(_Crash):
+                await policy.deadline(due, None)  # type: ignore[arg-type]
+            moved, _ = await Runs(kv).get(run.run_id)
+            assert isinstance(moved.phase, Backoff) == after  # written only if it died after
+
+            # Published before the write: there even though the process died.
+            [timer] = await _settle_timers(bus, e)
+            assert (timer.event_id, timer.attempt) == (f"settle:{run.run_id}:1", 1)
+            assert timer.settle is not None and timer.settle.task_id == f"task:{run.run_id}:1"
+
+            # The deadline is delivered again to a policy that lives: the retry is scheduled
+            # (or found scheduled), and the timer stays one message.
+            outcome = await _redelivered(policy, due)
+            assert outcome in ("backoff", "early", "retry"), outcome
+            assert [t.event_id for t in await _settle_timers(bus, e)] == [timer.event_id]
+    finally:
+        await bus.close()
+
+
+async def _settle_timers(bus: Any, e: m.UserMessageAccepted) -> list[m.RunDeadline]:
+    """The settle timers in the stream for ``e``'s conversation (its attempts' deadlines too)."""
+    subject = subjects.policy_deadline(e.project_id, e.conversation_id)
+    got = decode_all(
+        await read_subject(bus, subjects.STREAM_POLICY, subject, 1, timeout=5), m.RunDeadline
+    )
+    return [t for t in got if t.settle is not None]
+
+
+async def _redelivered(policy: PolicyHandlers, d: m.RunDeadline) -> str:
+    try:
+        return await policy.deadline(d, None)  # type: ignore[arg-type]
+    except Deferred:
+        return "early"  # the retry's backoff is not over: the message goes back

@@ -72,6 +72,16 @@ def test_a_dropped_hold_counts_nothing() -> None:
     assert dropped is not None and dropped.tokens() == 7 and dropped.settled_runs == 0
 
 
+def test_a_late_charge_counts_each_call_once_and_never_a_negative_or_nan() -> None:
+    c = Counter(settled_tokens=7, settled_runs=1)
+    charged = budget.charge(c, "task:r1:1#1", 100, 0.5)
+    assert charged is not None
+    assert (charged.tokens(), charged.settled_cost_usd, charged.settled_runs) == (107, 0.5, 1)
+    assert budget.charge(charged, "task:r1:1#1", 100, 0.5) is None  # again: nothing
+    other = budget.charge(charged, "task:r1:1#2", -5, float("nan"))
+    assert other is not None and (other.tokens(), other.settled_cost_usd) == (107, 0.5)
+
+
 @pytest.mark.parametrize(
     ("limits", "project", "user", "scope"),
     [

@@ -76,6 +76,12 @@ QUEUED = core.ConvState(conversation_id="c1", active="run-m0", started=True, nex
 TURN = core.ConvState(conversation_id="c1", active=RUN, started=False, next_position=2)
 STARTED = core.ConvState(conversation_id="c1", active=RUN, started=True, next_position=2)
 
+# A deadline moved it on: the retry it scheduled waits for its backoff, then it started.
+TIMED_OUT = machine.step(RUNNING, STARTED, machine.DeadlineDue(timer(RUNNING)), RULES, NOW).run
+assert TIMED_OUT is not None and isinstance(TIMED_OUT.phase, machine.Backoff)
+RETRIED = core.retry_due(TIMED_OUT, 1, RULES, TIMED_OUT.phase.retry_at)
+assert RETRIED is not None
+
 
 def kinds(step: machine.Step) -> list[str]:
     """The effects in order, each in a word or two."""
@@ -196,6 +202,11 @@ TABLE = [
       "verdict", f"then:Release:{RUN}"]),
     ("deadline: after completion is stale", COMPLETED, STARTED,
      machine.DeadlineDue(timer(COMPLETED)), "stale", "unchanged", False, []),
+    ("deadline: again, its retry not due, sends its settle timer again", TIMED_OUT, STARTED,
+     machine.DeadlineDue(timer(RUNNING)), "early", "unchanged", False, ["deadline", "defer"]),
+    ("deadline: again, its retry started, sends that task and its settle timer again", RETRIED,
+     STARTED, machine.DeadlineDue(timer(RUNNING)), "stale", "unchanged", False,
+     ["verdict+task+deadline", "deadline"]),
     # -- stored replies
     ("reply stored: completes and releases", RUNNING, STARTED, machine.ReplyStored(stored(RUNNING)),
      "completed", "done:completed", False, [f"then:Release:{RUN}"]),
@@ -415,6 +426,43 @@ def test_a_redelivered_deadline_that_ended_the_run_publishes_its_settle_timer_ag
     again = machine.step(first.run, STARTED, machine.DeadlineDue(timer(RUNNING)), rules, NOW)
     assert again.outcome == "stale"
     assert _settle_timer(again).event_id == _settle_timer(first).event_id
+
+
+def test_a_settle_timer_is_published_before_the_record_moves_on() -> None:
+    done = machine.step(RUNNING, STARTED, machine.DeadlineDue(timer(RUNNING)), RULES, NOW)
+    # Only the timer: the verdict (and a task, a reply) wait for the record's write.
+    [early] = [e for e in done.effects if isinstance(e, machine.Publish) and e.early]
+    assert early.events == (("policy.deadline.acme.c1", _settle_timer(done)),)
+
+
+@pytest.mark.parametrize("after", ["backoff", "retry started", "retry started on a fallback"])
+def test_a_redelivered_deadline_sends_the_same_settle_timer_for_the_dead_attempt(
+    after: str,
+) -> None:
+    """Whichever branch the redelivery takes, the timer names the attempt the deadline ended
+    and the model its calls ran on (an attempt on a fallback model is priced as such)."""
+    rules = msgspec.structs.replace(
+        RULES, fallback_model="big", models={**RULES.models, "big": m.Prices(input=9.0)}
+    )
+    run = RUNNING
+    if after.endswith("fallback"):  # attempt 1 overloaded: attempt 2 runs on the fallback
+        run = machine.step(run, STARTED, machine.Failed(failure(run)), rules, NOW).run
+        assert run is not None and isinstance(run.phase, machine.Backoff)
+        run = core.retry_due(run, 1, rules, run.phase.retry_at)
+        assert run is not None and (run.model, run.attempt) == ("big", 2)
+    d = timer(run)
+    first = machine.step(run, STARTED, machine.DeadlineDue(d), rules, NOW)
+    moved = first.run
+    assert moved is not None and isinstance(moved.phase, machine.Backoff)
+    if after.startswith("retry started"):
+        moved = core.retry_due(moved, d.attempt, rules, moved.phase.retry_at)
+        assert moved is not None and moved.attempt == d.attempt + 1
+    later = NOW + timedelta(seconds=30)
+    again = machine.step(moved, STARTED, machine.DeadlineDue(d), rules, later)
+    t0, t1 = _settle_timer(first), _settle_timer(again)
+    assert (t1.event_id, t1.attempt, t1.settle) == (t0.event_id, t0.attempt, t0.settle)
+    assert t0.settle is not None and t0.settle.model == run.model
+    assert t0.settle.task_id == f"task:{RUN}:{d.attempt}"
 
 
 def test_a_deadline_of_a_finished_attempt_settles_nothing() -> None:
