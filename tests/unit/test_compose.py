@@ -221,3 +221,16 @@ def test_the_image_layout_runs_the_cli_and_finds_the_migrations(tmp_path: Path) 
         text=True,
     )
     assert run.returncode == 0 and "gateway" in run.stdout
+
+
+def test_the_wheel_directory_holds_the_dockerfiles_dependency_list() -> None:
+    """image.sh downloads wheels for the list the Dockerfile installs (--no-index: a wheel
+    missing fails the build), and the Dockerfile installs from them only when they are there."""
+    left_out = re.compile(r"startswith\(\((\"[^)]*\")\)\)")
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    script = (ROOT / "scripts" / "containers" / "image.sh").read_text()
+    assert left_out.findall(dockerfile) == left_out.findall(script) != []
+    assert "COPY pyproject.toml .wheel[s] /ctx/" in dockerfile
+    assert "--no-index --find-links /src/wheels" in dockerfile
+    assert ".wheels/" in (ROOT / ".gitignore").read_text().split()
+    assert ".wheels" not in (ROOT / ".dockerignore").read_text().split()
