@@ -127,7 +127,9 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer | ExternalNats]:
     try:
         yield server
     finally:
-        server.stop()
+        # A throwaway server: its store is deleted with tmp_path, so nothing needs the
+        # graceful JetStream shutdown SIGTERM waits for (~0.3 s a test, ~450 tests).
+        server.kill()
 
 
 @pytest.fixture
