@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -72,13 +73,17 @@ def pipeline(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iter
 
 
 def module_stack(
-    postgres_server: PostgresServer | ExternalPostgres, tmp: Path
+    postgres_server: PostgresServer | ExternalPostgres,
+    tmp: Path,
+    extra: Mapping[str, str] | None = None,
 ) -> Iterator[Pipeline]:
     """The five services on a NATS and a database of their own, for one test module.
 
     One start-up per module instead of one per test (each takes 10-30 s on a busy machine). For
     modules whose tests use conversations and users of their own and assert nothing on counts
-    across the stack (metrics, logs, the whole model ledger); ``fresh`` resets the model.
+    across the stack (metrics, logs, the whole model ledger); ``fresh`` resets the model. A
+    module that counts model calls filters them by its own message (``calls_for``). ``extra``
+    is environment for every service, as ``_running`` takes it.
     """
     admin_dsn = postgres_server.dsn()
     name = f"baton_test_{uuid.uuid4().hex}"
@@ -86,11 +91,24 @@ def module_stack(
     nats = NatsServer(tmp / "nats")
     nats.start()
     try:
-        with _running(nats.url, database_url, tmp / "logs") as p:
+        with _running(nats.url, database_url, tmp / "logs", extra) as p:
             yield p
     finally:
         nats.stop()
         asyncio.run(_drop_database(admin_dsn, name))
+
+
+def calls_for(p: Pipeline, message_id: str, model: str = "") -> list[dict[str, Any]]:
+    """The model's ledger entries for one user message (of ``model``, if given), oldest first.
+
+    Every tagged call's id names the message it serves (``classify:<message>#n``,
+    ``task:run-<message>:<attempt>#n``), so a test on a shared stack counts only its own calls.
+    """
+    return [
+        c
+        for call_id, c in p.model.calls().items()
+        if message_id in call_id and model in ("", c["model"])
+    ]
 
 
 def fresh(p: Pipeline) -> Pipeline:
@@ -152,6 +170,21 @@ def secure_pipeline(database_url: str, tmp_path: Path) -> Iterator[SecurePipelin
     """A NATS of its own with one user per service; services use their own database roles."""
     with secure_running(database_url, tmp_path) as p:
         yield p
+
+
+def secure_module_stack(
+    postgres_server: PostgresServer | ExternalPostgres, tmp: Path
+) -> Iterator[SecurePipeline]:
+    """``secure_pipeline``'s stack on a database of its own, for one test module (as
+    ``module_stack``; ``fresh`` resets its model)."""
+    admin_dsn = postgres_server.dsn()
+    name = f"baton_test_{uuid.uuid4().hex}"
+    database_url = asyncio.run(create_database(admin_dsn, name))
+    try:
+        with secure_running(database_url, tmp) as p:
+            yield p
+    finally:
+        asyncio.run(_drop_database(admin_dsn, name))
 
 
 @contextlib.contextmanager

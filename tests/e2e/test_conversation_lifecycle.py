@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -17,13 +17,31 @@ import nats.js.errors
 import pytest
 
 from baton import permissions
-from tests.e2e.conftest import SecurePipeline
+from baton.embedded import PostgresServer
+from tests.conftest import ExternalPostgres
+from tests.e2e.conftest import SecurePipeline, fresh, secure_module_stack
 from tests.e2e.test_lifecycle import Client, Events
 
 pytestmark = pytest.mark.e2e
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
 OTHER_MODEL = "claude-haiku-4-5"
+
+
+@pytest.fixture(scope="module")
+def _secure_stack(
+    postgres_server: PostgresServer | ExternalPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SecurePipeline]:
+    yield from secure_module_stack(postgres_server, tmp_path_factory.mktemp("lifecycle"))
+
+
+@pytest.fixture
+def secure_pipeline(_secure_stack: SecurePipeline) -> SecurePipeline:
+    """One stack for the module, the model reset. Each test has conversations of its own and
+    looks only for its own words (a secret made for it, its own answers) in every table and
+    stream; the model requests it checks are its own run's."""
+    fresh(_secure_stack)
+    return _secure_stack
 
 
 def _wait(p: SecurePipeline, check: Callable[[], Any], what: str, timeout: float = 60) -> Any:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from baton.embedded import NatsServer
-from tests.e2e.conftest import SETTLE_S, Pipeline, _running
+from baton.embedded import PostgresServer
+from tests.conftest import ExternalPostgres
+from tests.e2e.conftest import SETTLE_S, Pipeline, calls_for, fresh, module_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -20,13 +20,19 @@ ANSWER_MODEL = "claude-sonnet-4-6"
 AGENT_MODEL = "claude-haiku-4-5"
 
 
-@pytest.fixture
-def faulty(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+@pytest.fixture(scope="module")
+def _faulty_stack(
+    postgres_server: PostgresServer | ExternalPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
     # A short stall timeout so a stalled stream is noticed in a test's time.
-    with _running(
-        nats_server.url, database_url, tmp_path / "logs", {"EXECUTOR_STALL_TIMEOUT_S": "1.5"}
-    ) as p:
-        yield p
+    extra = {"EXECUTOR_STALL_TIMEOUT_S": "1.5"}
+    yield from module_stack(postgres_server, tmp_path_factory.mktemp("faulty"), extra)
+
+
+@pytest.fixture
+def faulty(_faulty_stack: Pipeline) -> Pipeline:
+    """The module's one stack, no faults left from an earlier test; tests count their own calls."""
+    return fresh(_faulty_stack)
 
 
 def _ask(p: Pipeline, content: str, final_verdict: str = "approve") -> dict[str, Any]:
@@ -58,8 +64,9 @@ def _ask(p: Pipeline, content: str, final_verdict: str = "approve") -> dict[str,
     raise AssertionError(f"no outcome in time\n{p.log_tail()}")
 
 
-def _calls(p: Pipeline, model: str = ANSWER_MODEL) -> list[dict[str, Any]]:
-    return [c for c in p.model.calls().values() if c["model"] == model]
+def _calls(p: Pipeline, out: dict[str, Any], model: str = ANSWER_MODEL) -> list[dict[str, Any]]:
+    """The model calls made for this test's message (the stack is the module's)."""
+    return calls_for(p, out["messages"][0]["id"], model)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +89,7 @@ def test_a_transient_model_failure_is_retried_by_policy_and_both_calls_are_bille
     assert (answer["role"], answer["kind"]) == ("assistant", "answer") and answer["content"]
     run = out["run"]
     assert (run["status"], run["attempts"]) == ("completed", 2)
-    calls = _calls(faulty)
+    calls = _calls(faulty, out)
     assert sorted(c["outcome"] for c in calls) == sorted([first_outcome, "completed"])
     # Both calls are billed with exactly what the model served (a cut stream's partial tokens too).
     assert run["usage"]["calls"] == 2
@@ -99,7 +106,7 @@ def test_a_model_that_keeps_failing_ends_in_one_failure_notice(faulty: Pipeline)
     run = out["run"]
     assert (run["status"], run["verdict"], run["attempts"]) == ("failed", "stop", 3)
     assert run["usage"]["calls"] == 3 and run["usage"]["output_tokens"] == 0
-    assert len(_calls(faulty)) == 3
+    assert len(_calls(faulty, out)) == 3
 
 
 def test_a_request_the_model_refuses_as_invalid_is_not_retried(faulty: Pipeline) -> None:
@@ -109,7 +116,7 @@ def test_a_request_the_model_refuses_as_invalid_is_not_retried(faulty: Pipeline)
     assert "bad_request" in out["messages"][1]["content"]
     run = out["run"]
     assert (run["status"], run["attempts"], run["usage"]["calls"]) == ("failed", 1, 1)
-    assert [c["outcome"] for c in _calls(faulty)] == ["400"]
+    assert [c["outcome"] for c in _calls(faulty, out)] == ["400"]
 
 
 def test_a_failing_classifier_falls_back_to_rules_and_the_message_is_still_answered(
@@ -122,5 +129,5 @@ def test_a_failing_classifier_falls_back_to_rules_and_the_message_is_still_answe
     assert run["status"] == "completed"
     # The rule-based decision saw "python function": the code executor.
     assert (run["executor"], run["reason"]) == ("code", "intent=code complexity=low")
-    agent = faulty.model.stats()["by_model"][AGENT_MODEL]
-    assert (agent["calls"], agent["errors"], agent["completed"]) == (1, 1, 0)
+    # One classifier call, which failed (no retry of it, none completed).
+    assert [c["outcome"] for c in _calls(faulty, out, AGENT_MODEL)] == ["500"]

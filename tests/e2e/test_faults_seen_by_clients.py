@@ -6,26 +6,34 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from baton.embedded import NatsServer
-from tests.e2e.conftest import Pipeline, _running
+from baton.embedded import PostgresServer
+from tests.conftest import ExternalPostgres
+from tests.e2e.conftest import Pipeline, calls_for, fresh, module_stack
 
 pytestmark = pytest.mark.e2e
 
 ANSWER_MODEL = "claude-sonnet-4-6"
 
 
-@pytest.fixture
-def watched(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+@pytest.fixture(scope="module")
+def _watched_stack(
+    postgres_server: PostgresServer | ExternalPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
     # A short stall timeout so a stall is noticed in a test's time; frequent SSE heartbeats.
     extra = {"EXECUTOR_STALL_TIMEOUT_S": "1.5", "GATEWAY_SSE_HEARTBEAT_S": "0.3"}
-    with _running(nats_server.url, database_url, tmp_path / "logs", extra) as p:
-        yield p
+    yield from module_stack(postgres_server, tmp_path_factory.mktemp("watched"), extra)
+
+
+@pytest.fixture
+def watched(_watched_stack: Pipeline) -> Pipeline:
+    """The module's one stack, the model reset (no faults, default pace); tests count their own
+    calls."""
+    return fresh(_watched_stack)
 
 
 class Seen:
@@ -84,13 +92,15 @@ async def ask(p: Pipeline, content: str, final: str = "completed") -> tuple[Seen
             state = await client.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)
             runs = state.json()["runs"]
             if runs and runs[0]["status"] == final and len(msgs.json()["messages"]) == 2:
-                return seen, {"reply": msgs.json()["messages"][1], "run": runs[0]}
+                [message, reply] = msgs.json()["messages"]
+                return seen, {"message": message, "reply": reply, "run": runs[0]}
             await asyncio.sleep(0.1)
     raise AssertionError(f"no outcome\n{p.log_tail()}")
 
 
-def calls(p: Pipeline) -> list[dict[str, Any]]:
-    return [c for c in p.model.calls().values() if c["model"] == ANSWER_MODEL]
+def calls(p: Pipeline, out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The answer model's calls for this test's message (the stack is the module's)."""
+    return calls_for(p, out["message"]["id"], ANSWER_MODEL)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +139,7 @@ async def test_the_client_sees_the_retry_with_its_class_then_exactly_the_stored_
     assert seen.of("message.completed")[0]["content"] == answer["content"]
     assert seen.events[-1]["event"] == "message.completed"
     # Both calls billed with what the model served (the cut one's partial output too).
-    served = calls(watched)
+    served = calls(watched, out)
     assert sorted(c["outcome"] for c in served) == sorted([fault["kind"], "completed"])
     assert run["usage"]["calls"] == 2
     assert run["usage"]["output_tokens"] == sum(c["output_tokens"] for c in served)
@@ -166,7 +176,7 @@ async def test_a_very_slow_stream_arrives_whole_and_heartbeats_keep_the_client_a
     answer, run = out["reply"], out["run"]
     # No timeout, no retry: one call, completed, billed once.
     assert (run["status"], run["attempts"], run["usage"]["calls"]) == ("completed", 1, 1)
-    [call] = calls(watched)
+    [call] = calls(watched, out)
     assert call["outcome"] == "completed"
     assert run["usage"]["output_tokens"] == call["output_tokens"] == 6
     # Every word arrived as it was written (one token event each), and they are the answer.

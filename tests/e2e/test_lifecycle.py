@@ -20,10 +20,11 @@ import httpx
 import nats
 import pytest
 
-from baton.embedded import NatsServer
+from baton.embedded import NatsServer, PostgresServer
 from services.policy import budget
 from shared import subjects
-from tests.e2e.conftest import Pipeline, _running
+from tests.conftest import ExternalPostgres
+from tests.e2e.conftest import Pipeline, _running, fresh, module_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -43,10 +44,19 @@ def _pipeline(
     )
 
 
+@pytest.fixture(scope="module")
+def _slow_stack(
+    postgres_server: PostgresServer | ExternalPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    extra = {"POLICY_RETRY_BACKOFF_S": "0.2"}
+    yield from module_stack(postgres_server, tmp_path_factory.mktemp("slow"), extra)
+
+
 @pytest.fixture
-def slow(nats_server: NatsServer, database_url: str, tmp_path: Path) -> Iterator[Pipeline]:
-    with _pipeline(nats_server, database_url, tmp_path, {"POLICY_RETRY_BACKOFF_S": "0.2"}) as p:
-        yield p
+def slow(_slow_stack: Pipeline) -> Pipeline:
+    """One stack for the cancel tests, the model reset: each test counts its own runs' calls and
+    usage rows (a paused policy is resumed before the test ends)."""
+    return fresh(_slow_stack)
 
 
 class Client:

@@ -22,8 +22,9 @@ import msgspec
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from baton.embedded import NatsServer
-from tests.e2e.conftest import Pipeline, _running
+from baton.embedded import NatsServer, PostgresServer
+from tests.conftest import ExternalPostgres
+from tests.e2e.conftest import Pipeline, _running, fresh, module_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -123,8 +124,9 @@ class Collector:
             )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def collector() -> Iterator[Collector]:
+    """One receiver for the module's one stack: tests read only their own messages' traces."""
     c = Collector()
     c.thread.start()
     try:
@@ -134,16 +136,23 @@ def collector() -> Iterator[Collector]:
         c.server.server_close()
 
 
-@pytest.fixture
-def traced(
-    nats_server: NatsServer, database_url: str, tmp_path: Path, collector: Collector
+@pytest.fixture(scope="module")
+def _traced_stack(
+    postgres_server: PostgresServer | ExternalPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+    collector: Collector,
 ) -> Iterator[Pipeline]:
     otel = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within a tenth of a second, not five
     }
-    with _running(nats_server.url, database_url, tmp_path / "logs", extra=otel) as p:
-        yield p
+    yield from module_stack(postgres_server, tmp_path_factory.mktemp("traced"), otel)
+
+
+@pytest.fixture
+def traced(_traced_stack: Pipeline) -> Pipeline:
+    """The module's one stack, the model reset (a test may slow it down)."""
+    return fresh(_traced_stack)
 
 
 def _submit(p: Pipeline, headers: dict[str, str] | None = None) -> tuple[str, str]:
