@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import ssl
 import sys
 import tempfile
 import time
@@ -32,6 +33,15 @@ SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 # only turns a busy machine into a red suite (as STARTUP_S does for start-ups).
 SETTLE_S = 120.0
 SECRET = "e2e-secret-" + "s" * 32
+# One TLS context for every readiness poll: a bare ``httpx.get`` builds a client, and with it a
+# context that loads the CA bundle, each call (26 ms of CPU; with one ready, 0.3 ms). A stack's
+# start polled ~70 times, 1.7 CPU s of this process while the five services started beside it
+# (docs/benchmarks.md, "Stack start-up"). The URLs are plain http: the context is never used.
+_TLS = ssl.create_default_context()
+
+
+def _get(url: str, timeout: float) -> httpx.Response:
+    return httpx.get(url, timeout=timeout, verify=_TLS)
 
 
 class Pipeline(msgspec.Struct):
@@ -242,7 +252,7 @@ def wait_healthy(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if _get(f"{url}/readyz", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -258,7 +268,7 @@ def wait_services_up(children: list[Child], timeout: float) -> None:
         service = child.argv[-1].rpartition(".")[2]  # python -m services.<name>
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if f"baton_{service}_up 1.0" in httpx.get(url, timeout=1).text.splitlines():
+                if f"baton_{service}_up 1.0" in _get(url, timeout=1).text.splitlines():
                     break
             if child.exit_code() is not None or time.monotonic() > deadline:
                 raise TimeoutError(f"{child.name} not up\n{_tails([child])}")
@@ -311,12 +321,12 @@ def _started(child: Child) -> bool:
     url = f"http://127.0.0.1:{child.env['BATON_METRICS_PORT']}/metrics"
     service = child.argv[-1].rpartition(".")[2]  # python -m services.<name>
     try:
-        if f"baton_{service}_up 1.0" not in httpx.get(url, timeout=2).text.splitlines():
+        if f"baton_{service}_up 1.0" not in _get(url, timeout=2).text.splitlines():
             return False
         if "GATEWAY_HTTP_PORT" not in child.env:
             return True
         ready = f"http://127.0.0.1:{child.env['GATEWAY_HTTP_PORT']}/readyz"
-        return httpx.get(ready, timeout=2).status_code == 200
+        return _get(ready, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
 
