@@ -26,9 +26,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baton.embedded import NatsServer, PostgresServer, create_database  # noqa: E402
-from tests.conftest import _drop_database  # noqa: E402
-from tests.e2e import conftest as e2e  # noqa: E402
+from baton import embedded
+from baton.embedded import NatsServer, PostgresServer, create_database
+from tests.conftest import _drop_database
+from tests.e2e import conftest as e2e
+
+# What tests/conftest.py gives the session's Postgres (none before it had any, so an older tree
+# runs this script too).
+SETTINGS = getattr(embedded, "THROWAWAY_PG_SETTINGS", {})
 
 
 class Clock:
@@ -56,7 +61,9 @@ def one_stack(clock: Clock, admin_dsn: str, tmp: Path, own_postgres: bool) -> No
     t0 = time.perf_counter()
     if own_postgres:
         with clock.part("postgres (own, fresh data dir)"):
-            postgres = PostgresServer(Path(tempfile.mkdtemp(prefix="baton-st-pg-")) / "data")
+            postgres = PostgresServer(
+                Path(tempfile.mkdtemp(prefix="baton-st-pg-")) / "data", settings=SETTINGS
+            )
             postgres.start()
         postgres.stop()
         shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
@@ -117,7 +124,7 @@ def main() -> None:
     clock = Clock()
     _timed(clock)
     with clock.part("session postgres (fresh data dir)"):
-        postgres = PostgresServer(base / "pg" / "data")
+        postgres = PostgresServer(base / "pg" / "data", settings=SETTINGS)
         postgres.start()
     try:
         load0 = os.getloadavg()[0]

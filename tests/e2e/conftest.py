@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import ssl
 import sys
 import tempfile
 import time
@@ -20,12 +19,19 @@ import pytest
 from baton import permissions, roles
 from baton.devtoken import make_token
 from baton.embedded import STARTUP_S as STARTUP_S  # re-exported: the e2e tests import it
-from baton.embedded import NatsServer, PostgresServer, create_database, free_ports
+from baton.embedded import (
+    THROWAWAY_PG_SETTINGS,
+    NatsServer,
+    PostgresServer,
+    create_database,
+    free_ports,
+)
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
 from tests.conftest import ExternalPostgres, _drop_database
+from tests.support import http_get
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 # Bound on a wait for an answer, a state or a log line that the test does not time: quiet, each
@@ -33,15 +39,6 @@ SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 # only turns a busy machine into a red suite (as STARTUP_S does for start-ups).
 SETTLE_S = 120.0
 SECRET = "e2e-secret-" + "s" * 32
-# One TLS context for every readiness poll: a bare ``httpx.get`` builds a client, and with it a
-# context that loads the CA bundle, each call (26 ms of CPU; with one ready, 0.3 ms). A stack's
-# start polled ~70 times, 1.7 CPU s of this process while the five services started beside it
-# (docs/benchmarks.md, "Stack start-up"). The URLs are plain http: the context is never used.
-_TLS = ssl.create_default_context()
-
-
-def _get(url: str, timeout: float) -> httpx.Response:
-    return httpx.get(url, timeout=timeout, verify=_TLS)
 
 
 class Pipeline(msgspec.Struct):
@@ -131,7 +128,7 @@ def own_pipeline(tmp_path: Path) -> Iterator[OwnPipeline]:
     """Five services on a NATS and a Postgres of this test's own, so the test may stop them."""
     # Not pytest's tmp dir: it is mode 0700 under root, which the unprivileged postgres can't enter.
     base = Path(tempfile.mkdtemp(prefix="baton-e2e-pg-"))
-    postgres = PostgresServer(base / "data")
+    postgres = PostgresServer(base / "data", settings=THROWAWAY_PG_SETTINGS)
     nats = NatsServer(tmp_path / "nats")
     try:
         postgres.start()
@@ -252,7 +249,7 @@ def wait_healthy(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if _get(f"{url}/readyz", timeout=1).status_code == 200:
+            if http_get(f"{url}/readyz", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -268,7 +265,7 @@ def wait_services_up(children: list[Child], timeout: float) -> None:
         service = child.argv[-1].rpartition(".")[2]  # python -m services.<name>
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if f"baton_{service}_up 1.0" in _get(url, timeout=1).text.splitlines():
+                if f"baton_{service}_up 1.0" in http_get(url, timeout=1).text.splitlines():
                     break
             if child.exit_code() is not None or time.monotonic() > deadline:
                 raise TimeoutError(f"{child.name} not up\n{_tails([child])}")
@@ -321,12 +318,12 @@ def _started(child: Child) -> bool:
     url = f"http://127.0.0.1:{child.env['BATON_METRICS_PORT']}/metrics"
     service = child.argv[-1].rpartition(".")[2]  # python -m services.<name>
     try:
-        if f"baton_{service}_up 1.0" not in _get(url, timeout=2).text.splitlines():
+        if f"baton_{service}_up 1.0" not in http_get(url, timeout=2).text.splitlines():
             return False
         if "GATEWAY_HTTP_PORT" not in child.env:
             return True
         ready = f"http://127.0.0.1:{child.env['GATEWAY_HTTP_PORT']}/readyz"
-        return _get(ready, timeout=2).status_code == 200
+        return http_get(ready, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
 
