@@ -37,6 +37,7 @@ from baton import private
 __all__ = [
     "SERVICE_USER",
     "STARTUP_S",
+    "THROWAWAY_PG_SETTINGS",
     "EmbeddedServerError",
     "NatsCluster",
     "NatsServer",
@@ -664,6 +665,13 @@ host    all       all   ::1/128       scram-sha-256
 """
 
 
+# For a cluster nobody keeps (the tests' own): no fsync, no full-page images, and initdb does not
+# sync the new cluster either. A postgres that is killed loses nothing by it (commits are still
+# written to the OS at once, synchronous_commit stays on); only a crash of the whole machine
+# could, and a test cluster is made anew then. Never for `baton up`'s data (docs/decisions.md).
+THROWAWAY_PG_SETTINGS: Mapping[str, str] = {"fsync": "off", "full_page_writes": "off"}
+
+
 class PostgresServer(_Started):
     """A postgres child process on 127.0.0.1, run unprivileged when we are root.
 
@@ -786,6 +794,8 @@ class PostgresServer(_Started):
                 "--encoding=UTF8",
                 "--no-locale",
                 "--no-instructions",
+                # A cluster that will never fsync needs no sync at its creation either.
+                *(["--no-sync"] if self.settings.get("fsync") == "off" else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

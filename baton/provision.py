@@ -127,33 +127,37 @@ async def provision(
         async def again(call: Callable[..., Awaitable[T]], *args: Any) -> T:
             return await _while_unavailable(unavailable_s, call, *args)
 
-        for spec in subjects.STREAMS:
+        async def stream(spec: subjects.StreamSpec) -> str:
             cfg = stream_config(spec, dedup_window_s, replicas, kept)
             try:
                 await again(js.stream_info, spec.name)
                 await again(js.update_stream, cfg)
-                done.append(f"stream {spec.name} updated")
+                return f"stream {spec.name} updated"
             except nats.js.errors.NotFoundError:
                 await again(js.add_stream, cfg)
-                done.append(f"stream {spec.name} created")
-        for cspec in wiring.CONSUMERS:
+                return f"stream {spec.name} created"
+
+        async def consumer(cspec: subjects.ConsumerSpec) -> str:
             await again(js.add_consumer, cspec.stream, consumer_config(cspec, ack_wait_s))
-            done.append(f"consumer {cspec.stream}/{cspec.durable} ready")
-        buckets = (
-            (subjects.BUCKET_RUNS, 0.0),
-            (subjects.BUCKET_LIMITS, subjects.LIMITS_TTL_S),
-            (subjects.BUCKET_ABORTS, subjects.ABORTS_TTL_S),
-        )
-        for bucket, ttl in buckets:
+            return f"consumer {cspec.stream}/{cspec.durable} ready"
+
+        async def bucket(name: str, ttl: float) -> str:
             kv = KeyValueConfig(
-                bucket=bucket,
-                history=1,
-                ttl=ttl or None,
-                storage=StorageType.FILE,
-                replicas=replicas,
+                bucket=name, history=1, ttl=ttl or None, storage=StorageType.FILE, replicas=replicas
             )
             await again(js.create_key_value, kv)
-            done.append(f"bucket {bucket} ready")
+            return f"bucket {name} ready"
+
+        # Independent requests go at once (about 55 one after another took 0.1-0.3 s of every
+        # test stack's start); consumers only after every stream exists. The lines keep the
+        # order of the lists, whatever order the answers came in.
+        done += await asyncio.gather(*(stream(spec) for spec in subjects.STREAMS))
+        done += await asyncio.gather(
+            *(consumer(cspec) for cspec in wiring.CONSUMERS),
+            bucket(subjects.BUCKET_RUNS, 0.0),
+            bucket(subjects.BUCKET_LIMITS, subjects.LIMITS_TTL_S),
+            bucket(subjects.BUCKET_ABORTS, subjects.ABORTS_TTL_S),
+        )
     finally:
         await nc.close()
     return done

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from baton.embedded import NatsServer, PostgresServer, create_database
+from baton.embedded import THROWAWAY_PG_SETTINGS, NatsServer, PostgresServer, create_database
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def postgres_server() -> Iterator[PostgresServer | ExternalPostgres]:
         return
     # Not pytest's tmp dir: it is mode 0700 under root, which the unprivileged postgres can't enter.
     base = Path(tempfile.mkdtemp(prefix="baton-test-pg-"))
-    server = PostgresServer(base / "data")
+    server = PostgresServer(base / "data", settings=THROWAWAY_PG_SETTINGS)
     try:
         server.start()
         yield server

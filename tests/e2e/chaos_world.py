@@ -20,7 +20,14 @@ import msgspec
 import nats
 import nats.js.errors
 
-from baton.embedded import STARTUP_S, NatsServer, PostgresServer, create_database, free_port
+from baton.embedded import (
+    STARTUP_S,
+    THROWAWAY_PG_SETTINGS,
+    NatsServer,
+    PostgresServer,
+    create_database,
+    free_port,
+)
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
@@ -67,7 +74,7 @@ def chaos_world(
     """Everything started and ready; ``extra``: more environment for every service."""
     base = Path(tempfile.mkdtemp(prefix="baton-chaos-"))
     nats = NatsServer(base / "nats")
-    pg = PostgresServer(base / "pg")
+    pg = PostgresServer(base / "pg", settings=THROWAWAY_PG_SETTINGS)
     nats.start()
     pg.start()
     try:

@@ -20,12 +20,19 @@ import pytest
 from baton import permissions, roles
 from baton.devtoken import make_token
 from baton.embedded import STARTUP_S as STARTUP_S  # re-exported: the e2e tests import it
-from baton.embedded import NatsServer, PostgresServer, create_database, free_ports
+from baton.embedded import (
+    THROWAWAY_PG_SETTINGS,
+    NatsServer,
+    PostgresServer,
+    create_database,
+    free_ports,
+)
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
 from tests.conftest import ExternalPostgres, _drop_database
+from tests.support import http_get
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 # Bound on a wait for an answer, a state or a log line that the test does not time: quiet, each
@@ -139,7 +146,7 @@ def own_pipeline(tmp_path: Path) -> Iterator[OwnPipeline]:
     """Five services on a NATS and a Postgres of this test's own, so the test may stop them."""
     # Not pytest's tmp dir: it is mode 0700 under root, which the unprivileged postgres can't enter.
     base = Path(tempfile.mkdtemp(prefix="baton-e2e-pg-"))
-    postgres = PostgresServer(base / "data")
+    postgres = PostgresServer(base / "data", settings=THROWAWAY_PG_SETTINGS)
     nats = NatsServer(tmp_path / "nats")
     try:
         postgres.start()
@@ -275,7 +282,7 @@ def wait_healthy(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if http_get(f"{url}/readyz", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -291,7 +298,7 @@ def wait_services_up(children: list[Child], timeout: float) -> None:
         service = child.argv[-1].rpartition(".")[2]  # python -m services.<name>
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if f"baton_{service}_up 1.0" in httpx.get(url, timeout=1).text.splitlines():
+                if f"baton_{service}_up 1.0" in http_get(url, timeout=1).text.splitlines():
                     break
             if child.exit_code() is not None or time.monotonic() > deadline:
                 raise TimeoutError(f"{child.name} not up\n{_tails([child])}")
@@ -344,12 +351,12 @@ def _started(child: Child) -> bool:
     url = f"http://127.0.0.1:{child.env['BATON_METRICS_PORT']}/metrics"
     service = child.argv[-1].rpartition(".")[2]  # python -m services.<name>
     try:
-        if f"baton_{service}_up 1.0" not in httpx.get(url, timeout=2).text.splitlines():
+        if f"baton_{service}_up 1.0" not in http_get(url, timeout=2).text.splitlines():
             return False
         if "GATEWAY_HTTP_PORT" not in child.env:
             return True
         ready = f"http://127.0.0.1:{child.env['GATEWAY_HTTP_PORT']}/readyz"
-        return httpx.get(ready, timeout=2).status_code == 200
+        return http_get(ready, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
 

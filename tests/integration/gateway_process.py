@@ -20,6 +20,7 @@ from baton.migrate import migrate
 from baton.provision import provision
 from baton.supervisor import Child, service_env
 from tests.conftest import ExternalPostgres, _drop_database
+from tests.support import http_get
 
 SECRET = "limits-secret-" + "x" * 32
 MIB = 1024 * 1024
@@ -92,7 +93,7 @@ def start_gateway(
         deadline = time.monotonic() + STARTUP_S  # a start-up: it times nothing a test checks
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200:
+                if http_get(f"{gw.url}/readyz", timeout=1).status_code == 200:
                     return gw
             assert child.exit_code() is None, gw.log()
             assert time.monotonic() < deadline, (
