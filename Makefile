@@ -23,7 +23,7 @@ up: $(STAMP)
 	$(BIN)/baton up $(ARGS)
 
 test: $(STAMP) tools browser-tools client-tools container-tools bytecode
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The project's own bytecode, once: with PYTHONDONTWRITEBYTECODE=1 (set on CI machines) each of
 # the ~300 service processes a test run starts would compile baton/shared/services again (pip

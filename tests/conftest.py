@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,26 @@ import asyncpg
 import pytest
 
 from baton.embedded import THROWAWAY_PG_SETTINGS, NatsServer, PostgresServer, create_database
+
+# The order files go to `make test`'s xdist workers (`--dist loadfile --no-loadscope-reorder`):
+# longest first, by the seconds each took in a measured run (tests/file_costs.json, written by
+# scripts/file_costs.py), so no long file starts last and holds one worker while the others
+# wait. A file not listed yet is costed by its directory.
+FILE_COSTS = Path(__file__).with_name("file_costs.json")
+DIR_COST = {"compose": 100.0, "e2e": 30.0, "browser": 30.0, "clients": 30.0, "integration": 10.0}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    known: dict[str, float] = json.loads(FILE_COSTS.read_text()) if FILE_COSTS.exists() else {}
+
+    def cost(item: pytest.Item) -> float:
+        path = item.nodeid.split("::", 1)[0]
+        if path in known:
+            return known[path]
+        parts = path.split("/")
+        return DIR_COST.get(parts[1], 1.0) if len(parts) > 2 else 1.0
+
+    items.sort(key=lambda item: -cost(item))  # stable: a file's tests keep their order
 
 
 @dataclass(frozen=True)
