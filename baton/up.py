@@ -229,9 +229,11 @@ class Stack:
                 },
                 "logs": str(self.logs),
             }
-            # It holds a 30-day token: 0600 from the first byte, and never seen half-written.
-            private.write_file(endpoints, json.dumps(info, indent=2))
+            # The banner first: the endpoints file is what scripts wait for, so once it exists
+            # everything baton up announces has been printed. It holds a 30-day token: 0600
+            # from the first byte, and never seen half-written.
             self._banner(info)
+            private.write_file(endpoints, json.dumps(info, indent=2))
             while not self.stop_requested:
                 supervisor.poll()
                 if model is not None and model.exit_code() is not None:

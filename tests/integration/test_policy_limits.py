@@ -506,14 +506,21 @@ async def test_a_run_cancelled_while_queued_gives_its_reservation_back(infra: In
             # The hold is given back first, the run's record written after it: wait for both.
             c = await _counter(bus, subjects.budget_key(day, p))
             state, _ = await runs.get(run_id)
-            settled = state.reservation is not None and state.reservation.settled
-            return (c, state) if run_id not in c.open and settled else None
+            settled = state.reservation is None or state.reservation.settled
+            done = state.status == "cancelled" and settled
+            return (c, state) if run_id not in c.open and done else None
 
         c, state = await eventually(given_back)
         assert list(c.open) == [core.run_id_for(first.message_id)]
-        assert (c.settled_runs, c.settled_tokens) == (1, 0)
         assert state.status == "cancelled" and core.skipped(state)
-        assert state.reservation is not None and state.reservation.settled
+        if state.reservation is not None:
+            # The cancel found the queued run: its hold settled with nothing used.
+            assert state.reservation.settled and (c.settled_runs, c.settled_tokens) == (1, 0)
+        else:
+            # Seen on a loaded machine: the cancel came between the decision's hold and its
+            # record, so it wrote the run's tombstone; the decision found it and gave its
+            # hold back uncounted.
+            assert (c.settled_runs, c.settled_tokens) == (0, 0)
     await bus.close()
 
 
