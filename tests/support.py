@@ -129,6 +129,26 @@ def user_event(
     )
 
 
+def agent_decision(project: str = "p1", user: str = "u1") -> m.AgentDecision:
+    """The agent's advice for a new message of a new conversation: answer it, a small task."""
+    mid = str(uuid.uuid4())
+    return m.AgentDecision(
+        event_id=f"decision:{mid}",
+        message_id=mid,
+        conversation_id=str(uuid.uuid4()),
+        project_id=project,
+        user_id=user,
+        position=1,
+        decision=m.Decision(
+            intent="question",
+            complexity="low",
+            action="answer",
+            executor="chat",
+            estimated_tokens=200,
+        ),
+    )
+
+
 SONNET_PRICES = m.Prices(input=3.0, output=15.0, cache_read=0.3, cache_write=3.75)
 
 

@@ -81,6 +81,7 @@ class StoredReply(msgspec.Struct, frozen=True):
     inserted: bool
     usage: m.Usage = m.Usage()  # every call of the run so far, failed and cut ones included
     cost_usd: float = 0.0
+    calls: tuple[str, ...] | None = None  # the call ids ``usage`` sums (None: not read)
     asked_at: datetime | None = None  # when the user message was accepted, if it was read too
 
 
@@ -216,7 +217,8 @@ SELECT COALESCE(SUM(input_tokens), 0) AS input_tokens,
        COALESCE(SUM(output_tokens), 0) AS output_tokens,
        COALESCE(SUM(cache_read_tokens), 0) AS cache_read_tokens,
        COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens,
-       COALESCE(SUM(cost_usd), 0) AS cost_usd
+       COALESCE(SUM(cost_usd), 0) AS cost_usd,
+       COALESCE(array_agg(call_id), '{}') AS calls
 FROM usage WHERE run_id = $1 AND purpose <> 'classification'
 """
 
@@ -351,7 +353,8 @@ SELECT u.created_at AS asked_at, (SELECT count(*) FROM used) AS counted,
            AND NOT EXISTS (SELECT 1 FROM used) AS raced,
        s.id, s.conversation_id, s.project_id, s.user_id, s.reply_to, s.kind, s.content,
        s.created_at, s.inserted,
-       t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.cost_usd
+       t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.cost_usd,
+       t.calls
 FROM u
 LEFT JOIN LATERAL (
     SELECT id, conversation_id, project_id, user_id, reply_to, kind, content, created_at,
@@ -368,13 +371,15 @@ CROSS JOIN LATERAL (
            COALESCE(sum(output_tokens), 0) AS output_tokens,
            COALESCE(sum(cache_read_tokens), 0) AS cache_read_tokens,
            COALESCE(sum(cache_write_tokens), 0) AS cache_write_tokens,
-           COALESCE(sum(cost_usd), 0) AS cost_usd
-    FROM (SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+           COALESCE(sum(cost_usd), 0) AS cost_usd,
+           COALESCE(array_agg(DISTINCT call_id), '{}') AS calls
+    FROM (SELECT call_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                 cost_usd
           FROM usage WHERE run_id = $4 AND purpose <> 'classification'
           UNION ALL
-          SELECT * FROM used
+          SELECT $2, * FROM used
           UNION ALL
-          SELECT * FROM replaced) AS z
+          SELECT $2, * FROM replaced) AS z
 ) AS t
 """
 )
@@ -569,6 +574,7 @@ class Store:
                     cache_write_tokens=int(row["cache_write_tokens"]),
                 ),
                 cost_usd=float(row["cost_usd"]),
+                calls=tuple(row["calls"]),
                 asked_at=row["asked_at"],
             )
 
@@ -779,7 +785,9 @@ class Store:
             cache_read_tokens=int(row["cache_read_tokens"]),
             cache_write_tokens=int(row["cache_write_tokens"]),
         )
-        return msgspec.structs.replace(stored, usage=usage, cost_usd=float(row["cost_usd"]))
+        return msgspec.structs.replace(
+            stored, usage=usage, cost_usd=float(row["cost_usd"]), calls=tuple(row["calls"])
+        )
 
     async def _add_usage(
         self,

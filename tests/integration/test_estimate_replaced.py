@@ -99,6 +99,7 @@ async def test_an_answer_replaces_the_estimate_of_its_call_and_the_totals_move_b
     assert await _totals(pool, e.project_id) == pytest.approx(_counts(EXACT, exact.prices))
     # The run's usage it announces (what policy settles with) is the exact one, counted once.
     assert (stored.inserted, stored.usage) == (True, EXACT)
+    assert stored.calls == (exact.call_id,)  # the replaced row, once
     assert stored.cost_usd == pytest.approx(EXACT.cost_usd(exact.prices))
     runs = await pool.fetchval("SELECT runs FROM project_usage WHERE project_id = $1", e.project_id)
     assert runs == 1
@@ -140,7 +141,7 @@ async def test_the_exact_usage_delivered_many_times_at_once_after_an_estimate_co
     assert await store.store_model_usage(_estimate(exact))
     stored = await asyncio.gather(*(store.store_result(exact) for _ in range(8)))
     assert sum(s.inserted for s in stored) == 1
-    assert all(s.usage == EXACT for s in stored)
+    assert all(s.usage == EXACT and s.calls == (exact.call_id,) for s in stored)
     [row] = await _rows(pool)
     assert _is_exact(row, exact)
     assert await _totals(pool, e.project_id) == pytest.approx(_counts(EXACT, exact.prices))
