@@ -110,6 +110,17 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
         await asyncio.sleep(0.05)
 
 
+async def blocked_on_a_lock(pool: Any, timeout: float = 60.0) -> None:
+    """Wait until a statement of this database waits for a row lock (a racing write is parked)."""
+    await eventually(
+        lambda: pool.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ),
+        timeout,
+    )
+
+
 def user_event(
     content: str = "What is a JetStream consumer?",
     project: str = "p1",

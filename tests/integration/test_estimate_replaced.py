@@ -16,7 +16,7 @@ from shared import estimate
 from shared import messages as m
 from shared.db import create_pool
 from tests.integration.conftest import Infra
-from tests.support import eventually, exec_result, user_event
+from tests.support import blocked_on_a_lock, exec_result, user_event
 
 EXACT = m.Usage(input_tokens=120, output_tokens=80, cache_read_tokens=10, cache_write_tokens=4)
 GUESS = m.Usage(input_tokens=120, output_tokens=30, cache_read_tokens=10, cache_write_tokens=4)
@@ -165,12 +165,7 @@ async def test_an_estimate_committed_while_the_answer_was_being_stored_is_still_
             other, guess.call_id, guess, est, guess.prices, guess.outcome, estimated=True
         )
         racing = asyncio.create_task(store.store_result(exact))
-        await eventually(
-            lambda: pool.fetchval(
-                "SELECT count(*) > 0 FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-        )
+        await blocked_on_a_lock(pool)
         assert not racing.done()
         await tx.commit()
     finally:

@@ -19,6 +19,7 @@ from shared.db import create_pool
 from shared.errors import BadData
 from tests.integration.conftest import Infra
 from tests.support import (
+    blocked_on_a_lock,
     connect_bus,
     decode_all,
     eventually,
@@ -439,12 +440,7 @@ async def test_a_result_racing_one_that_commits_later_still_returns_the_stored_r
             core.rank("completed"),
         )
         racing = asyncio.create_task(store.store_result(second))
-        await eventually(
-            lambda: pool.fetchval(
-                "SELECT count(*) > 0 FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-        )
+        await blocked_on_a_lock(pool)
         assert not racing.done()
         await tx.commit()
     finally:
