@@ -140,16 +140,26 @@ def user_event(
     )
 
 
-def agent_decision(project: str = "p1", user: str = "u1") -> m.AgentDecision:
-    """The agent's advice for a new message of a new conversation: answer it, a small task."""
-    mid = str(uuid.uuid4())
+def agent_decision(
+    project: str = "p1",
+    user: str = "u1",
+    message: m.UserMessageAccepted | None = None,
+    position: int = 1,
+) -> m.AgentDecision:
+    """The agent's advice to answer a message, a small task: ``message``'s, or a new one's in a
+    new conversation of ``project`` and ``user``."""
+    if message is None:
+        mid, conversation = str(uuid.uuid4()), str(uuid.uuid4())
+    else:
+        mid, conversation = message.message_id, message.conversation_id
+        project, user = message.project_id, message.user_id
     return m.AgentDecision(
         event_id=f"decision:{mid}",
         message_id=mid,
-        conversation_id=str(uuid.uuid4()),
+        conversation_id=conversation,
         project_id=project,
         user_id=user,
-        position=1,
+        position=position,
         decision=m.Decision(
             intent="question",
             complexity="low",
