@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats
+import nats.errors
 import nats.js.errors
 from nats.js.api import (
     AckPolicy,
@@ -35,19 +36,28 @@ MAX_REPLICAS = 5
 UNCAPPED = frozenset({"CONVERSATIONS"})
 
 
+# Requests in flight at once: enough to start a test stack quickly, few enough that a loaded
+# three-node cluster answers each replicated create within the client's request timeout.
+IN_FLIGHT = 8
+
+
 async def _while_unavailable(bound_s: float, call: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``call(*args)`` (one JetStream API request), asked again while JetStream answers 503.
+    """``call(*args)`` (one JetStream API request), asked again while JetStream answers 503 or
+    does not answer in time.
 
     A cluster that is starting (a meta leader not elected yet), or a stream just created whose
     group has no leader yet, answers "JetStream system temporarily unavailable": in a few
-    seconds it will answer. ``bound_s`` ends a wait that failed; the last 503 is raised then.
+    seconds it will answer. A loaded cluster may take longer than the request timeout to create
+    a replicated stream; asking again is safe, since every request here is idempotent (a create
+    with the same configuration answers as the first one did). ``bound_s`` ends a wait that
+    failed; the last error is raised then.
     """
     deadline = time.monotonic() + bound_s
     delay = 0.1
     while True:
         try:
             return await call(*args)
-        except nats.js.errors.ServiceUnavailableError:
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError):
             if time.monotonic() + delay > deadline:
                 raise
             await asyncio.sleep(delay)
@@ -110,7 +120,8 @@ async def provision(
     stream): 1 on a single server, 3 on a 3-node cluster so one node may fail. ``kept``:
     the projects' retention (default: the policy file in ``BATON_POLICY_FILE``, if any), which
     caps every content stream's ``max_age``. A request JetStream answers with 503 (a cluster
-    still electing its leaders) is asked again for up to ``unavailable_s``.
+    still electing its leaders) or not in time is asked again for up to ``unavailable_s``;
+    at most ``IN_FLIGHT`` are in flight at once.
     """
     if kept is None:
         kept = retention.load(os.environ.get("BATON_POLICY_FILE"))
@@ -123,9 +134,11 @@ async def provision(
     done: list[str] = []
     try:
         js = nc.jetstream()
+        slots = asyncio.Semaphore(IN_FLIGHT)
 
         async def again(call: Callable[..., Awaitable[T]], *args: Any) -> T:
-            return await _while_unavailable(unavailable_s, call, *args)
+            async with slots:
+                return await _while_unavailable(unavailable_s, call, *args)
 
         async def stream(spec: subjects.StreamSpec) -> str:
             cfg = stream_config(spec, dedup_window_s, replicas, kept)

@@ -318,6 +318,8 @@ class AssistantMessagePersisted(Event, kw_only=True, frozen=True):
     status: RunStatus
     usage: Usage = Usage()  # every attempt of the run, failed and cut ones included
     cost_usd: float = 0.0  # of ``usage``, at each call's own prices
+    # The call ids ``usage`` sums (None: not said, by a persister older than the field).
+    calls: tuple[str, ...] | None = None
 
 
 class CancelRequested(Event, kw_only=True, frozen=True):

@@ -110,6 +110,17 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
         await asyncio.sleep(0.05)
 
 
+async def blocked_on_a_lock(pool: Any, timeout: float = 60.0) -> None:
+    """Wait until a statement of this database waits for a row lock (a racing write is parked)."""
+    await eventually(
+        lambda: pool.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ),
+        timeout,
+    )
+
+
 def user_event(
     content: str = "What is a JetStream consumer?",
     project: str = "p1",
@@ -126,6 +137,36 @@ def user_event(
         content=content,
         content_hash="h",
         created_at=datetime.now(UTC),
+    )
+
+
+def agent_decision(
+    project: str = "p1",
+    user: str = "u1",
+    message: m.UserMessageAccepted | None = None,
+    position: int = 1,
+) -> m.AgentDecision:
+    """The agent's advice to answer a message, a small task: ``message``'s, or a new one's in a
+    new conversation of ``project`` and ``user``."""
+    if message is None:
+        mid, conversation = str(uuid.uuid4()), str(uuid.uuid4())
+    else:
+        mid, conversation = message.message_id, message.conversation_id
+        project, user = message.project_id, message.user_id
+    return m.AgentDecision(
+        event_id=f"decision:{mid}",
+        message_id=mid,
+        conversation_id=conversation,
+        project_id=project,
+        user_id=user,
+        position=position,
+        decision=m.Decision(
+            intent="question",
+            complexity="low",
+            action="answer",
+            executor="chat",
+            estimated_tokens=200,
+        ),
     )
 
 

@@ -81,6 +81,7 @@ class StoredReply(msgspec.Struct, frozen=True):
     inserted: bool
     usage: m.Usage = m.Usage()  # every call of the run so far, failed and cut ones included
     cost_usd: float = 0.0
+    calls: tuple[str, ...] | None = None  # the call ids ``usage`` sums (None: not read)
     asked_at: datetime | None = None  # when the user message was accepted, if it was read too
 
 
@@ -216,9 +217,33 @@ SELECT COALESCE(SUM(input_tokens), 0) AS input_tokens,
        COALESCE(SUM(output_tokens), 0) AS output_tokens,
        COALESCE(SUM(cache_read_tokens), 0) AS cache_read_tokens,
        COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens,
-       COALESCE(SUM(cost_usd), 0) AS cost_usd
+       COALESCE(SUM(cost_usd), 0) AS cost_usd,
+       COALESCE(array_agg(call_id), '{}') AS calls
 FROM usage WHERE run_id = $1 AND purpose <> 'classification'
 """
+
+
+def _replace_estimate(call_id: str, only_if: str, sets: str) -> str:
+    """The two CTEs that replace an estimated usage row of ``call_id`` by an exact one (when
+    ``only_if``): ``old``, the estimate as it was (locked, re-checked once a concurrent writer
+    commits), and ``replaced``, the row rewritten with ``sets``, returning what each column
+    moved by (what the project totals add)."""
+    return f"""
+old AS (
+    SELECT call_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+    FROM usage WHERE call_id = {call_id} AND estimated AND {only_if}
+    FOR UPDATE
+),
+replaced AS (
+    UPDATE usage x SET {sets}, estimated = false
+    FROM old WHERE x.call_id = old.call_id
+    RETURNING x.input_tokens - old.input_tokens AS input_tokens,
+              x.output_tokens - old.output_tokens AS output_tokens,
+              x.cache_read_tokens - old.cache_read_tokens AS cache_read_tokens,
+              x.cache_write_tokens - old.cache_write_tokens AS cache_write_tokens,
+              x.cost_usd - old.cost_usd AS cost_usd
+),"""
+
 
 # One call's usage in one statement: inserted once per call id; or, where an estimate of it was
 # stored first (policy billed a call it took for dead, docs/guarantees.md I4) and this is the
@@ -227,7 +252,8 @@ FROM usage WHERE run_id = $1 AND purpose <> 'classification'
 # with nothing inserted, a concurrent write stored one since (it reads again: its next statement
 # sees it). An estimate's row found by FOR UPDATE is re-checked once its writer commits: of two
 # exact copies at once, one replaces it, the other finds it exact and counts nothing.
-ADD_USAGE = """
+ADD_USAGE = (
+    """
 WITH ins AS (
     INSERT INTO usage (call_id, task_id, run_id, attempt, project_id, model, outcome,
                        input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
@@ -235,24 +261,16 @@ WITH ins AS (
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
     ON CONFLICT (call_id) DO NOTHING
     RETURNING input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
-),
-old AS (
-    SELECT call_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
-    FROM usage WHERE call_id = $1 AND estimated AND NOT $14::boolean
-    FOR UPDATE
-),
-rep AS (
-    UPDATE usage x SET task_id = $2, run_id = $3, attempt = $4, model = $6, outcome = $7,
-        input_tokens = $8, output_tokens = $9, cache_read_tokens = $10,
-        cache_write_tokens = $11, cost_usd = $12, purpose = $13, estimated = false
-    FROM old WHERE x.call_id = old.call_id
-    RETURNING x.input_tokens - old.input_tokens AS input_tokens,
-              x.output_tokens - old.output_tokens AS output_tokens,
-              x.cache_read_tokens - old.cache_read_tokens AS cache_read_tokens,
-              x.cache_write_tokens - old.cache_write_tokens AS cache_write_tokens,
-              x.cost_usd - old.cost_usd AS cost_usd
-),
-delta AS (SELECT * FROM ins UNION ALL SELECT * FROM rep),
+),"""
+    + _replace_estimate(
+        "$1",
+        "NOT $14::boolean",
+        "task_id = $2, run_id = $3, attempt = $4, model = $6, outcome = $7, input_tokens = $8, "
+        "output_tokens = $9, cache_read_tokens = $10, cache_write_tokens = $11, cost_usd = $12, "
+        "purpose = $13",
+    )
+    + """
+delta AS (SELECT * FROM ins UNION ALL SELECT * FROM replaced),
 totals AS (
     INSERT INTO project_usage AS p (project_id, input_tokens, output_tokens, cache_read_tokens,
                                     cache_write_tokens, cost_usd, runs)
@@ -267,10 +285,11 @@ totals AS (
         cost_usd = p.cost_usd + EXCLUDED.cost_usd,
         updated_at = now()
 )
-SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM rep) AS replaced,
+SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM replaced) AS replaced,
        (SELECT COALESCE(sum(cost_usd), 0) FROM delta) AS cost_usd,
        NOT EXISTS (SELECT 1 FROM usage WHERE call_id = $1) AS unseen
 """
+)
 
 # A call's result in one statement (one round trip, atomic without BEGIN/COMMIT): its usage
 # (once per call; an estimate of it stored first is replaced, as in ADD_USAGE), the run's
@@ -292,23 +311,15 @@ used AS (
     SELECT $2, $3, $4, $5, $6, $7, 'completed', $8, $9, $10, $11, $12 FROM u
     ON CONFLICT (call_id) DO NOTHING
     RETURNING input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
-),
-old AS (
-    SELECT call_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
-    FROM usage WHERE call_id = $2 AND estimated AND EXISTS (SELECT 1 FROM u)
-    FOR UPDATE
-),
-replaced AS (
-    UPDATE usage x SET task_id = $3, run_id = $4, attempt = $5, model = $7,
-        outcome = 'completed', input_tokens = $8, output_tokens = $9, cache_read_tokens = $10,
-        cache_write_tokens = $11, cost_usd = $12, purpose = 'answer', estimated = false
-    FROM old WHERE x.call_id = old.call_id
-    RETURNING x.input_tokens - old.input_tokens AS input_tokens,
-              x.output_tokens - old.output_tokens AS output_tokens,
-              x.cache_read_tokens - old.cache_read_tokens AS cache_read_tokens,
-              x.cache_write_tokens - old.cache_write_tokens AS cache_write_tokens,
-              x.cost_usd - old.cost_usd AS cost_usd
-),
+),"""
+    + _replace_estimate(
+        "$2",
+        "EXISTS (SELECT 1 FROM u)",
+        "task_id = $3, run_id = $4, attempt = $5, model = $7, outcome = 'completed', "
+        "input_tokens = $8, output_tokens = $9, cache_read_tokens = $10, "
+        "cache_write_tokens = $11, cost_usd = $12, purpose = 'answer'",
+    )
+    + """
 reply AS (
     INSERT INTO messages (id, conversation_id, project_id, user_id, role, kind, content, run_id,
                           reply_to, created_at)
@@ -351,7 +362,8 @@ SELECT u.created_at AS asked_at, (SELECT count(*) FROM used) AS counted,
            AND NOT EXISTS (SELECT 1 FROM used) AS raced,
        s.id, s.conversation_id, s.project_id, s.user_id, s.reply_to, s.kind, s.content,
        s.created_at, s.inserted,
-       t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.cost_usd
+       t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.cost_usd,
+       t.calls
 FROM u
 LEFT JOIN LATERAL (
     SELECT id, conversation_id, project_id, user_id, reply_to, kind, content, created_at,
@@ -368,13 +380,15 @@ CROSS JOIN LATERAL (
            COALESCE(sum(output_tokens), 0) AS output_tokens,
            COALESCE(sum(cache_read_tokens), 0) AS cache_read_tokens,
            COALESCE(sum(cache_write_tokens), 0) AS cache_write_tokens,
-           COALESCE(sum(cost_usd), 0) AS cost_usd
-    FROM (SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd
+           COALESCE(sum(cost_usd), 0) AS cost_usd,
+           COALESCE(array_agg(DISTINCT call_id), '{}') AS calls
+    FROM (SELECT call_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                 cost_usd
           FROM usage WHERE run_id = $4 AND purpose <> 'classification'
           UNION ALL
-          SELECT * FROM used
+          SELECT $2, * FROM used
           UNION ALL
-          SELECT * FROM replaced) AS z
+          SELECT $2, * FROM replaced) AS z
 ) AS t
 """
 )
@@ -569,6 +583,7 @@ class Store:
                     cache_write_tokens=int(row["cache_write_tokens"]),
                 ),
                 cost_usd=float(row["cost_usd"]),
+                calls=tuple(row["calls"]),
                 asked_at=row["asked_at"],
             )
 
@@ -779,7 +794,9 @@ class Store:
             cache_read_tokens=int(row["cache_read_tokens"]),
             cache_write_tokens=int(row["cache_write_tokens"]),
         )
-        return msgspec.structs.replace(stored, usage=usage, cost_usd=float(row["cost_usd"]))
+        return msgspec.structs.replace(
+            stored, usage=usage, cost_usd=float(row["cost_usd"]), calls=tuple(row["calls"])
+        )
 
     async def _add_usage(
         self,

@@ -331,6 +331,7 @@ class Handlers:
             status=core.REPLY_STATUS[stored.kind],
             usage=stored.usage,
             cost_usd=stored.cost_usd,
+            calls=stored.calls,
         )
         await self.bus.publish(
             subjects.persisted_assistant(stored.project_id, str(stored.conversation_id)),

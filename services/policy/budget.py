@@ -35,7 +35,9 @@ class Counter(msgspec.Struct, kw_only=True):
     settled_cost_usd: float = 0.0
     settled_runs: int = 0
     open: dict[str, Hold] = msgspec.field(default_factory=dict)
-    # Calls charged after their run settled (hashes of their call ids): each counts once.
+    # Calls charged after their run settled (hashes of their call ids, the newest ``LATE_KEPT``):
+    # each counts once. The run's record keeps the calls charged for it too, so this list only
+    # has to span a crash between a charge and that write, or two deliveries of one timer.
     late: list[str] = msgspec.field(default_factory=list)
 
     def tokens(self) -> int:
@@ -220,6 +222,10 @@ def settle(c: Counter, run_id: str, tokens: int, cost_usd: float) -> Counter | N
     )
 
 
+# About 35 bytes each in the counter's JSON: at most ~35 KB, far below a KV value's limit.
+LATE_KEPT = 1000
+
+
 def charge(c: Counter, call_id: str, tokens: int, cost_usd: float) -> Counter | None:
     """Count a call its run's settlement could not include (billed after it, by estimate);
     None when this call was charged already."""
@@ -231,7 +237,7 @@ def charge(c: Counter, call_id: str, tokens: int, cost_usd: float) -> Counter | 
         settled_tokens=c.settled_tokens + max(0, tokens),
         settled_cost_usd=c.settled_cost_usd
         + (cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0),
-        late=[*c.late, mark],
+        late=[*c.late[-(LATE_KEPT - 1) :], mark],
     )
 
 

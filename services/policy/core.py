@@ -133,6 +133,15 @@ class Reservation(msgspec.Struct, kw_only=True, frozen=True):
     actual_cost_usd: float = 0.0
 
 
+class DeadCall(msgspec.Struct, array_like=True, frozen=True):
+    """A call of the run that died with its executor, billed by estimate (a settle timer, or
+    a later delivery of its task): what it counts in the run's day budgets, once."""
+
+    call_id: str
+    tokens: int
+    cost_usd: float
+
+
 class RunState(msgspec.Struct, kw_only=True):
     """Policy's record of one run, kept in the runs bucket (created once per message).
 
@@ -177,6 +186,12 @@ class RunState(msgspec.Struct, kw_only=True):
     # of earlier rounds (retries count per round); the round's calls are in the ``Tools`` phase.
     round: int = 0
     attempts_before: int = 0
+    # The run's dead calls known to policy (docs/decisions.md, "Dead calls in the day
+    # budgets"): known before the run settles, its settlement counts them (unless the
+    # persister's sum already did); known after, each is charged on its own.
+    dead: tuple[DeadCall, ...] = ()
+    # The calls whose usage the stored reply's sum held (None: the persister did not say).
+    summed: tuple[str, ...] | None = None
 
     @property
     def status(self) -> m.RunStatus:

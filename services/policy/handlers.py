@@ -203,12 +203,16 @@ class Handlers:
         executor are read back from CHAT_STREAM and billed by estimate (machine.settle_dead)."""
         calls = machine.dead_calls(d, wiring.EXECUTOR_TASKS.max_deliver)
         found = await deadcalls.unsettled(self.bus.js, d.project_id, d.conversation_id, calls)
-        run = None
-        if found and self.limiter is not None:
-            run = (await self.runs.get(d.run_id))[0]  # whose budgets may still miss the calls
-        done = machine.settle_dead(d, found, run)
+        done = machine.settle_dead(d, found)
         for effect in done.effects:
             await self._carry_out(effect)
+        if found and self.limiter is not None:
+            # Their run's day budgets: kept for its settlement, or charged after it.
+            run, revision = await self.runs.get(d.run_id)
+            billed = machine.DeadCallsBilled(d, tuple(found))
+            await self._drive(
+                machine.Continue(d.conversation_id, d.run_id, billed), _Carry.of(run, revision)
+            )
         return done.outcome
 
     async def cancel(self, e: m.CancelRequested, _msg: Msg) -> str:
@@ -432,8 +436,9 @@ def _on(run: core.RunState, inp: machine.Input) -> machine.Continue:
 
 
 def _before_writes(effect: machine.Effect) -> bool:
-    """Settlements and early publishes (a settle timer) are carried out before the writes."""
-    return isinstance(effect, machine.Settle) or (
+    """Settlements, charges and early publishes (a settle timer) are carried out before the
+    writes (each counts once by its own id, so a crash in between is finished by the redelivery)."""
+    return isinstance(effect, machine.Settle | machine.Charge) or (
         isinstance(effect, machine.Publish) and effect.early
     )
 

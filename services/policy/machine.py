@@ -86,6 +86,14 @@ class DeadlineDue(msgspec.Struct, frozen=True, tag="deadline"):
     timer: m.RunDeadline
 
 
+class DeadCallsBilled(msgspec.Struct, frozen=True, tag="dead_calls"):
+    """A settle timer published the estimated usage of these calls of the run (``timer``'s
+    attempt): each is counted in the run's day budgets once (``_dead_billed``)."""
+
+    timer: m.RunDeadline
+    calls: tuple[m.EstimatedCall, ...]
+
+
 class ReplyStored(msgspec.Struct, frozen=True, tag="reply_stored"):
     """The persister stored the run's reply: it is closed, settled and its slot passed on."""
 
@@ -122,6 +130,7 @@ Input = (
     | Cancel
     | Failed
     | DeadlineDue
+    | DeadCallsBilled
     | ReplyStored
     | ToolTurnStored
     | ToolResultStored
@@ -237,6 +246,8 @@ def step(run: RunState | None, conv: ConvState, inp: Input, rules: Rules, now: d
             return _failed(run, conv, f, rules, now)
         case DeadlineDue(timer=d):
             return _deadline(run, conv, d, rules, now)
+        case DeadCallsBilled(timer=d, calls=found):
+            return _dead_billed(run, d, found)
         case ReplyStored(event=e):
             return _reply_stored(run, e)
         case ToolTurnStored(event=e, quota=quota):
@@ -401,7 +412,7 @@ def _failed(run: RunState, conv: ConvState, f: m.ExecFailed, rules: Rules, now: 
     if new is None:
         # Stale or a repeat; only the report that moved the run here may re-emit its state.
         return _again(run, conv, rules, now) if core.caused_by(run, f) else Step(outcome="stale")
-    new, settle = _closing(core.spent(new, f))
+    new, settle = _closing(_known_dead(core.spent(new, f), f.estimated, f.prices))
     return _attempt_over(new, conv, f.error_class, settle, rules, now)
 
 
@@ -498,38 +509,60 @@ def dead_calls(d: m.RunDeadline, max_deliver: int) -> list[str]:
     return estimate.task_calls(d.settle.task_id, max_deliver)
 
 
-def settle_dead(
-    d: m.RunDeadline, found: list[m.EstimatedCall], run: RunState | None = None
-) -> Step:
+def settle_dead(d: m.RunDeadline, found: list[m.EstimatedCall]) -> Step:
     """Bill each dead call found once: its usage (id ``usage:<call id>``; the persister keys the
     row by call id, so a redelivery of the task that billed it first makes this a duplicate).
-    A cancelled run settled its budgets with its attempts' own reports, which no dead call is
-    in: each is charged to its day budgets too (``late_charges``)."""
+    The interpreter then steps ``DeadCallsBilled`` on the run: its day budgets."""
     subject = subjects.policy_usage(d.project_id, d.conversation_id)
     events = tuple((subject, estimate.settled_usage(d, c)) for c in found)
     effects: tuple[Effect, ...] = (Publish(events),) if events else ()
     counts = tuple(Count("dead_calls") for _ in found)
-    charges = late_charges(run, d, found) if run is not None else ()
-    return Step(effects=(*effects, *charges, *counts), outcome=f"settled:{len(found)}")
+    return Step(effects=(*effects, *counts), outcome=f"settled:{len(found)}")
 
 
-def late_charges(
-    run: RunState, d: m.RunDeadline, found: list[m.EstimatedCall]
-) -> tuple[Charge, ...]:
-    """The day-budget charges of dead calls their run's settlement cannot have counted: a
-    cancelled run's (it settles with what its attempts reported, never with stored rows). A run
-    that settled with its stored reply may or may not have counted them (docs/decisions.md)."""
+def _dead_billed(run: RunState, d: m.RunDeadline, found: tuple[m.EstimatedCall, ...]) -> Step:
+    """Dead calls billed by a settle timer, in the run's day budgets once each: known before the
+    run settles, they are kept in its record and its settlement counts them; known after, each
+    is charged on its own (``Charge``, before the record is written: the counters keep each
+    charged call, so a crash in between charges nothing twice). A run that settled with its
+    stored reply is charged only for calls the persister's sum did not hold; with no word of
+    what that sum held (an older persister), nothing (docs/decisions.md)."""
+    assert d.settle is not None
+    new = _known_dead(run, found, d.settle.prices)
+    if new is run:
+        return Step(outcome="unchanged")
     r = run.reservation
-    if run.status != "cancelled" or r is None or not r.settled or d.settle is None:
-        return ()
+    if r is None or not r.settled:
+        return Step(new, None, (), f"kept:{len(new.dead) - len(run.dead)}")
+    if _by_reply(run) and run.summed is None:
+        return Step(new, None, (), "unknown")
     keys = tuple(k for k in r.keys if k.startswith("budget."))
-    if not keys:
-        return ()
-    prices = d.settle.prices
-    return tuple(
-        Charge(keys, c.call_id, budget.total_tokens(c.usage), c.usage.cost_usd(prices))
-        for c in found
-    )
+    late = new.dead[len(run.dead) :]
+    charges = tuple(Charge(keys, c.call_id, c.tokens, c.cost_usd) for c in late) if keys else ()
+    return Step(new, None, charges, f"charged:{len(late)}")
+
+
+def _known_dead(
+    run: RunState, calls: tuple[m.EstimatedCall, ...] | list[m.EstimatedCall], prices: m.Prices
+) -> RunState:
+    """The run with the dead calls it did not know yet (not kept, not in its reply's sum)."""
+    known = {c.call_id for c in run.dead} | set(run.summed or ())
+    new: list[core.DeadCall] = []
+    for c in calls:
+        if c.call_id in known:
+            continue
+        known.add(c.call_id)
+        cost = c.usage.cost_usd(prices)
+        tokens = max(0, budget.total_tokens(c.usage))
+        new.append(
+            core.DeadCall(c.call_id, tokens, cost if math.isfinite(cost) and cost > 0 else 0.0)
+        )
+    return msgspec.structs.replace(run, dead=(*run.dead, *new)) if new else run
+
+
+def _by_reply(run: RunState) -> bool:
+    """Whether the run settles (or settled) with its stored reply, not in ``_closing``."""
+    return not (run.status == "cancelled" or (run.status == "refused" and core.skipped(run)))
 
 
 def _again(run: RunState, conv: ConvState, rules: Rules, now: datetime) -> Step:
@@ -578,7 +611,9 @@ def _retry(run: RunState, failed_attempt: int, rules: Rules, now: datetime) -> S
 
 def _reply_stored(run: RunState, e: m.AssistantMessagePersisted) -> Step:
     new = core.on_reply_persisted(run, e)
-    settled, settle = settlement(new or run, e.usage, e.cost_usd)
+    settled, settle = settlement(new or run, e.usage, e.cost_usd, e.calls)
+    if settled is not None:
+        settled = msgspec.structs.replace(settled, summed=e.calls)
     new = settled or new
     # Done (also on a redelivery): the conversation's next run gets its turn.
     release = Continue(run.conversation_id, run.run_id, Release(run.run_id))
@@ -773,16 +808,24 @@ def _unwait(run: RunState) -> tuple[Effect, ...]:
 
 
 def settlement(
-    run: RunState, usage: m.Usage, cost_usd: float
+    run: RunState, usage: m.Usage, cost_usd: float, summed: tuple[str, ...] | None = ()
 ) -> tuple[RunState | None, tuple[Settle, ...]]:
     """Settle the run's reservation with its real usage, once per run: the run to store (its
-    reservation marked settled) and the effect, or (None, ()) when there is nothing to settle."""
+    reservation marked settled) and the effect, or (None, ()) when there is nothing to settle.
+    ``summed``: the calls ``usage`` holds; the run's dead calls it does not hold are added
+    (None: the sum's calls are not known, and nothing is added)."""
     r = run.reservation
     if r is None or r.settled:
         return None, ()
     # Counters must never be poisoned: negative or non-finite usage counts as nothing.
     tokens = max(0, budget.total_tokens(usage))
     cost_usd = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
+    if summed is not None:
+        held = set(summed)
+        for c in run.dead:
+            if c.call_id not in held:
+                tokens += c.tokens
+                cost_usd += c.cost_usd
     # The agent's call that decided the run counts too (its usage came with the decision).
     tokens += max(0, budget.total_tokens(run.classification))
     extra = run.classification_cost_usd

@@ -16,7 +16,7 @@ from shared import estimate
 from shared import messages as m
 from shared.db import create_pool
 from tests.integration.conftest import Infra
-from tests.support import eventually, exec_result, user_event
+from tests.support import blocked_on_a_lock, exec_result, user_event
 
 EXACT = m.Usage(input_tokens=120, output_tokens=80, cache_read_tokens=10, cache_write_tokens=4)
 GUESS = m.Usage(input_tokens=120, output_tokens=30, cache_read_tokens=10, cache_write_tokens=4)
@@ -99,6 +99,7 @@ async def test_an_answer_replaces_the_estimate_of_its_call_and_the_totals_move_b
     assert await _totals(pool, e.project_id) == pytest.approx(_counts(EXACT, exact.prices))
     # The run's usage it announces (what policy settles with) is the exact one, counted once.
     assert (stored.inserted, stored.usage) == (True, EXACT)
+    assert stored.calls == (exact.call_id,)  # the replaced row, once
     assert stored.cost_usd == pytest.approx(EXACT.cost_usd(exact.prices))
     runs = await pool.fetchval("SELECT runs FROM project_usage WHERE project_id = $1", e.project_id)
     assert runs == 1
@@ -140,7 +141,7 @@ async def test_the_exact_usage_delivered_many_times_at_once_after_an_estimate_co
     assert await store.store_model_usage(_estimate(exact))
     stored = await asyncio.gather(*(store.store_result(exact) for _ in range(8)))
     assert sum(s.inserted for s in stored) == 1
-    assert all(s.usage == EXACT for s in stored)
+    assert all(s.usage == EXACT and s.calls == (exact.call_id,) for s in stored)
     [row] = await _rows(pool)
     assert _is_exact(row, exact)
     assert await _totals(pool, e.project_id) == pytest.approx(_counts(EXACT, exact.prices))
@@ -164,12 +165,7 @@ async def test_an_estimate_committed_while_the_answer_was_being_stored_is_still_
             other, guess.call_id, guess, est, guess.prices, guess.outcome, estimated=True
         )
         racing = asyncio.create_task(store.store_result(exact))
-        await eventually(
-            lambda: pool.fetchval(
-                "SELECT count(*) > 0 FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-        )
+        await blocked_on_a_lock(pool)
         assert not racing.done()
         await tx.commit()
     finally:

@@ -36,6 +36,7 @@ from shared.history import History
 from tests.integration.conftest import Infra
 from tests.integration.test_executor import _task
 from tests.support import (
+    agent_decision,
     connect_bus,
     decode_all,
     eventually,
@@ -190,23 +191,6 @@ def _settle_timer(task: m.ExecTask) -> m.RunDeadline:
     )
 
 
-def _decision(e: m.UserMessageAccepted) -> m.AgentDecision:
-    return m.AgentDecision(
-        event_id=f"decision:{e.message_id}",
-        message_id=e.message_id,
-        conversation_id=e.conversation_id,
-        project_id=e.project_id,
-        user_id=e.user_id,
-        decision=m.Decision(
-            intent="question",
-            complexity="low",
-            action="answer",
-            executor="chat",
-            estimated_tokens=200,
-        ),
-    )
-
-
 async def test_a_call_cut_on_its_last_delivery_is_billed_once_by_estimate_at_its_deadline(
     infra: Infra, offline_model: OfflineModelProcess
 ) -> None:
@@ -229,7 +213,7 @@ async def test_a_call_cut_on_its_last_delivery_is_billed_once_by_estimate_at_its
     try:
         e = user_event("Tell me a long story about deadlines")
         await Store(pool).insert_user_message(e)
-        await policy.decision(_decision(e), None)  # type: ignore[arg-type]
+        await policy.decision(agent_decision(message=e, position=0), None)  # type: ignore[arg-type]
         [task] = decode_all(
             await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
         )
@@ -435,7 +419,7 @@ async def test_a_deadline_that_schedules_a_retry_sends_its_settle_timer_even_if_
         for after in (False, True):
             policy = PolicyHandlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("p"))
             e = user_event(f"Crash while timing out (after the write: {after})")
-            await policy.decision(_decision(e), None)  # type: ignore[arg-type]
+            await policy.decision(agent_decision(message=e, position=0), None)  # type: ignore[arg-type]
             run, _ = await Runs(kv).get(core.run_id_for(e.message_id))
             assert (run.status, run.attempt) == ("running", 1)
             due = core.deadline_event(run, datetime.now(UTC) - timedelta(seconds=1))

@@ -19,6 +19,7 @@ from shared.db import create_pool
 from shared.errors import BadData
 from tests.integration.conftest import Infra
 from tests.support import (
+    blocked_on_a_lock,
     connect_bus,
     decode_all,
     eventually,
@@ -355,6 +356,8 @@ async def test_the_announced_reply_carries_the_usage_of_every_attempt_of_its_run
     )
     cost = (40 * 1.0 + 7 * 5.0 + 100 * 3.0 + 50 * 15.0 + 10 * 0.3 + 5 * 3.75) / 1e6
     assert abs(done.cost_usd - cost) < 1e-9
+    # And which calls it sums: policy adds a dead call the sum does not hold, once.
+    assert done.calls is not None and sorted(done.calls) == sorted([failed.call_id, answer.call_id])
     await bus.close()
     await pool.close()
 
@@ -373,6 +376,12 @@ async def test_the_same_result_stored_concurrently_answers_and_bills_once(infra:
     assert {(s.id, s.content, s.kind) for s in stored} == {(winner.id, winner.content, "answer")}
     # Whatever a delivery saw, the usage it reports is never more than the two calls made.
     assert all(s.usage.input_tokens in (100, 200) for s in stored)
+    # The calls it names are the ones its sum holds (100 input tokens a call).
+    calls = {first.call_id, second.call_id}
+    assert all(
+        s.calls is not None and set(s.calls) <= calls and len(s.calls) * 100 == s.usage.input_tokens
+        for s in stored
+    )
     totals = await pool.fetchrow("SELECT * FROM project_usage WHERE project_id = $1", e.project_id)
     assert (totals["input_tokens"], totals["output_tokens"], totals["runs"]) == (200, 100, 1)
     assert await pool.fetchval("SELECT count(*) FROM usage") == 2
@@ -382,6 +391,7 @@ async def test_the_same_result_stored_concurrently_answers_and_bills_once(infra:
     # Stored again later (a redelivery), it reports both calls and inserts nothing.
     again = await store.store_result(first)
     assert (again.inserted, again.id, again.usage.input_tokens) == (False, winner.id, 200)
+    assert again.calls is not None and set(again.calls) == calls
     assert again.cost_usd == pytest.approx(2 * first.usage.cost_usd(first.prices))
     await pool.close()
 
@@ -430,12 +440,7 @@ async def test_a_result_racing_one_that_commits_later_still_returns_the_stored_r
             core.rank("completed"),
         )
         racing = asyncio.create_task(store.store_result(second))
-        await eventually(
-            lambda: pool.fetchval(
-                "SELECT count(*) > 0 FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-        )
+        await blocked_on_a_lock(pool)
         assert not racing.done()
         await tx.commit()
     finally:

@@ -26,6 +26,7 @@ from shared.bus import Bus, Consumer
 from shared.errors import Deferred
 from tests.integration.conftest import Infra
 from tests.support import (
+    agent_decision,
     connect_bus,
     decode_all,
     eventually,
@@ -64,25 +65,6 @@ async def _replica(infra: Infra, rules: core.Rules) -> tuple[Bus, Handlers, list
     return bus, h, consumers
 
 
-def _decision(project: str = "p1", user: str = "u1") -> m.AgentDecision:
-    mid = str(uuid.uuid4())
-    return m.AgentDecision(
-        event_id=f"decision:{mid}",
-        message_id=mid,
-        conversation_id=str(uuid.uuid4()),
-        project_id=project,
-        user_id=user,
-        position=1,
-        decision=m.Decision(
-            intent="question",
-            complexity="low",
-            action="answer",
-            executor="chat",
-            estimated_tokens=200,
-        ),
-    )
-
-
 def _persisted(task: m.ExecTask, tokens: int) -> m.AssistantMessagePersisted:
     return m.AssistantMessagePersisted(
         event_id=f"persisted:assistant:{task.run_id}",
@@ -112,7 +94,7 @@ async def test_two_replicas_and_200_concurrent_decisions_never_pass_a_cap_that_f
     rules = _rules(m.Limits(project_daily_tokens=50 * PER_RUN))
     (a, _, ca), (b, _, cb) = await _replica(infra, rules), await _replica(infra, rules)
     pub = await connect_bus(infra.nats_url)
-    decisions = [_decision() for _ in range(200)]
+    decisions = [agent_decision() for _ in range(200)]
     await asyncio.gather(
         *(
             pub.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id=d.event_id)
@@ -177,7 +159,7 @@ async def test_a_full_project_gets_room_again_once_runs_settle_below_their_estim
 ) -> None:
     rules = _rules(m.Limits(project_daily_tokens=2 * PER_RUN, max_concurrent_runs=2))
     bus, _, consumers = await _replica(infra, rules)
-    first = [_decision() for _ in range(3)]
+    first = [agent_decision() for _ in range(3)]
     async with running(*consumers):
         for d in first:
             await bus.publish(
@@ -202,7 +184,7 @@ async def test_a_full_project_gets_room_again_once_runs_settle_below_their_estim
             return not (await _counter(bus, key)).open
 
         await eventually(slots_free)
-        late = _decision()
+        late = agent_decision()
         await bus.publish(
             subjects.agent_decision("p1", late.conversation_id), late, msg_id=late.event_id
         )
@@ -221,7 +203,7 @@ async def test_the_rate_limit_holds_across_two_replicas_and_tells_when_to_retry(
         await asyncio.sleep(61 - time.time() % 60)
     rules = _rules(m.Limits(user_messages_per_minute=5))
     (a, _, ca), (b, _, cb) = await _replica(infra, rules), await _replica(infra, rules)
-    decisions = [_decision(user="chatty") for _ in range(12)]
+    decisions = [agent_decision(user="chatty") for _ in range(12)]
     async with running(*ca, *cb):
         await asyncio.gather(
             *(
@@ -233,7 +215,7 @@ async def test_the_rate_limit_holds_across_two_replicas_and_tells_when_to_retry(
             await read_subject(a, subjects.STREAM_POLICY, "policy.reply.>", 7), m.PolicyReply
         )
         tasks = await read_subject(a, subjects.STREAM_TASKS, "exec.task.>", 5)
-        other = _decision(user="calm")  # another user is not limited by chatty's window
+        other = agent_decision(user="calm")  # another user is not limited by chatty's window
         await a.publish(subjects.agent_decision("p1", other.conversation_id), other, msg_id="calm")
         tasks = await read_subject(a, subjects.STREAM_TASKS, "exec.task.>", 6)
     assert len(replies) == 7 and len(tasks) == 6
@@ -265,7 +247,7 @@ async def test_runs_in_flight_past_the_limit_are_refused_and_a_finished_run_free
 ) -> None:
     rules = _rules(m.Limits(max_concurrent_runs=2))
     bus, _, consumers = await _replica(infra, rules)
-    first = [_decision() for _ in range(3)]
+    first = [agent_decision() for _ in range(3)]
     p = "p1"
     async with running(*consumers):
         for d in first:
@@ -288,7 +270,7 @@ async def test_runs_in_flight_past_the_limit_are_refused_and_a_finished_run_free
             return len((await _counter(bus, subjects.active_key(p))).open) == 1
 
         await eventually(one_slot_left)
-        late = _decision()
+        late = agent_decision()
         await bus.publish(
             subjects.agent_decision(p, late.conversation_id), late, msg_id=late.event_id
         )
@@ -310,7 +292,7 @@ async def test_past_the_downgrade_fraction_runs_are_answered_by_the_cheaper_mode
     bus, _, consumers = await _replica(infra, rules)
     async with running(*consumers):
         for n in (1, 2):
-            d = _decision()
+            d = agent_decision()
             await bus.publish(
                 subjects.agent_decision("p1", d.conversation_id), d, msg_id=d.event_id
             )
@@ -333,7 +315,7 @@ async def test_past_the_downgrade_fraction_runs_are_answered_by_the_cheaper_mode
 async def test_a_hostile_usage_report_cannot_lower_the_days_counters(infra: Infra) -> None:
     rules = _rules(m.Limits(project_daily_tokens=10 * PER_RUN))
     bus, _, consumers = await _replica(infra, rules)
-    d = _decision()
+    d = agent_decision()
     async with running(*consumers):
         await bus.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id="d")
         [task] = decode_all(
@@ -394,7 +376,7 @@ async def test_a_cancelled_run_frees_its_slot_and_settles_its_partial_usage(infr
     rules = _rules(m.Limits(max_concurrent_runs=1, project_daily_tokens=10 * PER_RUN))
     bus, _, consumers = await _replica(infra, rules)
     p = "p1"
-    first, second, third = _decision(), _decision(), _decision()
+    first, second, third = agent_decision(), agent_decision(), agent_decision()
     partial = m.Usage(input_tokens=120, output_tokens=30)
     day = budget.day_of(datetime.now(UTC))
     async with running(*consumers):
@@ -482,8 +464,10 @@ async def test_a_run_cancelled_while_queued_gives_its_reservation_back(infra: In
     rules = _rules(m.Limits(project_daily_tokens=10 * PER_RUN))
     bus, _, consumers = await _replica(infra, rules)
     p = "p1"
-    first = _decision()
-    queued = msgspec.structs.replace(_decision(), conversation_id=first.conversation_id, position=2)
+    first = agent_decision()
+    queued = msgspec.structs.replace(
+        agent_decision(), conversation_id=first.conversation_id, position=2
+    )
     day = budget.day_of(datetime.now(UTC))
     async with running(*consumers):
         await bus.publish(subjects.agent_decision(p, first.conversation_id), first, msg_id="d1")
@@ -546,9 +530,9 @@ async def test_the_policy_files_lifecycle_rules_apply_per_project(infra: Infra) 
     )
     second_states: dict[str, core.RunState] = {}
     for project in ("strict", "lenient"):
-        first = msgspec.structs.replace(_decision(project), position=1)
+        first = msgspec.structs.replace(agent_decision(project), position=1)
         second = msgspec.structs.replace(
-            _decision(project), conversation_id=first.conversation_id, position=2
+            agent_decision(project), conversation_id=first.conversation_id, position=2
         )
         await h.decision(first, None)  # type: ignore[arg-type]
         await h.decision(second, None)  # type: ignore[arg-type]
@@ -581,8 +565,10 @@ async def test_under_interrupt_a_message_refused_by_a_limit_interrupts_nothing(
         _rules(m.Limits(max_concurrent_runs=1)), double_texting="interrupt"
     )
     bus, h, _ = await _replica(infra, rules)
-    first = msgspec.structs.replace(_decision(), position=1)
-    second = msgspec.structs.replace(_decision(), conversation_id=first.conversation_id, position=2)
+    first = msgspec.structs.replace(agent_decision(), position=1)
+    second = msgspec.structs.replace(
+        agent_decision(), conversation_id=first.conversation_id, position=2
+    )
     await h.decision(first, None)  # type: ignore[arg-type]
     await h.decision(second, None)  # type: ignore[arg-type]
     runs = Runs(await bus.js.key_value(subjects.BUCKET_RUNS))
@@ -602,7 +588,7 @@ async def test_the_agents_classification_call_counts_against_the_days_budgets(
     bus, _, consumers = await _replica(infra, rules)
     classified = m.Usage(input_tokens=120, output_tokens=30)
     d = msgspec.structs.replace(
-        _decision(), call_id="classify:x#1", usage=classified, cost_usd=0.00027
+        agent_decision(), call_id="classify:x#1", usage=classified, cost_usd=0.00027
     )
     async with running(*consumers):
         await bus.publish(subjects.agent_decision("p1", d.conversation_id), d, msg_id="d")

@@ -36,6 +36,7 @@ from shared.db import create_pool
 from shared.history import History
 from tests.integration.conftest import Infra
 from tests.support import (
+    agent_decision,
     connect_bus,
     decode_all,
     eventually,
@@ -103,21 +104,7 @@ class Stack:
         conversation = after.conversation_id if after is not None else None
         e = user_event(content, user=self.user, conversation_id=conversation)
         placed = await Store(self.pool).insert_user_message(e)
-        d = m.AgentDecision(
-            event_id=runs.decision_id(e.message_id),
-            message_id=e.message_id,
-            conversation_id=e.conversation_id,
-            project_id=e.project_id,
-            user_id=e.user_id,
-            decision=m.Decision(
-                intent="question",
-                complexity="low",
-                action="answer",
-                executor="chat",
-                estimated_tokens=200,
-            ),
-            position=placed.position,
-        )
+        d = agent_decision(message=e, position=placed.position)
         subject = subjects.agent_decision(e.project_id, e.conversation_id)
         await self.bus.publish(subject, d, msg_id=d.event_id)
         return e
