@@ -4,6 +4,7 @@
 #                            when no engine answers and none can start here (no root, no dockerd,
 #                            no kernel support).
 #   engine.sh stop RUNDIR    stops the engine it started (by the pid in RUNDIR), removes RUNDIR.
+#   engine.sh clean HOST     removes test stacks' containers whose test process is gone.
 # An engine already answering (DOCKER_HOST, or the default socket) is used as it is. Otherwise a
 # private dockerd: its socket, exec root and pid file in RUNDIR, its data root in the cache (the
 # layer cache survives; one private engine at a time holds it, others wait for the lock), no
@@ -13,9 +14,28 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 cmd=${1:?start|stop} RUN=${2:?run dir}
 
+# Compose test stacks (projects batontest<pid>, the pid of the test process) whose process is
+# gone: a run killed before its `compose down` leaves them, and their restart policy would bring
+# them back, load and all, in the next engine that opens the data root. Removed when a private
+# engine stops and when one starts (the engine of a killed run may have died with it), and by
+# `engine.sh clean HOST`.
+leftovers() {
+  local id project pid gone=()
+  while read -r id project; do
+    pid=${project#batontest}
+    [[ $project == batontest* && $pid =~ ^[0-9]+$ ]] || continue
+    kill -0 "$pid" 2>/dev/null || gone+=("$id")
+  done < <(timeout 60 docker -H "$1" ps -a --filter label=com.docker.compose.project \
+    --format '{{.ID}} {{.Label "com.docker.compose.project"}}' 2>/dev/null || true)
+  [ ${#gone[@]} -gt 0 ] || return 0
+  say "removing ${#gone[@]} test containers left by runs that are gone"
+  timeout 120 docker -H "$1" rm -f -v "${gone[@]}" >/dev/null 2>&1 || say "could not remove all of: ${gone[*]}"
+}
+
 stop() {
   [ -f "$RUN/docker.pid" ] || { rm -rf "$RUN"; return 0; }
   local pid; pid=$(cat "$RUN/docker.pid")
+  leftovers "unix://$RUN/docker.sock"
   # Images no tag points to any more (earlier builds); the tagged ones are the next layer cache.
   timeout 60 docker -H "unix://$RUN/docker.sock" image prune -f >/dev/null 2>&1 || true
   if kill -TERM "$pid" 2>/dev/null; then
@@ -74,11 +94,13 @@ start() {
     say "dockerd did not start: $(tail -n 3 "$RUN/dockerd.log" | tr '\n' ' ')"
     stop; exit 77
   fi
+  leftovers "$host"
   echo "$host"
 }
 
 case $cmd in
   start) start ;;
   stop) stop ;;
-  *) say "usage: engine.sh start|stop RUNDIR"; exit 2 ;;
+  clean) leftovers "$RUN" ;;  # RUN is a DOCKER_HOST here
+  *) say "usage: engine.sh start|stop RUNDIR | clean DOCKER_HOST"; exit 2 ;;
 esac

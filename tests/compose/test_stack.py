@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import subprocess
 import time
 import tomllib
 import uuid
@@ -17,7 +19,7 @@ import pytest
 
 from baton.devtoken import make_token
 from tests import conftest
-from tests.compose.conftest import ROOT, SETUP_S, STACK, Stack
+from tests.compose.conftest import ROOT, SCRIPTS, SETUP_S, STACK, Stack
 from tests.e2e.resume import feed
 from tests.manifests import all_commands
 
@@ -206,3 +208,33 @@ def test_the_fixtures_keep_embedded_servers_when_an_engine_answers_but_cannot_pu
     assert not stack.docker("image", "ls", "-q", conftest.POSTGRES_IMAGE).strip()
     monkeypatch.setenv("DOCKER_HOST", host)
     assert conftest._docker_can_run(conftest.POSTGRES_IMAGE) is False
+
+
+def test_containers_of_a_test_run_that_is_gone_are_removed_and_the_live_stack_kept(
+    stack: Stack,
+) -> None:
+    """A run killed before its `compose down` leaves its stack in the engine's data root, and
+    their restart policy brings the containers back in the next engine (a whole stack's load, as
+    a killed run once left for the next one). `engine.sh` removes those of test processes that
+    are gone, on start, stop and `clean`; the live stack (this process's) stays."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now
+    name = f"leftover-{uuid.uuid4().hex[:8]}"
+    stack.docker(
+        "run", "-d", "--name", name, "--restart", "always", "--network", "none",
+        "--label", f"com.docker.compose.project=batontest{gone.pid}",
+        "--entrypoint", "sleep", stack.image, "3600",
+    )  # fmt: skip
+    assert stack.docker("ps", "-q", "--filter", f"name={name}").strip()
+    live = set(stack.docker("ps", "-q").split())
+    cleaned = subprocess.run(
+        [str(SCRIPTS / "engine.sh"), "clean", stack.env["DOCKER_HOST"]],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert re.search(r"removing [0-9]+ test containers", cleaned.stderr), cleaned.stderr
+    assert stack.docker("ps", "-aq", "--filter", f"name={name}").strip() == ""
+    assert live - {""} <= set(stack.docker("ps", "-q").split())
+    assert set(stack.health().values()) == {"healthy", "exited 0"}, STACK
