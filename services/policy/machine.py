@@ -809,34 +809,41 @@ def _unwait(run: RunState) -> tuple[Effect, ...]:
 
 def settlement(
     run: RunState, usage: m.Usage, cost_usd: float, summed: tuple[str, ...] | None = ()
-) -> tuple[RunState | None, tuple[Settle, ...]]:
+) -> tuple[RunState | None, tuple[Settle | Charge, ...]]:
     """Settle the run's reservation with its real usage, once per run: the run to store (its
-    reservation marked settled) and the effect, or (None, ()) when there is nothing to settle.
-    ``summed``: the calls ``usage`` holds; the run's dead calls it does not hold are added
-    (None: the sum's calls are not known, and nothing is added)."""
+    reservation marked settled) and the effects, or (None, ()) when there is nothing to settle.
+    ``summed``: the calls ``usage`` holds; each dead call the run's record keeps that it does
+    not hold is charged on its own (None: the sum's calls are not known, and none is). Not
+    folded into the ``Settle``: a step repeated after a compare-and-set conflict may find a
+    call kept meanwhile, when the counters already settled the run and would take nothing more;
+    a ``Charge`` counts once by its call id, whichever step carries it out."""
     r = run.reservation
     if r is None or r.settled:
         return None, ()
     # Counters must never be poisoned: negative or non-finite usage counts as nothing.
     tokens = max(0, budget.total_tokens(usage))
     cost_usd = cost_usd if math.isfinite(cost_usd) and cost_usd > 0 else 0.0
-    if summed is not None:
-        held = set(summed)
-        for c in run.dead:
-            if c.call_id not in held:
-                tokens += c.tokens
-                cost_usd += c.cost_usd
     # The agent's call that decided the run counts too (its usage came with the decision).
     tokens += max(0, budget.total_tokens(run.classification))
     extra = run.classification_cost_usd
     cost_usd += extra if math.isfinite(extra) and extra > 0 else 0.0
-    done = msgspec.structs.replace(r, settled=True, actual_tokens=tokens, actual_cost_usd=cost_usd)
+    held = set(summed or ())
+    dead = [c for c in run.dead if c.call_id not in held] if summed is not None else []
+    keys = tuple(k for k in r.keys if k.startswith("budget."))
+    charges = tuple(Charge(keys, c.call_id, c.tokens, c.cost_usd) for c in dead) if keys else ()
+    done = msgspec.structs.replace(
+        r,
+        settled=True,
+        actual_tokens=tokens + sum(c.tokens for c in dead),
+        actual_cost_usd=cost_usd + sum(c.cost_usd for c in dead),
+    )
     return msgspec.structs.replace(run, reservation=done), (
         Settle(run.run_id, r, tokens, cost_usd),
+        *charges,
     )
 
 
-def _closing(new: RunState) -> tuple[RunState, tuple[Settle, ...]]:
+def _closing(new: RunState) -> tuple[RunState, tuple[Settle | Charge, ...]]:
     """A run that ends with no reply to store (cancelled) settles here, with what its attempts
     reported, and so does a run rejected before its turn (it never ran); any other run settles
     when its reply is stored (that settles nothing twice)."""

@@ -88,9 +88,10 @@ def test_a_dead_call_known_before_a_cancel_is_counted_in_the_cancels_settlement(
         cancelling, STARTED, machine.Failed(cancelled_failure(cancelling)), RULES, NOW
     )
     own = (7, m.Usage(output_tokens=7).cost_usd(PRICES))
-    [(tokens, cost)] = settles(done)
-    assert tokens == own[0] + DEAD_TOKENS
-    assert cost == pytest.approx(own[1] + DEAD_COST)
+    assert settles(done) == [own]
+    assert charges(done) == [machine.Charge(KEYS[:2], DEAD.call_id, DEAD_TOKENS, DEAD_COST)]
+    assert done.run is not None and done.run.reservation is not None
+    assert done.run.reservation.actual_tokens == own[0] + DEAD_TOKENS
 
 
 def test_a_dead_call_found_after_a_cancel_settled_is_charged_once() -> None:
@@ -113,8 +114,8 @@ def test_a_cancel_failure_carrying_earlier_deliveries_dead_calls_settles_with_th
     done = machine.step(
         cancelling, STARTED, machine.Failed(cancelled_failure(cancelling, DEAD)), RULES, NOW
     )
-    [(tokens, _)] = settles(done)
-    assert tokens == 7 + DEAD_TOKENS
+    assert [t for t, _ in settles(done)] == [7]
+    assert [(c.call_id, c.tokens) for c in charges(done)] == [(DEAD.call_id, DEAD_TOKENS)]
     # Its settle timer finds the same call later: known, so not charged again.
     assert done.run is not None and billed(done.run) == machine.Step(outcome="unchanged")
 
@@ -133,7 +134,8 @@ def test_a_reply_settles_with_the_dead_calls_its_sum_does_not_hold(
     kept = billed(running()).run
     assert kept is not None
     done = machine.step(kept, STARTED, machine.ReplyStored(reply(kept, summed)), RULES, NOW)
-    assert settles(done)[0][0] == 30 + added
+    assert [t for t, _ in settles(done)] == [30]
+    assert sum(c.tokens for c in charges(done)) == added
     assert done.run is not None and done.run.summed == summed
 
 
@@ -155,6 +157,33 @@ def test_a_dead_call_found_after_the_reply_settled_is_charged_unless_its_sum_hel
     after = billed(done)
     assert after.outcome == outcome
     assert bool(charges(after)) == charged
+
+
+def test_a_settlement_stepped_again_after_a_conflict_still_counts_a_call_kept_meanwhile() -> None:
+    # Replica B settles a stored reply (its Settle is carried out before its write); replica A's
+    # settle timer keeps a dead call in the record first; B's write conflicts, B steps again on
+    # the new record. The counters took B's first Settle and take no second one (the run's hold
+    # is gone): the kept call must still reach them, once, whichever step carries it.
+    run = running()
+    counter = budget.Counter(open={RUN: budget.Hold(100, 0.0)})
+
+    def carry_out(step: machine.Step) -> None:
+        nonlocal counter
+        for e in step.effects:
+            if isinstance(e, machine.Settle):
+                counter = budget.settle(counter, e.run_id, e.tokens, e.cost_usd) or counter
+            elif isinstance(e, machine.Charge):
+                counter = budget.charge(counter, e.call_id, e.tokens, e.cost_usd) or counter
+
+    stored = machine.ReplyStored(reply(run, (f"task:{RUN}:2#1",)))
+    carry_out(machine.step(run, STARTED, stored, RULES, NOW))  # B, before its write fails
+    kept = billed(run)  # A wins the write
+    assert kept.run is not None and charges(kept) == []
+    again = machine.step(kept.run, STARTED, stored, RULES, NOW)  # B again, on A's record
+    carry_out(again)
+    carry_out(again)  # and once more (a crash before the write): nothing twice
+    assert counter.settled_tokens == 30 + DEAD_TOKENS and counter.settled_runs == 1
+    assert RUN not in counter.open
 
 
 def test_a_run_holding_no_budget_keeps_its_dead_calls_and_charges_nothing() -> None:
