@@ -117,9 +117,12 @@ def _script(name: str, *args: str, env: dict[str, str], timeout: float) -> str:
     return out.stdout.strip()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    """The compose stack, healthy; compose down -v, image tag removed, engine stopped after."""
+    """The compose stack, healthy; compose down -v, image tag removed, engine stopped after the
+    module. Not kept for the session: the worker goes on to other files, and the stack's health
+    checks (a fresh Python process in each of six containers every HEALTH_EVERY) kept running
+    beside them to the end of the suite."""
     if shutil.which("docker") is None or shutil.which("docker-compose") is None:
         pytest.skip("no docker client or docker-compose here (make container-tools installs them)")
     run_dir = Path(tempfile.mkdtemp(prefix="baton-ctr-", dir="/tmp"))
