@@ -217,6 +217,7 @@ def test_containers_of_a_test_run_that_is_gone_are_removed_and_the_live_stack_ke
     their restart policy brings the containers back in the next engine (a whole stack's load, as
     a killed run once left for the next one). `engine.sh` removes those of test processes that
     are gone, on start, stop and `clean`; the live stack (this process's) stays."""
+    live = set(stack.docker("ps", "-q").split())  # the stack's own containers
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid no process has now
     name = f"leftover-{uuid.uuid4().hex[:8]}"
@@ -226,7 +227,6 @@ def test_containers_of_a_test_run_that_is_gone_are_removed_and_the_live_stack_ke
         "--entrypoint", "sleep", stack.image, "3600",
     )  # fmt: skip
     assert stack.docker("ps", "-q", "--filter", f"name={name}").strip()
-    live = set(stack.docker("ps", "-q").split())
     cleaned = subprocess.run(
         [str(SCRIPTS / "engine.sh"), "clean", stack.env["DOCKER_HOST"]],
         capture_output=True,
