@@ -160,7 +160,7 @@ async def check(
     # I4: every usage row is a real model call with exactly the tokens the model served — the
     # executor's answer attempts and the agent's classifications alike — or, for a call cut by
     # its executor's death, flagged estimated (input exact, output what reached the stream)...
-    ledger, rows = await _billed(con, model, executor_model)
+    ledger, rows = await _billed(con, model, executor_model, recorded)
     by_call = {r["call_id"]: r for r in rows}
     estimated = {c: r for c, r in by_call.items() if r["estimated"]}
     for call_id, r in by_call.items():
@@ -270,11 +270,18 @@ def _ledger_total(ledger: dict[str, Any]) -> int:
 
 
 async def _billed(
-    con: Any, model: OfflineModelProcess, executor_model: str, timeout: float = 120.0
+    con: Any,
+    model: OfflineModelProcess,
+    executor_model: str,
+    recorded: Callable[[str], Awaitable[bool]] | None = None,
+    timeout: float = 120.0,
 ) -> tuple[dict[str, Any], list[Any]]:
     """The model's ledger and the usage rows, once every answer call has its row: a call cut
     by its executor's death is billed when its task is redelivered (after ``ack_wait``), which
-    can be after its run was answered by a later attempt. The bound only ends a failed wait."""
+    can be after its run was answered by a later attempt. A call ``check`` accepts without a
+    row (no started record, its task delivered again: nothing to estimate from) is not waited
+    for: waiting for it ran out the whole bound, two minutes of a chaos run that measured
+    nothing. The bound only ends a failed wait."""
     deadline = time.monotonic() + timeout
     while True:
         ledger = {
@@ -282,7 +289,15 @@ async def _billed(
         }
         rows = await con.fetch("SELECT * FROM usage")
         billed = {r["call_id"] for r in rows}
-        answers = [c for c in ledger if not _classify(c) and _served_any(ledger[c])]
-        if all(c in billed for c in answers) or time.monotonic() > deadline:
+        waiting = [
+            c
+            for c in ledger
+            if not _classify(c) and _served_any(ledger[c]) and c not in billed
+        ]
+        if recorded is not None:
+            waiting = [
+                c for c in waiting if await recorded(c) or not _delivered_again(c, ledger)
+            ]
+        if not waiting or time.monotonic() > deadline:
             return ledger, rows
         await asyncio.sleep(0.5)
