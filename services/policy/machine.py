@@ -22,6 +22,7 @@ call is decided and what it publishes is in ``toolcalls``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -536,10 +537,14 @@ def _dead_billed(run: RunState, d: m.RunDeadline, found: tuple[m.EstimatedCall, 
         return Step(new, None, (), f"kept:{len(new.dead) - len(run.dead)}")
     if _by_reply(run) and run.summed is None:
         return Step(new, None, (), "unknown")
-    keys = tuple(k for k in r.keys if k.startswith("budget."))
     late = new.dead[len(run.dead) :]
-    charges = tuple(Charge(keys, c.call_id, c.tokens, c.cost_usd) for c in late) if keys else ()
-    return Step(new, None, charges, f"charged:{len(late)}")
+    return Step(new, None, _charges(r, late), f"charged:{len(late)}")
+
+
+def _charges(r: core.Reservation, calls: Sequence[core.DeadCall]) -> tuple[Charge, ...]:
+    """Each dead call charged on its own to the reservation's day budgets (none without one)."""
+    keys = tuple(k for k in r.keys if k.startswith("budget."))
+    return tuple(Charge(keys, c.call_id, c.tokens, c.cost_usd) for c in calls) if keys else ()
 
 
 def _known_dead(
@@ -829,8 +834,7 @@ def settlement(
     cost_usd += extra if math.isfinite(extra) and extra > 0 else 0.0
     held = set(summed or ())
     dead = [c for c in run.dead if c.call_id not in held] if summed is not None else []
-    keys = tuple(k for k in r.keys if k.startswith("budget."))
-    charges = tuple(Charge(keys, c.call_id, c.tokens, c.cost_usd) for c in dead) if keys else ()
+    charges = _charges(r, dead)
     done = msgspec.structs.replace(
         r,
         settled=True,

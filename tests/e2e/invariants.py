@@ -290,14 +290,10 @@ async def _billed(
         rows = await con.fetch("SELECT * FROM usage")
         billed = {r["call_id"] for r in rows}
         waiting = [
-            c
-            for c in ledger
-            if not _classify(c) and _served_any(ledger[c]) and c not in billed
+            c for c in ledger if not _classify(c) and _served_any(ledger[c]) and c not in billed
         ]
         if recorded is not None:
-            waiting = [
-                c for c in waiting if await recorded(c) or not _delivered_again(c, ledger)
-            ]
+            waiting = [c for c in waiting if await recorded(c) or not _delivered_again(c, ledger)]
         if not waiting or time.monotonic() > deadline:
             return ledger, rows
         await asyncio.sleep(0.5)
