@@ -189,7 +189,7 @@ async def check(
     before_read = []
     if recorded is not None:
         for c in unbilled_answers:
-            if c not in before_start and not await recorded(c) and _delivered_again(c, ledger):
+            if c not in before_start and await _cut_before_read(c, ledger, recorded):
                 before_read.append(c)
     unbilled_answers = [c for c in unbilled_answers if c not in (*before_start, *before_read)]
     assert not unbilled_answers, [(c, ledger[c]) for c in unbilled_answers[:10]]
@@ -235,6 +235,15 @@ async def check(
         f"died_with_agent={sum(1 for c in unbilled if c.startswith(CLASSIFY_PREFIX))} totals=ok "
         f"ordered_conversations={len(by_conv)}"
     )
+
+
+async def _cut_before_read(
+    call_id: str, ledger: dict[str, Any], recorded: Callable[[str], Awaitable[bool]]
+) -> bool:
+    """Whether an answer call was cut before its executor read ``message_start``: no started
+    record, and its task delivered again. ``check`` accepts such a call without a usage row,
+    and ``_billed`` does not wait for one (it never comes)."""
+    return _delivered_again(call_id, ledger) and not await recorded(call_id)
 
 
 def _delivered_again(call_id: str, ledger: dict[str, Any]) -> bool:
@@ -293,7 +302,7 @@ async def _billed(
             c for c in ledger if not _classify(c) and _served_any(ledger[c]) and c not in billed
         ]
         if recorded is not None:
-            waiting = [c for c in waiting if await recorded(c) or not _delivered_again(c, ledger)]
+            waiting = [c for c in waiting if not await _cut_before_read(c, ledger, recorded)]
         if not waiting or time.monotonic() > deadline:
             return ledger, rows
         await asyncio.sleep(0.5)

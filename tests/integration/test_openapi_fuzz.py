@@ -24,7 +24,7 @@ from tests.integration.gateway_process import SECRET, RunningGateway, backing, s
 
 __all__ = ["backing", "start_gateway"]
 
-# Bounded: 15 examples per operation take 40-80 s on a quiet 2-core machine, over 150 s beside
+# Bounded: 15 examples per operation take 27-43 s on a quiet 2-core machine, up to 151 s beside
 # a second suite. FUZZ_S only ends a fuzzer that hangs: it measures nothing, so it is generous.
 MAX_EXAMPLES = "15"
 FUZZ_S = 600
