@@ -17,6 +17,10 @@ was in flight when the process died are missing. Everything here is pure; the re
 shared/deadcalls.py's, for its two callers: the executor (a redelivered task settles its earlier
 deliveries' calls) and policy (an attempt whose deadline passed settles all its task's calls).
 Either way a call's row is keyed by its call id, so the second settlement of one is a duplicate.
+
+The agent's classification calls are estimated the same way from their started record on
+``agent.call.<digest>`` (they push nothing): input exact, output what ``message_start``
+reported (the API says 1), when the message is delivered to an agent again.
 """
 
 from __future__ import annotations
@@ -33,14 +37,19 @@ from shared.history import estimate_tokens
 
 # The name of the method, stored with nothing else: docs/guarantees.md (I4) describes it.
 METHOD = "message_start input + streamed deltas"
-# The outcome a usage row of an estimated call carries.
+# The outcome a usage row of an estimated call carries: an executor's answer call, and an
+# agent's classification call (``classify:<message id>#<delivery>``).
 OUTCOME = "died_with_executor"
+AGENT_OUTCOME = "died_with_agent"
+CLASSIFY_PREFIX = "classify:"
 
 
 class ModelCallRecord(msgspec.Struct, kw_only=True, frozen=True):
-    """An executor's own record of one model call on ``exec.call.<digest>`` (in CHAT_STREAM,
-    next to the call's token pushes): ``started`` when ``message_start`` arrived (create-only),
-    ``finished`` once the call's outcome was published."""
+    """A service's own record of one model call on ``exec.call.<digest>`` (an executor's, in
+    CHAT_STREAM next to the call's token pushes) or ``agent.call.<digest>`` (an agent's):
+    ``started`` when ``message_start`` arrived (create-only), ``finished`` once the call's
+    outcome was published (the executor's; the agent's usage is its outcome, keyed like an
+    estimate, so it writes none)."""
 
     v: int = m.SCHEMA_VERSION
     call_id: str
@@ -51,8 +60,10 @@ class ModelCallRecord(msgspec.Struct, kw_only=True, frozen=True):
 
 
 def record_subject(call_id: str) -> str:
-    """The subject of one call's records: its call id hashed into one safe token."""
-    return f"exec.call.{hashlib.sha256(call_id.encode()).hexdigest()[:40]}"
+    """The subject of one call's records: its call id hashed into one safe token, under the
+    prefix of the service that makes such calls (``agent.call`` for classifications)."""
+    prefix = "agent.call" if call_id.startswith(CLASSIFY_PREFIX) else "exec.call"
+    return f"{prefix}.{hashlib.sha256(call_id.encode()).hexdigest()[:40]}"
 
 
 def delta_prefix(call_id: str) -> str:

@@ -250,9 +250,9 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_TASKS, ("exec.task.>",)),
     StreamSpec(STREAM_RESULTS, ("exec.result.>", "exec.failed.>")),
     # Token deltas only matter while a run streams and shortly after (resume).
-    # A model call's own records (exec.call.*, shared/estimate.py) sit next to its deltas, so
-    # the sequence of its started record is where the scan for its pushes begins.
-    StreamSpec(STREAM_TOKENS, ("chat.stream.>", "exec.call.>"), max_age_s=3600.0),
+    # A model call's own records (exec.call.*, agent.call.*: shared/estimate.py) sit next to its
+    # deltas, so the sequence of its started record is where the scan for its pushes begins.
+    StreamSpec(STREAM_TOKENS, ("chat.stream.>", "exec.call.>", "agent.call.>"), max_age_s=3600.0),
     StreamSpec(STREAM_DLQ, ("dlq.>",), max_age_s=30 * 24 * 3600.0),
     StreamSpec(STREAM_CANCELS, ("chat.cancel.>",), max_age_s=24 * 3600.0),
     # Tool tasks, results, approvals and each call's record (started, finished), kept as long

@@ -164,7 +164,14 @@ WIRING: dict[str, Wiring] = {
     ),
     "agent": Wiring(
         consumes=(Consumes(AGENT_IN, messages.UserMessagePersisted, "user_message"),),
-        publishes=(subjects.agent_decision(*_ANY), subjects.agent_usage(*_ANY)),
+        publishes=(
+            subjects.agent_decision(*_ANY),
+            subjects.agent_usage(*_ANY),
+            "agent.call.*",  # a classification call's started record: shared/estimate.py
+        ),
+        # A redelivered message reads its earlier classification calls' records (to bill the
+        # ones its agent died in by estimate).
+        reads_streams=(subjects.STREAM_TOKENS,),
     ),
     "policy": Wiring(
         consumes=(

@@ -1,7 +1,8 @@
-"""What the agent talks to: the conversation read model (read-only) and the small model."""
+"""What the agent talks to: the small model, its calls streamed."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anthropic
@@ -9,39 +10,82 @@ import msgspec
 
 from services.agent import core
 from shared import messages as m
+from shared import sse
 
 # The offline model's ledger is keyed by this header, so usage can be reconciled call by call.
 CALL_ID_HEADER = "x-baton-call-id"
 
 
-# The fields of a Messages API reply the agent reads; anything else is skipped unread.
-class _Block(msgspec.Struct):
-    type: str
-    name: str = ""
-    input: Any = None
-
-
-class _Usage(msgspec.Struct):
+# The fields of the Messages API's stream events the agent reads; the rest is skipped unread.
+class _StartUsage(msgspec.Struct):
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
 
 
-class _Reply(msgspec.Struct):
-    content: list[_Block]
-    usage: _Usage = msgspec.field(default_factory=_Usage)
+class _Message(msgspec.Struct):
+    usage: _StartUsage = msgspec.field(default_factory=_StartUsage)
 
 
-_reply = msgspec.json.Decoder(_Reply)
+class _MessageStart(msgspec.Struct):
+    message: _Message
+
+
+class _Block(msgspec.Struct):
+    type: str
+    name: str = ""
+    input: Any = None
+
+
+class _BlockStart(msgspec.Struct):
+    content_block: _Block
+    index: int = 0
+
+
+class _Delta(msgspec.Struct):
+    type: str
+    partial_json: str = ""
+
+
+class _BlockDelta(msgspec.Struct):
+    delta: _Delta
+    index: int = 0
+
+
+class _DeltaUsage(msgspec.Struct):
+    output_tokens: int = 0
+
+
+class _MessageDelta(msgspec.Struct):
+    usage: _DeltaUsage = msgspec.field(default_factory=_DeltaUsage)
+
+
+_start = msgspec.json.Decoder(_MessageStart)
+_block_start = msgspec.json.Decoder(_BlockStart)
+_block_delta = msgspec.json.Decoder(_BlockDelta)
+_message_delta = msgspec.json.Decoder(_MessageDelta)
+
+
+class CallFailed(Exception):
+    """A classification call that ended in an error (``cause``: the SDK's typed error, a
+    transport error, ``APIResponseValidationError`` for a garbled stream, or ``StreamEnded``),
+    with what it had used until then: the input ``message_start`` counted is billed."""
+
+    def __init__(self, cause: BaseException, usage: m.Usage) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.usage = usage
 
 
 class Classifier:
-    """Asks the small model for a Decision through forced tool use.
+    """Asks the small model for a Decision through forced tool use, streamed.
 
     The call goes through the anthropic SDK's client (auth, base URL, version header, timeouts,
-    no retries, typed errors for non-2xx replies, its span) as a raw response whose body is
-    decoded here with msgspec instead of into the SDK's pydantic models (docs/decisions.md).
+    no retries, typed errors for non-2xx replies, its span) as a streamed raw response whose
+    events are read here with msgspec instead of the SDK's pydantic models (docs/decisions.md).
+    Streamed so that the input the provider counted is known at ``message_start``, before the
+    answer: an agent that dies after that leaves a record to bill the call by (``on_start``).
     """
 
     def __init__(self, client: anthropic.AsyncAnthropic, model: str, max_tokens: int) -> None:
@@ -57,36 +101,82 @@ class Classifier:
         ]
         self.tool_choice: Any = {"type": "tool", "name": core.TOOL_NAME}
 
-    async def classify(self, transcript: str, call_id: str = "") -> tuple[bool, Any, m.Usage]:
-        """Whether the model called the tool, the input it gave (anything at all), and what the
-        call used (what the provider bills).
+    async def classify(
+        self,
+        transcript: str,
+        call_id: str = "",
+        on_start: Callable[[m.Usage], Awaitable[None]] | None = None,
+    ) -> tuple[bool, Any, m.Usage]:
+        """Whether the model called the tool, the input it gave (anything at all: text that is
+        not JSON stays a string), and what the call used (what the provider bills).
 
-        A 2xx body that is not a Messages reply raises the SDK's ``APIResponseValidationError``.
+        ``on_start`` hears the usage ``message_start`` reports, before the rest is read. Any
+        failure raises ``CallFailed`` with the usage so far.
         """
-        raw = await self.client.messages.with_raw_response.create(
-            model=self.model,
-            max_tokens=self.max_tokens,
-            system=core.SYSTEM_PROMPT,
-            messages=[{"role": "user", "content": transcript}],
-            tools=self.tools,
-            tool_choice=self.tool_choice,
-            extra_headers={CALL_ID_HEADER: call_id} if call_id else None,
-        )
-        response = raw.http_response
+        counts = m.Usage()
+        block = -1  # the index of the classify tool's block, once it starts
+        initial: Any = None
+        parts: list[str] = []
+        stopped = False
         try:
-            reply = _reply.decode(await raw.read())
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise anthropic.APIResponseValidationError(
-                response, None, message=f"unreadable Messages reply: {exc}"
-            ) from None
-        u = reply.usage
-        usage = m.Usage(
-            input_tokens=max(0, u.input_tokens),
-            output_tokens=max(0, u.output_tokens),
-            cache_read_tokens=max(0, u.cache_read_input_tokens or 0),
-            cache_write_tokens=max(0, u.cache_creation_input_tokens or 0),
-        )
-        for block in reply.content:
-            if block.type == "tool_use" and block.name == core.TOOL_NAME:
-                return True, block.input, usage
-        return False, None, usage
+            async with self.client.messages.with_streaming_response.create(
+                model=self.model,
+                max_tokens=self.max_tokens,
+                system=core.SYSTEM_PROMPT,
+                messages=[{"role": "user", "content": transcript}],
+                tools=self.tools,
+                tool_choice=self.tool_choice,
+                stream=True,
+                extra_headers={CALL_ID_HEADER: call_id} if call_id else None,
+            ) as response:
+                http = response.http_response
+                async for event, data in sse.sse_events(http.aiter_bytes()):
+                    try:
+                        if event == b"content_block_delta":
+                            delta = _block_delta.decode(data)
+                            if delta.index == block and delta.delta.type == "input_json_delta":
+                                parts.append(delta.delta.partial_json)
+                        elif event == b"message_start":
+                            u = _start.decode(data).message.usage
+                            counts = m.Usage(
+                                input_tokens=max(0, u.input_tokens),
+                                output_tokens=max(0, u.output_tokens),
+                                cache_read_tokens=max(0, u.cache_read_input_tokens or 0),
+                                cache_write_tokens=max(0, u.cache_creation_input_tokens or 0),
+                            )
+                            if on_start is not None:
+                                await on_start(counts)
+                        elif event == b"content_block_start":
+                            start = _block_start.decode(data)
+                            b = start.content_block
+                            if block < 0 and b.type == "tool_use" and b.name == core.TOOL_NAME:
+                                block, initial = start.index, b.input
+                        elif event == b"message_delta":
+                            out = max(0, _message_delta.decode(data).usage.output_tokens)
+                            counts = msgspec.structs.replace(counts, output_tokens=out)
+                        elif event == b"message_stop":
+                            stopped = True
+                        elif event == b"error":
+                            raise sse.stream_error(self.client, data, http)
+                    except (msgspec.DecodeError, RecursionError) as exc:
+                        raise anthropic.APIResponseValidationError(
+                            http, None, message=f"unreadable stream event: {exc}"
+                        ) from None
+                if not stopped:
+                    raise sse.StreamEnded("the stream ended before message_stop")
+        except Exception as exc:
+            raise CallFailed(exc, counts) from exc
+        if block < 0:
+            return False, None, counts
+        return True, _tool_input("".join(parts), initial), counts
+
+
+def _tool_input(raw: str, initial: Any) -> Any:
+    """The tool's input from its deltas: JSON decoded, or the text as it came (I7: the model's
+    output is not trusted, core.validate refuses it); no deltas: the start block's input."""
+    if not raw.strip():
+        return initial
+    try:
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return raw

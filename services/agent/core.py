@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from shared import runs
+from shared import estimate, runs
 from shared.history import Turn, estimate_tokens
 from shared.history import newest_within as select_context
 from shared.messages import Complexity, Decision, Intent
@@ -31,10 +31,15 @@ _CODE_RE = re.compile(
 _GREETING_RE = re.compile(r"^\s*(hi|hello|hey|good (morning|evening|afternoon))\b", re.I)
 
 
+def work_id(message_id: str) -> str:
+    """The classification of a message, whichever delivery makes the call."""
+    return f"{estimate.CLASSIFY_PREFIX}{message_id}"
+
+
 def call_id(message_id: str, delivery: int) -> str:
     """One classification call: the message and the delivery that made it (``#`` as the
     executor's calls: the part after it says which delivery of the same work this was)."""
-    return f"classify:{message_id}#{delivery}"
+    return f"{work_id(message_id)}#{delivery}"
 
 
 def run_id_for(message_id: str) -> str:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import anthropic
+import asyncio
+
 from nats.aio.msg import Msg
 
 from services.agent import core
-from services.agent.adapters import Classifier
+from services.agent.adapters import CallFailed, Classifier
 from services.agent.config import Settings
+from shared import deadcalls, estimate, runs, subjects
 from shared import messages as m
-from shared import runs, subjects
 from shared.bus import Bus
 from shared.errors import DependencyDown
 from shared.history import History
@@ -33,36 +34,28 @@ class Handlers:
             "fallback_decisions_total", "Decisions made by rules instead of the model.", ("reason",)
         )
         self.model_seconds = metrics.histogram("model_seconds", "Classification call latency.")
+        self.estimated = metrics.counter(
+            "estimated_calls_total",
+            "Classification calls an earlier agent died in, billed by estimate.",
+        )
 
     async def user_message(self, e: m.UserMessagePersisted, msg: Msg) -> str:
-        turns = await self._context(e)
+        delivery = msg.metadata.num_delivered or 1
+        turns, dead = await asyncio.gather(self._context(e), self._unsettled(e, delivery))
+        # Calls an earlier delivery's agent died in are billed first, by estimate.
+        for call in dead:
+            await self._bill(e, call.call_id, estimate.AGENT_OUTCOME, call.usage, estimated=True)
         transcript = core.render_transcript(
             core.select_context(turns, self.settings.context_token_budget)
         )
         # Each delivery that reaches the model is a call of its own, billed on its own.
-        call_id = core.call_id(e.message_id, msg.metadata.num_delivered or 1)
-        decision, reason, usage = await self._classify(transcript, call_id)
+        call_id = core.call_id(e.message_id, delivery)
+        decision, reason, usage = await self._classify(e, transcript, call_id)
         prices = self.settings.prices()
         # The usage goes out before the decision: once policy acts on the decision, the call it
         # came from is already on its way to the persister (which alone writes the database).
-        spent = m.ModelUsage(
-            event_id=f"usage:{call_id}",
-            message_id=e.message_id,
-            conversation_id=e.conversation_id,
-            project_id=e.project_id,
-            causation_id=e.event_id,
-            call_id=call_id,
-            run_id=core.run_id_for(e.message_id),
-            user_id=e.user_id,
-            purpose="classification",
-            model=self.settings.model,
-            outcome=reason.split(":")[0] if reason.startswith("model_error") else "completed",
-            usage=usage,
-            prices=prices,
-        )
-        await self.bus.publish(
-            subjects.agent_usage(e.project_id, e.conversation_id), spent, msg_id=spent.event_id
-        )
+        outcome = reason.split(":")[0] if reason.startswith("model_error") else "completed"
+        await self._bill(e, call_id, outcome, usage)
         if decision is None:
             decision = core.fallback(e.content)
             self.fallbacks.labels(reason.split(":")[0]).inc()
@@ -86,6 +79,53 @@ class Handlers:
         )
         return "fallback" if reason else "classified"
 
+    async def _bill(
+        self,
+        e: m.UserMessagePersisted,
+        call_id: str,
+        outcome: str,
+        usage: m.Usage,
+        estimated: bool = False,
+    ) -> None:
+        """One classification call's usage, for the persister to write once (by call id: an
+        exact usage replaces an estimate of the same call, never the other way round)."""
+        spent = m.ModelUsage(
+            event_id=estimate.usage_id(call_id),
+            message_id=e.message_id,
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            causation_id=e.event_id,
+            call_id=call_id,
+            run_id=core.run_id_for(e.message_id),
+            user_id=e.user_id,
+            purpose="classification",
+            model=self.settings.model,
+            outcome=outcome,
+            usage=usage,
+            prices=self.settings.prices(),
+            estimated=estimated,
+        )
+        await self.bus.publish(
+            subjects.agent_usage(e.project_id, e.conversation_id), spent, msg_id=spent.event_id
+        )
+
+    async def _unsettled(self, e: m.UserMessagePersisted, delivery: int) -> list[m.EstimatedCall]:
+        """The classification calls of this message's earlier deliveries that started (the model
+        counted their input) and never published their usage: their agent died. Read again by
+        a later delivery if this one dies too; the call id bills each once."""
+        if delivery <= 1:
+            return []
+        calls = estimate.earlier_calls(core.work_id(e.message_id), delivery)
+        out = await deadcalls.unsettled(
+            self.bus.js, e.project_id, e.conversation_id, calls, pushes=False
+        )
+        for c in out:
+            self.estimated.inc()
+            self.bus.log.warning(
+                "call_estimated", call_id=c.call_id, input_tokens=c.usage.input_tokens
+            )
+        return out
+
     async def _context(self, e: m.UserMessagePersisted) -> list[core.Turn]:
         if e.position == 1:
             # A conversation's first message: nothing came before it, so its history is itself
@@ -101,14 +141,19 @@ class Handlers:
         return turns or [core.Turn("user", e.content)]
 
     async def _classify(
-        self, transcript: str, call_id: str
+        self, e: m.UserMessagePersisted, transcript: str, call_id: str
     ) -> tuple[m.Decision | None, str, m.Usage]:
+        async def started(usage: m.Usage) -> None:
+            # message_start: the provider counted the call's input, so its record goes out.
+            work = core.work_id(e.message_id)
+            await deadcalls.write_record(self.bus, call_id, work, "started", usage)
+
         try:
             with self.model_seconds.time():
-                called, raw, usage = await self.classifier.classify(transcript, call_id)
-        except anthropic.APIError as exc:
-            # An error reply bills nothing; a call cut by a timeout is counted as nothing too.
-            return None, f"model_error: {type(exc).__name__}", m.Usage()
+                called, raw, usage = await self.classifier.classify(transcript, call_id, started)
+        except CallFailed as exc:
+            # An error reply bills nothing; a call cut after message_start bills its input.
+            return None, f"model_error: {type(exc.cause).__name__}", exc.usage
         if not called:
             return None, "no_tool_use: model did not call the tool", usage
         checked = core.validate(raw)

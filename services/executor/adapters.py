@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anthropic
@@ -13,7 +13,9 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.executor.core import CallAborted, ToolUses
+from shared import sse
 from shared.messages import ToolCall, Usage
+from shared.sse import StreamEnded, sse_events
 
 CALL_ID_HEADER = "x-baton-call-id"
 
@@ -25,10 +27,6 @@ class StreamOutcome(msgspec.Struct):
     usage: Usage
     stop_reason: str
     tool_calls: tuple[ToolCall, ...] = ()
-
-
-class StreamEnded(Exception):
-    """The model's stream ended without ``message_stop``: a cut answer (class ``cut_stream``)."""
 
 
 class StreamFailed(Exception):
@@ -104,46 +102,6 @@ _block_delta = msgspec.json.Decoder(_BlockDelta)
 _block_start = msgspec.json.Decoder(_BlockStart)
 _block_stop = msgspec.json.Decoder(_BlockStop)
 _message_delta = msgspec.json.Decoder(_MessageDelta)
-_any = msgspec.json.Decoder()
-
-
-async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
-    """Server-sent events as ``(event, data)`` from a byte stream; comments and ids skipped.
-
-    Frames end at a blank line; CR and CRLF line ends are taken as LF, as the SSE spec says.
-    A frame without an ``event:`` line is yielded with an empty name (the SDK skips those).
-    """
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
-        if b"\r" in buffer:
-            held = b"\r" if buffer.endswith(b"\r") else b""  # may be the first half of CRLF
-            buffer = buffer[: len(buffer) - len(held)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            buffer += held
-        if b"\n\n" not in buffer:
-            continue
-        *frames, buffer = buffer.split(b"\n\n")
-        for frame in frames:
-            event, data = _parse_frame(frame)
-            if event or data:
-                yield event, data
-    if buffer.strip(b"\r\n"):
-        event, data = _parse_frame(buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
-        if event or data:
-            yield event, data
-
-
-def _parse_frame(frame: bytes) -> tuple[bytes, bytes]:
-    event, data = b"", []
-    for line in frame.split(b"\n"):
-        name, _, value = line.partition(b":")
-        if value.startswith(b" "):
-            value = value[1:]
-        if name == b"event":
-            event = value
-        elif name == b"data":
-            data.append(value)
-    return event, b"\n".join(data)
 
 
 class Model:
@@ -257,7 +215,7 @@ class Model:
                     elif event == b"message_stop":
                         stopped = True
                     elif event == b"error":
-                        raise _stream_error(self.client, data, response.http_response)
+                        raise sse.stream_error(self.client, data, response.http_response)
                 if not stopped:
                     # A body that ends cleanly but early is a cut answer, not a complete one.
                     raise StreamEnded("the stream ended before message_stop")
@@ -283,19 +241,6 @@ class Model:
             stop_reason=stop_reason,
             tool_calls=uses.calls(),
         )
-
-
-def _stream_error(
-    client: anthropic.AsyncAnthropic, data: bytes, response: Any
-) -> anthropic.APIStatusError:
-    """The error the SDK's own stream raises for an ``event: error`` frame, built the same way."""
-    body: object = data.decode("utf-8", "replace")
-    try:
-        body = _any.decode(data)
-        message = f"{body}"
-    except (msgspec.DecodeError, RecursionError):
-        message = str(body) or f"Error code: {response.status_code}"
-    return client._make_status_error(message, body=body, response=response)
 
 
 def _end_span(

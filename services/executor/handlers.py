@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import nats.errors
@@ -17,7 +16,7 @@ from nats.js.api import PubAck
 from services.executor import core
 from services.executor.adapters import Model, StreamFailed, StreamOutcome
 from services.executor.config import Settings
-from services.executor.tools import EXPECTED_LAST_SUBJECT_SEQ, WRONG_LAST_SEQUENCE, ToolRunner
+from services.executor.tools import ToolRunner
 from shared import deadcalls, estimate, subjects
 from shared import messages as m
 from shared.bus import Bus
@@ -340,35 +339,15 @@ class ModelCall:
         any push, whose scan starts after it), with the input tokens the provider counted."""
         await self._record("started", usage)
 
-    async def _record(self, state: str, usage: m.Usage) -> None:
-        """This call's record in CHAT_STREAM (shared/estimate.py): ``started`` create-only,
-        ``finished`` after the outcome is published (then nothing is estimated for it). Best
-        effort: without its record a call that dies is not estimated; a call is never held up."""
+    async def _record(self, state: Literal["started", "finished"], usage: m.Usage) -> None:
+        """This call's record in CHAT_STREAM (shared/deadcalls.py): ``started`` create-only,
+        ``finished`` after the outcome is published (then nothing is estimated for it)."""
         if state == "finished" and not self.recorded:
             return
-        record = estimate.ModelCallRecord(
-            call_id=self.call_id,
-            task_id=self.t.task_id,
-            state=state,  # type: ignore[arg-type]
-            at=datetime.now(UTC),
-            usage=usage,
+        written = await deadcalls.write_record(
+            self.h.bus, self.call_id, self.t.task_id, state, usage
         )
-        headers = {EXPECTED_LAST_SUBJECT_SEQ: "0"} if state == "started" else None
-        try:
-            await self.h.bus.publish(
-                estimate.record_subject(self.call_id),
-                record,
-                msg_id=f"call{state}:{self.call_id}",
-                headers=headers,
-            )
-        except nats.js.errors.APIError as exc:
-            if exc.err_code != WRONG_LAST_SEQUENCE:
-                self.h.bus.log.warning("call_record_failed", call_id=self.call_id, error=repr(exc))
-            return
-        except (nats.errors.Error, TimeoutError, OSError) as exc:
-            self.h.bus.log.warning("call_record_failed", call_id=self.call_id, error=repr(exc))
-            return
-        if state == "started":
+        if state == "started" and written:
             self.recorded = True
 
     async def _on_text(self, text: str) -> None:

@@ -140,8 +140,9 @@ async def supervise(world: World, until: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def started_records(url: str) -> AsyncIterator[Callable[[str], Awaitable[bool]]]:
-    """Whether an executor's model call left its ``started`` record in CHAT_STREAM (the
-    chaos checks' ``recorded``: a call without one was cut before its ``message_start`` was read)."""
+    """Whether a model call (an executor's or an agent's) left its ``started`` record in
+    CHAT_STREAM (the chaos checks' ``recorded``: a call without one was cut before its
+    ``message_start`` was read)."""
     nc = await nats.connect(url)
     js = nc.jetstream()
 

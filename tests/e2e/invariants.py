@@ -16,6 +16,7 @@ import httpx
 
 from baton.devtoken import make_token
 from baton.offline_model import OfflineModelProcess
+from shared import estimate
 
 EXECUTOR_MODEL = "claude-sonnet-4-6"
 CLASSIFY_PREFIX = "classify:"  # the agent's call ids: classify:<message id>#<delivery>
@@ -117,8 +118,9 @@ async def check(
 ) -> str:
     """Assert I1-I4 (and I6's order) over the database and the model's ledger; a summary line.
 
-    ``recorded``: whether an executor's call left its ``started`` record (shared/estimate.py).
-    Given, an answer call without a usage row is allowed when it has none and its task was
+    ``recorded``: whether a model call (an executor's or an agent's) left its ``started`` record
+    (shared/estimate.py).
+    Given, a model call without a usage row is allowed when it has no record and its work was
     delivered again: it died before its ``message_start`` was read, the limit
     docs/guarantees.md (I4) names; such calls are counted in the summary."""
     accepted = set(client.accepted.values())
@@ -172,27 +174,34 @@ async def check(
             served["cache_creation_input_tokens"],
         ), call_id
         if call_id in estimated:
-            # Only pushed deltas are counted: never more than the model sent.
+            # Only pushed deltas (an agent's call: message_start's count) are counted: never
+            # more than the model sent.
             assert r["output_tokens"] <= served["output_tokens"], call_id
-            assert r["outcome"] == "died_with_executor", call_id
+            dead = estimate.AGENT_OUTCOME if _classify(call_id) else estimate.OUTCOME
+            assert r["outcome"] == dead, call_id
         else:
             assert r["output_tokens"] == served["output_tokens"], call_id
         purpose = "classification" if call_id.startswith(CLASSIFY_PREFIX) else "answer"
         assert r["purpose"] == purpose, call_id
-    # Every answer call the model served has its one row (exact or estimated). Two kinds have
-    # none: a call cut before the model counted anything (all zeros in its ledger: the model
-    # billed nothing), and, where ``recorded`` can tell, a call the model counted whose executor
-    # died before it read ``message_start`` (no started record to estimate from: I4's limit,
-    # docs/guarantees.md), only if its task was delivered again.
-    unbilled_answers = sorted(c for c in ledger if c not in by_call and not _classify(c))
-    before_start = [c for c in unbilled_answers if not _served_any(ledger[c])]
+    # Every model call the model served, answer or classification, has its one row (exact or
+    # estimated). Two kinds have none: a call cut before the model counted anything (all zeros
+    # in its ledger: the model billed nothing), and, where ``recorded`` can tell, a call the
+    # model counted whose process died before it read ``message_start`` (no started record to
+    # estimate from: I4's limit, docs/guarantees.md), only if its work was delivered again.
+    # Without ``recorded`` a classification call is allowed no row if its work was delivered
+    # again (its agent died with it), as before its record existed.
+    unbilled = sorted(c for c in ledger if c not in by_call)
+    before_start = [c for c in unbilled if not _served_any(ledger[c])]
     before_read = []
-    if recorded is not None:
-        for c in unbilled_answers:
-            if c not in before_start and await _cut_before_read(c, ledger, recorded):
-                before_read.append(c)
-    unbilled_answers = [c for c in unbilled_answers if c not in (*before_start, *before_read)]
-    assert not unbilled_answers, [(c, ledger[c]) for c in unbilled_answers[:10]]
+    for c in (c for c in unbilled if c not in before_start):
+        if recorded is None:
+            cut = _classify(c) and _delivered_again(c, ledger)
+        else:
+            cut = await _cut_before_read(c, ledger, recorded)
+        if cut:
+            before_read.append(c)
+    missing = [c for c in unbilled if c not in (*before_start, *before_read)]
+    assert not missing, [(c, ledger[c]) for c in missing[:10]]
     estimate_served = sum(ledger[c]["output_tokens"] for c in estimated)
     estimate_billed = sum(int(r["output_tokens"]) for r in estimated.values())
     # Every accepted message was classified, and each of its classification calls billed.
@@ -202,13 +211,6 @@ async def check(
         if r["purpose"] == "classification"
     }
     assert classified >= accepted, len(accepted - classified)
-    # ...and a classification without a usage row is one whose agent died with it: its work
-    # was delivered again afterwards (a later call of the same work exists).
-    unbilled = sorted(set(ledger) - set(by_call))
-    for call_id in (c for c in unbilled if _classify(c)):
-        assert _delivered_again(call_id, ledger), (
-            f"model call {call_id} was never billed and its task never retried"
-        )
     # Project totals are exactly the sum of the usage rows.
     totals = await con.fetch(
         "SELECT p.project_id, p.input_tokens = s.i AND p.output_tokens = s.o "
@@ -225,14 +227,15 @@ async def check(
         f"outcomes={len(outcomes)} kinds={kinds} usage_rows={len(rows)} "
         f"model_calls={len(ledger)} classification_calls="
         f"{sum(1 for c in ledger if c.startswith(CLASSIFY_PREFIX))} "
-        f"died_with_executor={len(estimated)}(estimated) "
+        f"died_with_executor={sum(1 for c in estimated if not _classify(c))}(estimated) "
+        f"died_with_agent={sum(1 for c in estimated if _classify(c))}(estimated) "
         f"estimate_output={estimate_billed}/{estimate_served}"
         f"(error {estimate_billed - estimate_served} tokens, "
         f"{_share(estimate_served - estimate_billed, estimate_served)} of served; "
         f"{_share(estimate_served - estimate_billed, _ledger_total(ledger))} of all tokens) "
         f"died_before_start={len(before_start)}(billed nothing) "
-        f"{f'died_before_read={len(before_read)}(unbilled) ' if recorded else ''}"
-        f"died_with_agent={sum(1 for c in unbilled if c.startswith(CLASSIFY_PREFIX))} totals=ok "
+        f"died_before_read={len(before_read)}(unbilled"
+        f"{'' if recorded else ', classifications delivered again'}) totals=ok "
         f"ordered_conversations={len(by_conv)}"
     )
 
@@ -285,12 +288,13 @@ async def _billed(
     recorded: Callable[[str], Awaitable[bool]] | None = None,
     timeout: float = 120.0,
 ) -> tuple[dict[str, Any], list[Any]]:
-    """The model's ledger and the usage rows, once every answer call has its row: a call cut
-    by its executor's death is billed when its task is redelivered (after ``ack_wait``), which
-    can be after its run was answered by a later attempt. A call ``check`` accepts without a
-    row (no started record, its task delivered again: nothing to estimate from) is not waited
-    for: waiting for it ran out the whole bound, two minutes of a chaos run that measured
-    nothing. The bound only ends a failed wait."""
+    """The model's ledger and the usage rows, once every model call has its row: a call cut
+    by its executor's (or agent's) death is billed when its work is redelivered (after
+    ``ack_wait``), which can be after its run was answered by a later attempt. A call ``check``
+    accepts without a row (no started record, its work delivered again: nothing to estimate
+    from) is not waited for: waiting for it ran out the whole bound, two minutes of a chaos run
+    that measured nothing. Without ``recorded``, classifications are not waited for. The bound
+    only ends a failed wait."""
     deadline = time.monotonic() + timeout
     while True:
         ledger = {
@@ -298,9 +302,9 @@ async def _billed(
         }
         rows = await con.fetch("SELECT * FROM usage")
         billed = {r["call_id"] for r in rows}
-        waiting = [
-            c for c in ledger if not _classify(c) and _served_any(ledger[c]) and c not in billed
-        ]
+        waiting = [c for c in ledger if _served_any(ledger[c]) and c not in billed]
+        if recorded is None:  # a classification's row can only be told apart with records
+            waiting = [c for c in waiting if not _classify(c)]
         if recorded is not None:
             waiting = [c for c in waiting if not await _cut_before_read(c, ledger, recorded)]
         if not waiting or time.monotonic() > deadline:

@@ -18,10 +18,11 @@ import pytest
 
 from baton import offline_model
 from services.agent import core
-from services.agent.adapters import Classifier
-from services.executor.adapters import Model, StreamEnded, StreamFailed, sse_events
+from services.agent.adapters import CallFailed, Classifier
+from services.executor.adapters import Model, StreamEnded, StreamFailed
 from services.executor.core import classify
 from shared.messages import Usage
+from shared.sse import sse_events
 
 
 async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
@@ -240,8 +241,9 @@ async def test_an_http_error_is_the_sdks_typed_error_for_both_calls(
     with pytest.raises(StreamFailed) as failed:
         await Model(client).stream("m", [], [], 64, on_text)
     assert type(failed.value.cause) is error and failed.value.usage == Usage()
-    with pytest.raises(error):
+    with pytest.raises(CallFailed) as cut:
         await Classifier(client, "m", 64).classify("hi")
+    assert type(cut.value.cause) is error and cut.value.usage == Usage()
     await client.close()
 
 
@@ -256,71 +258,118 @@ def test_the_models_client_keeps_the_sdk_settings_but_makes_no_span_of_its_own()
     assert own._tracer is None
 
 
-def _reply(content: Any) -> bytes:
-    return msgspec.json.encode({"id": "msg_1", "type": "message", "content": content, "usage": {}})
+def _tool_stream(
+    name: str = "classify_message", pieces: tuple[str, ...] = ('{"a":', " 1}"), **start: Any
+) -> bytes:
+    """A streamed forced tool call, as the API sends it (the input in ``input_json_delta``s)."""
+    block = {"type": "tool_use", "id": "toolu_1", "name": name, "input": {}} | start
+    return _sse(
+        ("message_start", START),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
+        *(
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "input_json_delta", "partial_json": p}})
+            for p in pieces
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                           "usage": {"output_tokens": 9}}),
+        ("message_stop", {"type": "message_stop"}),
+    )  # fmt: skip
+
+
+TEXT_ONLY = _sse(
+    ("message_start", START),
+    ("content_block_start", {"type": "content_block_start", "index": 0,
+                             "content_block": {"type": "text", "text": ""}}),
+    _delta("no"),
+    ("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 1}}),
+    ("message_stop", {"type": "message_stop"}),
+)  # fmt: skip
+
+
+def _streaming(body: bytes) -> anthropic.AsyncAnthropic:
+    return _client(
+        lambda r: httpx2.Response(200, content=body, headers={"content-type": "text/event-stream"})
+    )
 
 
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (_reply([{"type": "tool_use", "id": "t", "name": "classify_message", "input": {"a": 1}}]),
-         (True, {"a": 1})),
-        (_reply([{"type": "text", "text": "no"}, {"type": "tool_use", "name": "classify_message",
-                                                   "input": "just a string"}]),
-         (True, "just a string")),
-        (_reply([{"type": "tool_use", "name": "other_tool", "input": {}}]), (False, None)),
-        (_reply([{"type": "tool_use", "name": "classify_message"}]), (True, None)),
-        (_reply([]), (False, None)),
+        (_tool_stream(), (True, {"a": 1})),
+        (_tool_stream(pieces=('"just a', ' string"')), (True, "just a string")),
+        (_tool_stream(pieces=("{not json",)), (True, "{not json")),
+        (_tool_stream(name="other_tool"), (False, None)),
+        (_tool_stream(pieces=(), input={"b": 2}), (True, {"b": 2})),
+        (_tool_stream(pieces=(), input=None), (True, None)),
+        (TEXT_ONLY, (False, None)),
     ],
-    ids=["tool-call", "hostile-input-kept-as-is", "other-tool", "no-input", "empty"],
+    ids=["tool-call", "hostile-input-kept-as-is", "not-json-kept-as-text", "other-tool",
+         "input-in-start-block", "no-input", "text-only"],
 )  # fmt: skip
 async def test_the_classifier_returns_the_tool_input_verbatim(body: bytes, expected: Any) -> None:
-    client = _client(
-        lambda r: httpx2.Response(200, content=body, headers={"content-type": "application/json"})
-    )
-    called, raw, usage = await Classifier(client, "m", 64).classify("hi")
-    assert (called, raw) == expected and usage == Usage()
+    client = _streaming(body)
+    called, raw, _ = await Classifier(client, "m", 64).classify("hi")
+    assert (called, raw) == expected
     await client.close()
 
 
 async def test_the_classifier_returns_what_the_call_used_and_tags_it_with_its_call_id() -> None:
     seen: list[str] = []
+    started: list[Usage] = []
 
     def reply(r: httpx2.Request) -> httpx2.Response:
         seen.append(r.headers.get("x-baton-call-id", ""))
-        body = msgspec.json.encode(
-            {
-                "content": [{"type": "tool_use", "name": "classify_message", "input": {}}],
-                "usage": {
-                    "input_tokens": 120,
-                    "output_tokens": 34,
-                    "cache_read_input_tokens": 5,
-                    "cache_creation_input_tokens": None,
-                },
-            }
+        assert msgspec.json.decode(r.content)["stream"] is True
+        return httpx2.Response(
+            200, content=_tool_stream(), headers={"content-type": "text/event-stream"}
         )
-        return httpx2.Response(200, content=body, headers={"content-type": "application/json"})
+
+    async def on_start(usage: Usage) -> None:
+        started.append(usage)
 
     client = _client(reply)
-    _, _, usage = await Classifier(client, "m", 64).classify("hi", "classify:m1#2")
-    assert usage == Usage(input_tokens=120, output_tokens=34, cache_read_tokens=5)
+    _, _, usage = await Classifier(client, "m", 64).classify("hi", "classify:m1#2", on_start)
+    # message_start's input and cache counts, message_delta's output count.
+    assert usage == Usage(input_tokens=11, output_tokens=9, cache_write_tokens=5)
+    # The usage message_start reported was heard once, before the rest: what a dead agent's
+    # record holds.
+    assert started == [Usage(input_tokens=11, output_tokens=1, cache_write_tokens=5)]
     assert seen == ["classify:m1#2"]
     await client.close()
 
 
 @pytest.mark.parametrize(
-    "body",
-    [b"", b"{not json", b'{"content": "a string"}', b'{"content": [{"name": 1}]}', b"[" * 100_000],
-    ids=["empty", "not-json", "content-not-a-list", "block-without-type", "deeply-nested"],
-)
-async def test_a_reply_that_is_not_a_messages_reply_is_the_sdks_validation_error(
-    body: bytes,
+    ("body", "cause", "usage"),
+    [
+        (b"", StreamEnded, Usage()),
+        (b"{not an event stream", StreamEnded, Usage()),
+        (_sse(("message_start", {"message": "a string"})), anthropic.APIResponseValidationError,
+         Usage()),
+        (b"event: message_start\ndata: " + b"[" * 100_000 + b"\n\n",
+         anthropic.APIResponseValidationError, Usage()),
+        (_tool_stream()[: _tool_stream().index(b"event: message_delta")], StreamEnded,
+         Usage(input_tokens=11, output_tokens=1, cache_write_tokens=5)),
+        (_sse(("message_start", START),
+              ("content_block_delta", {"index": 0, "delta": "not an object"})),
+         anthropic.APIResponseValidationError,
+         Usage(input_tokens=11, output_tokens=1, cache_write_tokens=5)),
+        (_sse(("message_start", START),
+              ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "x"}})),
+         anthropic.APIStatusError, Usage(input_tokens=11, output_tokens=1, cache_write_tokens=5)),
+    ],
+    ids=["empty", "not-sse", "start-not-an-object", "deeply-nested", "cut-after-start",
+         "garbled-delta", "error-event"],
+)  # fmt: skip
+async def test_a_stream_that_is_not_a_whole_messages_stream_fails_with_what_the_call_used(
+    body: bytes, cause: type[Exception], usage: Usage
 ) -> None:
-    client = _client(
-        lambda r: httpx2.Response(200, content=body, headers={"content-type": "application/json"})
-    )
-    with pytest.raises(anthropic.APIResponseValidationError):
+    client = _streaming(body)
+    with pytest.raises(CallFailed) as failed:
         await Classifier(client, "m", 64).classify("hi")
+    # The input message_start counted is billed even though the call failed.
+    assert type(failed.value.cause) is cause and failed.value.usage == usage
     await client.close()
 
 
@@ -419,18 +468,21 @@ async def test_the_agent_sends_the_request_the_sdks_create_sends() -> None:
         api_key="sk-ant-real-looking",
         max_retries=0,
         http_client=httpx2.AsyncClient(
-            transport=httpx2.MockTransport(_recorder(sent, _reply([]), "application/json"))
+            transport=httpx2.MockTransport(_recorder(sent, _tool_stream(), "text/event-stream"))
         ),
     )
     classifier = Classifier(client, "claude-haiku-x", 77)
     await classifier.classify("the transcript")
-    await client.messages.create(
+    stream = await client.messages.create(
         model="claude-haiku-x",
         max_tokens=77,
         system=core.SYSTEM_PROMPT,
         messages=[{"role": "user", "content": "the transcript"}],
         tools=classifier.tools,
         tool_choice=classifier.tool_choice,
+        stream=True,
     )
+    async for _ in stream:
+        pass
     await client.close()
     _same_request(*sent)

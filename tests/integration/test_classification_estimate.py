@@ -1,0 +1,250 @@
+"""A classification call cut by its agent's death is billed once, by estimate, when the message
+is delivered again; a call whose exact usage went out before the agent died keeps it. Real NATS,
+Postgres, the offline model and an agent process (SIGKILL mid-stream)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats.js.errors
+
+from baton.offline_model import OfflineModelProcess
+from baton.provision import provision
+from services.agent.adapters import Classifier
+from services.agent.config import Settings
+from services.agent.handlers import Handlers as AgentHandlers
+from services.persister.adapters import Store
+from services.persister.handlers import Handlers as PersisterHandlers
+from shared import estimate, model, subjects, wiring
+from shared import messages as m
+from shared.bus import Bus, Consumer
+from shared.db import create_pool
+from shared.errors import Transient
+from shared.history import History
+from tests.integration.conftest import Infra
+from tests.support import (
+    connect_bus,
+    decode_all,
+    eventually,
+    read_subject,
+    running,
+    service_metrics,
+    user_event,
+)
+
+
+def _agent_process(infra: Infra, model_url: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "BATON_NATS_URL": infra.nats_url,
+        "BATON_DATABASE_URL": infra.database_url,
+        "BATON_METRICS_PORT": "0",
+        "AGENT_ANTHROPIC_BASE_URL": model_url,
+        "AGENT_ANTHROPIC_API_KEY": "test-key",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.agent"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@asynccontextmanager
+async def _persister(infra: Infra) -> AsyncIterator[Bus]:
+    """The persister's consumers of user messages and classification usage; yields a bus."""
+    bus = await connect_bus(infra.nats_url, "persister")
+    pool = await create_pool(infra.database_url)
+    p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
+    try:
+        async with running(
+            Consumer(bus, wiring.PERSISTER_IN, m.UserMessageAccepted, p.user_message),
+            Consumer(bus, wiring.PERSISTER_USAGE, m.ModelUsage, p.model_usage),
+        ):
+            yield bus
+    finally:
+        await bus.close()
+        await pool.close()
+
+
+@asynccontextmanager
+async def _agent(
+    infra: Infra, model_url: str, kind: type[AgentHandlers]
+) -> AsyncIterator[AgentHandlers]:
+    """An agent in this process (``kind``: its handlers), consuming ``chat.persisted.user``."""
+    settings = Settings()
+    bus = await connect_bus(infra.nats_url, "agent")
+    pool = await create_pool(infra.database_url)
+    client = model.client(model_url, "test-key", 10.0)
+    classifier = Classifier(client, settings.model, settings.max_tokens)
+    h = kind(bus, History(pool), classifier, settings, service_metrics("agent"))
+    try:
+        async with running(Consumer(bus, wiring.AGENT_IN, m.UserMessagePersisted, h.user_message)):
+            yield h
+    finally:
+        await bus.close()
+        await pool.close()
+        await client.close()
+
+
+async def _rows(dsn: str, n: int) -> list[Any]:
+    async def written() -> list[Any] | None:
+        con = await asyncpg.connect(dsn)
+        try:
+            rows = await con.fetch("SELECT * FROM usage ORDER BY call_id")
+        finally:
+            await con.close()
+        return list(rows) if len(rows) >= n else None
+
+    return await eventually(written, timeout=90)
+
+
+async def _record(bus: Bus, call_id: str) -> estimate.ModelCallRecord | None:
+    try:
+        raw = await bus.js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+    except nats.js.errors.NotFoundError:
+        return None
+    return msgspec.json.decode(raw.data or b"", type=estimate.ModelCallRecord)
+
+
+def _input(row: Any) -> tuple[int, int, int]:
+    return row["input_tokens"], row["cache_read_tokens"], row["cache_write_tokens"]
+
+
+def _served_input(served: dict[str, Any]) -> tuple[int, int, int]:
+    keys = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    return served[keys[0]], served[keys[1]], served[keys[2]]
+
+
+async def test_a_call_cut_by_a_sigkilled_agent_gets_one_estimated_row_when_the_message_returns(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # A short ack_wait, so the dead agent's message is delivered again in seconds.
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    before = offline_model.update_settings()
+    # The classification's tool input streams slowly: the agent is killed mid-call.
+    offline_model.update_settings(tokens_per_second=2)
+    proc = _agent_process(infra, offline_model.url)
+    project, conversation = f"p{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    e = user_event("What is a durable consumer?", project=project, conversation_id=conversation)
+    first, second = f"classify:{e.message_id}#1", f"classify:{e.message_id}#2"
+    try:
+        async with _persister(infra) as bus:
+            await bus.publish(subjects.chat_in(project, conversation), e, msg_id=e.message_id)
+            # message_start has come: the record holds the input the provider counted.
+            record = await eventually(lambda: _record(bus, first), timeout=90)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert offline_model.calls()[first]["outcome"] != "completed"
+            offline_model.update_settings(tokens_per_second=0)
+            async with _agent(infra, offline_model.url, AgentHandlers) as agent:
+                rows = await _rows(infra.database_url, 2)
+                decisions = decode_all(
+                    await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1),
+                    m.AgentDecision,
+                )
+            con = await asyncpg.connect(infra.database_url)
+            try:
+                totals = await con.fetchrow(
+                    "SELECT * FROM project_usage WHERE project_id = $1", project
+                )
+                again = await con.fetch("SELECT * FROM usage ORDER BY call_id")
+            finally:
+                await con.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        offline_model.update_settings(tokens_per_second=before["tokens_per_second"])
+    ledger = offline_model.calls()
+    by_call = {r["call_id"]: r for r in rows}
+    assert set(by_call) == {first, second}
+    assert {first, second} <= set(ledger)
+    cut, exact = by_call[first], by_call[second]
+    # The cut call: flagged, input exactly as the model counted it, output never more than it
+    # sent (what message_start reported), priced; the redelivery's call exact.
+    assert (cut["estimated"], cut["outcome"], cut["purpose"]) == (
+        True,
+        estimate.AGENT_OUTCOME,
+        "classification",
+    )
+    assert (
+        _input(cut)
+        == _served_input(ledger[first])
+        == (
+            record.usage.input_tokens,
+            record.usage.cache_read_tokens,
+            record.usage.cache_write_tokens,
+        )
+    )
+    assert cut["input_tokens"] > 0 and float(cut["cost_usd"]) > 0
+    assert cut["output_tokens"] == record.usage.output_tokens <= ledger[first]["output_tokens"]
+    assert (exact["estimated"], exact["outcome"]) == (False, "completed")
+    assert _input(exact) == _served_input(ledger[second])
+    assert exact["output_tokens"] == ledger[second]["output_tokens"]
+    assert cut["run_id"] == exact["run_id"] == f"run-{e.message_id}"
+    assert agent.estimated._value.get() == 1
+    # One decision, from the call that finished; nothing is billed twice.
+    assert [d.call_id for d in decisions] == [second]
+    assert [dict(r) for r in again] == [dict(r) for r in rows]
+    assert totals["input_tokens"] == sum(r["input_tokens"] for r in rows)
+    assert totals["output_tokens"] == sum(r["output_tokens"] for r in rows)
+
+
+class _LosesTheBrokerAfterItsFirstUsage(AgentHandlers):
+    """An agent whose broker went away right after the first call's exact usage was stored:
+    the decision is never published, the message comes back."""
+
+    async def _bill(
+        self,
+        e: m.UserMessagePersisted,
+        call_id: str,
+        outcome: str,
+        usage: m.Usage,
+        estimated: bool = False,
+    ) -> None:
+        await super()._bill(e, call_id, outcome, usage, estimated)
+        if call_id.endswith("#1") and not estimated:
+            raise Transient("the broker went away after the usage was stored")
+
+
+async def test_a_call_whose_exact_usage_went_out_keeps_it_when_the_message_returns(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    project, conversation = f"p{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    e = user_event("And a stream?", project=project, conversation_id=conversation)
+    first, second = f"classify:{e.message_id}#1", f"classify:{e.message_id}#2"
+    async with (
+        _persister(infra) as bus,
+        _agent(infra, offline_model.url, _LosesTheBrokerAfterItsFirstUsage) as agent,
+    ):
+        await bus.publish(subjects.chat_in(project, conversation), e, msg_id=e.message_id)
+        rows = await _rows(infra.database_url, 2)
+        decisions = decode_all(
+            await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1),
+            m.AgentDecision,
+        )
+        # The first call's record says "started" (the agent writes no "finished"): the second
+        # delivery estimates it, under the exact usage's message id.
+        record = await _record(bus, first)
+    assert record is not None and record.state == "started"
+    assert agent.estimated._value.get() == 1  # it was estimated, and the estimate dropped
+    ledger = offline_model.calls()
+    by_call = {r["call_id"]: r for r in rows}
+    assert set(by_call) == {first, second}
+    for call_id in (first, second):
+        row, served = by_call[call_id], ledger[call_id]
+        assert (row["estimated"], row["outcome"]) == (False, "completed"), call_id
+        assert _input(row) == _served_input(served), call_id
+        assert row["output_tokens"] == served["output_tokens"] > 1, call_id
+    assert [d.call_id for d in decisions] == [second]
