@@ -7,10 +7,12 @@ from typing import Any
 
 import anthropic
 import msgspec
+from opentelemetry import propagate, trace
 
 from services.agent import core
 from shared import messages as m
 from shared import sse
+from shared.model import call_span, end_call_span, untraced
 
 # The offline model's ledger is keyed by this header, so usage can be reconciled call by call.
 CALL_ID_HEADER = "x-baton-call-id"
@@ -26,6 +28,8 @@ class _StartUsage(msgspec.Struct):
 
 class _Message(msgspec.Struct):
     usage: _StartUsage = msgspec.field(default_factory=_StartUsage)
+    id: str = ""
+    model: str = ""
 
 
 class _MessageStart(msgspec.Struct):
@@ -57,8 +61,13 @@ class _DeltaUsage(msgspec.Struct):
     output_tokens: int = 0
 
 
+class _StopDelta(msgspec.Struct):
+    stop_reason: str | None = None
+
+
 class _MessageDelta(msgspec.Struct):
     usage: _DeltaUsage = msgspec.field(default_factory=_DeltaUsage)
+    delta: _StopDelta = msgspec.field(default_factory=_StopDelta)
 
 
 _start = msgspec.json.Decoder(_MessageStart)
@@ -82,14 +91,15 @@ class Classifier:
     """Asks the small model for a Decision through forced tool use, streamed.
 
     The call goes through the anthropic SDK's client (auth, base URL, version header, timeouts,
-    no retries, typed errors for non-2xx replies, its span) as a streamed raw response whose
-    events are read here with msgspec instead of the SDK's pydantic models (docs/decisions.md).
+    no retries, typed errors for non-2xx replies) as a streamed raw response whose events are
+    read here with msgspec instead of the SDK's pydantic models (docs/decisions.md); the SDK's
+    span would end without usage, so the call opens the same span itself (shared/model.py).
     Streamed so that the input the provider counted is known at ``message_start``, before the
     answer: an agent that dies after that leaves a record to bill the call by (``on_start``).
     """
 
     def __init__(self, client: anthropic.AsyncAnthropic, model: str, max_tokens: int) -> None:
-        self.client = client
+        self.client, self.server = untraced(client)
         self.model = model
         self.max_tokens = max_tokens
         self.tools: Any = [
@@ -118,6 +128,11 @@ class Classifier:
         initial: Any = None
         parts: list[str] = []
         stopped = False
+        message = _Message()
+        stop_reason = ""
+        span = call_span(self.model, self.max_tokens, self.server)
+        headers = {CALL_ID_HEADER: call_id} if call_id else {}
+        propagate.inject(headers, context=trace.set_span_in_context(span))
         try:
             async with self.client.messages.with_streaming_response.create(
                 model=self.model,
@@ -127,9 +142,10 @@ class Classifier:
                 tools=self.tools,
                 tool_choice=self.tool_choice,
                 stream=True,
-                extra_headers={CALL_ID_HEADER: call_id} if call_id else None,
+                extra_headers=headers or None,
             ) as response:
                 http = response.http_response
+                span.set_attribute("http.response.status_code", http.status_code)
                 async for event, data in sse.sse_events(http.aiter_bytes()):
                     try:
                         if event == b"content_block_delta":
@@ -137,7 +153,8 @@ class Classifier:
                             if delta.index == block and delta.delta.type == "input_json_delta":
                                 parts.append(delta.delta.partial_json)
                         elif event == b"message_start":
-                            u = _start.decode(data).message.usage
+                            message = _start.decode(data).message
+                            u = message.usage
                             counts = m.Usage(
                                 input_tokens=max(0, u.input_tokens),
                                 output_tokens=max(0, u.output_tokens),
@@ -152,8 +169,10 @@ class Classifier:
                             if block < 0 and b.type == "tool_use" and b.name == core.TOOL_NAME:
                                 block, initial = start.index, b.input
                         elif event == b"message_delta":
-                            out = max(0, _message_delta.decode(data).usage.output_tokens)
+                            md = _message_delta.decode(data)
+                            out = max(0, md.usage.output_tokens)
                             counts = msgspec.structs.replace(counts, output_tokens=out)
+                            stop_reason = md.delta.stop_reason or ""
                         elif event == b"message_stop":
                             stopped = True
                         elif event == b"error":
@@ -164,8 +183,12 @@ class Classifier:
                         ) from None
                 if not stopped:
                     raise sse.StreamEnded("the stream ended before message_stop")
-        except Exception as exc:
-            raise CallFailed(exc, counts) from exc
+        except BaseException as exc:
+            end_call_span(span, counts, message.id, message.model, stop_reason, exc)
+            if isinstance(exc, Exception):
+                raise CallFailed(exc, counts) from exc
+            raise
+        end_call_span(span, counts, message.id, message.model, stop_reason, None)
         if block < 0:
             return False, None, counts
         return True, _tool_input("".join(parts), initial), counts

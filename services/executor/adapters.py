@@ -10,16 +10,14 @@ from typing import Any
 import anthropic
 import msgspec
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.executor.core import CallAborted, ToolUses
 from shared import sse
 from shared.messages import ToolCall, Usage
+from shared.model import call_span, end_call_span, untraced
 from shared.sse import StreamEnded, sse_events
 
 CALL_ID_HEADER = "x-baton-call-id"
-
-_tracer = trace.get_tracer("baton.executor.model")
 
 
 class StreamOutcome(msgspec.Struct):
@@ -115,9 +113,7 @@ class Model:
     def __init__(self, client: anthropic.AsyncAnthropic) -> None:
         # The SDK's span would end without usage (it learns usage from events it parses), so
         # this client makes none and ``stream`` opens the same ``anthropic.messages.create`` span.
-        self.client = client.with_options(open_telemetry=False)
-        url = client.base_url
-        self.server = (url.host, url.port or (80 if url.scheme == "http" else 443))
+        self.client, self.server = untraced(client)
 
     async def stream(
         self,
@@ -140,20 +136,7 @@ class Model:
         counts = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0, "deltas": 0}
         parts: list[str] = []
         stop_reason = ""
-        span = _tracer.start_span(
-            "anthropic.messages.create",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "gen_ai.provider.name": "anthropic",
-                "gen_ai.operation.name": "chat",
-                "gen_ai.request.model": model,
-                "gen_ai.request.max_tokens": max_tokens,
-                "gen_ai.request.stream": True,
-                "http.request.method": "POST",
-                "server.address": self.server[0],
-                "server.port": self.server[1],
-            },
-        )
+        span = call_span(model, max_tokens, self.server)
         recording = span.is_recording()
         started = time.time_ns()
         message = _Message(usage=_StartUsage())
@@ -227,55 +210,20 @@ class Model:
             if task is not None:
                 task.uncancel()  # handled here: the abort is the call's outcome, not a shutdown
             counts["output"] = max(counts["output"], counts["deltas"])
-            _end_span(span, message, counts, stop_reason, None)
+            end_call_span(span, _usage(counts), message.id, message.model, stop_reason, None)
             raise StreamFailed(CallAborted("aborted by policy"), _usage(counts)) from None
         except Exception as exc:
             # Tokens already streamed were generated and billed, even if the final count never came.
             counts["output"] = max(counts["output"], counts["deltas"])
-            _end_span(span, message, counts, stop_reason, exc)
+            end_call_span(span, _usage(counts), message.id, message.model, stop_reason, exc)
             raise StreamFailed(exc, _usage(counts)) from exc
-        _end_span(span, message, counts, stop_reason, None)
+        end_call_span(span, _usage(counts), message.id, message.model, stop_reason, None)
         return StreamOutcome(
             text="".join(parts),
             usage=_usage(counts),
             stop_reason=stop_reason,
             tool_calls=uses.calls(),
         )
-
-
-def _end_span(
-    span: trace.Span,
-    message: _Message,
-    counts: dict[str, int],
-    stop_reason: str,
-    error: BaseException | None,
-) -> None:
-    """The attributes the SDK's span of a streamed ``messages.create`` has (no content)."""
-    if span.is_recording():
-        attributes: dict[str, Any] = {
-            "gen_ai.usage.input_tokens": counts["input"]
-            + counts["cache_read"]
-            + counts["cache_write"],
-            "gen_ai.usage.output_tokens": counts["output"],
-            "gen_ai.usage.cache_read.input_tokens": counts["cache_read"],
-            "gen_ai.usage.cache_write.input_tokens": counts["cache_write"],
-        }
-        if message.id:
-            attributes["gen_ai.response.id"] = message.id
-        if message.model:
-            attributes["gen_ai.response.model"] = message.model
-        if stop_reason:
-            attributes["anthropic.message.stop_reason"] = stop_reason
-        span.set_attributes(attributes)
-        if isinstance(error, anthropic.APIStatusError):
-            span.set_attribute("error.type", str(error.type or error.status_code))
-            span.set_status(Status(StatusCode.ERROR))
-        elif error is not None:
-            span.set_attribute("error.type", type(error).__name__)
-            span.set_status(Status(StatusCode.ERROR))
-        else:
-            span.set_status(Status(StatusCode.OK))
-    span.end()
 
 
 def _usage(counts: dict[str, int]) -> Usage:

@@ -288,7 +288,8 @@ def test_one_message_is_one_trace_through_all_five_services(
         assert any(s.attributes["db.operation.name"] == "INSERT" for s in db), [s.name for s in db]
         assert all("$" in s.attributes["db.query.text"] or "INSERT" not in s.name for s in db)
 
-    # The model calls: the SDK's own spans, under the agent's and the executor's hops.
+    # The model calls: spans as the SDK makes them (shared/model.py), under the agent's and the
+    # executor's hops.
     for hop, durable in ((chain[2], "agent"), (chain[4], "executor")):
         calls = [s for s in _within(hop, spans, by_id) if s.name == "anthropic.messages.create"]
         assert len(calls) == 1, durable
