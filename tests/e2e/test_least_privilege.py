@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import asyncpg
 import httpx
@@ -538,3 +539,43 @@ async def test_policy_reads_a_calls_records_and_bills_a_dead_call_for_the_persis
         )
     finally:
         await con.close()
+
+
+async def test_the_agent_writes_and_reads_its_own_call_records_and_cannot_forge_an_executors(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    """The agent's user may write a classification call's record (``agent.call.*``) and read
+    records back from CHAT_STREAM by subject; it may not write an executor's record, whose
+    forgery would make a redelivered task bill a call that never ran."""
+    p = secure_pipeline
+    call_id = f"classify:{uuid.uuid4()}#1"
+    forged_id = f"task:run-{uuid.uuid4()}:1#1"
+    errors: list[str] = []
+    nc = await _connect(p, "agent", errors)
+    try:
+        js = nc.jetstream(timeout=2.0)
+        record = estimate.ModelCallRecord(
+            call_id=call_id,
+            task_id=call_id.removesuffix("#1"),
+            state="started",
+            at=datetime.now(UTC),
+            usage=messages.Usage(input_tokens=30),
+        )
+        ack = await js.publish(estimate.record_subject(call_id), msgspec.json.encode(record))
+        assert ack.stream == subjects.STREAM_TOKENS
+        stored = await js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+        assert msgspec.json.decode(stored.data or b"", type=estimate.ModelCallRecord) == record
+        forged = msgspec.structs.replace(record, call_id=forged_id, task_id=forged_id[:-2])
+        with pytest.raises((TimeoutError, nats.errors.Error)):
+            await js.publish(estimate.record_subject(forged_id), msgspec.json.encode(forged))
+    finally:
+        await nc.close()
+    assert any("permissions violation" in e.lower() for e in errors), errors
+    admin = await _connect(p, permissions.ADMIN, [])
+    try:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await admin.jetstream(timeout=5.0).get_last_msg(
+                subjects.STREAM_TOKENS, estimate.record_subject(forged_id)
+            )
+    finally:
+        await admin.close()
