@@ -130,6 +130,7 @@ class Classifier:
         stopped = False
         message = _Message()
         stop_reason = ""
+        deltas = 0
         span = call_span(self.model, self.max_tokens, self.server)
         headers = {CALL_ID_HEADER: call_id} if call_id else {}
         propagate.inject(headers, context=trace.set_span_in_context(span))
@@ -150,6 +151,7 @@ class Classifier:
                     try:
                         if event == b"content_block_delta":
                             delta = _block_delta.decode(data)
+                            deltas += 1  # generated (and billed) whatever block it is in
                             if delta.index == block and delta.delta.type == "input_json_delta":
                                 parts.append(delta.delta.partial_json)
                         elif event == b"message_start":
@@ -184,6 +186,10 @@ class Classifier:
                 if not stopped:
                     raise sse.StreamEnded("the stream ended before message_stop")
         except BaseException as exc:
+            # Deltas already streamed were generated and billed, even if the final count never
+            # came (as the executor counts a cut answer).
+            out = max(counts.output_tokens, deltas)
+            counts = msgspec.structs.replace(counts, output_tokens=out)
             end_call_span(span, counts, message.id, message.model, stop_reason, exc)
             if isinstance(exc, Exception):
                 raise CallFailed(exc, counts) from exc

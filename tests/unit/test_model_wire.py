@@ -350,7 +350,7 @@ async def test_the_classifier_returns_what_the_call_used_and_tags_it_with_its_ca
         (b"event: message_start\ndata: " + b"[" * 100_000 + b"\n\n",
          anthropic.APIResponseValidationError, Usage()),
         (_tool_stream()[: _tool_stream().index(b"event: message_delta")], StreamEnded,
-         Usage(input_tokens=11, output_tokens=1, cache_write_tokens=5)),
+         Usage(input_tokens=11, output_tokens=2, cache_write_tokens=5)),
         (_sse(("message_start", START),
               ("content_block_delta", {"index": 0, "delta": "not an object"})),
          anthropic.APIResponseValidationError,
@@ -368,7 +368,8 @@ async def test_a_stream_that_is_not_a_whole_messages_stream_fails_with_what_the_
     client = _streaming(body)
     with pytest.raises(CallFailed) as failed:
         await Classifier(client, "m", 64).classify("hi")
-    # The input message_start counted is billed even though the call failed.
+    # The input message_start counted, and the deltas that came (one token each), are billed
+    # even though the call failed.
     assert type(failed.value.cause) is cause and failed.value.usage == usage
     await client.close()
 
