@@ -30,6 +30,12 @@ T = TypeVar("T")
 _TLS = ssl.create_default_context()
 
 
+def port_taken(log: str) -> bool:
+    """Whether a service's log says a port it was given was taken (Python's errno 98 message):
+    a port ``free_port`` found was only free a moment ago, and another process bound it first."""
+    return "address already in use" in log.lower()
+
+
 def http_get(url: str, timeout: float) -> httpx.Response:
     """``httpx.get`` without the per-call TLS set-up, for polls of local http servers."""
     return httpx.get(url, timeout=timeout, verify=_TLS)

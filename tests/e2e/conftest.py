@@ -32,7 +32,7 @@ from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
 from tests.conftest import ExternalPostgres, _drop_database
-from tests.support import http_get
+from tests.support import http_get, port_taken
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 # Bound on a wait for an answer, a state or a log line that the test does not time: quiet, each
@@ -305,10 +305,6 @@ def wait_services_up(children: list[Child], timeout: float) -> None:
             time.sleep(0.05)
 
 
-# What a service's log says when a port it was given is taken (Python's errno 98 message).
-_PORT_TAKEN = "address already in use"
-
-
 def start_services(children: list[Child], timeout: float) -> None:
     """Start ``children``; return once each reports itself up (the gateway also answers
     ``/readyz``) and none has exited.
@@ -335,7 +331,7 @@ def start_services(children: list[Child], timeout: float) -> None:
             # The gateway reports itself up, then binds its HTTP port: one that lost it logs
             # so and exits after its clean-up (and /readyz there was another process's).
             time.sleep(0.2)
-            lost = [c for c in children if _PORT_TAKEN in _log_since(c, offsets[c.name]).lower()]
+            lost = [c for c in children if port_taken(_log_since(c, offsets[c.name]))]
             for child in lost:
                 child.wait(30)  # restarted on fresh ports by the next round
             if not lost and all(c.exit_code() is None for c in children):
@@ -363,7 +359,7 @@ def _started(child: Child) -> bool:
 
 def _restart_on_fresh_ports(child: Child, offsets: dict[str, int]) -> None:
     log = _log_since(child, offsets[child.name])
-    if _PORT_TAKEN not in log.lower():
+    if not port_taken(log):
         raise RuntimeError(f"{child.name} exited with {child.exit_code()} while starting:\n{log}")
     for var in ("BATON_METRICS_PORT", "GATEWAY_HTTP_PORT"):
         if var in child.env:

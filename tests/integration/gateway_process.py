@@ -20,7 +20,7 @@ from baton.migrate import migrate
 from baton.provision import provision
 from baton.supervisor import Child, service_env
 from tests.conftest import ExternalPostgres, _drop_database
-from tests.support import http_get
+from tests.support import http_get, port_taken
 
 SECRET = "limits-secret-" + "x" * 32
 MIB = 1024 * 1024
@@ -105,7 +105,7 @@ def start_gateway(
                 if http_get(f"{gw.url}/readyz", timeout=1).status_code == 200:
                     return gw
             if child.exit_code() is not None:
-                if "Address already in use" in gw.log():
+                if port_taken(gw.log()):
                     return None
                 raise AssertionError(gw.log())
             assert time.monotonic() < deadline, (
