@@ -82,15 +82,26 @@ def task_calls(task_id: str, max_deliver: int) -> list[str]:
 
 
 def usage_id(call_id: str) -> str:
-    """The message id of a settled call's usage: one per call, whichever path settles it."""
+    """The message id of a call's exact usage when it goes out on its own (an agent's
+    classification call; an executor's rides in its result, ``result:<call id>``)."""
     return f"usage:{call_id}"
+
+
+def estimate_id(call_id: str) -> str:
+    """The message id of an estimate of a call, whichever service makes it: one per call (a
+    second estimate is a duplicate), and never the exact usage's. A service cut off from the
+    broker past ``ack_wait`` publishes its exact usage late, after another estimated the call;
+    under one id JetStream would drop it within the dedup window, and the estimate would stand.
+    The persister keeps one row per call id: the exact usage replaces an estimate, never the
+    reverse."""
+    return f"estimate:{call_id}"
 
 
 def settled_usage(timer: m.RunDeadline, call: m.EstimatedCall) -> m.ModelUsage:
     """The usage row policy publishes for a dead call of the task ``timer.settle`` names."""
     assert timer.settle is not None
     return m.ModelUsage(
-        event_id=usage_id(call.call_id),
+        event_id=estimate_id(call.call_id),
         message_id=timer.message_id,
         conversation_id=timer.conversation_id,
         project_id=timer.project_id,

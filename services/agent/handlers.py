@@ -88,9 +88,10 @@ class Handlers:
         estimated: bool = False,
     ) -> None:
         """One classification call's usage, for the persister to write once (by call id: an
-        exact usage replaces an estimate of the same call, never the other way round)."""
+        exact usage replaces an estimate of the same call, never the other way round). The two
+        go out under different message ids (estimate.estimate_id): a late exact usage is kept."""
         spent = m.ModelUsage(
-            event_id=estimate.usage_id(call_id),
+            event_id=(estimate.estimate_id if estimated else estimate.usage_id)(call_id),
             message_id=e.message_id,
             conversation_id=e.conversation_id,
             project_id=e.project_id,

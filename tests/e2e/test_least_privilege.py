@@ -499,7 +499,7 @@ async def test_policy_reads_a_calls_records_and_bills_a_dead_call_for_the_persis
         with pytest.raises(nats.js.errors.NotFoundError):  # allowed, and nothing there
             await js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
         usage = messages.ModelUsage(
-            event_id=estimate.usage_id(call_id),
+            event_id=estimate.estimate_id(call_id),
             message_id=str(uuid.uuid4()),
             conversation_id=str(uuid.uuid4()),
             project_id="lp-estimates",

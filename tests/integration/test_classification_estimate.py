@@ -235,10 +235,10 @@ async def test_a_call_whose_exact_usage_went_out_keeps_it_when_the_message_retur
             m.AgentDecision,
         )
         # The first call's record says "started" (the agent writes no "finished"): the second
-        # delivery estimates it, under the exact usage's message id.
+        # delivery estimates it, and the persister keeps the exact row.
         record = await _record(bus, first)
     assert record is not None and record.state == "started"
-    assert agent.estimated._value.get() == 1  # it was estimated, and the estimate dropped
+    assert agent.estimated._value.get() == 1  # it was estimated, and the estimate not stored
     ledger = offline_model.calls()
     by_call = {r["call_id"]: r for r in rows}
     assert set(by_call) == {first, second}
@@ -248,3 +248,70 @@ async def test_a_call_whose_exact_usage_went_out_keeps_it_when_the_message_retur
         assert _input(row) == _served_input(served), call_id
         assert row["output_tokens"] == served["output_tokens"] > 1, call_id
     assert [d.call_id for d in decisions] == [second]
+
+
+class _CutOffPastAckWait(AgentHandlers):
+    """An agent cut off from the broker once its first call finished: its exact usage does not
+    go out (the message comes back after ``ack_wait`` and another delivery estimates the call);
+    it goes out late, once the agent is back (``late``), as a publish that was retried would."""
+
+    held: list[tuple[Any, ...]]
+
+    async def _bill(
+        self,
+        e: m.UserMessagePersisted,
+        call_id: str,
+        outcome: str,
+        usage: m.Usage,
+        estimated: bool = False,
+    ) -> None:
+        if call_id.endswith("#1") and not estimated:
+            self.held = [(e, call_id, outcome, usage)]
+            raise Transient("the broker is unreachable")
+        await super()._bill(e, call_id, outcome, usage, estimated)
+
+    async def late(self) -> None:
+        for args in self.held:
+            await super()._bill(*args)
+
+
+async def test_an_exact_usage_that_comes_after_the_calls_estimate_replaces_it(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    """The exact usage wins even when it comes second, within the broker's dedup window: the
+    estimate and the exact usage of one call are two messages, the row is one (by call id)."""
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    project, conversation = f"p{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    e = user_event("Cut off?", project=project, conversation_id=conversation)
+    first, second = f"classify:{e.message_id}#1", f"classify:{e.message_id}#2"
+    async with (
+        _persister(infra) as bus,
+        _agent(infra, offline_model.url, _CutOffPastAckWait) as agent,
+    ):
+        await bus.publish(subjects.chat_in(project, conversation), e, msg_id=e.message_id)
+        rows = {r["call_id"]: r for r in await _rows(infra.database_url, 2)}
+        assert set(rows) == {first, second}
+        assert rows[first]["estimated"] and not rows[second]["estimated"]
+        await agent.late()
+
+        async def replaced() -> list[Any] | None:
+            got = await _rows(infra.database_url, 2)
+            return got if not any(r["estimated"] for r in got) else None
+
+        final = {r["call_id"]: r for r in await eventually(replaced, timeout=60)}
+        con = await asyncpg.connect(infra.database_url)
+        try:
+            totals = await con.fetchrow(
+                "SELECT * FROM project_usage WHERE project_id = $1", project
+            )
+        finally:
+            await con.close()
+    ledger = offline_model.calls()
+    assert set(final) == {first, second}
+    for call_id in (first, second):
+        row, served = final[call_id], ledger[call_id]
+        assert (row["estimated"], row["outcome"]) == (False, "completed"), call_id
+        assert _input(row) == _served_input(served), call_id
+        assert row["output_tokens"] == served["output_tokens"], call_id
+    assert totals["input_tokens"] == sum(r["input_tokens"] for r in final.values())
+    assert totals["output_tokens"] == sum(r["output_tokens"] for r in final.values())

@@ -29,7 +29,7 @@ def _exact(e: m.UserMessageAccepted) -> m.ExecResult:
 def _estimate(r: m.ExecResult) -> m.ModelUsage:
     """What policy's settle timer publishes for the call (shared/estimate.py's row)."""
     return m.ModelUsage(
-        event_id=estimate.usage_id(r.call_id),
+        event_id=estimate.estimate_id(r.call_id),
         message_id=r.message_id,
         conversation_id=r.conversation_id,
         project_id=r.project_id,

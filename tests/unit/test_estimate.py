@@ -63,3 +63,5 @@ def test_record_subjects_are_one_safe_token_per_call() -> None:
 def test_every_delivery_of_a_task_may_have_made_a_call_and_each_is_billed_by_its_own_id() -> None:
     assert estimate.task_calls("task:r:1", 2) == ["task:r:1#1", "task:r:1#2"]
     assert estimate.usage_id("task:r:1#2") == "usage:task:r:1#2"
+    # An estimate of a call is a message of its own: a late exact usage is not its duplicate.
+    assert estimate.estimate_id("task:r:1#2") == "estimate:task:r:1#2"

@@ -485,7 +485,7 @@ def test_a_settle_timer_reads_every_delivery_and_bills_each_dead_call_once_by_it
     assert subject == "policy.usage.acme.c1"
     assert isinstance(u, m.ModelUsage)
     assert (u.event_id, u.call_id, u.task_id, u.attempt) == (
-        f"usage:task:{RUN}:1#2", f"task:{RUN}:1#2", f"task:{RUN}:1", 1,
+        f"estimate:task:{RUN}:1#2", f"task:{RUN}:1#2", f"task:{RUN}:1", 1,
     )  # fmt: skip
     assert (u.estimated, u.outcome, u.purpose, u.usage) == (
         True,
