@@ -140,15 +140,20 @@ async def provision(
             async with slots:
                 return await _while_unavailable(unavailable_s, call, *args)
 
-        async def stream(spec: subjects.StreamSpec) -> str:
-            cfg = stream_config(spec, dedup_window_s, replicas, kept)
+        async def exists(spec: subjects.StreamSpec) -> bool:
             try:
                 await again(js.stream_info, spec.name)
-                await again(js.update_stream, cfg)
-                return f"stream {spec.name} updated"
+                return True
             except nats.js.errors.NotFoundError:
-                await again(js.add_stream, cfg)
-                return f"stream {spec.name} created"
+                return False
+
+        async def update(spec: subjects.StreamSpec) -> str:
+            await again(js.update_stream, stream_config(spec, dedup_window_s, replicas, kept))
+            return f"stream {spec.name} updated"
+
+        async def create(spec: subjects.StreamSpec) -> str:
+            await again(js.add_stream, stream_config(spec, dedup_window_s, replicas, kept))
+            return f"stream {spec.name} created"
 
         async def consumer(cspec: subjects.ConsumerSpec) -> str:
             await again(js.add_consumer, cspec.stream, consumer_config(cspec, ack_wait_s))
@@ -164,7 +169,15 @@ async def provision(
         # Independent requests go at once (about 55 one after another took 0.1-0.3 s of every
         # test stack's start); consumers only after every stream exists. The lines keep the
         # order of the lists, whatever order the answers came in.
-        done += await asyncio.gather(*(stream(spec) for spec in subjects.STREAMS))
+        # Streams that exist are updated before new ones are made: a subject that moved to a
+        # new stream (agent.call.> left CHAT_STREAM for AGENT_CALLS) must leave the old one
+        # first, or JetStream refuses the new one's overlapping subjects.
+        found = await asyncio.gather(*(exists(spec) for spec in subjects.STREAMS))
+        old = [spec for spec, there in zip(subjects.STREAMS, found, strict=True) if there]
+        new = [spec for spec, there in zip(subjects.STREAMS, found, strict=True) if not there]
+        lines = dict(zip(old, await asyncio.gather(*(update(spec) for spec in old)), strict=True))
+        lines |= zip(new, await asyncio.gather(*(create(spec) for spec in new)), strict=True)
+        done += [lines[spec] for spec in subjects.STREAMS]
         done += await asyncio.gather(
             *(consumer(cspec) for cspec in wiring.CONSUMERS),
             bucket(subjects.BUCKET_RUNS, 0.0),

@@ -92,7 +92,9 @@ async def last_record(
 ) -> tuple[estimate.ModelCallRecord, int] | None:
     """The call's last record and its stream sequence; None: it wrote none (or it aged out)."""
     try:
-        raw = await js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+        raw = await js.get_last_msg(
+            estimate.record_stream(call_id), estimate.record_subject(call_id)
+        )
     except nats.js.errors.NotFoundError:
         return None
     if raw.data is None or raw.seq is None:

@@ -19,7 +19,8 @@ deliveries' calls) and policy (an attempt whose deadline passed settles all its 
 Either way a call's row is keyed by its call id, so the second settlement of one is a duplicate.
 
 The agent's classification calls are estimated the same way from their started record on
-``agent.call.<digest>`` (they push nothing): input exact, output what ``message_start``
+``agent.call.<digest>`` (they push nothing, so these live in a stream of their own,
+``AGENT_CALLS``): input exact, output what ``message_start``
 reported (the API says 1), when the message is delivered to an agent again.
 """
 
@@ -33,6 +34,7 @@ from typing import Literal
 import msgspec
 
 from shared import messages as m
+from shared import subjects
 from shared.history import estimate_tokens
 
 # The name of the method, stored with nothing else: docs/guarantees.md (I4) describes it.
@@ -46,7 +48,8 @@ CLASSIFY_PREFIX = "classify:"
 
 class ModelCallRecord(msgspec.Struct, kw_only=True, frozen=True):
     """A service's own record of one model call on ``exec.call.<digest>`` (an executor's, in
-    CHAT_STREAM next to the call's token pushes) or ``agent.call.<digest>`` (an agent's):
+    CHAT_STREAM next to the call's token pushes) or ``agent.call.<digest>`` (an agent's, in
+    AGENT_CALLS):
     ``started`` when ``message_start`` arrived (create-only), ``finished`` once the call's
     outcome was published (the executor's; the agent's usage is its outcome, keyed like an
     estimate, so it writes none)."""
@@ -64,6 +67,15 @@ def record_subject(call_id: str) -> str:
     prefix of the service that makes such calls (``agent.call`` for classifications)."""
     prefix = "agent.call" if call_id.startswith(CLASSIFY_PREFIX) else "exec.call"
     return f"{prefix}.{hashlib.sha256(call_id.encode()).hexdigest()[:40]}"
+
+
+def record_stream(call_id: str) -> str:
+    """The stream that holds one call's records (what ``record_subject`` names)."""
+    return (
+        subjects.STREAM_AGENT_CALLS
+        if call_id.startswith(CLASSIFY_PREFIX)
+        else subjects.STREAM_TOKENS
+    )
 
 
 def delta_prefix(call_id: str) -> str:

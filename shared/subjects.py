@@ -30,6 +30,10 @@ STREAM_TOOLS = "TOOLS"
 STREAM_ADMIN = "ADMIN"  # operators' commands (baton apikey), which the persister writes
 # Conversation settings (create, patch) and deletion requests (issue 16).
 STREAM_CONVERSATIONS = "CONVERSATIONS"
+# The agent's records of its classification calls (agent.call.*): a stream of their own, so
+# the agent's read grant (a stream-message get, which NATS cannot narrow by subject) covers
+# them and no conversation's answer deltas.
+STREAM_AGENT_CALLS = "AGENT_CALLS"
 
 # ---- subjects ------------------------------------------------------------------------------
 
@@ -250,9 +254,11 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_TASKS, ("exec.task.>",)),
     StreamSpec(STREAM_RESULTS, ("exec.result.>", "exec.failed.>")),
     # Token deltas only matter while a run streams and shortly after (resume).
-    # A model call's own records (exec.call.*, agent.call.*: shared/estimate.py) sit next to its
+    # An executor's model call's own records (exec.call.*: shared/estimate.py) sit next to its
     # deltas, so the sequence of its started record is where the scan for its pushes begins.
-    StreamSpec(STREAM_TOKENS, ("chat.stream.>", "exec.call.>", "agent.call.>"), max_age_s=3600.0),
+    StreamSpec(STREAM_TOKENS, ("chat.stream.>", "exec.call.>"), max_age_s=3600.0),
+    # A classification call pushes nothing: its records live apart, as long as the deltas.
+    StreamSpec(STREAM_AGENT_CALLS, ("agent.call.>",), max_age_s=3600.0),
     StreamSpec(STREAM_DLQ, ("dlq.>",), max_age_s=30 * 24 * 3600.0),
     StreamSpec(STREAM_CANCELS, ("chat.cancel.>",), max_age_s=24 * 3600.0),
     # Tool tasks, results, approvals and each call's record (started, finished), kept as long

@@ -170,8 +170,8 @@ WIRING: dict[str, Wiring] = {
             "agent.call.*",  # a classification call's started record: shared/estimate.py
         ),
         # A redelivered message reads its earlier classification calls' records (to bill the
-        # ones its agent died in by estimate).
-        reads_streams=(subjects.STREAM_TOKENS,),
+        # ones its agent died in by estimate): their stream alone, no conversation's deltas.
+        reads_streams=(subjects.STREAM_AGENT_CALLS,),
     ),
     "policy": Wiring(
         consumes=(

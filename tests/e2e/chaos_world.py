@@ -32,7 +32,7 @@ from baton.migrate import migrate
 from baton.offline_model import ModelSettings, OfflineModelProcess
 from baton.provision import provision
 from baton.supervisor import Child, Supervisor, service_env
-from shared import estimate, subjects
+from shared import estimate
 from tests.e2e.conftest import wait_healthy
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
@@ -140,15 +140,15 @@ async def supervise(world: World, until: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def started_records(url: str) -> AsyncIterator[Callable[[str], Awaitable[bool]]]:
-    """Whether a model call (an executor's or an agent's) left its ``started`` record in
-    CHAT_STREAM (the chaos checks' ``recorded``: a call without one was cut before its
-    ``message_start`` was read)."""
+    """Whether a model call (an executor's or an agent's) left its ``started`` record (in
+    CHAT_STREAM or AGENT_CALLS: estimate.record_stream); the chaos checks' ``recorded``: a
+    call without one was cut before its ``message_start`` was read."""
     nc = await nats.connect(url)
     js = nc.jetstream()
 
     async def recorded(call_id: str) -> bool:
         try:
-            await js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+            await js.get_last_msg(estimate.record_stream(call_id), estimate.record_subject(call_id))
         except nats.js.errors.NotFoundError:
             return False
         return True

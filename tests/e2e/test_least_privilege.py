@@ -545,11 +545,19 @@ async def test_the_agent_writes_and_reads_its_own_call_records_and_cannot_forge_
     secure_pipeline: SecurePipeline,
 ) -> None:
     """The agent's user may write a classification call's record (``agent.call.*``) and read
-    records back from CHAT_STREAM by subject; it may not write an executor's record, whose
-    forgery would make a redelivered task bill a call that never ran."""
+    records back from their own stream (AGENT_CALLS); it may not write an executor's record,
+    whose forgery would make a redelivered task bill a call that never ran, nor read a
+    conversation's answer deltas in CHAT_STREAM (a stream-message get is not narrowed by
+    subject, so the agent's records are kept out of that stream)."""
     p = secure_pipeline
     call_id = f"classify:{uuid.uuid4()}#1"
     forged_id = f"task:run-{uuid.uuid4()}:1#1"
+    answer = subjects.token_stream("lp-agent", str(uuid.uuid4()))
+    admin = await _connect(p, permissions.ADMIN, [])
+    try:
+        await admin.jetstream(timeout=5.0).publish(answer, b'{"text": "a secret answer"}')
+    finally:
+        await admin.close()
     errors: list[str] = []
     nc = await _connect(p, "agent", errors)
     try:
@@ -562,12 +570,18 @@ async def test_the_agent_writes_and_reads_its_own_call_records_and_cannot_forge_
             usage=messages.Usage(input_tokens=30),
         )
         ack = await js.publish(estimate.record_subject(call_id), msgspec.json.encode(record))
-        assert ack.stream == subjects.STREAM_TOKENS
-        stored = await js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+        assert ack.stream == subjects.STREAM_AGENT_CALLS == estimate.record_stream(call_id)
+        stored = await js.get_last_msg(
+            subjects.STREAM_AGENT_CALLS, estimate.record_subject(call_id)
+        )
         assert msgspec.json.decode(stored.data or b"", type=estimate.ModelCallRecord) == record
         forged = msgspec.structs.replace(record, call_id=forged_id, task_id=forged_id[:-2])
         with pytest.raises((TimeoutError, nats.errors.Error)):
             await js.publish(estimate.record_subject(forged_id), msgspec.json.encode(forged))
+        assert any("permissions violation" in e.lower() for e in errors), errors
+        errors.clear()
+        with pytest.raises((TimeoutError, nats.errors.Error)):
+            await js.get_last_msg(subjects.STREAM_TOKENS, answer)
     finally:
         await nc.close()
     assert any("permissions violation" in e.lower() for e in errors), errors

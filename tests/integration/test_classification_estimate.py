@@ -110,7 +110,9 @@ async def _rows(dsn: str, n: int) -> list[Any]:
 
 async def _record(bus: Bus, call_id: str) -> estimate.ModelCallRecord | None:
     try:
-        raw = await bus.js.get_last_msg(subjects.STREAM_TOKENS, estimate.record_subject(call_id))
+        raw = await bus.js.get_last_msg(
+            estimate.record_stream(call_id), estimate.record_subject(call_id)
+        )
     except nats.js.errors.NotFoundError:
         return None
     return msgspec.json.decode(raw.data or b"", type=estimate.ModelCallRecord)
