@@ -70,24 +70,64 @@ class EmbeddedServerError(RuntimeError):
         super().__init__(text)
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+# Where free ports are picked: above the well-known and registered services most machines run,
+# below the kernel's ephemeral range (``_picked_range``).
+_PICK_FROM = 10000
+_picked: set[int] = set()  # handed out by this process: never twice (while the range lasts)
+
+
+def _picked_range() -> tuple[int, int] | None:
+    """The ports below the kernel's ephemeral range (``ip_local_port_range``), which neither an
+    outgoing connection nor a ``bind(0)`` is ever given; None where that range is unknown or
+    leaves too few below it. A port the kernel handed out by ``bind(0)`` is ephemeral: between
+    its release and the server's bind, any process's next connection may take it (a second
+    suite on the machine did, in session 28). One below that range is taken only by a process
+    that picks it on purpose, as this does, at random among some 20,000."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (_PICK_FROM, low - 1) if low - 1 - _PICK_FROM >= 1000 else None
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (``free_ports``)."""
+    return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago: picked at random
+    below the ephemeral range where there is one (``_picked_range``), else given by the kernel.
+    """
+    span = _picked_range()
+    rng = secrets.SystemRandom()
+    ports: list[int] = []
+    tries = 0
+    while span is not None and len(ports) < count and tries < 100 * count:
+        tries += 1
+        if len(_picked) > (span[1] - span[0]) // 2:
+            _picked.clear()  # a long-lived process: ports it was given long ago may come again
+        port = rng.randint(*span)
+        if port not in _picked and _bindable(port):
+            _picked.add(port)
+            ports.append(port)
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
+        while len(ports) < count:  # no range, or hardly a port free in it: the kernel's
             # Holding every socket open until all are bound keeps the ports distinct.
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
+            if (port := int(sock.getsockname()[1])) not in ports:
+                ports.append(port)
+    return ports
 
 
 def _read_tail(path: Path, start: int = 0, limit: int = _LOG_TAIL_BYTES) -> str:
