@@ -74,6 +74,7 @@ class EmbeddedServerError(RuntimeError):
 # below the kernel's ephemeral range (``_picked_range``).
 _PICK_FROM = 10000
 _picked: set[int] = set()  # handed out by this process: never twice (while the range lasts)
+_picking = threading.Lock()  # one pick at a time (starts may run in threads)
 
 
 def _picked_range() -> tuple[int, int] | None:
@@ -112,14 +113,15 @@ def free_ports(count: int) -> list[int]:
     rng = secrets.SystemRandom()
     ports: list[int] = []
     tries = 0
-    while span is not None and len(ports) < count and tries < 100 * count:
-        tries += 1
-        if len(_picked) > (span[1] - span[0]) // 2:
-            _picked.clear()  # a long-lived process: ports it was given long ago may come again
-        port = rng.randint(*span)
-        if port not in _picked and _bindable(port):
-            _picked.add(port)
-            ports.append(port)
+    with _picking:
+        while span is not None and len(ports) < count and tries < 100 * count:
+            tries += 1
+            if len(_picked) > (span[1] - span[0]) // 2:
+                _picked.clear()  # a long-lived process: ports given long ago may come again
+            port = rng.randint(*span)
+            if port not in _picked and _bindable(port):
+                _picked.add(port)
+                ports.append(port)
     with contextlib.ExitStack() as stack:
         while len(ports) < count:  # no range, or hardly a port free in it: the kernel's
             # Holding every socket open until all are bound keeps the ports distinct.

@@ -38,7 +38,7 @@ async def write_record(
     state: Literal["started", "finished"],
     usage: m.Usage = m.Usage(),  # noqa: B008 - frozen
 ) -> bool:
-    """A call's record in CHAT_STREAM: ``started`` create-only (a second is refused by the
+    """A call's record (in CHAT_STREAM, or AGENT_CALLS for a classification): ``started`` create-only (a second is refused by the
     broker), ``finished`` once its outcome is published (then nothing is estimated for it).
     Best effort: False if it was not written; a call is never held up by its record (without
     one, a call that dies is not estimated: docs/guarantees.md, I4)."""

@@ -51,8 +51,8 @@ class ModelCallRecord(msgspec.Struct, kw_only=True, frozen=True):
     CHAT_STREAM next to the call's token pushes) or ``agent.call.<digest>`` (an agent's, in
     AGENT_CALLS):
     ``started`` when ``message_start`` arrived (create-only), ``finished`` once the call's
-    outcome was published (the executor's; the agent's usage is its outcome, keyed like an
-    estimate, so it writes none)."""
+    outcome was published (the executor's; the agent writes none: its usage is its outcome, and
+    an estimate never replaces an exact row)."""
 
     v: int = m.SCHEMA_VERSION
     call_id: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.errors
 from nats.aio.msg import Msg
 
 from services.agent import core
@@ -37,6 +38,11 @@ class Handlers:
         self.estimated = metrics.counter(
             "estimated_calls_total",
             "Classification calls an earlier agent died in, billed by estimate.",
+        )
+        self.unread = metrics.counter(
+            "estimate_reads_failed_total",
+            "Redelivered messages whose earlier calls' records could not be read (the broker "
+            "refused or did not answer): those calls, if any died, stay unbilled.",
         )
 
     async def user_message(self, e: m.UserMessagePersisted, msg: Msg) -> str:
@@ -117,9 +123,19 @@ class Handlers:
         if delivery <= 1:
             return []
         calls = estimate.earlier_calls(core.work_id(e.message_id), delivery)
-        out = await deadcalls.unsettled(
-            self.bus.js, e.project_id, e.conversation_id, calls, pushes=False
-        )
+        try:
+            out = await deadcalls.unsettled(
+                self.bus.js, e.project_id, e.conversation_id, calls, pushes=False
+            )
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            # Best effort: billing a dead call never holds up the message's classification.
+            # A read the broker refuses (a rolling deploy whose NATS config and agents do not
+            # yet agree on AGENT_CALLS) would otherwise fail every delivery until the message
+            # is dead-lettered; one it did not answer is read again by the next delivery only
+            # if this one dies too. Counted, so a lasting refusal shows.
+            self.unread.inc()
+            self.bus.log.warning("estimate_read_failed", delivery=delivery, error=repr(exc))
+            return []
         for c in out:
             self.estimated.inc()
             self.bus.log.warning(

@@ -511,8 +511,8 @@ def dead_calls(d: m.RunDeadline, max_deliver: int) -> list[str]:
 
 
 def settle_dead(d: m.RunDeadline, found: list[m.EstimatedCall]) -> Step:
-    """Bill each dead call found once: its usage (id ``usage:<call id>``; the persister keys the
-    row by call id, so a redelivery of the task that billed it first makes this a duplicate).
+    """Bill each dead call found once: its usage (id ``estimate:<call id>``; the persister keys
+    the row by call id, so a redelivery of the task that billed it first makes this a duplicate).
     The interpreter then steps ``DeadCallsBilled`` on the run: its day budgets."""
     subject = subjects.policy_usage(d.project_id, d.conversation_id)
     events = tuple((subject, estimate.settled_usage(d, c)) for c in found)

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from baton.embedded import free_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts" / "containers"
 # What the journey needs; grafana and jaeger have no offline source here, so they stay out.
@@ -31,12 +32,6 @@ STACK += ("executor", "prometheus")
 NOT_ONE_SHOT = tuple(s for s in STACK if s != "setup")
 SETUP_S = 900.0  # a cold cache: debootstrap, the image's dependencies, the stand-ins
 HEALTH_EVERY = "2s"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -160,8 +155,7 @@ def stack() -> Iterator[Stack]:
         env_file = run_dir / "env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in secret_env.items()))
         # Published ports on free ones, should the engine publish them (a system dockerd).
-        env["BATON_HTTP_PORT"] = str(_free_port())
-        env["BATON_PROMETHEUS_PORT"] = str(_free_port())
+        env["BATON_HTTP_PORT"], env["BATON_PROMETHEUS_PORT"] = map(str, free_ports(2))
         # The same health checks, probed every HEALTH_EVERY instead of every 5-10 s: each start
         # waits on the one before it being healthy (nats and postgres, then setup, then the
         # services), and the first probe came only after a whole interval.

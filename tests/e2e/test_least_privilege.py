@@ -22,6 +22,8 @@ from baton import permissions, roles
 from baton.embedded import PostgresServer, create_database
 from baton.migrate import migrate
 from baton.offline_model import ModelSettings
+from services.agent.config import Settings as AgentSettings
+from services.agent.handlers import Handlers as AgentHandlers
 from shared import estimate, messages, subjects, wiring
 from shared.bus import Bus
 from shared.config import BaseSettings, Secret
@@ -593,3 +595,37 @@ async def test_the_agent_writes_and_reads_its_own_call_records_and_cannot_forge_
             )
     finally:
         await admin.close()
+
+
+async def test_a_refused_read_of_call_records_does_not_hold_up_a_redelivered_message(
+    secure_pipeline: SecurePipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a rolling deploy an agent and the NATS config may disagree on where call records
+    live (an agent of sessions 27 and 28 reads them in CHAT_STREAM, which the agent's user may no
+    longer read). The refused read is counted and skipped: the message is classified, not
+    failed on every delivery until it is dead-lettered."""
+    p = secure_pipeline
+    metrics = service_metrics("agent")
+    settings = BaseSettings(
+        nats_url=p.nats_url, nats_user="agent", nats_password=Secret(p.passwords["agent"])
+    )
+    bus = await Bus.connect(settings, "agent", metrics, structlog.get_logger())
+    monkeypatch.setattr(estimate, "record_stream", lambda call_id: subjects.STREAM_TOKENS)
+    e = messages.UserMessagePersisted(
+        event_id="persisted:user:m1",
+        message_id=str(uuid.uuid4()),
+        conversation_id=str(uuid.uuid4()),
+        project_id="lp-agent",
+        user_id="alice",
+        content="hi",
+        content_hash="h",
+        created_at=datetime.now(UTC),
+    )
+    try:
+        # Only the record read is used: no history, no model.
+        agent = AgentHandlers(bus, None, None, AgentSettings(), metrics)  # type: ignore[arg-type]
+        assert await agent._unsettled(e, delivery=3) == []
+        assert agent.unread._value.get() == 1
+        assert agent.estimated._value.get() == 0
+    finally:
+        await bus.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import socket
 import subprocess
 import sys
 from pathlib import PurePosixPath
@@ -13,6 +12,7 @@ from pathlib import PurePosixPath
 import pytest
 
 from baton.cli import parser
+from baton.embedded import free_port
 from tests.manifests import ROOT, all_commands, compose_commands, k8s_commands
 
 COMMANDS = all_commands()
@@ -44,9 +44,7 @@ def test_the_model_command_line_of_the_manifests_serves() -> None:
     """compose's `baton model …` exactly, but on a free port of 127.0.0.1 rather than 0.0.0.0:8100."""
     [argv] = COMMANDS["compose/model"]
     assert argv[:3] == ["model", "--host", "0.0.0.0"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = list(argv)
     args[args.index("--host") + 1] = "127.0.0.1"
     args[args.index("--port") + 1] = str(port)
