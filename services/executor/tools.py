@@ -114,23 +114,24 @@ class McpTools:
     ) -> tuple[bool, str]:
         """``(is_error, text)`` of one call; ``key`` goes in ``_meta`` as its idempotency key.
 
-        Raises ``Unreachable`` when nothing was sent, ``TimeoutError`` past ``timeout_s``,
+        Raises ``Unreachable`` when nothing was sent (within ``CONNECT_S``), ``TimeoutError``
+        when the tool did not answer within ``timeout_s`` of the call going out,
         ``ToolCallError`` for a protocol failure after the call went out.
         """
         from mcp import Client, MCPError
 
         target = self._target(server)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        client = Client(target, read_timeout_seconds=timeout_s)
+        # The SDK's own per-request bound stays past both of ours, so a slow answer is always
+        # our TimeoutError (outcome timeout), never the SDK's request-timeout error.
+        client = Client(target, read_timeout_seconds=max(timeout_s, CONNECT_S) + 5.0)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(CONNECT_S):
                 await client.__aenter__()
         except Exception as exc:
             # Connecting and the handshake come before the call: nothing ran yet.
             raise Unreachable(f"MCP server {server!r} unreachable: {exc!r}"[:300]) from exc
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(timeout_s):
                 meta = {IDEMPOTENCY_KEY: key} if key else None
                 result = await client.call_tool(name, arguments, meta=meta)  # type: ignore[arg-type]
         except TimeoutError:
@@ -152,6 +153,10 @@ class McpTools:
 
 
 IDEMPOTENCY_KEY = "idempotency_key"  # the _meta key baton's MCP server honours (docs/tools.md)
+# The bound on reaching a server and its handshake (a stdio server's start included), apart
+# from the tool's own timeout_s: a slow start is "unreachable" (nothing ran), never a tool that
+# timed out, and a loaded machine's slow start does not eat a short tool's budget.
+CONNECT_S = 10.0
 
 
 def _state(last: tuple[m.ToolCallRecord, int] | None) -> Literal["none", "started", "finished"]:

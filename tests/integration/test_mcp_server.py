@@ -104,3 +104,23 @@ async def test_a_stdio_server_is_called_through_the_executors_client(tmp_path: o
     assert not is_error and "over stdio" in text
     assert again == (False, text)  # a new process, the same key: the ledger answers
     assert [e["idempotency_key"] for e in read_ledger(ledger)] == ["k-1"]
+
+
+async def test_a_slow_server_start_does_not_eat_the_tools_timeout(tmp_path: object) -> None:
+    """``timeout_s`` bounds the tool's answer, not the server's start: a stdio server that
+    takes two seconds to come up still answers a 1 s tool in time (it was "unreachable"
+    before, when the start counted against the tool's budget), and a tool that hangs past its
+    timeout_s is a timeout however slowly the server started."""
+    import sys
+
+    from services.executor.tools import McpTools
+
+    ledger = Path(str(tmp_path)) / "ledger.jsonl"
+    serve = f"{sys.executable} -m baton.mcp_server --stdio --ledger {ledger}"
+    tools = McpTools(
+        {"slow": ["/bin/sh", "-c", f"sleep 2; exec {serve}"]}, {"slow": {"PYTHONPATH": REPO}}
+    )
+    is_error, text = await tools.call("slow", "current_time", {"timezone": "UTC"}, "", 1.0)
+    assert not is_error and text
+    with pytest.raises(TimeoutError):
+        await tools.call("slow", "wait", {"seconds": 5}, "", 1.0)
