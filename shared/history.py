@@ -60,7 +60,7 @@ SELECT t.reply_to, t.round, t.content,
                  FROM tool_results r WHERE r.run_id = t.run_id AND r.round = t.round), '[]')
        AS results
 FROM tool_turns t
-WHERE t.reply_to = ANY($1::uuid[])
+WHERE t.reply_to = ANY($1::uuid[]) AND NOT (t.run_id = $2 AND t.round >= $3)
 ORDER BY t.reply_to, t.round
 """
 
@@ -134,18 +134,26 @@ class History:
         self.pool = pool
 
     async def upto(
-        self, conversation_id: str, message_id: str, limit: int, tools: bool = False
+        self,
+        conversation_id: str,
+        message_id: str,
+        limit: int,
+        tools: bool = False,
+        before: tuple[str, int] = ("", 0),
     ) -> list[Turn]:
         """At most ``limit`` newest messages up to and including ``message_id``, oldest first;
         with ``tools``, each run's tool exchanges too (content blocks). Without tools the
-        history is text only: the API refuses tool blocks in a call that offers no tools."""
+        history is text only: the API refuses tool blocks in a call that offers no tools.
+        ``before``: (run id, round) of the call being made: that run's exchanges from that
+        round on are left out, so a redelivered task's call sees what its first call saw, not
+        its own round's stored turn (whose calls have no results yet)."""
         async with unavailable_is_transient("read history"), self.pool.acquire() as con:
             rows = await con.fetch(UPTO, uuid.UUID(conversation_id), uuid.UUID(message_id), limit)
             rows = list(reversed(rows))
             if not tools:
                 return [Turn(r["role"], r["content"]) for r in rows]
             users = [r["id"] for r in rows if r["role"] == "user"]
-            found = await con.fetch(TOOL_TURNS, users)
+            found = await con.fetch(TOOL_TURNS, users, *before)
         exchanges: dict[uuid.UUID, list[Turn]] = {}
         for t in found:
             content = _json(t["content"])

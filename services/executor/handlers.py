@@ -142,6 +142,7 @@ class Handlers:
                     t.message_id,
                     t.context_messages or self.settings.context_messages,
                     tools=bool(t.tools),  # tool exchanges only where tools are offered
+                    before=(t.run_id, t.round),  # what this round's first call saw
                 ),
                 self._unsettled(t, msg.metadata.num_delivered),
                 self.history.system_prompt(t.conversation_id),

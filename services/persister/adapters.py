@@ -36,6 +36,10 @@ ON CONFLICT (run_id, round) DO NOTHING
 RETURNING call_id
 """
 
+REPLY_STORED = """
+SELECT EXISTS (SELECT 1 FROM messages WHERE run_id = $1 AND role = 'assistant')
+"""
+
 EARLIER_TOOL_TURNS = """
 SELECT content FROM tool_turns WHERE run_id = $1 AND round < $2 ORDER BY round
 """
@@ -65,6 +69,12 @@ class Placed(msgspec.Struct, frozen=True):
     position: int
     inserted: bool
     deleted: bool = False  # its conversation was deleted: not stored, never to be
+
+
+class Superseded(Exception):
+    """A model call's outcome that came second for its round (a redelivered task's second
+    call): the round's first outcome, a tool turn or the run's reply, stands; this call's usage
+    is billed and nothing else of it is stored (docs/tools.md, rule 2)."""
 
 
 class StoredReply(msgspec.Struct, frozen=True):
@@ -320,12 +330,17 @@ used AS (
         "cache_write_tokens = $11, cost_usd = $12, purpose = 'answer'",
     )
     + """
+turned AS (
+    -- A tool turn of this round (or a later one) was stored first: this answer came from a
+    -- second model call of the round (a redelivered task) and does not end the run.
+    SELECT 1 FROM tool_turns WHERE run_id = $4 AND round >= $17 LIMIT 1
+),
 reply AS (
     INSERT INTO messages (id, conversation_id, project_id, user_id, role, kind, content, run_id,
                           reply_to, created_at)
     SELECT $13, u.conversation_id, u.project_id, u.user_id, 'assistant', 'answer', $14, $4, u.id,
            now()
-    FROM u
+    FROM u WHERE NOT EXISTS (SELECT 1 FROM turned)
     ON CONFLICT DO NOTHING
     RETURNING id, conversation_id, project_id, user_id, reply_to, kind, content, created_at
 ),
@@ -353,10 +368,11 @@ run AS ("""
     + RUN_COLUMNS
     + """
     SELECT $4, $1, $15, $6, u.user_id, 'completed', $16, '', '', $7, '', $5, 0, 0, 0, NULL, 0, 0
-    FROM u"""
+    FROM u WHERE NOT EXISTS (SELECT 1 FROM turned)"""
     + RUN_CONFLICT
     + """)
 SELECT u.created_at AS asked_at, (SELECT count(*) FROM used) AS counted,
+       EXISTS (SELECT 1 FROM turned) AS superseded,
        (SELECT sum(cost_usd) FROM replaced) AS replaced_cost,
        NOT EXISTS (SELECT 1 FROM usage WHERE call_id = $2)
            AND NOT EXISTS (SELECT 1 FROM used) AS raced,
@@ -554,6 +570,7 @@ class Store:
                 r.text,
                 uuid.UUID(r.conversation_id),
                 core.rank("completed"),
+                r.round,
             )
             if row is None:
                 raise BadData(f"result for unknown message {r.message_id}")
@@ -561,6 +578,10 @@ class Store:
                 self._counted(r.model, cost)
             if row["replaced_cost"] is not None and row["replaced_cost"] > 0:
                 self._counted(r.model, float(row["replaced_cost"]))  # a counter only grows
+            if row["superseded"]:
+                if row["raced"]:
+                    await self._add_usage(con, r.call_id, r, r.usage, r.prices, "completed")
+                raise Superseded(f"run {r.run_id} round {r.round} already asked for tools")
             if row["raced"]:
                 # A row of this call was stored after the statement began (an estimate, or an
                 # exact copy): replace the estimate now, then read the run's usage afresh.
@@ -597,19 +618,28 @@ class Store:
             con.transaction(),
         ):
             await self._add_usage(con, r.call_id, r, r.usage, r.prices, "tool_use")
-            won = await con.fetchval(
-                INSERT_TOOL_TURN,
-                r.run_id,
-                r.round,
-                r.call_id,
-                uuid.UUID(r.message_id),
-                msgspec.json.encode(content).decode(),
-            )
-            row = await con.fetchrow(SELECT_TOOL_TURN, r.run_id, r.round)
-            if row is None:
-                raise BadData(f"tool turn for unknown message {r.message_id}")
-            usage = await con.fetchrow(RUN_USAGE, r.run_id)
-            earlier = await con.fetch(EARLIER_TOOL_TURNS, r.run_id, r.round)
+            # The run's row, locked: a reply and a turn of one run are decided one at a time.
+            await con.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", r.run_id)
+            # The run ended (its reply is stored: an answer of this round from a second model
+            # call, or policy's own reply): this turn would ask for calls nothing will ever
+            # run. The call is billed (committed); nothing else is stored.
+            ended = await con.fetchval(REPLY_STORED, r.run_id)
+            if not ended:
+                won = await con.fetchval(
+                    INSERT_TOOL_TURN,
+                    r.run_id,
+                    r.round,
+                    r.call_id,
+                    uuid.UUID(r.message_id),
+                    msgspec.json.encode(content).decode(),
+                )
+                row = await con.fetchrow(SELECT_TOOL_TURN, r.run_id, r.round)
+                if row is None:
+                    raise BadData(f"tool turn for unknown message {r.message_id}")
+                usage = await con.fetchrow(RUN_USAGE, r.run_id)
+                earlier = await con.fetch(EARLIER_TOOL_TURNS, r.run_id, r.round)
+        if ended:
+            raise Superseded(f"run {r.run_id} has its reply; round {r.round} asks too late")
         if won is not None:
             calls, text = r.tool_calls, r.text
         else:

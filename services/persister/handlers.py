@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from nats.aio.msg import Msg
 
 from services.persister import core
-from services.persister.adapters import Placed, Store, StoredReply, StoredToolTurn
+from services.persister.adapters import Placed, Store, StoredReply, StoredToolTurn, Superseded
 from services.persister.conversations import ConversationStore, Purger
 from shared import messages as m
 from shared import subjects
@@ -102,7 +102,11 @@ class InstrumentedStore(Store):
 
     async def store_result(self, r: m.ExecResult) -> StoredReply:
         with self._write("result") as billed:
-            stored = await super().store_result(r)
+            try:
+                stored = await super().store_result(r)
+            except Superseded:
+                self._count(billed)  # its usage was stored all the same
+                raise
         self._count(billed)
         await self._answered(stored, r.message_id)
         return stored
@@ -196,6 +200,11 @@ class Handlers:
             if core.is_tool_turn(r):
                 return await self._tool_turn(r)
             stored = await self.store.store_result(r)
+        except Superseded as exc:
+            # A second model call of a round whose first outcome is stored (docs/tools.md,
+            # rule 2): billed, nothing announced, the round's first outcome stands.
+            self.bus.log.warning("outcome_superseded", call_id=r.call_id, reason=str(exc))
+            return "superseded"
         except BadData:
             if not await self.conversations.is_deleted(r.conversation_id):
                 raise

@@ -324,3 +324,111 @@ async def test_a_text_only_history_is_read_as_before_when_no_tools_are_offered(
     # No result was recorded: the model is told so, as an error, so the history stays valid.
     [missing] = with_tools[2].blocks
     assert (missing["tool_use_id"], missing["is_error"]) == ("toolu_x", True)
+
+
+def _round_result(e: m.UserMessageAccepted, call_id: str, round_: int, ask: bool) -> m.ExecResult:
+    """A model call of round ``round_`` of the run for ``e``: a tool turn, or a text answer."""
+    value = {"title": "feed the dog"}
+    calls = (
+        (
+            m.ToolCall(
+                id="toolu_dog", name="create_task", input=value, input_digest=m.input_digest(value)
+            ),
+        )
+        if ask
+        else ()
+    )
+    return m.ExecResult(
+        event_id=f"result:{call_id}",
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        task_id=call_id.split("#")[0],
+        call_id=call_id,
+        run_id=f"run-{e.message_id}",
+        attempt=1,
+        model="claude-sonnet-4-6",
+        text="" if ask else "Done: I will not call anything.",
+        usage=m.Usage(input_tokens=10, output_tokens=5),
+        prices=m.Prices(input=3.0, output=15.0),
+        stop_reason="tool_use" if ask else "end_turn",
+        tool_calls=calls,
+        round=round_,
+    )
+
+
+async def _outcomes(pool: asyncpg.Pool, run_id: str) -> tuple[int, int, list[str]]:
+    turns = await pool.fetchval("SELECT count(*) FROM tool_turns WHERE run_id = $1", run_id)
+    replies = await pool.fetchval(
+        "SELECT count(*) FROM messages WHERE run_id = $1 AND role = 'assistant'", run_id
+    )
+    billed = await pool.fetch(
+        "SELECT call_id FROM usage WHERE run_id = $1 ORDER BY call_id", run_id
+    )
+    return turns, replies, [r["call_id"] for r in billed]
+
+
+async def test_an_answer_from_a_second_call_of_a_round_that_asked_for_tools_is_billed_only(
+    stack: Stack,
+) -> None:
+    """Found by the chaos suite under load: a task's ack was lost in a broker restart, its
+    redelivery called the model again for round 0 and answered in text. That answer was stored
+    as the run's reply: the run ended, and the stored turn's call never ran or got a result.
+    Now the round's first outcome stands; the second call is billed and nothing else."""
+    e = user_event("remind me to feed the dog")
+    await Store(stack.pool).insert_user_message(e)
+    run_id = f"run-{e.message_id}"
+    task = f"task:{run_id}:1:0"
+    assert await stack.persister.result(_round_result(e, f"{task}#1", 0, ask=True), None) == (
+        "tool_turn"
+    )
+    got = await stack.persister.result(_round_result(e, f"{task}#2", 0, ask=False), None)
+    assert got == "superseded"
+    assert await _outcomes(stack.pool, run_id) == (1, 0, [f"{task}#1", f"{task}#2"])
+    status = await stack.pool.fetchval("SELECT status FROM runs WHERE run_id = $1", run_id)
+    assert status != "completed"
+    # The answer of the next round (after the tool's result) is the run's reply, as before.
+    assert (
+        await stack.persister.result(_round_result(e, f"task:{run_id}:1:1#1", 1, ask=False), None)
+        == "inserted"
+    )
+    assert (await _outcomes(stack.pool, run_id))[:2] == (1, 1)
+
+
+async def test_a_tool_turn_that_comes_after_the_runs_reply_is_billed_only(stack: Stack) -> None:
+    """The other order: the round's answer is stored first (the run ended), then a second call
+    of the same round asks for a tool. No turn is stored that nothing would ever answer."""
+    e = user_event("remind me to walk the dog")
+    await Store(stack.pool).insert_user_message(e)
+    run_id = f"run-{e.message_id}"
+    task = f"task:{run_id}:1:0"
+    assert await stack.persister.result(_round_result(e, f"{task}#1", 0, ask=False), None) == (
+        "inserted"
+    )
+    got = await stack.persister.result(_round_result(e, f"{task}#2", 0, ask=True), None)
+    assert got == "superseded"
+    assert await _outcomes(stack.pool, run_id) == (0, 1, [f"{task}#1", f"{task}#2"])
+    # A redelivery of the stored answer is a duplicate, as before.
+    again = await stack.persister.result(_round_result(e, f"{task}#1", 0, ask=False), None)
+    assert again == "duplicate"
+
+
+async def test_a_redelivered_calls_history_leaves_out_its_own_rounds_stored_turn(
+    stack: Stack,
+) -> None:
+    """The history a round's call is given holds the run's earlier rounds only: a second call
+    of round 0 sees what the first saw, not round 0's stored turn with no results."""
+    e = user_event("remind me to feed the fish")
+    await Store(stack.pool).insert_user_message(e)
+    run_id = f"run-{e.message_id}"
+    assert (
+        await stack.persister.result(_round_result(e, f"task:{run_id}:1:0#1", 0, ask=True), None)
+        == "tool_turn"
+    )
+    history = History(stack.pool)
+    args = (e.conversation_id, e.message_id, 20)
+    own = await history.upto(*args, tools=True, before=(run_id, 0))
+    later = await history.upto(*args, tools=True, before=(run_id, 1))
+    everything = await history.upto(*args, tools=True)
+    assert [t.role for t in own] == ["user"]
+    assert [t.role for t in later] == [t.role for t in everything] == ["user", "assistant", "user"]
