@@ -118,6 +118,23 @@ async def _record(bus: Bus, call_id: str) -> estimate.ModelCallRecord | None:
     return msgspec.json.decode(raw.data or b"", type=estimate.ModelCallRecord)
 
 
+def _message(text: str) -> tuple[m.UserMessageAccepted, str, str]:
+    """A user message of a project and conversation of its own, and the call ids of its first
+    two deliveries' classification calls."""
+    project, conversation = f"p{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    e = user_event(text, project=project, conversation_id=conversation)
+    return e, f"classify:{e.message_id}#1", f"classify:{e.message_id}#2"
+
+
+def _assert_exact(rows: dict[str, Any], ledger: dict[str, Any], calls: tuple[str, ...]) -> None:
+    """Each of ``calls`` has its exact row: the tokens the model's ledger says it served."""
+    for call_id in calls:
+        row, served = rows[call_id], ledger[call_id]
+        assert (row["estimated"], row["outcome"]) == (False, "completed"), call_id
+        assert _input(row) == _served_input(served), call_id
+        assert row["output_tokens"] == served["output_tokens"], call_id
+
+
 def _input(row: Any) -> tuple[int, int, int]:
     return row["input_tokens"], row["cache_read_tokens"], row["cache_write_tokens"]
 
@@ -223,14 +240,12 @@ async def test_a_call_whose_exact_usage_went_out_keeps_it_when_the_message_retur
     infra: Infra, offline_model: OfflineModelProcess
 ) -> None:
     await provision(infra.nats_url, ack_wait_s=2.0)
-    project, conversation = f"p{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
-    e = user_event("And a stream?", project=project, conversation_id=conversation)
-    first, second = f"classify:{e.message_id}#1", f"classify:{e.message_id}#2"
+    e, first, second = _message("And a stream?")
     async with (
         _persister(infra) as bus,
         _agent(infra, offline_model.url, _LosesTheBrokerAfterItsFirstUsage) as agent,
     ):
-        await bus.publish(subjects.chat_in(project, conversation), e, msg_id=e.message_id)
+        await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
         rows = await _rows(infra.database_url, 2)
         decisions = decode_all(
             await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1),
@@ -244,11 +259,8 @@ async def test_a_call_whose_exact_usage_went_out_keeps_it_when_the_message_retur
     ledger = offline_model.calls()
     by_call = {r["call_id"]: r for r in rows}
     assert set(by_call) == {first, second}
-    for call_id in (first, second):
-        row, served = by_call[call_id], ledger[call_id]
-        assert (row["estimated"], row["outcome"]) == (False, "completed"), call_id
-        assert _input(row) == _served_input(served), call_id
-        assert row["output_tokens"] == served["output_tokens"] > 1, call_id
+    _assert_exact(by_call, ledger, (first, second))
+    assert all(ledger[c]["output_tokens"] > 1 for c in (first, second))
     assert [d.call_id for d in decisions] == [second]
 
 
@@ -283,14 +295,12 @@ async def test_an_exact_usage_that_comes_after_the_calls_estimate_replaces_it(
     """The exact usage wins even when it comes second, within the broker's dedup window: the
     estimate and the exact usage of one call are two messages, the row is one (by call id)."""
     await provision(infra.nats_url, ack_wait_s=2.0)
-    project, conversation = f"p{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
-    e = user_event("Cut off?", project=project, conversation_id=conversation)
-    first, second = f"classify:{e.message_id}#1", f"classify:{e.message_id}#2"
+    e, first, second = _message("Cut off?")
     async with (
         _persister(infra) as bus,
         _agent(infra, offline_model.url, _CutOffPastAckWait) as agent,
     ):
-        await bus.publish(subjects.chat_in(project, conversation), e, msg_id=e.message_id)
+        await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
         rows = {r["call_id"]: r for r in await _rows(infra.database_url, 2)}
         assert set(rows) == {first, second}
         assert rows[first]["estimated"] and not rows[second]["estimated"]
@@ -304,16 +314,12 @@ async def test_an_exact_usage_that_comes_after_the_calls_estimate_replaces_it(
         con = await asyncpg.connect(infra.database_url)
         try:
             totals = await con.fetchrow(
-                "SELECT * FROM project_usage WHERE project_id = $1", project
+                "SELECT * FROM project_usage WHERE project_id = $1", e.project_id
             )
         finally:
             await con.close()
     ledger = offline_model.calls()
     assert set(final) == {first, second}
-    for call_id in (first, second):
-        row, served = final[call_id], ledger[call_id]
-        assert (row["estimated"], row["outcome"]) == (False, "completed"), call_id
-        assert _input(row) == _served_input(served), call_id
-        assert row["output_tokens"] == served["output_tokens"], call_id
+    _assert_exact(final, ledger, (first, second))
     assert totals["input_tokens"] == sum(r["input_tokens"] for r in final.values())
     assert totals["output_tokens"] == sum(r["output_tokens"] for r in final.values())
