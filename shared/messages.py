@@ -349,6 +349,9 @@ class DeadCalls(msgspec.Struct, kw_only=True, frozen=True):
     user_id: str
     model: str
     prices: Prices
+    # Only these calls of the task (a redelivery's own, ``<task id>#<n>``, on the timer its
+    # executor publishes: ``subjects.policy_settle``); empty: every delivery the task may have had.
+    calls: tuple[str, ...] = ()
 
 
 class RunDeadline(Event, kw_only=True, frozen=True):

@@ -74,6 +74,11 @@ def settle_id(run_id: str, attempt: int) -> str:
     return f"settle:{run_id}:{attempt}"
 
 
+def redelivery_settle_id(call_id: str) -> str:
+    """The timer a redelivered task's executor publishes for its own call (``<task id>#<n>``)."""
+    return f"settle:{call_id}"
+
+
 def abort_id(run_id: str, attempt: int) -> str:
     return f"abort:{run_id}:{attempt}"
 

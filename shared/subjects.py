@@ -74,6 +74,21 @@ def policy_deadline(project: str, conversation: str) -> str:
     return f"policy.deadline.{project}.{conversation}"
 
 
+SETTLE_TOKEN = "settle"
+
+
+def policy_settle(project: str, conversation: str) -> str:
+    """Where an executor running a redelivered task asks policy to settle that delivery's call
+    at the attempt's deadline (policy's ``policy-deadlines`` consumer reads it; the executor may
+    publish here and nowhere else under ``policy.``)."""
+    return f"{policy_deadline(project, conversation)}.{SETTLE_TOKEN}"
+
+
+def is_policy_settle(subject: str) -> bool:
+    parts = subject.split(".")
+    return len(parts) == 5 and parts[:2] == ["policy", "deadline"] and parts[4] == SETTLE_TOKEN
+
+
 def policy_usage(project: str, conversation: str) -> str:
     """The usage of an answer call policy settled by estimate (it died on its last delivery)."""
     return f"policy.usage.{project}.{conversation}"

@@ -214,6 +214,9 @@ WIRING: dict[str, Wiring] = {
             subjects.tool_result(*_ANY),
             "tool.call.*",  # the call's own record (started, finished): subjects.tool_call_record
             "exec.call.*",  # a model call's own record (started, finished): shared/estimate.py
+            # A redelivered call's settle timer, due at its attempt's deadline (policy checks it
+            # against the run's record; no other policy subject).
+            subjects.policy_settle(*_ANY),
         ),
         # A redelivered tool task reads its call's last record before running anything; a
         # redelivered task reads its earlier calls' records and pushes (to estimate dead ones).

@@ -19,6 +19,9 @@ class Settings(BaseSettings, kw_only=True, frozen=True):
     anthropic_api_key: Secret = Secret("")
     concurrency: int = 32
     outcome_publish_s: float = 60.0
+    # A redelivered call's settle timer is due this long after its attempt's deadline (policy's
+    # abort of a late call reports its exact usage first: policy's own settle_grace_s).
+    settle_grace_s: float = 10.0
     # The allow-list of MCP servers tool tasks may reach: JSON, name -> streamable HTTP URL (or a
     # stdio command line as a list). A task naming a server not listed here is never sent.
     mcp_servers: str = "{}"

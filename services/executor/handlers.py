@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from datetime import timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -17,7 +18,7 @@ from services.executor import core
 from services.executor.adapters import Model, StreamFailed, StreamOutcome
 from services.executor.config import Settings
 from services.executor.tools import ToolRunner
-from shared import deadcalls, estimate, subjects
+from shared import deadcalls, estimate, runs, subjects
 from shared import messages as m
 from shared.bus import Bus
 from shared.history import History, Turn
@@ -135,7 +136,7 @@ class Handlers:
         try:
             # The abort mark, the history, the calls earlier deliveries left unsettled and the
             # conversation's own system prompt (POST /api/conversations) are read together.
-            aborted, history, estimated, system = await asyncio.gather(
+            aborted, history, estimated, system, _ = await asyncio.gather(
                 self._was_aborted(t),
                 self.history.upto(
                     t.conversation_id,
@@ -146,6 +147,7 @@ class Handlers:
                 ),
                 self._unsettled(t, msg.metadata.num_delivered),
                 self.history.system_prompt(t.conversation_id),
+                self._settle_later(t, call_id, msg.metadata.num_delivered),
             )
             if aborted:
                 self.aborted.labels("before_call").inc()
@@ -187,6 +189,36 @@ class Handlers:
                 output_tokens=c.usage.output_tokens,
             )
         return tuple(out)
+
+    async def _settle_later(self, t: m.ExecTask, call_id: str, delivery: int) -> None:
+        """A redelivered task's call asks policy, before it starts, to settle it at the
+        attempt's deadline (``subjects.policy_settle``). Deliveries can overlap: one whose ack
+        was lost comes back while it still runs, and when the other's outcome is stored and
+        acked, nothing is delivered again, and the attempt meets its deadline. If this call
+        then dies before its outcome goes out, only this timer bills it (docs/decisions.md,
+        gap 4). A first delivery has none: a redelivery, or the deadline, settles it. Best
+        effort, like the call's record: without it, such a call stays unbilled."""
+        if delivery <= 1:
+            return
+        timer = m.RunDeadline(
+            event_id=runs.redelivery_settle_id(call_id),
+            message_id=t.message_id,
+            conversation_id=t.conversation_id,
+            project_id=t.project_id,
+            causation_id=t.event_id,
+            run_id=t.run_id,
+            attempt=t.attempt,
+            due=t.deadline + timedelta(seconds=self.settings.settle_grace_s),
+            # Who is billed is policy's to say (the run's record), not the executor's.
+            settle=m.DeadCalls(
+                task_id=t.task_id, user_id="", model=t.model, prices=t.prices, calls=(call_id,)
+            ),
+        )
+        subject = subjects.policy_settle(t.project_id, t.conversation_id)
+        try:
+            await self.bus.publish(subject, timer, msg_id=timer.event_id)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            self.bus.log.warning("settle_timer_failed", call_id=call_id, error=repr(exc))
 
     async def _publish_outcome(self, subject: str, event: m.ExecResult | m.ExecFailed) -> None:
         """Publish a call's outcome, riding out a broker restart: the call is already paid for.

@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from services.policy import core, lifecycle, machine, toolcalls
 from services.policy.adapters import Aborts, Conversations, Limiter, Runs, ToolQuota
 from services.policy.policyfile import Book
-from shared import deadcalls, tracing, wiring
+from shared import deadcalls, subjects, tracing, wiring
 from shared import messages as m
 from shared.bus import Bus
 from shared.errors import BadData, Deferred, RetryLater
@@ -188,11 +188,19 @@ class Handlers:
         run, revision = await self.runs.get(f.run_id)
         return await self._drive(_on(run, machine.Failed(f)), _Carry.of(run, revision))
 
-    async def deadline(self, d: m.RunDeadline, _msg: Msg) -> str:
-        """A timer per attempt: handed back by the server until due, then checked."""
+    async def deadline(self, d: m.RunDeadline, msg: Msg | None) -> str:
+        """A timer per attempt: handed back by the server until due, then checked. On
+        ``subjects.policy_settle`` (an executor's, for its redelivered call) only a settle
+        timer its run's record vouches for is run."""
         wait = machine.deadline_wait(d, datetime.now(UTC))
         if wait is not None:
             raise Deferred("deadline not reached", wait)
+        if msg is not None and subjects.is_policy_settle(msg.subject):
+            run, _ = await self.runs.get(d.run_id)
+            checked = machine.redelivery_settle(d, run, wiring.EXECUTOR_TASKS.max_deliver)
+            if isinstance(checked, str):
+                raise BadData(checked)
+            return await self._settle_dead_calls(checked)
         if d.settle is not None:
             return await self._settle_dead_calls(d)
         run, revision = await self.runs.get(d.run_id)

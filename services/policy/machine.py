@@ -505,9 +505,42 @@ def _settle_again(
 
 
 def dead_calls(d: m.RunDeadline, max_deliver: int) -> list[str]:
-    """The calls a due settle timer reads: every delivery its task may have had."""
+    """The calls a due settle timer reads: those it names (a redelivery's own), else every
+    delivery its task may have had."""
     assert d.settle is not None
+    if d.settle.calls:
+        return list(d.settle.calls)
     return estimate.task_calls(d.settle.task_id, max_deliver)
+
+
+def redelivery_settle(d: m.RunDeadline, run: RunState, max_deliver: int) -> m.RunDeadline | str:
+    """An executor's settle timer (``subjects.policy_settle``), checked against the run's
+    record: a timer for one redelivered delivery's own call, which its executor publishes
+    before the call, so a call that dies after its task's outcome came from another delivery
+    (the task acked, nothing delivered again, the attempt's deadline met) is still billed. The
+    executor names the task, its calls, the model and prices (as its results do); who is
+    billed, and where, come from the record. The reason it is refused, or the timer to run."""
+    s = d.settle
+    if s is None:
+        return "a settle timer that names no calls"
+    if d.attempt < 1 or d.attempt > run.attempt:
+        return f"attempt {d.attempt} of run {run.run_id} was never started"
+    if s.task_id != runs.task_id(run.run_id, d.attempt):
+        return f"task {s.task_id!r} is not attempt {d.attempt} of run {run.run_id}"
+    if not s.calls or any(not _delivery_of(s.task_id, c, max_deliver) for c in s.calls):
+        return f"calls {list(s.calls)[:3]!r} are not deliveries of task {s.task_id}"
+    return msgspec.structs.replace(
+        d,
+        message_id=run.message_id,
+        conversation_id=run.conversation_id,
+        project_id=run.project_id,
+        settle=msgspec.structs.replace(s, user_id=run.user_id),
+    )
+
+
+def _delivery_of(task_id: str, call_id: str, max_deliver: int) -> bool:
+    task, sep, n = call_id.rpartition("#")
+    return bool(sep) and task == task_id and n.isdigit() and 1 <= int(n) <= max_deliver
 
 
 def settle_dead(d: m.RunDeadline, found: list[m.EstimatedCall]) -> Step:

@@ -37,6 +37,7 @@ from tests.e2e.conftest import wait_healthy
 
 SERVICES = ("persister", "policy", "agent", "executor", "gateway")
 SECRET = "chaos-secret-" + "c" * 32
+RUN_DEADLINE_S = 60
 
 
 class World(msgspec.Struct):
@@ -95,7 +96,15 @@ def chaos_world(
                         jwt_secret=SECRET,
                         http_port=port,
                         model_url=model.url,
-                        extra={"BATON_SHUTDOWN_GRACE_S": "5", **(extra or {})},
+                        # A short attempt deadline: a redelivered call that died after its
+                        # task's outcome came from another delivery is billed by its settle
+                        # timer, due at the deadline (plus 10 s), well inside the checks'
+                        # wait for every call's row (a policy file sets its own: 60 s too).
+                        extra={
+                            "BATON_SHUTDOWN_GRACE_S": "5",
+                            "POLICY_RUN_DEADLINE_S": str(RUN_DEADLINE_S),
+                            **(extra or {}),
+                        },
                     ),
                     logs,
                 )

@@ -43,7 +43,14 @@ from baton.devtoken import make_token
 from baton.mcp_server import MCPServerProcess
 from baton.offline_model import FaultRule, ModelSettings
 from shared import messages as m
-from tests.e2e.chaos_world import SECRET, World, chaos_world, started_records, supervise
+from tests.e2e.chaos_world import (
+    RUN_DEADLINE_S,
+    SECRET,
+    World,
+    chaos_world,
+    started_records,
+    supervise,
+)
 from tests.e2e.invariants import EXECUTOR_MODEL, Client, availability, check, settled
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
@@ -55,6 +62,9 @@ SLOW_S = float(os.environ.get("CHAOS_TOOLS_SLOW_S", "1.0"))
 KILLED = ("executor", "policy", "persister")
 
 POLICY = """
+[defaults]
+run_deadline_s = {deadline}
+
 [defaults.tools]
 max_rounds = 3
 approval_timeout_s = 600
@@ -129,7 +139,7 @@ def tooled(tmp_path: Path) -> Iterator[Tooled]:
     )
     with MCPServerProcess() as mcp:
         policy = tmp_path / "policy.toml"
-        policy.write_text(POLICY.format(url=mcp.url))
+        policy.write_text(POLICY.format(url=mcp.url, deadline=RUN_DEADLINE_S))
         extra = {
             "BATON_POLICY_FILE": str(policy),
             "EXECUTOR_MCP_SERVERS": json.dumps({"demo": mcp.url}),

@@ -176,6 +176,45 @@ async def test_only_policy_may_emit_executor_tasks(secure_pipeline: SecurePipeli
     assert await _stream_messages(p, subjects.STREAM_TASKS) == before
 
 
+async def test_the_executor_may_ask_for_a_settle_and_start_no_other_policy_timer(
+    secure_pipeline: SecurePipeline,
+) -> None:
+    """A redelivered task's executor publishes its call's settle timer on
+    ``policy.deadline.<p>.<c>.settle`` (policy checks it against the run's record); the
+    executor's user may not publish an attempt's deadline itself, nor usage on policy's
+    subject, and no other service but policy may publish on the settle subject."""
+    p = secure_pipeline
+    conversation = str(uuid.uuid4())
+    settle = subjects.policy_settle("acme", conversation)
+    before = await _stream_messages(p, subjects.STREAM_POLICY)
+    errors: list[str] = []
+    nc = await _connect(p, "executor", errors)
+    try:
+        js = nc.jetstream(timeout=2.0)
+        ack = await js.publish(settle, b"{}", headers={"Nats-Msg-Id": f"lp-settle-{conversation}"})
+        assert ack.stream == subjects.STREAM_POLICY
+        for forged in (
+            subjects.policy_deadline("acme", conversation),
+            subjects.policy_usage("acme", conversation),
+        ):
+            errors.clear()
+            with pytest.raises((TimeoutError, nats.errors.Error)):
+                await js.publish(forged, b"{}")
+            await _wait_for(errors, "permissions violation")
+    finally:
+        await nc.close()
+    for user in ("gateway", "persister", "agent"):
+        errors = []
+        nc = await _connect(p, user, errors)
+        try:
+            with pytest.raises((TimeoutError, nats.errors.Error)):
+                await nc.jetstream(timeout=1.0).publish(settle, b"{}")
+            await _wait_for(errors, "permissions violation")
+        finally:
+            await nc.close()
+    assert await _stream_messages(p, subjects.STREAM_POLICY) == before + 1
+
+
 async def test_no_service_may_create_change_or_delete_streams_and_consumers(
     secure_pipeline: SecurePipeline,
 ) -> None:

@@ -47,9 +47,10 @@ from tests.support import (
 )
 
 
-def _executor_process(infra: Infra, model_url: str) -> subprocess.Popen[bytes]:
+def _executor_process(infra: Infra, model_url: str, **extra: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **extra,
         "BATON_NATS_URL": infra.nats_url,
         "BATON_DATABASE_URL": infra.database_url,
         "BATON_METRICS_PORT": "0",
@@ -295,6 +296,138 @@ async def test_a_call_cut_on_its_last_delivery_is_billed_once_by_estimate_at_its
         assert totals["output_tokens"] == sum(r["output_tokens"] for r in after)
     finally:
         if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        offline_model.update_settings(
+            tokens_per_second=before["tokens_per_second"],
+            words_per_reply=before["words_per_reply"],
+        )
+        await con.close()
+        await bus.close()
+        await pool.close()
+        await client.close()
+
+
+async def test_a_redelivered_call_cut_after_the_first_deliverys_outcome_is_billed_at_the_deadline(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    # Deliveries overlap: the first delivery's ack is late, so the task is delivered again to
+    # another executor while the first still runs. The first's outcome is stored and its ack
+    # lands; the second's executor dies mid-call. Nothing is delivered again (the task is
+    # acked) and the attempt met its deadline, so policy's own timer settles nothing: only the
+    # settle timer the second delivery published before its call bills that call (found by
+    # chaos-tools: three completed calls with no usage row).
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    before = offline_model.update_settings()
+    offline_model.update_settings(tokens_per_second=8, words_per_reply=60)
+    bus = await connect_bus(infra.nats_url, "test")
+    pool = await create_pool(infra.database_url)
+    client = model.client(offline_model.url, "test-key", 10.0)
+    kv = await bus.js.key_value(subjects.BUCKET_RUNS)
+    # The attempt's deadline is long past when the timers are read; the run is answered first.
+    rules = rules_from(PolicySettings(max_attempts=1, run_deadline_s=3.0, settle_grace_s=1.0))
+    policy = PolicyHandlers(bus, Runs(kv), Conversations(kv), rules, service_metrics("policy"))
+    p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
+    con: asyncpg.Connection = await asyncpg.connect(infra.database_url)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        e = user_event("Tell me a long story about overlapping deliveries")
+        await Store(pool).insert_user_message(e)
+        await policy.decision(agent_decision(message=e, position=0), None)  # type: ignore[arg-type]
+        [task] = decode_all(
+            await read_subject(bus, subjects.STREAM_TASKS, "exec.task.>", 1), m.ExecTask
+        )
+        first, second = f"{task.task_id}#1", f"{task.task_id}#2"
+        # Delivery 1, held here without heartbeats: its ack_wait runs out.
+        pull = await bus.js.pull_subscribe_bind(
+            wiring.EXECUTOR_TASKS.durable, stream=wiring.EXECUTOR_TASKS.stream
+        )
+        [held] = await pull.fetch(1, timeout=30)
+        assert held.metadata.num_delivered == 1
+        # Delivery 2 goes to an executor process, which calls the model (slowly).
+        proc = _executor_process(infra, offline_model.url, EXECUTOR_SETTLE_GRACE_S="1")
+
+        async def streaming() -> bool:
+            # Its started record is in, and some of its pushes (the stream holds nothing else).
+            record = await deadcalls.last_record(bus.js, second)
+            info = await bus.js.stream_info(subjects.STREAM_TOKENS)
+            started = record is not None and record[0].state == "started"
+            return started and info.state.messages >= 4
+
+        await eventually(streaming, timeout=90)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert offline_model.calls()[second]["outcome"] != "completed"
+
+        # Delivery 1 finishes here, after all: its outcome goes out and its ack lands.
+        offline_model.update_settings(tokens_per_second=0)
+        h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
+        await h.task(task, held)
+        await held.ack_sync()
+
+        async def acked() -> bool:
+            info = await bus.js.consumer_info(
+                wiring.EXECUTOR_TASKS.stream, wiring.EXECUTOR_TASKS.durable
+            )
+            return info.num_ack_pending == 0 and info.num_pending == 0
+
+        await eventually(acked, timeout=30)
+
+        async def rows() -> list[Any]:
+            return await con.fetch("SELECT * FROM usage ORDER BY call_id")
+
+        # The answer is stored and policy ends the run before it reads any timer.
+        async with running(
+            Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, p.result),
+            Consumer(
+                bus, wiring.POLICY_OUTCOMES, m.AssistantMessagePersisted, policy.reply_persisted
+            ),
+        ):
+
+            async def answered() -> bool:
+                state, _ = await Runs(kv).get(task.run_id)
+                return state.status == "completed"
+
+            await eventually(answered, timeout=60)
+        assert [r["call_id"] for r in await rows()] == [first]
+        async with running(
+            Consumer(bus, wiring.POLICY_DEADLINES, m.RunDeadline, policy.deadline),
+            Consumer(bus, wiring.PERSISTER_ESTIMATES, m.ModelUsage, p.model_usage),
+        ):
+
+            async def both() -> list[Any] | None:
+                found = await rows()
+                return found if len(found) == 2 else None
+
+            settled = await eventually(both, timeout=60)
+            timers = decode_all(
+                await read_subject(bus, subjects.STREAM_POLICY, "policy.deadline.>", 2),
+                m.RunDeadline,
+            )
+        by_call = {r["call_id"]: r for r in settled}
+        served = offline_model.calls()[second]
+        cut = by_call[second]
+        assert (cut["estimated"], cut["outcome"], cut["user_id"]) == (
+            True,
+            estimate.OUTCOME,
+            e.user_id,
+        )
+        assert (cut["input_tokens"], cut["cache_read_tokens"]) == (
+            served["input_tokens"],
+            served["cache_read_input_tokens"],
+        )
+        assert served["input_tokens"] > 0
+        assert 0 < cut["output_tokens"] <= served["output_tokens"]
+        assert by_call[first]["estimated"] is False
+        # The executor's timer did it: policy's own settle timer was never published.
+        ids = {t.event_id for t in timers}
+        assert f"settle:{second}" in ids
+        assert f"settle:{task.run_id}:1" not in ids
+        totals = await con.fetchrow("SELECT * FROM project_usage")
+        assert totals is not None
+        assert totals["input_tokens"] == sum(r["input_tokens"] for r in settled)
+    finally:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
         offline_model.update_settings(
