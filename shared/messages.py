@@ -253,6 +253,9 @@ class ExecTask(Event, kw_only=True, frozen=True):
     # The project's hot window (policy file ``context_messages``): at most this many messages
     # of history, within the executor's token budget; 0: the executor's own setting.
     context_messages: int = 0
+    # The run's user. Also the sign that policy checks a redelivered call's own settle timer
+    # (subjects.policy_settle): an executor publishes one only for a task that carries it.
+    user_id: str = ""
 
 
 class EstimatedCall(msgspec.Struct, kw_only=True, frozen=True):

@@ -196,9 +196,11 @@ class Handlers:
         was lost comes back while it still runs, and when the other's outcome is stored and
         acked, nothing is delivered again, and the attempt meets its deadline. If this call
         then dies before its outcome goes out, only this timer bills it (docs/decisions.md,
-        gap 4). A first delivery has none: a redelivery, or the deadline, settles it. Best
-        effort, like the call's record: without it, such a call stays unbilled."""
-        if delivery <= 1:
+        gap 4). A first delivery has none: a redelivery, or the deadline, settles it. A task
+        without ``user_id`` comes from a policy that does not check such timers (a rolling
+        deploy), so none is sent. Best effort, like the call's record: without it, such a call
+        stays unbilled."""
+        if delivery <= 1 or not t.user_id:
             return
         timer = m.RunDeadline(
             event_id=runs.redelivery_settle_id(call_id),
@@ -209,9 +211,13 @@ class Handlers:
             run_id=t.run_id,
             attempt=t.attempt,
             due=t.deadline + timedelta(seconds=self.settings.settle_grace_s),
-            # Who is billed is policy's to say (the run's record), not the executor's.
+            # Who is billed is policy's to say: it takes the user from the run's record.
             settle=m.DeadCalls(
-                task_id=t.task_id, user_id="", model=t.model, prices=t.prices, calls=(call_id,)
+                task_id=t.task_id,
+                user_id=t.user_id,
+                model=t.model,
+                prices=t.prices,
+                calls=(call_id,),
             ),
         )
         subject = subjects.policy_settle(t.project_id, t.conversation_id)

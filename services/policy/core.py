@@ -633,6 +633,7 @@ def task_for(
         tools=tools,
         round=state.round,
         context_messages=context_messages,
+        user_id=state.user_id,
     )
 
 
