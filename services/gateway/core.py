@@ -725,6 +725,16 @@ def timeline(
             out.extend(after)
             out.append(status_push(run, run["attempts"], run["status"]))
             continue
+        if run is not None and run_id not in replied and run["status"] in vocab.TERMINAL:
+            # Ended with a reply the messages read did not find yet: live, a client saw no
+            # status of this end (its reply announces it), so none is made up here. Its tokens
+            # follow the status of their attempt, the one it was shown when they began.
+            if deltas_of_run:
+                out.append(status_push(run, deltas_of_run[0].attempt, "running"))
+            out.extend(before)
+            out.extend(token_push(d) for d in deltas_of_run)
+            out.extend(after)
+            continue
         if run is not None and run_id not in replied:
             streaming = deltas_of_run[0].attempt if deltas_of_run else 0
             if streaming > run["attempts"]:
@@ -841,6 +851,22 @@ def seen_before(events: list[Push], missed: list[Push], pos: Position | None) ->
     return seen
 
 
+def ends_run(event: str, data: dict[str, Any]) -> bool:
+    """Whether a pushed event ends its run: its reply, failure notice, or final status."""
+    if event in ("message.completed", "run.failed"):
+        return bool(data.get("run_id"))
+    return event == "run.status" and data.get("status") in vocab.TERMINAL
+
+
+def ended_runs(events: list[Push], pos: Position | None) -> set[str]:
+    """The runs a client has seen end once it has the timeline's ``events`` (before its
+    position, or replayed to it), and the run whose end its position names."""
+    out = {data["run_id"] for kind, _, data in events if ends_run(kind, data)}
+    if pos is not None and pos.kind == "run" and pos.status in vocab.TERMINAL:
+        out.add(pos.key)
+    return out
+
+
 class LiveFilter:
     """Drops live events this connection already carried: one id, one event.
 
@@ -850,9 +876,17 @@ class LiveFilter:
     checked against the replay only while the events buffered during it drain.
     """
 
-    def __init__(self, replayed: list[Push], buffered: int, seen: Iterable[str] = ()) -> None:
-        # ``seen``: what the client got before it reconnected (see ``seen_before``).
+    def __init__(
+        self,
+        replayed: list[Push],
+        buffered: int,
+        seen: Iterable[str] = (),
+        ended: Iterable[str] = (),
+    ) -> None:
+        # ``seen``: what the client got before it reconnected (see ``seen_before``); ``ended``:
+        # the runs it knows have ended (``ended_runs``).
         self.ids = {e[1] for e in replayed if e[0] != "token"} | set(seen)
+        self.ended = set(ended)
         self.high: dict[str, tuple[int, int]] = {}
         for kind, _, data in replayed:
             if kind == "token":
@@ -866,7 +900,14 @@ class LiveFilter:
             if event_id in self.ids:
                 return False
             self.ids.add(event_id)
+            if ends_run(event, data):
+                self.ended.add(data["run_id"])
             return True
+        if data["run_id"] in self.ended:
+            # Nothing of a run follows its end: a token that reaches the gateway after the run's
+            # cancel (an executor still streaming until the abort reaches it) is not sent, so a
+            # client's last event is never a token after the end it was shown.
+            return False
         if not buffered:
             return True
         high = self.high.get(data["run_id"])

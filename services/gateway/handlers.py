@@ -666,8 +666,8 @@ class Api:
             # replays nothing: whatever the database holds by now is not known to be the caller's.
             owned = core.may_watch(await self.owners.of(cid), p)
             if last_id and owned:
-                replay, seen = await self._replay(p, cid, last_id)
-                live = core.LiveFilter(replay, queue.qsize(), seen)
+                replay, seen, ended = await self._replay(p, cid, last_id)
+                live = core.LiveFilter(replay, queue.qsize(), seen, ended)
         except BaseException:
             self.hub.leave(key, queue)
             raise
@@ -731,15 +731,19 @@ class Api:
 
     async def _replay(
         self, p: core.Principal, cid: str, last_id: str
-    ) -> tuple[list[core.Push], set[str]]:
-        """What a client that last saw ``last_id`` missed (everything, for an unknown id), and
-        the ids of the statuses and messages it got before (never sent to it again)."""
+    ) -> tuple[list[core.Push], set[str], set[str]]:
+        """What a client that last saw ``last_id`` missed (everything, for an unknown id), the
+        ids of the statuses and messages it got before (never sent to it again), and the runs
+        it will have seen end (none of their tokens is sent after)."""
         pos = core.parse_event_id(last_id)
         # The database first, the token log second: an answer stored before the read has all
-        # its tokens in the log by the time the log is read.
+        # its tokens in the log by the time the log is read. The runs before the messages: a run
+        # is stored as ended after its reply, so a run read as ended has its reply in the
+        # messages read after it (read the other way round, a reply stored in between would be
+        # missing, and the run's end shown as a status no live client saw).
         try:
-            messages = await self.reads.messages(cid)
             runs = await self.reads.runs(cid)
+            messages = await self.reads.messages(cid)
             pending = await self._pending(p, cid, {x["id"] for x in messages})
             messages = core.merge_pending(messages, pending)
         except UNAVAILABLE as exc:
@@ -755,7 +759,7 @@ class Api:
         events = core.timeline(cid, messages, runs, deltas, items, core.latest_token_start(timed))
         missed = core.resume(events, pos, runs)
         self.sse_resumes.labels(str(pos is not None and len(missed) < len(events)).lower()).inc()
-        return missed, core.seen_before(events, missed, pos)
+        return missed, core.seen_before(events, missed, pos), core.ended_runs(events, pos)
 
     async def _tool_items(
         self, p: core.Principal, cid: str, runs: list[dict[str, Any]]

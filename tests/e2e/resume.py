@@ -207,7 +207,7 @@ def assert_no_repeat(events: list[Event]) -> None:
     """No event id twice: a run's status included (one id, one event)."""
     ids = Counter(e["id"] for e in events)
     twice = [i for i, n in ids.items() if n > 1]
-    assert twice == [], f"arrived twice: {twice}"
+    assert twice == [], f"arrived twice: {twice}\n" + "\n".join(where(i) for i in twice)
 
 
 def assert_no_gap(events: list[Event]) -> None:
@@ -269,6 +269,7 @@ async def drop_and_resume_faulty(
     """
     rnd = random.Random(seed)
     auth = {"Authorization": f"Bearer {token}"}
+    TRACE.clear()
     seen: list[Event] = []
     fulls: list[list[Event]] = []
     runs: list[str] = []
@@ -315,7 +316,9 @@ async def drop_and_resume_faulty(
         opening = asyncio.create_task(first())
         await asyncio.sleep(0.3)
         await post(0)
-        add(await opening)
+        conn0 = await opening
+        _trace("first", conn0)
+        add(conn0)
         while True:
             if all(ended(r) for r in runs):
                 if len(runs) == len(plan):
@@ -327,9 +330,13 @@ async def drop_and_resume_faulty(
                 known = {e["id"] for e in seen}
                 conn = await resume(f"unknown-{resumes}", len(known) + n, resumes)
                 fulls.append(conn)
+                _trace(f"unknown-{resumes}", conn)
                 add([e for e in conn if e["id"] not in known])
             else:
-                add(await resume(seen[-1]["id"], n, resumes))
+                last = seen[-1]["id"]
+                conn = await resume(last, n, resumes)
+                _trace(last, conn)
+                add(conn)
 
     try:
         await asyncio.wait_for(run(), timeout_s)
@@ -338,6 +345,26 @@ async def drop_and_resume_faulty(
             task.cancel()
     state = await client.get(f"{p.gateway}/api/conversations/{cid}/state", headers=auth)
     return seen, fulls, state.json()["runs"]
+
+
+# The drill's connections, in order: (the position each resumed from, the ids it delivered).
+# A repeat's assertion shows the connections that carried the repeated id, and what came just
+# before it in each: enough to tell a replay's repeat from a live one.
+TRACE: list[tuple[str, list[str]]] = []
+
+
+def _trace(last: str, conn: list[Event]) -> None:
+    TRACE.append((last, [e["id"] for e in conn]))
+
+
+def where(event_id: str) -> str:
+    """The traced connections that delivered ``event_id``, each with the ids just before it."""
+    lines = []
+    for last, ids in TRACE:
+        for i, x in enumerate(ids):
+            if x == event_id:
+                lines.append(f"from {last}: ... {ids[max(i - 3, 0) : i + 2]}")
+    return "\n".join(lines)
 
 
 def assert_faulty_reassembled(

@@ -255,3 +255,68 @@ def test_a_client_that_saw_its_run_end_is_not_sent_the_run_again(stored: str | N
     pos = gw.parse_event_id(f"run:{R1}:1:cancelled")
     missed = gw.resume(events, pos, runs)
     assert [e[1] for e in missed] == [f"msg:{U2}"]
+
+
+def test_a_run_read_as_ended_before_its_reply_shows_no_status_no_live_client_saw() -> None:
+    # The runs were read after the reply was stored, the messages before it: the run is
+    # completed, its reply not among the messages. Live, the client was shown attempt 2's
+    # ``running`` and its tokens, never a ``completed`` status (the reply announces the end).
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, "completed", attempts=2)]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 2, 1, "A"), tok(R1, 2, 2, "B")])
+    assert [e[1] for e in events] == [
+        f"msg:{U1}", f"run:{R1}:2:running", f"tok:{R1}:2:1", f"tok:{R1}:2:2"
+    ]  # fmt: skip
+    # Without tokens in the log there is nothing to announce.
+    assert [e[1] for e in gw.timeline(CID, messages, runs, [])] == [f"msg:{U1}"]
+
+
+def _deliver(live: gw.LiveFilter, pushes: list[gw.Push]) -> list[gw.Push]:
+    return [p for p in pushes if live.fresh(*p)]
+
+
+def test_a_token_that_arrives_after_its_runs_cancel_is_not_sent() -> None:
+    # A cancel decided before the attempt was marked started ends the run at once; the executor
+    # streams on until the abort reaches it, so a token can reach the gateway after the cancel.
+    status = {"run_id": R1, "message_id": U1, "attempt": 1, "status": "cancelled"}
+    late = ("token", f"tok:{R1}:1:2", {"run_id": R1, "attempt": 1, "seq": 2, "text": "b"})
+    live = gw.LiveFilter([], 0)
+    got = _deliver(live, [
+        ("token", f"tok:{R1}:1:1", {"run_id": R1, "attempt": 1, "seq": 1, "text": "a"}),
+        ("run.status", f"run:{R1}:1:cancelled", status),
+        late,
+    ])  # fmt: skip
+    assert [e[1] for e in got] == [f"tok:{R1}:1:1", f"run:{R1}:1:cancelled"]
+    # The client's last event is the cancel: resuming from it sends nothing of the run again
+    # (had the late token gone out, resuming from it would send the cancel a second time).
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, "cancelled")]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 1, 1, "a"), tok(R1, 1, 2, "b")])
+    pos = gw.parse_event_id(got[-1][1])
+    missed = gw.resume(events, pos, runs)
+    assert missed == []
+    again = gw.LiveFilter(
+        missed, 0, gw.seen_before(events, missed, pos), gw.ended_runs(events, pos)
+    )
+    assert _deliver(again, [late, ("run.status", f"run:{R1}:1:cancelled", status)]) == []
+
+
+@pytest.mark.parametrize("stored", ["running", "cancelled"])
+def test_a_reconnected_client_gets_no_token_of_a_run_it_saw_end(stored: str) -> None:
+    # From the cancel it saw (the database may still say running), or from after the run's
+    # block: a late token of the run is not news.
+    messages = [msg(U1, "user", "hi"), msg(U2, "user", "next")]
+    runs = [run(R1, stored), run(R2, "running")]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 1, 1, "a")])
+    late = ("token", f"tok:{R1}:1:2", {"run_id": R1, "attempt": 1, "seq": 2, "text": "b"})
+    fresh = ("token", f"tok:{R2}:1:1", {"run_id": R2, "attempt": 1, "seq": 1, "text": "x"})
+    for last in (f"run:{R1}:1:cancelled", f"msg:{U2}"):
+        pos = gw.parse_event_id(last)
+        missed = gw.resume(events, pos, runs)
+        ended = gw.ended_runs(events, pos)
+        live = gw.LiveFilter(missed, 0, gw.seen_before(events, missed, pos), ended)
+        knows_end = stored == "cancelled" or last.startswith("run:")
+        assert (R1 in ended) is knows_end, last
+        assert [e[1] for e in _deliver(live, [late, fresh])] == (
+            [fresh[1]] if knows_end else [late[1], fresh[1]]
+        ), last
