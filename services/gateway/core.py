@@ -725,15 +725,19 @@ def timeline(
             out.extend(after)
             out.append(status_push(run, run["attempts"], run["status"]))
             continue
-        if run is not None and run_id not in replied and run["status"] in vocab.TERMINAL:
-            # Ended with a reply the messages read did not find yet: live, a client saw no
-            # status of this end (its reply announces it), so none is made up here. Its tokens
-            # follow the status of their attempt, the one it was shown when they began.
-            if deltas_of_run:
+        if run is not None and run_id not in replied and run["status"] == "completed":
+            # Answered, with an answer the messages read did not find (the runs are read first,
+            # so only a reader older than that sees this): policy publishes no verdict for a
+            # completion (its answer announces it), so no status of it is made up here. Tokens
+            # of the answer's attempt follow that attempt's ``running``, as they did live; older
+            # ones are stale, as below.
+            if deltas_of_run and deltas_of_run[0].attempt >= run["attempts"]:
                 out.append(status_push(run, deltas_of_run[0].attempt, "running"))
-            out.extend(before)
-            out.extend(token_push(d) for d in deltas_of_run)
-            out.extend(after)
+                out.extend(before)
+                out.extend(token_push(d) for d in deltas_of_run)
+                out.extend(after)
+            else:
+                out.extend(i.push for i in items)
             continue
         if run is not None and run_id not in replied:
             streaming = deltas_of_run[0].attempt if deltas_of_run else 0

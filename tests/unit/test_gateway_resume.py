@@ -257,18 +257,33 @@ def test_a_client_that_saw_its_run_end_is_not_sent_the_run_again(stored: str | N
     assert [e[1] for e in missed] == [f"msg:{U2}"]
 
 
-def test_a_run_read_as_ended_before_its_reply_shows_no_status_no_live_client_saw() -> None:
-    # The runs were read after the reply was stored, the messages before it: the run is
-    # completed, its reply not among the messages. Live, the client was shown attempt 2's
-    # ``running`` and its tokens, never a ``completed`` status (the reply announces the end).
+def test_a_run_read_as_answered_before_its_answer_shows_no_status_no_live_client_saw() -> None:
+    # The runs were read after the answer was stored, the messages before it: the run is
+    # completed, its answer not among the messages. Live, the client was shown attempt 2's
+    # ``running`` and its tokens, never a ``completed`` status (policy publishes no verdict for
+    # a completion: the answer announces it).
     messages = [msg(U1, "user", "hi")]
     runs = [run(R1, "completed", attempts=2)]
     events = gw.timeline(CID, messages, runs, [tok(R1, 2, 1, "A"), tok(R1, 2, 2, "B")])
     assert [e[1] for e in events] == [
         f"msg:{U1}", f"run:{R1}:2:running", f"tok:{R1}:2:1", f"tok:{R1}:2:2"
     ]  # fmt: skip
-    # Without tokens in the log there is nothing to announce.
-    assert [e[1] for e in gw.timeline(CID, messages, runs, [])] == [f"msg:{U1}"]
+    # Tokens of an older attempt are stale (the answer's attempt streamed none yet), and
+    # without tokens there is nothing to announce.
+    for deltas in ([tok(R1, 1, 1, "a")], []):
+        assert [e[1] for e in gw.timeline(CID, messages, runs, deltas)] == [f"msg:{U1}"]
+
+
+@pytest.mark.parametrize("status", ["failed", "refused", "clarified"])
+def test_an_end_that_went_out_as_a_status_is_replayed_before_its_notice_is_stored(
+    status: str,
+) -> None:
+    # Policy publishes these ends as a verdict (live clients got ``run.status``) and then the
+    # notice the persister stores apart: a replay in between shows the status, as live.
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, status, attempts=2)]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 1, 1, "a")])
+    assert [e[1] for e in events] == [f"msg:{U1}", f"run:{R1}:2:{status}"]
 
 
 def _deliver(live: gw.LiveFilter, pushes: list[gw.Push]) -> list[gw.Push]:
