@@ -649,7 +649,7 @@ def status_push(run: dict[str, Any], attempt: int, status: str) -> Push:
     )
 
 
-def message_push(msg: dict[str, Any], conversation_id: str, runs: dict[str, Any]) -> Push:
+def message_push(msg: dict[str, Any], conversation_id: str) -> Push:
     """A stored message as the event that announced it live."""
     created = msg["created_at"]
     created_at = created.isoformat() if isinstance(created, datetime) else str(created)
@@ -665,7 +665,9 @@ def message_push(msg: dict[str, Any], conversation_id: str, runs: dict[str, Any]
                 "created_at": created_at,
             },
         )
-    run = runs.get(msg["run_id"] or "", {})
+    # The status its reply ends the run with, as the live event says it (the persister's
+    # ``REPLY_STATUS``): not the runs row, which the replay reads before the messages and so
+    # may still say ``running`` for a reply it then finds.
     return (
         "run.failed" if msg["kind"] == "failure" else "message.completed",
         f"msg:{msg['id']}",
@@ -675,11 +677,16 @@ def message_push(msg: dict[str, Any], conversation_id: str, runs: dict[str, Any]
             "run_id": msg["run_id"],
             "role": "assistant",
             "kind": msg["kind"],
-            "status": run.get("status", ""),
+            "status": vocab.REPLY_STATUS.get(msg["kind"], ""),
             "content": msg["content"],
             "created_at": created_at,
         },
     )
+
+
+# Terminal statuses that go out live as a verdict, after the run's tokens: the timeline shows
+# them at the end of the run's block while its reply (if it has one) is not stored.
+ENDED_BY_STATUS = vocab.TERMINAL - {"completed"}
 
 
 def timeline(
@@ -707,7 +714,7 @@ def timeline(
     replied = {x["run_id"] for x in messages if x["role"] == "assistant"}
     out: list[Push] = []
     for msg in messages:
-        out.append(message_push(msg, conversation_id, by_run))
+        out.append(message_push(msg, conversation_id))
         if msg["role"] != "user":
             continue
         run_id = run_id_of(msg["id"])
@@ -717,8 +724,10 @@ def timeline(
         started = first_token.get(run_id)
         before = [i.push for i in items if deltas_of_run and started and i.at < started]
         after = [i.push for i in items if not (deltas_of_run and started and i.at < started)]
-        if run is not None and run_id not in replied and run["status"] == "cancelled":
-            # Cancelled runs have no reply: their partial text, then the status that ended it.
+        if run is not None and run_id not in replied and run["status"] in ENDED_BY_STATUS:
+            # A run ended by a verdict with no reply stored (yet): its partial text, then the
+            # status that ended it, as live (a cancel has no reply; a failure's notice is
+            # stored after its verdict went out). Never the end's status before its tokens.
             out.extend(before)
             if deltas_of_run and deltas_of_run[0].attempt >= run["attempts"]:
                 out.extend(token_push(d) for d in deltas_of_run)
@@ -727,8 +736,10 @@ def timeline(
             continue
         if run is not None and run_id not in replied and run["status"] == "completed":
             # Answered, with an answer the messages read did not find (the runs are read first,
-            # so only a reader older than that sees this): policy publishes no verdict for a
-            # completion (its answer announces it), so no status of it is made up here. Tokens
+            # so only a reader older than that sees this): an answer announces its run's end,
+            # and policy publishes no verdict when an answer completes a run (only a redelivery
+            # of the event that ended it re-emits its state, after a late answer replaced a
+            # failure), so no status of it is made up here. Tokens
             # of the answer's attempt follow that attempt's ``running``, as they did live; older
             # ones are stale, as below.
             if deltas_of_run and deltas_of_run[0].attempt >= run["attempts"]:

@@ -155,6 +155,7 @@ async def drop_and_resume(
     answered). Returns every event seen, the stored answers and the number of reconnects.
     """
     rnd = random.Random(seed)
+    TRACE.clear()  # a repeat's assertion shows this drill's connections, not an earlier one's
     seen: list[Event] = []
     resumes = 0
 
@@ -171,7 +172,9 @@ async def drop_and_resume(
         opening = asyncio.create_task(first())
         await asyncio.sleep(0.3)
         await post(0)
-        seen.extend(await opening)
+        conn0 = await opening
+        _trace("first", conn0)
+        seen.extend(conn0)
         posted = 1
         while True:
             done = sum(e["event"] == "message.completed" for e in seen)
@@ -182,7 +185,10 @@ async def drop_and_resume(
                 await post(posted)
                 posted += 1
             resumes += 1
-            seen.extend(await resume(seen[-1]["id"], rnd.randint(1, 4), resumes))
+            last = seen[-1]["id"]
+            conn = await resume(last, rnd.randint(1, 4), resumes)
+            _trace(last, conn)
+            seen.extend(conn)
 
     await asyncio.wait_for(run(), timeout_s)
     return seen, await stored_answers(client, p, cid, token), resumes

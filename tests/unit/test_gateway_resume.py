@@ -260,8 +260,8 @@ def test_a_client_that_saw_its_run_end_is_not_sent_the_run_again(stored: str | N
 def test_a_run_read_as_answered_before_its_answer_shows_no_status_no_live_client_saw() -> None:
     # The runs were read after the answer was stored, the messages before it: the run is
     # completed, its answer not among the messages. Live, the client was shown attempt 2's
-    # ``running`` and its tokens, never a ``completed`` status (policy publishes no verdict for
-    # a completion: the answer announces it).
+    # ``running`` and its tokens, and then the answer (policy publishes no verdict when an
+    # answer completes a run: the answer announces it).
     messages = [msg(U1, "user", "hi")]
     runs = [run(R1, "completed", attempts=2)]
     events = gw.timeline(CID, messages, runs, [tok(R1, 2, 1, "A"), tok(R1, 2, 2, "B")])
@@ -335,3 +335,31 @@ def test_a_reconnected_client_gets_no_token_of_a_run_it_saw_end(stored: str) -> 
         assert [e[1] for e in _deliver(live, [late, fresh])] == (
             [fresh[1]] if knows_end else [late[1], fresh[1]]
         ), last
+
+
+def test_a_replayed_reply_carries_the_status_it_ends_its_run_with_not_the_runs_row() -> None:
+    # The runs are read before the messages: a reply stored in between is found with its run's
+    # row still ``running``. Live, ``message.completed`` said ``completed``; so does the replay.
+    messages = [msg(U1, "user", "hi"), msg(A1, "assistant", "abc", R1)]
+    events = gw.timeline(CID, messages, [run(R1, "running")], [tok(R1, 1, 1, "a")])
+    reply = next(e for e in events if e[1] == f"msg:{A1}")
+    assert reply[0] == "message.completed" and reply[2]["status"] == "completed"
+    failure = {**msg(A1, "assistant", "sorry", R1), "kind": "failure"}
+    events = gw.timeline(CID, [messages[0], failure], [run(R1, "running")], [])
+    notice = next(e for e in events if e[1] == f"msg:{A1}")
+    assert notice[0] == "run.failed" and notice[2]["status"] == "failed"
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled"])
+def test_a_run_ended_by_a_status_replays_its_tokens_before_that_status(status: str) -> None:
+    # Live, the attempt's tokens went out, then the verdict that ended the run: a replay before
+    # the failure's notice is stored shows them in that order (never a token after the end).
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, status)]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 1, 1, "a"), tok(R1, 1, 2, "b")])
+    assert [e[1] for e in events] == [
+        f"msg:{U1}", f"tok:{R1}:1:1", f"tok:{R1}:1:2", f"run:{R1}:1:{status}"
+    ]  # fmt: skip
+    # From the first token: the second, then the end, each once.
+    missed = gw.resume(events, gw.parse_event_id(f"tok:{R1}:1:1"), runs)
+    assert [e[1] for e in missed] == [f"tok:{R1}:1:2", f"run:{R1}:1:{status}"]
