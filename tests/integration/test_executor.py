@@ -7,6 +7,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import structlog
 import structlog.testing
 from nats.js.api import DiscardPolicy
@@ -404,3 +405,32 @@ async def test_pushes_stop_once_too_many_go_unacknowledged_and_the_answer_arrive
     [stopped] = [c for c in calls.calls if c.kwargs.get("event") == "token_stream_interrupted"]
     # Stopped by the bound while streaming, not by the sweep of late acks at the end.
     assert f"{MAX_UNACKED_PUSHES} token pushes unacknowledged" in stopped.kwargs["error"]
+
+
+async def test_only_a_redelivered_task_with_its_user_sends_a_settle_timer(infra: Infra) -> None:
+    # A first delivery sends none (a redelivery or the deadline settles it), nor does a task
+    # without ``user_id`` (an older policy, mid rolling deploy, does not check such timers).
+    bus = await connect_bus(infra.nats_url, "executor")
+    e = user_event("Settle me later")
+    # No model call is made: the timer goes out before the call starts.
+    client = model.client("http://127.0.0.1:9", "test-key", 30)
+    h = Handlers(bus, History(None), Model(client), Settings(), service_metrics("executor"))
+    task = msgspec.structs.replace(_task(e), user_id="u-1")
+    anonymous = msgspec.structs.replace(task, user_id="")
+    for t, call_id, delivery in (
+        (task, f"{task.task_id}#1", 1),
+        (anonymous, f"{task.task_id}#2", 2),
+        (task, f"{task.task_id}#3", 3),
+    ):
+        await h._settle_later(t, call_id, delivery)
+    # Published in order, each acked before the next: once the last is there, any other would be.
+    subject = subjects.policy_settle(e.project_id, e.conversation_id)
+    [timer] = decode_all(
+        await read_subject(bus, subjects.STREAM_POLICY, subject, 1, settle=0), m.RunDeadline
+    )
+    assert timer.event_id == f"settle:{task.task_id}#3"
+    assert timer.settle is not None and timer.settle.calls == (f"{task.task_id}#3",)
+    assert timer.settle.user_id == "u-1"
+    assert timer.due == task.deadline + timedelta(seconds=Settings().settle_grace_s)
+    await bus.close()
+    await client.close()
