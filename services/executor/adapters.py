@@ -27,6 +27,18 @@ class StreamOutcome(msgspec.Struct):
     tool_calls: tuple[ToolCall, ...] = ()
 
 
+class _AbortSeen(Exception):
+    """The abort flag found set after an await that returned: the cancel that came with it was
+    lost on the way (Python 3.11's ``asyncio.wait_for``, which nats-py's request uses, returns
+    the result of a future that completed in the same loop turn as the cancel and drops the
+    cancel: a PubAck and policy's abort read off one socket read do exactly that)."""
+
+
+def _check_abort(abort: asyncio.Event | None) -> None:
+    if abort is not None and abort.is_set():
+        raise _AbortSeen
+
+
 class StreamFailed(Exception):
     """A model call that ended in an error, with what it had used until then."""
 
@@ -162,6 +174,7 @@ class Model:
                     if request_id := response.http_response.headers.get("request-id"):
                         span.set_attribute("anthropic.request.id", request_id)
                 async for event, data in sse_events(response.http_response.aiter_bytes()):
+                    _check_abort(abort)
                     if event == b"content_block_delta":
                         block_delta = _block_delta.decode(data)
                         delta = block_delta.delta
@@ -172,6 +185,7 @@ class Model:
                             counts["deltas"] += 1
                             parts.append(delta.text)
                             await on_text(delta.text)
+                            _check_abort(abort)
                         elif delta.type == "input_json_delta":
                             counts["deltas"] += 1  # generated (and billed) like text
                             uses.delta(block_delta.index, delta.partial_json)
@@ -191,6 +205,7 @@ class Model:
                         counts["output"] = u.output_tokens
                         if on_start is not None:
                             await on_start(_usage(counts))
+                            _check_abort(abort)
                     elif event == b"message_delta":
                         md = _message_delta.decode(data)
                         counts["output"] = md.usage.output_tokens
@@ -202,7 +217,9 @@ class Model:
                 if not stopped:
                     # A body that ends cleanly but early is a cut answer, not a complete one.
                     raise StreamEnded("the stream ended before message_stop")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, _AbortSeen):
+            # The abort is seen either way: as the cancel ``Call.stop`` sends, or as its flag
+            # after an await that swallowed that cancel (``_AbortSeen``); never only at the end.
             if abort is None or not abort.is_set():
                 span.end()
                 raise

@@ -13,8 +13,9 @@ import structlog.testing
 from nats.js.api import DiscardPolicy
 
 from baton.offline_model import OfflineModelProcess
-from services.executor.adapters import Model
+from services.executor.adapters import Model, StreamFailed
 from services.executor.config import Settings
+from services.executor.core import CallAborted
 from services.executor.handlers import MAX_UNACKED_PUSHES, Handlers
 from services.persister.adapters import Store
 from shared import messages as m
@@ -327,6 +328,56 @@ async def test_an_abort_stops_a_streaming_call_and_reports_its_partial_usage(
     await bus.close()
     await pool.close()
     await client.close()
+
+
+async def test_an_abort_whose_cancel_an_await_swallowed_still_ends_the_call(
+    offline_model: OfflineModelProcess,
+) -> None:
+    # Policy's abort and the PubAck of the call's ``started`` record can come off one socket
+    # read: the ack completes nats-py's request in the same loop turn as ``Call.stop``'s cancel,
+    # and Python 3.11's ``asyncio.wait_for`` then returns the ack and drops the cancel. Seen in
+    # a fresh-clone run: the cancelled run streamed on for 38 s and completed. Here that turn is
+    # made on purpose inside ``on_start``, with the very ``wait_for`` nats-py awaits.
+    offline_model.update_settings(tokens_per_second=20, words_per_reply=200)
+    client = model.client(offline_model.url, "test-key", 30)
+    abort = asyncio.Event()
+    texts: list[str] = []
+
+    async def on_text(text: str) -> None:
+        texts.append(text)
+
+    async def on_start(_usage: m.Usage) -> None:
+        loop, me = asyncio.get_running_loop(), asyncio.current_task()
+        assert me is not None
+        ack = loop.create_future()
+
+        def ack_and_abort() -> None:  # what one socket read does
+            ack.set_result(None)
+            abort.set()
+            me.cancel()
+
+        loop.call_soon(ack_and_abort)
+        await asyncio.wait_for(ack, 5)
+
+    try:
+        try:
+            outcome = await asyncio.wait_for(
+                Model(client).stream(
+                    "claude-sonnet-4-6", [], [{"role": "user", "content": "Tell me a lot"}], 512,
+                    on_text, "abort-swallowed", abort=abort, on_start=on_start,
+                ),
+                60,
+            )  # fmt: skip
+        except StreamFailed as failed:
+            assert isinstance(failed.cause, CallAborted)
+            assert failed.usage.input_tokens > 0
+        else:
+            raise AssertionError(f"the aborted call ran to its end: {outcome.usage}")
+        [call] = [c for k, c in offline_model.calls().items() if k == "abort-swallowed"]
+        assert call["outcome"] == "client_disconnected"
+        assert call["output_tokens"] < 200
+    finally:
+        await client.close()
 
 
 async def _one_task_pushing_each_word(
