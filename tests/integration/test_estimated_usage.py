@@ -4,13 +4,16 @@ Postgres, the offline model and an executor process."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anthropic
 import asyncpg
 import pytest
 
@@ -29,7 +32,7 @@ from services.policy.main import rules_from
 from services.policy.phase import Backoff
 from shared import deadcalls, estimate, model, subjects, wiring
 from shared import messages as m
-from shared.bus import Consumer
+from shared.bus import Bus, Consumer
 from shared.db import create_pool
 from shared.errors import Deferred
 from shared.history import History
@@ -45,6 +48,35 @@ from tests.support import (
     service_metrics,
     user_event,
 )
+
+
+@dataclasses.dataclass
+class Rig:
+    bus: Bus
+    pool: asyncpg.Pool
+    client: anthropic.AsyncAnthropic
+
+
+@pytest.fixture
+async def rig(infra: Infra, offline_model: OfflineModelProcess) -> AsyncIterator[Rig]:
+    """What the tests of a cut call share: JetStream provisioned with a 2 s ``ack_wait`` (a
+    dead executor's task comes back in seconds), a bus, a pool and a model client; the model's
+    pace is put back after the test (a test sets its own)."""
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    before = offline_model.update_settings()
+    bus = await connect_bus(infra.nats_url, "test")
+    pool = await create_pool(infra.database_url)
+    client = model.client(offline_model.url, "test-key", 10.0)
+    try:
+        yield Rig(bus, pool, client)
+    finally:
+        offline_model.update_settings(
+            tokens_per_second=before["tokens_per_second"],
+            words_per_reply=before["words_per_reply"],
+        )
+        await bus.close()
+        await pool.close()
+        await client.close()
 
 
 def _executor_process(infra: Infra, model_url: str, **extra: str) -> subprocess.Popen[bytes]:
@@ -66,15 +98,11 @@ def _executor_process(infra: Infra, model_url: str, **extra: str) -> subprocess.
 
 
 async def test_a_call_cut_by_a_sigkilled_executor_gets_one_estimated_usage_row(
-    infra: Infra, offline_model: OfflineModelProcess
+    infra: Infra, offline_model: OfflineModelProcess, rig: Rig
 ) -> None:
-    # A short ack_wait, so the dead executor's task is redelivered in seconds.
-    await provision(infra.nats_url, ack_wait_s=2.0)
-    before = offline_model.update_settings()
+    # A short ack_wait (the rig's), so the dead executor's task is redelivered in seconds.
+    bus, pool, client = rig.bus, rig.pool, rig.client
     offline_model.update_settings(tokens_per_second=8, words_per_reply=60)
-    bus = await connect_bus(infra.nats_url, "test")
-    pool = await create_pool(infra.database_url)
-    client = model.client(offline_model.url, "test-key", 10.0)
     proc = _executor_process(infra, offline_model.url)
     try:
         e = user_event("Tell me a long story about queues")
@@ -168,13 +196,6 @@ async def test_a_call_cut_by_a_sigkilled_executor_gets_one_estimated_usage_row(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        offline_model.update_settings(
-            tokens_per_second=before["tokens_per_second"],
-            words_per_reply=before["words_per_reply"],
-        )
-        await bus.close()
-        await pool.close()
-        await client.close()
 
 
 def _settle_timer(task: m.ExecTask) -> m.RunDeadline:
@@ -193,17 +214,13 @@ def _settle_timer(task: m.ExecTask) -> m.RunDeadline:
 
 
 async def test_a_call_cut_on_its_last_delivery_is_billed_once_by_estimate_at_its_deadline(
-    infra: Infra, offline_model: OfflineModelProcess
+    infra: Infra, offline_model: OfflineModelProcess, rig: Rig
 ) -> None:
     # The executor dies mid-call and no delivery of its task follows before the attempt's
     # deadline: policy's settle timer bills the call. The task's redelivery, when it comes at
     # last, settles the same call again — and it stays one row.
-    await provision(infra.nats_url, ack_wait_s=2.0)
-    before = offline_model.update_settings()
+    bus, pool, client = rig.bus, rig.pool, rig.client
     offline_model.update_settings(tokens_per_second=8, words_per_reply=60)
-    bus = await connect_bus(infra.nats_url, "test")
-    pool = await create_pool(infra.database_url)
-    client = model.client(offline_model.url, "test-key", 10.0)
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     # One attempt, a deadline past by the time the consumer runs, a short grace after it.
     rules = rules_from(PolicySettings(max_attempts=1, run_deadline_s=1.0, settle_grace_s=1.0))
@@ -298,18 +315,11 @@ async def test_a_call_cut_on_its_last_delivery_is_billed_once_by_estimate_at_its
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        offline_model.update_settings(
-            tokens_per_second=before["tokens_per_second"],
-            words_per_reply=before["words_per_reply"],
-        )
         await con.close()
-        await bus.close()
-        await pool.close()
-        await client.close()
 
 
 async def test_a_redelivered_call_cut_after_the_first_deliverys_outcome_is_billed_at_the_deadline(
-    infra: Infra, offline_model: OfflineModelProcess
+    infra: Infra, offline_model: OfflineModelProcess, rig: Rig
 ) -> None:
     # Deliveries overlap: the first delivery's ack is late, so the task is delivered again to
     # another executor while the first still runs. The first's outcome is stored and its ack
@@ -317,12 +327,8 @@ async def test_a_redelivered_call_cut_after_the_first_deliverys_outcome_is_bille
     # acked) and the attempt met its deadline, so policy's own timer settles nothing: only the
     # settle timer the second delivery published before its call bills that call (found by
     # chaos-tools: three completed calls with no usage row).
-    await provision(infra.nats_url, ack_wait_s=2.0)
-    before = offline_model.update_settings()
+    bus, pool, client = rig.bus, rig.pool, rig.client
     offline_model.update_settings(tokens_per_second=8, words_per_reply=60)
-    bus = await connect_bus(infra.nats_url, "test")
-    pool = await create_pool(infra.database_url)
-    client = model.client(offline_model.url, "test-key", 10.0)
     kv = await bus.js.key_value(subjects.BUCKET_RUNS)
     # The attempt's deadline is long past when the timers are read; the run is answered first.
     rules = rules_from(PolicySettings(max_attempts=1, run_deadline_s=3.0, settle_grace_s=1.0))
@@ -430,26 +436,16 @@ async def test_a_redelivered_call_cut_after_the_first_deliverys_outcome_is_bille
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-        offline_model.update_settings(
-            tokens_per_second=before["tokens_per_second"],
-            words_per_reply=before["words_per_reply"],
-        )
         await con.close()
-        await bus.close()
-        await pool.close()
-        await client.close()
 
 
 async def test_a_call_cut_before_its_message_start_was_billed_nothing_and_gets_no_row(
-    infra: Infra, offline_model: OfflineModelProcess
+    infra: Infra, offline_model: OfflineModelProcess, rig: Rig
 ) -> None:
     # The provider counts a call's input when it sends message_start (docs/guarantees.md, I4):
     # a call whose executor died while the model had not yet answered was billed nothing, and
     # neither the redelivery nor the deadline path finds a record to estimate it from.
-    await provision(infra.nats_url, ack_wait_s=2.0)
-    bus = await connect_bus(infra.nats_url, "test")
-    pool = await create_pool(infra.database_url)
-    client = model.client(offline_model.url, "test-key", 10.0)
+    bus, pool, client = rig.bus, rig.pool, rig.client
     content = "Answer me before your start, please"
     offline_model.add_faults(
         [{"kind": "stall", "after_tokens": -1, "match": content, "stall_seconds": 120}]
@@ -511,9 +507,6 @@ async def test_a_call_cut_before_its_message_start_was_billed_nothing_and_gets_n
             proc.kill()
             proc.wait()
         offline_model.clear()
-        await bus.close()
-        await pool.close()
-        await client.close()
 
 
 class _Crash(Exception):
