@@ -401,8 +401,13 @@ class Consumer(Generic[T]):
     async def run(self, stop: asyncio.Event, grace_s: float = 20.0) -> None:
         """Fetch and handle until ``stop`` is set, then let in-flight work finish."""
         pull = await self._bind(stop)
-        heartbeat = asyncio.create_task(self._heartbeat(stop))
-        lag = asyncio.create_task(self._watch_lag())
+        # Heartbeats go on through the grace period (in-flight work must not be redelivered);
+        # both loops end on ``over`` as well as on their cancel, which an await inside them can
+        # lose (Python 3.11's ``wait_for``, under nats-py's requests, drops a cancel that lands
+        # in the turn its reply does).
+        over = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(over))
+        lag = asyncio.create_task(self._watch_lag(over))
         # Requests grow while they come back full and shrink to what arrived when they do not:
         # an idle consumer holds one message at a time, so a closed readiness gate stops it
         # after at most one more delivery, while a backlog is pulled in batches.
@@ -429,6 +434,7 @@ class Consumer(Generic[T]):
             if self.inflight:
                 # Unacked work past the grace period is redelivered elsewhere, never lost.
                 await asyncio.wait(list(self.inflight), timeout=grace_s)
+            over.set()
             heartbeat.cancel()
             lag.cancel()
             try:
@@ -465,11 +471,11 @@ class Consumer(Generic[T]):
         if info.config.ack_wait:
             self.ack_wait_s = float(info.config.ack_wait)
 
-    async def _watch_lag(self) -> None:
+    async def _watch_lag(self, over: asyncio.Event) -> None:
         # Backlog per consumer for dashboards and alerts; a failed read keeps the last value.
         durable = self.spec.durable
         metrics = self.bus.metrics
-        while True:
+        while not over.is_set():
             try:
                 info = await self.bus.js.consumer_info(self.spec.stream, durable)
             except Exception as exc:  # a failed read only leaves the gauges a little stale
@@ -479,9 +485,9 @@ class Consumer(Generic[T]):
                 metrics.consumer_ack_pending.labels(durable).set(info.num_ack_pending or 0)
             await asyncio.sleep(self.lag_refresh_s)
 
-    async def _heartbeat(self, stop: asyncio.Event) -> None:
+    async def _heartbeat(self, over: asyncio.Event) -> None:
         # Long handlers (a model stream) must not be redelivered while they are healthy.
-        while True:
+        while not over.is_set():
             interval = max(self.ack_wait_s / 3, 0.2)
             await asyncio.sleep(interval)
             for msg in list(self.inflight.values()):

@@ -28,10 +28,11 @@ class StreamOutcome(msgspec.Struct):
 
 
 class _AbortSeen(Exception):
-    """The abort flag found set after an await that returned: the cancel that came with it was
-    lost on the way (Python 3.11's ``asyncio.wait_for``, which nats-py's request uses, returns
-    the result of a future that completed in the same loop turn as the cancel and drops the
-    cancel: a PubAck and policy's abort read off one socket read do exactly that)."""
+    """The abort flag found set after an await that returned: the cancel ``Call.stop`` sent
+    with it was lost on the way. Known ways: nats-py's ``publish_async`` (a token push) turns a
+    cancel into ``TooManyStalledMsgsError``, which a push takes for a broker hiccup; Python
+    3.11's ``asyncio.wait_for`` (inside nats-py) returns a result that completed in the cancel's
+    loop turn and drops the cancel; nats-py's forced flush swallows one outright."""
 
 
 def _check_abort(abort: asyncio.Event | None) -> None:

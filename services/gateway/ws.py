@@ -89,7 +89,8 @@ class WebSockets:
 
     async def _first_frame(self, socket: WebSocket[Any, Any, Any]) -> core.ClientFrame:
         try:
-            text = await asyncio.wait_for(self._receive(socket), self.settings.ws_auth_timeout_s)
+            async with asyncio.timeout(self.settings.ws_auth_timeout_s):  # not wait_for: _send
+                text = await self._receive(socket)
         except TimeoutError as exc:
             raise core.ApiError(
                 401,
@@ -185,13 +186,15 @@ class WebSockets:
     async def _send(
         self, socket: WebSocket[Any, Any, Any], lock: asyncio.Lock, data: bytes
     ) -> None:
-        """Send one frame; a client that takes none for too long is cut off as too slow."""
+        """Send one frame; a client that takes none for too long is cut off as too slow.
+
+        ``asyncio.timeout``, not ``wait_for``: Python 3.11's ``wait_for`` drops a cancel that
+        lands in the loop turn its send completes in, and the reader (which sends pongs) is
+        stopped by a cancel that must not be lost, or the connection is never closed."""
         async with lock:
             try:
-                await asyncio.wait_for(
-                    socket.send_text(data.decode()),
-                    self.settings.ws_send_timeout_s,
-                )
+                async with asyncio.timeout(self.settings.ws_send_timeout_s):
+                    await socket.send_text(data.decode())
             except TimeoutError as exc:
                 raise _Closed(core.WS_SLOW, _SLOW) from exc
             except Exception as exc:
@@ -212,10 +215,8 @@ class WebSockets:
         # The reason of a close frame is limited to 123 bytes.
         reason = reason.encode()[:123].decode(errors="ignore")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                socket.send({"type": "websocket.close", "code": code, "reason": reason}),
-                self.settings.ws_send_timeout_s,
-            )
+            async with asyncio.timeout(self.settings.ws_send_timeout_s):
+                await socket.send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 _HEARTBEAT = PushEvent("heartbeat", "", {})

@@ -132,6 +132,9 @@ class Sweeper:
         self.target = target
         self.prefix = prefix
         self.kept = kept
+        # Set when the persister stops (run_forever's ``stop``): a sweep ends after the batch
+        # it is in, rather than on its cancel alone (which an await in a batch can lose).
+        self.stopping = asyncio.Event()
         self.batch = batch
         self.max_batches = max_batches
         self.period_s = period_s
@@ -256,7 +259,7 @@ class Sweeper:
         archived = requested = skipped = batches = 0
         deleted: list[uuid.UUID] = []
         try:
-            while batches < self.max_batches:
+            while batches < self.max_batches and not self.stopping.is_set():
                 rows = await self.candidates(con, self.batch, now, deleted)
                 if not rows:
                     break
@@ -317,6 +320,7 @@ class Sweeper:
     async def run_forever(self, stop: asyncio.Event, every_s: float) -> None:
         """Try a sweep every ``every_s`` (a tenth of the period, say); errors are logged and
         the next try comes as usual."""
+        self.stopping = stop
         while not stop.is_set():
             try:
                 await self.run_once()
