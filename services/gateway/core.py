@@ -819,9 +819,12 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
         # The client saw the run end: every token of it came before. The database may not
         # have stored that status yet (it lags the live verdicts); its tokens are not news.
         return events[block_end:]
+    # A terminal status in the timeline is the run's end, after its tokens (``ENDED_BY_STATUS``),
+    # never the header of the attempt the tokens follow: a client at a token has not seen it.
+    ends = status is not None and events[status][2]["status"] in vocab.TERMINAL
     latest = events[toks[0]][2]["attempt"] if toks else 0
     if toks and latest > pos.attempt:
-        if status is not None and events[status][2]["attempt"] >= latest:
+        if status is not None and events[status][2]["attempt"] >= latest and not ends:
             return events[status:]
         run = next((r for r in runs if r["run_id"] == pos.key), None)
         base = run or {"run_id": pos.key, "message_id": pos.key[4:]}
@@ -829,10 +832,14 @@ def resume(events: list[Push], pos: Position | None, runs: list[dict[str, Any]])
     if status is not None and events[status][2]["attempt"] > pos.attempt:
         return events[status:]  # a newer attempt that has not streamed yet
     cut = start + 1
-    if status is not None and (
-        pos.kind == "tok"
-        or events[status][1] == _run_id(pos)
-        or events[status][2]["attempt"] < pos.attempt
+    if (
+        status is not None
+        and not ends
+        and (
+            pos.kind == "tok"
+            or events[status][1] == _run_id(pos)
+            or events[status][2]["attempt"] < pos.attempt
+        )
     ):
         # The client saw this status, or a token after it, or already a newer attempt's status
         # than the database has recorded (the persister stores verdicts after they went out

@@ -133,7 +133,8 @@ class Sweeper:
         self.prefix = prefix
         self.kept = kept
         # Set when the persister stops (run_forever's ``stop``): a sweep ends after the batch
-        # it is in, rather than on its cancel alone (which an await in a batch can lose).
+        # it is in, as if cancelled, rather than on its cancel alone (which an await in a batch
+        # can lose).
         self.stopping = asyncio.Event()
         self.batch = batch
         self.max_batches = max_batches
@@ -259,7 +260,11 @@ class Sweeper:
         archived = requested = skipped = batches = 0
         deleted: list[uuid.UUID] = []
         try:
-            while batches < self.max_batches and not self.stopping.is_set():
+            while batches < self.max_batches:
+                if self.stopping.is_set():
+                    # Ended as a cancel would end it: unfinished, counted failed, so the next
+                    # start sweeps again rather than take this one as the period's.
+                    raise asyncio.CancelledError("the persister is stopping")
                 rows = await self.candidates(con, self.batch, now, deleted)
                 if not rows:
                     break

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import pytest
 import structlog
 import structlog.testing
 from nats.js.api import DiscardPolicy
@@ -330,28 +331,28 @@ async def test_an_abort_stops_a_streaming_call_and_reports_its_partial_usage(
     await client.close()
 
 
+@pytest.mark.parametrize("lost_in", ["on_start", "on_text"])
 async def test_an_abort_whose_cancel_an_await_swallowed_still_ends_the_call(
-    offline_model: OfflineModelProcess,
+    offline_model: OfflineModelProcess, lost_in: str
 ) -> None:
-    # Policy's abort and the PubAck of the call's ``started`` record can come off one socket
-    # read: the ack completes nats-py's request in the same loop turn as ``Call.stop``'s cancel,
-    # and Python 3.11's ``asyncio.wait_for`` then returns the ack and drops the cancel. Seen in
-    # a fresh-clone run: the cancelled run streamed on for 38 s and completed. Here that turn is
-    # made on purpose inside ``on_start``, with the very ``wait_for`` nats-py awaits.
+    # ``Call.stop`` sets the abort flag and cancels the stream's task; an await of the stream
+    # can lose that cancel (Python 3.11's ``asyncio.wait_for`` inside nats-py drops one that
+    # lands in the loop turn its result does; ``publish_async`` turns one into an error a push
+    # takes for a broker hiccup). Seen in a fresh-clone run: the cancelled run streamed on for
+    # 38 s and completed. Here the cancel is lost on purpose, with that very ``wait_for``, in
+    # the call's ``started`` record (``on_start``) or in its third push (``on_text``).
+    before = offline_model.update_settings()
     offline_model.update_settings(tokens_per_second=20, words_per_reply=200)
     client = model.client(offline_model.url, "test-key", 30)
     abort = asyncio.Event()
     texts: list[str] = []
 
-    async def on_text(text: str) -> None:
-        texts.append(text)
-
-    async def on_start(_usage: m.Usage) -> None:
+    async def lose_a_cancel() -> None:
         loop, me = asyncio.get_running_loop(), asyncio.current_task()
         assert me is not None
         ack = loop.create_future()
 
-        def ack_and_abort() -> None:  # what one socket read does
+        def ack_and_abort() -> None:  # what one socket read does: the reply, and the abort
             ack.set_result(None)
             abort.set()
             me.cancel()
@@ -359,24 +360,47 @@ async def test_an_abort_whose_cancel_an_await_swallowed_still_ends_the_call(
         loop.call_soon(ack_and_abort)
         await asyncio.wait_for(ack, 5)
 
+    async def on_start(_usage: m.Usage) -> None:
+        if lost_in == "on_start":
+            await lose_a_cancel()
+
+    async def on_text(text: str) -> None:
+        texts.append(text)
+        if lost_in == "on_text" and len(texts) == 3:
+            await lose_a_cancel()
+
+    call_id = f"abort-swallowed-{lost_in}"
+    stream = asyncio.create_task(
+        Model(client).stream(
+            "claude-sonnet-4-6", [], [{"role": "user", "content": "Tell me a lot"}], 512,
+            on_text, call_id, abort=abort, on_start=on_start,
+        )
+    )  # fmt: skip
     try:
         try:
-            outcome = await asyncio.wait_for(
-                Model(client).stream(
-                    "claude-sonnet-4-6", [], [{"role": "user", "content": "Tell me a lot"}], 512,
-                    on_text, "abort-swallowed", abort=abort, on_start=on_start,
-                ),
-                60,
-            )  # fmt: skip
+            async with asyncio.timeout(60):
+                outcome = await stream
         except StreamFailed as failed:
             assert isinstance(failed.cause, CallAborted)
             assert failed.usage.input_tokens > 0
         else:
             raise AssertionError(f"the aborted call ran to its end: {outcome.usage}")
-        [call] = [c for k, c in offline_model.calls().items() if k == "abort-swallowed"]
+        assert stream.cancelling() == 0  # the cancel it took was handled, none left pending
+        assert len(texts) < 10
+
+        async def ended() -> dict[str, Any] | None:
+            c = offline_model.calls().get(call_id)
+            return c if c is not None and c["outcome"] != "open" else None
+
+        # The model sees the disconnect on its own time: wait for its ledger to say so.
+        call = await eventually(ended)
         assert call["outcome"] == "client_disconnected"
         assert call["output_tokens"] < 200
     finally:
+        offline_model.update_settings(
+            tokens_per_second=before["tokens_per_second"],
+            words_per_reply=before["words_per_reply"],
+        )
         await client.close()
 
 

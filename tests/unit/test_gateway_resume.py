@@ -363,3 +363,31 @@ def test_a_run_ended_by_a_status_replays_its_tokens_before_that_status(status: s
     # From the first token: the second, then the end, each once.
     missed = gw.resume(events, gw.parse_event_id(f"tok:{R1}:1:1"), runs)
     assert [e[1] for e in missed] == [f"tok:{R1}:1:2", f"run:{R1}:1:{status}"]
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled"])
+@pytest.mark.parametrize("last", [f"tok:{R1}:1:3", f"run:{R1}:1:running"])
+def test_a_client_on_an_older_attempt_of_an_ended_run_gets_the_newer_attempt_then_the_end(
+    status: str, last: str
+) -> None:
+    # Attempt 1 failed and was retried; attempt 2 streamed and the run ended by a verdict. The
+    # end comes after attempt 2's tokens: the client first hears of attempt 2 (and drops its
+    # partial text), then gets its tokens, then the end; nothing of the run is left out.
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, status, attempts=2)]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 2, 1, "A"), tok(R1, 2, 2, "B")])
+    missed = gw.resume(events, gw.parse_event_id(last), runs)
+    assert [e[1] for e in missed] == [
+        f"run:{R1}:2:running", f"tok:{R1}:2:1", f"tok:{R1}:2:2", f"run:{R1}:2:{status}"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled"])
+def test_a_client_at_a_token_the_replay_no_longer_has_still_gets_the_end(status: str) -> None:
+    # The stream's first tokens are gone (trimmed): from a token among them, the client gets
+    # the tokens still there and the end, not nothing.
+    messages = [msg(U1, "user", "hi")]
+    runs = [run(R1, status)]
+    events = gw.timeline(CID, messages, runs, [tok(R1, 1, 6, "f"), tok(R1, 1, 7, "g")])
+    missed = gw.resume(events, gw.parse_event_id(f"tok:{R1}:1:2"), runs)
+    assert [e[1] for e in missed] == [f"tok:{R1}:1:6", f"tok:{R1}:1:7", f"run:{R1}:1:{status}"]
