@@ -119,12 +119,14 @@ WIRING: dict[str, Wiring] = {
         # A duplicate submit answers with the original message, read back by its sequence;
         # a resuming SSE client gets the tokens it missed, read back the same way; a run's
         # tool calls (what waits for the user, what was decided) are read back from TOOLS;
-        # every read of a conversation first looks for its deletion tombstone.
+        # every read of a conversation first looks for its deletion tombstone; a resume reads
+        # policy's verdicts the persister has not stored yet from POLICY.
         reads_streams=(
             subjects.STREAM_CHAT_IN,
             subjects.STREAM_TOKENS,
             subjects.STREAM_TOOLS,
             subjects.STREAM_CONVERSATIONS,
+            subjects.STREAM_POLICY,
         ),
         # An early 429 reads the rate windows policy keeps; policy alone writes them.
         reads_buckets=(subjects.BUCKET_LIMITS,),

@@ -509,17 +509,50 @@ class ToolView(msgspec.Struct):
     last_approval_seq: int  # the stream sequence of its last decision (0: none)
 
 
+class StreamReader:
+    """One stream's messages read back by subject: "next message on this subject" gets only
+    (``STREAM.MSG.GET.<stream>``), no consumer."""
+
+    def __init__(self, bus: Bus, stream: str, limit: int = 500, timeout_s: float = 2.0) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.limit = limit
+        self.timeout_s = timeout_s
+
+    async def scan(self, subject: str, start: datetime) -> list[_StoredMsg]:
+        """The messages on ``subject`` stored from ``start`` on, in stream order (at most
+        ``limit``). Raises what the bus raises."""
+        if not self.bus.nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        request: dict[str, Any] = {"next_by_subj": subject, "start_time": start.isoformat()}
+        out: list[_StoredMsg] = []
+        while len(out) < self.limit:
+            got = await self.get(request)
+            if got is None:
+                break
+            out.append(got)
+            request = {"next_by_subj": subject, "seq": got.seq + 1}
+        return out
+
+    async def get(self, request: dict[str, Any]) -> _StoredMsg | None:
+        api = f"$JS.API.STREAM.MSG.GET.{self.stream}"
+        reply = await self.bus.nc.request(api, msgspec.json.encode(request), timeout=self.timeout_s)
+        got = _msg_get.decode(reply.data)
+        if got.message is None:
+            if got.error is not None and got.error.get("code") == 404:
+                return None
+            raise nats.errors.Error(f"{self.stream} read failed: {got.error}")
+        return got.message
+
+
 class ToolLog:
     """A conversation's tool calls read back from the TOOLS stream by subject, as ``Inbox``
     reads CHAT_IN: policy's approval requests, the gateway's own decisions and the results.
-
-    "Next message on this subject" gets only (``STREAM.MSG.GET.TOOLS``): no consumer.
     """
 
     def __init__(self, bus: Bus, limit: int = 500, timeout_s: float = 2.0) -> None:
         self.bus = bus
-        self.limit = limit
-        self.timeout_s = timeout_s
+        self.reader = StreamReader(bus, subjects.STREAM_TOOLS, limit, timeout_s)
 
     async def view(
         self, project: str, conversation_id: str, since: datetime, slack_s: float = 30.0
@@ -530,9 +563,9 @@ class ToolLog:
             raise nats.errors.ConnectionReconnectingError
         start = since - timedelta(seconds=slack_s)
         requests, decisions, results = await asyncio.gather(
-            self._scan(subjects.tool_requested(project, conversation_id), start),
-            self._scan(subjects.tool_approval(project, conversation_id), start),
-            self._scan(subjects.tool_result(project, conversation_id), start),
+            self.reader.scan(subjects.tool_requested(project, conversation_id), start),
+            self.reader.scan(subjects.tool_approval(project, conversation_id), start),
+            self.reader.scan(subjects.tool_result(project, conversation_id), start),
         )
         return ToolView(
             requests=[(x, at) for x, at in _decoded(requests, _requested)],
@@ -543,35 +576,37 @@ class ToolLog:
 
     async def last_seq(self, subject: str) -> int:
         """The stream sequence of the last message on ``subject`` (0: there is none)."""
-        got = await self._get({"last_by_subj": subject})
+        got = await self.reader.get({"last_by_subj": subject})
         return 0 if got is None else got.seq
 
     async def decision_at(self, seq: int) -> m.ToolApprovalDecided | None:
-        got = await self._get({"seq": seq})
+        got = await self.reader.get({"seq": seq})
         if got is None:
             return None
         return _decided.decode(base64.b64decode(got.data))
 
-    async def _scan(self, subject: str, start: datetime) -> list[_StoredMsg]:
-        request: dict[str, Any] = {"next_by_subj": subject, "start_time": start.isoformat()}
-        out: list[_StoredMsg] = []
-        while len(out) < self.limit:
-            got = await self._get(request)
-            if got is None:
-                break
-            out.append(got)
-            request = {"next_by_subj": subject, "seq": got.seq + 1}
-        return out
 
-    async def _get(self, request: dict[str, Any]) -> _StoredMsg | None:
-        api = f"$JS.API.STREAM.MSG.GET.{subjects.STREAM_TOOLS}"
-        reply = await self.bus.nc.request(api, msgspec.json.encode(request), timeout=self.timeout_s)
-        got = _msg_get.decode(reply.data)
-        if got.message is None:
-            if got.error is not None and got.error.get("code") == 404:
-                return None
-            raise nats.errors.Error(f"TOOLS read failed: {got.error}")
-        return got.message
+_verdict = msgspec.json.Decoder(m.RunVerdict)
+
+
+class VerdictLog:
+    """Policy's verdicts on a conversation's runs, read back from the POLICY stream: the
+    statuses live clients were pushed, which the persister stores later (batched). A replay
+    folds them onto the stored runs (``core.with_verdicts``), so it never shows a run as
+    further behind than what its live clients already got."""
+
+    def __init__(self, bus: Bus, limit: int = 500, timeout_s: float = 2.0) -> None:
+        self.reader = StreamReader(bus, subjects.STREAM_POLICY, limit, timeout_s)
+
+    async def since(
+        self, project: str, conversation_id: str, since: datetime, slack_s: float = 30.0
+    ) -> list[m.RunVerdict]:
+        """The conversation's verdicts stored from ``since`` - ``slack_s`` on (a run's verdicts
+        all come after its message was accepted), in stream order. Raises what the bus
+        raises; a message that does not decode is skipped."""
+        start = since - timedelta(seconds=slack_s)
+        got = await self.reader.scan(subjects.policy_verdict(project, conversation_id), start)
+        return [v for v, _ in _decoded(got, _verdict)]
 
 
 def _decoded(

@@ -9,7 +9,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -765,6 +765,86 @@ def timeline(
         out.extend(token_push(d) for d in deltas_of_run)
         out.extend(after)
     return out
+
+
+# How far back a replay reads policy's verdicts: the persister's lag behind them, with room.
+# A verdict it has not stored after this long is not looked for (the replay then shows the run
+# as stored, as before the verdicts were read).
+VERDICT_LAG_S = 600.0
+
+
+def verdicts_since(
+    runs: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    now: datetime,
+    lag_s: float = VERDICT_LAG_S,
+) -> datetime | None:
+    """From when a replay reads the conversation's verdicts back from POLICY: the start of the
+    earliest run the database does not hold as ended (in flight, or a user message with no
+    run stored yet), but no earlier than ``lag_s`` ago. None: every run is stored as ended,
+    and nothing policy published about them can be newer than what is stored."""
+    stored = {r["run_id"] for r in runs}
+    times = [r["created_at"] for r in runs if r["status"] not in vocab.TERMINAL]
+    times += [
+        x["created_at"]
+        for x in messages
+        if x["role"] == "user" and run_id_of(x["id"]) not in stored
+    ]
+    started: list[datetime] = [t for t in times if isinstance(t, datetime)]
+    if not started:
+        return None
+    return max(min(started), now - timedelta(seconds=lag_s))
+
+
+def with_verdicts(
+    runs: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    verdicts: Iterable[m.RunVerdict],
+) -> list[dict[str, Any]]:
+    """The runs as the persister will have stored them once it has the verdicts policy has
+    published (``verdicts``: POLICY's, in stream order), by its own rules: a status moves only
+    forward by rank and a terminal one is never replaced (an equal rank below them, by the
+    later); attempts only grow; verdict, reason and model come from the newest verdict by
+    (rank, attempt). The database lags the verdicts live clients were pushed, so a replay that
+    showed only what it holds would show a run behind them: a cancel or a retry a client has
+    had, or a run it has not stored at all. Such a run (no row yet, its user message among
+    ``messages``) is made from its verdicts. A run stored as ended is left as stored."""
+    out = {r["run_id"]: r for r in runs}
+    order = [r["run_id"] for r in runs]
+    asked = {run_id_of(x["id"]): x for x in messages if x["role"] == "user"}
+    ended = {r["run_id"] for r in runs if r["status"] in vocab.TERMINAL}
+    for v in verdicts:
+        run = out.get(v.run_id)
+        if run is None:
+            msg = asked.get(v.run_id)
+            if msg is None or msg["id"] != v.message_id:
+                continue
+            run = {
+                "run_id": v.run_id,
+                "message_id": v.message_id,
+                "status": "",
+                "verdict": "",
+                "reason": "",
+                "model": "",
+                "attempts": 0,
+                "created_at": msg["created_at"],
+            }
+            order.append(v.run_id)
+        elif v.run_id in ended:
+            continue
+        cur, new = vocab.rank(run["status"]), vocab.rank(v.status)
+        moved: dict[str, Any] = {}
+        if new > cur or (new == cur and cur < vocab.rank("completed")):
+            moved["status"] = v.status
+        if v.verdict and (new, v.attempt) >= (cur, run["attempts"]):
+            moved |= {"verdict": v.verdict, "reason": v.reason}
+            if v.model:
+                moved["model"] = v.model
+        if v.attempt > run["attempts"]:
+            moved["attempts"] = v.attempt
+        if moved:
+            out[v.run_id] = {**run, **moved}
+    return [out[r] for r in order]
 
 
 def latest_token_start(deltas: list[tuple[m.TokenDelta, datetime]]) -> dict[str, datetime]:

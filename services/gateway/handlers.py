@@ -33,6 +33,7 @@ from services.gateway.adapters import (
     TokenLog,
     ToolLog,
     ToolView,
+    VerdictLog,
     topic,
 )
 from services.gateway.config import Settings
@@ -88,11 +89,13 @@ class Api:
         rate_gate: RateGate | None = None,
         owners: Owners | None = None,
         tool_log: ToolLog | None = None,
+        verdicts: VerdictLog | None = None,
     ) -> None:
         self.settings = settings
         self.log = ConversationLog(publisher.bus)
         self.owners = owners or Owners(reads, Inbox(publisher.bus), self.log)
         self.tool_log = tool_log or ToolLog(publisher.bus)
+        self.verdicts = verdicts or VerdictLog(publisher.bus)
         self.id_key = core.id_key(str(settings.jwt_secret), str(settings.id_secret))
         self.rate_gate = rate_gate
         self.rate_limited = metrics.counter(
@@ -750,14 +753,22 @@ class Api:
             raise core.ApiError(
                 503, "database_unavailable", "conversation store unavailable, retry"
             ) from exc
+        # Policy's verdicts after the database's reads, before the token log's: what the
+        # persister has not stored yet of the runs it holds in flight (or not at all), so the
+        # replay is never behind what live clients were pushed (a cancel, a retry).
+        since = core.verdicts_since(runs, messages, datetime.now(UTC))
         try:
+            shown = runs
+            if since is not None:
+                verdicts = await self.verdicts.since(p.project, cid, since)
+                shown = core.with_verdicts(runs, messages, verdicts)
             timed = await self.tokens.deltas_at(p.project, cid)
             items = await self._tool_items(p, cid, runs)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             raise _broker_unavailable() from exc
         deltas = [d for d, _ in timed]
-        events = core.timeline(cid, messages, runs, deltas, items, core.latest_token_start(timed))
-        missed = core.resume(events, pos, runs)
+        events = core.timeline(cid, messages, shown, deltas, items, core.latest_token_start(timed))
+        missed = core.resume(events, pos, shown)
         self.sse_resumes.labels(str(pos is not None and len(missed) < len(events)).lower()).inc()
         return missed, core.seen_before(events, missed, pos), core.ended_runs(events, pos)
 

@@ -26,6 +26,7 @@ from services.gateway.handlers import Api
 from services.gateway.main import asgi
 from services.persister.adapters import Store
 from shared import messages as m
+from shared import runs as vocab
 from shared import subjects
 from shared.bus import Bus
 from shared.db import create_pool
@@ -209,6 +210,70 @@ async def test_resume_and_live_events_overlap_without_a_gap_or_a_duplicate(
         await writer
         got = await frames(ws, idle_s=1)
     assert [f["data"]["seq"] for f in got[1:]] == list(range(2, 40))
+
+
+def run_verdict(e: m.UserMessageAccepted, status: str, attempt: int = 1) -> m.RunVerdict:
+    rid = vocab.run_id(e.message_id)
+    return m.RunVerdict(
+        event_id=vocab.verdict_id(rid, attempt, status),
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        run_id=rid,
+        user_id=e.user_id,
+        verdict="approve" if status != "cancelled" else "stop",
+        status=status,  # type: ignore[arg-type]
+        reason="",
+        attempt=attempt,
+    )
+
+
+async def test_a_client_past_a_cancel_the_database_has_not_stored_gets_no_late_token(
+    gateway: Gateway,
+) -> None:
+    # Two messages, each run stored as running. Policy has cancelled the first (its verdict is
+    # in POLICY; the persister has not stored it yet) and the client, pushed that cancel and
+    # the second message live, reconnects from the second message. The first run's executor
+    # still streams until the abort reaches it: its late token must not go out, or the
+    # client's last event would be a token after the cancel, and its next resume would send
+    # the cancel and all that followed it again.
+    first = await stored(gateway)
+    second = user_event(project="p1", user="u1", conversation_id=first.conversation_id)
+    store = Store(gateway.pool)
+    await store.insert_user_message(second)
+    for e in (first, second):
+        await store.upsert_run(run_verdict(e, "running"))
+    await publish_tokens(gateway.bus, first, 1)
+    cancel = run_verdict(first, "cancelled")
+    await gateway.bus.publish(
+        subjects.policy_verdict("p1", first.conversation_id), cancel, msg_id=cancel.event_id
+    )
+    r1, r2 = vocab.run_id(first.message_id), vocab.run_id(second.message_id)
+    url = f"{gateway.ws(first.conversation_id)}?last_event_id=msg:{second.message_id}"
+    async with connect(url, additional_headers=auth()) as ws:
+        [ready] = await frames(ws, until="ready")
+        late = m.TokenDelta(
+            conversation_id=first.conversation_id, run_id=r1, attempt=1, seq=2, text="late"
+        )
+        fresh = m.TokenDelta(
+            conversation_id=first.conversation_id, run_id=r2, attempt=1, seq=1, text="x"
+        )
+        for delta in (late, fresh):
+            await gateway.bus.publish(
+                subjects.token_stream("p1", first.conversation_id), delta, msg_id=str(uuid.uuid4())
+            )
+        # Both on one subject, the late one first: had it gone out, it would come first.
+        got = await frames(ws, until="token")
+    assert [f["id"] for f in got if f["event"] == "token"] == [f"tok:{r2}:1:1"]
+    # From the first run's first token the replay has the run's stored tokens, then the
+    # cancel, read from POLICY, once, then the second message.
+    url = f"{gateway.ws(first.conversation_id)}?last_event_id=tok:{r1}:1:1"
+    async with connect(url, additional_headers=auth()) as ws:
+        [ready, *replayed] = await frames(ws, idle_s=1)
+    assert ready["event"] == "ready"
+    ids = [f["id"] for f in replayed]
+    assert ids[:3] == [f"tok:{r1}:1:2", f"run:{r1}:1:cancelled", f"msg:{second.message_id}"], ids
+    assert ids.count(f"run:{r1}:1:cancelled") == 1
 
 
 BAD_TOKENS = {

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from services.gateway import core as gw
@@ -319,7 +320,8 @@ def test_a_token_that_arrives_after_its_runs_cancel_is_not_sent() -> None:
 @pytest.mark.parametrize("stored", ["running", "cancelled"])
 def test_a_reconnected_client_gets_no_token_of_a_run_it_saw_end(stored: str) -> None:
     # From the cancel it saw (the database may still say running), or from after the run's
-    # block: a late token of the run is not news.
+    # block: a late token of the run is not news. These runs are the database's alone; the
+    # replay folds in policy's verdicts first (``with_verdicts``, below), which have the cancel.
     messages = [msg(U1, "user", "hi"), msg(U2, "user", "next")]
     runs = [run(R1, stored), run(R2, "running")]
     events = gw.timeline(CID, messages, runs, [tok(R1, 1, 1, "a")])
@@ -391,3 +393,112 @@ def test_a_client_at_a_token_the_replay_no_longer_has_still_gets_the_end(status:
     events = gw.timeline(CID, messages, runs, [tok(R1, 1, 6, "f"), tok(R1, 1, 7, "g")])
     missed = gw.resume(events, gw.parse_event_id(f"tok:{R1}:1:2"), runs)
     assert [e[1] for e in missed] == [f"tok:{R1}:1:6", f"tok:{R1}:1:7", f"run:{R1}:1:{status}"]
+
+
+def verdict(
+    run_id: str, status: str, attempt: int = 1, model: str = "m", verdict: str = "approve"
+) -> m.RunVerdict:
+    return m.RunVerdict(event_id=f"{run_id}:{attempt}:{status}", message_id=run_id[4:],
+                        conversation_id=CID, project_id="p", run_id=run_id, user_id="u",
+                        verdict=verdict, status=status, reason="", model=model,  # type: ignore[arg-type]
+                        attempt=attempt)  # fmt: skip
+
+
+def _states(runs: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    return [(r["run_id"], r["status"], r["attempts"]) for r in runs]
+
+
+@pytest.mark.parametrize(
+    ("stored", "verdicts", "shown"),
+    [
+        # The persister has not stored the cancel, or the retry, that live clients were pushed.
+        ([run(R1, "running")], [verdict(R1, "running"), verdict(R1, "cancelled")],
+         [(R1, "cancelled", 1)]),
+        ([run(R1, "running")], [verdict(R1, "running", 2)], [(R1, "running", 2)]),
+        ([run(R1, "queued", 0)], [verdict(R1, "running"), verdict(R1, "requires_action")],
+         [(R1, "requires_action", 1)]),
+        # An equal rank below the terminal ones moves either way, by the later verdict.
+        ([run(R1, "requires_action")], [verdict(R1, "running")], [(R1, "running", 1)]),
+        # A terminal status is never replaced, whatever order the verdicts were stored in.
+        ([run(R1, "running")], [verdict(R1, "cancelled"), verdict(R1, "running")],
+         [(R1, "cancelled", 1)]),
+        # A run stored as ended is left as stored.
+        ([run(R1, "cancelled")], [verdict(R1, "running", 2)], [(R1, "cancelled", 1)]),
+        # Verdicts the database already holds change nothing; the runs keep their order.
+        ([run(R1, "running"), run(R2, "queued", 0)], [verdict(R1, "running")],
+         [(R1, "running", 1), (R2, "queued", 0)]),
+        # No row yet: the run is made from its verdicts, after the stored ones.
+        ([], [verdict(R1, "queued", 0), verdict(R1, "cancelled", 0)], [(R1, "cancelled", 0)]),
+        ([run(R2, "running")], [verdict(R1, "running")], [(R2, "running", 1), (R1, "running", 1)]),
+    ],
+    ids=["cancel", "retry", "requires-action", "equal-rank", "terminal-first", "stored-end",
+         "nothing-new", "no-row", "no-row-after-stored"],
+)  # fmt: skip
+def test_a_replay_shows_the_runs_as_policy_last_published_them(
+    stored: list[dict[str, Any]], verdicts: list[m.RunVerdict], shown: list[Any]
+) -> None:
+    messages = [msg(U1, "user", "hi"), msg(U2, "user", "next")]
+    assert _states(gw.with_verdicts(stored, messages, verdicts)) == shown
+
+
+def test_a_verdict_of_a_message_the_replay_did_not_read_makes_no_run() -> None:
+    # The messages were read before the verdicts: a run of a message not among them (accepted
+    # since, or someone else's message with this id) is not made up.
+    assert gw.with_verdicts([], [msg(U2, "user", "next")], [verdict(R1, "running")]) == []
+    other = m.RunVerdict(**{**msgspec.structs.asdict(verdict(R1, "running")), "message_id": U2})
+    assert gw.with_verdicts([], [msg(U1, "user", "hi")], [other]) == []
+
+
+def test_the_verdict_fields_come_from_the_newest_verdict() -> None:
+    [r] = gw.with_verdicts(
+        [run(R1, "running")],
+        [msg(U1, "user", "hi")],
+        [verdict(R1, "cancelled", model="", verdict="stop")],
+    )
+    assert (r["status"], r["verdict"], r["model"]) == ("cancelled", "stop", "m")
+    # An older verdict than the stored one brings nothing of its own.
+    [r] = gw.with_verdicts(
+        [run(R1, "running", attempts=2)], [msg(U1, "user", "hi")], [verdict(R1, "running", 1, "x")]
+    )
+    assert (r["attempts"], r["model"]) == (2, "m")
+
+
+def test_verdicts_are_read_only_while_a_run_is_not_stored_as_ended() -> None:
+    later = NOW + timedelta(minutes=1)
+    messages = [msg(U1, "user", "hi"), {**msg(U2, "user", "next"), "created_at": later}]
+    ended = [
+        {**run(R1, "completed"), "created_at": NOW},
+        {**run(R2, "cancelled"), "created_at": later},
+    ]
+    assert gw.verdicts_since(ended, messages, later) is None
+    # A run in flight, or a message with no run stored yet: from when it started.
+    flying = [ended[0], {**ended[1], "status": "running"}]
+    assert gw.verdicts_since(flying, messages, later) == later
+    assert gw.verdicts_since(ended[:1], messages, later) == later
+    assert gw.verdicts_since([], messages, later) == NOW
+    # But never from further back than the persister's lag allows for.
+    assert gw.verdicts_since([], messages, NOW + timedelta(hours=1), lag_s=60) == (
+        NOW + timedelta(minutes=59)
+    )
+
+
+def test_a_client_past_a_cancelled_run_gets_no_late_token_before_the_cancel_is_stored() -> None:
+    # The client was pushed R1's cancel, then U2; it reconnects from U2 while the database still
+    # says R1 is running. The executor streams on until the abort reaches it: a late token of R1
+    # arrives. Had it gone out, the client's last event would be a token after the cancel, and
+    # its next resume would send the cancel and everything after it again.
+    messages = [msg(U1, "user", "hi"), msg(U2, "user", "next")]
+    stored = [run(R1, "running"), run(R2, "running")]
+    shown = gw.with_verdicts(stored, messages, [verdict(R1, "running"), verdict(R1, "cancelled")])
+    events = gw.timeline(CID, messages, shown, [tok(R1, 1, 1, "a")])
+    pos = gw.parse_event_id(f"msg:{U2}")
+    missed = gw.resume(events, pos, shown)
+    ended = gw.ended_runs(events, pos)
+    assert R1 in ended
+    live = gw.LiveFilter(missed, 0, gw.seen_before(events, missed, pos), ended)
+    late = ("token", f"tok:{R1}:1:2", {"run_id": R1, "attempt": 1, "seq": 2, "text": "b"})
+    fresh = ("token", f"tok:{R2}:1:1", {"run_id": R2, "attempt": 1, "seq": 1, "text": "x"})
+    assert [e[1] for e in _deliver(live, [late, fresh])] == [fresh[1]]
+    # From the cancel's last token instead: the cancel, once, then what followed it.
+    missed = gw.resume(events, gw.parse_event_id(f"tok:{R1}:1:1"), shown)
+    assert [e[1] for e in missed][:2] == [f"run:{R1}:1:cancelled", f"msg:{U2}"]
