@@ -150,6 +150,18 @@ def tables(r: Result) -> str:
                 rows,
             )
         )
+    if r.get("replay"):
+        rp = r["replay"]
+        rows = [
+            [c["case"], c["events"], c["p50_ms"], c["p99_ms"], c["max_ms"]] for c in rp["cases"]
+        ]
+        parts.append(
+            _table(
+                f"replay ({rp['requests_per_case']} sequential SSE resumes per shape)",
+                ["conversation", "events", "p50 ms", "p99 ms", "max ms"],
+                rows,
+            )
+        )
     for label, tops in _profiles(r):
         for name, top in tops.items():
             rows = [[share, fn] for fn, share in top[:10]]

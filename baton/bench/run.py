@@ -18,10 +18,11 @@ from baton.bench.paging import paging
 from baton.bench.peers import broker, database
 from baton.bench.pipeline import pipeline_run, purge
 from baton.bench.profile import Profiler
+from baton.bench.replay import replay
 from baton.bench.report import ratios, tables
 from baton.offline_model import ModelSettings
 
-SCENARIOS = ("accept", "pipeline", "cost", "fanout", "peers", "paging")
+SCENARIOS = ("accept", "pipeline", "cost", "fanout", "peers", "paging", "replay")
 Result = dict[str, Any]
 
 
@@ -62,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--paging-requests", type=int, default=300, help="paging: requests per page shape"
     )
+    p.add_argument("--replay-requests", type=int, default=300, help="replay: SSE resumes per shape")
     p.add_argument(
         "--paging-messages",
         type=int,
@@ -120,6 +122,11 @@ def run(args: argparse.Namespace) -> Result:
             result["paging"] = paging(
                 st, big_messages=n, big_conversations=n // 10, requests=args.paging_requests
             )
+            st.stop_services()
+        if "replay" in chosen:
+            st.start_services(["gateway"], _env(args))
+            say(f"replay: {args.replay_requests} SSE resumes of each shape (gateway alone)")
+            result["replay"] = replay(st, requests=args.replay_requests)
             st.stop_services()
         if peers:
             say("peers: the usual design, the broker's and the database's ceilings")

@@ -34,7 +34,7 @@ def test_every_scenario_reports_sane_numbers_without_errors() -> None:
         *("--duration", "1", "--concurrency", "4", "--rate", "20", "--realistic-rate", "10"),
         *("--light-rate", "5"),
         *("--ttft-ms", "20", "--tokens-per-second", "400", "--ttft-samples", "2"),
-        *("--fanout-clients", "3", "--fanout-hz", "5"),
+        *("--fanout-clients", "3", "--fanout-hz", "5", "--replay-requests", "3"),
         # The Python generator reports every status (wrk only non-2xx/3xx; its driver has tests
         # of its own in tests/unit/test_bench_wrk.py).
         *("--loadgen", "python"),
@@ -71,6 +71,11 @@ def test_every_scenario_reports_sane_numbers_without_errors() -> None:
     (fan,) = r["fanout"]
     assert fan["clients"] == 3 and fan["sent"] > 0 and fan["delivered"] == fan["sent"]
     assert fan["latency"]["p50_ms"] > 0
+
+    # Both shapes of the replay: the same 119 missed events, each resume timed.
+    shapes = r["replay"]["cases"]
+    assert [c["case"].split(":")[0] for c in shapes] == ["settled", "in flight"]
+    assert all(c["events"] == 119 and 0 < c["p50_ms"] <= c["max_ms"] for c in shapes), shapes
 
     assert r["ratios"]["accept_vs_usual"] > 0 and r["ratios"]["accept_vs_broker_concurrent"] > 0
 
