@@ -72,7 +72,7 @@ def _answer(e: m.UserMessageAccepted, text: str) -> m.ExecResult:
         message_id=e.message_id,
         conversation_id=e.conversation_id,
         project_id=PROJECT,
-        task_id=f"task:{rid}:1",
+        task_id=vocab.task_id(rid, 1),
         call_id=f"call:{rid}:1",
         run_id=rid,
         attempt=1,
@@ -151,7 +151,8 @@ def _latency(samples: list[float]) -> Result:
 
 def replay(st: Stack, requests: int = 300, exchanges: int = 20, tokens: int = 100) -> Result:
     """Each shape's replay ``requests`` times (sequential, the shapes in turn, after 20 rounds
-    of warm-up), on one keep-alive connection."""
+    of warm-up). Each resume is a connection of its own: leaving an SSE stream before it ends
+    closes it, as a client that reconnects does."""
     cases = {
         "settled": asyncio.run(seed(st, exchanges, tokens, in_flight=False)),
         "in flight": asyncio.run(seed(st, exchanges, tokens, in_flight=True)),

@@ -600,12 +600,16 @@ class VerdictLog:
 
     async def since(
         self, project: str, conversation_id: str, since: datetime, slack_s: float = 30.0
-    ) -> list[m.RunVerdict]:
+    ) -> list[m.RunVerdict] | None:
         """The conversation's verdicts stored from ``since`` - ``slack_s`` on (a run's verdicts
-        all come after its message was accepted), in stream order. Raises what the bus
-        raises; a message that does not decode is skipped."""
+        all come after its message was accepted), in stream order; None if there are more than
+        the reader's limit (the read stops at the oldest ones, and the newest are the ones a
+        replay needs: it then shows the runs as stored). Raises what the bus raises; a
+        message that does not decode is skipped."""
         start = since - timedelta(seconds=slack_s)
         got = await self.reader.scan(subjects.policy_verdict(project, conversation_id), start)
+        if len(got) >= self.reader.limit:
+            return None
         return [v for v, _ in _decoded(got, _verdict)]
 
 

@@ -779,17 +779,20 @@ def verdicts_since(
     now: datetime,
     lag_s: float = VERDICT_LAG_S,
 ) -> datetime | None:
-    """From when a replay reads the conversation's verdicts back from POLICY: the start of the
-    earliest run the database does not hold as ended (in flight, or a user message with no
-    run stored yet), but no earlier than ``lag_s`` ago. None: every run is stored as ended,
-    and nothing policy published about them can be newer than what is stored."""
+    """From when a replay reads the conversation's verdicts back from POLICY: when the user
+    message of the earliest run the database does not hold as ended (in flight, or no run
+    stored yet) was accepted, but no earlier than ``lag_s`` ago. A run's verdicts all come
+    after its message was accepted; its row's own time is when the persister stored it, which
+    lags its first verdict by what this read is for. None: every run is stored as ended, and
+    nothing policy published about them can be newer than what is stored."""
+    accepted = {run_id_of(x["id"]): x["created_at"] for x in messages if x["role"] == "user"}
     stored = {r["run_id"] for r in runs}
-    times = [r["created_at"] for r in runs if r["status"] not in vocab.TERMINAL]
-    times += [
-        x["created_at"]
-        for x in messages
-        if x["role"] == "user" and run_id_of(x["id"]) not in stored
+    times = [
+        accepted.get(r["run_id"], r["created_at"])
+        for r in runs
+        if r["status"] not in vocab.TERMINAL
     ]
+    times += [at for run_id, at in accepted.items() if run_id not in stored]
     started: list[datetime] = [t for t in times if isinstance(t, datetime)]
     if not started:
         return None
@@ -805,7 +808,10 @@ def with_verdicts(
     published (``verdicts``: POLICY's, in stream order), by its own rules: a status moves only
     forward by rank and a terminal one is never replaced (an equal rank below them, by the
     later); attempts only grow; verdict, reason and model come from the newest verdict by
-    (rank, attempt). The database lags the verdicts live clients were pushed, so a replay that
+    (rank, attempt) (the persister compares with the verdict it stored those from; the fold,
+    with the row's status and attempts: they differ only in the ``run.status`` details of a run
+    retried past its last verdict's attempt), and a run with no model takes the first one
+    named. The database lags the verdicts live clients were pushed, so a replay that
     showed only what it holds would show a run behind them: a cancel or a retry a client has
     had, or a run it has not stored at all. Such a run (no row yet, its user message among
     ``messages``) is made from its verdicts. A run stored as ended is left as stored."""
@@ -840,6 +846,8 @@ def with_verdicts(
             moved |= {"verdict": v.verdict, "reason": v.reason}
             if v.model:
                 moved["model"] = v.model
+        if v.model and not run["model"]:
+            moved.setdefault("model", v.model)
         if v.attempt > run["attempts"]:
             moved["attempts"] = v.attempt
         if moved:

@@ -759,11 +759,11 @@ class Api:
         since = core.verdicts_since(runs, messages, datetime.now(UTC))
         try:
             shown = runs
-            if since is not None:
-                verdicts = await self.verdicts.since(p.project, cid, since)
+            verdicts = None if since is None else await self.verdicts.since(p.project, cid, since)
+            if verdicts is not None:
                 shown = core.with_verdicts(runs, messages, verdicts)
             timed = await self.tokens.deltas_at(p.project, cid)
-            items = await self._tool_items(p, cid, runs)
+            items = await self._tool_items(p, cid, shown)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             raise _broker_unavailable() from exc
         deltas = [d for d, _ in timed]

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from baton.devtoken import make_token
 from baton.embedded import free_port
-from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog
+from services.gateway.adapters import Hub, Publisher, ReadModel, TokenLog, VerdictLog
 from services.gateway.config import Settings
 from services.gateway.handlers import Api
 from services.gateway.main import asgi
@@ -269,11 +269,28 @@ async def test_a_client_past_a_cancel_the_database_has_not_stored_gets_no_late_t
     # cancel, read from POLICY, once, then the second message.
     url = f"{gateway.ws(first.conversation_id)}?last_event_id=tok:{r1}:1:1"
     async with connect(url, additional_headers=auth()) as ws:
-        [ready, *replayed] = await frames(ws, idle_s=1)
-    assert ready["event"] == "ready"
+        [ready] = await frames(ws, until="ready")
+        replayed = [json.loads(await ws.recv()) for _ in range(ready["data"]["replayed"])]
     ids = [f["id"] for f in replayed]
     assert ids[:3] == [f"tok:{r1}:1:2", f"run:{r1}:1:cancelled", f"msg:{second.message_id}"], ids
     assert ids.count(f"run:{r1}:1:cancelled") == 1
+
+
+async def test_a_verdict_read_past_its_limit_folds_nothing(gateway: Gateway) -> None:
+    # The read stops at the oldest verdicts, and the newest are the ones a replay needs: one
+    # that reached the limit is not used (the runs are shown as stored).
+    e = await stored(gateway)
+    for status in ("queued", "running", "cancelled"):
+        v = run_verdict(e, status, 0 if status == "queued" else 1)
+        await gateway.bus.publish(
+            subjects.policy_verdict("p1", e.conversation_id), v, msg_id=v.event_id
+        )
+    since = e.created_at
+    got = await VerdictLog(gateway.bus, limit=4).since("p1", e.conversation_id, since)
+    assert got is not None and [v.status for v in got] == ["queued", "running", "cancelled"]
+    assert await VerdictLog(gateway.bus, limit=3).since("p1", e.conversation_id, since) is None
+    # Another conversation's verdicts are not read.
+    assert await VerdictLog(gateway.bus).since("p1", str(uuid.uuid4()), since) == []
 
 
 BAD_TOKENS = {

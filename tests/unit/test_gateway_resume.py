@@ -461,21 +461,33 @@ def test_the_verdict_fields_come_from_the_newest_verdict() -> None:
         [run(R1, "running", attempts=2)], [msg(U1, "user", "hi")], [verdict(R1, "running", 1, "x")]
     )
     assert (r["attempts"], r["model"]) == (2, "m")
+    # A run with no model yet takes the first one named, newer verdict or not.
+    [r] = gw.with_verdicts(
+        [{**run(R1, "running", attempts=2), "model": ""}],
+        [msg(U1, "user", "hi")],
+        [verdict(R1, "running", 1, "x"), verdict(R1, "running", 1, "y")],
+    )
+    assert r["model"] == "x"
 
 
 def test_verdicts_are_read_only_while_a_run_is_not_stored_as_ended() -> None:
     later = NOW + timedelta(minutes=1)
     messages = [msg(U1, "user", "hi"), {**msg(U2, "user", "next"), "created_at": later}]
-    ended = [
-        {**run(R1, "completed"), "created_at": NOW},
-        {**run(R2, "cancelled"), "created_at": later},
+    # Each row stored a while after its message was accepted (the persister lags the verdicts).
+    rows = [
+        {**run(R1, "completed"), "created_at": NOW + timedelta(seconds=90)},
+        {**run(R2, "cancelled"), "created_at": later + timedelta(seconds=90)},
     ]
-    assert gw.verdicts_since(ended, messages, later) is None
-    # A run in flight, or a message with no run stored yet: from when it started.
-    flying = [ended[0], {**ended[1], "status": "running"}]
-    assert gw.verdicts_since(flying, messages, later) == later
-    assert gw.verdicts_since(ended[:1], messages, later) == later
-    assert gw.verdicts_since([], messages, later) == NOW
+    at = later + timedelta(minutes=5)
+    assert gw.verdicts_since(rows, messages, at) is None
+    # A run in flight, or a message with no run stored yet: from when its message was
+    # accepted (its first verdict came after that, and before its row was stored).
+    flying = [rows[0], {**rows[1], "status": "running"}]
+    assert gw.verdicts_since(flying, messages, at) == later
+    assert gw.verdicts_since(rows[:1], messages, at) == later
+    assert gw.verdicts_since([], messages, at) == NOW
+    # A row whose message the replay did not read: the row's own time.
+    assert gw.verdicts_since(flying, messages[:1], at) == later + timedelta(seconds=90)
     # But never from further back than the persister's lag allows for.
     assert gw.verdicts_since([], messages, NOW + timedelta(hours=1), lag_s=60) == (
         NOW + timedelta(minutes=59)
