@@ -835,6 +835,7 @@ def with_verdicts(
                 "attempts": 0,
                 "created_at": msg["created_at"],
             }
+            out[v.run_id] = run
             order.append(v.run_id)
         elif v.run_id in ended:
             continue
