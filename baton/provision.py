@@ -99,7 +99,11 @@ def consumer_config(spec: subjects.ConsumerSpec, ack_wait_s: float | None = None
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s or spec.ack_wait_s,
-        max_deliver=spec.max_deliver,
+        # No bound at the server: one that ran out on a delivery whose process died (no ack,
+        # nak or dead letter from it) would drop the message without a trace. The consumer
+        # keeps ``spec.max_deliver`` itself and dead-letters the delivery past it
+        # (``shared.bus.Consumer``, ``Exhausted``).
+        max_deliver=-1,
         max_ack_pending=spec.max_ack_pending,
     )
 

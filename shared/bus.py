@@ -22,7 +22,7 @@ from opentelemetry import trace
 from shared import messages, requests, tracing
 from shared.acks import Acks
 from shared.config import BaseSettings, nats_servers
-from shared.errors import BadData, Deferred, DependencyDown, SchemaError, Transient
+from shared.errors import BadData, Deferred, DependencyDown, Exhausted, SchemaError, Transient
 from shared.metrics import ServiceMetrics
 from shared.subjects import ConsumerSpec, dead_letter, inbox_prefix
 
@@ -366,7 +366,9 @@ class Consumer(Generic[T]):
     Outcomes: the handler returns → ack; ``BadData`` (or an undecodable payload) → the
     message is copied into the dead-letter stream with its reason and terminated;
     ``Transient`` → nak with a bounded backoff; anything else is a bug → logged, nak, and
-    after ``max_deliver`` deliveries it is dead-lettered rather than silently dropped.
+    after ``max_deliver`` deliveries it is dead-lettered rather than silently dropped. A
+    delivery past ``max_deliver`` (every allowed one died with its process) is dead-lettered
+    without being handled (``Exhausted``).
     """
 
     def __init__(
@@ -520,6 +522,16 @@ class Consumer(Generic[T]):
         ) as span:
             ids["trace_id"] = tracing.current_trace_id()
             try:
+                if delivered > self.spec.max_deliver:
+                    # The server redelivers without bound (``provision.consumer_config``); the
+                    # bound is kept here, where a delivery past it can still be dead-lettered.
+                    # Only a message whose every allowed delivery died with its process gets
+                    # here (a handled failure is dead-lettered on the last one); the broker,
+                    # bounding it, dropped such a message without a trace.
+                    raise Exhausted(
+                        f"delivered {delivered} times without an outcome: the process handling "
+                        "each delivery died or lost it before it could answer"
+                    )
                 try:
                     event = self.decoder.decode(msg.data)
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -30,6 +30,11 @@ class SchemaError(BadData):
     """The payload does not decode into the schema this consumer expects."""
 
 
+class Exhausted(BadData):
+    """The message came back more often than its consumer's ``max_deliver`` without an outcome:
+    each delivery's process died (or lost it) before it could ack, nak or dead-letter it."""
+
+
 class Transient(BatonError):
     """The message is fine but something it needs is not available now."""
 
