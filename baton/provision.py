@@ -92,6 +92,10 @@ def stream_config(
     )
 
 
+# How many deliveries the server allows past a consumer's own bound (see consumer_config).
+SERVER_DELIVERIES_ABOVE = 10
+
+
 def consumer_config(spec: subjects.ConsumerSpec, ack_wait_s: float | None = None) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=spec.durable,
@@ -99,11 +103,13 @@ def consumer_config(spec: subjects.ConsumerSpec, ack_wait_s: float | None = None
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s or spec.ack_wait_s,
-        # No bound at the server: one that ran out on a delivery whose process died (no ack,
-        # nak or dead letter from it) would drop the message without a trace. The consumer
-        # keeps ``spec.max_deliver`` itself and dead-letters the delivery past it
-        # (``shared.bus.Consumer``, ``Exhausted``).
-        max_deliver=-1,
+        # The server's bound is above the consumer's: one that ran out on a delivery whose
+        # process died (no ack, nak or dead letter from it) dropped the message without a
+        # trace. The consumer keeps ``spec.max_deliver`` and dead-letters the delivery past it
+        # (``shared.bus.Consumer``, ``Exhausted``); the server's bound stays as a backstop
+        # (code without that check, during a rolling deploy) and leaves room to try again a
+        # dead letter that could not be written.
+        max_deliver=spec.max_deliver + SERVER_DELIVERIES_ABOVE,
         max_ack_pending=spec.max_ack_pending,
     )
 

@@ -522,16 +522,6 @@ class Consumer(Generic[T]):
         ) as span:
             ids["trace_id"] = tracing.current_trace_id()
             try:
-                if delivered > self.spec.max_deliver:
-                    # The server redelivers without bound (``provision.consumer_config``); the
-                    # bound is kept here, where a delivery past it can still be dead-lettered.
-                    # Only a message whose every allowed delivery died with its process gets
-                    # here (a handled failure is dead-lettered on the last one); the broker,
-                    # bounding it, dropped such a message without a trace.
-                    raise Exhausted(
-                        f"delivered {delivered} times without an outcome: the process handling "
-                        "each delivery died or lost it before it could answer"
-                    )
                 try:
                     event = self.decoder.decode(msg.data)
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -549,6 +539,18 @@ class Consumer(Generic[T]):
                     structlog.contextvars.bind_contextvars(request_id=rid)
                 if getattr(event, "v", 1) > messages.SCHEMA_VERSION:
                     raise SchemaError(f"unknown schema version {getattr(event, 'v', None)}")
+                if delivered > self.spec.max_deliver:
+                    # The server's bound is above the consumer's (``provision.consumer_config``):
+                    # the consumer's is kept here, where a delivery past it can still be
+                    # dead-lettered. Only a message whose every allowed delivery died with its
+                    # process gets here (a handled failure is dead-lettered on the last one), or
+                    # one whose dead letter could not be written then; with the bound at the
+                    # server, such a message was dropped without a trace.
+                    raise Exhausted(
+                        f"delivered {delivered} times without an outcome: the process handling "
+                        "each delivery died or lost it before it could answer, or the dead "
+                        "letter of the last one could not be written"
+                    )
                 outcome = await self.handler(event, msg)
                 # Fire-and-forget: a lost ack only means a redelivery, which every handler absorbs.
                 await msg.ack()
@@ -624,7 +626,10 @@ class Consumer(Generic[T]):
         except Exception as exc:
             # Without a copy in the dead-letter stream, terminating would lose the message.
             self.log.error("dead_letter_publish_failed", error=str(exc))
-            await msg.nak(delay=5.0)
+            try:
+                await msg.nak(delay=5.0)
+            except Exception as nak_exc:  # without the nak, ack_wait redelivers it anyway
+                self.log.warning("nak_failed", error=str(nak_exc))
             return
         self.bus.metrics.dead_letters.labels(self.spec.durable).inc()
         self.log.error("dead_lettered", reason=reason[:500], subject=msg.subject)

@@ -1,6 +1,6 @@
 """A message whose every allowed delivery died with its process is dead-lettered, not dropped.
 
-Before, the server kept each consumer's ``max_deliver``: a message whose last allowed delivery
+Before, the server's bound was each consumer's ``max_deliver``: a message whose last allowed delivery
 was held by a process that died (no ack, nak or dead letter from it) was never delivered
 again, and never reached the dead-letter stream either: gone without a trace. From the
 broker's side a process death is a delivery held, unanswered, until ``ack_wait`` passes; the
@@ -17,7 +17,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
-from baton.provision import consumer_config
+from baton.provision import SERVER_DELIVERIES_ABOVE, consumer_config
 from shared import messages as m
 from shared import subjects
 from shared.bus import Consumer, Pull
@@ -70,12 +70,15 @@ async def test_a_message_whose_every_delivery_died_is_dead_lettered_unhandled(
     assert handled == []
     assert letter.deliveries == 3 and letter.stream_seq == held[0].metadata.sequence.stream
     assert letter.reason.startswith("delivered 3 times without an outcome"), letter.reason
+    # The consumer's bound, not the server's, ended it: the server would have delivered more.
+    info = await bus.js.consumer_info(spec.stream, spec.durable)
+    assert info.config.max_deliver == 2 + SERVER_DELIVERIES_ABOVE
     assert msgspec.json.decode(letter.payload, type=m.UserMessageAccepted) == e
     await bus.js.delete_consumer(spec.stream, spec.durable)
     await bus.close()
 
 
-async def test_provisioning_lifts_the_servers_bound_from_an_existing_consumer(
+async def test_provisioning_raises_the_servers_bound_of_an_existing_consumer(
     infra: Infra,
 ) -> None:
     # A consumer provisioned by the code before (the bound at the server) is updated in place.
@@ -86,6 +89,7 @@ async def test_provisioning_lifts_the_servers_bound_from_an_existing_consumer(
     await bus.js.add_consumer(spec.stream, before)
     assert (await bus.js.consumer_info(spec.stream, spec.durable)).config.max_deliver == 20
     await bus.js.add_consumer(spec.stream, consumer_config(spec))
-    assert (await bus.js.consumer_info(spec.stream, spec.durable)).config.max_deliver == -1
+    info = await bus.js.consumer_info(spec.stream, spec.durable)
+    assert info.config.max_deliver == 20 + SERVER_DELIVERIES_ABOVE
     await bus.js.delete_consumer(spec.stream, spec.durable)
     await bus.close()
