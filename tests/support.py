@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
 from shared import messages as m
+from shared import runs as vocab
 from shared.bus import Bus, Consumer
 from shared.config import BaseSettings
 from shared.metrics import ServiceMetrics
@@ -201,4 +202,23 @@ def exec_result(
         text=text,
         usage=usage or m.Usage(input_tokens=1000, output_tokens=500),
         prices=SONNET_PRICES,
+    )
+
+
+def run_verdict(
+    e: m.UserMessageAccepted, status: str, attempt: int = 1, verdict: str = "approve"
+) -> m.RunVerdict:
+    """Policy's verdict on the run of ``e``, as it publishes it on policy.verdict."""
+    rid = vocab.run_id(e.message_id)
+    return m.RunVerdict(
+        event_id=vocab.verdict_id(rid, attempt, status),
+        message_id=e.message_id,
+        conversation_id=e.conversation_id,
+        project_id=e.project_id,
+        run_id=rid,
+        user_id=e.user_id,
+        verdict=verdict,  # type: ignore[arg-type]
+        status=status,  # type: ignore[arg-type]
+        reason="",
+        attempt=attempt,
     )

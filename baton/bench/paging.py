@@ -123,7 +123,7 @@ async def seed(dsn: str, big_messages: int, big_conversations: int, small: int) 
     }
 
 
-def _latency(samples: list[float]) -> Result:
+def latency(samples: list[float]) -> Result:
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return {
@@ -151,7 +151,7 @@ def _http_rounds(
                 samples[k].append(elapsed)
             body = r.json()
             sizes[k] = len(body.get("messages", body.get("conversations", [])))
-    return [(_latency(s), n) for s, n in zip(samples, sizes, strict=True)]
+    return [(latency(s), n) for s, n in zip(samples, sizes, strict=True)]
 
 
 async def _db(dsn: str, sql: str, args: tuple[Any, ...], runs: int) -> Result:
@@ -168,7 +168,7 @@ async def _db(dsn: str, sql: str, args: tuple[Any, ...], runs: int) -> Result:
             plan = _index_of(parsed[0]["Plan"]) or str(parsed[0]["Plan"]["Node Type"])
     finally:
         await con.close()
-    return {**_latency(times), "index": plan}
+    return {**latency(times), "index": plan}
 
 
 def _index_of(node: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ persister's own statements and the streams as the services publish to them.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 import uuid
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ import msgspec
 import nats
 
 from baton import devtoken, permissions
+from baton.bench.paging import latency
 from baton.bench.stack import SECRET, Stack
 from services.persister.adapters import Store
 from services.persister.core import assistant_message_id
@@ -139,16 +139,6 @@ def _replay_once(client: httpx.Client, token: str, case: Result) -> tuple[float,
     raise RuntimeError(f"replay ended before {case['last']}")
 
 
-def _latency(samples: list[float]) -> Result:
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return {
-        "p50_ms": round(statistics.median(ordered) * 1000, 2),
-        "p99_ms": round(p99 * 1000, 2),
-        "max_ms": round(ordered[-1] * 1000, 2),
-    }
-
-
 def replay(st: Stack, requests: int = 300, exchanges: int = 20, tokens: int = 100) -> Result:
     """Each shape's replay ``requests`` times (sequential, the shapes in turn, after 20 rounds
     of warm-up). Each resume is a connection of its own: leaving an SSE stream before it ends
@@ -170,7 +160,7 @@ def replay(st: Stack, requests: int = 300, exchanges: int = 20, tokens: int = 10
         "requests_per_case": requests,
         "cases": [
             {"case": f"{name}: {exchanges} exchanges, from the middle", "events": sizes[name]}
-            | _latency(samples[name])
+            | latency(samples[name])
             for name in cases
         ],
     }

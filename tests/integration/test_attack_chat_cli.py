@@ -28,10 +28,9 @@ from tests.integration.test_gateway_tools import (
     http,
     persist_result,
     result,
-    verdict,
 )
 from tests.integration.test_gateway_ws import Gateway, _serve, auth
-from tests.support import decode_all, read_subject
+from tests.support import decode_all, read_subject, run_verdict
 
 # Conceal all that follows (the next approval's arguments), move up and erase a line, CSI in
 # its 8-bit form, a carriage return that writes over the line.
@@ -54,7 +53,7 @@ async def test_tool_output_and_model_text_cannot_drive_the_terminal(gateway: Gat
         m.UserMessageAccepted,
     )
     await Store(gateway.pool).insert_user_message(accepted)
-    await Store(gateway.pool).upsert_run(verdict(accepted, "requires_action"))
+    await Store(gateway.pool).upsert_run(run_verdict(accepted, "requires_action"))
     run = Run(accepted)
     await ask(gateway, run)
     await decisions(gateway.bus, 1)

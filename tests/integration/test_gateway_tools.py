@@ -31,7 +31,7 @@ from shared import subjects
 from shared.bus import Bus
 from tests.integration.conftest import Infra
 from tests.integration.test_gateway_ws import Gateway, _serve, auth, frames, publish_tokens
-from tests.support import decode_all, eventually, read_subject, user_event
+from tests.support import decode_all, eventually, read_subject, run_verdict, user_event
 
 ARGS = {"title": "call John", "due": "tomorrow"}
 
@@ -66,24 +66,8 @@ async def a_run(g: Gateway, status: str = "requires_action", project: str = "p1"
     e = user_event(project=project)
     store = Store(g.pool)
     await store.insert_user_message(e)
-    await store.upsert_run(verdict(e, status))
+    await store.upsert_run(run_verdict(e, status))
     return Run(e)
-
-
-def verdict(e: m.UserMessageAccepted, status: str, attempt: int = 1) -> m.RunVerdict:
-    rid = vocab.run_id(e.message_id)
-    return m.RunVerdict(
-        event_id=vocab.verdict_id(rid, attempt, status),
-        message_id=e.message_id,
-        conversation_id=e.conversation_id,
-        project_id=e.project_id,
-        run_id=rid,
-        user_id=e.user_id,
-        verdict="approve",
-        status=status,  # type: ignore[arg-type]
-        reason="",
-        attempt=attempt,
-    )
 
 
 async def ask(
@@ -492,7 +476,7 @@ async def test_sse_carries_requires_action_tool_requested_and_tool_result(
     await eventually(lambda: _watching(gateway, run), timeout=10)
     await gateway.bus.publish(
         subjects.policy_verdict("p1", run.cid),
-        verdict(run.e, "requires_action"),
+        run_verdict(run.e, "requires_action"),
         msg_id=str(uuid.uuid4()),
     )
     req = await ask(gateway, run)
@@ -546,7 +530,7 @@ async def test_a_resume_replays_the_tool_events_it_missed_without_gap_or_repeat(
     await persist_result(gateway, run, result(run, "toolu_a"))
     await persist_result(gateway, run, result(run, "toolu_b", "second task"))
     # Round 1: the next attempt.
-    await Store(gateway.pool).upsert_run(verdict(run.e, "running", attempt=2))
+    await Store(gateway.pool).upsert_run(run_verdict(run.e, "running", attempt=2))
     await tokens(gateway, run, 2, 2, "then")
     full = await sse(gateway, run.cid, "", last_id="unknown", idle_s=1.5)
     ids = [i for _, i, _ in full]
@@ -636,7 +620,7 @@ async def test_baton_chat_shows_a_pending_call_and_sends_the_answer(
         m.UserMessageAccepted,
     )
     await Store(gateway.pool).insert_user_message(accepted)
-    await Store(gateway.pool).upsert_run(verdict(accepted, "requires_action"))
+    await Store(gateway.pool).upsert_run(run_verdict(accepted, "requires_action"))
     run = Run(accepted)
     await ask(gateway, run)
     [d] = await decisions(gateway.bus, 1)

@@ -32,7 +32,7 @@ from shared.bus import Bus
 from shared.db import create_pool
 from shared.metrics import ServiceMetrics
 from tests.integration.conftest import Infra
-from tests.support import connect_bus, service_metrics, user_event
+from tests.support import connect_bus, run_verdict, service_metrics, user_event
 
 SECRET = "test-secret-" + "x" * 32
 
@@ -212,22 +212,6 @@ async def test_resume_and_live_events_overlap_without_a_gap_or_a_duplicate(
     assert [f["data"]["seq"] for f in got[1:]] == list(range(2, 40))
 
 
-def run_verdict(e: m.UserMessageAccepted, status: str, attempt: int = 1) -> m.RunVerdict:
-    rid = vocab.run_id(e.message_id)
-    return m.RunVerdict(
-        event_id=vocab.verdict_id(rid, attempt, status),
-        message_id=e.message_id,
-        conversation_id=e.conversation_id,
-        project_id=e.project_id,
-        run_id=rid,
-        user_id=e.user_id,
-        verdict="approve" if status != "cancelled" else "stop",
-        status=status,  # type: ignore[arg-type]
-        reason="",
-        attempt=attempt,
-    )
-
-
 async def test_a_client_past_a_cancel_the_database_has_not_stored_gets_no_late_token(
     gateway: Gateway,
 ) -> None:
@@ -244,7 +228,7 @@ async def test_a_client_past_a_cancel_the_database_has_not_stored_gets_no_late_t
     for e in (first, second):
         await store.upsert_run(run_verdict(e, "running"))
     await publish_tokens(gateway.bus, first, 1)
-    cancel = run_verdict(first, "cancelled")
+    cancel = run_verdict(first, "cancelled", verdict="stop")
     await gateway.bus.publish(
         subjects.policy_verdict("p1", first.conversation_id), cancel, msg_id=cancel.event_id
     )
