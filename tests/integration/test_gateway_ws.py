@@ -235,7 +235,7 @@ async def test_a_client_past_a_cancel_the_database_has_not_stored_gets_no_late_t
     r1, r2 = vocab.run_id(first.message_id), vocab.run_id(second.message_id)
     url = f"{gateway.ws(first.conversation_id)}?last_event_id=msg:{second.message_id}"
     async with connect(url, additional_headers=auth()) as ws:
-        [ready] = await frames(ws, until="ready")
+        [ready] = await frames(ws, until="ready", idle_s=30)
         late = m.TokenDelta(
             conversation_id=first.conversation_id, run_id=r1, attempt=1, seq=2, text="late"
         )
@@ -247,13 +247,13 @@ async def test_a_client_past_a_cancel_the_database_has_not_stored_gets_no_late_t
                 subjects.token_stream("p1", first.conversation_id), delta, msg_id=str(uuid.uuid4())
             )
         # Both on one subject, the late one first: had it gone out, it would come first.
-        got = await frames(ws, until="token")
+        got = await frames(ws, until="token", idle_s=30)
     assert [f["id"] for f in got if f["event"] == "token"] == [f"tok:{r2}:1:1"]
     # From the first run's first token the replay has the run's stored tokens, then the
     # cancel, read from POLICY, once, then the second message.
     url = f"{gateway.ws(first.conversation_id)}?last_event_id=tok:{r1}:1:1"
     async with connect(url, additional_headers=auth()) as ws:
-        [ready] = await frames(ws, until="ready")
+        [ready] = await frames(ws, until="ready", idle_s=30)
         replayed = [json.loads(await ws.recv()) for _ in range(ready["data"]["replayed"])]
     ids = [f["id"] for f in replayed]
     assert ids[:3] == [f"tok:{r1}:1:2", f"run:{r1}:1:cancelled", f"msg:{second.message_id}"], ids
