@@ -105,16 +105,21 @@ async def test_a_publish_still_waiting_when_the_bus_closes_fails_instead_of_hang
         arrived.set()  # the request is out, and waits for a reply that never comes
 
     await listener.nc.subscribe("silent.subject", cb=silent)
-    await listener.nc.flush()
+    # Not one flush(): with one, CI's run of a877e68 met "no responders" and the request
+    # never arrived (see _server_has_subscriptions).
+    await _server_has_subscriptions(listener.nc)
+    heard = asyncio.create_task(arrived.wait())
     try:
         waiting = asyncio.create_task(
             bus.publish("silent.subject", user_event(), msg_id="m-2", timeout=60)
         )
-        await asyncio.wait_for(arrived.wait(), 10)
+        await asyncio.wait({waiting, heard}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert arrived.is_set(), waiting.exception() if waiting.done() else "no request in 30 s"
         await bus.close()
         with pytest.raises(nats.errors.ConnectionClosedError):
             await asyncio.wait_for(waiting, 10)
     finally:
+        heard.cancel()
         await listener.close()
 
 
