@@ -368,7 +368,8 @@ class Consumer(Generic[T]):
     ``Transient`` → nak with a bounded backoff; anything else is a bug → logged, nak, and
     after ``max_deliver`` deliveries it is dead-lettered rather than silently dropped. A
     delivery past ``max_deliver`` (every allowed one died with its process) is dead-lettered
-    without being handled (``Exhausted``).
+    without being handled (``Exhausted``), after ``on_exhausted`` if there is one: it bills
+    what the dead deliveries spent, best effort (its failure is logged, the letter still goes).
     """
 
     def __init__(
@@ -382,9 +383,11 @@ class Consumer(Generic[T]):
         concurrency: int = 16,
         ready: Callable[[], Awaitable[bool]] | None = None,
         on_dependency_down: Callable[[], None] | None = None,
+        on_exhausted: Callable[[T, Msg], Awaitable[None]] | None = None,
         lag_refresh_s: float = LAG_REFRESH_S,
     ) -> None:
         self.bus = bus
+        self.on_exhausted = on_exhausted
         self.lag_refresh_s = lag_refresh_s
         self.ready = ready
         self.on_dependency_down = on_dependency_down
@@ -546,6 +549,7 @@ class Consumer(Generic[T]):
                     # process gets here (a handled failure is dead-lettered on the last one), or
                     # one whose dead letter could not be written then; with the bound at the
                     # server, such a message was dropped without a trace.
+                    await self._exhausted(event, msg, ids)
                     raise Exhausted(
                         f"delivered {delivered} times without an outcome: the process handling "
                         "each delivery died or lost it before it could answer, or the dead "
@@ -594,6 +598,16 @@ class Consumer(Generic[T]):
         handled.inc()
         self._handle_seconds.observe(elapsed)
         self.log.info("handled", outcome=outcome, duration_ms=round(elapsed * 1000, 2), **ids)
+
+    async def _exhausted(self, event: T, msg: Msg, ids: dict[str, Any]) -> None:
+        """Run ``on_exhausted`` before the dead letter. Best effort, like the estimate a
+        redelivery makes: the message's dead letter never waits on its billing."""
+        if self.on_exhausted is None:
+            return
+        try:
+            await self.on_exhausted(event, msg)
+        except Exception as exc:
+            self.log.warning("exhausted_hook_failed", error=repr(exc), **ids)
 
     async def _nak_or_bury(self, msg: Msg, delay: float, reason: str) -> None:
         if msg.metadata.num_delivered >= self.spec.max_deliver:

@@ -84,6 +84,9 @@ class Consumes(msgspec.Struct, frozen=True):
     spec: ConsumerSpec
     schema: type[Any]
     handler: str  # the name of a method of the service's ``Handlers``
+    # A method run for a delivery past the consumer's bound, before its dead letter: what
+    # the dead deliveries spent is billed there (``Consumer(on_exhausted=...)``).
+    exhausted: str | None = None
 
 
 class Wiring(msgspec.Struct, frozen=True):
@@ -165,7 +168,14 @@ WIRING: dict[str, Wiring] = {
         purges_streams=subjects.CONTENT_STREAMS,
     ),
     "agent": Wiring(
-        consumes=(Consumes(AGENT_IN, messages.UserMessagePersisted, "user_message"),),
+        consumes=(
+            Consumes(
+                AGENT_IN,
+                messages.UserMessagePersisted,
+                "user_message",
+                exhausted="user_message_exhausted",
+            ),
+        ),
         publishes=(
             subjects.agent_decision(*_ANY),
             subjects.agent_usage(*_ANY),
@@ -243,5 +253,10 @@ def consumers(bus: Bus, service: str, handlers: object, **options: Any) -> list[
         handler = getattr(handlers, entry.handler, None)
         if not callable(handler):
             raise TypeError(f"{type(handlers).__name__} has no handler {entry.handler!r}")
-        built.append(Consumer(bus, entry.spec, entry.schema, handler, **options))
+        hook = None
+        if entry.exhausted is not None:
+            hook = getattr(handlers, entry.exhausted, None)
+            if not callable(hook):
+                raise TypeError(f"{type(handlers).__name__} has no handler {entry.exhausted!r}")
+        built.append(Consumer(bus, entry.spec, entry.schema, handler, on_exhausted=hook, **options))
     return built

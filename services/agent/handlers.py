@@ -85,6 +85,14 @@ class Handlers:
         )
         return "fallback" if reason else "classified"
 
+    async def user_message_exhausted(self, e: m.UserMessagePersisted, msg: Msg) -> None:
+        """A delivery past the bound: the message is dead-lettered unhandled, so no later
+        delivery would bill the calls its earlier agents died in. Bill them here, by estimate,
+        as a redelivery does (the call ids keep one row each)."""
+        delivery = msg.metadata.num_delivered or 1
+        for call in await self._unsettled(e, delivery):
+            await self._bill(e, call.call_id, estimate.AGENT_OUTCOME, call.usage, estimated=True)
+
     async def _bill(
         self,
         e: m.UserMessagePersisted,

@@ -14,6 +14,7 @@ import dataclasses
 import uuid
 
 import msgspec
+import pytest
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
@@ -35,8 +36,9 @@ def _spec(max_deliver: int) -> subjects.ConsumerSpec:
     )
 
 
+@pytest.mark.parametrize("hook", ["none", "bills", "fails"])
 async def test_a_message_whose_every_delivery_died_is_dead_lettered_unhandled(
-    infra: Infra,
+    infra: Infra, hook: str
 ) -> None:
     bus = await connect_bus(infra.nats_url)
     spec = _spec(max_deliver=2)
@@ -61,13 +63,29 @@ async def test_a_message_whose_every_delivery_died_is_dead_lettered_unhandled(
         handled.append(event)
         return "handled"
 
-    consumer = Consumer(bus, spec, m.UserMessageAccepted, handle)
+    exhausted: list[tuple[m.UserMessageAccepted, int]] = []
+
+    async def on_exhausted(event: m.UserMessageAccepted, msg: Msg) -> None:
+        # What the agent bills there (the calls its dead deliveries made); a failure to bill
+        # is logged and never holds the dead letter back.
+        exhausted.append((event, msg.metadata.num_delivered))
+        if hook == "fails":
+            raise TimeoutError("the bill could not be published")
+
+    consumer = Consumer(
+        bus,
+        spec,
+        m.UserMessageAccepted,
+        handle,
+        on_exhausted=None if hook == "none" else on_exhausted,
+    )
     async with running(consumer):
         [raw] = await read_subject(
             bus, subjects.STREAM_DLQ, subjects.dead_letter(spec.stream, spec.durable), 1, 30
         )
     letter = msgspec.json.decode(raw.data, type=m.DeadLetter)
     assert handled == []
+    assert exhausted == ([] if hook == "none" else [(e, 3)])
     assert letter.deliveries == 3 and letter.stream_seq == held[0].metadata.sequence.stream
     assert letter.reason.startswith("delivered 3 times without an outcome"), letter.reason
     # The consumer's bound, not the server's, ended it: the server would have delivered more.

@@ -323,3 +323,73 @@ async def test_an_exact_usage_that_comes_after_the_calls_estimate_replaces_it(
     _assert_exact(final, ledger, (first, second))
     assert totals["input_tokens"] == sum(r["input_tokens"] for r in final.values())
     assert totals["output_tokens"] == sum(r["output_tokens"] for r in final.values())
+
+
+async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dead_lettered(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    """The delivery past the bound is dead-lettered unhandled, and no delivery comes after it
+    to bill the call its agent died in: the consumer's exhausted hook bills it first."""
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    before = offline_model.update_settings()
+    offline_model.update_settings(tokens_per_second=2)
+    proc = _agent_process(infra, offline_model.url)
+    e, first, _ = _message("What is a dead letter?")
+    try:
+        async with _persister(infra) as bus:
+            await bus.publish(
+                subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id
+            )
+            record = await eventually(lambda: _record(bus, first), timeout=90)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            offline_model.update_settings(tokens_per_second=0)
+            # The agent as main.py wires it, with the bound at one delivery: the one the dead
+            # agent held was the message's last allowed delivery.
+            agent_bus = await connect_bus(infra.nats_url, "agent")
+            pool = await create_pool(infra.database_url)
+            client = model.client(offline_model.url, "test-key", 10.0)
+            settings = Settings()
+            h = AgentHandlers(
+                agent_bus,
+                History(pool),
+                Classifier(client, settings.model, settings.max_tokens),
+                settings,
+                service_metrics("agent"),
+            )
+            [consumer] = wiring.consumers(agent_bus, "agent", h)
+            consumer.spec = msgspec.structs.replace(consumer.spec, max_deliver=1)
+            try:
+                async with running(consumer):
+                    [raw] = await read_subject(
+                        bus,
+                        subjects.STREAM_DLQ,
+                        subjects.dead_letter(wiring.AGENT_IN.stream, wiring.AGENT_IN.durable),
+                        1,
+                        60,
+                    )
+                    [cut] = await _rows(infra.database_url, 1)
+            finally:
+                await agent_bus.close()
+                await pool.close()
+                await client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        offline_model.update_settings(tokens_per_second=before["tokens_per_second"])
+    letter = msgspec.json.decode(raw.data, type=m.DeadLetter)
+    assert letter.reason.startswith("delivered 2 times without an outcome"), letter.reason
+    assert msgspec.json.decode(letter.payload, type=m.UserMessagePersisted).message_id == (
+        e.message_id
+    )
+    ledger = offline_model.calls()
+    assert set(ledger) >= {first} and f"classify:{e.message_id}#2" not in ledger
+    assert (cut["call_id"], cut["estimated"], cut["outcome"]) == (
+        first,
+        True,
+        estimate.AGENT_OUTCOME,
+    )
+    assert _input(cut) == _served_input(ledger[first])
+    assert cut["output_tokens"] == record.usage.output_tokens <= ledger[first]["output_tokens"]
+    assert h.estimated._value.get() == 1
