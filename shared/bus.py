@@ -33,6 +33,9 @@ BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # How often each replica reads its consumer's backlog into the pending gauges (one request).
 LAG_REFRESH_S = 5.0
 STALL_S = 1.0  # publish_async: longest wait for a free slot in the unacked window
+# Consumer(on_exhausted=...): longest a delivery past the bound waits for its hook (the agent's
+# reads its calls' records and publishes their estimates: a few round trips) before its letter.
+EXHAUSTED_HOOK_S = 30.0
 
 
 class _PubAckReply(msgspec.Struct):
@@ -600,13 +603,14 @@ class Consumer(Generic[T]):
         self.log.info("handled", outcome=outcome, duration_ms=round(elapsed * 1000, 2), **ids)
 
     async def _exhausted(self, event: T, msg: Msg, ids: dict[str, Any]) -> None:
-        """Run ``on_exhausted`` before the dead letter. Best effort, like the estimate a
-        redelivery makes: the message's dead letter never waits on its billing."""
+        """Run ``on_exhausted`` before the dead letter, for at most ``EXHAUSTED_HOOK_S``. Best
+        effort, like the estimate a redelivery makes: a hook that fails or hangs is logged and
+        the dead letter goes anyway."""
         if self.on_exhausted is None:
             return
         try:
-            await self.on_exhausted(event, msg)
-        except Exception as exc:
+            await asyncio.wait_for(self.on_exhausted(event, msg), EXHAUSTED_HOOK_S)
+        except Exception as exc:  # TimeoutError included: the letter must not wait for ever
             self.log.warning("exhausted_hook_failed", error=repr(exc), **ids)
 
     async def _nak_or_bury(self, msg: Msg, delay: float, reason: str) -> None:

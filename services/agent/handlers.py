@@ -90,8 +90,16 @@ class Handlers:
         delivery would bill the calls its earlier agents died in. Bill them here, by estimate,
         as a redelivery does (the call ids keep one row each)."""
         delivery = msg.metadata.num_delivered or 1
+        failed: list[BaseException] = []
         for call in await self._unsettled(e, delivery):
-            await self._bill(e, call.call_id, estimate.AGENT_OUTCOME, call.usage, estimated=True)
+            try:
+                await self._bill(
+                    e, call.call_id, estimate.AGENT_OUTCOME, call.usage, estimated=True
+                )
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                failed.append(exc)  # the other calls are still billed
+        if failed:
+            raise failed[0]  # logged by the consumer (exhausted_hook_failed)
 
     async def _bill(
         self,

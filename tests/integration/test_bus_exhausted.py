@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
 
 from baton.provision import SERVER_DELIVERIES_ABOVE, consumer_config
+from shared import bus as bus_module
 from shared import messages as m
 from shared import subjects
 from shared.bus import Consumer, Pull
@@ -36,10 +37,11 @@ def _spec(max_deliver: int) -> subjects.ConsumerSpec:
     )
 
 
-@pytest.mark.parametrize("hook", ["none", "bills", "fails"])
+@pytest.mark.parametrize("hook", ["none", "bills", "fails", "hangs"])
 async def test_a_message_whose_every_delivery_died_is_dead_lettered_unhandled(
-    infra: Infra, hook: str
+    infra: Infra, hook: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(bus_module, "EXHAUSTED_HOOK_S", 0.5)  # a hung hook is cut off
     bus = await connect_bus(infra.nats_url)
     spec = _spec(max_deliver=2)
     await bus.js.add_consumer(spec.stream, consumer_config(spec))
@@ -71,6 +73,8 @@ async def test_a_message_whose_every_delivery_died_is_dead_lettered_unhandled(
         exhausted.append((event, msg.metadata.num_delivered))
         if hook == "fails":
             raise TimeoutError("the bill could not be published")
+        if hook == "hangs":
+            await asyncio.Event().wait()
 
     consumer = Consumer(
         bus,

@@ -343,6 +343,7 @@ async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dea
             record = await eventually(lambda: _record(bus, first), timeout=90)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
+            assert offline_model.calls()[first]["outcome"] != "completed"
             offline_model.update_settings(tokens_per_second=0)
             # The agent as main.py wires it, with the bound at one delivery: the one the dead
             # agent held was the message's last allowed delivery.
