@@ -229,7 +229,9 @@ def test_nats_down_refuses_fast_and_services_reconnect(own_pipeline: OwnPipeline
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "broker_unavailable"
-        assert elapsed < 1.0, f"503 took {elapsed:.2f}s"
+        # Refused at once, not after the publish timeout (GATEWAY_PUBLISH_TIMEOUT_S, 3 s): the
+        # bound tells the two apart with room for a busy machine.
+        assert elapsed < 2.5, f"503 took {elapsed:.2f}s"
 
         p.nats.start()
         # The bound on reconnecting times nothing checked here (the refusal must be fast).

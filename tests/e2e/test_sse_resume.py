@@ -122,8 +122,9 @@ async def test_resume_after_the_run_finished_and_with_unknown_ids(pipeline: Pipe
         tokens = answer_tokens(everything, run_id)
         assert len(tokens) >= 3
 
-        # From a token in the middle: the rest of the tokens, then the stored answer.
-        rest = await read_events(client, url, token, f"tok:{run_id}:1:2", idle_s=0.5)
+        # From a token in the middle: the rest of the tokens, then the stored answer. (Each read
+        # ends at the answer; only the read that expects nothing waits a short idle time.)
+        rest = await read_events(client, url, token, f"tok:{run_id}:1:2")
         assert [e["event"] for e in rest] == ["token"] * (len(tokens) - 2) + ["message.completed"]
         assert (
             "".join(t["text"] for t in tokens[:2]) + "".join(e["data"]["text"] for e in rest[:-1])
@@ -131,7 +132,7 @@ async def test_resume_after_the_run_finished_and_with_unknown_ids(pipeline: Pipe
         )
         assert rest[-1]["data"]["content"] == answer["content"]
         # From the user message (as a query parameter): every token, then the answer.
-        rest = await read_events(client, url, token, f"msg:{user_id}", idle_s=0.5, query=True)
+        rest = await read_events(client, url, token, f"msg:{user_id}", query=True)
         assert [e["id"] for e in rest] == [f"tok:{run_id}:1:{t['seq']}" for t in tokens] + [
             f"msg:{answer['id']}"
         ]
@@ -140,7 +141,7 @@ async def test_resume_after_the_run_finished_and_with_unknown_ids(pipeline: Pipe
 
         # Ids this conversation never had, or that are not ids at all: the whole conversation.
         for garbage in ("garbage", "tok:run-nope:1:1", f"msg:{uuid.uuid4()}", "tok:x:y:z"):
-            full = await read_events(client, url, token, garbage, idle_s=0.5)
+            full = await read_events(client, url, token, garbage)
             assert full[0]["event"] == "message.created", garbage
             assert full[-1]["data"]["content"] == answer["content"]
             assert (
@@ -155,7 +156,7 @@ async def test_resume_after_the_run_finished_and_with_unknown_ids(pipeline: Pipe
             await nc.jetstream().purge_stream("CHAT_STREAM")
         finally:
             await nc.close()
-        rest = await read_events(client, url, token, f"tok:{run_id}:1:2", idle_s=0.5)
+        rest = await read_events(client, url, token, f"tok:{run_id}:1:2")
         assert [e["event"] for e in rest] == ["message.completed"]
         assert rest[0]["data"]["content"] == answer["content"]
 

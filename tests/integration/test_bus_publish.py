@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 
 from shared import subjects
 from tests.integration.conftest import Infra
-from tests.support import connect_bus, user_event
+from tests.support import connect_bus, eventually, user_event
 
 
 async def test_a_publish_returns_its_stream_and_sequence_and_a_repeat_is_a_duplicate(
@@ -72,6 +72,7 @@ async def test_a_publish_nobody_answers_times_out_and_leaves_nothing_waiting(inf
             await bus.publish("silent.subject", user_event(), msg_id="m-1", timeout=0.5)
         waited = asyncio.get_running_loop().time() - started
         # A late reply to the request that gave up is ignored.
+        await _heard(heard)
         await listener.nc.publish(heard[0], b'{"stream":"X","seq":1}')
         await listener.nc.flush()
         await asyncio.sleep(0.1)
@@ -79,6 +80,16 @@ async def test_a_publish_nobody_answers_times_out_and_leaves_nothing_waiting(inf
         await listener.close()
         await bus.close()
     assert 0.5 <= waited < 5 and bus.acks.waiting == {}
+
+
+async def _heard(heard: list[str]) -> None:
+    """Wait for the listener's callback to have run (on a busy machine it may come after the
+    request's own short timeout)."""
+
+    async def any_heard() -> bool:
+        return bool(heard)
+
+    await eventually(any_heard)
 
 
 async def _server_has_subscriptions(nc: NATS) -> None:

@@ -586,7 +586,7 @@ async def test_websocket_carries_the_same_tool_events(gateway: Gateway) -> None:
     async with connect(
         gateway.ws(run.cid) + f"?last_event_id=msg:{run.e.message_id}", additional_headers=auth()
     ) as ws:
-        replay = await frames(ws, idle_s=1.5)
+        replay = await frames(ws, idle_s=1.5, count=1 + 3)
         assert [f["id"] for f in replay[1:]] == [
             f"run:{run.id}:1:requires_action",
             f"tool:{run.id}:toolu_01:requested",

@@ -32,7 +32,7 @@ from shared.bus import Bus
 from shared.db import create_pool
 from shared.metrics import ServiceMetrics
 from tests.integration.conftest import Infra
-from tests.support import connect_bus, run_verdict, service_metrics, user_event
+from tests.support import connect_bus, eventually, run_verdict, service_metrics, user_event
 
 SECRET = "test-secret-" + "x" * 32
 
@@ -67,6 +67,10 @@ async def _serve(infra: Infra, **overrides: Any) -> AsyncIterator[Gateway]:
     metrics = service_metrics("gateway")
     hub = Hub(bus, settings.sse_queue_size, bus.log, metrics)
     await hub.start()
+    # The server holds the hub's subscriptions before a test publishes from another connection
+    # (one flush is not enough with nats-py: see test_bus_publish._server_has_subscriptions).
+    await bus.nc.flush()
+    await bus.nc.flush()
     api = Api(settings, Publisher(bus, 2.0), reads, hub, metrics, TokenLog(bus, 2.0))
     port = free_port()
     server = uvicorn.Server(
@@ -100,14 +104,27 @@ async def gateway(infra: Infra) -> AsyncIterator[Gateway]:
         yield g
 
 
+EXPECTED_S = 30.0  # the longest wait for a frame the test knows will come
+
+
 async def frames(
-    ws: ClientConnection, until: str = "", idle_s: float = 2.0
+    ws: ClientConnection, until: str = "", idle_s: float = 2.0, count: int = 0
 ) -> list[dict[str, Any]]:
-    """Frames until one of event ``until`` arrives, the server closes, or ``idle_s`` passes."""
+    """Frames until one of event ``until`` arrives, the server closes, or ``idle_s`` passes
+    with none.
+
+    Frames the test knows will come are waited for with a generous bound (``EXPECTED_S``): the
+    ``until`` frame and those before it, and the first ``count`` frames. After those, ``idle_s``
+    ends the read, so an extra frame (a duplicate) is still seen. A busy machine can take more
+    than a second to build a resume's replay; only the short idle wait is the test's own.
+    """
     out: list[dict[str, Any]] = []
     with contextlib.suppress(TimeoutError, ConnectionClosed):
         while True:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), idle_s))
+            expecting = bool(until) or len(out) < count
+            frame = json.loads(
+                await asyncio.wait_for(ws.recv(), max(idle_s, EXPECTED_S) if expecting else idle_s)
+            )
             out.append(frame)
             if frame["event"] == until:
                 break
@@ -155,7 +172,7 @@ async def test_live_events_arrive_as_json_frames_with_sse_ids(gateway: Gateway) 
         }
         assert gateway.metric("stream_clients", transport="websocket") == 1
         await publish_tokens(gateway.bus, e, 5)
-        got = await frames(ws, idle_s=1)
+        got = await frames(ws, idle_s=1, count=5)
     run = f"run-{e.message_id}"
     assert [f["id"] for f in got] == [f"tok:{run}:1:{i}" for i in range(1, 6)]
     assert {f["event"] for f in got} == {"token"}
@@ -172,18 +189,18 @@ async def test_a_browser_authenticates_and_resumes_with_its_first_frame(gateway:
         await ws.send(
             json.dumps({"type": "auth", "token": token, "last_event_id": f"tok:{run}:1:2"})
         )
-        got = await frames(ws, idle_s=1)
+        got = await frames(ws, idle_s=1, count=1 + 4)
     assert got[0]["event"] == "ready" and got[0]["data"]["replayed"] == 4
     assert [f["id"] for f in got[1:]] == [f"tok:{run}:1:{i}" for i in (3, 4, 5, 6)]
     # The query parameter names the resume position too; from the user message: every token.
     url = f"{gateway.ws(e.conversation_id)}?last_event_id=msg:{e.message_id}"
     async with connect(url, additional_headers=auth()) as ws:
-        got = await frames(ws, idle_s=1)
+        got = await frames(ws, idle_s=1, count=1 + 6)
     assert [f["id"] for f in got[1:]] == [f"tok:{run}:1:{i}" for i in range(1, 7)]
     # An id that names nothing here replays the whole conversation, starting with the message.
     url = f"{gateway.ws(e.conversation_id)}?last_event_id=garbage"
     async with connect(url, additional_headers=auth()) as ws:
-        got = await frames(ws, idle_s=1)
+        got = await frames(ws, idle_s=1, count=2 + 6)
     assert got[1]["event"] == "message.created" and got[1]["id"] == f"msg:{e.message_id}"
     assert len(got) == 2 + 6
 
@@ -208,7 +225,7 @@ async def test_resume_and_live_events_overlap_without_a_gap_or_a_duplicate(
     url = f"{gateway.ws(e.conversation_id)}?last_event_id=tok:{run}:1:1"
     async with connect(url, additional_headers=auth()) as ws:
         await writer
-        got = await frames(ws, idle_s=1)
+        got = await frames(ws, idle_s=1, count=1 + 38)
     assert [f["data"]["seq"] for f in got[1:]] == list(range(2, 40))
 
 
@@ -393,18 +410,21 @@ async def test_duplicate_connections_each_get_every_event(gateway: Gateway) -> N
         await frames(b, until="ready")
         assert gateway.metric("stream_clients", transport="websocket") == 2
         await publish_tokens(gateway.bus, e, 4)
-        got_a, got_b = await asyncio.gather(frames(a, idle_s=1), frames(b, idle_s=1))
+        got_a, got_b = await asyncio.gather(
+            frames(a, idle_s=1, count=4), frames(b, idle_s=1, count=4)
+        )
         assert [f["id"] for f in got_a] == [f["id"] for f in got_b]
         assert len(got_a) == 4
         await a.close()
         await publish_tokens(gateway.bus, e, 2, text="again")
         # The one left open still streams; the closed one left the hub.
-        assert [f["data"]["text"] for f in await frames(b, idle_s=1)] == ["again1 ", "again2 "]
-        for _ in range(100):
-            if gateway.metric("stream_clients", transport="websocket") == 1:
-                break
-            await asyncio.sleep(0.02)
-        assert gateway.metric("stream_clients", transport="websocket") == 1
+        again = await frames(b, idle_s=1, count=2)
+        assert [f["data"]["text"] for f in again] == ["again1 ", "again2 "]
+
+        async def one_left() -> bool:
+            return gateway.metric("stream_clients", transport="websocket") == 1
+
+        await eventually(one_left)
         assert len(gateway.hub.clients[f"p1.{e.conversation_id}"]) == 1
 
 
