@@ -16,7 +16,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from shared import messages, subjects
+from shared import estimate, messages, subjects
 from shared.config import nats_servers
 from shared.errors import ConfigError
 
@@ -253,6 +253,13 @@ async def replay(
             if k.lower() != "nats-msg-id" and not k.lower().startswith("nats-expected-")
         }
         headers["Nats-Msg-Id"] = msg_id
+        # The copy's deliveries count from 1 again: its calls' ids count on from this letter's
+        # (estimate.delivery), so no call of the copy takes the id of one of the letter's.
+        base = estimate.delivery_base(letter.headers) + letter.deliveries
+        headers = {
+            k: v for k, v in headers.items() if k.lower() != estimate.DELIVERY_BASE_HEADER.lower()
+        }
+        headers[estimate.DELIVERY_BASE_HEADER] = str(min(base, estimate.MAX_DELIVERY_BASE))
         try:
             ack = await js.publish(letter.subject, letter.payload, headers=headers, timeout=5.0)
         except nats.js.errors.NoStreamResponseError as exc:

@@ -83,6 +83,33 @@ def delta_prefix(call_id: str) -> str:
     return f"delta:{call_id}:"
 
 
+# A copy of a message that `baton dlq replay` republished is a new stream message, whose
+# deliveries count from 1 again. So that its calls do not take the ids of its first life's calls
+# (an exact usage would replace such a call's estimate, and one provider call go unbilled), the
+# replay writes how many deliveries came before it in this header, and a call's delivery
+# number is that base plus the copy's own delivery count (docs/decisions.md).
+DELIVERY_BASE_HEADER = "Baton-Delivery-Base"
+# No base above this is believed: a bogus header only moves a call id, never a bill, but the
+# ids policy accepts in a settle timer are bounded by it.
+MAX_DELIVERY_BASE = 1_000_000
+
+
+def delivery_base(headers: dict[str, str] | None) -> int:
+    """The deliveries earlier lives of this message had (0 for a message never replayed, or a
+    header that is not a plain number within ``MAX_DELIVERY_BASE``)."""
+    raw = (headers or {}).get(DELIVERY_BASE_HEADER, "")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 7:
+        return 0
+    base = int(raw)
+    return base if base <= MAX_DELIVERY_BASE else 0
+
+
+def delivery(num_delivered: int | None, headers: dict[str, str] | None) -> int:
+    """The number a call of this delivery carries in its id (``#<n>``): the copy's own delivery
+    count (1 when the broker gave none) after every delivery of its earlier lives."""
+    return delivery_base(headers) + (num_delivered or 1)
+
+
 def earlier_calls(task_id: str, delivery: int) -> list[str]:
     """The call ids of the deliveries of a task before ``delivery`` (``<task id>#<n>``)."""
     return [f"{task_id}#{n}" for n in range(1, delivery)]

@@ -46,7 +46,7 @@ class Handlers:
         )
 
     async def user_message(self, e: m.UserMessagePersisted, msg: Msg) -> str:
-        delivery = msg.metadata.num_delivered or 1
+        delivery = estimate.delivery(msg.metadata.num_delivered, msg.headers)
         turns, dead = await asyncio.gather(self._context(e), self._unsettled(e, delivery))
         # Calls an earlier delivery's agent died in are billed first, by estimate.
         for call in dead:
@@ -89,7 +89,7 @@ class Handlers:
         """A delivery past the bound: the message is dead-lettered unhandled, so no later
         delivery would bill the calls its earlier agents died in. Bill them here, by estimate,
         as a redelivery does (the call ids keep one row each)."""
-        delivery = msg.metadata.num_delivered or 1
+        delivery = estimate.delivery(msg.metadata.num_delivered, msg.headers)
         failed: list[BaseException] = []
         for call in await self._unsettled(e, delivery):
             try:

@@ -129,7 +129,8 @@ class Handlers:
         return await self.tools.task(t, msg)
 
     async def task(self, t: m.ExecTask, msg: Msg) -> str:
-        call_id = f"{t.task_id}#{msg.metadata.num_delivered}"
+        delivery = estimate.delivery(msg.metadata.num_delivered, msg.headers)
+        call_id = f"{t.task_id}#{delivery}"
         # Registered before the check: an abort that lands after the check still finds it.
         call = Call(t.run_id, t.attempt)
         self.calls[call_id] = call
@@ -145,9 +146,9 @@ class Handlers:
                     tools=bool(t.tools),  # tool exchanges only where tools are offered
                     before=(t.run_id, t.round),  # what this round's first call saw
                 ),
-                self._unsettled(t, msg.metadata.num_delivered),
+                self._unsettled(t, delivery),
                 self.history.system_prompt(t.conversation_id),
-                self._settle_later(t, call_id, msg.metadata.num_delivered),
+                self._settle_later(t, call_id, delivery),
             )
             if aborted:
                 self.aborted.labels("before_call").inc()

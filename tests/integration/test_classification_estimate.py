@@ -17,6 +17,7 @@ import asyncpg
 import msgspec
 import nats.js.errors
 
+from baton import dlq
 from baton.offline_model import OfflineModelProcess
 from baton.provision import provision
 from services.agent.adapters import Classifier
@@ -325,11 +326,12 @@ async def test_an_exact_usage_that_comes_after_the_calls_estimate_replaces_it(
     assert totals["output_tokens"] == sum(r["output_tokens"] for r in final.values())
 
 
-async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dead_lettered(
+async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dead_lettered_and_its_replay_apart(
     infra: Infra, offline_model: OfflineModelProcess
 ) -> None:
     """The delivery past the bound is dead-lettered unhandled, and no delivery comes after it
-    to bill the call its agent died in: the consumer's exhausted hook bills it first."""
+    to bill the call its agent died in: the consumer's exhausted hook bills it first. The
+    letter's replay then makes a call of its own, billed in a row of its own."""
     await provision(infra.nats_url, ack_wait_s=2.0)
     before = offline_model.update_settings()
     offline_model.update_settings(tokens_per_second=2)
@@ -370,6 +372,12 @@ async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dea
                         60,
                     )
                     [cut] = await _rows(infra.database_url, 1)
+                    hooked = h.estimated._value.get()
+                    # The operator replays the letter once the cause is gone. The copy's
+                    # deliveries count from 1 again; its call must not take the id of the call
+                    # billed by estimate, or its exact usage would replace that row.
+                    await dlq.replay(infra.nats_url, raw.metadata.sequence.stream)
+                    both = await _rows(infra.database_url, 2)
             finally:
                 await agent_bus.close()
                 await pool.close()
@@ -393,4 +401,10 @@ async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dea
     )
     assert _input(cut) == _served_input(ledger[first])
     assert cut["output_tokens"] == record.usage.output_tokens <= ledger[first]["output_tokens"]
-    assert h.estimated._value.get() == 1
+    assert hooked == 1
+    # The copy's call counts on from the letter's two deliveries: a row of its own, exact.
+    replayed = f"classify:{e.message_id}#3"
+    rows = {r["call_id"]: r for r in both}
+    assert set(rows) == {first, replayed}
+    assert rows[first]["estimated"] and rows[first]["input_tokens"] == cut["input_tokens"]
+    _assert_exact(rows, offline_model.calls(), (replayed,))

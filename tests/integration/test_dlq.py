@@ -16,8 +16,8 @@ import pytest
 from baton import dlq
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers
+from shared import estimate, subjects, wiring
 from shared import messages as m
-from shared import subjects, wiring
 from shared.bus import Bus, Consumer
 from shared.db import create_pool
 from tests.integration.conftest import Infra
@@ -128,6 +128,9 @@ async def test_replay_after_the_cause_is_fixed_stores_the_message_once(infra: In
         result = await dlq.replay(url, letter.id)
         assert result.msg_id == f"replay:CHAT_IN:{letter.stream_seq}:{letter.id}"
         assert (result.subject, result.stream, result.duplicate) == (subject, "CHAT_IN", False)
+        # The copy's deliveries count on from the letter's one: its calls get ids of their own.
+        copy = await bus.js.get_msg("CHAT_IN", seq=result.seq)
+        assert (copy.headers or {}).get(estimate.DELIVERY_BASE_HEADER) == "1"
         announced = await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
 
     assert [msgspec.json.decode(x.data)["message_id"] for x in announced] == [e.message_id]
@@ -139,6 +142,36 @@ async def test_replay_after_the_cause_is_fixed_stores_the_message_once(infra: In
         await dlq.replay(url, letter.id)
     again = await bus.js.publish(subject, b"copy", headers={"Nats-Msg-Id": result.msg_id})
     assert again.duplicate
+    await bus.close()
+    await pool.close()
+
+
+async def test_a_copy_dead_lettered_again_counts_its_deliveries_on_from_both_lives(
+    infra: Infra,
+) -> None:
+    """Replayed before the cause is fixed, the copy is dead-lettered again; replayed again, its
+    deliveries count on from both earlier lives, so a call of the third life cannot take the
+    id of a call of either of the first two."""
+    url = infra.nats_url
+    bus, pool, consumer = await _persister_in(infra)
+    e = user_event(user="alice")
+    await pool.execute(
+        "INSERT INTO conversations (id, project_id, user_id) VALUES ($1, 'p1', 'mallory')",
+        uuid.UUID(e.conversation_id),
+    )
+    subject = subjects.chat_in(e.project_id, e.conversation_id)
+    await bus.publish(subject, e, msg_id=e.message_id)
+    async with running(consumer):
+        [first] = await _letters(url, subject, 1)
+        await dlq.replay(url, first.id)
+        [second] = await _letters(url, subject, 1)
+        assert second.id != first.id and second.deliveries == 1
+        assert (await dlq.show(url, second.id)).headers[estimate.DELIVERY_BASE_HEADER] == "1"
+        again = await dlq.replay(url, second.id)
+        copy = await bus.js.get_msg("CHAT_IN", seq=again.seq)
+        assert (copy.headers or {})[estimate.DELIVERY_BASE_HEADER] == "2"
+        [third] = await _letters(url, subject, 1)
+        assert third.id not in (first.id, second.id)
     await bus.close()
     await pool.close()
 

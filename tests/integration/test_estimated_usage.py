@@ -584,3 +584,47 @@ async def _redelivered(policy: PolicyHandlers, d: m.RunDeadline) -> str:
         return await policy.deadline(d, None)  # type: ignore[arg-type]
     except Deferred:
         return "early"  # the retry's backoff is not over: the message goes back
+
+
+async def test_a_task_replayed_from_a_dead_letter_bills_its_call_under_an_id_of_its_own(
+    infra: Infra, offline_model: OfflineModelProcess, rig: Rig
+) -> None:
+    """A copy `baton dlq replay` republished carries the deliveries of its earlier lives
+    (``Baton-Delivery-Base``, tests/integration/test_dlq.py): its first delivery's call counts
+    on from them, so it cannot take the id (and replace the row) of a call of the first life."""
+    bus, pool, client = rig.bus, rig.pool, rig.client
+    offline_model.update_settings(tokens_per_second=0)
+    e = user_event("A second life, please")
+    await Store(pool).insert_user_message(e)
+    task = _task(e)
+    h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
+    p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
+    async with running(
+        Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task),
+        Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, p.result),
+    ):
+        await bus.publish(
+            subjects.exec_task(e.project_id, e.conversation_id),
+            task,
+            msg_id=f"replay:EXEC_TASKS:1:{task.event_id}",
+            headers={estimate.DELIVERY_BASE_HEADER: "3"},
+        )
+        [result] = decode_all(
+            await read_subject(bus, subjects.STREAM_RESULTS, "exec.result.>", 1, timeout=60),
+            m.ExecResult,
+        )
+        con: asyncpg.Connection = await asyncpg.connect(infra.database_url)
+        try:
+
+            async def billed() -> list[Any] | None:
+                rows = await con.fetch("SELECT * FROM usage ORDER BY call_id")
+                return rows or None
+
+            rows = await eventually(billed, timeout=30)
+        finally:
+            await con.close()
+    replayed = f"{task.task_id}#4"
+    assert result.call_id == replayed and result.estimated == ()
+    assert [(r["call_id"], r["estimated"]) for r in rows] == [(replayed, False)]
+    ledger = offline_model.calls()
+    assert replayed in ledger and f"{task.task_id}#1" not in ledger

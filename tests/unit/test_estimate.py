@@ -65,3 +65,34 @@ def test_every_delivery_of_a_task_may_have_made_a_call_and_each_is_billed_by_its
     assert estimate.usage_id("task:r:1#2") == "usage:task:r:1#2"
     # An estimate of a call is a message of its own: a late exact usage is not its duplicate.
     assert estimate.estimate_id("task:r:1#2") == "estimate:task:r:1#2"
+
+
+@pytest.mark.parametrize(
+    ("headers", "base"),
+    [
+        (None, 0),
+        ({}, 0),
+        ({"Nats-Msg-Id": "x"}, 0),
+        ({estimate.DELIVERY_BASE_HEADER: "21"}, 21),
+        ({estimate.DELIVERY_BASE_HEADER: "0"}, 0),
+        ({estimate.DELIVERY_BASE_HEADER: str(estimate.MAX_DELIVERY_BASE)}, 1_000_000),
+        # Hostile or broken: never believed, never an error.
+        ({estimate.DELIVERY_BASE_HEADER: str(estimate.MAX_DELIVERY_BASE + 1)}, 0),
+        ({estimate.DELIVERY_BASE_HEADER: "9" * 5000}, 0),
+        ({estimate.DELIVERY_BASE_HEADER: "-3"}, 0),
+        ({estimate.DELIVERY_BASE_HEADER: " 4"}, 0),
+        ({estimate.DELIVERY_BASE_HEADER: "1e3"}, 0),
+        ({estimate.DELIVERY_BASE_HEADER: "\u0663"}, 0),
+        ({estimate.DELIVERY_BASE_HEADER: ""}, 0),
+    ],
+)
+def test_a_replayed_copys_delivery_base_is_read_from_its_header(
+    headers: dict[str, str] | None, base: int
+) -> None:
+    assert estimate.delivery_base(headers) == base
+    assert estimate.delivery(2, headers) == base + 2
+
+
+def test_a_delivery_the_broker_did_not_count_is_the_first() -> None:
+    assert estimate.delivery(None, None) == 1
+    assert estimate.delivery(0, {estimate.DELIVERY_BASE_HEADER: "21"}) == 22

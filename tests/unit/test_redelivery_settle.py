@@ -73,7 +73,12 @@ def test_a_redelivered_calls_timer_bills_the_runs_own_user_and_conversation() ->
         ({"calls": ()}, "are not deliveries"),
         ({"calls": (f"{runs.task_id('another-run', 1)}#2",)}, "are not deliveries"),
         ({"calls": (f"{TASK}#0",)}, "are not deliveries"),
-        ({"calls": (f"{TASK}#{MAX_DELIVER + 1}",)}, "are not deliveries"),
+        (
+            {"calls": (f"{TASK}#{estimate.MAX_DELIVERY_BASE + MAX_DELIVER + 1}",)},
+            "are not deliveries",
+        ),
+        ({"calls": (f"{TASK}#{'9' * 5000}",)}, "are not deliveries"),
+        ({"calls": (f"{TASK}#\u0663",)}, "are not deliveries"),  # a digit int() refuses
         ({"calls": (f"{TASK}#x",)}, "are not deliveries"),
         ({"calls": (TASK,)}, "are not deliveries"),
         ({"calls": (f"{TASK}#2", "classify:m1#1")}, "are not deliveries"),
@@ -110,3 +115,12 @@ def test_policys_own_settle_timer_still_reads_every_delivery() -> None:
 )
 def test_the_settle_subject_is_told_apart(subject: str, settle: bool) -> None:
     assert subjects.is_policy_settle(subject) is settle
+
+
+def test_a_timer_of_a_task_replayed_from_a_dead_letter_is_accepted() -> None:
+    """The copy's deliveries count on from the letter's (estimate.delivery): its calls' numbers
+    pass the consumer's bound, and are still deliveries of the task."""
+    replayed = f"{TASK}#{MAX_DELIVER + 12}"
+    checked = machine.redelivery_settle(timer(calls=(replayed,)), running(), MAX_DELIVER)
+    assert isinstance(checked, m.RunDeadline)
+    assert machine.dead_calls(checked, MAX_DELIVER) == [replayed]
