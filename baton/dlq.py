@@ -256,10 +256,17 @@ async def replay(
         # The copy's deliveries count from 1 again: its calls' ids count on from this letter's
         # (estimate.delivery), so no call of the copy takes the id of one of the letter's.
         base = estimate.delivery_base(letter.headers) + letter.deliveries
+        if base > estimate.MAX_DELIVERY_BASE:
+            # Counted on any further, its calls' ids would no longer be told apart from its
+            # earlier lives': a message replayed this often needs a person, not another replay.
+            raise DlqError(
+                f"dead letter {letter_id} was delivered {base} times in all its lives "
+                f"(more than {estimate.MAX_DELIVERY_BASE}): not replayed, letter kept"
+            )
         headers = {
             k: v for k, v in headers.items() if k.lower() != estimate.DELIVERY_BASE_HEADER.lower()
         }
-        headers[estimate.DELIVERY_BASE_HEADER] = str(min(base, estimate.MAX_DELIVERY_BASE))
+        headers[estimate.DELIVERY_BASE_HEADER] = str(base)
         try:
             ack = await js.publish(letter.subject, letter.payload, headers=headers, timeout=5.0)
         except nats.js.errors.NoStreamResponseError as exc:

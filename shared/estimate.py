@@ -89,16 +89,18 @@ def delta_prefix(call_id: str) -> str:
 # replay writes how many deliveries came before it in this header, and a call's delivery
 # number is that base plus the copy's own delivery count (docs/decisions.md).
 DELIVERY_BASE_HEADER = "Baton-Delivery-Base"
-# No base above this is believed: a bogus header only moves a call id, never a bill, but the
-# ids policy accepts in a settle timer are bounded by it.
-MAX_DELIVERY_BASE = 1_000_000
+# No base above this is believed (a life has at most the server's bound of deliveries, about
+# 30; `baton dlq replay` refuses a copy past it). A copy's first delivery reads the records of
+# every earlier call, so the bound also bounds those reads; policy's settle timers take no call
+# numbered above it plus the consumer's bound.
+MAX_DELIVERY_BASE = 1_000
 
 
 def delivery_base(headers: dict[str, str] | None) -> int:
     """The deliveries earlier lives of this message had (0 for a message never replayed, or a
     header that is not a plain number within ``MAX_DELIVERY_BASE``)."""
     raw = (headers or {}).get(DELIVERY_BASE_HEADER, "")
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 7:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 4:
         return 0
     base = int(raw)
     return base if base <= MAX_DELIVERY_BASE else 0

@@ -52,9 +52,11 @@ async def read_events(
     idle_s: float = 10.0,
     query: bool = False,
     stop_at_answer: bool = True,
+    opened: asyncio.Event | None = None,
 ) -> list[Event]:
     """Events of one SSE connection: until ``limit`` events, the end of a run (an answer, a
-    failure, a cancel; unless told not to stop there), or ``idle_s`` idle."""
+    failure, a cancel; unless told not to stop there), or ``idle_s`` idle. ``opened`` is set at
+    the stream's first line (the gateway's ``: connected``, sent once it holds the watch)."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     params = {}
     if last_id is not None:
@@ -72,6 +74,8 @@ async def read_events(
                 line = await asyncio.wait_for(anext(lines), idle_s)
             except TimeoutError:
                 break
+            if opened is not None:
+                opened.set()
             if not feed(event, line):
                 continue
             if "event" in event:
@@ -106,9 +110,11 @@ async def read_ws(
     idle_s: float = 10.0,
     first_frame: bool = False,
     stop_at_answer: bool = True,
+    opened: asyncio.Event | None = None,
 ) -> list[Event]:
     """Events of one WebSocket connection (not ready/heartbeat/pong): until ``limit`` events,
     an answer, or ``idle_s`` idle. Authenticates by header or, like a browser, by a first frame.
+    ``opened`` is set at the ``ready`` frame (the gateway holds the watch by then).
     """
     headers = {} if first_frame else {"Authorization": f"Bearer {token}"}
     if last_id is not None and not first_frame:
@@ -120,6 +126,8 @@ async def read_ws(
         with contextlib.suppress(TimeoutError, ConnectionClosed):
             while limit is None or len(out) < limit:
                 frame = json.loads(await asyncio.wait_for(ws.recv(), idle_s))
+                if frame["event"] == "ready" and opened is not None:
+                    opened.set()
                 if frame["event"] in ("ready", "heartbeat", "pong"):
                     continue
                 assert frame["event"] != "error", frame
@@ -133,13 +141,33 @@ def ws_url(p: Pipeline, cid: str) -> str:
     return p.gateway.replace("http://", "ws://") + f"/api/conversations/{cid}/ws"
 
 
+# The first connection of a drill: told when it is open, it returns the events it saw.
+First = Callable[[asyncio.Event], Coroutine[Any, Any, list[Event]]]
+
+
+async def until_open(
+    opening: asyncio.Task[Any], opened: asyncio.Event, timeout_s: float = 60
+) -> None:
+    """Wait until the connection ``opening`` reads is open (the gateway holds its watch, so a
+    post after this is seen from its first event), or has ended (its error is raised where it
+    is awaited). A bound on a wait that measures nothing: generous."""
+    waiter = asyncio.ensure_future(opened.wait())
+    try:
+        await asyncio.wait(
+            {opening, waiter}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        waiter.cancel()
+    assert opened.is_set() or opening.done(), f"the first connection did not open in {timeout_s} s"
+
+
 async def drop_and_resume(
     p: Pipeline,
     client: httpx.AsyncClient,
     cid: str,
     token: str,
     prompts: list[str],
-    first: Callable[[], Coroutine[Any, Any, list[Event]]],
+    first: First,
     resume: Resume,
     *,
     seed: int,
@@ -169,8 +197,9 @@ async def drop_and_resume(
 
     async def run() -> None:
         nonlocal resumes
-        opening = asyncio.create_task(first())
-        await asyncio.sleep(0.3)
+        opened = asyncio.Event()
+        opening = asyncio.create_task(first(opened))
+        await until_open(opening, opened)
         await post(0)
         conn0 = await opening
         _trace("first", conn0)
@@ -256,7 +285,7 @@ async def drop_and_resume_faulty(
     cid: str,
     token: str,
     plan: Plan,
-    first: Callable[[], Coroutine[Any, Any, list[Event]]],
+    first: First,
     resume: Resume,
     *,
     seed: int,
@@ -319,8 +348,9 @@ async def drop_and_resume_faulty(
 
     async def run() -> None:
         nonlocal resumes
-        opening = asyncio.create_task(first())
-        await asyncio.sleep(0.3)
+        opened = asyncio.Event()
+        opening = asyncio.create_task(first(opened))
+        await until_open(opening, opened)
         await post(0)
         conn0 = await opening
         _trace("first", conn0)

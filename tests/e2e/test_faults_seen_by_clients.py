@@ -14,6 +14,7 @@ import pytest
 from baton.embedded import PostgresServer
 from tests.conftest import ExternalPostgres
 from tests.e2e.conftest import Pipeline, calls_for, fresh, module_stack
+from tests.e2e.resume import until_open
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +43,7 @@ class Seen:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.heartbeats: list[int] = []  # for each heartbeat, how many events came before it
+        self.opened = asyncio.Event()  # at the stream's first line: the gateway holds the watch
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e["data"] for e in self.events if e["event"] == kind]
@@ -61,6 +63,7 @@ async def watch(p: Pipeline, cid: str, token: str, seen: Seen) -> None:
         assert resp.status_code == 200
         event: dict[str, Any] = {}
         async for line in resp.aiter_lines():
+            seen.opened.set()
             if line == ": heartbeat":
                 seen.heartbeats.append(len(seen.events))
             elif line.startswith(("event:", "id:", "data:")):
@@ -80,7 +83,7 @@ async def ask(p: Pipeline, content: str, final: str = "completed") -> tuple[Seen
     cid = str(uuid.uuid4())
     seen = Seen()
     reader = asyncio.create_task(watch(p, cid, token, seen))
-    await asyncio.sleep(0.3)
+    await until_open(reader, seen.opened)
     async with httpx.AsyncClient(timeout=10) as client:
         r = await client.post(
             f"{p.gateway}/api/chat", json={"conversation_id": cid, "content": content}, headers=auth

@@ -21,6 +21,7 @@ from tests.e2e.resume import (
     faulty_plan,
     read_events,
     stored_answers,
+    until_open,
 )
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +53,7 @@ async def test_fifty_random_drops_reassemble_exactly_the_stored_answers(
             cid,
             token,
             prompts,
-            lambda: read_events(client, url, token, limit=2),
+            lambda opened: read_events(client, url, token, limit=2, opened=opened),
             resume,
             seed=20261122,
             resumes_wanted=50,
@@ -92,7 +93,7 @@ async def test_random_drops_through_retried_and_cancelled_runs_repeat_nothing_an
             cid,
             token,
             plan,
-            lambda: read_events(client, url, token, limit=2),
+            lambda opened: read_events(client, url, token, limit=2, opened=opened),
             resume,
             seed=drill_seed(20261201),
             timeout_s=150,
@@ -107,8 +108,9 @@ async def test_resume_after_the_run_finished_and_with_unknown_ids(pipeline: Pipe
     cid = str(uuid.uuid4())
     url = f"{pipeline.gateway}/api/conversations/{cid}/events"
     async with httpx.AsyncClient(timeout=10) as client:
-        live = asyncio.create_task(read_events(client, url, token, limit=10_000))
-        await asyncio.sleep(0.3)
+        opened = asyncio.Event()
+        live = asyncio.create_task(read_events(client, url, token, limit=10_000, opened=opened))
+        await until_open(live, opened)
         r = await client.post(
             f"{pipeline.gateway}/api/chat",
             json={"conversation_id": cid, "content": "Finish first, resume later"},

@@ -176,6 +176,33 @@ async def test_a_copy_dead_lettered_again_counts_its_deliveries_on_from_both_liv
     await pool.close()
 
 
+async def test_a_letter_replayed_past_the_delivery_bound_is_refused_and_kept(infra: Infra) -> None:
+    """A copy counted on past ``MAX_DELIVERY_BASE`` would number its calls where no reader looks
+    for them: the replay says so and keeps the letter."""
+    url = infra.nats_url
+    bus = await connect_bus(url, "persister")
+    subject = subjects.chat_in("p1", str(uuid.uuid4()))
+    letter = m.DeadLetter(
+        stream="CHAT_IN",
+        consumer="persister",
+        subject=subject,
+        stream_seq=1,
+        deliveries=2,
+        reason="handler failed",
+        headers={estimate.DELIVERY_BASE_HEADER: str(estimate.MAX_DELIVERY_BASE - 1)},
+        payload=b"{}",
+        failed_at=datetime.now(UTC),
+    )
+    ack = await bus.publish(
+        subjects.dead_letter("CHAT_IN", "persister"), letter, msg_id=f"dlq:{subject}"
+    )
+    with pytest.raises(dlq.DlqError, match="not replayed, letter kept"):
+        await dlq.replay(url, ack.seq)
+    assert (await dlq.show(url, ack.seq)).subject == subject
+    await bus.js.delete_msg(subjects.STREAM_DLQ, ack.seq)  # the stream may be shared
+    await bus.close()
+
+
 async def test_replay_of_an_unknown_id_changes_nothing(infra: Infra) -> None:
     for bad in (0, -1, 10**9):
         with pytest.raises(dlq.UnknownLetter):

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import pytest
 import structlog
 import structlog.testing
@@ -285,6 +286,16 @@ async def _streaming(h: Handlers) -> bool:
     return any(call.task is not None for call in h.calls.values())
 
 
+async def _pushed(bus: Bus, project: str, conversation: str) -> bool:
+    try:
+        await bus.js.get_last_msg(
+            subjects.STREAM_TOKENS, subjects.token_stream(project, conversation)
+        )
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
 async def test_an_abort_stops_a_streaming_call_and_reports_its_partial_usage(
     infra: Infra, offline_model: OfflineModelProcess
 ) -> None:
@@ -303,7 +314,9 @@ async def test_an_abort_stops_a_streaming_call_and_reports_its_partial_usage(
         async with running(Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task)):
             # The call is streaming (a few tokens in at 10 per second).
             await eventually(lambda: _streaming(h))
-            await asyncio.sleep(1.0)
+            # Some of its tokens are out: the first push is in the stream (a wait for it, not
+            # for a second that a busy machine may spend before the first token).
+            await eventually(lambda: _pushed(bus, p, c), timeout=60)
             # Another run's abort and an older attempt's abort leave this call alone.
             for run_id, attempt in ((f"run-{e.conversation_id}", 1), (task.run_id, 0)):
                 other = m.RunAbort(event_id="a", message_id=e.message_id, conversation_id=c,

@@ -198,12 +198,14 @@ async def test_a_full_project_gets_room_again_once_runs_settle_below_their_estim
 async def test_the_rate_limit_holds_across_two_replicas_and_tells_when_to_retry(
     infra: Infra,
 ) -> None:
-    # Fixed windows: start away from a minute's edge so the burst falls in one window.
-    if time.time() % 60 > 50:
-        await asyncio.sleep(61 - time.time() % 60)
     rules = _rules(m.Limits(user_messages_per_minute=5))
     (a, _, ca), (b, _, cb) = await _replica(infra, rules), await _replica(infra, rules)
     decisions = [agent_decision(user="chatty") for _ in range(12)]
+    # Fixed windows: start away from a minute's edge so the burst falls in one window. Checked
+    # once the replicas are built, just before the burst: building them takes time of its own.
+    if time.time() % 60 > 40:
+        await asyncio.sleep(61 - time.time() % 60)
+    burst = time.time()
     async with running(*ca, *cb):
         await asyncio.gather(
             *(
@@ -223,7 +225,7 @@ async def test_the_rate_limit_holds_across_two_replicas_and_tells_when_to_retry(
     kv = await a.js.key_value(subjects.BUCKET_LIMITS)
 
     window = ratelimit.decoder.decode(
-        (await kv.get(ratelimit.key("m", time.time(), "p1", "chatty"))).value or b""
+        (await kv.get(ratelimit.key("m", burst, "p1", "chatty"))).value or b""
     )
     assert window.full and len(window.ids) == 5
     for bus in (a, b):
