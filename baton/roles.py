@@ -20,8 +20,9 @@ TABLES = (
     "tool_results",
     "api_keys",
 )
-# The retention sweep's own bookkeeping: the persister's alone, nobody reads it.
-WRITER_ONLY = ("archived_conversations", "retention_sweeps")
+# The persister's own bookkeeping, nobody else reads it: the retention sweep's, and each run
+# round's one outcome (migrations/0012).
+WRITER_ONLY = ("archived_conversations", "retention_sweeps", "round_claims")
 READS: dict[str, tuple[str, ...]] = {
     "gateway": TABLES,  # the read model behind the HTTP API
     "agent": ("messages",),  # conversation history
@@ -29,7 +30,7 @@ READS: dict[str, tuple[str, ...]] = {
     "executor": ("messages", "tool_turns", "tool_results", "conversations"),
 }
 # What the writer may delete: a deleted conversation's content (issue 16); nothing else.
-DELETES = ("messages", "tool_turns", "tool_results")
+DELETES = ("messages", "tool_turns", "tool_results", "round_claims")
 SERVICES_WITH_DB = (WRITER, *READS)
 
 

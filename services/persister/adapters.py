@@ -40,6 +40,15 @@ REPLY_STORED = """
 SELECT EXISTS (SELECT 1 FROM messages WHERE run_id = $1 AND role = 'assistant')
 """
 
+# A tool turn's claim of its round (migrations/0012): the kind that holds the round, this
+# turn's or that of an answer claimed first (a concurrent one is waited for).
+CLAIM_TURN = """
+INSERT INTO round_claims AS c (run_id, round, kind, conversation_id)
+SELECT $1, $2, 'turn', u.conversation_id FROM messages u WHERE u.id = $3
+ON CONFLICT (run_id, round) DO UPDATE SET kind = c.kind
+RETURNING kind
+"""
+
 EARLIER_TOOL_TURNS = """
 SELECT content FROM tool_turns WHERE run_id = $1 AND round < $2 ORDER BY round
 """
@@ -330,10 +339,23 @@ used AS (
         "cache_write_tokens = $11, cost_usd = $12, purpose = 'answer'",
     )
     + """
+claim AS (
+    -- The round's one outcome: an answer's claim, or the kind a concurrent claimant of the
+    -- round committed first (the unique index waits for it and returns its row, snapshot or
+    -- not; DO UPDATE, not DO NOTHING, so the row comes back either way). Only where the task
+    -- offered tools ($18): without them no call of the round can ask for one.
+    INSERT INTO round_claims AS c (run_id, round, kind, conversation_id)
+    SELECT $4, $17, 'answer', u.conversation_id FROM u WHERE $18::boolean
+    ON CONFLICT (run_id, round) DO UPDATE SET kind = c.kind
+    RETURNING kind
+),
 turned AS (
     -- A tool turn of this round (or a later one) was stored first: this answer came from a
     -- second model call of the round (a redelivered task) and does not end the run.
-    SELECT 1 FROM tool_turns WHERE run_id = $4 AND round >= $17 LIMIT 1
+    SELECT 1 FROM tool_turns WHERE run_id = $4 AND round >= $17
+    UNION ALL
+    SELECT 1 FROM claim WHERE kind = 'turn'
+    LIMIT 1
 ),
 reply AS (
     INSERT INTO messages (id, conversation_id, project_id, user_id, role, kind, content, run_id,
@@ -571,6 +593,7 @@ class Store:
                 uuid.UUID(r.conversation_id),
                 core.rank("completed"),
                 r.round,
+                r.tools,
             )
             if row is None:
                 raise BadData(f"result for unknown message {r.message_id}")
@@ -617,13 +640,18 @@ class Store:
             self.pool.acquire() as con,
             con.transaction(),
         ):
+            # The round's claim, first: an answer of this round, stored or being stored by
+            # another model call of the round at this very moment, holds it (the answer's
+            # statement claims it too), and this turn is not stored. First, so that this
+            # transaction holds no lock the answer's statement needs while it waits for it.
+            held = await con.fetchval(CLAIM_TURN, r.run_id, r.round, uuid.UUID(r.message_id))
             await self._add_usage(con, r.call_id, r, r.usage, r.prices, "tool_use")
             # The run's row, locked: a reply and a turn of one run are decided one at a time.
             await con.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", r.run_id)
             # The run ended (its reply is stored: an answer of this round from a second model
             # call, or policy's own reply): this turn would ask for calls nothing will ever
             # run. The call is billed (committed); nothing else is stored.
-            ended = await con.fetchval(REPLY_STORED, r.run_id)
+            ended = held == "answer" or await con.fetchval(REPLY_STORED, r.run_id)
             if not ended:
                 won = await con.fetchval(
                     INSERT_TOOL_TURN,

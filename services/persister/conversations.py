@@ -86,6 +86,7 @@ DELETE FROM tool_results WHERE run_id IN (
     UNION SELECT run_id FROM runs WHERE conversation_id = $1)
 """,
     "DELETE FROM tool_turns WHERE conversation_id = $1",
+    "DELETE FROM round_claims WHERE conversation_id = $1",
     "DELETE FROM messages WHERE conversation_id = $1",
 )
 

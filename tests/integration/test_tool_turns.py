@@ -3,12 +3,14 @@ model (policy's part played by the test: it publishes the tasks policy will publ
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 import nats
 import pytest
 
@@ -20,6 +22,7 @@ from services.executor.config import Settings
 from services.executor.handlers import Handlers as ExecutorHandlers
 from services.executor.tools import McpTools, ToolRunner
 from services.persister.adapters import Store
+from services.persister.conversations import ConversationStore
 from services.persister.handlers import Handlers as PersisterHandlers
 from shared import messages as m
 from shared import model, subjects, wiring
@@ -30,7 +33,9 @@ from tests.integration.conftest import Infra
 from tests.support import (
     connect_bus,
     decode_all,
+    eventually,
     read_subject,
+    run_verdict,
     running,
     service_metrics,
     user_event,
@@ -411,6 +416,93 @@ async def test_a_tool_turn_that_comes_after_the_runs_reply_is_billed_only(stack:
     # A redelivery of the stored answer is a duplicate, as before.
     again = await stack.persister.result(_round_result(e, f"{task}#1", 0, ask=False), None)
     assert again == "duplicate"
+
+
+async def _lock_waiters(con: asyncpg.Connection) -> int:
+    return int(
+        await con.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+    )
+
+
+@pytest.mark.parametrize("first", ["turn", "answer"])
+async def test_a_turn_and_an_answer_of_one_round_stored_at_the_same_instant_leave_one_outcome(
+    stack: Stack, infra: Infra, first: str
+) -> None:
+    """Two model calls of one round (a redelivered task), one asking for a tool and one
+    answering, stored at the same instant: each statement's snapshot is taken before the other
+    commits. The round's claim (migrations/0012) keeps one outcome, the one that claimed the
+    round first; the other call is billed only. Without the claim, with the turn first, both
+    were stored, and the run ended with a tool call nobody would run."""
+    e = user_event("remind me to water the plants")
+    store = Store(stack.pool)
+    await store.insert_user_message(e)
+    await store.upsert_run(run_verdict(e, "running"))
+    run_id = f"run-{e.message_id}"
+    task = f"task:{run_id}:1:0"
+    calls = {
+        "turn": _round_result(e, f"{task}#1", 0, ask=True),
+        "answer": _round_result(e, f"{task}#2", 0, ask=False),
+    }
+    second = "answer" if first == "turn" else "turn"
+    hold = await asyncpg.connect(infra.database_url)
+    watch = await asyncpg.connect(infra.database_url)
+    try:
+        # The run's row, held: the first call's write waits for it mid-way (its claim made),
+        # and the second's is started while the first's is still open.
+        tx = hold.transaction()
+        await tx.start()
+        await hold.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", run_id)
+        one = asyncio.create_task(stack.persister.result(calls[first], None))
+        await eventually(lambda: _at_least(watch, 1), timeout=30)
+        two = asyncio.create_task(stack.persister.result(calls[second], None))
+        await eventually(lambda: _at_least(watch, 2), timeout=30)
+        await tx.rollback()
+        outcomes = await asyncio.wait_for(asyncio.gather(one, two), 60)
+    finally:
+        await hold.close()
+        await watch.close()
+    stored = {"turn": "tool_turn", "answer": "inserted"}[first]
+    assert outcomes == [stored, "superseded"]
+    kept = (1, 0) if first == "turn" else (0, 1)
+    assert await _outcomes(stack.pool, run_id) == (*kept, [f"{task}#1", f"{task}#2"])
+    # The claim goes with the conversation's content.
+    claims = "SELECT count(*) FROM round_claims WHERE run_id = $1"
+    assert await stack.pool.fetchval(claims, run_id) == 1
+    await ConversationStore(stack.pool).delete(
+        m.ConversationDeleteRequested(
+            event_id=subjects.delete_event_id(e.conversation_id),
+            message_id="",
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            user_id=e.user_id,
+            requested_by=e.user_id,
+            requested_at=datetime.now(UTC),
+        )
+    )
+    assert await stack.pool.fetchval(claims, run_id) == 0
+
+
+async def test_an_answer_of_a_task_offered_no_tools_claims_no_round(stack: Stack) -> None:
+    """Without tools no call of the round can ask for one: the answer's statement writes no
+    claim (the chat path without tools does no more work than before the claims)."""
+    claims = "SELECT count(*) FROM round_claims WHERE run_id = $1"
+    for tools in (False, True):
+        e = user_event("just answer")
+        await Store(stack.pool).insert_user_message(e)
+        run_id = f"run-{e.message_id}"
+        result = msgspec.structs.replace(
+            _round_result(e, f"task:{run_id}:1:0#1", 0, ask=False), tools=tools
+        )
+        assert await stack.persister.result(result, None) == "inserted"
+        assert await _outcomes(stack.pool, run_id) == (0, 1, [result.call_id])
+        assert await stack.pool.fetchval(claims, run_id) == int(tools)
+
+
+async def _at_least(con: asyncpg.Connection, n: int) -> bool:
+    return await _lock_waiters(con) >= n
 
 
 async def test_a_redelivered_calls_history_leaves_out_its_own_rounds_stored_turn(
