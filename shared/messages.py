@@ -283,10 +283,6 @@ class ExecResult(Event, kw_only=True, frozen=True):
     round: int = 0  # the task's round, passed through
     # Calls of earlier deliveries of this task cut by their executor's death (estimated usage).
     estimated: tuple[EstimatedCall, ...] = ()
-    # Whether the task offered tools. A call offered none cannot ask for one, so no other call
-    # of its round can store a tool turn, and its answer claims no round (round_claims). True
-    # when absent (an older executor): claiming is the safe side.
-    tools: bool = True
 
 
 class ExecFailed(Event, kw_only=True, frozen=True):

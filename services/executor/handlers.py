@@ -372,7 +372,6 @@ class ModelCall:
             tool_calls=ending.tool_calls,
             round=t.round,
             estimated=self.estimated,
-            tools=bool(t.tools),
         )
 
     async def _started(self, usage: m.Usage) -> None:

@@ -342,19 +342,23 @@ used AS (
 claim AS (
     -- The round's one outcome: an answer's claim, or the kind a concurrent claimant of the
     -- round committed first (the unique index waits for it and returns its row, snapshot or
-    -- not; DO UPDATE, not DO NOTHING, so the row comes back either way). Only where the task
-    -- offered tools ($18): without them no call of the round can ask for one.
+    -- not; DO UPDATE, not DO NOTHING, so the row comes back either way). Every answer claims,
+    -- tools offered or not: the model may send tool_use blocks unasked, and a policy reload
+    -- can offer a retry other tools than its first attempt.
     INSERT INTO round_claims AS c (run_id, round, kind, conversation_id)
-    SELECT $4, $17, 'answer', u.conversation_id FROM u WHERE $18::boolean
+    SELECT $4, $17, 'answer', u.conversation_id FROM u
     ON CONFLICT (run_id, round) DO UPDATE SET kind = c.kind
     RETURNING kind
 ),
 turned AS (
     -- A tool turn of this round (or a later one) was stored first: this answer came from a
     -- second model call of the round (a redelivered task) and does not end the run.
-    SELECT 1 FROM tool_turns WHERE run_id = $4 AND round >= $17
-    UNION ALL
+    -- The claim first: it is then always made before anything else this statement locks
+    -- (the totals, the run's row), never skipped by the LIMIT and made at the statement's end
+    -- while those are held (a deadlock with a turn's transaction that holds the claim).
     SELECT 1 FROM claim WHERE kind = 'turn'
+    UNION ALL
+    SELECT 1 FROM tool_turns WHERE run_id = $4 AND round >= $17
     LIMIT 1
 ),
 reply AS (
@@ -593,7 +597,6 @@ class Store:
                 uuid.UUID(r.conversation_id),
                 core.rank("completed"),
                 r.round,
-                r.tools,
             )
             if row is None:
                 raise BadData(f"result for unknown message {r.message_id}")
@@ -642,12 +645,13 @@ class Store:
         ):
             # The round's claim, first: an answer of this round, stored or being stored by
             # another model call of the round at this very moment, holds it (the answer's
-            # statement claims it too), and this turn is not stored. First, so that this
-            # transaction holds no lock the answer's statement needs while it waits for it.
+            # statement claims it too), and this turn is not stored. Locks are taken in the
+            # answer's order (claim, the run's row, then the totals in _add_usage), so the two
+            # never wait on each other in a circle.
             held = await con.fetchval(CLAIM_TURN, r.run_id, r.round, uuid.UUID(r.message_id))
-            await self._add_usage(con, r.call_id, r, r.usage, r.prices, "tool_use")
             # The run's row, locked: a reply and a turn of one run are decided one at a time.
             await con.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", r.run_id)
+            await self._add_usage(con, r.call_id, r, r.usage, r.prices, "tool_use")
             # The run ended (its reply is stored: an answer of this round from a second model
             # call, or policy's own reply): this turn would ask for calls nothing will ever
             # run. The call is billed (committed); nothing else is stored.

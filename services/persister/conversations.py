@@ -85,8 +85,10 @@ DELETE FROM tool_results WHERE run_id IN (
     SELECT run_id FROM tool_turns WHERE conversation_id = $1
     UNION SELECT run_id FROM runs WHERE conversation_id = $1)
 """,
-    "DELETE FROM tool_turns WHERE conversation_id = $1",
+    # The claims before the turns: a turn being stored holds its claim, then inserts its
+    # turn; deleting its turn first would wait on it while it waits on the deletion.
     "DELETE FROM round_claims WHERE conversation_id = $1",
+    "DELETE FROM tool_turns WHERE conversation_id = $1",
     "DELETE FROM messages WHERE conversation_id = $1",
 )
 

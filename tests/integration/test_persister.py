@@ -441,7 +441,6 @@ async def test_a_result_racing_one_that_commits_later_still_returns_the_stored_r
             uuid.UUID(e.conversation_id),
             core.rank("completed"),
             0,  # the round
-            True,  # the task offered tools: the round is claimed
         )
         racing = asyncio.create_task(store.store_result(second))
         await blocked_on_a_lock(pool)

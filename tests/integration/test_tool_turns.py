@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import msgspec
 import nats
 import pytest
 
@@ -485,20 +484,45 @@ async def test_a_turn_and_an_answer_of_one_round_stored_at_the_same_instant_leav
     assert await stack.pool.fetchval(claims, run_id) == 0
 
 
-async def test_an_answer_of_a_task_offered_no_tools_claims_no_round(stack: Stack) -> None:
-    """Without tools no call of the round can ask for one: the answer's statement writes no
-    claim (the chat path without tools does no more work than before the claims)."""
-    claims = "SELECT count(*) FROM round_claims WHERE run_id = $1"
-    for tools in (False, True):
-        e = user_event("just answer")
-        await Store(stack.pool).insert_user_message(e)
-        run_id = f"run-{e.message_id}"
-        result = msgspec.structs.replace(
-            _round_result(e, f"task:{run_id}:1:0#1", 0, ask=False), tools=tools
+async def test_a_third_call_of_a_round_with_a_stored_turn_and_a_racing_answer_do_not_deadlock(
+    stack: Stack, infra: Infra
+) -> None:
+    """The round's turn is stored; a redelivery asks for tools again (its claim locks the
+    committed claim's row) while another call of the round answers. The answer must make its
+    claim before it locks anything the turn's transaction needs: made last, it held the
+    project's totals while waiting for the claim, and the turn's transaction waited for the
+    totals (a deadlock, one write failed). Both finish; the answer is billed only."""
+    e = user_event("remind me to call mum")
+    store = Store(stack.pool)
+    await store.insert_user_message(e)
+    await store.upsert_run(run_verdict(e, "running"))
+    run_id = f"run-{e.message_id}"
+    task = f"task:{run_id}:1:0"
+    assert await stack.persister.result(_round_result(e, f"{task}#1", 0, ask=True), None) == (
+        "tool_turn"
+    )
+    hold = await asyncpg.connect(infra.database_url)
+    watch = await asyncpg.connect(infra.database_url)
+    try:
+        tx = hold.transaction()
+        await tx.start()
+        await hold.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", run_id)
+        again = asyncio.create_task(
+            stack.persister.result(_round_result(e, f"{task}#2", 0, ask=True), None)
         )
-        assert await stack.persister.result(result, None) == "inserted"
-        assert await _outcomes(stack.pool, run_id) == (0, 1, [result.call_id])
-        assert await stack.pool.fetchval(claims, run_id) == int(tools)
+        await eventually(lambda: _at_least(watch, 1), timeout=30)
+        answer = asyncio.create_task(
+            stack.persister.result(_round_result(e, f"{task}#3", 0, ask=False), None)
+        )
+        await eventually(lambda: _at_least(watch, 2), timeout=30)
+        await tx.rollback()
+        outcomes = await asyncio.wait_for(asyncio.gather(again, answer), 60)
+    finally:
+        await hold.close()
+        await watch.close()
+    assert outcomes[1] == "superseded"
+    billed = [f"{task}#1", f"{task}#2", f"{task}#3"]
+    assert await _outcomes(stack.pool, run_id) == (1, 0, billed)
 
 
 async def _at_least(con: asyncpg.Connection, n: int) -> bool:
