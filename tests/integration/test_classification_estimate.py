@@ -109,6 +109,20 @@ async def _rows(dsn: str, n: int) -> list[Any]:
     return await eventually(written, timeout=90)
 
 
+async def _rows_having(dsn: str, calls: tuple[str, ...]) -> list[Any]:
+    """Every usage row, once each of ``calls`` has one."""
+
+    async def written() -> list[Any] | None:
+        con = await asyncpg.connect(dsn)
+        try:
+            rows = await con.fetch("SELECT * FROM usage ORDER BY call_id")
+        finally:
+            await con.close()
+        return list(rows) if set(calls) <= {r["call_id"] for r in rows} else None
+
+    return await eventually(written, timeout=90)
+
+
 async def _record(bus: Bus, call_id: str) -> estimate.ModelCallRecord | None:
     try:
         raw = await bus.js.get_last_msg(
@@ -247,22 +261,27 @@ async def test_a_call_whose_exact_usage_went_out_keeps_it_when_the_message_retur
         _agent(infra, offline_model.url, _LosesTheBrokerAfterItsFirstUsage) as agent,
     ):
         await bus.publish(subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id)
-        rows = await _rows(infra.database_url, 2)
-        decisions = decode_all(
+        [decision] = decode_all(
             await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1),
             m.AgentDecision,
         )
-        # The first call's record says "started" (the agent writes no "finished"): the second
+        # The decision's call billed before the decision went out: its row and the first's.
+        rows = await _rows_having(infra.database_url, (first, decision.call_id))
+        # The first call's record says "started" (the agent writes no "finished"): each later
         # delivery estimates it, and the persister keeps the exact row.
         record = await _record(bus, first)
     assert record is not None and record.state == "started"
-    assert agent.estimated._value.get() == 1  # it was estimated, and the estimate not stored
+    # Estimated at least once, never stored. On a busy machine a second delivery can outlast
+    # the 2 s ack_wait, and a third one, overlapping it, estimates the call again (and makes a
+    # call of its own): the count is not the point, the rows are.
+    assert agent.estimated._value.get() >= 1
     ledger = offline_model.calls()
     by_call = {r["call_id"]: r for r in rows}
-    assert set(by_call) == {first, second}
-    _assert_exact(by_call, ledger, (first, second))
-    assert all(ledger[c]["output_tokens"] > 1 for c in (first, second))
-    assert [d.call_id for d in decisions] == [second]
+    later = set(by_call) - {first}
+    assert second in later and decision.call_id in later
+    assert all(c.startswith(f"classify:{e.message_id}#") for c in later)
+    _assert_exact(by_call, ledger, tuple(by_call))
+    assert all(ledger[c]["output_tokens"] > 1 for c in by_call)
 
 
 class _CutOffPastAckWait(AgentHandlers):
