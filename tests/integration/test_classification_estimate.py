@@ -97,20 +97,8 @@ async def _agent(
         await client.close()
 
 
-async def _rows(dsn: str, n: int) -> list[Any]:
-    async def written() -> list[Any] | None:
-        con = await asyncpg.connect(dsn)
-        try:
-            rows = await con.fetch("SELECT * FROM usage ORDER BY call_id")
-        finally:
-            await con.close()
-        return list(rows) if len(rows) >= n else None
-
-    return await eventually(written, timeout=90)
-
-
-async def _rows_having(dsn: str, calls: tuple[str, ...]) -> list[Any]:
-    """Every usage row, once each of ``calls`` has one."""
+async def _rows(dsn: str, n: int = 0, having: tuple[str, ...] = ()) -> list[Any]:
+    """Every usage row, once there are at least ``n`` and each of ``having`` has one."""
 
     async def written() -> list[Any] | None:
         con = await asyncpg.connect(dsn)
@@ -118,7 +106,8 @@ async def _rows_having(dsn: str, calls: tuple[str, ...]) -> list[Any]:
             rows = await con.fetch("SELECT * FROM usage ORDER BY call_id")
         finally:
             await con.close()
-        return list(rows) if set(calls) <= {r["call_id"] for r in rows} else None
+        enough = len(rows) >= n and set(having) <= {r["call_id"] for r in rows}
+        return list(rows) if enough else None
 
     return await eventually(written, timeout=90)
 
@@ -266,7 +255,7 @@ async def test_a_call_whose_exact_usage_went_out_keeps_it_when_the_message_retur
             m.AgentDecision,
         )
         # The decision's call billed before the decision went out: its row and the first's.
-        rows = await _rows_having(infra.database_url, (first, decision.call_id))
+        rows = await _rows(infra.database_url, having=(first, decision.call_id))
         # The first call's record says "started" (the agent writes no "finished"): each later
         # delivery estimates it, and the persister keeps the exact row.
         record = await _record(bus, first)
