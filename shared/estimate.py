@@ -51,8 +51,9 @@ class ModelCallRecord(msgspec.Struct, kw_only=True, frozen=True):
     CHAT_STREAM next to the call's token pushes) or ``agent.call.<digest>`` (an agent's, in
     AGENT_CALLS):
     ``started`` when ``message_start`` arrived (create-only), ``finished`` once the call's
-    outcome was published (the executor's; the agent writes none: its usage is its outcome, and
-    an estimate never replaces an exact row)."""
+    outcome was published (the executor's; the agent writes one only for a redelivered
+    message's call, which its settle timer reads: on the hot path its usage is its outcome,
+    and an estimate never replaces an exact row)."""
 
     v: int = m.SCHEMA_VERSION
     call_id: str
@@ -110,6 +111,22 @@ def delivery(num_delivered: int | None, headers: dict[str, str] | None) -> int:
     """The number a call of this delivery carries in its id (``#<n>``): the copy's own delivery
     count (1 when the broker gave none) after every delivery of its earlier lives."""
     return delivery_base(headers) + (num_delivered or 1)
+
+
+def is_delivery_of(task_id: str, call_id: str, max_deliver: int) -> bool:
+    """Whether ``call_id`` names a delivery's call of ``task_id`` (``<task id>#<n>``) that a
+    consumer bounded at ``max_deliver`` could have made: a copy replayed from a dead letter counts
+    on from its earlier lives' deliveries (``delivery``), so ``n`` may pass the bound by the
+    replay's base."""
+    task, sep, n = call_id.rpartition("#")
+    return (
+        bool(sep)
+        and task == task_id
+        and n.isascii()
+        and n.isdigit()
+        and len(n) <= 9
+        and 1 <= int(n) <= MAX_DELIVERY_BASE + max_deliver
+    )
 
 
 def earlier_calls(task_id: str, delivery: int) -> list[str]:

@@ -153,6 +153,17 @@ class ModelUsage(Event, kw_only=True, frozen=True):
     estimated: bool = False
 
 
+class ClassificationSettle(Event, kw_only=True, frozen=True):
+    """Published by the agent on agent.settle, for itself: at ``due``, the message's
+    classification calls named here that started and never billed (their agent died) are
+    billed by estimate. A redelivered message's agent sends one before its own call (deliveries
+    can overlap: docs/decisions.md, "An agent's overlapping deliveries")."""
+
+    user_id: str
+    due: datetime
+    calls: tuple[str, ...]  # ``classify:<message id>#<n>``: the delivery's own and earlier ones
+
+
 class LimitsSnapshot(msgspec.Struct, kw_only=True, frozen=True):
     """The limits a verdict was checked against and what was used of them at that moment."""
 

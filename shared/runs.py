@@ -79,6 +79,11 @@ def redelivery_settle_id(call_id: str) -> str:
     return f"settle:{call_id}"
 
 
+def classification_settle_id(call_id: str) -> str:
+    """The timer a redelivered message's agent publishes with its call (``classify:<m>#<n>``)."""
+    return f"classifysettle:{call_id}"
+
+
 def abort_id(run_id: str, attempt: int) -> str:
     return f"abort:{run_id}:{attempt}"
 

@@ -58,6 +58,12 @@ def agent_usage(project: str, conversation: str) -> str:
     return f"agent.usage.{project}.{conversation}"
 
 
+def agent_settle(project: str, conversation: str) -> str:
+    """Where an agent handling a redelivered message asks itself, later, to bill the message's
+    classification calls that died by then (``agent-settle``; the agent alone publishes here)."""
+    return f"agent.settle.{project}.{conversation}"
+
+
 def policy_verdict(project: str, conversation: str) -> str:
     return f"policy.verdict.{project}.{conversation}"
 
@@ -264,7 +270,7 @@ class StreamSpec(msgspec.Struct, frozen=True):
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(STREAM_CHAT_IN, ("chat.in.>",)),
     StreamSpec(STREAM_PERSISTED, ("chat.persisted.>",)),
-    StreamSpec(STREAM_DECISIONS, ("agent.decision.>", "agent.usage.>")),
+    StreamSpec(STREAM_DECISIONS, ("agent.decision.>", "agent.usage.>", "agent.settle.>")),
     StreamSpec(STREAM_POLICY, ("policy.>",)),
     StreamSpec(STREAM_TASKS, ("exec.task.>",)),
     StreamSpec(STREAM_RESULTS, ("exec.result.>", "exec.failed.>")),

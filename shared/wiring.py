@@ -33,6 +33,15 @@ PERSISTER_API_KEYS = ConsumerSpec(subjects.STREAM_ADMIN, "persister-api-keys", "
 AGENT_IN = ConsumerSpec(
     subjects.STREAM_PERSISTED, "agent", "chat.persisted.user.>", ack_wait_s=60.0
 )
+# A redelivered message's classification calls, billed at a timer's due time if they died:
+# handed back (nak with a delay) until due, as policy's deadlines.
+AGENT_SETTLE = ConsumerSpec(
+    subjects.STREAM_DECISIONS,
+    "agent-settle",
+    "agent.settle.>",
+    max_deliver=100,
+    max_ack_pending=100_000,
+)
 POLICY_DECISIONS = ConsumerSpec(subjects.STREAM_DECISIONS, "policy-decisions", "agent.decision.>")
 POLICY_OUTCOMES = ConsumerSpec(
     subjects.STREAM_PERSISTED, "policy-outcomes", "chat.persisted.assistant.>"
@@ -175,10 +184,12 @@ WIRING: dict[str, Wiring] = {
                 "user_message",
                 exhausted="user_message_exhausted",
             ),
+            Consumes(AGENT_SETTLE, messages.ClassificationSettle, "settle"),
         ),
         publishes=(
             subjects.agent_decision(*_ANY),
             subjects.agent_usage(*_ANY),
+            subjects.agent_settle(*_ANY),  # its own timer (a redelivered message's calls)
             "agent.call.*",  # a classification call's started record: shared/estimate.py
         ),
         # A redelivered message reads its earlier classification calls' records (to bill the

@@ -9,6 +9,9 @@ from shared.messages import Prices
 class Settings(BaseSettings, kw_only=True, frozen=True):
     model: str = "claude-haiku-4-5"
     model_timeout_s: float = 10.0
+    # A redelivered message's settle timer is due this long after the model's timeout: by then
+    # every call of its earlier deliveries that was going to start has written its record.
+    settle_grace_s: float = 20.0
     max_tokens: int = 512
     context_messages: int = 12
     context_token_budget: int = 2000

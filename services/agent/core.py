@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -10,7 +11,7 @@ import msgspec
 from shared import estimate, runs
 from shared.history import Turn, estimate_tokens
 from shared.history import newest_within as select_context
-from shared.messages import Complexity, Decision, Intent
+from shared.messages import ClassificationSettle, Complexity, Decision, Intent
 
 __all__ = ["Turn", "estimate_tokens", "select_context"]
 
@@ -40,6 +41,36 @@ def call_id(message_id: str, delivery: int) -> str:
     """One classification call: the message and the delivery that made it (``#`` as the
     executor's calls: the part after it says which delivery of the same work this was)."""
     return f"{work_id(message_id)}#{delivery}"
+
+
+def settle_calls(message_id: str, delivery: int) -> tuple[str, ...]:
+    """What a delivery's settle timer names: its own call and every earlier delivery's."""
+    return tuple(estimate.earlier_calls(work_id(message_id), delivery + 1))
+
+
+# A timer due later than the calls' records are kept (AGENT_CALLS' age) would read nothing.
+SETTLE_MAX_AHEAD = timedelta(hours=1)
+
+
+def settle_refusal(t: ClassificationSettle, max_deliver: int, now: datetime) -> str | None:
+    """Why a settle timer is not one an agent sends (the reason it is dead-lettered), or None.
+    Only the agent may publish one; its fields are checked all the same: calls of the timer's
+    own message only, each once, each a delivery the consumer's bound allows."""
+    work = work_id(t.message_id)
+    if not t.calls:
+        return "a settle timer that names no calls"
+    if len(t.calls) > estimate.MAX_DELIVERY_BASE + max_deliver or len(set(t.calls)) != len(t.calls):
+        return f"a settle timer naming {len(t.calls)} calls, or one call twice"
+    if any(not estimate.is_delivery_of(work, c, max_deliver) for c in t.calls):
+        return f"calls {list(t.calls)[:3]!r} are not deliveries of message {t.message_id}"
+    if t.due.tzinfo is None or t.due - now > SETTLE_MAX_AHEAD:
+        return f"a settle timer due at {t.due.isoformat()[:40]}, not within the hour"
+    return None
+
+
+def settle_wait(t: ClassificationSettle, now: datetime) -> float | None:
+    """Seconds until a settle timer is due; None once it is."""
+    return (t.due - now).total_seconds() if now < t.due else None
 
 
 def run_id_for(message_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -10,10 +11,10 @@ from nats.aio.msg import Msg
 from services.agent import core
 from services.agent.adapters import CallFailed, Classifier
 from services.agent.config import Settings
-from shared import deadcalls, estimate, runs, subjects
+from shared import deadcalls, estimate, runs, subjects, wiring
 from shared import messages as m
 from shared.bus import Bus
-from shared.errors import DependencyDown
+from shared.errors import BadData, Deferred, DependencyDown
 from shared.history import History
 from shared.metrics import ServiceMetrics
 
@@ -44,10 +45,17 @@ class Handlers:
             "Redelivered messages whose earlier calls' records could not be read (the broker "
             "refused or did not answer): those calls, if any died, stay unbilled.",
         )
+        self.timers_failed = metrics.counter(
+            "settle_timers_failed_total",
+            "Redelivered messages whose settle timer could not be published: a call of theirs "
+            "that dies after another delivery's decision was acked stays unbilled.",
+        )
 
     async def user_message(self, e: m.UserMessagePersisted, msg: Msg) -> str:
         delivery = estimate.delivery(msg.metadata.num_delivered, msg.headers)
-        turns, dead = await asyncio.gather(self._context(e), self._unsettled(e, delivery))
+        turns, dead, _ = await asyncio.gather(
+            self._context(e), self._unsettled(e, delivery), self._settle_later(e, delivery)
+        )
         # Calls an earlier delivery's agent died in are billed first, by estimate.
         for call in dead:
             await self._bill(e, call.call_id, estimate.AGENT_OUTCOME, call.usage, estimated=True)
@@ -80,9 +88,17 @@ class Handlers:
             usage=usage,
             cost_usd=usage.cost_usd(prices),
         )
-        await self.bus.publish(
+        decided = self.bus.publish(
             subjects.agent_decision(e.project_id, e.conversation_id), out, msg_id=out.event_id
         )
+        if delivery > 1:
+            # The call's usage went out: its settle timer has nothing to estimate for it.
+            work = core.work_id(e.message_id)
+            await asyncio.gather(
+                decided, deadcalls.write_record(self.bus, call_id, work, "finished", usage)
+            )
+        else:
+            await decided
         return "fallback" if reason else "classified"
 
     async def user_message_exhausted(self, e: m.UserMessagePersisted, msg: Msg) -> None:
@@ -101,9 +117,62 @@ class Handlers:
         if failed:
             raise failed[0]  # logged by the consumer (exhausted_hook_failed)
 
+    async def settle(self, t: m.ClassificationSettle, _msg: Msg) -> str:
+        """``agent.settle`` (durable ``agent-settle``): a redelivered message's timer, handed
+        back until due; then each call it names that started and never billed is billed by
+        estimate (a call whose exact usage went out keeps it: the persister keys rows by call
+        id, and an estimate never replaces an exact row)."""
+        now = datetime.now(UTC)
+        if (why := core.settle_refusal(t, wiring.AGENT_IN.max_deliver, now)) is not None:
+            raise BadData(why)
+        wait = core.settle_wait(t, now)
+        if wait is not None:
+            raise Deferred("settle timer not due", wait)
+        found = await deadcalls.unsettled(
+            self.bus.js, t.project_id, t.conversation_id, t.calls, pushes=False
+        )
+        for call in found:
+            self.estimated.inc()
+            self.bus.log.warning(
+                "call_estimated", call_id=call.call_id, input_tokens=call.usage.input_tokens
+            )
+            await self._bill(t, call.call_id, estimate.AGENT_OUTCOME, call.usage, estimated=True)
+        return f"settled:{len(found)}"
+
+    async def _settle_later(self, e: m.UserMessagePersisted, delivery: int) -> None:
+        """A redelivered message's agent asks itself, before its call, to bill later the
+        calls of this delivery and the earlier ones that died by then. Deliveries can overlap: one
+        that outlasted ``ack_wait`` runs on while the next one reads its record, before it wrote
+        it; if that one then dies after its call and another delivery's decision is acked,
+        nothing is delivered again, and only this timer bills it (docs/decisions.md, "An agent's
+        overlapping deliveries"). A first delivery has none: a redelivery reads its record.
+        Best effort, like the call's record: counted when it cannot be published."""
+        if delivery <= 1:
+            return
+        due = datetime.now(UTC) + timedelta(
+            seconds=self.settings.model_timeout_s + self.settings.settle_grace_s
+        )
+        calls = core.settle_calls(e.message_id, delivery)
+        timer = m.ClassificationSettle(
+            event_id=runs.classification_settle_id(calls[-1]),
+            message_id=e.message_id,
+            conversation_id=e.conversation_id,
+            project_id=e.project_id,
+            causation_id=e.event_id,
+            user_id=e.user_id,
+            due=due,
+            calls=calls,
+        )
+        subject = subjects.agent_settle(e.project_id, e.conversation_id)
+        try:
+            await self.bus.publish(subject, timer, msg_id=timer.event_id)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            self.timers_failed.inc()
+            self.bus.log.warning("settle_timer_failed", call_id=calls[-1], error=repr(exc))
+
     async def _bill(
         self,
-        e: m.UserMessagePersisted,
+        e: m.UserMessagePersisted | m.ClassificationSettle,
         call_id: str,
         outcome: str,
         usage: m.Usage,

@@ -527,7 +527,7 @@ def redelivery_settle(d: m.RunDeadline, run: RunState, max_deliver: int) -> m.Ru
         return f"attempt {d.attempt} of run {run.run_id} was never started"
     if s.task_id != runs.task_id(run.run_id, d.attempt):
         return f"task {s.task_id!r} is not attempt {d.attempt} of run {run.run_id}"
-    if not s.calls or any(not _delivery_of(s.task_id, c, max_deliver) for c in s.calls):
+    if not s.calls or any(not estimate.is_delivery_of(s.task_id, c, max_deliver) for c in s.calls):
         return f"calls {list(s.calls)[:3]!r} are not deliveries of task {s.task_id}"
     return msgspec.structs.replace(
         d,
@@ -535,20 +535,6 @@ def redelivery_settle(d: m.RunDeadline, run: RunState, max_deliver: int) -> m.Ru
         conversation_id=run.conversation_id,
         project_id=run.project_id,
         settle=msgspec.structs.replace(s, user_id=run.user_id),
-    )
-
-
-def _delivery_of(task_id: str, call_id: str, max_deliver: int) -> bool:
-    task, sep, n = call_id.rpartition("#")
-    # A copy replayed from a dead letter counts on from its earlier lives' deliveries
-    # (estimate.delivery), so a delivery's number may pass the bound by the replay's base.
-    return (
-        bool(sep)
-        and task == task_id
-        and n.isascii()
-        and n.isdigit()
-        and len(n) <= 9
-        and 1 <= int(n) <= estimate.MAX_DELIVERY_BASE + max_deliver
     )
 
 

@@ -4,6 +4,7 @@ Postgres, the offline model and an agent process (SIGKILL mid-stream)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -25,7 +27,7 @@ from services.agent.config import Settings
 from services.agent.handlers import Handlers as AgentHandlers
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers as PersisterHandlers
-from shared import estimate, model, subjects, wiring
+from shared import deadcalls, estimate, model, subjects, wiring
 from shared import messages as m
 from shared.bus import Bus, Consumer
 from shared.db import create_pool
@@ -368,7 +370,8 @@ async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dea
                 settings,
                 service_metrics("agent"),
             )
-            [consumer] = wiring.consumers(agent_bus, "agent", h)
+            [consumer, _] = wiring.consumers(agent_bus, "agent", h)
+            assert consumer.spec == wiring.AGENT_IN
             consumer.spec = msgspec.structs.replace(consumer.spec, max_deliver=1)
             try:
                 async with running(consumer):
@@ -416,3 +419,205 @@ async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dea
     assert set(rows) == {first, replayed}
     assert rows[first]["estimated"] and rows[first]["input_tokens"] == cut["input_tokens"]
     _assert_exact(rows, offline_model.calls(), (replayed,))
+
+
+class _OutlastedThenDies(AgentHandlers):
+    """Delivery 1 waits before its call until delivery 2 (sent again after the 2 s ack_wait, and
+    reading delivery 1's record before there is one) is billed, decided and acked. Then delivery
+    1 makes its call, and its agent dies before billing it: ``_bill`` never returns, so its
+    usage never goes out (``dead`` is set there)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.second_done = asyncio.Event()
+        self.dead = asyncio.Event()
+
+    async def user_message(self, e: m.UserMessagePersisted, msg: Any) -> str:
+        out = await super().user_message(e, msg)
+        if msg.metadata.num_delivered == 2:
+            self.second_done.set()
+        return out
+
+    async def _classify(
+        self, e: m.UserMessagePersisted, transcript: str, call_id: str
+    ) -> tuple[m.Decision | None, str, m.Usage]:
+        if call_id.endswith("#1"):
+            await self.second_done.wait()
+        return await super()._classify(e, transcript, call_id)
+
+    async def _bill(
+        self,
+        e: m.UserMessagePersisted | m.ClassificationSettle,
+        call_id: str,
+        outcome: str,
+        usage: m.Usage,
+        estimated: bool = False,
+    ) -> None:
+        if call_id.endswith("#1") and not estimated:
+            self.dead.set()
+            await asyncio.Event().wait()  # the process is gone: nothing more happens here
+        await super()._bill(e, call_id, outcome, usage, estimated)
+
+
+async def _no_heartbeat(over: asyncio.Event) -> None:
+    await over.wait()
+
+
+async def test_a_call_of_a_delivery_that_outlasted_ack_wait_is_billed_when_it_dies_after_the_message_was_acked(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    """Found by the chaos suite on a busy machine: deliveries overlap, the later one reads the
+    earlier one's record before it is written, the earlier one dies after its call, and the
+    later one's ack means no delivery comes again to read it. The later delivery's settle
+    timer bills it; the timer's own call keeps its exact row. The overlap comes from a lost
+    heartbeat (a broker restart, or a loop too busy to send it): this agent sends none."""
+    await provision(infra.nats_url, ack_wait_s=2.0)
+    e, first, second = _message("Which delivery pays?")
+    # Due a second after the second delivery began (the default waits for the model's timeout).
+    settings = Settings(model_timeout_s=1.0, settle_grace_s=0.0)
+    agent_bus = await connect_bus(infra.nats_url, "agent")
+    pool = await create_pool(infra.database_url)
+    client = model.client(offline_model.url, "test-key", 10.0)
+    classifier = Classifier(client, settings.model, settings.max_tokens)
+    dying = _OutlastedThenDies(
+        agent_bus, History(pool), classifier, settings, service_metrics("agent")
+    )
+    later = AgentHandlers(agent_bus, History(pool), classifier, settings, service_metrics("agent"))
+    [agent_in, _] = wiring.consumers(agent_bus, "agent", dying)
+    agent_in._heartbeat = _no_heartbeat  # type: ignore[method-assign]
+    [_, settle] = wiring.consumers(agent_bus, "agent", later)
+    try:
+        async with _persister(infra) as bus:
+            async with running(agent_in):
+                await bus.publish(
+                    subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id
+                )
+                [decision] = decode_all(
+                    await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1),
+                    m.AgentDecision,
+                )
+                await asyncio.wait_for(dying.dead.wait(), timeout=90)
+                record = await _record(bus, first)
+                # The second delivery read the first's record before it was written.
+                estimated = dying.estimated._value.get()
+                for task in list(agent_in.inflight):
+                    task.cancel()  # the first delivery's agent is gone
+            # Nothing reads the first call's record again: its message was acked.
+            early = {r["call_id"] for r in await _rows(infra.database_url, 1)}
+            [raw] = await read_subject(bus, subjects.STREAM_DECISIONS, "agent.settle.>", 1)
+            timer = msgspec.json.decode(raw.data, type=m.ClassificationSettle)
+            # An agent with the settle consumer as main.py binds it (the timer is due by now).
+            async with running(settle):
+                rows = await _rows(infra.database_url, having=(first, second))
+            finished = await _record(bus, second)
+    finally:
+        await agent_bus.close()
+        await pool.close()
+        await client.close()
+    assert decision.call_id == second and early == {second} and estimated == 0
+    assert timer.calls == (first, second) and timer.user_id == e.user_id
+    assert record is not None and record.state == "started"
+    ledger = offline_model.calls()
+    assert ledger[first]["outcome"] == "completed"  # the provider served (and billed) it
+    by_call = {r["call_id"]: r for r in rows}
+    assert set(by_call) == {first, second}
+    cut = by_call[first]
+    assert (cut["estimated"], cut["outcome"], cut["purpose"], cut["user_id"]) == (
+        True,
+        estimate.AGENT_OUTCOME,
+        "classification",
+        e.user_id,
+    )
+    assert _input(cut) == _served_input(ledger[first])
+    assert cut["output_tokens"] == record.usage.output_tokens <= ledger[first]["output_tokens"]
+    # The second delivery's call wrote its "finished" record: the timer estimated the first only.
+    assert later.estimated._value.get() == 1
+    assert finished is not None and finished.state == "finished"
+    _assert_exact(by_call, ledger, (second,))
+
+
+async def test_the_settle_consumer_dead_letters_timers_no_agent_sends_and_bills_a_call_once(
+    infra: Infra, offline_model: OfflineModelProcess
+) -> None:
+    """Hostile, malformed and duplicate timers on ``agent.settle``: a timer naming another
+    message's call, one due hours ahead and an undecodable one are dead-lettered and bill
+    nothing; a valid timer and its duplicate bill the started call once, and a named call that
+    never started nothing."""
+    await provision(infra.nats_url)
+    e, first, second = _message("Settle me")
+    subject = subjects.agent_settle(e.project_id, e.conversation_id)
+    started = m.Usage(input_tokens=42, cache_read_tokens=3)
+    settings = Settings()
+    agent_bus = await connect_bus(infra.nats_url, "agent")
+    pool = await create_pool(infra.database_url)
+    h = AgentHandlers(agent_bus, History(pool), None, settings, service_metrics("agent"))  # type: ignore[arg-type]
+    [_, settle] = wiring.consumers(agent_bus, "agent", h)
+
+    def timer(event_id: str, **changes: Any) -> m.ClassificationSettle:
+        fields: dict[str, Any] = {
+            "event_id": event_id,
+            "message_id": e.message_id,
+            "conversation_id": e.conversation_id,
+            "project_id": e.project_id,
+            "user_id": e.user_id,
+            "due": datetime.now(UTC),
+            "calls": (first, second),
+        }
+        return m.ClassificationSettle(**(fields | changes))
+
+    try:
+        async with _persister(infra) as bus:
+            # The message is stored (its usage rows belong to it), and its first call started.
+            await bus.publish(
+                subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id
+            )
+            await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
+            assert await deadcalls.write_record(
+                agent_bus, first, f"classify:{e.message_id}", "started", started
+            )
+            hostile = [
+                timer("t-other", message_id="another-message"),  # another message's calls
+                timer("t-ahead", due=datetime.now(UTC) + timedelta(hours=3)),
+            ]
+            for t in hostile:
+                await agent_bus.publish(subject, t, msg_id=t.event_id)
+            await agent_bus.publish(subject, b'{"not": "a timer"', msg_id="t-garbled")
+            valid = timer("t-valid")
+            for _ in range(2):
+                await agent_bus.publish(subject, valid, msg_id=valid.event_id)
+            # The same timer again under another id (past the broker's dedup): one row all the same.
+            await agent_bus.publish(subject, timer("t-again"), msg_id="t-again")
+            async with running(settle):
+                letters = decode_all(
+                    await read_subject(
+                        bus,
+                        subjects.STREAM_DLQ,
+                        subjects.dead_letter(
+                            wiring.AGENT_SETTLE.stream, wiring.AGENT_SETTLE.durable
+                        ),
+                        3,
+                        60,
+                    ),
+                    m.DeadLetter,
+                )
+                [row] = await _rows(infra.database_url, 1)
+
+                async def both_settled() -> bool | None:
+                    return h.estimated._value.get() >= 2 or None
+
+                settled = await eventually(both_settled, timeout=60)
+    finally:
+        await agent_bus.close()
+        await pool.close()
+    reasons = sorted(letter.reason for letter in letters)
+    assert len(reasons) == 3, reasons
+    assert any("are not deliveries of message another-message" in r for r in reasons), reasons
+    assert any("not within the hour" in r for r in reasons), reasons
+    assert any("undecodable" in r for r in reasons), reasons
+    assert settled
+    assert (row["call_id"], row["estimated"], row["outcome"]) == (
+        first,
+        True,
+        estimate.AGENT_OUTCOME,
+    )
+    assert (row["input_tokens"], row["cache_read_tokens"]) == (42, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -18,7 +19,7 @@ from services.agent.core import (
     validate,
 )
 from services.policy import core as policy_core
-from shared.messages import Decision
+from shared.messages import ClassificationSettle, Decision
 
 GOOD: dict[str, Any] = {
     "intent": "question", "complexity": "low", "action": "answer", "executor": "chat",
@@ -124,3 +125,68 @@ def test_the_agent_names_a_messages_run_and_call_as_policy_and_the_ledger_do() -
     assert agent_core.run_id_for("m-1") == policy_core.run_id_for("m-1")
     # Delivery after "#", as the executor's call ids: the chaos check reads both the same way.
     assert agent_core.call_id("m-1", 2).rsplit("#", 1) == ["classify:m-1", "2"]
+
+
+# ---- a redelivered message's settle timer (docs/decisions.md, "An agent's overlapping
+# deliveries") ---------------------------------------------------------------------------------
+
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+WORK = agent_core.work_id("m1")
+
+
+def _timer(**changes: Any) -> ClassificationSettle:
+    fields: dict[str, Any] = {
+        "event_id": "classifysettle:x",
+        "message_id": "m1",
+        "conversation_id": "c1",
+        "project_id": "p1",
+        "user_id": "u1",
+        "due": NOW + timedelta(seconds=30),
+        "calls": agent_core.settle_calls("m1", 3),
+    }
+    return ClassificationSettle(**(fields | changes))
+
+
+def test_a_settle_timer_names_the_deliverys_own_call_and_every_earlier_one() -> None:
+    assert agent_core.settle_calls("m1", 3) == (f"{WORK}#1", f"{WORK}#2", f"{WORK}#3")
+    # A replayed copy's delivery counts on from its earlier lives (estimate.delivery).
+    assert agent_core.settle_calls("m1", 1002)[-1] == f"{WORK}#1002"
+    assert agent_core.settle_refusal(_timer(), 20, NOW) is None
+    assert (
+        agent_core.settle_refusal(_timer(calls=agent_core.settle_calls("m1", 1020)), 20, NOW)
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"calls": ()}, "names no calls"),
+        ({"calls": (f"{WORK}#1", f"{WORK}#1")}, "one call twice"),
+        ({"calls": agent_core.settle_calls("m1", 1021)}, "naming 1021 calls"),
+        ({"calls": (f"{agent_core.work_id('m2')}#1",)}, "are not deliveries"),
+        ({"calls": ("m1#1",)}, "are not deliveries"),  # not a classification call
+        ({"calls": (f"{WORK}#0",)}, "are not deliveries"),
+        ({"calls": (f"{WORK}#1021",)}, "are not deliveries"),
+        ({"calls": (f"{WORK}#{'9' * 5000}",)}, "are not deliveries"),
+        ({"calls": (f"{WORK}#\u0663",)}, "are not deliveries"),
+        ({"calls": (f"{WORK}#-1",)}, "are not deliveries"),
+        ({"calls": (WORK,)}, "are not deliveries"),
+        ({"calls": ("exec:run-m1:1#1",)}, "are not deliveries"),  # an answer call
+        ({"due": NOW + timedelta(hours=2)}, "not within the hour"),
+        ({"due": datetime(2026, 12, 7, 12, 0)}, "not within the hour"),  # no time zone
+    ],
+)
+def test_a_settle_timer_no_agent_would_send_is_refused(
+    changes: dict[str, Any], reason: str
+) -> None:
+    why = agent_core.settle_refusal(_timer(**changes), 20, NOW)
+    assert why is not None and reason in why, why
+
+
+def test_a_settle_timer_waits_until_due_and_then_runs() -> None:
+    t = _timer()
+    assert agent_core.settle_wait(t, NOW) == 30.0
+    assert agent_core.settle_wait(t, NOW + timedelta(seconds=30)) is None
+    # Past its due (its agent was down): at once.
+    assert agent_core.settle_wait(t, NOW + timedelta(days=1)) is None
