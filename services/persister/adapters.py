@@ -529,9 +529,12 @@ class Store:
 
     async def upsert_runs(self, verdicts: list[m.RunVerdict]) -> list[Exception | None]:
         """Many verdicts in one round trip and one commit (statuses only move forward, so
-        their order within the batch does not matter). If the batch fails for a reason other
-        than the database being down, each is retried alone, so one bad verdict fails only
-        its own caller."""
+        their order within the batch does not matter). Written in run id order: each row's
+        lock is held to the commit, so two batches that overlap take their common rows in one
+        order and never wait for each other in a cycle (a deadlock, which Postgres breaks
+        after a second by failing one batch). If the batch fails for a reason other than the
+        database being down, each is retried alone, so one bad verdict fails only its own
+        caller."""
         if len(verdicts) == 1:
             await self.upsert_run(verdicts[0])
             return [None]
@@ -554,7 +557,7 @@ class Store:
                 v.reserved_tokens,
                 v.reserved_cost_usd,
             )
-            for v in verdicts
+            for v in sorted(verdicts, key=lambda v: v.run_id)
         ]
         try:
             async with unavailable_is_transient("upsert runs"), self.pool.acquire() as con:

@@ -11,7 +11,7 @@ from shared import messages as m
 from shared.batching import GroupCommit
 from shared.db import create_pool
 from tests.integration.conftest import Infra
-from tests.support import user_event
+from tests.support import eventually, user_event
 
 
 def _verdict(
@@ -63,4 +63,55 @@ async def test_a_bad_verdict_in_a_batch_fails_alone(infra: Infra) -> None:
     assert isinstance(results[1], asyncpg.UniqueViolationError)
     stored = {r["run_id"] for r in await pool.fetch("SELECT run_id FROM runs")}
     assert stored == {"run-a", "run-b"}
+    await pool.close()
+
+
+async def _lock_waiters(con: asyncpg.Connection) -> int | None:
+    n = await con.fetchval(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    return int(n) or None
+
+
+async def test_two_batches_of_the_same_runs_in_opposite_orders_do_not_deadlock(
+    infra: Infra,
+) -> None:
+    """Each row a batch writes stays locked to its commit. Batch one waits for a run's row
+    another connection holds; batch two, the same two runs the other way round, takes the
+    second run's row and queues for the first. When the first is free, batch one takes it and
+    waits for the second: a cycle, which Postgres ended by failing a batch after a second
+    (a transient error, redelivered). Written in run id order, both queue for the first row."""
+    pool = await create_pool(infra.database_url)
+    store = Store(pool)
+    a, b = user_event(), user_event()
+    low, high = sorted((f"run-{a.message_id}", f"run-{b.message_id}"))
+    event = {f"run-{a.message_id}": a, f"run-{b.message_id}": b}
+    for run_id in (low, high):
+        await store.upsert_run(_verdict(event[run_id], run_id, "queued"))
+    hold = await asyncpg.connect(infra.database_url)
+    watch = await asyncpg.connect(infra.database_url)
+    try:
+        tx = hold.transaction()
+        await tx.start()
+        await hold.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", low)
+        one = asyncio.create_task(store.upsert_runs([_verdict(event[r], r) for r in (low, high)]))
+        await eventually(lambda: _lock_waiters(watch), timeout=30)
+        two = asyncio.create_task(
+            store.upsert_runs([_verdict(event[r], r, "completed") for r in (high, low)])
+        )
+
+        async def both_wait() -> int | None:
+            n = await _lock_waiters(watch)
+            return n if n is not None and n >= 2 else None
+
+        await eventually(both_wait, timeout=30)
+        await tx.rollback()
+        results = await asyncio.wait_for(asyncio.gather(one, two, return_exceptions=True), 60)
+    finally:
+        await hold.close()
+        await watch.close()
+    assert results == [[None, None], [None, None]], results
+    rows = await pool.fetch("SELECT run_id, status FROM runs ORDER BY run_id")
+    assert [(r["run_id"], r["status"]) for r in rows] == [(low, "completed"), (high, "completed")]
     await pool.close()
