@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
@@ -211,7 +211,7 @@ class Handlers:
             causation_id=t.event_id,
             run_id=t.run_id,
             attempt=t.attempt,
-            due=t.deadline + timedelta(seconds=self.settings.settle_grace_s),
+            due=self._settle_due(t),
             # Who is billed is policy's to say: it takes the user from the run's record.
             settle=m.DeadCalls(
                 task_id=t.task_id,
@@ -226,6 +226,14 @@ class Handlers:
             await self.bus.publish(subject, timer, msg_id=timer.event_id)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             self.bus.log.warning("settle_timer_failed", call_id=call_id, error=repr(exc))
+
+    def _settle_due(self, t: m.ExecTask) -> datetime:
+        """The attempt's deadline plus the grace; for a task whose deadline is near or past (a
+        copy ``baton dlq replay`` made, or a redelivery late in its attempt), not before the
+        call's first byte is due plus the grace: a timer run before the call wrote its record
+        would find nothing, and be gone."""
+        first_byte = datetime.now(UTC) + timedelta(seconds=self.settings.stall_timeout_s)
+        return max(t.deadline, first_byte) + timedelta(seconds=self.settings.settle_grace_s)
 
     async def _publish_outcome(self, subject: str, event: m.ExecResult | m.ExecFailed) -> None:
         """Publish a call's outcome, riding out a broker restart: the call is already paid for.

@@ -15,6 +15,7 @@ from typing import Any
 
 import anthropic
 import asyncpg
+import msgspec
 import pytest
 
 from baton.offline_model import OfflineModelProcess
@@ -596,13 +597,19 @@ async def test_a_task_replayed_from_a_dead_letter_bills_its_call_under_an_id_of_
     offline_model.update_settings(tokens_per_second=0)
     e = user_event("A second life, please")
     await Store(pool).insert_user_message(e)
-    task = _task(e)
-    h = Handlers(bus, History(pool), Model(client), Settings(), service_metrics("executor"))
+    # Replayed after its attempt's deadline, as a dead letter is; from a policy that checks a
+    # redelivery's settle timer (user_id set), so the copy's call asks for one.
+    task = msgspec.structs.replace(
+        _task(e), user_id=e.user_id, deadline=datetime.now(UTC) - timedelta(hours=1)
+    )
+    settings = Settings()
+    h = Handlers(bus, History(pool), Model(client), settings, service_metrics("executor"))
     p = PersisterHandlers(bus, Store(pool), service_metrics("persister"))
     async with running(
         Consumer(bus, wiring.EXECUTOR_TASKS, m.ExecTask, h.task),
         Consumer(bus, wiring.PERSISTER_RESULTS, m.ExecResult, p.result),
     ):
+        sent = datetime.now(UTC)
         await bus.publish(
             subjects.exec_task(e.project_id, e.conversation_id),
             task,
@@ -623,8 +630,23 @@ async def test_a_task_replayed_from_a_dead_letter_bills_its_call_under_an_id_of_
             rows = await eventually(billed, timeout=30)
         finally:
             await con.close()
+        [timer] = decode_all(
+            await read_subject(
+                bus,
+                subjects.STREAM_POLICY,
+                subjects.policy_settle(e.project_id, e.conversation_id),
+                1,
+            ),
+            m.RunDeadline,
+        )
     replayed = f"{task.task_id}#4"
     assert result.call_id == replayed and result.estimated == ()
+    # Its settle timer is not due at once (the deadline passed long ago): the call's first byte
+    # is due first, or the timer would run before the call wrote its record, find nothing, and
+    # be gone.
+    assert timer.settle is not None and timer.settle.calls == (replayed,)
+    grace = timedelta(seconds=settings.stall_timeout_s + settings.settle_grace_s)
+    assert timer.due >= sent + grace
     assert [(r["call_id"], r["estimated"]) for r in rows] == [(replayed, False)]
     ledger = offline_model.calls()
     assert replayed in ledger and f"{task.task_id}#1" not in ledger
