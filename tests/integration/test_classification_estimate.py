@@ -99,8 +99,12 @@ async def _agent(
         await client.close()
 
 
-async def _rows(dsn: str, n: int = 0, having: tuple[str, ...] = ()) -> list[Any]:
-    """Every usage row, once there are at least ``n`` and each of ``having`` has one."""
+async def _rows(
+    dsn: str, n: int = 0, having: tuple[str, ...] = (), estimated: tuple[str, ...] | None = None
+) -> list[Any]:
+    """Every usage row, once there are at least ``n`` and each of ``having`` has one (and, with
+    ``estimated``, the estimated rows are those: an overlapping delivery's estimate of a call
+    whose exact usage is on its way is replaced by it)."""
 
     async def written() -> list[Any] | None:
         con = await asyncpg.connect(dsn)
@@ -109,6 +113,8 @@ async def _rows(dsn: str, n: int = 0, having: tuple[str, ...] = ()) -> list[Any]
         finally:
             await con.close()
         enough = len(rows) >= n and set(having) <= {r["call_id"] for r in rows}
+        if estimated is not None:
+            enough = enough and {r["call_id"] for r in rows if r["estimated"]} == set(estimated)
         return list(rows) if enough else None
 
     return await eventually(written, timeout=90)
@@ -172,10 +178,13 @@ async def test_a_call_cut_by_a_sigkilled_agent_gets_one_estimated_row_when_the_m
             assert offline_model.calls()[first]["outcome"] != "completed"
             offline_model.update_settings(tokens_per_second=0)
             async with _agent(infra, offline_model.url, AgentHandlers) as agent:
-                rows = await _rows(infra.database_url, 2)
                 decisions = decode_all(
                     await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1),
                     m.AgentDecision,
+                )
+                # The decision's call billed before the decision went out.
+                rows = await _rows(
+                    infra.database_url, having=(first, decisions[0].call_id), estimated=(first,)
                 )
             con = await asyncpg.connect(infra.database_url)
             try:
@@ -192,9 +201,14 @@ async def test_a_call_cut_by_a_sigkilled_agent_gets_one_estimated_row_when_the_m
         offline_model.update_settings(tokens_per_second=before["tokens_per_second"])
     ledger = offline_model.calls()
     by_call = {r["call_id"]: r for r in rows}
-    assert set(by_call) == {first, second}
-    assert {first, second} <= set(ledger)
-    cut, exact = by_call[first], by_call[second]
+    # One decision, from a later call. On a busy machine the second delivery can outlast the
+    # 2 s ack_wait, and a third one overlaps it (a call of its own, exact too): the count of
+    # deliveries is not the point, the rows are.
+    [decision] = decisions
+    assert decision.call_id != first and second in ledger
+    assert all(c.startswith(f"classify:{e.message_id}#") for c in by_call)
+    assert set(by_call) <= set(ledger)
+    cut, exact = by_call[first], by_call[decision.call_id]
     # The cut call: flagged, input exactly as the model counted it, output never more than it
     # sent (what message_start reported), priced; the redelivery's call exact.
     assert (cut["estimated"], cut["outcome"], cut["purpose"]) == (
@@ -214,15 +228,15 @@ async def test_a_call_cut_by_a_sigkilled_agent_gets_one_estimated_row_when_the_m
     assert cut["input_tokens"] > 0 and float(cut["cost_usd"]) > 0
     assert cut["output_tokens"] == record.usage.output_tokens <= ledger[first]["output_tokens"]
     assert (exact["estimated"], exact["outcome"]) == (False, "completed")
-    assert _input(exact) == _served_input(ledger[second])
-    assert exact["output_tokens"] == ledger[second]["output_tokens"]
+    _assert_exact(by_call, ledger, tuple(c for c in by_call if c != first))
     assert cut["run_id"] == exact["run_id"] == f"run-{e.message_id}"
-    assert agent.estimated._value.get() == 1
-    # One decision, from the call that finished; nothing is billed twice.
-    assert [d.call_id for d in decisions] == [second]
-    assert [dict(r) for r in again] == [dict(r) for r in rows]
-    assert totals["input_tokens"] == sum(r["input_tokens"] for r in rows)
-    assert totals["output_tokens"] == sum(r["output_tokens"] for r in rows)
+    assert agent.estimated._value.get() >= 1
+    # Nothing is billed twice: a row once written stays as it was.
+    assert {r["call_id"]: dict(r) for r in again if r["call_id"] in by_call} == {
+        c: dict(r) for c, r in by_call.items()
+    }
+    assert totals["input_tokens"] == sum(r["input_tokens"] for r in again)
+    assert totals["output_tokens"] == sum(r["output_tokens"] for r in again)
 
 
 class _LosesTheBrokerAfterItsFirstUsage(AgentHandlers):
@@ -257,7 +271,7 @@ async def test_a_call_whose_exact_usage_went_out_keeps_it_when_the_message_retur
             m.AgentDecision,
         )
         # The decision's call billed before the decision went out: its row and the first's.
-        rows = await _rows(infra.database_url, having=(first, decision.call_id))
+        rows = await _rows(infra.database_url, having=(first, decision.call_id), estimated=())
         # The first call's record says "started" (the agent writes no "finished"): each later
         # delivery estimates it, and the persister keeps the exact row.
         record = await _record(bus, first)
