@@ -53,9 +53,13 @@ class Handlers:
 
     async def user_message(self, e: m.UserMessagePersisted, msg: Msg) -> str:
         delivery = estimate.delivery(msg.metadata.num_delivered, msg.headers)
-        turns, dead, _ = await asyncio.gather(
-            self._context(e), self._unsettled(e, delivery), self._settle_later(e, delivery)
-        )
+        if delivery > 1:
+            turns, dead, _ = await asyncio.gather(
+                self._context(e), self._unsettled(e, delivery), self._settle_later(e, delivery)
+            )
+        else:
+            # A first delivery has no earlier calls and sends no timer: the history alone.
+            turns, dead = await self._context(e), []
         # Calls an earlier delivery's agent died in are billed first, by estimate.
         for call in dead:
             await self._bill(e, call.call_id, estimate.AGENT_OUTCOME, call.usage, estimated=True)
