@@ -79,9 +79,10 @@ def redelivery_settle_id(call_id: str) -> str:
     return f"settle:{call_id}"
 
 
-def classification_settle_id(call_id: str) -> str:
-    """The timer a redelivered message's agent publishes with its call (``classify:<m>#<n>``)."""
-    return f"classifysettle:{call_id}"
+def classification_settle_id(call_id: str, late: bool = False) -> str:
+    """The timer a redelivered message's agent publishes with its call (``classify:<m>#<n>``),
+    or (``late``) the one a call sends for itself when its record comes late."""
+    return f"classifysettle:{call_id}{':late' if late else ''}"
 
 
 def abort_id(run_id: str, attempt: int) -> str:

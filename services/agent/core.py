@@ -50,6 +50,9 @@ def settle_calls(message_id: str, delivery: int) -> tuple[str, ...]:
 
 # A timer due later than the calls' records are kept (AGENT_CALLS' age) would read nothing.
 SETTLE_MAX_AHEAD = timedelta(hours=1)
+# Run this long after its due time, a timer may find its calls' records aged out (they are kept
+# an hour, less where a project keeps its content less long): counted.
+SETTLE_RECORDS_KEPT = timedelta(minutes=50)
 
 
 def settle_refusal(t: ClassificationSettle, max_deliver: int, now: datetime) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 import nats.errors
@@ -45,6 +46,11 @@ class Handlers:
             "Redelivered messages whose earlier calls' records could not be read (the broker "
             "refused or did not answer): those calls, if any died, stay unbilled.",
         )
+        self.timers_late = metrics.counter(
+            "settle_timers_late_total",
+            "Settle timers run so long after their due time (no agent ran them) that the calls' "
+            "records may be gone: a call of theirs that died may stay unbilled.",
+        )
         self.timers_failed = metrics.counter(
             "settle_timers_failed_total",
             "Redelivered messages whose settle timer could not be published: a call of theirs "
@@ -52,6 +58,7 @@ class Handlers:
         )
 
     async def user_message(self, e: m.UserMessagePersisted, msg: Msg) -> str:
+        began = time.monotonic()
         delivery = estimate.delivery(msg.metadata.num_delivered, msg.headers)
         if delivery > 1:
             turns, dead, _ = await asyncio.gather(
@@ -68,7 +75,9 @@ class Handlers:
         )
         # Each delivery that reaches the model is a call of its own, billed on its own.
         call_id = core.call_id(e.message_id, delivery)
-        decision, reason, usage = await self._classify(e, transcript, call_id)
+        decision, reason, usage, late = await self._classify(
+            e, transcript, call_id, delivery, began
+        )
         prices = self.settings.prices()
         # The usage goes out before the decision: once policy acts on the decision, the call it
         # came from is already on its way to the persister (which alone writes the database).
@@ -95,7 +104,7 @@ class Handlers:
         decided = self.bus.publish(
             subjects.agent_decision(e.project_id, e.conversation_id), out, msg_id=out.event_id
         )
-        if delivery > 1:
+        if delivery > 1 or late:
             # The call's usage went out: its settle timer has nothing to estimate for it.
             work = core.work_id(e.message_id)
             await asyncio.gather(
@@ -121,7 +130,7 @@ class Handlers:
         if failed:
             raise failed[0]  # logged by the consumer (exhausted_hook_failed)
 
-    async def settle(self, t: m.ClassificationSettle, _msg: Msg) -> str:
+    async def settle(self, t: m.ClassificationSettle, msg: Msg) -> str:
         """``agent.settle`` (durable ``agent-settle``): a redelivered message's timer, handed
         back until due; then each call it names that started and never billed is billed by
         estimate (a call whose exact usage went out keeps it: the persister keys rows by call
@@ -129,9 +138,15 @@ class Handlers:
         now = datetime.now(UTC)
         if (why := core.settle_refusal(t, wiring.AGENT_IN.max_deliver, now)) is not None:
             raise BadData(why)
+        if msg.subject != subjects.agent_settle(t.project_id, t.conversation_id):
+            raise BadData("a settle timer for another conversation than its subject's")
         wait = core.settle_wait(t, now)
         if wait is not None:
             raise Deferred("settle timer not due", wait)
+        if now - t.due > core.SETTLE_RECORDS_KEPT:
+            # No agent ran it for about the records' age: those gone read as never started.
+            self.timers_late.inc()
+            self.bus.log.warning("settle_timer_late", due=t.due.isoformat(), calls=len(t.calls))
         found = await deadcalls.unsettled(
             self.bus.js, t.project_id, t.conversation_id, t.calls, pushes=False
         )
@@ -143,22 +158,28 @@ class Handlers:
             await self._bill(t, call.call_id, estimate.AGENT_OUTCOME, call.usage, estimated=True)
         return f"settled:{len(found)}"
 
-    async def _settle_later(self, e: m.UserMessagePersisted, delivery: int) -> None:
+    async def _settle_later(
+        self, e: m.UserMessagePersisted, delivery: int, late: bool = False
+    ) -> None:
         """A redelivered message's agent asks itself, before its call, to bill later the
         calls of this delivery and the earlier ones that died by then. Deliveries can overlap: one
         that outlasted ``ack_wait`` runs on while the next one reads its record, before it wrote
         it; if that one then dies after its call and another delivery's decision is acked,
         nothing is delivered again, and only this timer bills it (docs/decisions.md, "An agent's
         overlapping deliveries"). A first delivery has none: a redelivery reads its record.
-        Best effort, like the call's record: counted when it cannot be published."""
-        if delivery <= 1:
+        ``late``: a call whose record comes after a redelivery's timer may have read it sends
+        one for itself alone, before its record. Best effort, like the call's record: counted
+        when it cannot be published."""
+        if delivery <= 1 and not late:
             return
         due = datetime.now(UTC) + timedelta(
             seconds=self.settings.model_timeout_s + self.settings.settle_grace_s
         )
         calls = core.settle_calls(e.message_id, delivery)
+        if late:
+            calls = calls[-1:]
         timer = m.ClassificationSettle(
-            event_id=runs.classification_settle_id(calls[-1]),
+            event_id=runs.classification_settle_id(calls[-1], late),
             message_id=e.message_id,
             conversation_id=e.conversation_id,
             project_id=e.project_id,
@@ -247,10 +268,25 @@ class Handlers:
         return turns or [core.Turn("user", e.content)]
 
     async def _classify(
-        self, e: m.UserMessagePersisted, transcript: str, call_id: str
-    ) -> tuple[m.Decision | None, str, m.Usage]:
+        self,
+        e: m.UserMessagePersisted,
+        transcript: str,
+        call_id: str,
+        delivery: int,
+        began: float,
+    ) -> tuple[m.Decision | None, str, m.Usage, bool]:
+        """The decision (None: the fallback's), why it fell back, the usage, and whether the
+        call's record came late (then it sent a settle timer for itself)."""
+        late = False
+
         async def started(usage: m.Usage) -> None:
+            nonlocal late
             # message_start: the provider counted the call's input, so its record goes out.
+            # Late, another delivery may have read it before this: a timer for itself first
+            # (an overlapping delivery starts an ack_wait after this one at the earliest).
+            if time.monotonic() - began >= self.settings.settle_late_s:
+                late = True
+                await self._settle_later(e, delivery, late=True)
             work = core.work_id(e.message_id)
             await deadcalls.write_record(self.bus, call_id, work, "started", usage)
 
@@ -259,10 +295,10 @@ class Handlers:
                 called, raw, usage = await self.classifier.classify(transcript, call_id, started)
         except CallFailed as exc:
             # An error reply bills nothing; a call cut after message_start bills its input.
-            return None, f"model_error: {type(exc.cause).__name__}", exc.usage
+            return None, f"model_error: {type(exc.cause).__name__}", exc.usage, late
         if not called:
-            return None, "no_tool_use: model did not call the tool", usage
+            return None, "no_tool_use: model did not call the tool", usage, late
         checked = core.validate(raw)
         if isinstance(checked, str):
-            return None, f"invalid_output: {checked}", usage
-        return checked, "", usage
+            return None, f"invalid_output: {checked}", usage, late
+        return checked, "", usage, late

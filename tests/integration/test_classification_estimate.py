@@ -5,6 +5,7 @@ Postgres, the offline model and an agent process (SIGKILL mid-stream)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typing import Any
 import asyncpg
 import msgspec
 import nats.js.errors
+import pytest
 
 from baton import dlq
 from baton.offline_model import OfflineModelProcess
@@ -27,7 +29,7 @@ from services.agent.config import Settings
 from services.agent.handlers import Handlers as AgentHandlers
 from services.persister.adapters import Store
 from services.persister.handlers import Handlers as PersisterHandlers
-from shared import deadcalls, estimate, model, subjects, wiring
+from shared import deadcalls, estimate, model, runs, subjects, wiring
 from shared import messages as m
 from shared.bus import Bus, Consumer
 from shared.db import create_pool
@@ -436,14 +438,16 @@ async def test_a_call_cut_on_the_messages_last_delivery_is_billed_when_it_is_dea
 
 
 class _OutlastedThenDies(AgentHandlers):
-    """Delivery 1 waits before its call until delivery 2 (sent again after the 2 s ack_wait, and
-    reading delivery 1's record before there is one) is billed, decided and acked. Then delivery
-    1 makes its call, and its agent dies before billing it: ``_bill`` never returns, so its
-    usage never goes out (``dead`` is set there)."""
+    """Delivery 1 waits before its call until ``go`` is set (the test sets it once delivery 2,
+    sent again after the 2 s ack_wait and reading delivery 1's record before there is one, is
+    decided and acked, or once delivery 2's timer ran too). Then delivery 1 makes its call, and
+    its agent dies before billing it: ``_bill`` never returns, so its usage never goes out
+    (``dead`` is set there)."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.second_done = asyncio.Event()
+        self.go = asyncio.Event()
         self.dead = asyncio.Event()
 
     async def user_message(self, e: m.UserMessagePersisted, msg: Any) -> str:
@@ -453,11 +457,16 @@ class _OutlastedThenDies(AgentHandlers):
         return out
 
     async def _classify(
-        self, e: m.UserMessagePersisted, transcript: str, call_id: str
-    ) -> tuple[m.Decision | None, str, m.Usage]:
+        self,
+        e: m.UserMessagePersisted,
+        transcript: str,
+        call_id: str,
+        delivery: int,
+        began: float,
+    ) -> tuple[m.Decision | None, str, m.Usage, bool]:
         if call_id.endswith("#1"):
-            await self.second_done.wait()
-        return await super()._classify(e, transcript, call_id)
+            await self.go.wait()
+        return await super()._classify(e, transcript, call_id, delivery, began)
 
     async def _bill(
         self,
@@ -473,22 +482,59 @@ class _OutlastedThenDies(AgentHandlers):
         await super()._bill(e, call_id, outcome, usage, estimated)
 
 
-async def _no_heartbeat(over: asyncio.Event) -> None:
-    await over.wait()
+class _Settles(AgentHandlers):
+    """An agent's settle handler that says what each timer it ran came to."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.outcomes: dict[str, str] = {}
+        self.at: dict[str, datetime] = {}
+        self.ran = asyncio.Event()
+
+    async def settle(self, t: m.ClassificationSettle, msg: Any) -> str:
+        out = await super().settle(t, msg)  # a timer not due yet is handed back (Deferred)
+        self.outcomes[t.event_id], self.at[t.event_id] = out, datetime.now(UTC)
+        self.ran.set()
+        return out
 
 
+def _beats_all_but_the_first(consumer: Consumer[Any]) -> None:
+    """The consumer's heartbeat, lost for first deliveries (a broker restart, or a loop too busy
+    to send it): they are delivered again after ack_wait while they run; later ones are not."""
+
+    async def beat(over: asyncio.Event) -> None:
+        while not over.is_set():
+            await asyncio.sleep(max(consumer.ack_wait_s / 3, 0.2))
+            for msg in list(consumer.inflight.values()):
+                if msg.metadata.num_delivered > 1:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    consumer._heartbeat = beat  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("timer", ["redelivery", "late"])
 async def test_a_call_of_a_delivery_that_outlasted_ack_wait_is_billed_when_it_dies_after_the_message_was_acked(
-    infra: Infra, offline_model: OfflineModelProcess
+    infra: Infra, offline_model: OfflineModelProcess, timer: str
 ) -> None:
     """Found by the chaos suite on a busy machine: deliveries overlap, the later one reads the
     earlier one's record before it is written, the earlier one dies after its call, and the
-    later one's ack means no delivery comes again to read it. The later delivery's settle
-    timer bills it; the timer's own call keeps its exact row. The overlap comes from a lost
-    heartbeat (a broker restart, or a loop too busy to send it): this agent sends none."""
+    later one's ack means no delivery comes again to read it.
+
+    ``redelivery``: the later delivery's settle timer, run after the earlier call's record,
+    bills it. ``late``: the later delivery's timer ran first and found nothing (the earlier
+    delivery was held up past it); the earlier call, its record late, sent a timer for itself,
+    which bills it. Either way the later delivery's own call keeps its exact row."""
     await provision(infra.nats_url, ack_wait_s=2.0)
     e, first, second = _message("Which delivery pays?")
-    # Due a second after the second delivery began (the default waits for the model's timeout).
-    settings = Settings(model_timeout_s=1.0, settle_grace_s=0.0)
+    if timer == "redelivery":
+        # The second delivery's timer is due 10 s after it began, and runs once the first's
+        # agent is gone (its consumer starts then). The first call's record is late only if the
+        # second delivery took 10 s (a very busy machine): then it sends a timer of its own too.
+        settings = Settings(model_timeout_s=10.0, settle_grace_s=0.0, settle_late_s=10.0)
+    else:
+        # Timers due a second after they are sent, run as main.py runs them: at once.
+        settings = Settings(model_timeout_s=0.5, settle_grace_s=0.5, settle_late_s=1.0)
     agent_bus = await connect_bus(infra.nats_url, "agent")
     pool = await create_pool(infra.database_url)
     client = model.client(offline_model.url, "test-key", 10.0)
@@ -496,40 +542,68 @@ async def test_a_call_of_a_delivery_that_outlasted_ack_wait_is_billed_when_it_di
     dying = _OutlastedThenDies(
         agent_bus, History(pool), classifier, settings, service_metrics("agent")
     )
-    later = AgentHandlers(agent_bus, History(pool), classifier, settings, service_metrics("agent"))
+    later = _Settles(agent_bus, History(pool), classifier, settings, service_metrics("agent"))
     [agent_in, _] = wiring.consumers(agent_bus, "agent", dying)
-    agent_in._heartbeat = _no_heartbeat  # type: ignore[method-assign]
+    _beats_all_but_the_first(agent_in)
     [_, settle] = wiring.consumers(agent_bus, "agent", later)
+    timers_subject = subjects.agent_settle(e.project_id, e.conversation_id)
+    own = runs.classification_settle_id(second)
     try:
-        async with _persister(infra) as bus:
-            async with running(agent_in):
-                await bus.publish(
-                    subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id
-                )
-                [decision] = decode_all(
-                    await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1),
-                    m.AgentDecision,
-                )
-                await asyncio.wait_for(dying.dead.wait(), timeout=90)
-                record = await _record(bus, first)
-                # The second delivery read the first's record before it was written.
-                estimated = dying.estimated._value.get()
-                for task in list(agent_in.inflight):
-                    task.cancel()  # the first delivery's agent is gone
+        async with _persister(infra) as bus, contextlib.AsyncExitStack() as stack:
+            if timer == "late":
+                await stack.enter_async_context(running(settle))
+            await stack.enter_async_context(running(agent_in))
+            await bus.publish(
+                subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id
+            )
+            [decision] = decode_all(
+                await read_subject(bus, subjects.STREAM_DECISIONS, "agent.decision.>", 1),
+                m.AgentDecision,
+            )
+            await asyncio.wait_for(dying.second_done.wait(), timeout=90)
+            # The second delivery read the first's record before it was written.
+            estimated = dying.estimated._value.get()
+            if timer == "late":
+                await asyncio.wait_for(later.ran.wait(), timeout=90)
+            dying.go.set()
+            await asyncio.wait_for(dying.dead.wait(), timeout=90)
+            record = await _record(bus, first)
+            for task in list(agent_in.inflight):
+                task.cancel()  # the first delivery's agent is gone
             # Nothing reads the first call's record again: its message was acked.
             early = {r["call_id"] for r in await _rows(infra.database_url, 1)}
-            [raw] = await read_subject(bus, subjects.STREAM_DECISIONS, "agent.settle.>", 1)
-            timer = msgspec.json.decode(raw.data, type=m.ClassificationSettle)
-            # An agent with the settle consumer as main.py binds it (the timer is due by now).
-            async with running(settle):
-                rows = await _rows(infra.database_url, having=(first, second))
+            if timer == "redelivery":
+                await stack.enter_async_context(running(settle))
+            rows = await _rows(infra.database_url, having=(first, second), estimated=(first,))
+
+            async def ran() -> bool | None:
+                return own in later.outcomes or None
+
+            await eventually(ran, timeout=90)
+            sent = {
+                t.event_id: t
+                for t in decode_all(
+                    await read_subject(bus, subjects.STREAM_DECISIONS, timers_subject, 1),
+                    m.ClassificationSettle,
+                )
+            }
             finished = await _record(bus, second)
     finally:
         await agent_bus.close()
         await pool.close()
         await client.close()
     assert decision.call_id == second and early == {second} and estimated == 0
-    assert timer.calls == (first, second) and timer.user_id == e.user_id
+    assert sent[own].calls == (first, second) and sent[own].user_id == e.user_id
+    late_id = runs.classification_settle_id(first, late=True)
+    if timer == "late":
+        # The second delivery's timer came too early for the first call: the late call's own
+        # timer billed it.
+        assert later.outcomes[own] == "settled:0"
+        assert sent[late_id].calls == (first,)
+        assert later.outcomes[late_id] == "settled:1"
+    else:
+        # It read the first call's record and billed it; not its own call (finished).
+        assert later.outcomes[own] == "settled:1"
     assert record is not None and record.state == "started"
     ledger = offline_model.calls()
     assert ledger[first]["outcome"] == "completed"  # the provider served (and billed) it
@@ -544,8 +618,7 @@ async def test_a_call_of_a_delivery_that_outlasted_ack_wait_is_billed_when_it_di
     )
     assert _input(cut) == _served_input(ledger[first])
     assert cut["output_tokens"] == record.usage.output_tokens <= ledger[first]["output_tokens"]
-    # The second delivery's call wrote its "finished" record: the timer estimated the first only.
-    assert later.estimated._value.get() == 1
+    # The second delivery's call wrote its "finished" record: no timer estimated it.
     assert finished is not None and finished.state == "finished"
     _assert_exact(by_call, ledger, (second,))
 
@@ -554,9 +627,10 @@ async def test_the_settle_consumer_dead_letters_timers_no_agent_sends_and_bills_
     infra: Infra, offline_model: OfflineModelProcess
 ) -> None:
     """Hostile, malformed and duplicate timers on ``agent.settle``: a timer naming another
-    message's call, one due hours ahead and an undecodable one are dead-lettered and bill
-    nothing; a valid timer and its duplicate bill the started call once, and a named call that
-    never started nothing."""
+    message's call, one due hours ahead, one whose subject names another conversation, and
+    bytes that are not JSON are dead-lettered and bill nothing; a valid timer, its duplicate,
+    the same timer under another id and one not yet due (handed back, then run) bill the
+    started call once, and a named call that never started nothing."""
     await provision(infra.nats_url)
     e, first, second = _message("Settle me")
     subject = subjects.agent_settle(e.project_id, e.conversation_id)
@@ -564,7 +638,7 @@ async def test_the_settle_consumer_dead_letters_timers_no_agent_sends_and_bills_
     settings = Settings()
     agent_bus = await connect_bus(infra.nats_url, "agent")
     pool = await create_pool(infra.database_url)
-    h = AgentHandlers(agent_bus, History(pool), None, settings, service_metrics("agent"))  # type: ignore[arg-type]
+    h = _Settles(agent_bus, History(pool), None, settings, service_metrics("agent"))  # type: ignore[arg-type]
     [_, settle] = wiring.consumers(agent_bus, "agent", h)
 
     def timer(event_id: str, **changes: Any) -> m.ClassificationSettle:
@@ -579,13 +653,19 @@ async def test_the_settle_consumer_dead_letters_timers_no_agent_sends_and_bills_
         }
         return m.ClassificationSettle(**(fields | changes))
 
+    valid = ("t-valid", "t-again", "t-later")
     try:
         async with _persister(infra) as bus:
             # The message is stored (its usage rows belong to it), and its first call started.
             await bus.publish(
                 subjects.chat_in(e.project_id, e.conversation_id), e, msg_id=e.message_id
             )
-            await read_subject(bus, subjects.STREAM_PERSISTED, "chat.persisted.user.>", 1)
+            await read_subject(
+                bus,
+                subjects.STREAM_PERSISTED,
+                subjects.persisted_user(e.project_id, e.conversation_id),
+                1,
+            )
             assert await deadcalls.write_record(
                 agent_bus, first, f"classify:{e.message_id}", "started", started
             )
@@ -595,43 +675,66 @@ async def test_the_settle_consumer_dead_letters_timers_no_agent_sends_and_bills_
             ]
             for t in hostile:
                 await agent_bus.publish(subject, t, msg_id=t.event_id)
-            await agent_bus.publish(subject, b'{"not": "a timer"', msg_id="t-garbled")
-            valid = timer("t-valid")
+            # Billed to another conversation than the subject says.
+            moved = timer("t-moved", conversation_id=str(uuid.uuid4()))
+            await agent_bus.publish(subject, moved, msg_id=moved.event_id)
+            await agent_bus.js.publish(
+                subject, b'{"not": "a timer"', headers={"Nats-Msg-Id": "t-garbled"}
+            )
             for _ in range(2):
-                await agent_bus.publish(subject, valid, msg_id=valid.event_id)
-            # The same timer again under another id (past the broker's dedup): one row all the same.
-            await agent_bus.publish(subject, timer("t-again"), msg_id="t-again")
+                await agent_bus.publish(subject, timer(valid[0]), msg_id=valid[0])
+            # The same timer again under another id (past the broker's dedup): billed once.
+            await agent_bus.publish(subject, timer(valid[1]), msg_id=valid[1])
+            due = datetime.now(UTC) + timedelta(seconds=2)
+            await agent_bus.publish(subject, timer(valid[2], due=due), msg_id=valid[2])
             async with running(settle):
-                letters = decode_all(
-                    await read_subject(
-                        bus,
-                        subjects.STREAM_DLQ,
-                        subjects.dead_letter(
-                            wiring.AGENT_SETTLE.stream, wiring.AGENT_SETTLE.durable
+                letters = [
+                    letter
+                    for letter in decode_all(
+                        await read_subject(
+                            bus,
+                            subjects.STREAM_DLQ,
+                            subjects.dead_letter(
+                                wiring.AGENT_SETTLE.stream, wiring.AGENT_SETTLE.durable
+                            ),
+                            4,
+                            60,
                         ),
-                        3,
-                        60,
-                    ),
-                    m.DeadLetter,
+                        m.DeadLetter,
+                    )
+                    if letter.subject == subject
+                ]
+
+                async def all_ran() -> bool | None:
+                    return set(valid) <= set(h.outcomes) or None
+
+                await eventually(all_ran, timeout=60)
+            # What the persister was sent is stored (a fourth estimate would show in the totals).
+            con = await asyncpg.connect(infra.database_url)
+            try:
+                rows = await con.fetch("SELECT * FROM usage WHERE project_id = $1", e.project_id)
+                totals = await con.fetchrow(
+                    "SELECT * FROM project_usage WHERE project_id = $1", e.project_id
                 )
-                [row] = await _rows(infra.database_url, 1)
-
-                async def both_settled() -> bool | None:
-                    return h.estimated._value.get() >= 2 or None
-
-                settled = await eventually(both_settled, timeout=60)
+            finally:
+                await con.close()
     finally:
         await agent_bus.close()
         await pool.close()
     reasons = sorted(letter.reason for letter in letters)
-    assert len(reasons) == 3, reasons
+    assert len(reasons) == 4, reasons
     assert any("are not deliveries of message another-message" in r for r in reasons), reasons
     assert any("not within the hour" in r for r in reasons), reasons
+    assert any("another conversation than its subject" in r for r in reasons), reasons
     assert any("undecodable" in r for r in reasons), reasons
-    assert settled
+    # Each valid timer read the started call (the other never started), the late one when due.
+    assert {t: h.outcomes[t] for t in valid} == dict.fromkeys(valid, "settled:1")
+    assert h.at[valid[2]] >= due
+    [row] = rows
     assert (row["call_id"], row["estimated"], row["outcome"]) == (
         first,
         True,
         estimate.AGENT_OUTCOME,
     )
     assert (row["input_tokens"], row["cache_read_tokens"]) == (42, 3)
+    assert (totals["input_tokens"], totals["cache_read_tokens"]) == (42, 3)

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from services.agent import core as agent_core
+from services.agent.config import Settings
 from services.agent.core import (
     Turn,
     fallback,
@@ -19,6 +20,8 @@ from services.agent.core import (
     validate,
 )
 from services.policy import core as policy_core
+from shared.config import load
+from shared.errors import ConfigError
 from shared.messages import ClassificationSettle, Decision
 
 GOOD: dict[str, Any] = {
@@ -190,3 +193,30 @@ def test_a_settle_timer_waits_until_due_and_then_runs() -> None:
     assert agent_core.settle_wait(t, NOW + timedelta(seconds=30)) is None
     # Past its due (its agent was down): at once.
     assert agent_core.settle_wait(t, NOW + timedelta(days=1)) is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"settle_grace_s": -1.0},
+        {"settle_grace_s": float("nan")},
+        {"settle_grace_s": float("inf")},
+        {"settle_grace_s": 2000.0},  # a timer due past the hour is refused: none would run
+        {"model_timeout_s": 0.0},
+        {"settle_late_s": 0.0},
+        {"settle_late_s": 31.0},  # later than a redelivery's timer: a record could slip between
+    ],
+)
+def test_settle_settings_that_would_leave_a_dead_call_unbilled_are_refused_at_start(
+    changes: dict[str, float],
+) -> None:
+    with pytest.raises(ValueError, match="AGENT_SETTLE_LATE_S"):
+        Settings(**changes)
+    env = {f"AGENT_{k.upper()}": str(v) for k, v in changes.items()}
+    with pytest.raises(ConfigError):
+        load(Settings, "AGENT", env)
+
+
+def test_the_default_settle_settings_hold() -> None:
+    s = Settings()
+    assert 0 < s.settle_late_s <= s.model_timeout_s + s.settle_grace_s
