@@ -104,8 +104,9 @@ class Handlers:
         decided = self.bus.publish(
             subjects.agent_decision(e.project_id, e.conversation_id), out, msg_id=out.event_id
         )
-        if delivery > 1 or late:
-            # The call's usage went out: its settle timer has nothing to estimate for it.
+        if delivery > 1 or late or time.monotonic() - began >= self.settings.settle_late_s:
+            # The call's usage went out: a timer (its own, or a redelivery's that overlapped a
+            # long delivery: it ran an ack_wait at least) has nothing to estimate for it.
             work = core.work_id(e.message_id)
             await asyncio.gather(
                 decided, deadcalls.write_record(self.bus, call_id, work, "finished", usage)
@@ -288,7 +289,12 @@ class Handlers:
                 late = True
                 await self._settle_later(e, delivery, late=True)
             work = core.work_id(e.message_id)
-            await deadcalls.write_record(self.bus, call_id, work, "started", usage)
+            written = await deadcalls.write_record(self.bus, call_id, work, "started", usage)
+            if not written and not late:
+                # A publish that timed out may still land, later (the client sends what it
+                # buffered when it reconnects): as late as any, so a timer of its own, after it.
+                late = True
+                await self._settle_later(e, delivery, late=True)
 
         try:
             with self.model_seconds.time():

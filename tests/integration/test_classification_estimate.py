@@ -525,7 +525,9 @@ async def test_a_call_of_a_delivery_that_outlasted_ack_wait_is_billed_when_it_di
     bills it. ``late``: the later delivery's timer ran first and found nothing (the earlier
     delivery was held up past it); the earlier call, its record late, sent a timer for itself,
     which bills it. Either way the later delivery's own call keeps its exact row."""
-    await provision(infra.nats_url, ack_wait_s=2.0)
+    # Delivered again 4 s after it began (no heartbeat): later deliveries, which send theirs,
+    # would need a loop stalled for 4 s for a third to overlap them.
+    await provision(infra.nats_url, ack_wait_s=4.0)
     e, first, second = _message("Which delivery pays?")
     if timer == "redelivery":
         # The second delivery's timer is due 10 s after it began, and runs once the first's
@@ -561,17 +563,17 @@ async def test_a_call_of_a_delivery_that_outlasted_ack_wait_is_billed_when_it_di
                 m.AgentDecision,
             )
             await asyncio.wait_for(dying.second_done.wait(), timeout=90)
-            # The second delivery read the first's record before it was written.
+            # The second delivery read the first's record before it was written, and its
+            # message is acked: no delivery comes again to read it.
             estimated = dying.estimated._value.get()
             if timer == "late":
                 await asyncio.wait_for(later.ran.wait(), timeout=90)
+            early = {r["call_id"] for r in await _rows(infra.database_url, 1)}
             dying.go.set()
             await asyncio.wait_for(dying.dead.wait(), timeout=90)
             record = await _record(bus, first)
             for task in list(agent_in.inflight):
                 task.cancel()  # the first delivery's agent is gone
-            # Nothing reads the first call's record again: its message was acked.
-            early = {r["call_id"] for r in await _rows(infra.database_url, 1)}
             if timer == "redelivery":
                 await stack.enter_async_context(running(settle))
             rows = await _rows(infra.database_url, having=(first, second), estimated=(first,))
@@ -709,15 +711,17 @@ async def test_the_settle_consumer_dead_letters_timers_no_agent_sends_and_bills_
                     return set(valid) <= set(h.outcomes) or None
 
                 await eventually(all_ran, timeout=60)
-            # What the persister was sent is stored (a fourth estimate would show in the totals).
-            con = await asyncpg.connect(infra.database_url)
-            try:
-                rows = await con.fetch("SELECT * FROM usage WHERE project_id = $1", e.project_id)
-                totals = await con.fetchrow(
-                    "SELECT * FROM project_usage WHERE project_id = $1", e.project_id
-                )
-            finally:
-                await con.close()
+                # What the persister was sent is stored (its last timer's estimate included).
+                rows = [
+                    r for r in await _rows(infra.database_url, 1) if r["project_id"] == e.project_id
+                ]
+                con = await asyncpg.connect(infra.database_url)
+                try:
+                    totals = await con.fetchrow(
+                        "SELECT * FROM project_usage WHERE project_id = $1", e.project_id
+                    )
+                finally:
+                    await con.close()
     finally:
         await agent_bus.close()
         await pool.close()
