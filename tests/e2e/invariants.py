@@ -201,6 +201,11 @@ async def check(
         if cut:
             before_read.append(c)
     missing = [c for c in unbilled if c not in (*before_start, *before_read)]
+    if missing and recorded is not None:
+        # Whether each left a started record: an unbilled call with one is a billing bug (a
+        # timer or a redelivery should have read it); without one, a window the check missed.
+        seen = {c: await recorded(c) for c in missing[:10]}
+        raise AssertionError([(c, ledger[c], {"recorded": seen[c]}) for c in missing[:10]])
     assert not missing, [(c, ledger[c]) for c in missing[:10]]
     estimate_served = sum(ledger[c]["output_tokens"] for c in estimated)
     estimate_billed = sum(int(r["output_tokens"]) for r in estimated.values())
@@ -243,10 +248,24 @@ async def check(
 async def _cut_before_read(
     call_id: str, ledger: dict[str, Any], recorded: Callable[[str], Awaitable[bool]]
 ) -> bool:
-    """Whether an answer call was cut before its executor read ``message_start``: no started
-    record, and its task delivered again. ``check`` accepts such a call without a usage row,
-    and ``_billed`` does not wait for one (it never comes)."""
-    return _delivered_again(call_id, ledger) and not await recorded(call_id)
+    """Whether a call was cut before its process read ``message_start``, or while the broker
+    refused its record: no started record, and its work delivered again, or (deliveries that
+    overlapped: another delivery's outcome acked the work) the call cut (the model saw its
+    client go) while another delivery of the work was served. ``check`` accepts such a call
+    without a usage row, and ``_billed`` does not wait for one (it never comes). A call that
+    ran to its end and left no row is never accepted: that would be a live process that did
+    not bill."""
+    if await recorded(call_id):
+        return False
+    if _delivered_again(call_id, ledger):
+        return True
+    return ledger[call_id].get("outcome") != "completed" and _other_delivery(call_id, ledger)
+
+
+def _other_delivery(call_id: str, ledger: dict[str, Any]) -> bool:
+    """Whether the model served another delivery of the call's work, earlier or later."""
+    task = call_id.rsplit("#", 1)[0]
+    return any(c.startswith(task + "#") and c != call_id for c in ledger)
 
 
 def _delivered_again(call_id: str, ledger: dict[str, Any]) -> bool:
