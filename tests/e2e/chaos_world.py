@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import signal
 import tempfile
@@ -166,6 +167,25 @@ async def started_records(url: str) -> AsyncIterator[Callable[[str], Awaitable[b
         yield recorded
     finally:
         await nc.close()
+
+
+def log_lines_about(logs: Path, text: str, ids: int = 3, lines: int = 40) -> str:
+    """Every service's log lines that name one of the first ``ids`` uuids in ``text`` (a
+    failure message), for the failure: the logs go with the run's directory."""
+    found = list(
+        dict.fromkeys(
+            re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", text)
+        )
+    )
+    out = []
+    for p in sorted(logs.glob("*.log")):
+        hits = [
+            line
+            for line in p.read_text(errors="replace").splitlines()
+            if any(u in line for u in found[:ids])
+        ]
+        out.append(f"== {p.name} ({len(hits)} lines)\n" + "\n".join(hits[-lines:]))
+    return "\n".join(out)
 
 
 def log_tails(logs: Path, lines: int = 30) -> str:

@@ -29,6 +29,7 @@ from tests.e2e.chaos_world import (
     World,
     chaos_world,
     first_answer,
+    log_lines_about,
     log_tails,
     started_records,
     supervise,
@@ -114,7 +115,10 @@ async def test_invariants_hold_while_everything_is_killed_and_restarted(world: W
         con = await asyncpg.connect(world.database_url)
         try:
             async with started_records(world.nats.url) as recorded:
-                summary = await check(con, client, world.model, MESSAGES, recorded=recorded)
+                try:
+                    summary = await check(con, client, world.model, MESSAGES, recorded=recorded)
+                except AssertionError as exc:  # what the services said about those ids
+                    raise AssertionError(f"{exc}\n{log_lines_about(world.logs, str(exc))}") from exc
         finally:
             await con.close()
     finally:
