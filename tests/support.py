@@ -222,3 +222,13 @@ def run_verdict(
         reason="",
         attempt=attempt,
     )
+
+
+async def lock_waiters_at_least(con: Any, n: int) -> bool:
+    """Whether at least ``n`` sessions of this database wait for a lock (a test holding a row
+    watches its writers queue behind it)."""
+    waiting = await con.fetchval(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    return int(waiting) >= n

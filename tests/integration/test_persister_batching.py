@@ -11,7 +11,7 @@ from shared import messages as m
 from shared.batching import GroupCommit
 from shared.db import create_pool
 from tests.integration.conftest import Infra
-from tests.support import eventually, user_event
+from tests.support import eventually, lock_waiters_at_least, user_event
 
 
 def _verdict(
@@ -66,14 +66,6 @@ async def test_a_bad_verdict_in_a_batch_fails_alone(infra: Infra) -> None:
     await pool.close()
 
 
-async def _lock_waiters(con: asyncpg.Connection) -> int | None:
-    n = await con.fetchval(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-    )
-    return int(n) or None
-
-
 async def test_two_batches_of_the_same_runs_in_opposite_orders_do_not_deadlock(
     infra: Infra,
 ) -> None:
@@ -96,16 +88,12 @@ async def test_two_batches_of_the_same_runs_in_opposite_orders_do_not_deadlock(
         await tx.start()
         await hold.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", low)
         one = asyncio.create_task(store.upsert_runs([_verdict(event[r], r) for r in (low, high)]))
-        await eventually(lambda: _lock_waiters(watch), timeout=30)
+        await eventually(lambda: lock_waiters_at_least(watch, 1), timeout=30)
         two = asyncio.create_task(
             store.upsert_runs([_verdict(event[r], r, "completed") for r in (high, low)])
         )
 
-        async def both_wait() -> int | None:
-            n = await _lock_waiters(watch)
-            return n if n is not None and n >= 2 else None
-
-        await eventually(both_wait, timeout=30)
+        await eventually(lambda: lock_waiters_at_least(watch, 2), timeout=30)
         await tx.rollback()
         results = await asyncio.wait_for(asyncio.gather(one, two, return_exceptions=True), 60)
     finally:

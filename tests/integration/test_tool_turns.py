@@ -33,6 +33,7 @@ from tests.support import (
     connect_bus,
     decode_all,
     eventually,
+    lock_waiters_at_least,
     read_subject,
     run_verdict,
     running,
@@ -417,15 +418,6 @@ async def test_a_tool_turn_that_comes_after_the_runs_reply_is_billed_only(stack:
     assert again == "duplicate"
 
 
-async def _lock_waiters(con: asyncpg.Connection) -> int:
-    return int(
-        await con.fetchval(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-    )
-
-
 @pytest.mark.parametrize("first", ["turn", "answer"])
 async def test_a_turn_and_an_answer_of_one_round_stored_at_the_same_instant_leave_one_outcome(
     stack: Stack, infra: Infra, first: str
@@ -455,9 +447,9 @@ async def test_a_turn_and_an_answer_of_one_round_stored_at_the_same_instant_leav
         await tx.start()
         await hold.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", run_id)
         one = asyncio.create_task(stack.persister.result(calls[first], None))
-        await eventually(lambda: _at_least(watch, 1), timeout=30)
+        await eventually(lambda: lock_waiters_at_least(watch, 1), timeout=30)
         two = asyncio.create_task(stack.persister.result(calls[second], None))
-        await eventually(lambda: _at_least(watch, 2), timeout=30)
+        await eventually(lambda: lock_waiters_at_least(watch, 2), timeout=30)
         await tx.rollback()
         outcomes = await asyncio.wait_for(asyncio.gather(one, two), 60)
     finally:
@@ -510,11 +502,11 @@ async def test_a_third_call_of_a_round_with_a_stored_turn_and_a_racing_answer_do
         again = asyncio.create_task(
             stack.persister.result(_round_result(e, f"{task}#2", 0, ask=True), None)
         )
-        await eventually(lambda: _at_least(watch, 1), timeout=30)
+        await eventually(lambda: lock_waiters_at_least(watch, 1), timeout=30)
         answer = asyncio.create_task(
             stack.persister.result(_round_result(e, f"{task}#3", 0, ask=False), None)
         )
-        await eventually(lambda: _at_least(watch, 2), timeout=30)
+        await eventually(lambda: lock_waiters_at_least(watch, 2), timeout=30)
         await tx.rollback()
         outcomes = await asyncio.wait_for(asyncio.gather(again, answer), 60)
     finally:
@@ -523,10 +515,6 @@ async def test_a_third_call_of_a_round_with_a_stored_turn_and_a_racing_answer_do
     assert outcomes[1] == "superseded"
     billed = [f"{task}#1", f"{task}#2", f"{task}#3"]
     assert await _outcomes(stack.pool, run_id) == (1, 0, billed)
-
-
-async def _at_least(con: asyncpg.Connection, n: int) -> bool:
-    return await _lock_waiters(con) >= n
 
 
 async def test_a_redelivered_calls_history_leaves_out_its_own_rounds_stored_turn(
