@@ -80,7 +80,7 @@ async def read_events(
                 continue
             if "event" in event:
                 out.append(event)
-                if limit is not None and stop_at_answer and ends_run(event):
+                if stop_at_answer and ends_run(event):
                     break
             event = {}
     return out

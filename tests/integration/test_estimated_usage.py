@@ -352,7 +352,11 @@ async def test_a_redelivered_call_cut_after_the_first_deliverys_outcome_is_bille
         [held] = await pull.fetch(1, timeout=30)
         assert held.metadata.num_delivered == 1
         # Delivery 2 goes to an executor process, which calls the model (slowly).
-        proc = _executor_process(infra, offline_model.url, EXECUTOR_SETTLE_GRACE_S="1")
+        # Its settle timer is due a stall timeout after its call starts at the earliest (the
+        # attempt's deadline is nearer): 3 s here, not the 30 s default.
+        proc = _executor_process(
+            infra, offline_model.url, EXECUTOR_SETTLE_GRACE_S="1", EXECUTOR_STALL_TIMEOUT_S="3"
+        )
 
         async def streaming() -> bool:
             # Its started record is in, and some of its pushes (the stream holds nothing else).
