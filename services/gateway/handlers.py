@@ -586,13 +586,18 @@ class Api:
         return out
 
     async def _pending(
-        self, p: core.Principal, cid: str, seen: set[str]
+        self, p: core.Principal, cid: str, seen: set[str], *, complete: bool = False
     ) -> list[m.UserMessageAccepted]:
         """The owner's accepted messages of this conversation the database does not hold yet.
 
         Read from CHAT_IN after the last stored user message (read your writes: a 202 is visible
         at once, also while the persister is behind or down). A stream that cannot be read
         leaves them out: the stored messages still answer.
+
+        ``complete``: ``seen`` is every message of the conversation, read just before. Then a
+        message that is not among them is pending for that read even if the persister has
+        stored it since: dropping it as stored would leave it out of both (a replay would not
+        find the message a client resumes from, and send it the whole conversation again).
         """
         since = await self.reads.last_user_message_at(cid)
         try:
@@ -600,6 +605,8 @@ class Api:
         except (nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError) as exc:
             structlog.get_logger().warning("pending_read_failed", error=type(exc).__name__)
             return []
+        if complete:
+            return core.unstored(accepted, seen, cid, p)
         fresh = [e for e in accepted if e.message_id not in seen]
         stored = seen | await self.reads.stored_ids([e.message_id for e in fresh])
         return core.unstored(accepted, stored, cid, p)
@@ -747,7 +754,7 @@ class Api:
         try:
             runs = await self.reads.runs(cid)
             messages = await self.reads.messages(cid)
-            pending = await self._pending(p, cid, {x["id"] for x in messages})
+            pending = await self._pending(p, cid, {x["id"] for x in messages}, complete=True)
             messages = core.merge_pending(messages, pending)
         except UNAVAILABLE as exc:
             raise core.ApiError(

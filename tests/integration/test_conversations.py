@@ -127,6 +127,45 @@ async def test_a_resume_replays_the_accepted_message_before_it_is_stored(gateway
     assert [(e[0], e[1]) for e in watch.replay] == [("message.created", f"msg:{first['id']}")]
 
 
+class StoredDuringTheRead(ReadModel):
+    """The read model, with the persister storing what was accepted just after a read of a
+    conversation's messages: the moment a replay's reads can straddle (the database first,
+    CHAT_IN's pending messages second)."""
+
+    def __init__(self, pool: Any, store: Any) -> None:
+        super().__init__(pool)
+        self.store = store
+
+    async def messages(self, conversation_id: str) -> list[dict[str, Any]]:
+        rows = await super().messages(conversation_id)
+        store, self.store = self.store, None
+        if store is not None:
+            await store()
+        return rows
+
+
+async def test_a_resume_from_a_message_stored_between_the_replays_reads_repeats_nothing(
+    gateway: Gateway,
+) -> None:
+    # Found by the WebSocket drill beside a load: a client saw the second message live and
+    # resumed from it; the persister stored it after the replay read the stored messages and
+    # before it looked for pending ones, which dropped it as stored. The replay then did not
+    # know the message and sent the whole conversation again (the first message twice).
+    first = await gateway.post("one")
+    cid = first["conversation_id"]
+    await _store_all(gateway, 1)
+    second = await gateway.post("two", cid)
+    gateway.api.reads = StoredDuringTheRead(gateway.pool, lambda: _store_all(gateway, 2))
+    watch = await gateway.api.watch(Principal("p1", "u1"), cid, f"msg:{second['id']}")
+    gateway.api.hub.leave(watch.topic, watch.queue)
+    assert gateway.api.reads.store is None  # the second message was stored during the replay
+    assert watch.replay == []
+    # From the first message: the second, once.
+    watch = await gateway.api.watch(Principal("p1", "u1"), cid, f"msg:{first['id']}")
+    gateway.api.hub.leave(watch.topic, watch.queue)
+    assert [(e[0], e[1]) for e in watch.replay] == [("message.created", f"msg:{second['id']}")]
+
+
 async def test_nobody_else_reads_an_accepted_but_unstored_conversation(gateway: Gateway) -> None:
     cid = (await gateway.post("mine"))["conversation_id"]
     for who in ({"user": "u2"}, {"project": "p2"}):
