@@ -351,7 +351,7 @@ async def _active_run(api: Api, p: core.Principal, cid: str) -> str | None:
     try:
         messages = await api.reads.messages(cid)
         runs = {r["run_id"]: r for r in await api.reads.runs(cid)}
-        pending = await api._pending(p, cid, {x["id"] for x in messages}, complete=True)
+        pending = await api._unread(p, cid, messages)
     except UNAVAILABLE as exc:
         raise core.ApiError(503, "database_unavailable", "read model unavailable, retry") from exc
     merged = core.merge_pending(messages, pending)

@@ -586,30 +586,42 @@ class Api:
         return out
 
     async def _pending(
-        self, p: core.Principal, cid: str, seen: set[str], *, complete: bool = False
+        self, p: core.Principal, cid: str, seen: set[str]
     ) -> list[m.UserMessageAccepted]:
         """The owner's accepted messages of this conversation the database does not hold yet.
 
         Read from CHAT_IN after the last stored user message (read your writes: a 202 is visible
         at once, also while the persister is behind or down). A stream that cannot be read
-        leaves them out: the stored messages still answer.
-
-        ``complete``: ``seen`` is every message of the conversation, read just before. Then a
-        message that is not among them is pending for that read even if the persister has
-        stored it since: dropping it as stored would leave it out of both (a replay would not
-        find the message a client resumes from, and send it the whole conversation again).
+        leaves them out: the stored messages still answer. ``seen``: the ids a read (a page, the
+        runs) holds; a candidate the database holds is left out, on that read or not.
         """
         since = await self.reads.last_user_message_at(cid)
-        try:
-            accepted = await self.owners.inbox.pending(p.project, cid, since, PENDING_READ_LIMIT)
-        except (nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError) as exc:
-            structlog.get_logger().warning("pending_read_failed", error=type(exc).__name__)
-            return []
-        if complete:
-            return core.unstored(accepted, seen, cid, p)
+        accepted = await self._accepted(p, cid, since)
         fresh = [e for e in accepted if e.message_id not in seen]
         stored = seen | await self.reads.stored_ids([e.message_id for e in fresh])
         return core.unstored(accepted, stored, cid, p)
+
+    async def _unread(
+        self, p: core.Principal, cid: str, messages: list[dict[str, Any]]
+    ) -> list[m.UserMessageAccepted]:
+        """The owner's accepted messages that ``messages``, a read of the conversation's whole
+        stored list made just before, lacks: pending for that read even if the persister has
+        stored them since. Looked for after that read's own last user message, not the
+        database's now: one stored in between would otherwise move the window past messages
+        the read lacks, and dropping those as stored leaves them out of both (a replay would not
+        know the message a client resumes from, and send it the whole conversation again)."""
+        users = [x["created_at"] for x in messages if x["role"] == "user"]
+        accepted = await self._accepted(p, cid, max(users) if users else None)
+        return core.unstored(accepted, {x["id"] for x in messages}, cid, p)
+
+    async def _accepted(
+        self, p: core.Principal, cid: str, since: datetime | None
+    ) -> list[m.UserMessageAccepted]:
+        try:
+            return await self.owners.inbox.pending(p.project, cid, since, PENDING_READ_LIMIT)
+        except (nats.errors.Error, TimeoutError, OSError, msgspec.DecodeError) as exc:
+            structlog.get_logger().warning("pending_read_failed", error=type(exc).__name__)
+            return []
 
     async def usage(
         self,
@@ -754,7 +766,7 @@ class Api:
         try:
             runs = await self.reads.runs(cid)
             messages = await self.reads.messages(cid)
-            pending = await self._pending(p, cid, {x["id"] for x in messages}, complete=True)
+            pending = await self._unread(p, cid, messages)
             messages = core.merge_pending(messages, pending)
         except UNAVAILABLE as exc:
             raise core.ApiError(

@@ -166,6 +166,41 @@ async def test_a_resume_from_a_message_stored_between_the_replays_reads_repeats_
     assert [(e[0], e[1]) for e in watch.replay] == [("message.created", f"msg:{second['id']}")]
 
 
+async def test_a_resume_from_a_message_stored_with_a_much_later_one_during_the_replay_repeats_nothing(
+    gateway: Gateway,
+) -> None:
+    # The persister catches up on two messages at once, between the replay's reads, and the
+    # second was accepted 40 s after the first: more than the pending read's 30 s of slack.
+    # The database's last stored user message then names a time past the message the client
+    # resumes from, so a pending read from there (not from the replay's own read) misses it.
+    first = await gateway.post("one")
+    cid = first["conversation_id"]
+    await _store_all(gateway, 1)
+    second = await gateway.post("two", cid)
+    [accepted] = [
+        e
+        for e in decode_all(
+            await read_subject(gateway.bus, subjects.STREAM_CHAT_IN, "chat.in.>", 2),
+            m.UserMessageAccepted,
+        )
+        if e.message_id == second["id"]
+    ]
+    third = msgspec.structs.replace(
+        user_event("three", conversation_id=cid),
+        created_at=accepted.created_at + timedelta(seconds=40),
+    )
+
+    async def catch_up() -> None:
+        await gateway.bus.publish(subjects.chat_in("p1", cid), third, msg_id=third.event_id)
+        await _store_all(gateway, 3)
+
+    gateway.api.reads = StoredDuringTheRead(gateway.pool, catch_up)
+    watch = await gateway.api.watch(Principal("p1", "u1"), cid, f"msg:{second['id']}")
+    gateway.api.hub.leave(watch.topic, watch.queue)
+    assert gateway.api.reads.store is None
+    assert [(e[0], e[1]) for e in watch.replay] == [("message.created", f"msg:{third.message_id}")]
+
+
 async def test_nobody_else_reads_an_accepted_but_unstored_conversation(gateway: Gateway) -> None:
     cid = (await gateway.post("mine"))["conversation_id"]
     for who in ({"user": "u2"}, {"project": "p2"}):
