@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test check fmt clean install tools browser-tools client-tools bytecode monitoring deploy-configs image compose-test container-tools
+.PHONY: up test check fmt clean install tools browser-tools bench-tools client-tools bytecode monitoring deploy-configs image compose-test container-tools
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/baton up $(ARGS)
 
-test: $(STAMP) tools browser-tools client-tools container-tools bytecode
+test: $(STAMP) tools browser-tools bench-tools client-tools container-tools bytecode
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The project's own bytecode, once: with PYTHONDONTWRITEBYTECODE=1 (set on CI machines) each of
@@ -53,14 +53,15 @@ tools:
 # /usr/bin/chromedriver: installed with apt where root and apt-get exist, else said; the tests
 # skip, with that reason, only when no Chromium can be had. Nothing downloads a browser build.
 browser-tools:
-	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
-	      { apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null 2>&1 && \
-	        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium chromium-driver >/dev/null 2>&1; }; } || true; \
-	  fi; \
-	  test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
-	    echo "chromium/chromium-driver unavailable (needs root and apt-get): the browser tests will skip"; }
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || scripts/apt-install.sh chromium chromium-driver || \
+	  echo "chromium/chromium-driver unavailable (needs root and apt-get): the browser tests will skip"
+
+# wrk, the faster load generator of `baton bench accept` (--loadgen wrk), whose driver test sends
+# real requests through it: Debian's package where root and apt-get exist, else said; that test
+# then skips with the reason.
+bench-tools:
+	@command -v wrk >/dev/null || scripts/apt-install.sh wrk || \
+	  echo "wrk unavailable (needs root and apt-get): its driver test will skip"
 
 # The AI SDK client tests (tests/clients/ai-sdk): the pinned `ai` package from npm, `npm ci` once
 # per package-lock.json. Without node/npm the tests skip and say so. The installed node_modules

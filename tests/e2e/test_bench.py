@@ -35,6 +35,8 @@ def test_every_scenario_reports_sane_numbers_without_errors() -> None:
         *("--light-rate", "5"),
         *("--ttft-ms", "20", "--tokens-per-second", "400", "--ttft-samples", "2"),
         *("--fanout-clients", "3", "--fanout-hz", "5", "--replay-requests", "3"),
+        # 2,000 messages instead of 100,000: the pages' sizes and plans, not their speed.
+        *("--paging-messages", "2000", "--paging-requests", "5"),
         # The Python generator reports every status (wrk only non-2xx/3xx; its driver has tests
         # of its own in tests/unit/test_bench_wrk.py).
         *("--loadgen", "python"),
@@ -71,6 +73,13 @@ def test_every_scenario_reports_sane_numbers_without_errors() -> None:
     (fan,) = r["fanout"]
     assert fan["clients"] == 3 and fan["sent"] > 0 and fan["delivered"] == fan["sent"]
     assert fan["latency"]["p50_ms"] > 0
+
+    # Every page shape came back full (the long conversation, the busy user's 200); the messages
+    # pages from their index (the conversations' plans at 210 rows are the planner's choice).
+    pages = r["paging"]["cases"]
+    assert [c["rows"] for c in pages] == [100, 100, 100, 10, 20, 20, 10], pages
+    assert all(0 < c["http"]["p50_ms"] <= c["http"]["max_ms"] for c in pages), pages
+    assert all(c["db"]["index"] == "messages_conversation" for c in pages[:4]), pages
 
     # Both shapes of the replay: the same 119 missed events, each resume timed.
     shapes = r["replay"]["cases"]
