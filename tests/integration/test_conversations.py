@@ -85,6 +85,22 @@ async def _store_all(g: Gateway, at_least: int) -> None:
         await store.insert_user_message(e)
 
 
+async def _resume(g: Gateway, cid: str, after: str) -> list[Any]:
+    """The events a resume of ``cid`` from ``after`` replays (the live watch is let go)."""
+    watch = await g.api.watch(Principal("p1", "u1"), cid, after)
+    g.api.hub.leave(watch.topic, watch.queue)
+    return list(watch.replay)
+
+
+async def _stored_one_then_a_second(g: Gateway) -> tuple[str, str, str]:
+    """A conversation whose first message is stored and whose second is only accepted."""
+    first = await g.post("one")
+    cid = first["conversation_id"]
+    await _store_all(g, 1)
+    second = await g.post("two", cid)
+    return cid, first["id"], second["id"]
+
+
 # ---- read your writes -------------------------------------------------------------------
 
 
@@ -104,27 +120,23 @@ async def test_an_accepted_message_is_read_back_at_once_while_nothing_stores_it(
 async def test_a_second_message_appears_after_the_stored_first_in_its_place(
     gateway: Gateway,
 ) -> None:
-    first = await gateway.post("one")
-    cid = first["conversation_id"]
-    await _store_all(gateway, 1)
-    second = await gateway.post("two", cid)
-    third = await gateway.post("three", cid)
+    cid, first, second = await _stored_one_then_a_second(gateway)
+    third = (await gateway.post("three", cid))["id"]
     r = await gateway.get(f"/api/conversations/{cid}/messages")
     got = [(x["id"], x["pending"]) for x in r.json()["messages"]]
-    assert got == [(first["id"], False), (second["id"], True), (third["id"], True)]
+    assert got == [(first, False), (second, True), (third, True)]
     # Once stored, each message is there once, no longer pending.
     await _store_all(gateway, 3)
     r = await gateway.get(f"/api/conversations/{cid}/messages")
     got = [(x["id"], x["pending"]) for x in r.json()["messages"]]
-    assert got == [(first["id"], False), (second["id"], False), (third["id"], False)]
+    assert got == [(first, False), (second, False), (third, False)]
 
 
 async def test_a_resume_replays_the_accepted_message_before_it_is_stored(gateway: Gateway) -> None:
     first = await gateway.post("replay me")
     cid = first["conversation_id"]
-    watch = await gateway.api.watch(Principal("p1", "u1"), cid, "unknown-id")
-    gateway.api.hub.leave(watch.topic, watch.queue)
-    assert [(e[0], e[1]) for e in watch.replay] == [("message.created", f"msg:{first['id']}")]
+    replay = await _resume(gateway, cid, "unknown-id")
+    assert [(e[0], e[1]) for e in replay] == [("message.created", f"msg:{first['id']}")]
 
 
 class StoredDuringTheRead(ReadModel):
@@ -151,19 +163,14 @@ async def test_a_resume_from_a_message_stored_between_the_replays_reads_repeats_
     # resumed from it; the persister stored it after the replay read the stored messages and
     # before it looked for pending ones, which dropped it as stored. The replay then did not
     # know the message and sent the whole conversation again (the first message twice).
-    first = await gateway.post("one")
-    cid = first["conversation_id"]
-    await _store_all(gateway, 1)
-    second = await gateway.post("two", cid)
+    cid, first, second = await _stored_one_then_a_second(gateway)
     gateway.api.reads = StoredDuringTheRead(gateway.pool, lambda: _store_all(gateway, 2))
-    watch = await gateway.api.watch(Principal("p1", "u1"), cid, f"msg:{second['id']}")
-    gateway.api.hub.leave(watch.topic, watch.queue)
+    replay = await _resume(gateway, cid, f"msg:{second}")
     assert gateway.api.reads.store is None  # the second message was stored during the replay
-    assert watch.replay == []
+    assert replay == []
     # From the first message: the second, once.
-    watch = await gateway.api.watch(Principal("p1", "u1"), cid, f"msg:{first['id']}")
-    gateway.api.hub.leave(watch.topic, watch.queue)
-    assert [(e[0], e[1]) for e in watch.replay] == [("message.created", f"msg:{second['id']}")]
+    replay = await _resume(gateway, cid, f"msg:{first}")
+    assert [(e[0], e[1]) for e in replay] == [("message.created", f"msg:{second}")]
 
 
 async def test_a_resume_from_a_message_stored_with_a_much_later_one_during_the_replay_repeats_nothing(
@@ -173,17 +180,14 @@ async def test_a_resume_from_a_message_stored_with_a_much_later_one_during_the_r
     # second was accepted 40 s after the first: more than the pending read's 30 s of slack.
     # The database's last stored user message then names a time past the message the client
     # resumes from, so a pending read from there (not from the replay's own read) misses it.
-    first = await gateway.post("one")
-    cid = first["conversation_id"]
-    await _store_all(gateway, 1)
-    second = await gateway.post("two", cid)
+    cid, _, second = await _stored_one_then_a_second(gateway)
     [accepted] = [
         e
         for e in decode_all(
             await read_subject(gateway.bus, subjects.STREAM_CHAT_IN, "chat.in.>", 2),
             m.UserMessageAccepted,
         )
-        if e.message_id == second["id"]
+        if e.message_id == second
     ]
     third = msgspec.structs.replace(
         user_event("three", conversation_id=cid),
@@ -195,10 +199,9 @@ async def test_a_resume_from_a_message_stored_with_a_much_later_one_during_the_r
         await _store_all(gateway, 3)
 
     gateway.api.reads = StoredDuringTheRead(gateway.pool, catch_up)
-    watch = await gateway.api.watch(Principal("p1", "u1"), cid, f"msg:{second['id']}")
-    gateway.api.hub.leave(watch.topic, watch.queue)
+    replay = await _resume(gateway, cid, f"msg:{second}")
     assert gateway.api.reads.store is None
-    assert [(e[0], e[1]) for e in watch.replay] == [("message.created", f"msg:{third.message_id}")]
+    assert [(e[0], e[1]) for e in replay] == [("message.created", f"msg:{third.message_id}")]
 
 
 async def test_nobody_else_reads_an_accepted_but_unstored_conversation(gateway: Gateway) -> None:
