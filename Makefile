@@ -1,7 +1,8 @@
 # Two commands: `make up` runs everything on this machine, `make test` runs every test.
 PY ?= python3
-# Tests wait on real servers far more than they compute: three workers fill two cores.
-TEST_WORKERS ?= 3
+# Tests wait on real servers far more than they compute: four workers fill two cores (three left
+# a quarter of the CPU idle; docs/decisions.md, "make test runs in four pytest-xdist workers").
+TEST_WORKERS ?= 4
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
