@@ -120,7 +120,12 @@ async def read_ws(
     if last_id is not None and not first_frame:
         headers["Last-Event-ID"] = last_id
     out: list[Event] = []
-    async with connect(url, additional_headers=headers) as ws:
+    # max_queue=None: the reader stops after a few events and leaves, while the gateway may
+    # still be sending (a replay's burst). With the client's default of 16 queued frames it
+    # stops reading the socket, so it never reads the gateway's close reply and its close waits
+    # out close_timeout (10 s). Under load each such wait let the run get further ahead, so the
+    # next resume's replay was a burst too: 28-75 s for a drill of 4 s (docs/benchmarks.md).
+    async with connect(url, additional_headers=headers, max_queue=None) as ws:
         if first_frame:
             await ws.send(json.dumps({"type": "auth", "token": token, "last_event_id": last_id}))
         with contextlib.suppress(TimeoutError, ConnectionClosed):
