@@ -54,15 +54,16 @@ tools:
 # /usr/bin/chromedriver: installed with apt where root and apt-get exist, else said; the tests
 # skip, with that reason, only when no Chromium can be had. Nothing downloads a browser build.
 browser-tools:
-	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || scripts/apt-install.sh chromium chromium-driver || \
-	  echo "chromium/chromium-driver unavailable (needs root and apt-get): the browser tests will skip"
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { scripts/apt-install.sh chromium chromium-driver; \
+	  test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	    echo "chromium/chromium-driver unavailable (needs root and apt-get): the browser tests will skip"; }
 
 # wrk, the faster load generator of `baton bench accept` (--loadgen wrk), whose driver test sends
 # real requests through it: Debian's package where root and apt-get exist, else said; that test
 # then skips with the reason.
 bench-tools:
-	@command -v wrk >/dev/null || scripts/apt-install.sh wrk || \
-	  echo "wrk unavailable (needs root and apt-get): its driver test will skip"
+	@command -v wrk >/dev/null || { scripts/apt-install.sh wrk; command -v wrk >/dev/null || \
+	  echo "wrk unavailable (needs root and apt-get): its driver test will skip"; }
 
 # The AI SDK client tests (tests/clients/ai-sdk): the pinned `ai` package from npm, `npm ci` once
 # per package-lock.json. Without node/npm the tests skip and say so. The installed node_modules

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # apt-install.sh PACKAGE...: Debian's packages, quietly, where root and apt-get exist (exit 1 where
-# they do not, or the install failed). Waits for another apt's lock rather than failing, and
+# they do not, apt's status where the install failed). Waits for another apt's lock rather than failing, and
 # refreshes the package lists once if the first try cannot find a package.
 set -uo pipefail
 [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || exit 1

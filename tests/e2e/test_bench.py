@@ -75,7 +75,7 @@ def test_every_scenario_reports_sane_numbers_without_errors() -> None:
     assert fan["latency"]["p50_ms"] > 0
 
     # Every page shape came back full (the long conversation, the busy user's 200); the messages
-    # pages from their index (the conversations' plans at 210 rows are the planner's choice).
+    # pages from their index (the conversations' plans at 212 rows are the planner's choice).
     pages = r["paging"]["cases"]
     assert [c["rows"] for c in pages] == [100, 100, 100, 10, 20, 20, 10], pages
     assert all(0 < c["http"]["p50_ms"] <= c["http"]["max_ms"] for c in pages), pages
